@@ -1,0 +1,390 @@
+"""Embedded Triton Inference Server: one class owns one ``tritonserver`` process.
+
+The server binary, Python backend and its stubs come from the ``nvidia-pytriton`` wheel (Triton 2.51.0,
+the server of NGC ``tritonserver:24.10-py3``). We run the binary directly, with a backend directory laid
+out the way ``shared/notes/runtime.md`` found to work, plus recserve's Python-based ``onnxruntime`` and
+``tensorrt`` backends so the committed model configs load unchanged here and in the NGC container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+SHIM_BACKENDS = Path(__file__).resolve().parent / "backends"
+#: Header the control plane sends to Triton's locked repository API (gRPC adds the protocol prefix).
+ADMIN_HEADER_HTTP = "admin-key"
+ADMIN_HEADER_GRPC = "triton-grpc-protocol-admin-key"
+
+
+class TritonError(RuntimeError):
+    """Triton could not be started, or a model call failed; the message quotes the server."""
+
+
+def _site_packages() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).resolve().parent.parent
+
+
+def pytriton_server_dir() -> Path:
+    """``site-packages/pytriton/tritonserver`` of the installed wheel, checked."""
+    try:
+        root = _site_packages() / "pytriton" / "tritonserver"
+    except ImportError as exc:
+        raise TritonError("nvidia-pytriton is not installed: run 'make setup'") from exc
+    if not (root / "bin" / "tritonserver").exists():
+        raise TritonError(f"tritonserver binary missing under {root}: reinstall nvidia-pytriton==0.7.0")
+    return root
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel says is free now (small race, acceptable for tests and local fleets)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def prepare_backend_dir(dest: Path) -> Path:
+    """Lay out ``dest`` as Triton's ``--backend-directory`` (idempotent).
+
+    ``libtriton_python.so`` must be a copy: Triton refuses a symlink that escapes the backend directory.
+    The stub must be a symlink: its rpath is relative to its real location in the wheel.
+    """
+    server = pytriton_server_dir()
+    py = dest / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        src = server / "backends" / "python" / name
+        if not (py / name).exists() or (py / name).stat().st_size != src.stat().st_size:
+            shutil.copy2(src, py / name)
+    stub = server / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+    if not stub.exists():
+        raise TritonError(f"no Python backend stub for Python {sys.version_info.major}.{sys.version_info.minor} in {stub.parent.parent}")
+    link = py / "triton_python_backend_stub"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(stub)
+    for shim in SHIM_BACKENDS.iterdir():
+        if (shim / "model.py").exists():
+            (dest / shim.name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(shim / "model.py", dest / shim.name / "model.py")
+    return dest
+
+
+def tensorrt_available() -> bool:
+    """True where TensorRT models can be served: the tensorrt package and a CUDA GPU."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorrt") is None:
+            return False
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def _config_text(model_dir: Path) -> str:
+    return (model_dir / "config.pbtxt").read_text()
+
+
+def _is_ensemble(model_dir: Path) -> bool:
+    return 'platform: "ensemble"' in _config_text(model_dir)
+
+
+def _backend(model_dir: Path) -> str:
+    m = re.search(r'^\s*backend:\s*"([^"]+)"', _config_text(model_dir), re.M)
+    return m.group(1) if m else ""
+
+
+def _has_version(model_dir: Path) -> bool:
+    return any(p.is_dir() and p.name.isdigit() and any(p.iterdir()) for p in model_dir.iterdir())
+
+
+def ensemble_steps(model_dir: Path) -> list[str]:
+    return re.findall(r'model_name:\s*"([^"]+)"', _config_text(model_dir))
+
+
+def servable_models(repository: Path, with_tensorrt: bool | None = None) -> list[str]:
+    """Ensembles and models that can load on this host: built, and TensorRT ones only with a GPU."""
+    with_tensorrt = tensorrt_available() if with_tensorrt is None else with_tensorrt
+    models = {p.name: p for p in sorted(repository.iterdir()) if (p / "config.pbtxt").exists()}
+
+    def ok(name: str) -> bool:
+        d = models.get(name)
+        if d is None:
+            return False
+        if _is_ensemble(d):
+            return all(ok(step) for step in ensemble_steps(d))
+        if _backend(d) == "tensorrt" and not with_tensorrt:
+            return False
+        return _has_version(d)
+
+    return [n for n in models if ok(n)]
+
+
+def top_level_models(repository: Path, names: list[str]) -> list[str]:
+    """Of ``names``, the ones no ensemble in ``names`` composes (loading them loads the rest)."""
+    composed = {s for n in names if _is_ensemble(repository / n) for s in ensemble_steps(repository / n)}
+    return [n for n in names if n not in composed]
+
+
+@dataclass
+class TritonConfig:
+    """Everything one embedded server needs; ports of 0 are picked free at start."""
+
+    model_repository: Path = DEFAULT_REPOSITORY
+    workdir: Path = REPO_ROOT / ".recserve" / "triton"
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    host: str = "127.0.0.1"
+    #: Models loaded at start; None = every servable model in the repository.
+    models: list[str] | None = None
+    #: When set, Triton's model-repository API requires this key (only the control plane knows it).
+    admin_key: str | None = None
+    startup_timeout_s: float = 180.0
+    stop_timeout_s: float = 15.0
+    log_verbose: int = 0
+    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_args: list[str] = field(default_factory=list)
+    name: str = "triton"
+
+
+class TritonServer:
+    """Owns one tritonserver process: start, readiness wait, model control, logs, stop."""
+
+    def __init__(self, config: TritonConfig):
+        self.config = config
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def log_path(self) -> Path:
+        return self.config.workdir / f"{self.config.name}.log"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.config.host}:{self.config.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.config.host}:{self.config.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.config.host}:{self.config.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    # ----------------------------------------------------------------- lifecycle
+    def command(self, backend_dir: Path) -> list[str]:
+        c = self.config
+        cmd = [
+            str(pytriton_server_dir() / "bin" / "tritonserver"),
+            f"--model-repository={c.model_repository}",
+            f"--backend-directory={backend_dir}",
+            f"--http-address={c.host}",
+            f"--grpc-address={c.host}",
+            f"--metrics-address={c.host}",
+            f"--http-port={c.http_port}",
+            f"--grpc-port={c.grpc_port}",
+            f"--metrics-port={c.metrics_port}",
+            "--model-control-mode=explicit",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+            f"--log-verbose={c.log_verbose}",
+            "--log-info=true",
+            "--allow-cpu-metrics=true",
+            "--metrics-interval-ms=1000",
+        ]
+        if c.admin_key:
+            cmd += [
+                f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER_HTTP}={c.admin_key}",
+                f"--http-restricted-api=model-repository:{ADMIN_HEADER_HTTP}={c.admin_key}",
+            ]
+        models = c.models if c.models is not None else servable_models(c.model_repository)
+        for m in top_level_models(c.model_repository, models) if models else []:
+            cmd.append(f"--load-model={m}")
+        return cmd + list(c.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        """The stub embeds libpython and finds our virtualenv through PATH (PYTHONPATH is not enough)."""
+        env = dict(os.environ)
+        libs = _site_packages() / "nvidia_pytriton.libs"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libs), env.get("LD_LIBRARY_PATH", "")) if p)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env.update(self.config.extra_env)
+        return env
+
+    def start(self, wait: bool = True) -> TritonServer:
+        c = self.config
+        if self.is_alive():
+            raise TritonError(f"{c.name}: already running (pid {self.pid})")
+        if not c.model_repository.is_dir():
+            raise TritonError(f"model repository not found: {c.model_repository}")
+        for attr in ("http_port", "grpc_port", "metrics_port"):
+            port = getattr(c, attr)
+            if port == 0:
+                setattr(c, attr, free_port(c.host))
+            elif port_in_use(port, c.host):
+                raise TritonError(f"{c.name}: {attr.replace('_', ' ')} {port} is already in use on {c.host}")
+        c.workdir.mkdir(parents=True, exist_ok=True)
+        backend_dir = prepare_backend_dir(c.workdir / "backends")
+        cmd = self.command(backend_dir)
+        self._log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=self.environment(),
+            cwd=str(c.workdir),
+            start_new_session=True,  # its own process group: stop() also reaps the backend stubs
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until ``/v2/health/ready`` answers 200; raise with the server's own errors otherwise."""
+        deadline = time.monotonic() + (timeout_s or self.config.startup_timeout_s)
+        while time.monotonic() < deadline:
+            if not self.is_alive():
+                raise TritonError(f"{self.config.name} exited during start (code {self.process.returncode}): {self.load_errors()}")
+            if self.ready():
+                return
+            time.sleep(0.2)
+        errors = self.load_errors()
+        self.stop()
+        raise TritonError(f"{self.config.name} not ready after {timeout_s or self.config.startup_timeout_s:.0f}s: {errors}")
+
+    def stop(self, timeout_s: float | None = None) -> int | None:
+        """SIGTERM the server's process group, SIGKILL after the timeout; returns the exit code."""
+        if self.process is None:
+            return None
+        code = self.process.poll()
+        if code is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                code = self.process.wait(timeout_s or self.config.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.process.pid, signal.SIGKILL)
+                code = self.process.wait(10)
+        _signal_group(self.process.pid, signal.SIGKILL)  # stubs left behind by a killed server
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if not self.is_alive() else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- HTTP API
+    def _request(self, method: str, path: str, body: dict | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if self.config.admin_key:
+            req.add_header(ADMIN_HEADER_HTTP, self.config.admin_key)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+        except (urllib.error.URLError, OSError, TimeoutError):
+            return 0, b""
+
+    def live(self) -> bool:
+        return self._request("GET", "/v2/health/live")[0] == 200
+
+    def ready(self) -> bool:
+        return self._request("GET", "/v2/health/ready")[0] == 200
+
+    def model_ready(self, model: str, version: int | None = None) -> bool:
+        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
+        return self._request("GET", path)[0] == 200
+
+    def repository_index(self) -> list[dict]:
+        status, body = self._request("POST", "/v2/repository/index", {})
+        if status != 200:
+            raise TritonError(f"repository index failed (HTTP {status}): {body.decode(errors='replace')}")
+        return json.loads(body)
+
+    def loaded_versions(self) -> dict[str, list[int]]:
+        """Model name -> versions in state READY."""
+        out: dict[str, list[int]] = {}
+        for entry in self.repository_index():
+            if entry.get("state") == "READY" and entry.get("version"):
+                out.setdefault(entry["name"], []).append(int(entry["version"]))
+        return {k: sorted(v) for k, v in out.items()}
+
+    def load_model(self, model: str, config: dict | None = None, timeout: float = 300.0) -> None:
+        """Load or reload ``model`` (optionally with a config override); quote Triton's error on failure."""
+        body = {"parameters": {"config": json.dumps(config)}} if config is not None else {}
+        status, resp = self._request("POST", f"/v2/repository/models/{model}/load", body, timeout=timeout)
+        if status != 200:
+            raise TritonError(f"load of model '{model}' failed (HTTP {status}): {_error_text(resp)}")
+
+    def unload_model(self, model: str, timeout: float = 60.0) -> None:
+        status, resp = self._request("POST", f"/v2/repository/models/{model}/unload", {}, timeout=timeout)
+        if status != 200:
+            raise TritonError(f"unload of model '{model}' failed (HTTP {status}): {_error_text(resp)}")
+
+    def load_errors(self) -> str:
+        """The server's own error lines from its log (model load failures first), for messages."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        lines = [ln for ln in text.splitlines() if re.search(r"^E\d{4}|failed to load|error:|UNAVAILABLE", ln, re.I)]
+        tail = lines[-8:] if lines else text.splitlines()[-8:]
+        return " | ".join(ln.strip() for ln in tail) + f" (log: {self.log_path})"
+
+
+def _error_text(body: bytes) -> str:
+    try:
+        return json.loads(body).get("error", body.decode(errors="replace"))
+    except (ValueError, AttributeError):
+        return body.decode(errors="replace")
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
