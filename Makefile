@@ -1,0 +1,54 @@
+# recserve: every target runs set-up first, so `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.recserve-setup
+PORT_HTTP    ?= 8000
+PORT_GRPC    ?= 8001
+PORT_METRICS ?= 8002
+
+.PHONY: help setup models build-engines serve demo test test-fast lint proto clean-runtime
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+setup: $(STAMP)  ## create .venv with pinned dependencies, install Debian packages (haproxy, libb64-0d)
+
+$(STAMP): pyproject.toml
+	@command -v haproxy >/dev/null && dpkg -s libb64-0d >/dev/null 2>&1 || { \
+	  echo "setup: installing Debian packages haproxy libb64-0d"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy libb64-0d iproute2 >/dev/null; }
+	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@$(MAKE) --no-print-directory proto
+	@touch $(STAMP)
+
+proto: ## generate gRPC code for the control plane API
+	@if ls control/proto/*.proto >/dev/null 2>&1; then \
+	  $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. control/proto/*.proto; fi
+
+models: setup  ## build model versions only if none exist yet
+	@if ls model_repository/retrieval/[0-9]*/model.onnx >/dev/null 2>&1 && \
+	    ls model_repository/ranker/[0-9]*/model.onnx >/dev/null 2>&1 && \
+	    ls model_repository/search_model/[0-9]*/model.onnx >/dev/null 2>&1; then \
+	  echo "models: built versions present (make build-engines adds a new one)"; \
+	else $(PY) -m build.pipeline; fi
+
+build-engines: setup  ## train, export ONNX (+TensorRT on GPU hosts), write NEW model versions with manifests
+	$(PY) -m build.pipeline
+
+serve: models  ## one embedded Triton with the whole repository (PORT_HTTP/PORT_GRPC/PORT_METRICS), Ctrl-C stops
+	$(PY) -m control.serve --http-port $(PORT_HTTP) --grpc-port $(PORT_GRPC) --metrics-port $(PORT_METRICS)
+
+demo: models  ## the whole story on one machine
+	$(PY) -m control.demo
+
+test: models  ## the test suite (real tritonserver, no GPU needed)
+	$(PY) -m pytest -q -rs
+
+lint:  setup ## ruff
+	$(VENV)/bin/ruff check .
+
+clean-runtime:  ## remove runtime state (.recserve/)
+	rm -rf .recserve

@@ -1,0 +1,1 @@
+"""recserve drills: declarative disaster-recovery drills with RTO/RPO reports."""

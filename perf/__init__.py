@@ -1,0 +1,1 @@
+"""recserve perf: perf_analyzer-based load, capacity finding, tuning and reports."""
