@@ -49,11 +49,9 @@ class RecClient:
 
     def recommend(self, user_id: int, history: list[int]) -> Result:
         """Top 20 items for a user; ``history`` is most-recent-last item ids."""
+        user = np.asarray([[user_id]], dtype=np.int64)
         hist = np.asarray([history or [0]], dtype=np.int64)
-        return self._infer(
-            "recommend",
-            [self._input("user_id", np.asarray([[user_id]], dtype=np.int64), "INT64"), self._input("history", hist, "INT64")],
-        )
+        return self._infer("recommend", [self._input("user_id", user, "INT64"), self._input("history", hist, "INT64")])
 
     def search(self, query: str | bytes, user_id: int | None = None) -> Result:
         """Top 20 items for a text query, optionally personalised for ``user_id``."""

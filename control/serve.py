@@ -13,7 +13,7 @@ from control.triton import DEFAULT_REPOSITORY, REPO_ROOT, TritonConfig, TritonEr
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run one embedded Triton server until Ctrl-C.")
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository (default: %(default)s)")
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)

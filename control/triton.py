@@ -81,9 +81,10 @@ def prepare_backend_dir(dest: Path) -> Path:
         src = server / "backends" / "python" / name
         if not (py / name).exists() or (py / name).stat().st_size != src.stat().st_size:
             shutil.copy2(src, py / name)
-    stub = server / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = server / "python_backend_stubs" / pyver / "triton_python_backend_stub"
     if not stub.exists():
-        raise TritonError(f"no Python backend stub for Python {sys.version_info.major}.{sys.version_info.minor} in {stub.parent.parent}")
+        raise TritonError(f"no Python backend stub for Python {pyver} in {stub.parent.parent}")
     link = py / "triton_python_backend_stub"
     if link.is_symlink() or link.exists():
         link.unlink()
@@ -278,16 +279,18 @@ class TritonServer:
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until ``/v2/health/ready`` answers 200; raise with the server's own errors otherwise."""
-        deadline = time.monotonic() + (timeout_s or self.config.startup_timeout_s)
+        timeout_s = timeout_s or self.config.startup_timeout_s
+        deadline = time.monotonic() + timeout_s
+        name = self.config.name
         while time.monotonic() < deadline:
             if not self.is_alive():
-                raise TritonError(f"{self.config.name} exited during start (code {self.process.returncode}): {self.load_errors()}")
+                raise TritonError(f"{name} exited during start (code {self.process.returncode}): {self.load_errors()}")
             if self.ready():
                 return
             time.sleep(0.2)
         errors = self.load_errors()
         self.stop()
-        raise TritonError(f"{self.config.name} not ready after {timeout_s or self.config.startup_timeout_s:.0f}s: {errors}")
+        raise TritonError(f"{name} not ready after {timeout_s:.0f}s: {errors}")
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM the server's process group, SIGKILL after the timeout; returns the exit code."""

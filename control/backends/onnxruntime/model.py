@@ -83,7 +83,8 @@ class TritonPythonModel:
         responses = []
         start = 0
         for size in sizes:
-            tensors = [pb_utils.Tensor(n, o[start : start + size]) for n, o in zip(self.output_names, outputs)]
+            chunk = zip(self.output_names, outputs, strict=True)
+            tensors = [pb_utils.Tensor(n, o[start : start + size]) for n, o in chunk]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
