@@ -1,0 +1,174 @@
+"""The embedded runtime serving the committed model repository with a real tritonserver.
+
+One server (free ports) is shared by the module; every test leaves it ready for the next, which is
+itself part of what is checked: bad input must never take the server down.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from control.client import RecClient
+from control.triton import DEFAULT_REPOSITORY, TritonConfig, TritonError, TritonServer, port_in_use, servable_models
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = TritonServer(TritonConfig(model_repository=DEFAULT_REPOSITORY, workdir=tmp_path_factory.mktemp("triton")))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def grpc(server):
+    with RecClient(server.grpc_url, "grpc") as c:
+        yield c
+
+
+def _infer_raw(server, model: str, inputs: dict[str, tuple[np.ndarray, str]]):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        tensors = []
+        for name, (array, dtype) in inputs.items():
+            t = grpcclient.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            tensors.append(t)
+        return client.infer(model, tensors)
+    finally:
+        client.close()
+
+
+def test_repository_loads_both_ensembles_and_no_trt_without_gpu(server):
+    loaded = server.loaded_versions()
+    for name in ("recommend", "search", "retrieval", "ranker", "search_model", "recommend_pre", "search_pre"):
+        assert name in loaded, f"{name} not loaded: {loaded}"
+    assert not any(n.endswith("_trt") for n in loaded), "TensorRT models must not load on a host without a GPU"
+    assert server.live() and server.ready()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_recommend_and_search_answer_over_both_protocols(server, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    with RecClient(url, protocol) as c:
+        rec = c.recommend(user_id=3, history=[10, 11, 12])
+        found = c.search("red leather boots", user_id=3)
+        anon = c.search("red leather boots")
+    for result in (rec, found, anon):
+        assert len(result.item_ids) == 20 and len(result.scores) == 20
+        assert len(set(result.item_ids)) == 20, "duplicates in the answer"
+        assert 0 not in result.item_ids, "padding id returned"
+        assert result.scores == sorted(result.scores, reverse=True), "not best first"
+    assert not {10, 11, 12} & set(rec.item_ids), "history items recommended again"
+
+
+def test_whole_history_is_excluded_not_only_the_model_window(grpc):
+    first = grpc.recommend(user_id=5, history=[])
+    seen = first.item_ids[:10]
+    history = seen + list(range(1, 200))  # the seen items are far outside the model's last-50 window
+    again = grpc.recommend(user_id=5, history=history)
+    assert not set(history) & set(again.item_ids)
+
+
+def test_unknown_user_gets_sensible_results(grpc):
+    cold = grpc.recommend(user_id=10**12, history=[])
+    assert len(set(cold.item_ids)) == 20 and all(i > 0 for i in cold.item_ids)
+
+
+@pytest.mark.parametrize(
+    "model,inputs,fragment",
+    [
+        ("recommend", {"user_id": ([[1]], "INT64"), "history": ([[1, -2]], "INT64")}, "'history' item ids must"),
+        ("recommend", {"user_id": ([[-1]], "INT64"), "history": ([[1]], "INT64")}, "'user_id' must be >= 0"),
+        ("recommend", {"user_id": ([[1]], "INT64"), "history": ([[1] * 1001], "INT64")}, "the limit is 1000"),
+        ("recommend", {"user_id": ([[1.0]], "FP32"), "history": ([[1]], "INT64")}, "user_id"),
+        ("recommend", {"user_id": ([[[1]]], "INT64"), "history": ([[1]], "INT64")}, "user_id"),
+        ("recommend", {"user_id": ([[1]] * 65, "INT64"), "history": ([[1]] * 65, "INT64")}, "batch-size must be <= 64"),
+        ("search", {"query": ([[b""]], "BYTES")}, "'query' must not be empty"),
+        ("search", {"query": ([[b"   "]], "BYTES")}, "'query' must not be empty"),
+        ("search", {"query": ([[b"x" * 257]], "BYTES")}, "the limit is 256"),
+        ("search", {"query": ([[b"\xff\xfe"]], "BYTES")}, "valid UTF-8"),
+        ("search", {"query": ([[b"?!"]], "BYTES")}, "at least one word"),
+        ("search", {"query": ([[b"boots"]], "BYTES"), "user_id": ([[-4]], "INT64")}, "'user_id' must be >= 0"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_rule_and_server_stays_ready(server, model, inputs, fragment):
+    arrays = {}
+    for name, (value, dtype) in inputs.items():
+        np_dtype = {"INT64": np.int64, "FP32": np.float32, "BYTES": object}[dtype]
+        arrays[name] = (np.asarray(value, dtype=np_dtype), dtype)
+    with pytest.raises(InferenceServerException) as err:
+        _infer_raw(server, model, arrays)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value
+    assert fragment in err.value.message(), err.value.message()
+    assert server.ready() and server.model_ready(model)
+    assert len(RecClient(server.grpc_url).search("boots").item_ids) == 20  # others unaffected
+
+
+def test_http_bad_input_is_400(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    t = httpclient.InferInput("query", [1, 1], "BYTES")
+    t.set_data_from_numpy(np.asarray([[b""]], dtype=object))
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("search", [t])
+    assert err.value.status() == "400" and "must not be empty" in err.value.message()
+
+
+def test_batched_request_answers_each_row(server):
+    hist = np.asarray([[0, 0, 7], [4, 5, 6]], dtype=np.int64)  # left-padded to equal length
+    users = np.asarray([[1], [2]], dtype=np.int64)
+    r = _infer_raw(server, "recommend", {"user_id": (users, "INT64"), "history": (hist, "INT64")})
+    ids = r.as_numpy("item_ids")
+    assert ids.shape == (2, 20)
+    assert 7 not in ids[0] and not {4, 5, 6} & set(ids[1].tolist())
+    single = RecClient(server.grpc_url).recommend(2, [4, 5, 6])
+    assert ids[1].tolist() == single.item_ids
+
+
+def test_port_in_use_is_a_clear_error(server, tmp_path):
+    other = TritonServer(TritonConfig(workdir=tmp_path, grpc_port=server.config.grpc_port))
+    with pytest.raises(TritonError, match=f"grpc port {server.config.grpc_port} is already in use"):
+        other.start()
+    assert not other.is_alive()
+
+
+def test_model_load_failure_quotes_the_server(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "broken" / "1").mkdir(parents=True)
+    (repo / "broken" / "config.pbtxt").write_text(
+        'name: "broken"\nbackend: "onnxruntime"\nmax_batch_size: 4\n'
+        'input [ { name: "x", data_type: TYPE_FP32, dims: [ 2 ] } ]\n'
+        'output [ { name: "y", data_type: TYPE_FP32, dims: [ 2 ] } ]\n'
+    )
+    (repo / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
+    srv = TritonServer(TritonConfig(model_repository=repo, workdir=tmp_path / "w", startup_timeout_s=60))
+    with pytest.raises(TritonError) as err:
+        srv.start()
+    srv.stop()
+    assert "broken" in str(err.value) and "failed to load" in str(err.value)
+    assert not srv.is_alive()
+
+
+def test_stop_leaves_no_process_or_port(tmp_path):
+    srv = TritonServer(TritonConfig(workdir=tmp_path, models=["search"]))
+    srv.start()
+    ports = (srv.config.http_port, srv.config.grpc_port, srv.config.metrics_port)
+    pid = srv.pid
+    assert srv.stop() == 0
+    import psutil
+
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert not any(port_in_use(p) for p in ports)
+    assert "search" in srv.log_path.read_text()
+
+
+def test_servable_models_skip_tensorrt_without_gpu():
+    names = servable_models(DEFAULT_REPOSITORY, with_tensorrt=False)
+    assert "recommend" in names and "search" in names
+    assert not [n for n in names if n.endswith("_trt")]
