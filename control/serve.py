@@ -14,6 +14,7 @@ from control.triton import DEFAULT_REPOSITORY, REPO_ROOT, TritonConfig, TritonEr
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run one embedded Triton server until Ctrl-C.")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         TritonConfig(
             model_repository=args.repository.resolve(),
             workdir=args.workdir,
+            host=args.host,
             http_port=args.http_port,
             grpc_port=args.grpc_port,
             metrics_port=args.metrics_port,
