@@ -1,0 +1,172 @@
+"""Drill reports: ``reports/drills/<timestamp>/`` with report.json, report.md, one PNG per drill,
+per-drill journals and raw request records, and a ``reports/drills/latest`` link.
+
+Why these files: report.json is what CI and people's scripts read (fields fixed by the issue),
+report.md the summary a person reads, the PNG shows what happened when, and the journal and the raw
+requests let anyone recompute every figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from drills.journal import Journal
+from drills.probe import Record
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REPORTS_ROOT = REPO_ROOT / "reports" / "drills"
+
+#: Fields every drill entry of report.json has (the issue's list first).
+REQUIRED = ("name", "passed", "rto_ms", "detection_ms", "failed_requests", "total_requests", "wrong_answers",
+            "p99_ms", "versions_consistent")
+
+
+def new_run_dir(root: Path = REPORTS_ROOT) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path, n = root / stamp, 1
+    while path.exists():
+        path, n = root / f"{stamp}-{n}", n + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def link_latest(run_dir: Path) -> Path:
+    """Point ``latest`` at ``run_dir`` atomically (relative link, so the tree can move)."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)
+    return link
+
+
+def _fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.0f}{unit}" if abs(v) >= 100 else f"{v:.1f}{unit}"
+    return f"{v}{unit}"
+
+
+def summary_rows(drills: Sequence[dict]) -> list[list[str]]:
+    """Rows of the summary table: drill, verdict, RTO, failed/total, p99 before/during/after."""
+    rows = []
+    for d in drills:
+        verdict = "SKIP" if d.get("status") == "skipped" else ("PASS" if d["passed"] else "FAIL")
+        if d.get("status") == "aborted":
+            verdict += " (aborted)"
+        p99 = d.get("p99_ms") or {}
+        rows.append([d["name"], verdict, _fmt(d.get("rto_ms"), " ms"),
+                     f"{d.get('failed_requests', 0)}/{d.get('total_requests', 0)}",
+                     " / ".join(_fmt(p99.get(k)) for k in ("before", "during", "after"))])
+    return rows
+
+
+HEADER = ["drill", "verdict", "RTO", "failed/total", "p99 ms before/during/after"]
+
+
+def markdown(drills: Sequence[dict], meta: dict) -> str:
+    lines = ["# recserve drill report", "", f"Run {meta.get('run', '')} on {meta.get('host', '')}: "
+             f"{sum(d['passed'] for d in drills)}/{len(drills)} passed.", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in summary_rows(drills)]
+    lines += ["", "## Drills", ""]
+    for d in drills:
+        lines += [f"### {d['name']}", "", d.get("purpose", "").strip(), "",
+                  f"- verdict: **{'PASS' if d['passed'] else 'FAIL'}** ({d.get('status', '')}): {d.get('reason', '')}",
+                  f"- detection: {_fmt(d.get('detection_ms'), ' ms')}, RTO: {_fmt(d.get('rto_ms'), ' ms')}, "
+                  f"wrong answers: {d.get('wrong_answers')}, versions consistent: {d.get('versions_consistent')}"]
+        if d.get("simulation"):
+            lines.append(f"- how the fault was made: {d['simulation']}")
+        if d.get("background"):
+            lines.append(f"- background load (perf_analyzer): {d['background'].get('summary', d['background'])}")
+        missed = [c for c in d.get("checks", []) if not c["ok"]]
+        for c in missed:
+            lines.append(f"- missed: `{c['figure']}` measured {c['measured']}, target {c['target']}, "
+                         f"by {c['missed_by']}")
+        if d.get("plot"):
+            lines += ["", f"![{d['name']}]({d['plot']})"]
+        lines.append("")
+    lines += ["## Definitions", "",
+              "- RTO: client-measured, from the fault to the start of the first full second (sliding, by send "
+              "time) in which every probe request succeeded with the right answer under the SLO.",
+              "- detection: from the fault to the control plane's first event marking the instance.",
+              "- p50/p99: nearest-rank over successful probe requests; before/during/after are the spec's windows.",
+              "- rejected: answered UNAVAILABLE/RESOURCE_EXHAUSTED (shed by a full queue).", ""]
+    return "\n".join(lines)
+
+
+def plot(path: Path, name: str, seconds: Sequence[dict], fault_s: float, fault_end_s: float,
+         marks: Sequence[tuple[float, str]] = (), slo_ms: float | None = None) -> Path:
+    """requests/s, p99 and errors per second; the fault window shaded; phases and events marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [s["t"] + 0.5 for s in seconds]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 6.5), sharex=True)
+    series = [("requests/s", [("sent", [s["sent"] for s in seconds]), ("ok", [s["ok"] for s in seconds])]),
+              ("p99 ms", [("p99", [s["p99_ms"] if s["p99_ms"] is not None else float("nan") for s in seconds])]),
+              ("errors/s", [("failed", [s["errors"] for s in seconds]), ("wrong", [s["wrong"] for s in seconds])])]
+    for ax, (label, lines) in zip(axes, series, strict=True):
+        for lname, ys in lines:
+            ax.plot(t, ys, marker=".", label=lname)
+        ax.axvspan(fault_s, fault_end_s, color="tab:red", alpha=0.15, label="fault window")
+        for x, _text in marks:
+            ax.axvline(x, color="gray", linestyle="--", linewidth=0.8)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if slo_ms:
+        axes[1].axhline(slo_ms, color="tab:orange", linewidth=0.8, label="SLO")
+    for x, text in marks:
+        axes[0].annotate(text, (x, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
+                         va="top", ha="right")
+    axes[0].legend(loc="lower left", fontsize=7)
+    axes[1].legend(loc="upper left", fontsize=7)
+    axes[2].legend(loc="upper left", fontsize=7)
+    axes[2].set_xlabel("seconds since drill start (phases: before | fault | after)")
+    fig.suptitle(f"drill {name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def write(run_dir: Path, drills: list[dict], journals: dict[str, Journal], records: dict[str, list[Record]],
+          meta: dict | None = None) -> dict[str, Path]:
+    """Write every file of one run into ``run_dir`` (already created) and link it as latest."""
+    meta = {"run": run_dir.name, "host": os.uname().nodename, **(meta or {})}
+    for d in drills:
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"drill {d.get('name')!r} result lacks report fields {missing}")
+    for name, journal in journals.items():
+        journal.write(run_dir / f"{name}.journal.json")
+    for name, recs in records.items():
+        with (run_dir / f"{name}.requests.jsonl").open("w") as fh:
+            for r in recs:
+                fh.write(json.dumps(r.to_dict()) + "\n")
+    public = [{k: v for k, v in d.items() if k != "seconds"} for d in drills]
+    (run_dir / "report.json").write_text(json.dumps({"meta": meta, "drills": public}, indent=2, default=str) + "\n")
+    (run_dir / "report.md").write_text(markdown(public, meta))
+    return {"dir": run_dir, "json": run_dir / "report.json", "md": run_dir / "report.md",
+            "latest": link_latest(run_dir)}
+
+
+def console_table(drills: Sequence[dict]):
+    """The same summary as a rich Table (what make drill-smoke prints)."""
+    from rich.table import Table
+
+    table = Table(title="recserve drills", title_justify="left")
+    for h in HEADER:
+        table.add_column(h, justify="left" if h in ("drill", "verdict") else "right")
+    for row in summary_rows(drills):
+        style = "green" if row[1] == "PASS" else ("yellow" if row[1] == "SKIP" else "red")
+        table.add_row(*row, style=style)
+    return table

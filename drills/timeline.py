@@ -1,0 +1,150 @@
+"""Figures from a recorded probe timeline: RTO, percentiles, before/during/after windows, overload.
+
+Why pure functions over records: the same numbers are computed live (abort checks), at the end of a
+drill (report) and in unit tests on hand-made timelines, so RTO and p99 mean one thing everywhere.
+
+Definitions (also written into report.md):
+- a request is *good* when it succeeded, its answer was not wrong, and its latency <= the SLO;
+- RTO = time from the fault to the start of the first full second (a sliding 1 s window, by send
+  time) in which every probe request is good; 0 when no request ever went bad;
+- percentiles are nearest-rank over the latencies of successful requests;
+- *rejected* (shed) requests are those answered UNAVAILABLE or RESOURCE_EXHAUSTED by the server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from drills.probe import Record
+
+SHED_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (the value below which q% of samples fall); None for no samples."""
+    if not values:
+        return None
+    if not 0 < q <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {q}")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100.0 * len(ordered)) - 1)]
+
+
+def is_good(r: Record, slo_ms: float) -> bool:
+    return r.ok and r.matched is not False and r.latency_ms <= slo_ms
+
+
+def rto_ms(records: Sequence[Record], fault_t: float, slo_ms: float, end_t: float | None = None,
+           window_s: float = 1.0) -> float | None:
+    """Client-measured recovery time; None if no full good second followed the fault before ``end_t``.
+
+    The candidate window starts at the fault, and after each bad request at the next request's send
+    time; the first window that is fully recorded, holds at least one request and no bad one wins.
+    """
+    after = [r for r in sorted(records, key=lambda r: r.t_send) if r.t_send >= fault_t]
+    if not after:
+        return None
+    end_t = end_t if end_t is not None else after[-1].t_send
+    start, i = fault_t, 0
+    while start + window_s <= end_t + 1e-9:
+        window = [r for r in after[i:] if r.t_send < start + window_s]
+        bad = [k for k, r in enumerate(window) if not is_good(r, slo_ms)]
+        if window and not bad:
+            return round((start - fault_t) * 1000.0, 1)
+        i += (bad[-1] + 1) if bad else len(window)
+        if i >= len(after):
+            return None
+        start = after[i].t_send
+    return None
+
+
+def window_stats(records: Sequence[Record], t_from: float, t_to: float, slo_ms: float) -> dict:
+    """Counts, rates and latency percentiles of the requests sent in [t_from, t_to)."""
+    rs = [r for r in records if t_from <= r.t_send < t_to]
+    span = max(t_to - t_from, 1e-9)
+    ok = [r for r in rs if r.ok]
+    shed = [r for r in rs if r.status in SHED_STATUSES]
+    wrong = [r for r in ok if r.matched is False]
+    good = [r for r in rs if is_good(r, slo_ms)]
+    lat = [r.latency_ms for r in ok]
+    return {
+        "seconds": round(span, 3),
+        "total": len(rs),
+        "ok": len(ok),
+        "failed": len(rs) - len(ok),
+        "wrong": len(wrong),
+        "rejected": len(shed),
+        "error_rate": round((len(rs) - len(ok)) / len(rs), 4) if rs else 0.0,
+        "p50_ms": _r(percentile(lat, 50)),
+        "p99_ms": _r(percentile(lat, 99)),
+        "throughput_rps": round(len(ok) / span, 2),
+        "goodput_rps": round(len(good) / span, 2),
+        "shed_rate": round(len(shed) / len(rs), 4) if rs else 0.0,
+        "rejected_p99_ms": _r(percentile([r.latency_ms for r in shed], 99)),
+    }
+
+
+def per_second(records: Sequence[Record], t0: float, t_end: float) -> list[dict]:
+    """One row per second since ``t0`` (by send time): sent, ok, errors, wrong, p99 of successes."""
+    n = max(0, math.ceil(t_end - t0))
+    buckets: list[list[Record]] = [[] for _ in range(n)]
+    for r in records:
+        k = int(r.t_send - t0)
+        if 0 <= k < n:
+            buckets[k].append(r)
+    rows = []
+    for k, b in enumerate(buckets):
+        ok = [r for r in b if r.ok]
+        rows.append({"t": k, "sent": len(b), "ok": len(ok), "errors": len(b) - len(ok),
+                     "wrong": sum(r.matched is False for r in ok),
+                     "p99_ms": _r(percentile([r.latency_ms for r in ok], 99))})
+    return rows
+
+
+def phases(records: Sequence[Record], t0: float, fault_t: float, fault_end_t: float, t_end: float,
+           slo_ms: float) -> dict[str, dict]:
+    """Before [t0, fault), during [fault, fault end), after [fault end, end)."""
+    return {"before": window_stats(records, t0, fault_t, slo_ms),
+            "during": window_stats(records, fault_t, fault_end_t, slo_ms),
+            "after": window_stats(records, fault_end_t, t_end, slo_ms)}
+
+
+def steady_state_ok(stats: dict, slo_ms: float, error_rate_max: float) -> bool:
+    """The hypothesis: p99 within the SLO and errors within the budget (no traffic: not met)."""
+    return stats["total"] > 0 and stats["p99_ms"] is not None and stats["p99_ms"] <= slo_ms \
+        and stats["error_rate"] <= error_rate_max and stats["wrong"] == 0
+
+
+def error_budget_used(failed: int, total: int, error_rate_max: float) -> float | None:
+    """Share of the allowed failures that was spent; None when the budget is zero but was exceeded."""
+    allowed = error_rate_max * total
+    if allowed <= 0:
+        return 0.0 if failed == 0 else None
+    return round(failed / allowed, 4)
+
+
+def abort_reason(records: Sequence[Record], now: float, slo_ms: float, error_budget: float,
+                 p99_ceiling_ms: float, p99_over_for_s: float, min_requests: int) -> str | None:
+    """Why the drill must stop now, or None: error budget burnt, or p99 over the ceiling too long."""
+    done = [r for r in records if r.t_send + r.latency_ms / 1000.0 <= now]
+    if len(done) >= min_requests:
+        failed = sum(not r.ok for r in done)
+        if failed / len(done) > error_budget:
+            return f"error budget burnt: {failed}/{len(done)} failed > {error_budget:.0%}"
+    seconds = math.floor(p99_over_for_s)
+    if seconds < 1 or not done:
+        return None
+    last = max(r.t_send for r in done) + 1e-6  # the newest second with answers, not an empty one
+    over = 0
+    for k in range(seconds, 0, -1):
+        lat = [r.latency_ms for r in done if last - k <= r.t_send < last - k + 1 and r.ok]
+        p = percentile(lat, 99)
+        over += p is not None and p > p99_ceiling_ms
+    if over == seconds:
+        return f"p99 over the {p99_ceiling_ms:.0f} ms ceiling for {seconds}s"
+    return None
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)

@@ -1,0 +1,65 @@
+"""Pass or fail: each expectation of a spec against the measured figures, with the miss spelled out.
+
+Why separate: the verdict is the part people argue about, so it is small, pure and unit-tested, and
+every check says target, measured value and by how much it was missed (the issue asks for that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from drills.spec import Expect
+
+#: expectation -> (figure key in the drill result, comparison)
+CHECKS: dict[str, tuple[str, str]] = {
+    "failed_requests_max": ("failed_requests", "<="),
+    "wrong_answers_max": ("wrong_answers", "<="),
+    "rto_ms_max": ("rto_ms", "<="),
+    "detection_ms_max": ("detection_ms", "<="),
+    "p99_during_ratio_max": ("p99_during_ratio", "<="),
+    "goodput_ratio_min": ("goodput_ratio", ">="),
+    "rejected_p99_ms_max": ("rejected_p99_ms", "<="),
+    "recover_within_s": ("recovered_after_s", "<="),
+    "bad_share_max": ("bad_share", "<="),
+    "versions_consistent": ("versions_consistent", "=="),
+    "background_clean": ("background_clean", "=="),
+    "instances_alive": ("instances_alive", "=="),
+    "rolled_back": ("rolled_back", "=="),
+    "repaired": ("repaired", "=="),
+}
+
+
+def check(name: str, target: Any, measured: Any) -> dict:
+    """One expectation; a figure that could not be measured (None) fails: unmeasured is not passed."""
+    key, op = CHECKS[name]
+    row: dict[str, Any] = {"expectation": name, "figure": key, "target": f"{op} {target}", "measured": measured}
+    if measured is None:
+        row.update(ok=False, missed_by="not measured")
+    elif op == "==":
+        row.update(ok=measured == target, missed_by=None if measured == target else f"{measured} != {target}")
+    elif op == "<=":
+        ok = measured <= target
+        row.update(ok=ok, missed_by=None if ok else _by(measured - target, target))
+    else:
+        ok = measured >= target
+        row.update(ok=ok, missed_by=None if ok else _by(target - measured, target))
+    return row
+
+
+def _by(diff: float, target: float) -> str:
+    rel = f" ({diff / target:+.0%} of target)" if target else ""
+    return f"{round(diff, 3)}{rel}"
+
+
+def evaluate(expect: Expect, figures: dict) -> tuple[bool, list[dict], str]:
+    """All expectations that the spec sets; returns (passed, checks, reason)."""
+    rows = [check(f.name, getattr(expect, f.name), figures.get(CHECKS[f.name][0]))
+            for f in fields(expect) if getattr(expect, f.name) is not None]
+    missed = [r for r in rows if not r["ok"]]
+    if missed:
+        reason = "; ".join(f"{r['figure']} {r['measured']} vs {r['target']} (missed by {r['missed_by']})"
+                           for r in missed)
+    else:
+        reason = f"all {len(rows)} expectations met"
+    return not missed, rows, reason

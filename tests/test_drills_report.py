@@ -1,0 +1,94 @@
+"""Verdicts, journal and report rendering: report.json fields, report.md table, PNG, latest link."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from drills.journal import Journal
+from drills.probe import Record
+from drills.report import REQUIRED, console_table, markdown, new_run_dir, plot, summary_rows, write
+from drills.spec import Expect
+from drills.timeline import per_second
+from drills.verdict import evaluate
+
+
+def result(name: str = "crash", passed: bool = True, **kw) -> dict:
+    d = {"name": name, "passed": passed, "status": "completed", "reason": "ok", "rto_ms": 400.0,
+         "detection_ms": 350.0, "failed_requests": 0, "total_requests": 320, "wrong_answers": 0,
+         "p99_ms": {"before": 12.5, "during": 240.0, "after": 13.0}, "versions_consistent": True}
+    d.update(kw)
+    return d
+
+
+def test_verdict_passes_and_fails_with_the_miss_spelled_out():
+    expect = Expect(failed_requests_max=0, rto_ms_max=1000, goodput_ratio_min=0.9, versions_consistent=True)
+    ok, rows, reason = evaluate(expect, {"failed_requests": 0, "rto_ms": 400, "goodput_ratio": 0.95,
+                                         "versions_consistent": True})
+    assert ok and len(rows) == 4 and reason == "all 4 expectations met"
+    ok, rows, reason = evaluate(expect, {"failed_requests": 3, "rto_ms": 1500, "goodput_ratio": 0.8,
+                                         "versions_consistent": False})
+    assert not ok
+    by = {r["figure"]: r["missed_by"] for r in rows}
+    assert by["failed_requests"] == "3" and by["rto_ms"] == "500 (+50% of target)"
+    assert by["goodput_ratio"].startswith("0.1") and by["versions_consistent"] == "False != True"
+    assert "rto_ms 1500 vs <= 1000" in reason
+
+
+def test_unmeasured_figure_fails_the_expectation():
+    ok, rows, _ = evaluate(Expect(detection_ms_max=2000), {"detection_ms": None})
+    assert not ok and rows[0]["missed_by"] == "not measured"
+
+
+def test_journal_records_actions_and_failures(tmp_path):
+    j = Journal("hang")
+    with j.action("gpu-hang", "method") as a:
+        a.detail["pid"] = 42
+    with pytest.raises(RuntimeError), j.action("sigcont", "rollback"):
+        raise RuntimeError("no such process")
+    j.steady_state("before", {"p99_ms": 10}, True)
+    j.steady_state("after", {"p99_ms": 900}, False)
+    j.finish("completed")
+    back = Journal.read(j.write(tmp_path / "j.json"))
+    assert [(a.name, a.status) for a in back.actions] == [("gpu-hang", "succeeded"), ("sigcont", "failed")]
+    assert "no such process" in back.actions[1].detail["error"] and back.actions[0].detail == {"pid": 42}
+    assert back.deviated and back.status == "completed" and back.ended_at >= back.started_at
+    with pytest.raises(ValueError):
+        j.finish("exploded")
+
+
+def test_summary_rows_and_markdown():
+    drills = [result(), result("hang", False, rto_ms=None, failed_requests=2, reason="failed_requests 2 vs <= 0",
+                               checks=[{"ok": False, "figure": "failed_requests", "measured": 2, "target": "<= 0",
+                                        "missed_by": "2"}]),
+              result("network-partition", False, status="skipped")]
+    rows = summary_rows(drills)
+    assert rows[0] == ["crash", "PASS", "400 ms", "0/320", "12.5 / 240 / 13.0"]
+    assert rows[1][1] == "FAIL" and rows[1][2] == "-" and rows[2][1] == "SKIP"
+    md = markdown(drills, {"run": "r1", "host": "h"})
+    assert "| crash | PASS | 400 ms | 0/320 | 12.5 / 240 / 13.0 |" in md
+    assert "missed: `failed_requests` measured 2, target <= 0, by 2" in md
+    assert console_table(drills).row_count == 3
+
+
+def test_write_run_files_and_latest_link(tmp_path):
+    root = tmp_path / "drills"
+    first = new_run_dir(root)
+    recs = [Record(i, "recommend", 100.0 + i * 0.1, 10.0, "OK", True) for i in range(50)]
+    png = plot(first / "crash.png", "crash", per_second(recs, 100.0, 105.0), 2.0, 3.0, [(2.4, "detected")], 100.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    j = Journal("crash")
+    j.finish("completed")
+    paths = write(first, [result(plot="crash.png")], {"crash": j}, {"crash": recs})
+    report = json.loads(paths["json"].read_text())
+    entry = report["drills"][0]
+    assert set(REQUIRED) <= set(entry) and set(entry["p99_ms"]) == {"before", "during", "after"}
+    assert (first / "crash.journal.json").exists()
+    assert len((first / "crash.requests.jsonl").read_text().splitlines()) == 50
+    assert (root / "latest").resolve() == first.resolve()
+    second = new_run_dir(root)
+    write(second, [result()], {}, {})
+    assert (root / "latest").resolve() == second.resolve() and first != second
+    with pytest.raises(ValueError, match="lacks report fields"):
+        write(second, [{"name": "x", "passed": True}], {}, {})

@@ -1,0 +1,121 @@
+"""RTO, percentiles, windows, overload figures and abort rules on hand-recorded timelines."""
+
+from __future__ import annotations
+
+import pytest
+
+from drills.probe import Record
+from drills.timeline import (
+    abort_reason,
+    error_budget_used,
+    per_second,
+    percentile,
+    phases,
+    rto_ms,
+    steady_state_ok,
+    window_stats,
+)
+
+SLO = 100.0
+
+
+def rec(t: float, status: str = "OK", lat: float = 10.0, matched: bool | None = True, seq: int = 0) -> Record:
+    return Record(seq, "recommend", t, lat, status, matched if status == "OK" else None)
+
+
+def every(t_from: float, t_to: float, step: float = 0.1, **kw) -> list[Record]:
+    n = round((t_to - t_from) / step)
+    return [rec(round(t_from + i * step, 6), **kw) for i in range(n)]
+
+
+def test_percentile_is_nearest_rank():
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 99) is None
+    assert percentile([5, 1, 3], 50) == 3
+    with pytest.raises(ValueError):
+        percentile([1], 0)
+
+
+def test_rto_zero_when_nothing_went_bad():
+    records = every(0, 10)
+    assert rto_ms(records, fault_t=5.0, slo_ms=SLO, end_t=10.0) == 0.0
+
+
+def test_rto_is_start_of_first_full_good_second_after_last_bad_request():
+    records = every(0, 5) + every(5, 6.5, status="UNAVAILABLE") + every(6.5, 10)
+    # last bad request sent at 6.4: the next request (6.5) starts the first full good second
+    assert rto_ms(records, fault_t=5.0, slo_ms=SLO, end_t=10.0) == 1500.0
+
+
+def test_slow_and_wrong_answers_count_as_bad_for_rto():
+    slow = every(0, 5) + every(5, 5.3, lat=SLO + 1) + every(5.3, 10)
+    assert rto_ms(slow, 5.0, SLO, 10.0) == 300.0
+    wrong = every(0, 5) + every(5, 7, matched=False) + every(7, 10)
+    assert rto_ms(wrong, 5.0, SLO, 10.0) == 2000.0
+
+
+def test_isolated_late_failure_restarts_the_window():
+    records = every(5, 10)
+    records[3] = rec(records[3].t_send, status="UNAVAILABLE")  # sent at 5.3: the window restarts at 5.4
+    records[33] = rec(records[33].t_send, status="UNAVAILABLE")  # after recovery: does not move RTO
+    assert rto_ms(records, 5.0, SLO, 10.0) == pytest.approx(400.0)
+
+
+def test_rto_none_when_no_full_good_second_was_recorded():
+    records = every(0, 5) + every(5, 9.5, status="UNAVAILABLE") + every(9.5, 10)
+    assert rto_ms(records, 5.0, SLO, 10.0) is None
+    assert rto_ms([], 5.0, SLO, 10.0) is None
+
+
+def test_requests_sent_before_the_fault_do_not_move_rto():
+    records = every(0, 4.9) + [rec(4.95, status="DEADLINE_EXCEEDED")] + every(5, 10)
+    assert rto_ms(records, 5.0, SLO, 10.0) == 0.0
+
+
+def test_window_stats_counts_and_overload_figures():
+    records = (every(0, 1, lat=20.0) + every(1, 2, step=0.05, status="UNAVAILABLE", lat=2.0)
+               + [rec(1.5, lat=300.0), rec(1.6, matched=False)])
+    s = window_stats(records, 1.0, 2.0, SLO)
+    assert s["total"] == 22 and s["ok"] == 2 and s["failed"] == 20 and s["rejected"] == 20 and s["wrong"] == 1
+    assert s["shed_rate"] == pytest.approx(20 / 22, abs=1e-4)
+    assert s["rejected_p99_ms"] == 2.0
+    assert s["goodput_rps"] == 0.0  # one too slow, one wrong
+    assert s["throughput_rps"] == 2.0
+    before = window_stats(records, 0.0, 1.0, SLO)
+    assert before["p50_ms"] == 20.0 and before["p99_ms"] == 20.0 and before["goodput_rps"] == 10.0
+    assert steady_state_ok(before, SLO, 0.0) and not steady_state_ok(s, SLO, 0.5)
+    assert not steady_state_ok(window_stats([], 0, 1, SLO), SLO, 0.0), "no traffic is not a steady state"
+
+
+def test_phases_split_at_fault_and_fault_end():
+    records = every(0, 3, lat=5.0) + every(3, 6, lat=50.0) + every(6, 9, lat=7.0)
+    p = phases(records, 0.0, 3.0, 6.0, 9.0, SLO)
+    assert (p["before"]["p99_ms"], p["during"]["p99_ms"], p["after"]["p99_ms"]) == (5.0, 50.0, 7.0)
+    assert sum(p[k]["total"] for k in p) == len(records)
+
+
+def test_per_second_rows():
+    records = every(0, 2) + [rec(2.5, status="INTERNAL"), rec(2.6, matched=False, lat=40.0)]
+    rows = per_second(records, 0.0, 3.0)
+    assert [r["sent"] for r in rows] == [10, 10, 2]
+    assert rows[2]["errors"] == 1 and rows[2]["wrong"] == 1 and rows[2]["p99_ms"] == 40.0
+
+
+def test_error_budget_used():
+    assert error_budget_used(0, 100, 0.0) == 0.0
+    assert error_budget_used(1, 100, 0.0) is None
+    assert error_budget_used(1, 100, 0.02) == 0.5
+
+
+def test_abort_on_burnt_budget_and_on_long_p99():
+    failing = every(0, 5, status="UNAVAILABLE")
+    assert "error budget burnt" in abort_reason(failing, 6.0, SLO, 0.5, 1000, 3, 20)
+    assert abort_reason(failing[:10], 6.0, SLO, 0.5, 1000, 3, 20) is None  # too few requests to judge
+    slow = every(0, 5, lat=2000.0)
+    assert "p99 over the 1000 ms ceiling for 3s" in abort_reason(slow, 7.0, SLO, 1.0, 1000, 3, 20)
+    mixed = every(0, 3, lat=2000.0) + every(3, 5, lat=10.0)
+    assert abort_reason(mixed, 7.0, SLO, 1.0, 1000, 3, 20) is None
