@@ -1,0 +1,73 @@
+"""Prometheus metrics of the control plane, and a reader for Triton's own request counters (rollout gates)."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+ROLES = ("primary", "standby", "canary")
+
+
+class ControlMetrics:
+    """One registry per control plane (tests run several in one process)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.instance_healthy = Gauge("recserve_instance_healthy", "1 when the last deep check passed",
+                                      ["instance"], registry=r)
+        self.instance_role = Gauge("recserve_instance_role", "1 for the instance's current role",
+                                   ["instance", "role"], registry=r)
+        self.failovers = Counter("recserve_failovers", "primary replaced by another instance", registry=r)
+        self.restarts = Counter("recserve_instance_restarts", "instance restarts", ["instance"], registry=r)
+        self.detections = Counter("recserve_instance_failures_detected", "instances marked broken",
+                                  ["instance", "stage"], registry=r)
+        self.check_seconds = Gauge("recserve_health_check_seconds", "duration of the last deep check",
+                                   ["instance"], registry=r)
+        self.rollout_phase = Gauge("recserve_rollout_phase", "1 for the phase of the model's running rollout",
+                                   ["model", "phase"], registry=r)
+        self.rollout_results = Counter("recserve_rollout_results", "finished rollouts", ["model", "status"],
+                                       registry=r)
+        self.gate_value = Gauge("recserve_rollout_gate_value", "last measured gate value", ["model", "gate"],
+                                registry=r)
+        self.reconcile_errors = Counter("recserve_reconcile_errors", "failed reconcile/restart attempts",
+                                        registry=r)
+        self.fleet_degraded = Gauge("recserve_fleet_degraded", "1 when no healthy standby is left", registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+    def set_role(self, instance: str, role: str) -> None:
+        for r in ROLES:
+            self.instance_role.labels(instance, r).set(1 if r == role else 0)
+
+    def set_phase(self, model: str, phase: str, phases: tuple[str, ...]) -> None:
+        for p in phases:
+            self.rollout_phase.labels(model, p).set(1 if p == phase else 0)
+
+
+_LINE = re.compile(r'^(nv_inference_request_(?:success|failure))\{([^}]*)\}\s+([0-9.eE+-]+)')
+
+
+def triton_request_counts(metrics_url: str, models: tuple[str, ...] = ("recommend", "search"),
+                          timeout: float = 1.0) -> tuple[float, float] | None:
+    """(successes, failures) summed over ``models`` from Triton's /metrics; None when unreachable."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as resp:
+            text = resp.read().decode(errors="replace")
+    except OSError:
+        return None
+    ok = bad = 0.0
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+        if labels.get("model") not in models:
+            continue
+        if m.group(1).endswith("success"):
+            ok += float(m.group(3))
+        else:
+            bad += float(m.group(3))
+    return ok, bad
