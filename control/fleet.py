@@ -411,7 +411,8 @@ class Fleet:
             if reason == "operator" and self.state.running_rollouts():
                 raise FleetError("a rollout is running: promote after it ends (or roll back)", "FAILED_PRECONDITION")
             probe = self.last_probe.get(iid)
-            if rec.state not in ("healthy", "drained") or (probe is not None and not probe.ok and rec.state != "drained"):
+            failing = probe is not None and not probe.ok and rec.state != "drained"
+            if rec.state not in ("healthy", "drained") or failing:
                 raise FleetError(f"instance {iid} is {rec.state}: only a healthy instance can become primary",
                                  "FAILED_PRECONDITION")
             old = [r for r in self.state.instances() if r.role == "primary" and r.id != iid]

@@ -62,7 +62,8 @@ def load_requests(path: Path | None) -> dict[str, dict]:
 def ask(client: RecClient, requests: dict[str, dict]) -> dict[str, Result]:
     r = requests["recommend"]
     s = requests["search"]
-    return {"recommend": client.recommend(r["user_id"], r["history"]), "search": client.search(s["query"], s["user_id"])}
+    return {"recommend": client.recommend(r["user_id"], r["history"]),
+            "search": client.search(s["query"], s["user_id"])}
 
 
 def _reference_answers(repository: Path, versions: dict[str, list[int]], requests: dict[str, dict]):

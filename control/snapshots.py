@@ -164,7 +164,8 @@ class SnapshotStore:
                 os.replace(tmp, obj)
             files[rel] = digest
             total += p.stat().st_size
-        snap_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]}"
+        digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:8]
+        snap_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{digest}"
         snap = Snapshot(snap_id, time.time(), files, total, note)
         d = self.root / "snapshots"
         d.mkdir(parents=True, exist_ok=True)
