@@ -44,6 +44,7 @@ class Record:
     status: str
     matched: bool | None = None
     detail: str = ""
+    items: tuple[int, ...] | None = None  # the answer, kept so it can be matched after the drill
 
     @property
     def ok(self) -> bool:
@@ -140,7 +141,7 @@ class Probe:
 
         t_send = time.time()
         start = time.perf_counter()
-        status, matched, detail = OK, None, ""
+        status, matched, detail, items = OK, None, "", None
         try:
             outputs = [g.InferRequestedOutput("item_ids")]
             result = await client.infer(case.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
@@ -148,10 +149,10 @@ class Probe:
             if case.expected is not None:
                 matched = items == case.expected
         except Exception as exc:  # every failure is data here, never a crash of the probe
-            status, detail = status_name(exc), str(exc)[:200]
+            status, detail, items = status_name(exc), str(exc)[:200], None
         finally:
             sem.release()
-        rec = Record(seq, case.model, t_send, (time.perf_counter() - start) * 1000.0, status, matched, detail)
+        rec = Record(seq, case.model, t_send, (time.perf_counter() - start) * 1000.0, status, matched, detail, items)
         with self._lock:
             self.records.append(rec)
 
@@ -212,3 +213,15 @@ class Probe:
         """Records so far (the abort checks read these while the probe runs)."""
         with self._lock:
             return sorted(self.records, key=lambda r: r.t_send)
+
+
+def rematch(records: Sequence[Record], acceptable: dict[str, set[tuple[int, ...]]]) -> list[Record]:
+    """Set ``matched`` after the drill: an answer is right when it is one of the acceptable answers for its
+    model (several during a rollover: the old and the new version's). Models without answers stay None."""
+    from dataclasses import replace
+
+    out = []
+    for r in records:
+        ok_set = acceptable.get(r.model)
+        out.append(replace(r, matched=(r.items in ok_set)) if r.ok and ok_set and r.items is not None else r)
+    return out

@@ -53,13 +53,16 @@ def _fmt(v, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+def _verdict(d: dict) -> str:
+    verdict = "SKIP" if d.get("status") == "skipped" else ("PASS" if d["passed"] else "FAIL")
+    return verdict + (" (aborted)" if d.get("status") == "aborted" else "")
+
+
 def summary_rows(drills: Sequence[dict]) -> list[list[str]]:
     """Rows of the summary table: drill, verdict, RTO, failed/total, p99 before/during/after."""
     rows = []
     for d in drills:
-        verdict = "SKIP" if d.get("status") == "skipped" else ("PASS" if d["passed"] else "FAIL")
-        if d.get("status") == "aborted":
-            verdict += " (aborted)"
+        verdict = _verdict(d)
         p99 = d.get("p99_ms") or {}
         rows.append([d["name"], verdict, _fmt(d.get("rto_ms"), " ms"),
                      f"{d.get('failed_requests', 0)}/{d.get('total_requests', 0)}",
@@ -72,13 +75,14 @@ HEADER = ["drill", "verdict", "RTO", "failed/total", "p99 ms before/during/after
 
 def markdown(drills: Sequence[dict], meta: dict) -> str:
     lines = ["# recserve drill report", "", f"Run {meta.get('run', '')} on {meta.get('host', '')}: "
-             f"{sum(d['passed'] for d in drills)}/{len(drills)} passed.", "",
+             f"{sum(d['passed'] is True for d in drills)}/{len(drills)} passed, "
+             f"{sum(d['passed'] is None for d in drills)} skipped.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(drills)]
     lines += ["", "## Drills", ""]
     for d in drills:
         lines += [f"### {d['name']}", "", d.get("purpose", "").strip(), "",
-                  f"- verdict: **{'PASS' if d['passed'] else 'FAIL'}** ({d.get('status', '')}): {d.get('reason', '')}",
+                  f"- verdict: **{_verdict(d)}** ({d.get('status', '')}): {d.get('reason', '')}",
                   f"- detection: {_fmt(d.get('detection_ms'), ' ms')}, RTO: {_fmt(d.get('rto_ms'), ' ms')}, "
                   f"wrong answers: {d.get('wrong_answers')}, versions consistent: {d.get('versions_consistent')}"]
         if d.get("simulation"):

@@ -92,3 +92,8 @@ def test_write_run_files_and_latest_link(tmp_path):
     assert (root / "latest").resolve() == second.resolve() and first != second
     with pytest.raises(ValueError, match="lacks report fields"):
         write(second, [{"name": "x", "passed": True}], {}, {})
+
+
+def test_skipped_drill_counts_as_skipped_not_passed():
+    md = markdown([result(), result("network-partition", None, status="skipped", reason="no netns")], {"run": "r"})
+    assert "1/2 passed, 1 skipped" in md and "**SKIP** (skipped): no netns" in md

@@ -1,0 +1,7 @@
+"""``python -m drills`` entry point."""
+
+import sys
+
+from drills.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""perf_analyzer as background load where a drill expects zero failures.
+
+Why perf_analyzer and not only the probe: it is the load tool people trust, and since it aborts the
+whole run on the first failed request, its exit code is itself a signal: exit 0 over a window that
+covered the fault means not one of its requests failed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from drills.probe import Case, check_loopback
+from drills.spec import Background as BackgroundSpec
+
+
+def input_data(cases: list[Case], model: str, path: Path) -> Path:
+    """perf_analyzer ``--input-data`` JSON with the golden request of ``model`` (real ids, not zeros)."""
+    case = next(c for c in cases if c.model == model)
+    if model == "recommend":
+        hist = list(case.history) or [0]
+        row = {"user_id": [case.user_id or 0], "history": {"content": hist, "shape": [len(hist)]}}
+    else:
+        row = {"query": {"content": [case.query or ""], "shape": [1]}}
+        if case.user_id is not None:
+            row["user_id"] = [case.user_id]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"data": [row]}))
+    return path
+
+
+@dataclass
+class Background:
+    process: subprocess.Popen
+    command: list[str]
+    log: Path
+    started_at: float
+
+    def finish(self, timeout_s: float = 60.0) -> dict:
+        """Wait for perf_analyzer (it is sized to the drill); kill it if it overruns. Never raises."""
+        try:
+            code = self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait(10)
+        ended = time.time()
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        errors = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
+        rate = [ln.strip() for ln in text.splitlines() if "Throughput:" in ln]
+        summary = f"exit {code}" + (f", {rate[-1]}" if rate else "") + (f", first error: {errors[0]}" if errors else "")
+        return {"exit_code": code, "started_at": self.started_at, "ended_at": ended, "errors": errors[:5],
+                "summary": summary[:400], "log": str(self.log), "command": " ".join(self.command)}
+
+
+def start_background(spec: BackgroundSpec, grpc_url: str, cases: list[Case], duration_s: float,
+                     capacity: float | None, workdir: Path) -> Background:
+    """Start perf_analyzer for about ``duration_s`` (three measurement windows, stability not required)."""
+    from perf.analyzer import binary, environment
+
+    check_loopback(grpc_url)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = input_data(cases, spec.model, workdir / "perf_input.json")
+    window_ms = max(1000, math.floor(duration_s * 1000 / 3))
+    cmd = [str(binary()), "-m", spec.model, "-u", grpc_url, "-i", "grpc", "--input-data", str(data),
+           "--measurement-interval", str(window_ms), "--stability-percentage", "1000", "--max-trials", "3",
+           "-f", str(workdir / "perf.csv")]
+    if spec.concurrency is not None:
+        cmd += ["--concurrency-range", f"{spec.concurrency}:{spec.concurrency}:1"]
+    else:
+        rate = max(1.0, round((spec.rate_x_capacity or 0.5) * (capacity or 10), 1))
+        cmd += ["--request-rate-range", f"{rate}:{rate}:1", "--max-threads", "8"]
+    log = workdir / "perf_analyzer.log"
+    fh = open(log, "w")
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
+    fh.close()
+    return Background(proc, cmd, log, time.time())

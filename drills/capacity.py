@@ -1,0 +1,72 @@
+"""capacity_rps for sizing overload: from the perf suite's latest report, else a short measurement.
+
+Why both: the perf suite (reports/perf/latest) measures capacity carefully and the drills should agree
+with it; where it has not run yet, a short perf_analyzer concurrency probe through the same endpoint
+gives a figure the report marks as such.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PERF_REPORT = REPO_ROOT / "reports" / "perf" / "latest" / "report.json"
+
+
+def from_perf_report(model: str, path: Path = PERF_REPORT) -> float | None:
+    """``capacity_rps`` of ``model`` wherever the perf report keeps it (a mapping, or per target)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    found: list[float] = []
+
+    def walk(node, under_model: bool = False) -> None:
+        if isinstance(node, dict):
+            cap = node.get("capacity_rps")
+            if isinstance(cap, dict) and isinstance(cap.get(model), int | float):
+                found.append(float(cap[model]))
+            elif isinstance(cap, int | float) and (under_model or model in str(node.get("target", ""))):
+                found.append(float(cap))
+            for k, v in node.items():
+                walk(v, under_model or k == model)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, under_model)
+
+    walk(data)
+    return found[0] if found else None
+
+
+def measure(grpc_url: str, model: str, slo_ms: float, workdir: Path, levels: tuple[int, ...] = (1, 2, 4)) -> float:
+    """Highest throughput whose p99 stays under the SLO, over a few perf_analyzer concurrency points."""
+    from drills.background import input_data
+    from drills.runner import golden_cases
+    from perf.analyzer import LoadPoint, PerfAnalyzerError, run
+
+    data = input_data(golden_cases(), model, workdir / "capacity_input.json")
+    best = 0.0
+    for c in levels:
+        point = LoadPoint(model=model, url=grpc_url, mode="concurrency", value=c, input_data=data,
+                          measurement_ms=1500, stability_pct=50, max_trials=4, timeout_s=60)
+        try:
+            row = run(point, workdir / f"capacity_c{c}.csv")
+        except PerfAnalyzerError:
+            break
+        if row.p99_ms > slo_ms:
+            break
+        best = max(best, row.infer_per_sec)
+    return best
+
+
+def capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path) -> tuple[float | None, str]:
+    """(capacity, where it came from)."""
+    cap = from_perf_report(model)
+    if cap:
+        return cap, f"perf report {PERF_REPORT}"
+    try:
+        cap = measure(grpc_url, model, slo_ms, workdir)
+    except Exception as exc:  # perf not installed or broken: overload then has no target and says so
+        return None, f"not measured: {exc}"
+    return (cap or None), "measured by the drill (perf_analyzer concurrency 1,2,4 through HAProxy)"

@@ -1,0 +1,116 @@
+"""``python -m drills``: list, validate and run drills; print the summary table and the report path.
+
+Exit codes: 0 every drill that ran passed (skipped ones do not count), 1 a drill failed or aborted,
+2 a spec is invalid (nothing was started), 3 no fleet could be found or started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from drills import report
+from drills.spec import SPECS_DIR, DrillSpec, SpecError, load_all, load_file
+
+SMOKE = ("crash", "hang", "overload", "rollover-under-load")
+console = Console()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m drills", description="recserve disaster-recovery drills: run "
+                                "declarative fault drills against a real fleet and report RTO, failed requests, p99.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the drill specs")
+    v = sub.add_parser("validate", help="validate spec files (default: every spec in drills/specs)")
+    v.add_argument("files", nargs="*", type=Path)
+    for name, text in (("run", "run drills by name (default: all)"), ("smoke", f"run {', '.join(SMOKE)}")):
+        r = sub.add_parser(name, help=text)
+        if name == "run":
+            r.add_argument("names", nargs="*", metavar="NAME")
+        r.add_argument("--control", help="control plane host:port of a running fleet (default: find one with "
+                       "recctl status, else start a private one)")
+        r.add_argument("--private", action="store_true", help="always start a private fleet, even if one runs")
+        r.add_argument("--reports", type=Path, default=report.REPORTS_ROOT, help="reports root (default %(default)s)")
+    return p
+
+
+def select(names: list[str]) -> list[DrillSpec]:
+    specs = load_all(SPECS_DIR)  # validates every spec: one bad file stops everything before anything starts
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise SpecError("drills", "names", f"unknown drill(s) {unknown} (known: {', '.join(sorted(specs))})")
+    return [specs[n] for n in names] if names else list(specs.values())
+
+
+def cmd_list() -> int:
+    t = Table(title="drills", title_justify="left")
+    for h in ("name", "fault", "duration", "expectations"):
+        t.add_column(h)
+    for s in load_all(SPECS_DIR).values():
+        exp = ", ".join(f"{k}={v}" for k, v in vars(s.expect).items() if v is not None)
+        t.add_row(s.name, ", ".join(a.fault for a in s.method), f"{s.load.duration_s:.0f}s", exp)
+    console.print(t)
+    return 0
+
+
+def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
+    from drills.fleet import FleetError
+    from drills.runner import DrillRun
+    from drills.session import FleetOwner
+
+    results, journals, records = [], {}, {}
+    run_dir = report.new_run_dir(args.reports)
+    try:
+        with FleetOwner(args.control, private=args.private, log=console.print) as session:
+            for spec in specs:
+                run = DrillRun(spec, session, log=console.print)
+                try:
+                    result = run.run()
+                except Exception as exc:  # one broken drill must not hide the others' results
+                    run.journal.finish("failed", f"{type(exc).__name__}: {exc}")
+                    result = run._result({}, status="failed", reason=f"{type(exc).__name__}: {exc}")
+                if result.get("seconds"):
+                    png = report.plot(run_dir / f"{spec.name}.png", spec.name, result["seconds"],
+                                      result.get("fault_at_s", spec.fault_start_s),
+                                      result.get("fault_end_s", spec.fault_end_s), result.get("marks", []),
+                                      spec.steady_state.slo_p99_ms)
+                    result["plot"] = png.name
+                results.append(result)
+                journals[spec.name], records[spec.name] = run.journal, run.records
+                verdict = "SKIP" if result["passed"] is None else ("PASS" if result["passed"] else "FAIL")
+                console.print(f"  {verdict}: {result['reason']}")
+    except FleetError as exc:
+        console.print(f"[red]no fleet: {exc}[/red]")
+        if not results:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return 3
+    paths = report.write(run_dir, results, journals, records)
+    console.print(report.console_table(results))
+    console.print(f"report: {paths['md']} (json: {paths['json']}, latest: {paths['latest']})")
+    return 0 if all(r["passed"] is not False for r in results) and len(results) == len(specs) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "list":
+            return cmd_list()
+        if args.command == "validate":
+            for f in args.files or sorted(SPECS_DIR.glob("*.yaml")):
+                load_file(f)
+                console.print(f"ok {f}")
+            return 0
+        specs = select(list(SMOKE) if args.command == "smoke" else args.names)
+    except SpecError as exc:
+        console.print(f"[red]invalid spec: {exc}[/red]")
+        return 2
+    return cmd_run(specs, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,404 @@
+"""Faults: each one an action that injects it and a rollback that always undoes it (idempotent).
+
+How each fault is made (written into the report, so nobody mistakes a simulation for the real thing):
+- gpu-xid-crash: SIGKILL of the tritonserver process of the instance (what a fatal Xid does to it);
+- gpu-hang: SIGSTOP of that process for the window, then SIGCONT (or SIGKILL);
+- gpu-lost: the drill fault switch of recserve's own onnxruntime backend (a file per model saying
+  "fail" or "wrong" in that instance's RECSERVE_FAULT_DIR; off unless a drill sets it). The process
+  stays alive and Triton keeps saying ready: only deep health (a golden inference) can see it;
+- overload: the probe's own open-loop rate ramps to factor x capacity_rps (see runner);
+- rollover-under-load / bad-rollover / artifact-corruption / control-plane-crash: through the control
+  plane's gRPC API, on model versions the drill creates (a byte-identical re-release, or a copy whose
+  graph negates its scores) and removes again afterwards;
+- network-partition: needs an instance inside a network namespace; see NetworkPartition.check.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drills.fleet import Fleet, FleetError
+from drills.journal import Journal
+from drills.spec import Action, DrillSpec
+
+FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
+
+
+@dataclass
+class Context:
+    """What a fault may touch: the fleet (through its API), its repository, a scratch dir, the journal."""
+
+    fleet: Fleet
+    spec: DrillSpec
+    journal: Journal
+    repository: Path
+    workdir: Path
+    control: Any = None  # drills.runner.ControlPlaneProcess when the drill owns the control plane
+    capacity_rps: float | None = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    created_versions: list[tuple[str, int]] = field(default_factory=list)
+
+
+class Fault:
+    name = ""
+    simulation = ""
+
+    def check(self, ctx: Context) -> str | None:
+        """Why this fault cannot run here (the drill is then skipped with that line), or None."""
+        return None
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        raise NotImplementedError
+
+    def end(self, ctx: Context, action: Action) -> dict:
+        """End of a windowed fault (the method's own step, not the safety-net rollback)."""
+        return {}
+
+    def rollback(self, ctx: Context) -> dict:
+        return {}
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def process_state(pid: int) -> str:
+    """'R', 'S', 'T' (stopped), ... from /proc; '' when the process is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def fault_dir_of(pid: int) -> Path | None:
+    """The instance's fault-switch directory, read from its own environment (no guessing of layouts)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(FAULT_DIR_ENV.encode() + b"="):
+            return Path(item.split(b"=", 1)[1].decode())
+    return None
+
+
+# ---------------------------------------------------------------------- process faults
+class Crash(Fault):
+    name = "gpu-xid-crash"
+    simulation = "SIGKILL of the instance's tritonserver process (a fatal Xid kills the process holding the GPU)"
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        inst = ctx.fleet.instance(action.params["target"])
+        ctx.figures["target"] = inst.id
+        _signal(inst.pid, signal.SIGKILL)
+        return {"instance": inst.id, "pid": inst.pid, "signal": "SIGKILL"}
+
+    def rollback(self, ctx: Context) -> dict:
+        """The control plane restarts what was killed; the drill waits for it, it never restarts behind its back."""
+        iid = ctx.figures.get("target")
+        if not iid:
+            return {}
+        waited = ctx.fleet.wait("instance back", lambda: any(
+            i.id == iid and i.state == "healthy" for i in ctx.fleet.instances()), timeout_s=120)
+        ctx.figures["instance_back_s"] = waited
+        return {"instance": iid, "back_healthy_after_s": waited}
+
+
+class Hang(Fault):
+    name = "gpu-hang"
+    simulation = "SIGSTOP of the instance's tritonserver process for the window (a hung kernel), then SIGCONT/SIGKILL"
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        inst = ctx.fleet.instance(action.params["target"])
+        ctx.figures["target"], ctx.figures["stopped_pid"] = inst.id, inst.pid
+        _signal(inst.pid, signal.SIGSTOP)
+        return {"instance": inst.id, "pid": inst.pid, "signal": "SIGSTOP", "state": process_state(inst.pid)}
+
+    def end(self, ctx: Context, action: Action) -> dict:
+        pid = ctx.figures.get("stopped_pid")
+        sig = signal.SIGKILL if action.params["then"] == "kill" else signal.SIGCONT
+        delivered = bool(pid) and _signal(pid, sig)
+        return {"pid": pid, "signal": sig.name, "delivered": delivered}
+
+    def rollback(self, ctx: Context) -> dict:
+        pid = ctx.figures.get("stopped_pid")
+        if pid and process_state(pid) == "T":
+            _signal(pid, signal.SIGCONT)
+            return {"pid": pid, "signal": "SIGCONT", "was_stopped": True}
+        return {"pid": pid, "was_stopped": False}
+
+
+class GpuLost(Fault):
+    name = "gpu-lost"
+    simulation = ("drill fault switch in recserve's onnxruntime backend: a file per GPU model in the instance's "
+                  "RECSERVE_FAULT_DIR makes those models fail (or answer wrongly) on every request while the "
+                  "process stays alive and Triton stays ready")
+
+    def check(self, ctx: Context) -> str | None:
+        try:
+            inst = ctx.fleet.instance("primary")
+        except FleetError as exc:
+            return str(exc)
+        if fault_dir_of(inst.pid) is None:
+            return f"instance {inst.id} was started without {FAULT_DIR_ENV}: the fleet has no fault switch"
+        return None
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        inst = ctx.fleet.instance(action.params["target"])
+        d = fault_dir_of(inst.pid)
+        if d is None:
+            raise FleetError(f"{inst.id} has no {FAULT_DIR_ENV}")
+        d.mkdir(parents=True, exist_ok=True)
+        written = []
+        for model in action.params["models"]:
+            (d / model).write_text(action.params["mode"])
+            written.append(str(d / model))
+        ctx.figures["target"], ctx.figures["fault_files"] = inst.id, written
+        return {"instance": inst.id, "pid": inst.pid, "files": written, "mode": action.params["mode"]}
+
+    def end(self, ctx: Context, action: Action) -> dict:
+        return self.rollback(ctx)
+
+    def rollback(self, ctx: Context) -> dict:
+        removed = []
+        for f in ctx.figures.get("fault_files", []):
+            if Path(f).exists():
+                Path(f).unlink()
+                removed.append(f)
+        return {"removed": removed}
+
+
+class Overload(Fault):
+    name = "overload"
+    simulation = "the probe's open-loop request rate ramps to factor x capacity_rps (error-tolerant client)"
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        ctx.figures["pids_before"] = {i.id: i.pid for i in ctx.fleet.instances()}
+        peak = action.params["factor"] * (ctx.capacity_rps or 0)
+        return {"peak_rps": peak, "capacity_rps": ctx.capacity_rps, "factor": action.params["factor"]}
+
+    def end(self, ctx: Context, action: Action) -> dict:
+        return {"ramp": "ended"}
+
+
+# ---------------------------------------------------------------------- versions the drills create
+def _next_version(repository: Path, model: str) -> int:
+    d = repository / model
+    nums = [int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(nums, default=0) + 1
+
+
+def release_copy(ctx: Context, model: str, wrong: bool = False) -> int:
+    """A new version of ``model``: a byte-identical re-release of the desired one, or (``wrong``) the same
+    graph with its float outputs negated, so rankings come out reversed. Its manifest is written fresh."""
+    from control.snapshots import write_manifest
+
+    src_v = max(ctx.fleet.desired()[model])
+    new_v = _next_version(ctx.repository, model)
+    src, dst = ctx.repository / model / str(src_v), ctx.repository / model / str(new_v)
+    shutil.copytree(src, dst)
+    ctx.created_versions.append((model, new_v))
+    (dst / "manifest.json").unlink(missing_ok=True)
+    if wrong:
+        _negate_outputs(dst / "model.onnx")
+    kind = "negated-score copy" if wrong else "re-release"
+    write_manifest(dst, {"built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "note": f"drill {ctx.spec.name}: {kind} of v{src_v}"})
+    return new_v
+
+
+def _negate_outputs(path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    for out in g.output:
+        if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            continue
+        inner = out.name + "__drill_orig"
+        for node in g.node:
+            node.output[:] = [inner if o == out.name else o for o in node.output]
+        g.node.append(helper.make_node("Neg", [inner], [out.name], name=out.name + "__drill_neg"))
+    onnx.save(m, str(path))
+
+
+def remove_created(ctx: Context) -> list[str]:
+    """Delete versions this drill created, only once nothing desires or serves them."""
+    removed = []
+    try:
+        desired = ctx.fleet.desired()
+        served = [i.models for i in ctx.fleet.instances()]
+    except FleetError:
+        return removed
+    for model, v in list(ctx.created_versions):
+        if v in desired.get(model, []) or any(v in m.get(model, []) for m in served):
+            continue
+        shutil.rmtree(ctx.repository / model / str(v), ignore_errors=True)
+        ctx.created_versions.remove((model, v))
+        removed.append(f"{model}/{v}")
+    return removed
+
+
+def restore_desired(ctx: Context, model: str) -> dict:
+    """Return ``model`` to the version desired before the drill (the control plane's Rollback)."""
+    before = ctx.figures.get("desired_before", {}).get(model)
+    now = ctx.fleet.desired().get(model)
+    out: dict[str, Any] = {"model": model, "before": before, "now": now}
+    if before and now != before:
+        out["rollback"] = ctx.fleet.rollback(model).get("status")
+        out["after"] = ctx.fleet.desired().get(model)
+    out["removed_versions"] = remove_created(ctx)
+    return out
+
+
+# ---------------------------------------------------------------------- control-plane faults
+class Rollover(Fault):
+    name = "rollover-under-load"
+    simulation = "canary rollover through the control plane's Rollover API to a byte-identical re-release"
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        p = action.params
+        ctx.figures.setdefault("desired_before", ctx.fleet.desired())
+        version = release_copy(ctx, p["model"]) if p["version"] == "latest" else int(p["version"])
+        events = ctx.fleet.rollover(p["model"], version, p["strategy"], p["steps"], p["bake_s"])
+        final = events[-1] if events else {}
+        ctx.figures["rollout_status"] = final.get("status")
+        return {"model": p["model"], "version": version, "status": final.get("status"),
+                "events": [{k: e.get(k) for k in ("phase", "weight", "status", "ts_unix", "message")} for e in events]}
+
+    def rollback(self, ctx: Context) -> dict:
+        return restore_desired(ctx, ctx.spec.method[0].params["model"])
+
+
+class BadRollover(Fault):
+    name = "bad-rollover"
+    simulation = ("canary rollover of a version whose ONNX graph negates its scores (answers reversed: wrong), "
+                  "created by the drill; the control plane's golden-answer gate must roll it back")
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        p = action.params
+        ctx.figures.setdefault("desired_before", ctx.fleet.desired())
+        version = release_copy(ctx, p["model"], wrong=True)
+        try:
+            events = ctx.fleet.rollover(p["model"], version, "canary", p["steps"], p["bake_s"])
+        except FleetError as exc:  # refusing the version outright is also a safe outcome; recorded as such
+            events = [{"status": "refused", "message": str(exc)}]
+        rollout = ctx.fleet.rollout(p["model"])
+        ctx.figures["rolled_back"] = rollout.get("status") in ("rolled_back", "refused") or \
+            events[-1].get("status") in ("rolled_back", "refused")
+        ctx.figures["failed_gate"] = rollout.get("failed_gate")
+        return {"model": p["model"], "version": version, "rollout": {k: rollout.get(k) for k in
+                ("id", "status", "failed_gate", "failed_value", "threshold", "canary")},
+                "events": [{k: e.get(k) for k in ("phase", "weight", "status", "ts_unix", "message")} for e in events]}
+
+    def rollback(self, ctx: Context) -> dict:
+        return restore_desired(ctx, ctx.spec.method[0].params["model"])
+
+
+class ArtifactCorruption(Fault):
+    name = "artifact-corruption"
+    simulation = ("a re-release of the model is snapshotted, then bytes of its model file are flipped on disk; "
+                  "the rollover to it must be refused by the sha256 check and RestoreSnapshot must repair it")
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        p = action.params
+        ctx.figures.setdefault("desired_before", ctx.fleet.desired())
+        version = release_copy(ctx, p["model"])
+        snap = ctx.fleet.snapshot(f"drill {ctx.spec.name}")
+        target = ctx.repository / p["model"] / str(version) / "model.onnx"
+        data = bytearray(target.read_bytes())
+        mid = len(data) // 2
+        for k in range(min(p["flip_bytes"], len(data) - mid)):
+            data[mid + k] ^= 0xFF
+        target.write_bytes(bytes(data))
+        refused, why = False, ""
+        try:
+            events = ctx.fleet.rollover(p["model"], version, "canary", [100], 1.0)
+            why = f"rollover ran: {events[-1].get('status') if events else 'no events'}"
+            refused = bool(events) and events[-1].get("status") in ("failed", "rolled_back")
+        except FleetError as exc:
+            refused, why = "sha256" in str(exc).lower() or "verif" in str(exc).lower(), str(exc)
+        restore = ctx.fleet.restore(snap["id"])
+        verified = [v for v in ctx.fleet.list_versions(p["model"]) if int(v["version"]) == version]
+        ok_now = bool(verified) and bool(verified[0].get("verified"))
+        ctx.figures["repaired"] = refused and ok_now and any(str(target.name) in r for r in restore.get("repaired", []))
+        return {"model": p["model"], "version": version, "snapshot": snap.get("id"), "refused": refused,
+                "refusal": why[:300], "restore": restore, "verified_after_restore": ok_now}
+
+    def rollback(self, ctx: Context) -> dict:
+        return restore_desired(ctx, ctx.spec.method[0].params["model"])
+
+
+class ControlPlaneCrash(Fault):
+    name = "control-plane-crash"
+    simulation = ("SIGKILL of the control-plane process in the middle of a canary rollover (to a re-release), "
+                  "then a restart that must adopt the data path and finish or roll back the rollout")
+
+    def check(self, ctx: Context) -> str | None:
+        if ctx.control is None:
+            return "the control plane was not started by this drill run: it cannot be killed and restarted safely"
+        return None
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        p = action.params
+        ctx.figures.setdefault("desired_before", ctx.fleet.desired())
+        version = release_copy(ctx, p["model"])
+        box: dict[str, Any] = {}
+
+        def roll() -> None:
+            try:
+                box["events"] = ctx.fleet.rollover(p["model"], version, "canary", [50, 100], 3.0)
+            except FleetError as exc:
+                box["error"] = str(exc)
+
+        t = threading.Thread(target=roll, daemon=True)
+        t.start()
+        time.sleep(p["kill_after_s"])
+        killed_pid = ctx.control.kill()
+        t.join(10)
+        time.sleep(p["restart_after_s"])
+        ctx.control.start()
+        ctx.fleet.wait("rollout settled", lambda: ctx.fleet.rollout(p["model"]).get("status") not in ("running", ""),
+                       timeout_s=120)
+        rollout = ctx.fleet.rollout(p["model"])
+        return {"model": p["model"], "version": version, "killed_pid": killed_pid,
+                "stream": box.get("error", "completed before the kill"), "rollout_after_restart": rollout.get("status")}
+
+    def rollback(self, ctx: Context) -> dict:
+        out = {}
+        if ctx.control is not None and not ctx.control.alive():
+            ctx.control.start()
+            out["restarted"] = True
+        out.update(restore_desired(ctx, ctx.spec.method[0].params["model"]))
+        return out
+
+
+class NetworkPartition(Fault):
+    name = "network-partition"
+    simulation = "an instance in its own network namespace (veth to the host) with its link set down for the window"
+
+    def check(self, ctx: Context) -> str | None:
+        probe = f"rsdrill{os.getpid() % 100000}"
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+        if made.returncode != 0:
+            return f"network namespaces cannot be made here ({made.stderr.strip() or 'ip netns add failed'})"
+        subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
+        return ("the fleet starts every instance on host loopback; it has no instance inside a network namespace "
+                "for this fault to isolate (control plane has no netns placement yet)")
+
+
+FAULTS: dict[str, Fault] = {f.name: f for f in (Crash(), Hang(), GpuLost(), Overload(), Rollover(), BadRollover(),
+                                                  ArtifactCorruption(), ControlPlaneCrash(), NetworkPartition())}

@@ -1,0 +1,348 @@
+"""Run drills against a real fleet: probe + background load, timed faults, abort checks, rollbacks that
+always run, figures, verdict.
+
+Why one loop per drill with the fault in a worker thread: faults such as a rollover block for tens of
+seconds, while abort conditions must be watched every few hundred milliseconds; and whatever happens,
+the rollbacks in ``finally`` undo every fault that was injected.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from drills import timeline as tl
+from drills.background import Background, start_background
+from drills.capacity import capacity_rps
+from drills.faults import FAULTS, Context, process_state
+from drills.fleet import Fleet, FleetError
+from drills.journal import Journal
+from drills.probe import Case, Probe, Record, rematch, schedule
+from drills.spec import DrillSpec
+from drills.verdict import evaluate
+
+SETTLE_TIMEOUT_S = 120.0
+#: The golden requests (same as the control plane's deep health defaults; artifacts/golden.json wins).
+DEFAULT_CASES = (Case("recommend", 7, (11, 12, 13)), Case("search", None, (), "red running shoes"))
+
+
+@dataclass
+class Session:
+    """A fleet the drills may use: its API, repository, client endpoint, and the control plane process
+    when this run started it (only then can control-plane-crash kill and restart it)."""
+
+    fleet: Fleet
+    repository: Path
+    grpc_url: str
+    control: Any = None
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="recserve-drill-")))
+
+
+def golden_cases() -> list[Case]:
+    """One recommend and one search request from ``artifacts/golden.json`` when the build wrote it."""
+    try:
+        from control.golden import load_requests
+        from control.triton import REPO_ROOT
+
+        reqs = load_requests(REPO_ROOT / "artifacts" / "golden.json")
+    except Exception:
+        return list(DEFAULT_CASES)
+    r, s = reqs["recommend"], reqs["search"]
+    return [Case("recommend", int(r["user_id"]), tuple(r.get("history") or ())),
+            Case("search", s.get("user_id"), (), s["query"])]
+
+
+def answers(fleet: Fleet, cases: list[Case]) -> tuple[dict[str, set[tuple[int, ...]]], list[str]]:
+    """The answer of every healthy instance, asked directly (not through HAProxy); disagreements reported."""
+    from control.client import RecClient
+
+    out: dict[str, set[tuple[int, ...]]] = {}
+    notes = []
+    for inst in fleet.instances():
+        if inst.state != "healthy":
+            continue
+        try:
+            with RecClient(f"127.0.0.1:{inst.grpc_port}", timeout_s=5.0) as c:
+                for case in cases:
+                    res = c.recommend(case.user_id or 0, list(case.history)) if case.model == "recommend" \
+                        else c.search(case.query or "", case.user_id)
+                    out.setdefault(case.model, set()).add(tuple(res.item_ids))
+        except Exception as exc:
+            notes.append(f"{inst.id}: {exc}"[:200])
+    for model, got in out.items():
+        if len(got) > 1:
+            notes.append(f"instances disagree on {model}: {len(got)} different answers")
+    return out, notes
+
+
+def settle(fleet: Fleet, timeout_s: float = SETTLE_TIMEOUT_S) -> float | None:
+    """Seconds until every instance is healthy and no rollout runs (None: not within the timeout)."""
+    def ok() -> bool:
+        st = fleet.status(events=1)
+        insts = st.get("instances", [])
+        rollout = (st.get("active_rollout") or {}).get("status") or ""
+        return bool(insts) and all(i.get("state") == "healthy" for i in insts) and rollout in ("", "succeeded",
+                                                                                              "rolled_back", "failed")
+    return fleet.wait("fleet settled", ok, timeout_s, interval_s=0.3)
+
+
+def _fault_window(spec: DrillSpec, journal: Journal, t0: float) -> tuple[float, float]:
+    """Actual fault start (first injection) and end (last window end) in wall-clock seconds."""
+    injected = [a for a in journal.actions if a.kind == "method"]
+    start = min((a.started_at for a in injected), default=t0 + spec.fault_start_s)
+    ends = [a.ended_at for a in journal.actions if a.kind == "method-end" and a.ended_at]
+    inst_end = [start + (a.end_s - a.at_s) for a in spec.method]
+    end = max(ends + inst_end) if ends or inst_end else start
+    return start, end
+
+
+class DrillRun:
+    """One drill from steady-state check to verdict."""
+
+    def __init__(self, spec: DrillSpec, session: Session, log=print):
+        self.spec, self.s, self.log = spec, session, log
+        self.journal = Journal(spec.name)
+        self.records: list[Record] = []
+        self.faults = [FAULTS[a.fault] for a in spec.method]
+        self.ctx = Context(session.fleet, spec, self.journal, session.repository, session.workdir,
+                           control=session.control)
+        self.injected: list[int] = []
+        self.abort_reason: str | None = None
+
+    # ------------------------------------------------------------------ phases
+    def _skip_reason(self) -> str | None:
+        for f in dict.fromkeys(self.faults):
+            why = f.check(self.ctx)
+            if why:
+                return f"{f.name}: {why}"
+        return None
+
+    def _rate_fn(self):
+        segments = []
+        for a in self.spec.method:
+            if a.fault == "overload":
+                peak = a.params["factor"] * (self.ctx.capacity_rps or 0)
+                segments.append((a.at_s, a.at_s + a.duration_s, peak, a.params["ramp_s"]))
+        return schedule(self.spec.load.probe_rps, segments)
+
+    def _run_method(self, probe: Probe) -> None:
+        """Timed actions; windowed faults end on time; abort checks every 250 ms."""
+        spec, t0 = self.spec, probe.t0
+        pending = sorted(range(len(spec.method)), key=lambda i: spec.method[i].at_s)
+        workers: dict[int, threading.Thread] = {}
+        ends: dict[int, float] = {}
+        deadline = t0 + spec.load.duration_s + 120  # bounded even if a fault blocks
+        while time.time() < deadline:
+            now = time.time()
+            while pending and now - t0 >= spec.method[pending[0]].at_s:
+                i = pending.pop(0)
+                workers[i] = threading.Thread(target=self._inject, args=(i,), daemon=True)
+                workers[i].start()
+                if spec.method[i].fault in {"gpu-hang", "gpu-lost", "overload", "network-partition"}:
+                    ends[i] = now + spec.method[i].duration_s
+            for i, at in list(ends.items()):
+                if now >= at:
+                    del ends[i]
+                    self._end(i)
+            reason = tl.abort_reason(probe.snapshot(), now, spec.steady_state.slo_p99_ms, spec.abort.error_budget,
+                                     spec.abort.p99_ceiling_ms, spec.abort.p99_over_for_s, spec.abort.min_requests)
+            if reason and self.injected:
+                self.abort_reason = reason
+                self.journal.add("abort", "abort", "succeeded", {"reason": reason})
+                self.log(f"  abort: {reason}")
+                break
+            done = not pending and not ends and all(not w.is_alive() for w in workers.values())
+            if done and now - t0 >= spec.load.duration_s:
+                break
+            time.sleep(0.25)
+        for i in list(ends):
+            self._end(i)
+        probe.stop()
+        for w in workers.values():
+            w.join(60)
+
+    def _inject(self, i: int) -> None:
+        action = self.spec.method[i]
+        self.injected.append(i)
+        try:
+            with self.journal.action(action.fault, "method") as entry:
+                entry.detail.update(self.faults[i].inject(self.ctx, action))
+        except Exception as exc:
+            self.log(f"  fault {action.fault} failed: {exc}")
+
+    def _end(self, i: int) -> None:
+        action = self.spec.method[i]
+        try:
+            with self.journal.action(action.fault, "method-end") as entry:
+                entry.detail.update(self.faults[i].end(self.ctx, action))
+        except Exception as exc:
+            self.log(f"  ending {action.fault} failed: {exc}")
+
+    def _rollbacks(self) -> None:
+        """Every injected fault's rollback, newest first, each one even if another failed."""
+        names = list(self.spec.rollbacks) or ["(fault rollback)"]
+        for i in reversed(self.injected):
+            label = names[min(i, len(names) - 1)]
+            try:
+                with self.journal.action(label, "rollback") as entry:
+                    entry.detail.update(self.faults[i].rollback(self.ctx))
+            except Exception as exc:
+                self.log(f"  rollback {label} failed: {exc}")
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> dict:
+        spec, fleet = self.spec, self.s.fleet
+        self.log(f"drill {spec.name}: {spec.method[0].fault} at {spec.fault_start_s:.0f}s "
+                 f"of {spec.load.duration_s:.0f}s")
+        skip = self._skip_reason()
+        if skip:
+            self.journal.finish("skipped", skip)
+            self.log(f"  SKIP {skip}")
+            return self._result({}, status="skipped", reason=skip)
+        settled = settle(fleet)
+        if settled is None:
+            self.journal.finish("failed", "fleet not healthy before the drill")
+            return self._result({}, status="failed", reason="fleet not in steady state before the drill "
+                                f"(status: {fleet.status(events=5)})")
+        cases = golden_cases()
+        before_answers, notes = answers(fleet, cases)
+        self.ctx.figures["desired_before"] = fleet.desired()
+        if any(a.fault == "overload" for a in spec.method) or (spec.load.background and
+                                                                spec.load.background.rate_x_capacity):
+            self.ctx.capacity_rps, source = capacity_rps(self.s.grpc_url, "recommend", spec.steady_state.slo_p99_ms,
+                                                         self.s.workdir)
+            self.journal.add("capacity", "probe", "succeeded", {"capacity_rps": self.ctx.capacity_rps,
+                                                                "source": source})
+        bg: Background | None = None
+        probe = Probe(self.s.grpc_url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
+                      max_requests=int(spec.load.duration_s * 2000))
+        try:
+            if spec.load.background:
+                bg = start_background(spec.load.background, self.s.grpc_url, cases, spec.load.duration_s,
+                                      self.ctx.capacity_rps, self.s.workdir / spec.name)
+            probe.start()
+            self._run_method(probe)
+        finally:
+            probe.stop()
+            self.records = probe.join(30)
+            self._rollbacks()
+            bg_result = bg.finish() if bg else None
+        settle_s = settle(fleet)
+        after_answers, more = answers(fleet, cases)
+        acceptable = {m: before_answers.get(m, set()) | after_answers.get(m, set()) for m in
+                      set(before_answers) | set(after_answers)}
+        self.records = rematch(self.records, acceptable)
+        figures = self._figures(probe.t0 or self.journal.started_at, bg_result, settle_s)
+        figures["answers_notes"] = notes + more
+        status = "aborted" if self.abort_reason else "completed"
+        result = self._result(figures, status=status)
+        self.journal.finish(status, result["reason"])
+        return result
+
+    def _figures(self, t0: float, bg: dict | None, settle_s: float | None) -> dict:
+        spec, ss, recs = self.spec, self.spec.steady_state, self.records
+        t_end = t0 + spec.load.duration_s
+        f_start, f_end = _fault_window(spec, self.journal, t0)
+        ph = tl.phases(recs, t0, f_start, f_end, t_end, ss.slo_p99_ms)
+        for name, stats in ph.items():
+            self.journal.steady_state(name, stats, tl.steady_state_ok(stats, ss.slo_p99_ms, ss.error_rate_max))
+        failed = sum(not r.ok for r in recs)
+        wrong = sum(r.ok and r.matched is False for r in recs)
+        fig: dict[str, Any] = {
+            "fault_at_s": round(f_start - t0, 3), "fault_end_s": round(f_end - t0, 3),
+            "rto_ms": tl.rto_ms(recs, f_start, ss.slo_p99_ms, t_end),
+            "failed_requests": failed, "total_requests": len(recs), "wrong_answers": wrong,
+            "error_budget_used": tl.error_budget_used(failed, len(recs), ss.error_rate_max),
+            "p50_ms": {k: v["p50_ms"] for k, v in ph.items()},
+            "p99_ms": {k: v["p99_ms"] for k, v in ph.items()},
+            "throughput_rps": {k: v["throughput_rps"] for k, v in ph.items()},
+            "phases": ph, "settled_after_s": None if settle_s is None else round(settle_s, 2),
+            "statuses": _count(r.status for r in recs),
+        }
+        b, d = ph["before"]["p99_ms"], ph["during"]["p99_ms"]
+        fig["p99_during_ratio"] = round(d / b, 3) if b and d else None
+        target = self.ctx.figures.get("target")
+        fig["detection_ms"] = self._detection_ms(f_start, target) if target else None
+        if any(a.fault == "overload" for a in spec.method):
+            a = next(a for a in spec.method if a.fault == "overload")
+            hold = tl.window_stats(recs, f_start + a.params["ramp_s"], f_end, ss.slo_p99_ms)
+            cap = self.ctx.capacity_rps
+            fig.update(capacity_rps=cap, goodput_rps=hold["goodput_rps"], shed_rate=hold["shed_rate"],
+                       rejected_p99_ms=hold["rejected_p99_ms"], accepted_p99_ms=hold["p99_ms"],
+                       offered_rps=round(hold["total"] / max(hold["seconds"], 1e-9), 1),
+                       goodput_ratio=round(hold["goodput_rps"] / cap, 3) if cap else None)
+            rec_ms = tl.rto_ms(recs, f_end, ss.slo_p99_ms, t_end)
+            fig["recovered_after_s"] = None if rec_ms is None else rec_ms / 1000.0
+            before = self.ctx.figures.get("pids_before", {})
+            now = {i.id: i.pid for i in self.s.fleet.instances()}
+            fig["instances_alive"] = bool(before) and before == now and all(process_state(p) for p in now.values())
+        during_total = ph["during"]["total"]
+        fig["bad_share"] = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
+            if during_total else None
+        for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s"):
+            if key in self.ctx.figures:
+                fig[key] = self.ctx.figures[key]
+        ok, why = self.s.fleet.versions_consistent(self.s.repository)
+        fig["versions_consistent"], fig["versions_detail"] = ok, why
+        if bg is not None:
+            bg["covered_fault"] = bg["ended_at"] >= f_end
+            fig["background"] = bg
+            fig["background_clean"] = bg["exit_code"] == 0 and bg["covered_fault"]
+        fig["seconds"] = tl.per_second(recs, t0, t_end)
+        fig["marks"] = self._marks(t0, f_start, f_end)
+        return fig
+
+    def _detection_ms(self, fault_t: float, instance: str) -> float | None:
+        try:
+            evs = [e for e in self.s.fleet.events_since(fault_t, instance) if e.get("kind") == "detected"]
+        except FleetError:
+            return None
+        return round((float(evs[0]["ts_unix"]) - fault_t) * 1000.0, 1) if evs else None
+
+    def _marks(self, t0: float, f_start: float, f_end: float) -> list[tuple[float, str]]:
+        marks = [(f_start - t0, "fault"), (f_end - t0, "fault end")]
+        try:
+            for e in self.s.fleet.events_since(f_start):
+                if e.get("kind") in ("detected", "failover", "recovered", "rollout", "restart"):
+                    marks.append((float(e["ts_unix"]) - t0, f"{e['kind']} {e.get('instance', '')}".strip()))
+        except FleetError:
+            pass
+        return [(round(x, 2), text) for x, text in marks if x >= 0][:12]
+
+    def _result(self, figures: dict, status: str, reason: str = "") -> dict:
+        spec = self.spec
+        base = {"name": spec.name, "purpose": spec.purpose, "status": status, "fault": spec.method[0].fault,
+                "simulation": "; ".join(dict.fromkeys(f.simulation for f in self.faults)),
+                "slo_p99_ms": spec.steady_state.slo_p99_ms, "rto_ms": None, "detection_ms": None,
+                "failed_requests": 0, "total_requests": 0, "wrong_answers": 0,
+                "p99_ms": {"before": None, "during": None, "after": None}, "versions_consistent": None}
+        base.update(figures)
+        if status in ("skipped", "failed"):
+            base.update(passed=None if status == "skipped" else False, reason=reason, checks=[])
+            return base
+        passed, checks, why = evaluate(spec.expect, base)
+        if status == "aborted":
+            passed, why = False, f"aborted: {self.abort_reason}; {why}"
+        base.update(passed=passed, checks=checks, reason=why, deviated=self.journal.deviated)
+        return base
+
+
+def _count(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+def run_subprocess(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)

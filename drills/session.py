@@ -1,0 +1,154 @@
+"""Find the fleet the drills drive, or start one (and stop exactly what was started).
+
+Why a private fleet when none runs: drills kill processes and add model versions; on a fleet they
+started themselves (own state root, free ports, a copy of the model repository) nothing of anyone
+else's can be hit, and ``close`` takes down only that fleet.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from control.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
+from drills.fleet import Fleet, FleetError, read_token, recctl_status
+from drills.runner import Session
+
+START_TIMEOUT_S = 300.0
+
+
+class ControlPlaneProcess:
+    """The control plane as its own process (``python -m control.server``), so a drill can SIGKILL and restart
+    it; a restarted one adopts the running instances and HAProxy."""
+
+    def __init__(self, root: Path, repository: Path, grpc_port: int, http_port: int, control_port: int,
+                 metrics_port: int):
+        self.root, self.repository = root, repository
+        self.ports = {"grpc": grpc_port, "http": http_port, "control": control_port, "metrics": metrics_port}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ports['control']}"
+
+    def command(self) -> list[str]:
+        p = self.ports
+        return [sys.executable, "-m", "control.server", "--root", str(self.root), "--repository",
+                str(self.repository), "--grpc-port", str(p["grpc"]), "--http-port", str(p["http"]),
+                "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"])]
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "control-plane.log", "ab")
+        self.process = subprocess.Popen(self.command(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, env=dict(os.environ))
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise FleetError(f"control plane exited with {self.process.returncode}: {self.log_tail()}")
+            fleet = Fleet(self.address, read_token(self.root))
+            try:
+                st = fleet.status(events=1)
+                if st.get("instances") and all(i.get("state") == "healthy" for i in st["instances"]):
+                    return
+            except FleetError:
+                pass
+            finally:
+                fleet.close()
+            time.sleep(0.5)
+        raise FleetError(f"control plane not ready after {timeout_s:.0f}s: {self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> int | None:
+        """SIGKILL of the control-plane process only (its fleet keeps running): the drill's fault."""
+        if not self.alive():
+            return None
+        pid = self.process.pid
+        os.kill(pid, signal.SIGKILL)
+        self.process.wait(10)
+        return pid
+
+    def stop_everything(self) -> None:
+        """Fleet down through the control plane's own shutdown path, then make sure no process is left."""
+        subprocess.run([sys.executable, "-m", "control.recctl", "--root", str(self.root), "down"], cwd=REPO_ROOT,
+                       capture_output=True, timeout=120)
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        _kill_pidfiles(self.root)
+
+    def log_tail(self, n: int = 15) -> str:
+        p = self.root / "control-plane.log"
+        return " | ".join(p.read_text(errors="replace").splitlines()[-n:]) if p.exists() else "(no log)"
+
+
+def _kill_pidfiles(root: Path) -> None:
+    """Last resort after a failed shutdown: every pid file under our own root names a process we started."""
+    for pidfile in root.rglob("*.pid"):
+        try:
+            pid = int(pidfile.read_text().split()[0])
+            os.killpg(pid, signal.SIGKILL)
+        except (ValueError, IndexError, ProcessLookupError, PermissionError, OSError):
+            pass
+
+
+class FleetOwner:
+    """Context manager: a Session on a running fleet, or on a private one it starts and later stops."""
+
+    def __init__(self, control: str | None = None, repository: Path | None = None, private: bool = False,
+                 log=print):
+        self.control, self.repository, self.private, self.log = control, repository, private, log
+        self.started: ControlPlaneProcess | None = None
+        self.tmp: Path | None = None
+        self.session: Session | None = None
+
+    def __enter__(self) -> Session:
+        if self.control or not self.private:
+            st = None if self.control else recctl_status()
+            control = self.control or (st or {}).get("endpoints", {}).get("control")
+            if control:
+                fleet = Fleet(control, read_token())
+                grpc_url = fleet.endpoint("grpc")
+                self.log(f"using the running fleet: control {control}, clients {grpc_url}")
+                self.session = Session(fleet, self.repository or DEFAULT_REPOSITORY, grpc_url)
+                return self.session
+        self.tmp = Path(tempfile.mkdtemp(prefix="recserve-drills-"))
+        repo = self.tmp / "model_repository"
+        shutil.copytree(self.repository or DEFAULT_REPOSITORY, repo, symlinks=True)
+        self.started = ControlPlaneProcess(self.tmp / "runtime", repo, free_port(), free_port(), free_port(),
+                                           free_port())
+        self.log(f"starting a private fleet under {self.tmp} (control {self.started.address}) ...")
+        t = time.monotonic()
+        try:
+            self.started.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        self.log(f"fleet up in {time.monotonic() - t:.0f}s")
+        fleet = Fleet(self.started.address, read_token(self.started.root))
+        self.session = Session(fleet, repo, f"127.0.0.1:{self.started.ports['grpc']}", control=self.started,
+                               workdir=self.tmp / "work")
+        self.session.workdir.mkdir(parents=True, exist_ok=True)
+        return self.session
+
+    def __exit__(self, *exc: object) -> None:
+        if self.session is not None:
+            self.session.fleet.close()
+            shutil.rmtree(self.session.workdir, ignore_errors=True)
+        if self.started is not None:
+            self.log("stopping the private fleet ...")
+            self.started.stop_everything()
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
