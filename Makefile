@@ -52,3 +52,15 @@ lint:  setup ## ruff
 
 clean-runtime:  ## remove runtime state (.recserve/)
 	rm -rf .recserve
+
+# ---- drills (drills/): disaster-recovery drills against a real fleet; reports in reports/drills/latest
+.PHONY: drills drill-smoke drill
+drills: models  ## run every drill spec (drills/specs/*.yaml); summary table + reports/drills/latest
+	$(PY) -m drills run
+
+drill-smoke: models  ## crash, hang, overload, rollover-under-load (CI); prints the summary table
+	$(PY) -m drills smoke
+
+drill: models  ## one drill: make drill NAME=crash (list: python -m drills list)
+	@test -n "$(NAME)" || { echo "usage: make drill NAME=<drill>   (names: $(PY) -m drills list)"; exit 2; }
+	$(PY) -m drills run $(NAME)
