@@ -78,30 +78,49 @@ class ControlPlaneProcess:
         return pid
 
     def stop_everything(self) -> None:
-        """Fleet down through the control plane's own shutdown path, then make sure no process is left."""
-        subprocess.run([sys.executable, "-m", "control.recctl", "--root", str(self.root), "down"], cwd=REPO_ROOT,
-                       capture_output=True, timeout=120)
+        """Control plane first (it detaches, leaving the data path), then every instance and HAProxy it
+        started under our private root - found by pid file and killed only if its command line names that
+        root, so a reused pid can never hit someone else's process."""
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(60)
+                self.process.wait(30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        _kill_pidfiles(self.root)
+                self.process.wait(10)
+        for _ in range(3):
+            if not kill_owned(self.root, self.root.parent):
+                break
+            time.sleep(0.5)
 
     def log_tail(self, n: int = 15) -> str:
         p = self.root / "control-plane.log"
         return " | ".join(p.read_text(errors="replace").splitlines()[-n:]) if p.exists() else "(no log)"
 
 
-def _kill_pidfiles(root: Path) -> None:
-    """Last resort after a failed shutdown: every pid file under our own root names a process we started."""
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def kill_owned(root: Path, marker: Path) -> list[int]:
+    """SIGKILL the process group of every pid file under ``root`` whose process mentions ``marker``."""
+    killed = []
     for pidfile in root.rglob("*.pid"):
         try:
             pid = int(pidfile.read_text().split()[0])
-            os.killpg(pid, signal.SIGKILL)
-        except (ValueError, IndexError, ProcessLookupError, PermissionError, OSError):
-            pass
+        except (ValueError, IndexError, OSError):
+            continue
+        if pid > 1 and str(marker) in _cmdline(pid):
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            killed.append(pid)
+    return killed
 
 
 class FleetOwner:
