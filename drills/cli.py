@@ -35,6 +35,10 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--control", help="control plane host:port of a running fleet (default: find one with "
                        "recctl status, else start a private one)")
         r.add_argument("--private", action="store_true", help="always start a private fleet, even if one runs")
+        r.add_argument("--repository", type=Path, help="model repository for a private fleet (default: "
+                       "model_repository/, copied)")
+        r.add_argument("--fixture-models", action="store_true", help="private fleet on small synthetic models "
+                       "(for checking the drills before the training build has run)")
         r.add_argument("--reports", type=Path, default=report.REPORTS_ROOT, help="reports root (default %(default)s)")
     return p
 
@@ -66,7 +70,8 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
     results, journals, records = [], {}, {}
     run_dir = report.new_run_dir(args.reports)
     try:
-        with FleetOwner(args.control, private=args.private, log=console.print) as session:
+        with FleetOwner(args.control, args.repository, private=args.private, fixture_models=args.fixture_models,
+                        log=console.print) as session:
             for spec in specs:
                 run = DrillRun(spec, session, log=console.print)
                 try:

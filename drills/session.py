@@ -127,14 +127,15 @@ class FleetOwner:
     """Context manager: a Session on a running fleet, or on a private one it starts and later stops."""
 
     def __init__(self, control: str | None = None, repository: Path | None = None, private: bool = False,
-                 log=print):
+                 fixture_models: bool = False, log=print):
         self.control, self.repository, self.private, self.log = control, repository, private, log
+        self.fixture_models = fixture_models
         self.started: ControlPlaneProcess | None = None
         self.tmp: Path | None = None
         self.session: Session | None = None
 
     def __enter__(self) -> Session:
-        if self.control or not self.private:
+        if self.control or not (self.private or self.fixture_models):
             st = None if self.control else recctl_status()
             control = self.control or (st or {}).get("endpoints", {}).get("control")
             if control:
@@ -145,7 +146,13 @@ class FleetOwner:
                 return self.session
         self.tmp = Path(tempfile.mkdtemp(prefix="recserve-drills-"))
         repo = self.tmp / "model_repository"
-        shutil.copytree(self.repository or DEFAULT_REPOSITORY, repo, symlinks=True)
+        if self.fixture_models:
+            from drills.fixture_models import make_repository
+
+            make_repository(self.repository or DEFAULT_REPOSITORY, repo)
+            self.log("models: synthetic fixture models (drills/fixture_models.py), not the trained build")
+        else:
+            shutil.copytree(self.repository or DEFAULT_REPOSITORY, repo, symlinks=True)
         self.started = ControlPlaneProcess(self.tmp / "runtime", repo, free_port(), free_port(), free_port(),
                                            free_port())
         self.log(f"starting a private fleet under {self.tmp} (control {self.started.address}) ...")
