@@ -1,0 +1,78 @@
+"""Pure computations on measured load points: saturation, capacity under an SLO, ratios.
+
+Kept free of I/O so the unit tests can feed recorded perf_analyzer output and check the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from perf.analyzer import Row
+
+DEFAULT_SLO_MS = 50.0
+#: A rate point only counts as served when the achieved throughput reaches this share of the offered rate.
+KEEP_UP = 0.9
+
+
+def saturation(rows: Iterable[Row]) -> float:
+    """Highest measured throughput (inferences/s) of a sweep; 0 for an empty sweep."""
+    return max((r.infer_per_sec for r in rows), default=0.0)
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Highest offered request rate whose p99 stayed under the SLO while the server kept up."""
+
+    capacity_rps: float
+    slo_ms: float
+    p99_ms_at_capacity: float | None
+    first_violation_rps: float | None
+    reason: str
+
+
+def capacity(points: Iterable[Row], slo_ms: float = DEFAULT_SLO_MS, keep_up: float = KEEP_UP) -> Capacity:
+    """Capacity from a request-rate sweep (rows carry ``request_rate``).
+
+    A rate passes when p99 <= SLO and achieved >= ``keep_up`` x offered. Capacity is the highest rate
+    that passes below the first failing rate: a pass above a failure is noise, not capacity.
+    """
+    rows = sorted((r for r in points if r.request_rate is not None), key=lambda r: r.request_rate or 0.0)
+    if not rows:
+        return Capacity(0.0, slo_ms, None, None, "no request-rate points were measured")
+    best: Row | None = None
+    for r in rows:
+        rate = r.request_rate or 0.0
+        too_slow = r.p99_ms > slo_ms
+        behind = r.infer_per_sec < keep_up * rate
+        if too_slow or behind:
+            why = (
+                f"p99 {r.p99_ms:.1f} ms > SLO {slo_ms:.0f} ms"
+                if too_slow
+                else (f"served {r.infer_per_sec:.0f}/s of {rate:.0f}/s offered")
+            )
+            if best is None:
+                return Capacity(0.0, slo_ms, None, rate, f"the lowest rate measured already failed: {why}")
+            return Capacity(
+                best.request_rate or 0.0, slo_ms, best.p99_ms, rate, f"next rate {rate:.0f}/s failed: {why}"
+            )
+        best = r
+    assert best is not None
+    return Capacity(
+        best.request_rate or 0.0, slo_ms, best.p99_ms, None, "every measured rate passed (capacity is a lower bound)"
+    )
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    """``numerator / denominator``, or None when the denominator is missing (a run failed)."""
+    if not denominator or numerator is None:
+        return None
+    return numerator / denominator
+
+
+def rate_ladder(
+    saturation_ips: float, fractions: Iterable[float], batch_size: int = 1, floor: float = 1.0
+) -> list[float]:
+    """Request rates to probe for capacity, as fractions of the measured saturation throughput."""
+    per_request = saturation_ips / max(1, batch_size)
+    return sorted({max(floor, round(per_request * f)) for f in fractions})

@@ -1,0 +1,172 @@
+"""Server-side figures for a run: Triton metric deltas (queue/compute per model) and peak RSS.
+
+Why deltas: Triton's counters are cumulative since start, so a run's own queue and compute time is the
+difference of two scrapes divided by the requests that succeeded in between. Why sampling RSS: the
+Python backend runs every model instance in its own stub process, so tritonserver's RSS alone hides
+most of the memory; we sample the whole process tree during the run and keep the peaks.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import urllib.request
+from dataclasses import dataclass, field
+
+import psutil
+
+_LINE = re.compile(r"^(nv_[a-z_]+)\{([^}]*)\}\s+([0-9.eE+-]+)$")
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+COUNTERS = (
+    "nv_inference_request_success",
+    "nv_inference_request_failure",
+    "nv_inference_count",
+    "nv_inference_exec_count",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_input_duration_us",
+    "nv_inference_compute_infer_duration_us",
+    "nv_inference_compute_output_duration_us",
+)
+
+
+def parse_metrics(text: str) -> dict[str, dict[str, float]]:
+    """model -> counter -> value (summed over versions and failure reasons)."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        m = _LINE.match(line.strip())
+        if not m or m.group(1) not in COUNTERS:
+            continue
+        labels = dict(_LABEL.findall(m.group(2)))
+        model = labels.get("model")
+        if model is None:
+            continue
+        per = out.setdefault(model, {})
+        per[m.group(1)] = per.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+def scrape(url: str, timeout_s: float = 2.0) -> dict[str, dict[str, float]]:
+    """One scrape of Triton's Prometheus endpoint; empty when it is unreachable (figures then read 0)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return parse_metrics(resp.read().decode(errors="replace"))
+    except OSError:
+        return {}
+
+
+@dataclass
+class ModelServerFigures:
+    """Per-model server-side figures over one run."""
+
+    requests: float
+    failures: float
+    executions: float
+    inferences: float
+    queue_us: float
+    compute_infer_us: float
+    compute_input_us: float
+    compute_output_us: float
+
+    @property
+    def avg_batch(self) -> float:
+        """Inferences per model execution: how much dynamic batching actually batched."""
+        return self.inferences / self.executions if self.executions else 0.0
+
+
+def deltas(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, ModelServerFigures]:
+    """Per-model averages between two scrapes (per successful request; 0 when none)."""
+    out = {}
+    for model, now in after.items():
+        then = before.get(model, {})
+
+        def d(key: str, now: dict[str, float] = now, then: dict[str, float] = then) -> float:
+            return max(0.0, now.get(key, 0.0) - then.get(key, 0.0))
+
+        ok = d("nv_inference_request_success")
+        if ok == 0 and d("nv_inference_request_failure") == 0:
+            continue
+        per = ok or 1.0
+        out[model] = ModelServerFigures(
+            requests=ok,
+            failures=d("nv_inference_request_failure"),
+            executions=d("nv_inference_exec_count"),
+            inferences=d("nv_inference_count"),
+            queue_us=d("nv_inference_queue_duration_us") / per,
+            compute_infer_us=d("nv_inference_compute_infer_duration_us") / per,
+            compute_input_us=d("nv_inference_compute_input_duration_us") / per,
+            compute_output_us=d("nv_inference_compute_output_duration_us") / per,
+        )
+    return out
+
+
+def _is_stub(proc: psutil.Process) -> bool:
+    """Python backend stub (its comm is truncated to 'triton_python_b', so look at argv[0] too)."""
+    try:
+        argv0 = (proc.cmdline() or [""])[0]
+    except (psutil.AccessDenied, psutil.ZombieProcess, psutil.NoSuchProcess):
+        argv0 = ""
+    return "stub" in argv0 or proc.name().startswith("triton_python")
+
+
+@dataclass
+class RssPeaks:
+    """Peak resident memory (MiB) of the server process and of its Python backend stubs."""
+
+    server_mib: float = 0.0
+    stubs_mib: float = 0.0
+    stub_count: int = 0
+    total_mib: float = 0.0
+
+
+@dataclass
+class RssSampler:
+    """Samples process trees' RSS (one per tritonserver) in a background thread; keeps the peaks."""
+
+    pids: list[int]
+    interval_s: float = 0.2
+    peaks: RssPeaks = field(default_factory=RssPeaks)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        server = stub_rss = 0
+        stubs: list[psutil.Process] = []
+        for pid in self.pids:
+            try:
+                root = psutil.Process(pid)
+                server += root.memory_info().rss
+                mine = [c for c in root.children(recursive=True) if _is_stub(c)]
+                stub_rss += sum(c.memory_info().rss for c in mine)
+                stubs += mine
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if server == 0:
+            return
+        mib = 1024 * 1024
+        p = self.peaks
+        p.server_mib = max(p.server_mib, server / mib)
+        p.stubs_mib = max(p.stubs_mib, stub_rss / mib)
+        p.stub_count = max(p.stub_count, len(stubs))
+        p.total_mib = max(p.total_mib, (server + stub_rss) / mib)
+
+    def reset(self) -> RssPeaks:
+        """Start a new peak window (per load point); returns the window that ended."""
+        ended, self.peaks = self.peaks, RssPeaks()
+        self.sample()
+        return ended
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> RssSampler:
+        self.sample()
+        self._thread = threading.Thread(target=self._loop, name="rss-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=2)
+        self.sample()

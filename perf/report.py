@@ -1,0 +1,189 @@
+"""Writes a run's report: report.json (the record), report.md (summary + plots), PNG plots.
+
+Kept separate from the runner so a partial document (a run that failed half way) renders the same way
+and the tests can render recorded documents without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports" / "perf"
+
+
+def new_run_dir(base: Path = REPORTS_DIR) -> Path:
+    """``reports/perf/<UTC timestamp>/`` (created), unique even for two runs in one second."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = base / stamp
+    n = 1
+    while path.exists():
+        n += 1
+        path = base / f"{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def link_latest(run_dir: Path) -> Path:
+    """Point ``<base>/latest`` at ``run_dir`` atomically (a relative link, so the tree can move)."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / f".latest-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)
+    return link
+
+
+def curves(doc: dict) -> dict[str, list[dict]]:
+    """Successful runs grouped per curve (target + variant + path + mode), ordered by load."""
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in doc.get("runs", []):
+        if r.get("error"):
+            continue
+        out[f"{r['target']} [{r['variant']}, {r['via']}, {r['mode']}]"].append(r)
+    return {k: sorted(v, key=lambda r: r["value"]) for k, v in out.items()}
+
+
+def plot(doc: dict, out_dir: Path) -> list[Path]:
+    """One PNG per target: throughput vs p50/p99 latency, each curve labelled, SLO drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_target: dict[str, dict[str, list[dict]]] = defaultdict(dict)
+    for name, runs in curves(doc).items():
+        by_target[runs[0]["target"]][name] = runs
+    paths = []
+    for target, series in sorted(by_target.items()):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, runs in series.items():
+            x = [r["infer_per_sec"] for r in runs]
+            label = name.split(" ", 1)[1]
+            ax.plot(x, [r["p99_ms"] for r in runs], "o-", label=f"p99 {label}")
+            ax.plot(x, [r["p50_ms"] for r in runs], "x--", label=f"p50 {label}")
+        ax.axhline(doc.get("slo_ms", 50), color="red", lw=0.8, ls=":", label=f"SLO {doc.get('slo_ms', 50):g} ms")
+        ax.set_xlabel("throughput (inferences/s)")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{target}: throughput vs latency")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{target.replace('/', '_')}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _fmt(v: object, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(doc: dict, plots: list[Path]) -> str:
+    """report.md: ratios, capacity, per-point table, errors, plots."""
+    v = doc.get("versions", {})
+    lines = [
+        f"# recserve perf report: suite `{doc.get('suite')}`",
+        "",
+        f"Started {doc.get('started')} - finished {doc.get('finished')} ({doc.get('wall_s', '?')} s). "
+        f"Triton {v.get('server', '?')}, tritonclient/perf_analyzer {v.get('client', '?')}, "
+        f"onnxruntime {v.get('onnxruntime', '?')}, {v.get('host', {}).get('cpus', '?')} CPUs. "
+        f"SLO p99 <= {doc.get('slo_ms')} ms. Payloads: {doc.get('payloads', {}).get('source', '?')}.",
+        "",
+        "## Ratios (measured side by side in this run)",
+        "",
+        "| ratio | value | target | detail |",
+        "|---|---|---|---|",
+    ]
+    for name, r in doc.get("ratios", {}).items():
+        if r.get("skipped"):
+            lines.append(f"| {name} | skipped | | {r['skipped']} |")
+            continue
+        detail = ", ".join(
+            f"{k}={_fmt(x, 1)}"
+            for k, x in r.items()
+            if k.endswith("per_sec") or k in ("model", "batch_size", "threads")
+        )
+        ok = r.get("meets_target")
+        tgt = f">= {r['target']}" + (" ok" if ok else " MISSED" if ok is False else "") if r.get("target") else ""
+        lines.append(f"| {name} | {_fmt(r.get('value'))} | {tgt} | {detail} |")
+    lines += [
+        "",
+        "## Capacity (highest request rate with p99 under the SLO)",
+        "",
+        "| target | model | via | capacity_rps | p99 at capacity (ms) | why it stops |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, c in doc.get("capacity", {}).items():
+        lines.append(
+            f"| {name} | {c['model']} | {c['via']} | {_fmt(c['capacity_rps'], 0)} | "
+            f"{_fmt(c.get('p99_ms_at_capacity'), 1)} | {c['reason']} |"
+        )
+    lines += [
+        "",
+        "## Load points",
+        "",
+        "| target | variant | via | mode | load | infer/s | p50 ms | p99 ms | server queue us | server compute us "
+        "| avg batch | peak RSS MiB (server + stubs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc.get("runs", []):
+        if r.get("error"):
+            lines.append(
+                f"| {r['target']} | {r['variant']} | {r['via']} | {r['mode']} | {r['value']:g} | error | | | | | | |"
+            )
+            continue
+        srv = r.get("server", {}).get(r["model"], {})
+        rss = r.get("rss_mib", {})
+        lines.append(
+            f"| {r['target']} | {r['variant']} | {r['via']} | {r['mode']} | {r['value']:g} | "
+            f"{r['infer_per_sec']:.1f} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {_fmt(srv.get('queue_us'), 0)} | "
+            f"{_fmt(srv.get('compute_infer_us'), 0)} | {_fmt(srv.get('avg_batch'), 2)} | "
+            f"{_fmt(rss.get('server_mib'), 0)} + {_fmt(rss.get('stubs_mib'), 0)} ({rss.get('stub_count', 0)} stubs) |"
+        )
+    if doc.get("inprocess"):
+        lines += [
+            "",
+            "## In-process onnxruntime reference",
+            "",
+            "| model | batch | threads | infer/s | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in doc["inprocess"]:
+            lines.append(
+                f"| {r['model']} | {r['batch_size']} | {r['threads']} | {r['infer_per_sec']:.1f} | "
+                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+            )
+    if doc.get("skipped"):
+        lines += ["", "## Skipped", ""] + [f"- {s}" for s in doc["skipped"]]
+    if doc.get("errors"):
+        lines += ["", "## Errors (partial results above)", ""] + [f"- {e}" for e in doc["errors"]]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "Raw perf_analyzer CSVs and logs: `csv/`; payloads: `inputs/`; server log: `server/`.", ""]
+    return "\n".join(lines)
+
+
+def write(doc: dict, out_dir: Path) -> dict[str, Path]:
+    """Write report.json, PNG plots and report.md into ``out_dir``; plotting errors never lose the JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json"}
+    paths["json"].write_text(json.dumps(doc, indent=2, default=str))
+    try:
+        plots = plot(doc, out_dir)
+    except Exception as exc:  # a broken plot must not cost the report
+        doc.setdefault("errors", []).append(f"plotting failed: {exc}")
+        plots = []
+    paths["md"] = out_dir / "report.md"
+    paths["md"].write_text(markdown(doc, plots))
+    return paths

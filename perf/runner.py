@@ -1,0 +1,488 @@
+"""Runs a suite: servers up, load points measured, ratios side by side, everything stopped, report written.
+
+The report is written in ``finally``: a failed target, a dead server or Ctrl-C still leaves the runs
+that finished (and the error, quoting perf_analyzer) in ``report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+
+from rich.console import Console
+
+from control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, tensorrt_available, top_level_models
+from perf import analyzer, figures, inprocess, inputs, metrics, report
+from perf.suite import RatioSpec, Suite, Target
+from perf.targets import Endpoint, LocalProxy, Unavailable, check_models, direct, fleet, start_server
+
+console = Console(stderr=True, width=200)
+ONNX_MODELS = ("retrieval", "ranker", "search_model")
+#: Stop a concurrency sweep once p99 passes this multiple of the SLO: higher points only queue.
+SWEEP_CUTOFF = 3.0
+
+
+@dataclass
+class RunRecord:
+    """One load point as it goes into report.json."""
+
+    target: str
+    model: str
+    via: str
+    mode: str
+    value: float
+    batch_size: int
+    variant: str = "committed"
+    infer_per_sec: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    requests: int = 0
+    client_queue_us: float = 0.0
+    client_compute_us: float = 0.0
+    server: dict = field(default_factory=dict)
+    rss_mib: dict = field(default_factory=dict)
+    csv: str = ""
+    error: str | None = None
+
+    def row(self) -> analyzer.Row:
+        """Back to the analyzer's row type, for the figure functions."""
+        return analyzer.Row(
+            infer_per_sec=self.infer_per_sec,
+            p50_us=self.p50_ms * 1000,
+            p90_us=self.p90_ms * 1000,
+            p95_us=self.p99_ms * 1000,
+            p99_us=self.p99_ms * 1000,
+            concurrency=self.value if self.mode == "concurrency" else None,
+            request_rate=self.value if self.mode == "rate" else None,
+        )
+
+
+@dataclass
+class Session:
+    """State of one suite run; ``doc()`` is report.json."""
+
+    suite: Suite
+    out_dir: Path
+    repository: Path = DEFAULT_REPOSITORY
+    data_dir: Path = inputs.DEFAULT_DATA
+    runs: list[RunRecord] = field(default_factory=list)
+    ratios: dict[str, dict] = field(default_factory=dict)
+    capacity: dict[str, dict] = field(default_factory=dict)
+    inprocess: list[dict] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+    payloads: dict = field(default_factory=dict)
+    started: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    _rate_estimate: dict[str, float] = field(default_factory=dict)
+    _files: dict[str, Path] = field(default_factory=dict)
+    _rows: dict[str, list] = field(default_factory=dict)
+    _sampler: metrics.RssSampler | None = None
+
+    # ------------------------------------------------------------------ payloads
+    def prepare_payloads(self, models: list[str]) -> None:
+        """perf_analyzer --input-data JSON per model from the generated data (synthetic fallback)."""
+        try:
+            corpus = inputs.load_corpus(self.data_dir)
+        except inputs.InputError as exc:
+            console.print(f"[yellow]{exc}; using the project's generator for payloads[/]")
+            corpus = inputs.synthetic_corpus(self.out_dir / "data")
+        self.payloads["source"] = corpus.source
+        for m in models:
+            recipe = m.removesuffix("_trt")
+            if recipe not in inputs.TARGETS:
+                self.errors.append(f"no payload recipe for model '{m}'")
+                continue
+            rows = inputs.samples(recipe, corpus, self.suite.payload_rows)
+            self._rows[m] = rows
+            self._files[m] = inputs.write_input_data(
+                rows, self.out_dir / "inputs" / f"{m}.json", inputs.VARIABLE_INPUTS.get(recipe, ())
+            )
+            if recipe == "recommend":
+                self.payloads["recommend_history_length"] = inputs.history_lengths(rows)
+        self.payloads["rows_per_model"] = self.suite.payload_rows
+
+    # ------------------------------------------------------------------ one load point
+    def measure(
+        self,
+        ep: Endpoint,
+        target: str,
+        model: str,
+        mode: str,
+        value: float,
+        batch_size: int,
+        variant: str = "committed",
+    ) -> RunRecord:
+        """One perf_analyzer run with metric deltas and peak RSS around it; errors land in the record."""
+        rec = RunRecord(target, model, ep.via, mode, value, batch_size, variant)
+        seconds = self.suite.seconds_per_point
+        if mode == "rate":
+            count = max(20, int(value * seconds))
+        else:
+            count = max(20, int(self._rate_estimate.get(model, 100.0) * seconds))
+        tag = f"{target}_{variant}_{ep.via}_{mode}{value:g}".replace("/", "_")
+        csv_path = self.out_dir / "csv" / f"{tag}.csv"
+        point = analyzer.LoadPoint(
+            model,
+            ep.grpc_url,
+            mode,
+            value,
+            batch_size=batch_size,
+            input_data=self._files.get(model),
+            request_count=count,
+            timeout_s=max(60.0, seconds * 20),
+        )
+        before = [metrics.scrape(u) for u in ep.metrics_urls]
+        if self._sampler:
+            self._sampler.reset()
+        try:
+            row = analyzer.run(point, csv_path)
+        except (analyzer.PerfAnalyzerError, ValueError) as exc:
+            rec.error = str(exc)
+            self.errors.append(f"{target} [{variant}, {ep.via}, {mode} {value:g}]: {exc}")
+            console.print(f"  [red]{target} {mode} {value:g}: {exc}[/]")
+            self.runs.append(rec)
+            return rec
+        after = [metrics.scrape(u) for u in ep.metrics_urls]
+        server: dict[str, dict] = {}
+        for b, a in zip(before, after, strict=True):
+            for name, figs in metrics.deltas(b, a).items():
+                server[name] = asdict(figs) | {"avg_batch": round(figs.avg_batch, 2)}
+        rec.infer_per_sec = round(row.infer_per_sec, 2)
+        rec.p50_ms, rec.p90_ms, rec.p99_ms = (round(x / 1000, 3) for x in (row.p50_us, row.p90_us, row.p99_us))
+        rec.requests = row.requests
+        rec.client_queue_us, rec.client_compute_us = row.server_queue_us, row.server_compute_infer_us
+        rec.server = server
+        rec.rss_mib = asdict(self._sampler.peaks) if self._sampler else {}
+        rec.csv = str(csv_path.relative_to(self.out_dir))
+        if mode == "concurrency":  # requests/s seen last: sizes the next point to about seconds_per_point
+            self._rate_estimate[model] = max(10.0, row.infer_per_sec / batch_size)
+        console.print(
+            f"  {target:<24} {variant:<20} {ep.via:<8} {mode:<11} {value:>7g}  "
+            f"{rec.infer_per_sec:>9.1f} infer/s  p50 {rec.p50_ms:7.2f} ms  p99 {rec.p99_ms:7.2f} ms"
+        )
+        self.runs.append(rec)
+        return rec
+
+    def sweep(
+        self,
+        ep: Endpoint,
+        target: str,
+        model: str,
+        values: tuple[int, ...],
+        batch_size: int,
+        variant: str = "committed",
+    ) -> list[RunRecord]:
+        """Concurrency sweep, stopped at the first error or once p99 is far past the SLO."""
+        out = []
+        for c in values:
+            rec = self.measure(ep, target, model, "concurrency", c, batch_size, variant)
+            out.append(rec)
+            if rec.error or rec.p99_ms > SWEEP_CUTOFF * self.suite.slo_ms:
+                break
+        return [r for r in out if not r.error]
+
+    # ------------------------------------------------------------------ targets
+    def run_target(self, t: Target, ep: Endpoint) -> None:
+        conc = self.sweep(ep, t.name, t.model, t.concurrency, t.batch_size) if t.concurrency else []
+        rates = list(t.rate)
+        if t.capacity and conc:
+            rates = sorted(
+                set(rates)
+                | set(figures.rate_ladder(figures.saturation(r.row() for r in conc), t.capacity, t.batch_size))
+            )
+        rate_rows = []
+        for r in rates:
+            rec = self.measure(ep, t.name, t.model, "rate", r, t.batch_size)
+            if rec.error:
+                break
+            rate_rows.append(rec.row())
+            if rec.p99_ms > self.suite.slo_ms or rec.infer_per_sec < figures.KEEP_UP * r * t.batch_size:
+                break  # past capacity: higher rates only add queueing
+        if rate_rows:
+            cap = figures.capacity(
+                [analyzer.Row(**{**asdict(x), "infer_per_sec": x.infer_per_sec / t.batch_size}) for x in rate_rows],
+                self.suite.slo_ms,
+            )
+            self.capacity[t.name] = {"model": t.model, "via": t.via, **asdict(cap)}
+
+    # ------------------------------------------------------------------ ratios
+    def served_vs_inprocess(self, spec: RatioSpec, ep: Endpoint) -> None:
+        served_best, inproc_best, detail = 0.0, 0.0, []
+        for rnd in range(spec.rounds):
+            ref = inprocess.measure(
+                self.repository / spec.model, self._rows[spec.model], spec.batch_size, self.suite.inprocess_seconds
+            )
+            self.inprocess.append(asdict(ref))
+            console.print(
+                f"  in-process {spec.model:<13} batch {spec.batch_size:<3} threads {ref.threads}  "
+                f"{ref.infer_per_sec:>9.1f} infer/s  p50 {ref.p50_ms:7.2f} ms  p99 {ref.p99_ms:7.2f} ms"
+            )
+            served = self.sweep(ep, f"{spec.model}-served", spec.model, spec.concurrency, spec.batch_size)
+            sat = figures.saturation(r.row() for r in served)
+            served_best, inproc_best = max(served_best, sat), max(inproc_best, ref.infer_per_sec)
+            detail.append(
+                {
+                    "round": rnd + 1,
+                    "served_infer_per_sec": round(sat, 1),
+                    "inprocess_infer_per_sec": round(ref.infer_per_sec, 1),
+                }
+            )
+        self._ratio(
+            "served_vs_inprocess",
+            figures.ratio(served_best, inproc_best),
+            0.7,
+            spec,
+            {
+                "served_infer_per_sec": round(served_best, 1),
+                "inprocess_infer_per_sec": round(inproc_best, 1),
+                "threads": ref.threads,
+                "rounds": detail,
+            },
+        )
+
+    def haproxy_vs_direct(self, spec: RatioSpec, ep: Endpoint, proxied: Endpoint | None, why: str) -> None:
+        if proxied is None:
+            self._skip("haproxy_vs_direct", why)
+            return
+        best = {"direct": 0.0, "haproxy": 0.0}
+        for _ in range(spec.rounds):
+            for c in spec.concurrency:  # interleaved: both paths see the same background noise
+                for side, e in (("direct", ep), ("haproxy", proxied)):
+                    rec = self.measure(e, f"{spec.model}-{side}", spec.model, "concurrency", c, spec.batch_size)
+                    if not rec.error:
+                        best[side] = max(best[side], rec.infer_per_sec)
+        self._ratio(
+            "haproxy_vs_direct",
+            figures.ratio(best["haproxy"], best["direct"]),
+            0.9,
+            spec,
+            {
+                "haproxy_infer_per_sec": round(best["haproxy"], 1),
+                "direct_infer_per_sec": round(best["direct"], 1),
+                "path": proxied.detail,
+            },
+        )
+
+    def dynamic_batching_gain(self, spec: RatioSpec, ep: Endpoint, server: TritonServer) -> None:
+        committed = json.loads(server._request("GET", f"/v2/models/{spec.model}/config")[1] or b"{}")
+        if "dynamic_batching" not in committed:
+            self._skip("dynamic_batching_gain", f"'{spec.model}' has no dynamic_batching in its committed config")
+            return
+        without = copy.deepcopy(committed)
+        without.pop("dynamic_batching")
+        best = {"committed": 0.0, "no_dynamic_batching": 0.0}
+        try:
+            for _ in range(spec.rounds):
+                for variant, cfg in (("no_dynamic_batching", without), ("committed", None)):
+                    server.load_model(spec.model, cfg)
+                    rows = self.sweep(
+                        ep, f"{spec.model}-batching", spec.model, spec.concurrency, spec.batch_size, variant
+                    )
+                    best[variant] = max(best[variant], figures.saturation(r.row() for r in rows))
+        finally:
+            server.load_model(spec.model)  # back to the committed file
+        self._ratio(
+            "dynamic_batching_gain",
+            figures.ratio(best["committed"], best["no_dynamic_batching"]),
+            None,
+            spec,
+            {
+                "with_infer_per_sec": round(best["committed"], 1),
+                "without_infer_per_sec": round(best["no_dynamic_batching"], 1),
+            },
+        )
+
+    def trt_vs_onnx(self, spec: RatioSpec, ep: Endpoint, loadable: list[str]) -> None:
+        trt = f"{spec.model}_trt"
+        if trt not in loadable:
+            self._skip("trt_vs_onnx", f"'{trt}' is not built/loadable on this host")
+            return
+        sat = {}
+        for m in (spec.model, trt):
+            rows = self.sweep(ep, f"{m}-trt-vs-onnx", m, spec.concurrency, spec.batch_size)
+            sat[m] = figures.saturation(r.row() for r in rows)
+        self._ratio(
+            "trt_vs_onnx",
+            figures.ratio(sat[trt], sat[spec.model]),
+            None,
+            spec,
+            {"trt_infer_per_sec": round(sat[trt], 1), "onnx_infer_per_sec": round(sat[spec.model], 1)},
+        )
+
+    def _ratio(self, name: str, value: float | None, target: float | None, spec: RatioSpec, detail: dict) -> None:
+        self.ratios[name] = {
+            "value": None if value is None else round(value, 3),
+            "target": target,
+            "meets_target": None if value is None or target is None else value >= target,
+            "model": spec.model,
+            "batch_size": spec.batch_size,
+            "concurrency": list(spec.concurrency),
+            **detail,
+        }
+        shown = "n/a (a side failed)" if value is None else f"{value:.3f}"
+        console.print(f"[bold]{name}[/] = {shown}" + (f" (target >= {target})" if target else ""))
+
+    def _skip(self, name: str, why: str) -> None:
+        self.ratios[name] = {"value": None, "skipped": why}
+        self.skipped.append(f"{name}: {why}")
+        console.print(f"[yellow]{name} skipped: {why}[/]")
+
+    # ------------------------------------------------------------------ versions
+    def collect_versions(self, server: TritonServer | None) -> None:
+        v: dict = {
+            "client": _pkg("tritonclient"),
+            "perf_analyzer": _pkg("tritonclient"),
+            "onnxruntime": _pkg("onnxruntime"),
+            "python": platform.python_version(),
+            "host": {"cpus": _cpus(), "machine": platform.machine()},
+        }
+        if server is not None and server.is_alive():
+            status, body = server._request("GET", "/v2")
+            if status == 200:
+                v["server"] = json.loads(body).get("version")
+            models = {}
+            for name, versions in server.loaded_versions().items():
+                entry: dict = {"versions": versions}
+                manifest = self.repository / name / str(versions[-1]) / "manifest.json"
+                if manifest.exists():
+                    try:
+                        entry["manifest"] = json.loads(manifest.read_text())
+                    except ValueError:
+                        entry["manifest"] = "unreadable"
+                models[name] = entry
+            v["models"] = models
+        self.versions = v
+
+    # ------------------------------------------------------------------ report
+    def doc(self) -> dict:
+        cap_by_model = {}
+        for c in self.capacity.values():
+            if c["via"] == "direct" and c["model"] not in cap_by_model:
+                cap_by_model[c["model"]] = c["capacity_rps"]
+        return {
+            "suite": self.suite.name,
+            "suite_file": str(self.suite.path),
+            "started": self.started,
+            "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+            "slo_ms": self.suite.slo_ms,
+            "versions": self.versions,
+            "payloads": self.payloads,
+            "ratios": self.ratios,
+            "capacity_rps": cap_by_model,
+            "capacity": self.capacity,
+            "inprocess": self.inprocess,
+            "runs": [asdict(r) for r in self.runs],
+            "errors": self.errors,
+            "skipped": self.skipped,
+        }
+
+
+def _pkg(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def run_suite(
+    suite: Suite, out_dir: Path, repository: Path = DEFAULT_REPOSITORY, data_dir: Path = inputs.DEFAULT_DATA
+) -> dict:
+    """Run ``suite`` and write the report into ``out_dir``; returns report.json's document."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    s = Session(suite, out_dir, repository, data_dir)
+    server: TritonServer | None = None
+    proxy: LocalProxy | None = None
+    t0 = time.monotonic()
+    try:
+        wanted = suite.models()
+        loadable, skipped = check_models(repository, wanted)
+        for why in skipped.values():
+            (s.skipped if "skipped" in why else s.errors).append(why)
+            console.print(f"[yellow]{why}[/]")
+        if not tensorrt_available():
+            s._skip("trt_vs_onnx", "no NVIDIA GPU / TensorRT on this host")
+        if not loadable:
+            raise Unavailable("nothing to measure: " + "; ".join(skipped.values()))
+        s.prepare_payloads(loadable)
+        console.print(f"[bold]starting tritonserver[/] with {', '.join(top_level_models(repository, loadable))}")
+        server = start_server(repository, loadable, out_dir / "server")
+        ep = direct(server)
+        s.collect_versions(server)
+        s._sampler = metrics.RssSampler([server.pid]).__enter__()
+        proxied: Endpoint | None = None
+        proxy_why = ""
+        needs_proxy = "haproxy_vs_direct" in suite.ratios or any(t.via == "haproxy" for t in suite.targets)
+        if needs_proxy:
+            try:
+                proxy = LocalProxy(server, out_dir / "haproxy")
+                proxied = proxy.start()
+            except Exception as exc:  # HAProxyError, Unavailable, missing binary: one line in the report
+                proxy_why = f"own HAProxy could not start: {exc}"
+                s.errors.append(proxy_why)
+        fleet_ep: Endpoint | None = None
+        fleet_why = ""
+        if any(t.via == "fleet" for t in suite.targets):
+            try:
+                fleet_ep = fleet()
+            except Unavailable as exc:
+                fleet_why = str(exc)
+        for t in suite.targets:
+            if t.model not in loadable:
+                continue
+            e = {"direct": ep, "haproxy": proxied, "fleet": fleet_ep}[t.via]
+            if e is None:
+                why = f"target '{t.name}' skipped: {fleet_why if t.via == 'fleet' else proxy_why}"
+                s.skipped.append(why)
+                console.print(f"[yellow]{why}[/]")
+                continue
+            console.print(f"[bold cyan]target {t.name}[/] ({t.model} via {t.via}, batch {t.batch_size})")
+            s.run_target(t, e)
+            if not server.is_alive():
+                raise TritonError(f"tritonserver exited during '{t.name}': {server.load_errors()}")
+        for name, spec in suite.ratios.items():
+            if name in s.ratios:  # already decided (trt_vs_onnx without a GPU)
+                continue
+            if spec.model not in loadable:
+                s._skip(name, f"model '{spec.model}' is not loadable here")
+                continue
+            console.print(f"[bold cyan]ratio {name}[/] ({spec.model}, batch {spec.batch_size})")
+            if name == "served_vs_inprocess":
+                s.served_vs_inprocess(spec, ep)
+            elif name == "haproxy_vs_direct":
+                s.haproxy_vs_direct(spec, ep, proxied, proxy_why)
+            elif name == "dynamic_batching_gain":
+                s.dynamic_batching_gain(spec, ep, server)
+            elif name == "trt_vs_onnx":
+                s.trt_vs_onnx(spec, ep, loadable)
+    except (TritonError, Unavailable, inputs.InputError, OSError) as exc:
+        s.errors.append(str(exc))
+        console.print(f"[red]error: {exc}[/]")
+    except KeyboardInterrupt:
+        s.errors.append("interrupted (Ctrl-C); partial results")
+    finally:
+        if s._sampler:
+            s._sampler.__exit__(None, None, None)
+        if proxy is not None:
+            proxy.stop()
+        if server is not None:
+            if not s.versions.get("server"):
+                s.collect_versions(server if server.is_alive() else None)
+            server.stop()
+        doc = s.doc()
+        doc["wall_s"] = round(time.monotonic() - t0, 1)
+        report.write(doc, out_dir)
+    return doc
