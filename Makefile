@@ -64,3 +64,20 @@ drill-smoke: models  ## crash, hang, overload, rollover-under-load (CI); prints 
 drill: models  ## one drill: make drill NAME=crash (list: python -m drills list)
 	@test -n "$(NAME)" || { echo "usage: make drill NAME=<drill>   (names: $(PY) -m drills list)"; exit 2; }
 	$(PY) -m drills run $(NAME)
+
+# ---- perf (perf/): perf_analyzer suites, ratios, capacity, tuning, regression check ----
+.PHONY: perf perf-smoke perf-tune perf-check
+PERF_SUITE ?= full
+MODEL      ?= ranker
+
+perf: models  ## full perf suite (perf/suites/$(PERF_SUITE).yaml) -> reports/perf/<timestamp>/ + reports/perf/latest
+	$(PY) -m perf run $(PERF_SUITE)
+
+perf-smoke: models  ## short perf suite, under 3 minutes on 2 cores (CI)
+	$(PY) -m perf run smoke
+
+perf-tune: models  ## search instances/queue delay/preferred batch for MODEL=ranker; proposes a config, never edits it
+	$(PY) -m perf tune $(MODEL)
+
+perf-check: models  ## compare reports/perf/latest ratios and capacity with perf/baseline.json
+	$(PY) -m perf check

@@ -151,6 +151,22 @@ def markdown(doc: dict, plots: list[Path]) -> str:
             f"{_fmt(srv.get('compute_infer_us'), 0)} | {_fmt(srv.get('avg_batch'), 2)} | "
             f"{_fmt(rss.get('server_mib'), 0)} + {_fmt(rss.get('stubs_mib'), 0)} ({rss.get('stub_count', 0)} stubs) |"
         )
+    tune = doc.get("tune")
+    if tune:
+        win = (tune.get("best") or {}).get("candidate", "none met the SLO")
+        lines += [
+            "",
+            f"## Tuning `{tune['model']}` (best under p99 {tune['slo_ms']} ms: **{win}**)",
+            "",
+            "| candidate | infer/s (best under SLO) | p99 ms | at concurrency | saturation infer/s |",
+            "|---|---|---|---|---|",
+        ]
+        for r in tune["results"]:
+            lines.append(
+                f"| {r['candidate']} | {_fmt(r.get('infer_per_sec'), 1)} | {_fmt(r.get('p99_ms'), 1)} | "
+                f"{_fmt(r.get('concurrency'))} | {_fmt(r.get('saturation'), 1)} |"
+            )
+        lines += ["", "Proposed `config.pbtxt` (not applied) is next to this report."]
     if doc.get("inprocess"):
         lines += [
             "",

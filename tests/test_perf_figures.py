@@ -1,0 +1,66 @@
+"""Capacity, saturation and ratio arithmetic, on recorded and constructed load points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from perf import analyzer, figures
+from perf.analyzer import Row
+
+DATA = Path(__file__).parent / "data" / "perf"
+
+
+def rate_row(rate: float, served: float, p99_ms: float) -> Row:
+    return Row(
+        infer_per_sec=served,
+        p50_us=p99_ms * 300,
+        p90_us=p99_ms * 800,
+        p95_us=p99_ms * 900,
+        p99_us=p99_ms * 1000,
+        request_rate=rate,
+    )
+
+
+def test_capacity_is_last_rate_below_the_first_slo_violation():
+    rows = [rate_row(100, 100, 10), rate_row(200, 199, 20), rate_row(300, 298, 70), rate_row(400, 396, 30)]
+    cap = figures.capacity(rows, slo_ms=50)
+    assert cap.capacity_rps == 200 and cap.first_violation_rps == 300
+    assert cap.p99_ms_at_capacity == pytest.approx(20)
+    assert "p99 70.0 ms > SLO 50 ms" in cap.reason
+
+
+def test_a_rate_the_server_does_not_keep_up_with_is_not_capacity():
+    """Recorded: search offered 643/s, served 481.75/s (p99 23.9 ms is under the SLO, but it fell behind)."""
+    (recorded,) = analyzer.parse_csv((DATA / "rate.csv").read_text())
+    cap = figures.capacity([rate_row(400, 400, 12), recorded], slo_ms=50)
+    assert cap.capacity_rps == 400 and cap.first_violation_rps == 643
+    assert "served 482/s of 643/s" in cap.reason
+
+
+def test_capacity_zero_when_the_lowest_rate_fails_and_lower_bound_when_none_fails():
+    assert figures.capacity([rate_row(100, 100, 80)], slo_ms=50).capacity_rps == 0
+    top = figures.capacity([rate_row(100, 100, 10), rate_row(150, 150, 12)], slo_ms=50)
+    assert top.capacity_rps == 150 and top.first_violation_rps is None and "lower bound" in top.reason
+
+
+def test_capacity_depends_on_the_slo():
+    rows = [rate_row(100, 100, 10), rate_row(200, 200, 30), rate_row(300, 300, 60)]
+    assert figures.capacity(rows, slo_ms=25).capacity_rps == 100
+    assert figures.capacity(rows, slo_ms=50).capacity_rps == 200
+    assert figures.capacity(rows, slo_ms=100).capacity_rps == 300
+
+
+def test_capacity_ignores_concurrency_rows():
+    (conc,) = analyzer.parse_csv((DATA / "concurrency.csv").read_text())
+    assert figures.capacity([conc]).capacity_rps == 0
+
+
+def test_saturation_ratio_and_ladder():
+    rows = [rate_row(1, 120, 1), rate_row(2, 300, 1), rate_row(3, 280, 1)]
+    assert figures.saturation(rows) == 300 and figures.saturation([]) == 0
+    assert figures.ratio(70, 100) == pytest.approx(0.7)
+    assert figures.ratio(70, 0) is None
+    assert figures.rate_ladder(800, [0.5, 1.0], batch_size=8) == [50, 100]
+    assert figures.rate_ladder(10, [0.01, 0.02]) == [1.0]

@@ -1,0 +1,46 @@
+"""Triton metric deltas (recorded scrape of a real 2.51.0 server) and the RSS sampler."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from perf import metrics
+
+DATA = Path(__file__).parent / "data" / "perf"
+
+
+def test_parse_recorded_scrape_sums_failure_reasons():
+    m = metrics.parse_metrics((DATA / "metrics.txt").read_text())
+    assert set(m) == {"search", "search_pre", "search_model"}
+    assert m["search_model"]["nv_inference_request_success"] == 20
+    assert m["search_model"]["nv_inference_exec_count"] == 12
+    assert m["search"]["nv_inference_request_failure"] == 0
+
+
+def test_deltas_are_per_request_averages_between_scrapes():
+    before = metrics.parse_metrics((DATA / "metrics.txt").read_text())
+    after = {k: dict(v) for k, v in before.items()}
+    after["search_model"]["nv_inference_request_success"] += 10
+    after["search_model"]["nv_inference_queue_duration_us"] += 5000
+    after["search_model"]["nv_inference_compute_infer_duration_us"] += 20000
+    after["search_model"]["nv_inference_count"] += 10
+    after["search_model"]["nv_inference_exec_count"] += 4
+    d = metrics.deltas(before, after)
+    assert set(d) == {"search_model"}  # untouched models had no traffic in the window
+    f = d["search_model"]
+    assert f.requests == 10 and f.queue_us == pytest.approx(500) and f.compute_infer_us == pytest.approx(2000)
+    assert f.avg_batch == pytest.approx(2.5)
+
+
+def test_unreachable_metrics_endpoint_reads_empty():
+    assert metrics.scrape("http://127.0.0.1:9/metrics", timeout_s=0.5) == {}
+
+
+def test_rss_sampler_sees_this_process_and_resets_windows():
+    with metrics.RssSampler([os.getpid()], interval_s=0.05) as s:
+        first = s.reset()
+    assert first.server_mib > 1 and s.peaks.server_mib > 1
+    assert metrics.RssSampler([2**22 + 12345]).peaks.server_mib == 0
