@@ -85,6 +85,10 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
                                       result.get("fault_end_s", spec.fault_end_s), result.get("marks", []),
                                       spec.steady_state.slo_p99_ms)
                     result["plot"] = png.name
+                log = Path((result.get("background") or {}).get("log", "/nonexistent"))
+                if log.exists():
+                    shutil.copy(log, run_dir / f"{spec.name}.perf_analyzer.log")
+                    result["background"]["log"] = f"{spec.name}.perf_analyzer.log"
                 results.append(result)
                 journals[spec.name], records[spec.name] = run.journal, run.records
                 verdict = "SKIP" if result["passed"] is None else ("PASS" if result["passed"] else "FAIL")

@@ -96,7 +96,8 @@ def _fault_window(spec: DrillSpec, journal: Journal, t0: float) -> tuple[float, 
     """Actual fault start (first injection) and end (last window end) in wall-clock seconds."""
     injected = [a for a in journal.actions if a.kind == "method"]
     start = min((a.started_at for a in injected), default=t0 + spec.fault_start_s)
-    ends = [a.ended_at for a in journal.actions if a.kind == "method-end" and a.ended_at]
+    # windowed faults end with their method-end step; instantaneous ones (a rollover) when their action ended
+    ends = [a.ended_at for a in journal.actions if a.kind in ("method-end", "method") and a.ended_at]
     inst_end = [start + (a.end_s - a.at_s) for a in spec.method]
     end = max(ends + inst_end) if ends or inst_end else start
     return start, end
@@ -274,6 +275,7 @@ class DrillRun:
             hold = tl.window_stats(recs, f_start + a.params["ramp_s"], f_end, ss.slo_p99_ms)
             cap = self.ctx.capacity_rps
             fig.update(capacity_rps=cap, goodput_rps=hold["goodput_rps"], shed_rate=hold["shed_rate"],
+                       rejected_requests=hold["rejected"], hold_window=hold,
                        rejected_p99_ms=hold["rejected_p99_ms"], accepted_p99_ms=hold["p99_ms"],
                        offered_rps=round(hold["total"] / max(hold["seconds"], 1e-9), 1),
                        goodput_ratio=round(hold["goodput_rps"] / cap, 3) if cap else None)
@@ -293,7 +295,7 @@ class DrillRun:
         if bg is not None:
             bg["covered_fault"] = bg["ended_at"] >= f_end
             fig["background"] = bg
-            fig["background_clean"] = bg["exit_code"] == 0 and bg["covered_fault"]
+            fig["background_clean"] = bg["no_failed_request"] and bg["covered_fault"]
         fig["seconds"] = tl.per_second(recs, t0, t_end)
         fig["marks"] = self._marks(t0, f_start, f_end)
         return fig

@@ -97,3 +97,10 @@ def test_write_run_files_and_latest_link(tmp_path):
 def test_skipped_drill_counts_as_skipped_not_passed():
     md = markdown([result(), result("network-partition", None, status="skipped", reason="no netns")], {"run": "r"})
     assert "1/2 passed, 1 skipped" in md and "**SKIP** (skipped): no netns" in md
+
+
+def test_no_rejection_meets_the_rejection_latency_target_but_accepted_p99_is_checked():
+    expect = Expect(rejected_p99_ms_max=10, accepted_p99_ms_max=250)
+    ok, rows, reason = evaluate(expect, {"rejected_requests": 0, "rejected_p99_ms": None, "accepted_p99_ms": 546.0})
+    assert not ok and rows[0]["ok"] and rows[0]["measured"] == "no request was rejected"
+    assert "accepted_p99_ms 546.0 vs <= 250" in reason
