@@ -14,6 +14,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,7 +280,7 @@ class Fleet:
                                        metrics_port=rec.metrics_port, state="loading")
             rec = self.state.instance(iid)
             self.load_versions(srv, rec.versions)
-            probe = self.check(iid)
+            probe = self.settle(iid)
             if not probe.ok:
                 raise FleetError(f"{iid} failed its deep check after start: {probe.stage}: {probe.reason}")
             self.haproxy.bind_slot(rec.slot, rec.grpc_port, rec.http_port)
@@ -290,6 +291,16 @@ class Fleet:
                 self.haproxy.set_state(rec.slot, "ready")
         finally:
             self.busy.discard(iid)
+
+    def settle(self, iid: str, timeout_s: float = 30.0) -> Probe:
+        """Deep-check until green or ``timeout_s``: after a load, dependent ensembles reload in the background
+        and readiness is briefly 400; a version that never settles fails with the last reason."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            probe = self.check(iid)
+            if probe.ok or probe.fatal or probe.stage == "golden" or time.monotonic() > deadline:
+                return probe
+            time.sleep(0.2)
 
     def check(self, iid: str) -> Probe:
         rec = self.state.instance(iid)
@@ -319,8 +330,11 @@ class Fleet:
         return rec
 
     # ================================================================== lifecycle
-    def up(self) -> None:
-        """Adopt or start HAProxy and every instance in the state; create the default fleet on first run."""
+    def up(self, recover: Callable[[], None] | None = None) -> None:
+        """Adopt or start HAProxy and every instance in the state; create the default fleet on first run.
+
+        ``recover`` runs before adoption: it settles interrupted rollouts so the records say what to serve.
+        """
         if not self.haproxy.adopt():
             self.haproxy.start()
             self.state.event("haproxy", f"haproxy started (pid {self.haproxy.pid})")
@@ -331,6 +345,8 @@ class Fleet:
         if not self.state.desired():
             for m, v in self.initial_desired().items():
                 self.state.set_desired(m, v)
+        if recover is not None:
+            recover()
         recs = self.state.instances()
         if not recs:
             for i in range(self.config.instances):
@@ -367,6 +383,12 @@ class Fleet:
         if not rec.pid or not pid_alive(rec.pid):
             return False
         probe = self.check(rec.id)
+        if not probe.ok and probe.stage in ("versions", "golden"):
+            try:  # alive, but not serving what the record says (interrupted rollout): reload in place
+                self.reload(rec.id, rec.versions)
+                probe = self.check(rec.id)
+            except Exception as exc:
+                probe = Probe(False, "reload", str(exc), time.time())
         if not probe.ok:
             self.state.event("adopt", f"not adopting pid {rec.pid}: {probe.stage}: {probe.reason}", rec.id)
             return False
@@ -578,7 +600,7 @@ class Fleet:
         self.busy.add(iid)
         try:
             self.load_versions(self._server(rec), versions, only=only)
-            probe = self.check(iid)
+            probe = self.settle(iid)
             if not probe.ok:
                 raise FleetError(f"{iid} failed its deep check after loading {versions}: {probe.stage}: "
                                  f"{probe.reason}", "ABORTED")

@@ -1,0 +1,388 @@
+"""``recctl``: the operator's command line for the recserve fleet (talks to the control plane over gRPC)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
+
+from control.triton import REPO_ROOT
+
+#: Wide tables also when piped (rich would wrap at 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _root(args: argparse.Namespace) -> Path:
+    return Path(args.root).resolve()
+
+
+def _endpoints(root: Path) -> dict:
+    try:
+        return json.loads((root / "endpoints.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _control(args: argparse.Namespace) -> str:
+    return args.control or _endpoints(_root(args)).get("control") or "127.0.0.1:50051"
+
+
+def _stub(args: argparse.Namespace):
+    from control.proto import control_pb2_grpc as pbg
+
+    channel = grpc.insecure_channel(_control(args))
+    return pbg.ControlPlaneStub(channel), channel
+
+
+def _auth(args: argparse.Namespace) -> list[tuple[str, str]]:
+    path = _root(args) / "token"
+    try:
+        token = path.read_text().strip()
+    except OSError:
+        raise SystemExit(f"recctl: cannot read the token file {path} (is the fleet up? are you its owner?)") from None
+    return [("authorization", f"Bearer {token}")]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _control_pid(root: Path) -> int | None:
+    try:
+        pid = int((root / "control.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _pid_alive(pid) else None
+
+
+def _healthy(address: str, timeout: float = 1.0) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the control plane in the background (it starts HAProxy and the instances); idempotent."""
+    root = _root(args)
+    pid = _control_pid(root)
+    if pid is not None:
+        console.print(f"fleet already up: control plane pid {pid} at {_control(args)} (not starting a second one)")
+        return 0
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "control.server", "--root", str(root), "--repository", str(args.repository),
+           "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
+           "--control-port", str(args.control_port), "--metrics-port", str(args.metrics_port),
+           "--instances", str(args.instances)]
+    log = open(root / "control.log", "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO_ROOT))
+    address = f"127.0.0.1:{args.control_port}"
+    deadline = time.monotonic() + args.timeout
+    with console.status("starting control plane, HAProxy and Triton instances..."):
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (root / "control.log").read_text(errors="replace").splitlines()[-5:]
+                console.print(f"[red]control plane exited (code {proc.returncode}):[/red] " + " | ".join(tail))
+                return 1
+            if _healthy(address):
+                console.print(f"fleet up: clients use gRPC 127.0.0.1:{args.grpc_port}, "
+                              f"HTTP 127.0.0.1:{args.http_port}; control {address} (pid {proc.pid}); logs {root}")
+                return 0
+            time.sleep(0.5)
+    console.print(f"[red]fleet not ready after {args.timeout:.0f}s[/red]; see {root / 'control.log'}")
+    return 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    """Stop the control plane, then every instance and HAProxy it started (by pid), nothing else."""
+    from control.fleet import Fleet, FleetConfig
+
+    root = _root(args)
+    pid = _control_pid(root)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    if not (root / "state.db").exists():
+        console.print(f"no fleet state under {root}: nothing to stop")
+        return 0
+    ep = _endpoints(root)
+    fleet = Fleet(FleetConfig(root=root, repository=args.repository,
+                              grpc_port=int(ep.get("grpc", ":8001").rsplit(":", 1)[1]),
+                              http_port=int(ep.get("http", ":8000").rsplit(":", 1)[1])))
+    n = len(fleet.state.instances())
+    fleet.down()
+    fleet.state.close()
+    (root / "control.pid").unlink(missing_ok=True)
+    console.print(f"fleet down: control plane, {n} instance(s) and HAProxy stopped")
+    return 0
+
+
+def _status_dict(resp) -> dict:
+    d = json_format.MessageToDict(resp, preserving_proto_field_name=True, including_default_value_fields=True)
+    for inst in d.get("instances", []):
+        inst["models"] = {k: [int(x) for x in v.get("versions", [])] for k, v in inst.get("models", {}).items()}
+        inst["pid"] = int(inst.get("pid", 0))
+    d["desired"] = {k: [int(x) for x in v.get("versions", [])] for k, v in d.get("desired", {}).items()}
+    return d
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    resp = stub.GetStatus(pb.GetStatusRequest(events=args.events), timeout=10)
+    d = _status_dict(resp)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    ep = d["endpoints"]
+    console.print(f"fleet [bold]{d['health']}[/bold]  gRPC {ep['grpc']}  HTTP {ep['http']}  control {ep['control']}  "
+                  f"metrics {ep['metrics']}  route {d.get('route', '')}")
+    t = Table("id", "role", "state", "pid", "grpc", "http", "weight", "restarts", "models", "detail")
+    for i in d["instances"]:
+        models = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in sorted(i["models"].items())
+                           if k in d["desired"] and len(d["desired"]) and not k.endswith(("_pre", "_post")))
+        t.add_row(i["id"], i["role"], i["state"], str(i["pid"]), str(i["grpc_port"]), str(i["http_port"]),
+                  str(i["weight"]), str(i.get("restarts", 0)), models, i.get("detail", "")[:60])
+    console.print(t)
+    for w in d.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    if d.get("active_rollout", {}).get("id"):
+        r = d["active_rollout"]
+        console.print(f"rollout {r['id']}: {r['model']} {r['from_version']} -> {r['to_version']} phase {r['phase']}")
+    ch.close()
+    return 0
+
+
+def cmd_rollover(args: argparse.Namespace) -> int:
+    from control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else []
+    req = pb.RolloverRequest(model=args.model, version=args.version, strategy=args.strategy, steps=steps)
+    if args.bake is not None:
+        req.bake_seconds = args.bake
+    last = None
+    for ev in stub.Rollover(req, metadata=_auth(args), timeout=args.timeout):
+        last = ev
+        if args.json:
+            print(json.dumps(json_format.MessageToDict(ev, preserving_proto_field_name=True)), flush=True)
+        else:
+            gates = " ".join(f"{k}={v:.3g}" for k, v in sorted(ev.gates.items()))
+            console.print(f"{time.strftime('%H:%M:%S', time.localtime(ev.ts_unix))} [bold]{ev.phase:<9}[/bold] "
+                          f"{ev.weight:>3}%  {ev.message}  {gates}")
+    ch.close()
+    return 0 if last is not None and last.status == "succeeded" else 1
+
+
+def _print_rollout(r, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))
+        return
+    console.print(f"rollout {r.id}: {r.model} {r.from_version} -> {r.to_version} ({r.strategy}) "
+                  f"[bold]{r.status}[/bold] phase {r.phase}"
+                  + (f"; failed gate {r.failed_gate} = {r.failed_value:.4g} (threshold {r.threshold:.4g})"
+                     if r.failed_gate else ""))
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    r = stub.Rollback(pb.RollbackRequest(model=args.model), metadata=_auth(args), timeout=args.timeout)
+    _print_rollout(r, args.json)
+    ch.close()
+    return 0
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    r = stub.GetRollout(pb.GetRolloutRequest(model=args.model or "", id=args.id or ""), timeout=10)
+    _print_rollout(r, args.json)
+    ch.close()
+    return 0
+
+
+def _instance_call(method: str):
+    def run(args: argparse.Namespace) -> int:
+        from control.proto import control_pb2 as pb
+
+        stub, ch = _stub(args)
+        if method == "AddInstance":
+            req = pb.AddInstanceRequest(role=args.role)
+        else:
+            req = pb.InstanceRequest(id=args.id)
+        r = getattr(stub, method)(req, metadata=_auth(args), timeout=args.timeout)
+        if args.json:
+            print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))
+        else:
+            console.print(f"{r.id}: role {r.role}, state {r.state}, pid {r.pid}, grpc {r.grpc_port}")
+        ch.close()
+        return 0
+
+    return run
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    r = stub.ListVersions(pb.ListVersionsRequest(model=args.model), timeout=30)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))
+        return 0
+    t = Table("version", "verified", "desired", "files", "built", "problem")
+    for v in r.versions:
+        t.add_row(str(v.version), "yes" if v.verified else "[red]no[/red]", "*" if v.desired else "", str(v.files),
+                  v.built_at, v.problem)
+    console.print(t)
+    ch.close()
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    s = stub.CreateSnapshot(pb.CreateSnapshotRequest(note=args.note or ""), metadata=_auth(args), timeout=300)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(s, preserving_proto_field_name=True), indent=2))
+    else:
+        console.print(f"snapshot {s.id}: {s.files} files, {s.bytes / 1e6:.1f} MB")
+    ch.close()
+    return 0
+
+
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    from control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    r = stub.ListSnapshots(pb.ListSnapshotsRequest(), timeout=30)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))
+        return 0
+    t = Table("id", "created", "files", "MB", "models", "note")
+    for s in r.snapshots:
+        models = ", ".join(f"{k}:{','.join(map(str, v.versions))}" for k, v in sorted(s.models.items()))
+        t.add_row(s.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_unix)), str(s.files),
+                  f"{s.bytes / 1e6:.1f}", models, s.note)
+    console.print(t)
+    ch.close()
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    r = stub.RestoreSnapshot(pb.RestoreSnapshotRequest(id=args.id), metadata=_auth(args), timeout=300)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))
+    else:
+        console.print(f"restored snapshot {r.id}: {r.restored_files} files rewritten, {r.verified_files} verified"
+                      + (f"; repaired {list(r.repaired)}" if r.repaired else ""))
+    ch.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recctl", description=__doc__)
+    p.add_argument("--root", default=os.environ.get("RECSERVE_ROOT", str(REPO_ROOT / ".recserve")),
+                   help="runtime directory of the fleet (state, token, logs)")
+    p.add_argument("--control", default=os.environ.get("RECSERVE_CONTROL"), help="control plane host:port")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a call")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    up = add("up", cmd_up, "start the fleet in the background (no-op when it is up)")
+    down = add("down", cmd_down, "stop the control plane, instances and HAProxy of this root")
+    for sp in (up, down):
+        sp.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository")
+    up.add_argument("--grpc-port", type=int, default=int(os.environ.get("PORT_GRPC", 8001)))
+    up.add_argument("--http-port", type=int, default=int(os.environ.get("PORT_HTTP", 8000)))
+    up.add_argument("--control-port", type=int, default=int(os.environ.get("PORT_CONTROL", 50051)))
+    up.add_argument("--metrics-port", type=int, default=int(os.environ.get("PORT_CONTROL_METRICS", 9108)))
+    up.add_argument("--instances", type=int, default=2)
+    st = add("status", cmd_status, "fleet, instances, versions, warnings")
+    st.add_argument("--events", type=int, default=10)
+    ro = add("rollover", cmd_rollover, "roll a model to a new version with metric gates")
+    ro.add_argument("model")
+    ro.add_argument("--version", type=int, required=True)
+    ro.add_argument("--strategy", choices=("canary", "blue-green"), default="canary")
+    ro.add_argument("--steps", default="", help="canary traffic percentages, e.g. 10,50,100")
+    ro.add_argument("--bake", type=float, default=None, help="seconds per step (default 5)")
+    rb = add("rollback", cmd_rollback, "abort a running rollout or return to the previous version")
+    rb.add_argument("model")
+    rs = add("rollout", cmd_rollout, "show the latest rollout (of MODEL) or one by --id")
+    rs.add_argument("model", nargs="?")
+    rs.add_argument("--id")
+    for name, method in (("promote", "PromoteInstance"), ("drain", "DrainInstance")):
+        sp = add(name, _instance_call(method), f"{name} an instance")
+        sp.add_argument("id")
+    inst = sub.add_parser("instances", help="add or remove instances")
+    isub = inst.add_subparsers(dest="action", required=True)
+    ia = isub.add_parser("add", help="start a new instance")
+    ia.add_argument("--role", default="standby", choices=("standby", "primary"))
+    ia.add_argument("--json", action="store_true")
+    ia.set_defaults(fn=_instance_call("AddInstance"))
+    ir = isub.add_parser("remove", help="stop and remove an instance")
+    ir.add_argument("id")
+    ir.add_argument("--json", action="store_true")
+    ir.set_defaults(fn=_instance_call("RemoveInstance"))
+    vs = add("versions", cmd_versions, "versions of a model with their manifest check")
+    vs.add_argument("model")
+    sn = add("snapshot", cmd_snapshot, "back up the model repository (content-addressed)")
+    sn.add_argument("--note", default="")
+    add("snapshots", cmd_snapshots, "list backups")
+    re_ = add("restore", cmd_restore, "restore the model repository from a backup, verified by sha256")
+    re_.add_argument("id")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+            console.print(f"[red]recctl:[/red] no control plane at {_control(args)} (run 'make fleet-up')")
+        else:
+            console.print(f"[red]recctl: {code.name}:[/red] {exc.details()}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

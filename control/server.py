@@ -1,0 +1,277 @@
+"""The control-plane process: ``python -m control.server``.
+
+Serves ``recserve.control.v1.ControlPlane`` (plus grpc.health.v1 and reflection), supervises the fleet, and
+exports Prometheus metrics. One per runtime root (an exclusive lock on ``<root>/control.lock``); it leaves
+HAProxy and the instances running when it exits or dies, and adopts them when it starts again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from control.fleet import Fleet, FleetConfig, FleetError, read_secret, status_json
+from control.metrics import ControlMetrics
+from control.proto import control_pb2 as pb
+from control.proto import control_pb2_grpc as pbg
+from control.rollout import RolloutManager
+from control.snapshots import RepositoryError, SnapshotStore, list_versions
+from control.triton import DEFAULT_REPOSITORY, REPO_ROOT
+
+SERVICE = "recserve.control.v1.ControlPlane"
+
+
+def _versions(d: dict[str, list[int]]) -> dict[str, pb.Versions]:
+    return {k: pb.Versions(versions=v) for k, v in d.items()}
+
+
+def instance_pb(d: dict) -> pb.Instance:
+    return pb.Instance(id=d["id"], role=d["role"], state=d["state"], pid=d["pid"] or 0, grpc_port=d["grpc_port"],
+                       http_port=d["http_port"], metrics_port=d["metrics_port"], weight=d["weight"],
+                       models=_versions(d["models"]), detail=d["detail"], restarts=d["restarts"],
+                       last_healthy_unix=d["last_healthy_unix"], slot=d["slot"])
+
+
+def rollout_pb(r, events: list[dict]) -> pb.Rollout:
+    return pb.Rollout(
+        id=r.id, model=r.model, from_version=r.from_version, to_version=r.to_version, strategy=r.strategy,
+        phase=r.phase, status=r.status, failed_gate=r.failed_gate, failed_value=r.failed_value, threshold=r.threshold,
+        started_unix=r.started, finished_unix=r.finished, canary=r.canary,
+        events=[event_pb(r.id, e) for e in events])
+
+
+def event_pb(rid: str, e: dict) -> pb.RolloutEvent:
+    return pb.RolloutEvent(rollout_id=rid, phase=e["phase"], message=e["message"], weight=e["weight"],
+                           gates=e["gates"], status=e["status"], done=e["status"] != "running", ts_unix=e["ts"])
+
+
+class ControlPlane(pbg.ControlPlaneServicer):
+    def __init__(self, fleet: Fleet, rollouts: RolloutManager, snapshots: SnapshotStore, token: str,
+                 endpoints: dict[str, str]):
+        self.fleet = fleet
+        self.rollouts = rollouts
+        self.snapshots = snapshots
+        self.token = token
+        self.endpoints = endpoints
+        self.ready = threading.Event()
+
+    # ------------------------------------------------------------------ helpers
+    def _auth(self, context: grpc.ServicerContext) -> None:
+        md = dict(context.invocation_metadata())
+        if md.get("authorization", "") != f"Bearer {self.token}":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong bearer token (metadata 'authorization: Bearer <token>', token file "
+                          f"{self.fleet.root / 'token'})")
+
+    def _ready(self, context: grpc.ServicerContext) -> None:
+        if not self.ready.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "control plane is still bringing the fleet up")
+
+    def _call(self, context: grpc.ServicerContext, fn, *args):
+        try:
+            return fn(*args)
+        except FleetError as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+        except RepositoryError as exc:
+            code = grpc.StatusCode.NOT_FOUND if str(exc).startswith("unknown") else grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, str(exc))
+
+    def _instance(self, iid: str) -> pb.Instance:
+        st = status_json(self.fleet, self.endpoints)
+        for d in st["instances"]:
+            if d["id"] == iid:
+                return instance_pb(d)
+        return pb.Instance(id=iid, state="removed")
+
+    # ------------------------------------------------------------------ fleet
+    def GetStatus(self, request, context):
+        st = status_json(self.fleet, self.endpoints)
+        running = self.fleet.state.running_rollouts()
+        active = rollout_pb(running[0], []) if running else None
+        events = [pb.Event(ts_unix=e["ts"], kind=e["kind"], instance=e["instance"], message=e["message"])
+                  for e in self.fleet.state.events(request.events or 20)]
+        return pb.FleetStatus(endpoints=pb.Endpoints(**self.endpoints), instances=[instance_pb(d) for d in
+                              st["instances"]], desired=_versions(st["desired"]), health=st["health"],
+                              warnings=st["warnings"], active_rollout=active, events=events, route=st["route"])
+
+    def AddInstance(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        rec = self._call(context, self.fleet.add_instance, request.role or "standby")
+        return self._instance(rec.id)
+
+    def RemoveInstance(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        rec = self._call(context, self.fleet.remove_instance, request.id)
+        return pb.Instance(id=rec.id, role=rec.role, state="removed", slot=rec.slot)
+
+    def DrainInstance(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        rec = self._call(context, self.fleet.drain, request.id)
+        return self._instance(rec.id)
+
+    def PromoteInstance(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        rec = self._call(context, self.fleet.promote, request.id)
+        return self._instance(rec.id)
+
+    # ------------------------------------------------------------------ models
+    def ListVersions(self, request, context):
+        f = self.fleet
+        if request.model not in f.model_closure():
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}: the fleet serves "
+                          f"{f.model_closure()}")
+        desired = f.desired().get(request.model, [])
+        infos = self._call(context, list_versions, f.repository, request.model)
+        return pb.ListVersionsResponse(model=request.model, versions=[
+            pb.VersionInfo(version=i.version, verified=i.verified, problem=i.problem, desired=i.version in desired,
+                           files=i.files, built_at=i.built_at, metrics_json=json.dumps(i.metrics, default=str))
+            for i in infos])
+
+    def Rollover(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        gates = {"max_error_rate": request.gates.max_error_rate, "max_p99_ratio": request.gates.max_p99_ratio,
+                 "min_p99_ms": request.gates.min_p99_ms}
+        bake = request.bake_seconds if request.HasField("bake_seconds") else 5.0
+        rid = self._call(context, self.rollouts.start, request.model, int(request.version),
+                         request.strategy or "canary", list(request.steps), bake, gates)
+        seq = 0
+        while True:
+            for e in self.fleet.state.rollout_events(rid, seq):
+                seq = e["seq"]
+                yield event_pb(rid, e)
+            r = self.fleet.state.rollout(rid)
+            if r.status != "running" and not self.fleet.state.rollout_events(rid, seq):
+                return
+            if not context.is_active():
+                return  # the client went away; the rollout carries on
+            time.sleep(0.2)
+
+    def GetRollout(self, request, context):
+        st = self.fleet.state
+        r = st.rollout(request.id) if request.id else st.latest_rollout(request.model or None)
+        if r is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no rollout {request.id or 'for ' + (request.model or 'any')}")
+        return rollout_pb(r, st.rollout_events(r.id))
+
+    def Rollback(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        r = self._call(context, self.rollouts.rollback, request.model)
+        return rollout_pb(r, self.fleet.state.rollout_events(r.id))
+
+    # ------------------------------------------------------------------ snapshots
+    def CreateSnapshot(self, request, context):
+        self._auth(context)
+        s = self._call(context, self.snapshots.create, request.note)
+        self.fleet.state.event("snapshot", f"snapshot {s.id}: {len(s.files)} files")
+        return _snapshot_pb(s)
+
+    def ListSnapshots(self, request, context):
+        return pb.ListSnapshotsResponse(snapshots=[_snapshot_pb(s) for s in self.snapshots.list()])
+
+    def RestoreSnapshot(self, request, context):
+        self._auth(context)
+        restored, verified, repaired = self._call(context, self.snapshots.restore, request.id)
+        self.fleet.state.event("restore", f"snapshot {request.id}: {restored} files rewritten")
+        return pb.RestoreSnapshotResponse(id=request.id, restored_files=restored, verified_files=verified,
+                                          repaired=repaired)
+
+
+def _snapshot_pb(s) -> pb.Snapshot:
+    return pb.Snapshot(id=s.id, created_unix=s.created, files=len(s.files), bytes=s.bytes,
+                       models=_versions(s.models()), note=s.note)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m control.server", description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, default=Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve")))
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--grpc-port", type=int, default=8001, help="HAProxy gRPC port for clients")
+    p.add_argument("--http-port", type=int, default=8000, help="HAProxy HTTP port for clients")
+    p.add_argument("--control-port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9108)
+    p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--health-interval", type=float, default=0.3)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = open(root / "control.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = (root / "control.pid").read_text().strip() if (root / "control.pid").exists() else "?"
+        print(f"control plane already running for {root} (pid {pid}); not starting a second one", file=sys.stderr)
+        return 3
+    if args.instances < 1:
+        print(f"--instances must be >= 1, got {args.instances}", file=sys.stderr)
+        return 2
+    (root / "control.pid").write_text(f"{os.getpid()}\n")
+    token = read_secret(root / "token")
+    endpoints = {"grpc": f"127.0.0.1:{args.grpc_port}", "http": f"127.0.0.1:{args.http_port}",
+                 "control": f"127.0.0.1:{args.control_port}", "metrics": f"http://127.0.0.1:{args.metrics_port}/metrics"}
+    (root / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
+
+    metrics = ControlMetrics()
+    fleet = Fleet(FleetConfig(root=root, repository=args.repository, grpc_port=args.grpc_port,
+                              http_port=args.http_port, instances=args.instances,
+                              health_interval_s=args.health_interval), metrics)
+    rollouts = RolloutManager(fleet)
+    servicer = ControlPlane(fleet, rollouts, SnapshotStore(fleet.repository, root / "backups"), token, endpoints)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    pbg.add_ControlPlaneServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if server.add_insecure_port(f"127.0.0.1:{args.control_port}") == 0:
+        print(f"control port {args.control_port} is already in use", file=sys.stderr)
+        return 2
+    server.start()
+    metrics.serve(args.metrics_port)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        fleet.up(recover=rollouts.recover_records)
+    except Exception as exc:
+        print(f"fleet did not come up: {exc}", file=sys.stderr)
+        fleet.state.event("up-failed", str(exc)[:500])
+        server.stop(0)
+        return 1
+    servicer.ready.set()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(f"control plane ready: {json.dumps(endpoints)}", flush=True)
+    stop.wait()
+    fleet.detach()  # the data path keeps serving; `recctl down` stops it
+    server.stop(2)
+    (root / "control.pid").unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Control-plane pieces without a fleet: config rendering and validation, state durability, manifests and
+snapshots, gate arithmetic, CLI parsing."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from control.haproxy import HAProxy, HAProxyConfig, HAProxyError, render_config
+from control.rollout import Gates, p99
+from control.snapshots import RepositoryError, SnapshotStore, verify_version, write_manifest
+from control.state import InstanceRecord, RolloutRecord, State
+from control.triton import free_port
+
+
+def test_haproxy_config_validation_names_field_and_rule(tmp_path):
+    cases = [
+        (dict(grpc_port=0), "grpc_port must be 1..65535"),
+        (dict(grpc_port=9000, http_port=9000), "must differ"),
+        (dict(slots=0), "slots must be 1..16"),
+        (dict(check_inter_ms=100, timeout_check_ms=150), "timeout_check_ms (150) must be below check_inter_ms"),
+        (dict(retries=0), "retries must be > 0"),
+    ]
+    for kw, words in cases:
+        with pytest.raises(HAProxyError) as exc:
+            render_config(HAProxyConfig(workdir=tmp_path, **kw))
+        assert words in str(exc.value)
+
+
+def test_haproxy_config_has_the_verified_settings(tmp_path):
+    text = render_config(HAProxyConfig(workdir=tmp_path, slots=2))
+    assert "balance first" in text and "balance roundrobin" in text
+    assert "retry-on conn-failure empty-response response-timeout" in text
+    assert "option redispatch 1" in text and "check-proto h1" in text
+    assert "path_beg /inference.GRPCInferenceService/Repository" in text and "path_beg /v2/repository" in text
+    assert text.count("track chk/s") == 2 * (2 * 2 + 2)  # 2 protocols x (2 first backends + split) x 2 slots
+    assert " backup" not in text  # backup servers lose requests on a killed primary (runtime notes)
+
+
+def test_haproxy_runtime_api_routes_and_refuses_bad_values(tmp_path):
+    h = HAProxy(HAProxyConfig(workdir=tmp_path, grpc_port=free_port(), http_port=free_port(), slots=2))
+    h.start()
+    try:
+        h.bind_slot(1, 1111, 2222)
+        h.set_weight(1, 30)
+        h.route("split")
+        assert h.current_route() == "be_grpc_split"
+        h.route("first", 1)
+        assert h.current_route() == "be_grpc_first_1"
+        rows = h.servers()
+        assert rows["be_grpc_split/s1"]["srv_uweight"] == "30" and rows["be_grpc_first_0/s1"]["srv_port"] == "1111"
+        assert rows["be_http_first_0/s1"]["srv_port"] == "2222"
+        for bad in (lambda: h.set_weight(1, 300), lambda: h.set_state(5, "ready"), lambda: h.set_state(0, "up"),
+                    lambda: h.route("random")):
+            with pytest.raises(HAProxyError):
+                bad()
+        again = HAProxy(HAProxyConfig(workdir=tmp_path, grpc_port=h.config.grpc_port, http_port=h.config.http_port,
+                                      slots=2))
+        assert again.adopt() and again.pid == h.pid
+    finally:
+        h.stop()
+    assert not h.is_alive()
+
+
+def test_state_survives_reopen_and_uses_wal(tmp_path):
+    s = State(tmp_path / "state.db")
+    s.set_desired("retrieval", [2], last_good=[1])
+    s.save_instance(InstanceRecord(id="t1", slot=0, role="primary", state="healthy", grpc_port=1, http_port=2,
+                                   metrics_port=3, workdir="/x", versions={"retrieval": [2]}, pid=42))
+    s.save_rollout(RolloutRecord(id="r1", model="retrieval", from_version=1, to_version=2, strategy="canary",
+                                 steps=[10, 100], bake_seconds=1, gates={}, phase="shift", status="running",
+                                 started=1.0))
+    s.add_rollout_event("r1", "shift", "10%", 10, {"error_rate": 0.0})
+    s.event("detected", "t1 broken", "t1")
+    s.close()
+    s2 = State(tmp_path / "state.db")
+    assert s2.desired() == {"retrieval": [2]} and s2.last_good("retrieval") == [1]
+    assert s2.instance("t1").versions == {"retrieval": [2]} and s2.instance("t1").pid == 42
+    assert [r.id for r in s2.running_rollouts()] == ["r1"]
+    assert s2.rollout_events("r1")[0]["gates"] == {"error_rate": 0.0}
+    assert s2.events(5)[-1]["kind"] == "detected"
+    mode = sqlite3.connect(str(tmp_path / "state.db")).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_state_transaction_rolls_back_on_error(tmp_path):
+    s = State(tmp_path / "state.db")
+    s.set_desired("m", [1])
+    with pytest.raises(RuntimeError):
+        with s.transaction():
+            s.set_desired("m", [2])
+            raise RuntimeError("boom")
+    assert s.desired() == {"m": [1]}
+
+
+def _repo(tmp_path):
+    repo = tmp_path / "repo"
+    v = repo / "retrieval" / "1"
+    v.mkdir(parents=True)
+    (repo / "retrieval" / "config.pbtxt").write_text('name: "retrieval"\n')
+    (v / "model.onnx").write_bytes(b"\x00" * 1000)
+    write_manifest(v, {"built_at": "now"})
+    return repo
+
+
+def test_manifest_check_finds_flipped_bytes_and_missing_files(tmp_path):
+    repo = _repo(tmp_path)
+    assert verify_version(repo, "retrieval", 1).verified
+    p = repo / "retrieval" / "1" / "model.onnx"
+    p.write_bytes(b"\x01" + b"\x00" * 999)
+    info = verify_version(repo, "retrieval", 1)
+    assert not info.verified and "sha256" in info.problem and "model.onnx" in info.problem
+    p.unlink()
+    assert "missing" in verify_version(repo, "retrieval", 1).problem
+    with pytest.raises(RepositoryError, match="unknown version 7"):
+        verify_version(repo, "retrieval", 7)
+    with pytest.raises(RepositoryError, match="unknown model"):
+        verify_version(repo, "nope", 1)
+
+
+def test_manifest_list_form_is_accepted(tmp_path):
+    repo = _repo(tmp_path)
+    m = repo / "retrieval" / "1" / "manifest.json"
+    files = json.loads(m.read_text())["files"]
+    m.write_text(json.dumps({"files": [{"path": k, "sha256": v} for k, v in files.items()]}))
+    assert verify_version(repo, "retrieval", 1).verified
+
+
+def test_snapshot_restore_repairs_and_refuses_corrupt_backups(tmp_path):
+    repo = _repo(tmp_path)
+    store = SnapshotStore(repo, tmp_path / "backups")
+    snap = store.create("first")
+    assert snap.models() == {"retrieval": [1]} and [s.id for s in store.list()] == [snap.id]
+    model = repo / "retrieval" / "1" / "model.onnx"
+    model.write_bytes(b"garbage")
+    restored, verified, repaired = store.restore(snap.id)
+    assert repaired == ["retrieval/1/model.onnx"] and verified == len(snap.files)
+    assert verify_version(repo, "retrieval", 1).verified
+    assert store.restore(snap.id)[0] == 0  # nothing left to repair
+    digest = snap.files["retrieval/1/model.onnx"]
+    (tmp_path / "backups" / "objects" / digest[:2] / digest).write_bytes(b"rotten")
+    model.write_bytes(b"garbage")
+    with pytest.raises(RepositoryError, match="missing or corrupt"):
+        store.restore(snap.id)
+    assert model.read_bytes() == b"garbage"  # all or nothing
+    with pytest.raises(RepositoryError, match="unknown snapshot"):
+        store.restore("../etc")
+
+
+def test_gates_defaults_validation_and_p99():
+    g = Gates.from_dict({"max_error_rate": 0, "max_p99_ratio": 0})
+    assert g.max_error_rate == 0.01 and g.max_p99_ratio == 3.0
+    assert Gates.from_dict({"max_error_rate": 0.05}).max_error_rate == 0.05
+    for bad in ({"max_error_rate": 2}, {"max_p99_ratio": 0.5}):
+        with pytest.raises(Exception, match="gates"):
+            Gates.from_dict(bad)
+    assert p99([]) == 0.0
+    assert p99(list(range(1, 101))) == 99
+    assert p99([5.0]) == 5.0
+
+
+def test_recctl_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "control.recctl", "--help"], capture_output=True, text=True).stdout
+    for cmd in ("status", "rollover", "rollback", "promote", "drain", "instances", "snapshot", "snapshots",
+                "restore", "up", "down"):
+        assert cmd in out
+    r = subprocess.run([sys.executable, "-m", "control.recctl", "rollover", "retrieval"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--version" in r.stderr
+
+
+def test_recctl_without_a_control_plane_says_so(tmp_path):
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "control.recctl", "--root", str(tmp_path), "--control",
+                        f"127.0.0.1:{port}", "--timeout", "3", "status"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and ("no control plane" in r.stdout or "UNAVAILABLE" in r.stdout)
