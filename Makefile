@@ -81,3 +81,10 @@ perf-tune: models  ## search instances/queue delay/preferred batch for MODEL=ran
 
 perf-check: models  ## compare reports/perf/latest ratios and capacity with perf/baseline.json
 	$(PY) -m perf check
+
+.PHONY: fleet-up fleet-down
+fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the background (gRPC :8001, HTTP :8000); idempotent
+	$(PY) -m control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP)
+
+fleet-down: setup  ## stop what fleet-up started (control plane, instances, HAProxy) and nothing else
+	$(PY) -m control.recctl down
