@@ -124,7 +124,7 @@ class Session:
         rec = RunRecord(target, model, ep.via, mode, value, batch_size, variant)
         seconds = self.suite.seconds_per_point
         if mode == "rate":
-            count = max(20, int(value * seconds))
+            count = max(20, int(value * seconds), int(value) + 1)  # perf_analyzer refuses count < rate
         else:
             count = max(20, int(self._rate_estimate.get(model, 100.0) * seconds))
         tag = f"{target}_{variant}_{ep.via}_{mode}{value:g}".replace("/", "_")
