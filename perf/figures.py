@@ -70,6 +70,20 @@ def ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator
 
 
+def paired_ratio(pairs: Iterable[tuple[float, float]]) -> float | None:
+    """Median of per-round ratios numerator/denominator, each round measured back to back.
+
+    Why paired and median: on a shared host the background load drifts by 2x within minutes, so a
+    ratio of two best-ofs taken at different times mixes the drift in; a ratio per round cancels most
+    of it, and the median drops the round a neighbour's burst landed in.
+    """
+    values = sorted(n / d for n, d in pairs if n and d)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
 def rate_ladder(
     saturation_ips: float, fractions: Iterable[float], batch_size: int = 1, floor: float = 1.0
 ) -> list[float]:

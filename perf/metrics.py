@@ -108,6 +108,49 @@ def _is_stub(proc: psutil.Process) -> bool:
     return "stub" in argv0 or proc.name().startswith("triton_python")
 
 
+def tree_cpu_s(pids: list[int]) -> dict[str, float]:
+    """Cumulative CPU seconds (user + system) of the servers and of their Python stubs.
+
+    Why: on a 2-core host the serving path competes with the load generator for the same cores, and
+    CPU seconds per request per process say which layer costs what; latency alone cannot.
+    """
+    out = {"server": 0.0, "stubs": 0.0}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            t = root.cpu_times()
+            out["server"] += t.user + t.system
+            for c in root.children(recursive=True):
+                if _is_stub(c):
+                    ct = c.cpu_times()
+                    out["stubs"] += ct.user + ct.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def cpu_s(pids: list[int]) -> float:
+    """Cumulative CPU seconds of whole process trees (HAProxy master + workers)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            for p in [root, *root.children(recursive=True)]:
+                t = p.cpu_times()
+                total += t.user + t.system
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return total
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's exited children (perf_analyzer runs as one and has exited)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 @dataclass
 class RssPeaks:
     """Peak resident memory (MiB) of the server process and of its Python backend stubs."""

@@ -133,8 +133,8 @@ def markdown(doc: dict, plots: list[Path]) -> str:
         "## Load points",
         "",
         "| target | variant | via | mode | load | infer/s | p50 ms | p99 ms | server queue us | server compute us "
-        "| avg batch | peak RSS MiB (server + stubs) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| avg batch | peak RSS MiB (server + stubs) | CPU ms/request (server / stubs / perf_analyzer) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc.get("runs", []):
         if r.get("error"):
@@ -144,12 +144,14 @@ def markdown(doc: dict, plots: list[Path]) -> str:
             continue
         srv = r.get("server", {}).get(r["model"], {})
         rss = r.get("rss_mib", {})
+        cpu = r.get("cpu_ms_per_request", {})
         lines.append(
             f"| {r['target']} | {r['variant']} | {r['via']} | {r['mode']} | {r['value']:g} | "
             f"{r['infer_per_sec']:.1f} | "
             f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {_fmt(srv.get('queue_us'), 0)} | "
             f"{_fmt(srv.get('compute_infer_us'), 0)} | {_fmt(srv.get('avg_batch'), 2)} | "
-            f"{_fmt(rss.get('server_mib'), 0)} + {_fmt(rss.get('stubs_mib'), 0)} ({rss.get('stub_count', 0)} stubs) |"
+            f"{_fmt(rss.get('server_mib'), 0)} + {_fmt(rss.get('stubs_mib'), 0)} ({rss.get('stub_count', 0)} stubs) | "
+            f"{_fmt(cpu.get('server'), 2)} / {_fmt(cpu.get('stubs'), 2)} / {_fmt(cpu.get('perf_analyzer'), 2)} |"
         )
     tune = doc.get("tune")
     if tune:

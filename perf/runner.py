@@ -48,6 +48,8 @@ class RunRecord:
     client_compute_us: float = 0.0
     server: dict = field(default_factory=dict)
     rss_mib: dict = field(default_factory=dict)
+    #: CPU milliseconds per request spent by tritonserver, its Python stubs and perf_analyzer itself.
+    cpu_ms_per_request: dict = field(default_factory=dict)
     csv: str = ""
     error: str | None = None
 
@@ -142,6 +144,7 @@ class Session:
         before = [metrics.scrape(u) for u in ep.metrics_urls]
         if self._sampler:
             self._sampler.reset()
+        cpu0, client0, proxy0 = metrics.tree_cpu_s(ep.pids), metrics.children_cpu_s(), metrics.cpu_s(ep.proxy_pids)
         try:
             row = analyzer.run(point, csv_path)
         except (analyzer.PerfAnalyzerError, ValueError) as exc:
@@ -150,7 +153,17 @@ class Session:
             console.print(f"  [red]{target} {mode} {value:g}: {exc}[/]")
             self.runs.append(rec)
             return rec
+        cpu1, client1, proxy1 = metrics.tree_cpu_s(ep.pids), metrics.children_cpu_s(), metrics.cpu_s(ep.proxy_pids)
         after = [metrics.scrape(u) for u in ep.metrics_urls]
+        if row.requests:
+            per = 1000.0 / row.requests
+            rec.cpu_ms_per_request = {
+                "server": round((cpu1["server"] - cpu0["server"]) * per, 3),
+                "stubs": round((cpu1["stubs"] - cpu0["stubs"]) * per, 3),
+                "perf_analyzer": round((client1 - client0) * per, 3),
+            }
+            if ep.proxy_pids:
+                rec.cpu_ms_per_request["haproxy"] = round((proxy1 - proxy0) * per, 3)
         server: dict[str, dict] = {}
         for b, a in zip(before, after, strict=True):
             for name, figs in metrics.deltas(b, a).items():
@@ -215,7 +228,7 @@ class Session:
 
     # ------------------------------------------------------------------ ratios
     def served_vs_inprocess(self, spec: RatioSpec, ep: Endpoint) -> None:
-        served_best, inproc_best, detail = 0.0, 0.0, []
+        pairs, detail = [], []
         for rnd in range(spec.rounds):
             ref = inprocess.measure(
                 self.repository / spec.model, self._rows[spec.model], spec.batch_size, self.suite.inprocess_seconds
@@ -227,22 +240,16 @@ class Session:
             )
             served = self.sweep(ep, f"{spec.model}-served", spec.model, spec.concurrency, spec.batch_size)
             sat = figures.saturation(r.row() for r in served)
-            served_best, inproc_best = max(served_best, sat), max(inproc_best, ref.infer_per_sec)
-            detail.append(
-                {
-                    "round": rnd + 1,
-                    "served_infer_per_sec": round(sat, 1),
-                    "inprocess_infer_per_sec": round(ref.infer_per_sec, 1),
-                }
-            )
+            pairs.append((sat, ref.infer_per_sec))
+            detail.append({"round": rnd + 1, "served": round(sat, 1), "inprocess": round(ref.infer_per_sec, 1)})
         self._ratio(
             "served_vs_inprocess",
-            figures.ratio(served_best, inproc_best),
+            figures.paired_ratio(pairs),
             0.7,
             spec,
             {
-                "served_infer_per_sec": round(served_best, 1),
-                "inprocess_infer_per_sec": round(inproc_best, 1),
+                "served_infer_per_sec": round(max(p[0] for p in pairs), 1),
+                "inprocess_infer_per_sec": round(max(p[1] for p in pairs), 1),
                 "threads": ref.threads,
                 "rounds": detail,
             },
@@ -252,22 +259,27 @@ class Session:
         if proxied is None:
             self._skip("haproxy_vs_direct", why)
             return
-        best = {"direct": 0.0, "haproxy": 0.0}
-        for _ in range(spec.rounds):
-            for c in spec.concurrency:  # interleaved: both paths see the same background noise
-                for side, e in (("direct", ep), ("haproxy", proxied)):
+        pairs, detail = [], []
+        for rnd in range(spec.rounds):
+            sat = {"direct": 0.0, "haproxy": 0.0}
+            sides = [("direct", ep), ("haproxy", proxied)]
+            for c in spec.concurrency:  # interleaved per point, order flipped per round: same noise on both
+                for side, e in sides if rnd % 2 == 0 else sides[::-1]:
                     rec = self.measure(e, f"{spec.model}-{side}", spec.model, "concurrency", c, spec.batch_size)
                     if not rec.error:
-                        best[side] = max(best[side], rec.infer_per_sec)
+                        sat[side] = max(sat[side], rec.infer_per_sec)
+            pairs.append((sat["haproxy"], sat["direct"]))
+            detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}})
         self._ratio(
             "haproxy_vs_direct",
-            figures.ratio(best["haproxy"], best["direct"]),
+            figures.paired_ratio(pairs),
             0.9,
             spec,
             {
-                "haproxy_infer_per_sec": round(best["haproxy"], 1),
-                "direct_infer_per_sec": round(best["direct"], 1),
+                "haproxy_infer_per_sec": round(max(p[0] for p in pairs), 1),
+                "direct_infer_per_sec": round(max(p[1] for p in pairs), 1),
                 "path": proxied.detail,
+                "rounds": detail,
             },
         )
 
@@ -278,25 +290,30 @@ class Session:
             return
         without = copy.deepcopy(committed)
         without.pop("dynamic_batching")
-        best = {"committed": 0.0, "no_dynamic_batching": 0.0}
+        pairs, detail = [], []
         try:
-            for _ in range(spec.rounds):
-                for variant, cfg in (("no_dynamic_batching", without), ("committed", None)):
+            for rnd in range(spec.rounds):
+                sat = {}
+                variants = [("no_dynamic_batching", without), ("committed", None)]
+                for variant, cfg in variants if rnd % 2 == 0 else variants[::-1]:
                     server.load_model(spec.model, cfg)
                     rows = self.sweep(
                         ep, f"{spec.model}-batching", spec.model, spec.concurrency, spec.batch_size, variant
                     )
-                    best[variant] = max(best[variant], figures.saturation(r.row() for r in rows))
+                    sat[variant] = figures.saturation(r.row() for r in rows)
+                pairs.append((sat["committed"], sat["no_dynamic_batching"]))
+                detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}})
         finally:
             server.load_model(spec.model)  # back to the committed file
         self._ratio(
             "dynamic_batching_gain",
-            figures.ratio(best["committed"], best["no_dynamic_batching"]),
+            figures.paired_ratio(pairs),
             None,
             spec,
             {
-                "with_infer_per_sec": round(best["committed"], 1),
-                "without_infer_per_sec": round(best["no_dynamic_batching"], 1),
+                "with_infer_per_sec": round(max(p[0] for p in pairs), 1),
+                "without_infer_per_sec": round(max(p[1] for p in pairs), 1),
+                "rounds": detail,
             },
         )
 

@@ -25,6 +25,8 @@ class Endpoint:
     metrics_urls: list[str] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     detail: str = ""
+    #: HAProxy processes on the path (their CPU per request is reported apart from the server's).
+    proxy_pids: list[int] = field(default_factory=list)
 
 
 class Unavailable(RuntimeError):
@@ -86,6 +88,7 @@ class LocalProxy:
             [self.server.metrics_url],
             pids,
             "own HAProxy (control.haproxy, one slot) in front of the embedded server",
+            [self.proxy.pid] if self.proxy.pid else [],
         )
 
     def stop(self) -> None:

@@ -64,3 +64,10 @@ def test_saturation_ratio_and_ladder():
     assert figures.ratio(70, 0) is None
     assert figures.rate_ladder(800, [0.5, 1.0], batch_size=8) == [50, 100]
     assert figures.rate_ladder(10, [0.01, 0.02]) == [1.0]
+
+
+def test_paired_ratio_is_the_median_of_round_ratios():
+    assert figures.paired_ratio([(90, 100), (50, 100), (95, 100)]) == pytest.approx(0.9)
+    assert figures.paired_ratio([(80, 100), (100, 100)]) == pytest.approx(0.9)
+    assert figures.paired_ratio([(0, 100), (45, 50)]) == pytest.approx(0.9)  # a failed side drops its round
+    assert figures.paired_ratio([(0, 100)]) is None
