@@ -218,8 +218,12 @@ class DrillRun:
                                                                 spec.load.background.rate_x_capacity):
             self.ctx.capacity_rps, source = capacity_rps(self.s.grpc_url, "recommend", spec.steady_state.slo_p99_ms,
                                                          self.s.workdir)
-            self.journal.add("capacity", "probe", "succeeded", {"capacity_rps": self.ctx.capacity_rps,
-                                                                "source": source})
+            self.journal.add("capacity", "probe", "succeeded" if self.ctx.capacity_rps else "failed",
+                             {"capacity_rps": self.ctx.capacity_rps, "source": source})
+            if not self.ctx.capacity_rps:
+                reason = f"capacity_rps unknown, the load cannot be sized: {source}"
+                self.journal.finish("failed", reason)
+                return self._result({}, status="failed", reason=reason)
         bg: Background | None = None
         probe = Probe(self.s.grpc_url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
                       max_requests=int(spec.load.duration_s * 2000))
