@@ -528,7 +528,14 @@ class Fleet:
         if rec.state in ("broken", "restarting", "starting", "loading"):
             return
         if not probe.fatal and self.fails[iid] < self.config.fail_threshold:
-            return
+            # A second, independent witness: HAProxy's own checks already took the slot out (hang, crash).
+            try:
+                confirmed = not self.haproxy.slot_up(rec.slot)
+            except HAProxyError:
+                confirmed = False
+            if not confirmed:
+                return
+            probe.reason += " (HAProxy's health check agrees: slot down)"
         self.mark_broken(rec, probe)
 
     def mark_broken(self, rec: InstanceRecord, probe: Probe) -> None:

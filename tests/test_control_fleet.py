@@ -233,6 +233,7 @@ def test_primary_failure_costs_no_request_and_returns_as_standby(fleet, sig):
         swapped = fleet.wait(lambda s: by_role(s, "primary") and by_role(s, "primary")[0]["id"] == standby["id"],
                              timeout=30, what="the standby to become primary", interval=0.1)
         assert swapped
+        assert swapped["health"] == "degraded" and any("standby" in w for w in swapped["warnings"]), swapped
         back = fleet.wait(lambda s: all_healthy_exact(s) and by_role(s, "standby")[0]["id"] == primary["id"],
                           what="the failed instance back as standby with the desired versions")
         time.sleep(1.0)
@@ -311,6 +312,28 @@ def test_rollback_returns_every_instance_to_the_previous_version(fleet):
     assert all(i["models"]["retrieval"] == [r.to_version] for i in st["instances"])
 
 
+def test_blue_green_rollover_switches_in_one_step_without_failures(fleet):
+    start = fleet.status()
+    old_primary = by_role(start, "primary")[0]["id"]
+    new = make_version(fleet.repository, "retrieval", "copy")
+    load = _load(fleet)
+    try:
+        time.sleep(1.0)
+        mark = load.mark()
+        events = _rollover(fleet, "retrieval", new, strategy="blue-green", bake_seconds=2)
+        records = load.since(mark)
+    finally:
+        load.stop()
+    assert events[-1].status == "succeeded", [e.message for e in events]
+    shifts = [e for e in events if e.phase == "shift"]
+    assert len(shifts) == 1 and shifts[0].weight == 100 and "instant rollback target" in shifts[0].message
+    failed = load.failed(records)
+    assert not failed, f"{len(failed)} of {len(records)} failed: {failed[0].error}"
+    st = fleet.wait(all_healthy_exact, what="every instance on the blue-green version")
+    assert st["desired"]["retrieval"] == [new]
+    assert by_role(st, "primary")[0]["id"] != old_primary  # the green instance serves
+
+
 def test_bad_version_is_rolled_back_by_the_gates(fleet):
     start = fleet.status()["desired"]["retrieval"]
     bad = make_version(fleet.repository, "retrieval", "fail-high-users", base=start[0])
@@ -362,6 +385,46 @@ def test_control_plane_sigkill_mid_rollover_leaves_a_consistent_fleet(fleet):
     want = [new] if ro.status == "succeeded" else [ro.from_version]
     assert st["desired"]["retrieval"] == want
     assert all(i["models"]["retrieval"] == want for i in st["instances"])
+
+
+# ---------------------------------------------------------------------------------------------- membership
+def test_promote_and_drain_move_traffic_without_failures(fleet):
+    st = fleet.status()
+    primary, standby = by_role(st, "primary")[0]["id"], by_role(st, "standby")[0]["id"]
+    load = _load(fleet)
+    try:
+        time.sleep(1.0)
+        mark = load.mark()
+        r = fleet.stub.PromoteInstance(pb.InstanceRequest(id=standby), metadata=fleet.auth, timeout=30)
+        assert r.role == "primary" and r.weight == 100
+        time.sleep(1.0)
+        d = fleet.stub.DrainInstance(pb.InstanceRequest(id=standby), metadata=fleet.auth, timeout=30)
+        assert d.state == "drained" and d.role == "standby"  # draining the primary hands traffic over first
+        st = fleet.status()
+        assert by_role(st, "primary")[0]["id"] == primary
+        time.sleep(1.0)
+        fleet.stub.PromoteInstance(pb.InstanceRequest(id=standby), metadata=fleet.auth, timeout=30)
+        time.sleep(1.0)
+        records = load.since(mark)
+    finally:
+        load.stop()
+    failed = load.failed(records)
+    assert len(records) > 20 and not failed, f"{len(failed)} of {len(records)} failed"
+    st = fleet.wait(all_healthy_exact, what="healthy fleet after promote/drain")
+    assert by_role(st, "primary")[0]["id"] == standby
+
+
+def test_add_and_remove_a_standby(fleet):
+    r = fleet.stub.AddInstance(pb.AddInstanceRequest(role="standby"), metadata=fleet.auth, timeout=300)
+    assert r.role == "standby" and r.state == "healthy"
+    st = fleet.wait(lambda s: all_healthy_exact(s, 3), what="three healthy instances")
+    assert len(by_role(st, "standby")) == 2
+    primary = by_role(st, "primary")[0]["id"]
+    removed = fleet.stub.RemoveInstance(pb.InstanceRequest(id=r.id), metadata=fleet.auth, timeout=60)
+    assert removed.state == "removed"
+    assert not _pid_alive(r.pid)
+    st = fleet.wait(all_healthy_exact, what="two instances again")
+    assert by_role(st, "primary")[0]["id"] == primary
 
 
 # ---------------------------------------------------------------------------------------------- backups
