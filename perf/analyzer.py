@@ -68,6 +68,9 @@ class Row:
     #: Requests measured and their span (from the profile export; 0 when only the CSV was parsed).
     requests: int = 0
     duration_s: float = 0.0
+    #: Requests slower than STALL_US: the ~500 ms stalls of Triton 2.51's dynamic batcher with a queue
+    #: policy (see perf/README.md) show up here before they move p99.
+    stalls: int = 0
 
     @property
     def p50_ms(self) -> float:
@@ -96,6 +99,9 @@ def parse_csv(text: str) -> list[Row]:
             values.setdefault(need, values["p99_us"])
         rows.append(Row(**values))
     return rows
+
+
+STALL_US = 400_000.0
 
 
 def parse_profile(doc: dict, batch_size: int = 1) -> dict[str, float]:
@@ -130,6 +136,7 @@ def parse_profile(doc: dict, batch_size: int = 1) -> dict[str, float]:
         "avg_us": sum(lats) / len(lats),
         "requests": len(sends),
         "duration_s": span_s,
+        "stalls": sum(1 for x in lats if x >= STALL_US),
     }
 
 

@@ -88,6 +88,11 @@ def _fmt(v: object, digits: int = 3) -> str:
     return str(v)
 
 
+def _stalls(run: dict) -> str:
+    n = run.get("stalls", 0)
+    return f" ({n} over 400 ms)" if n else ""
+
+
 def markdown(doc: dict, plots: list[Path]) -> str:
     """report.md: ratios, capacity, per-point table, errors, plots."""
     v = doc.get("versions", {})
@@ -148,7 +153,7 @@ def markdown(doc: dict, plots: list[Path]) -> str:
         lines.append(
             f"| {r['target']} | {r['variant']} | {r['via']} | {r['mode']} | {r['value']:g} | "
             f"{r['infer_per_sec']:.1f} | "
-            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {_fmt(srv.get('queue_us'), 0)} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f}{_stalls(r)} | {_fmt(srv.get('queue_us'), 0)} | "
             f"{_fmt(srv.get('compute_infer_us'), 0)} | {_fmt(srv.get('avg_batch'), 2)} | "
             f"{_fmt(rss.get('server_mib'), 0)} + {_fmt(rss.get('stubs_mib'), 0)} ({rss.get('stub_count', 0)} stubs) | "
             f"{_fmt(cpu.get('server'), 2)} / {_fmt(cpu.get('stubs'), 2)} / {_fmt(cpu.get('perf_analyzer'), 2)} |"

@@ -44,6 +44,7 @@ class RunRecord:
     p90_ms: float = 0.0
     p99_ms: float = 0.0
     requests: int = 0
+    stalls: int = 0
     client_queue_us: float = 0.0
     client_compute_us: float = 0.0
     server: dict = field(default_factory=dict)
@@ -170,7 +171,7 @@ class Session:
                 server[name] = asdict(figs) | {"avg_batch": round(figs.avg_batch, 2)}
         rec.infer_per_sec = round(row.infer_per_sec, 2)
         rec.p50_ms, rec.p90_ms, rec.p99_ms = (round(x / 1000, 3) for x in (row.p50_us, row.p90_us, row.p99_us))
-        rec.requests = row.requests
+        rec.requests, rec.stalls = row.requests, row.stalls
         rec.client_queue_us, rec.client_compute_us = row.server_queue_us, row.server_compute_infer_us
         rec.server = server
         rec.rss_mib = asdict(self._sampler.peaks) if self._sampler else {}

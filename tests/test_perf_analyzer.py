@@ -94,3 +94,10 @@ def test_unreachable_server_raises_with_perf_analyzers_words(tmp_path):
     assert "ranker" in msg and "127.0.0.1:9" in msg and "exit" in msg
     assert "failed" in msg.lower() or "unavailable" in msg.lower() or "connect" in msg.lower()
     assert (tmp_path / "x.log").exists()
+
+
+def test_profile_counts_stalled_requests():
+    reqs = [{"timestamp": 0, "response_timestamps": [2_000_000]} for _ in range(98)]
+    reqs += [{"timestamp": 0, "response_timestamps": [501_000_000]} for _ in range(2)]
+    got = analyzer.parse_profile({"experiments": [{"requests": reqs}]})
+    assert got["stalls"] == 2 and got["p50_us"] == 2000
