@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -46,9 +47,19 @@ def _check(args: argparse.Namespace) -> int:
     return check.main(args)
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (CI timeouts, kill) unwinds like Ctrl-C, so servers and HAProxy we started are stopped."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     from perf import inputs, report
 
+    _sigterm_as_interrupt()
     p = argparse.ArgumentParser(prog="python -m perf", description=__doc__)
     p.add_argument(
         "--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository (default: %(default)s)"

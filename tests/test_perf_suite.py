@@ -69,3 +69,12 @@ def test_missing_and_unparsable_files(tmp_path):
         suite.load("no-such-suite")
     with pytest.raises(suite.SuiteError, match="not valid YAML"):
         suite.load(write(tmp_path, "targets: [unclosed"))
+
+
+def test_cli_refuses_a_bad_suite_before_starting_anything(tmp_path, capsys):
+    from perf.__main__ import main
+
+    bad = write(tmp_path, "targets: [{model: ranker, concurency: [1]}]")
+    assert main(["--reports", str(tmp_path / "r"), "run", str(bad)]) == 2
+    assert "unknown key(s) ['concurency']" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # no report dir, no server: it stopped at validation
