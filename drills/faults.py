@@ -286,26 +286,72 @@ class Rollover(Fault):
 class BadRollover(Fault):
     name = "bad-rollover"
     simulation = ("canary rollover of a version whose ONNX graph negates its scores (answers reversed: wrong), "
-                  "created by the drill; the control plane's golden-answer gate must roll it back")
+                  "created by the drill; the control plane's gates must roll it back")
 
     def inject(self, ctx: Context, action: Action) -> dict:
         p = action.params
         ctx.figures.setdefault("desired_before", ctx.fleet.desired())
         version = release_copy(ctx, p["model"], wrong=True)
-        try:
-            events = ctx.fleet.rollover(p["model"], version, "canary", p["steps"], p["bake_s"])
-        except FleetError as exc:  # refusing the version outright is also a safe outcome; recorded as such
-            events = [{"status": "refused", "message": str(exc)}]
+        box: dict[str, Any] = {}
+
+        def roll() -> None:
+            try:
+                box["events"] = ctx.fleet.rollover(p["model"], version, "canary", p["steps"], p["bake_s"])
+            except FleetError as exc:  # refusing the version outright is also a safe outcome; recorded as such
+                box["events"] = [{"status": "refused", "message": str(exc)}]
+
+        t = threading.Thread(target=roll, daemon=True)
+        t.start()
+        canary = _watch_canary(ctx, t)
+        t.join(5)
+        events = box.get("events") or [{"status": "unknown"}]
         rollout = ctx.fleet.rollout(p["model"])
         ctx.figures["rolled_back"] = rollout.get("status") in ("rolled_back", "refused") or \
             events[-1].get("status") in ("rolled_back", "refused")
         ctx.figures["failed_gate"] = rollout.get("failed_gate")
-        return {"model": p["model"], "version": version, "rollout": {k: rollout.get(k) for k in
-                ("id", "status", "failed_gate", "failed_value", "threshold", "canary")},
+        ctx.figures["canary_direct"] = canary
+        return {"model": p["model"], "version": version, "canary_direct": canary,
+                "rollout": {k: rollout.get(k) for k in ("id", "status", "failed_gate", "failed_value", "threshold",
+                                                         "canary")},
                 "events": [{k: e.get(k) for k in ("phase", "weight", "status", "ts_unix", "message")} for e in events]}
 
     def rollback(self, ctx: Context) -> dict:
         return restore_desired(ctx, ctx.spec.method[0].params["model"])
+
+
+def _watch_canary(ctx: Context, rollout: threading.Thread, timeout_s: float = 180.0) -> dict:
+    """While the rollout runs, ask the canary instance directly (not through HAProxy) for the golden
+    recommendation: proof that the bad version really was live, independent of what clients happened to see."""
+    from control.client import RecClient
+    from drills.runner import golden_cases
+
+    case = next(c for c in golden_cases() if c.model == "recommend")
+    baseline = None
+    seen = {"asked": 0, "differs": 0, "errors": 0, "canary": None}
+    deadline = time.monotonic() + timeout_s
+    while rollout.is_alive() and time.monotonic() < deadline:
+        try:
+            insts = ctx.fleet.instances()
+        except FleetError:
+            time.sleep(0.2)
+            continue
+        if baseline is None:
+            prim = next((i for i in insts if i.role == "primary"), None)
+            if prim:
+                with RecClient(f"127.0.0.1:{prim.grpc_port}", timeout_s=2.0) as c:
+                    baseline = c.recommend(case.user_id or 0, list(case.history)).item_ids
+        can = next((i for i in insts if i.role == "canary" and i.state == "healthy"), None)
+        if can and baseline is not None:
+            seen["canary"] = can.id
+            try:
+                with RecClient(f"127.0.0.1:{can.grpc_port}", timeout_s=2.0) as c:
+                    got = c.recommend(case.user_id or 0, list(case.history)).item_ids
+                seen["asked"] += 1
+                seen["differs"] += got != baseline
+            except Exception:
+                seen["errors"] += 1
+        time.sleep(0.2)
+    return seen
 
 
 class ArtifactCorruption(Fault):
