@@ -132,7 +132,7 @@ class Fleet:
         self.haproxy = HAProxy(HAProxyConfig(workdir=self.root / "haproxy", grpc_port=config.grpc_port,
                                              http_port=config.http_port, slots=config.slots))
         self.admin_key = read_secret(self.root / "admin.key")
-        self.golden = Golden(self.repository)
+        self.golden = Golden(self.repository, store=(self.state.get, self.state.put))
         self.servers: dict[str, TritonServer] = {}
         self.clients: dict[str, RecClient] = {}
         self.lock = threading.RLock()

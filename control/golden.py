@@ -107,8 +107,12 @@ def _as_result(x) -> Result:
 class Golden:
     """Expected answers per exact version set, cached; thread-safe."""
 
-    def __init__(self, repository: Path, requests: dict[str, dict] | None = None, score_tol: float = 1e-3):
+    def __init__(self, repository: Path, requests: dict[str, dict] | None = None, score_tol: float = 1e-3,
+                 store: tuple[Callable[[str], str | None], Callable[[str, str], None]] | None = None):
+        """``store`` = (get, put) of a durable key-value store: first-answer expectations survive a control-plane
+        restart, so an instance that went wrong meanwhile cannot become the reference."""
         self.repository = Path(repository)
+        self.store = store
         self.requests = requests or load_requests(self.repository.parent / "artifacts" / "golden.json")
         self.score_tol = score_tol
         self._cache: dict[str, Expected] = {}
@@ -126,8 +130,16 @@ class Golden:
                 return self._cache[k]
         ans = _reference_answers(self.repository, versions, self.requests)
         exp = Expected(ans, "build.reference") if ans else None
+        if exp is None and self.store is not None:
+            saved = self.store[0](f"golden:{k}")
+            if saved:
+                d = json.loads(saved)
+                exp = Expected({m: Result(v["item_ids"], v["scores"]) for m, v in d.items()}, "first-answer")
         if exp is None and first_answer is not None:
             exp = Expected(first_answer(), "first-answer")
+            if self.store is not None:
+                self.store[1](f"golden:{k}", json.dumps({m: {"item_ids": r.item_ids, "scores": r.scores}
+                                                          for m, r in exp.answers.items()}))
         if exp is not None:
             with self._lock:
                 self._cache.setdefault(k, exp)

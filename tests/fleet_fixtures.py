@@ -107,7 +107,8 @@ def make_version(repository, model: str, mode: str = "copy", base: int | None = 
 
     ``mode``: ``copy`` (same bytes: a good new version), ``fail-high-users`` (a retrieval graph that errors for
     user ids >= 100 but passes warmup and the golden request, so only live traffic and metrics reveal it), or
-    ``corrupt`` (valid manifest first, then one byte of model.onnx flipped: fails its sha256).
+    ``corrupt`` (valid manifest first, then one byte of model.onnx flipped: fails its sha256), or ``unloadable``
+    (a model.onnx that is not ONNX, with a valid manifest: Triton refuses to load it).
     """
     import shutil
     from pathlib import Path
@@ -137,14 +138,16 @@ def make_version(repository, model: str, mode: str = "copy", base: int | None = 
             helper.make_node("Add", ["cand_scores_inner", "bad_g"], [out.name]),
         ])
         onnx.save(g, str(dst / "model.onnx"))
+    if mode == "unloadable":
+        (dst / "model.onnx").write_bytes(b"this is not an onnx graph")
     write_manifest(dst, {"built_at": "test helper", "note": f"{mode} copy of {src.name}"})
     if mode == "corrupt":
         p = dst / "model.onnx"
         data = bytearray(p.read_bytes())
         data[len(data) // 2] ^= 0xFF
         p.write_bytes(bytes(data))
-    elif mode not in ("copy", "fail-high-users"):
-        raise ValueError(f"mode must be copy, fail-high-users or corrupt, got {mode!r}")
+    elif mode not in ("copy", "fail-high-users", "unloadable"):
+        raise ValueError(f"mode must be copy, fail-high-users, unloadable or corrupt, got {mode!r}")
     return new
 
 

@@ -358,6 +358,26 @@ def test_bad_version_is_rolled_back_by_the_gates(fleet):
     assert all(i["models"]["retrieval"] == start for i in st["instances"])
 
 
+def test_version_that_fails_to_load_is_never_served(fleet):
+    start = fleet.status()["desired"]["retrieval"]
+    broken = make_version(fleet.repository, "retrieval", "unloadable")
+    load = _load(fleet)
+    try:
+        time.sleep(0.5)
+        mark = load.mark()
+        r = fleet.recctl("rollover", "retrieval", "--version", str(broken), "--steps", "10,100", "--bake", "1",
+                         check=False)
+        records = load.since(mark)
+    finally:
+        load.stop()
+    assert r.returncode == 1, r.stdout
+    assert "rolled back" in r.stdout and "gate load" in r.stdout, r.stdout
+    assert not load.failed(records)
+    st = fleet.wait(all_healthy_exact, what="fleet on the old version")
+    assert st["desired"]["retrieval"] == start
+    assert all(i["models"]["retrieval"] == start for i in st["instances"])
+
+
 def test_control_plane_sigkill_mid_rollover_leaves_a_consistent_fleet(fleet):
     new = make_version(fleet.repository, "retrieval", "copy")
     load = _load(fleet)
