@@ -178,3 +178,80 @@ def test_recctl_without_a_control_plane_says_so(tmp_path):
     r = subprocess.run([sys.executable, "-m", "control.recctl", "--root", str(tmp_path), "--control",
                         f"127.0.0.1:{port}", "--timeout", "3", "status"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and ("no control plane" in r.stdout or "UNAVAILABLE" in r.stdout)
+
+
+class _FakeFleet:
+    """Just enough of Fleet for RolloutManager._bake: one instance whose client is slow or failing."""
+
+    def __init__(self, client):
+        from types import SimpleNamespace
+
+        from control.metrics import ControlMetrics
+
+        self.metrics = ControlMetrics()
+        self.canary_broken: dict[str, str] = {}
+        self._client = client
+        inst = SimpleNamespace(versions={"retrieval": [2]}, metrics_port=free_port())
+        self.state = SimpleNamespace(instance=lambda iid: inst)
+        self.golden = SimpleNamespace(requests={"recommend": {"user_id": 1, "history": [1]},
+                                                "search": {"query": "q", "user_id": None}},
+                                      expected=lambda versions: None, compare=lambda got, exp: "")
+
+    def client(self, iid):
+        return self._client
+
+
+class _Client:
+    def __init__(self, delay_s: float = 0.0, fail: bool = False):
+        self.delay_s, self.fail = delay_s, fail
+
+    def _answer(self):
+        import time
+
+        from control.client import Result
+
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("INTERNAL: device failure")
+        return Result([1, 2], [0.5, 0.4])
+
+    def recommend(self, user_id, history):
+        return self._answer()
+
+    def search(self, query, user_id=None):
+        return self._answer()
+
+
+def _bake(client, gates: Gates, base_p99_ms: float, bake_s: float = 1.0):
+    from control.rollout import RolloutManager
+
+    rm = RolloutManager.__new__(RolloutManager)
+    rm.fleet, rm.probe_interval_s, rm._abort = _FakeFleet(client), 0.01, {}
+    rm.state = rm.fleet.state
+    rec = RolloutRecord(id="r", model="retrieval", from_version=1, to_version=2, strategy="canary", steps=[100],
+                        bake_seconds=bake_s, gates={}, phase="bake", status="running", started=0.0)
+    return rm._bake(rec, "t2", gates, base_p99_ms)
+
+
+def test_p99_gate_fails_a_slow_canary_and_records_the_value():
+    from control.rollout import GateFailure
+
+    with pytest.raises(GateFailure) as exc:
+        _bake(_Client(delay_s=0.05), Gates(max_p99_ratio=3.0, min_p99_ms=20.0), base_p99_ms=10.0)
+    assert exc.value.gate == "p99_ratio" and exc.value.value > 3.0 and exc.value.threshold == 3.0
+
+
+def test_error_rate_gate_fails_fast_and_green_canary_passes():
+    import time
+
+    from control.rollout import GateFailure
+
+    t0 = time.monotonic()
+    with pytest.raises(GateFailure) as exc:
+        _bake(_Client(fail=True), Gates(), base_p99_ms=10.0, bake_s=5.0)
+    assert exc.value.gate == "error_rate" and exc.value.value == 1.0
+    assert time.monotonic() - t0 < 4.0  # it did not wait for the whole bake time
+    vals = _bake(_Client(), Gates(), base_p99_ms=10.0, bake_s=0.5)
+    assert vals["error_rate"] == 0.0 and vals["requests"] > 0
+    # a slow canary under the p99 noise floor passes: milliseconds of jitter are not a regression
+    assert _bake(_Client(delay_s=0.005), Gates(min_p99_ms=50.0), base_p99_ms=1.0, bake_s=0.3)["p99_ratio"] > 3
