@@ -42,6 +42,9 @@ class TritonPythonModel:
         opts.inter_op_num_threads = int(_param(self.config, "inter_op_thread_count", "1"))
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle intra-op threads spin by default; on a small CPU host that burns the cores tritonserver and
+        # the other model instances need (matters only with intra_op_thread_count > 1).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", _param(self.config, "allow_spinning", "0"))
         self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
         self.input_names = [i["name"] for i in self.config["input"]]
         self.output_names = [o["name"] for o in self.config["output"]]
