@@ -507,7 +507,37 @@ class Fleet:
         return rec
 
     def monitored_ids(self) -> list[str]:
+        self.ensure_haproxy()
         return [r.id for r in self.state.instances() if r.id not in self.busy and r.state not in ("restarting",)]
+
+    def ensure_haproxy(self) -> None:
+        """HAProxy is the data path: if it died, start it again and restore slots, states and the route."""
+        if self.haproxy.is_alive() or self._stopping.is_set():
+            return
+        with self.lock:
+            if self.haproxy.is_alive():
+                return
+            self.state.event("haproxy", "haproxy is gone: starting it again")
+            try:
+                self.haproxy.process = None
+                self.haproxy._pid = None
+                self.haproxy.start()
+                for r in self.state.instances():
+                    if r.grpc_port and r.state in ("healthy", "drained"):
+                        self.haproxy.bind_slot(r.slot, r.grpc_port, r.http_port)
+                        if r.role != "canary":
+                            self.haproxy.set_state(r.slot, "drain" if r.state == "drained" else "ready")
+                route = self.state.get("route", "") or ""
+                if route.startswith("first:"):
+                    self.haproxy.route("first", int(route.split(":")[1]))
+                elif route == "split":
+                    for r in self.state.instances():
+                        self.haproxy.set_weight(r.slot, int(self.state.get(f"weight:{r.id}", "0") or 0))
+                    self.haproxy.route("split")
+                self.state.event("haproxy", f"haproxy restarted (pid {self.haproxy.pid})")
+            except (HAProxyError, OSError) as exc:
+                self.metrics.reconcile_errors.inc()
+                self.state.event("haproxy-error", f"restart failed: {exc}"[:500])
 
     # ================================================================== health reactions
     def on_probe(self, iid: str, probe: Probe) -> None:

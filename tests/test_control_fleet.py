@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import urllib.error
@@ -43,6 +44,7 @@ def fleet(tmp_path_factory):
         yield f
     finally:
         f.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -463,6 +465,27 @@ def test_snapshot_restore_repairs_a_corrupted_version(fleet):
     assert f"retrieval/{v}/model.onnx" in list(r.repaired) and r.verified_files == snap.files
     versions = {x.version: x for x in fleet.stub.ListVersions(pb.ListVersionsRequest(model="retrieval")).versions}
     assert versions[v].verified
+
+
+def test_a_dead_haproxy_is_started_again_with_the_current_routing(fleet):
+    from control.client import RecClient
+
+    route = fleet.status()["route"]
+    pid = int((fleet.root / "haproxy" / "haproxy.pid").read_text().split()[0])
+    os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    answer = None
+    while time.monotonic() < deadline and answer is None:
+        try:
+            with RecClient(fleet.grpc_url, "grpc", timeout_s=2) as c:
+                answer = c.recommend(7, [11, 12, 13])
+        except Exception:
+            time.sleep(0.2)
+    assert answer is not None and len(answer.item_ids) == 20, "clients never got answers again"
+    new_pid = int((fleet.root / "haproxy" / "haproxy.pid").read_text().split()[0])
+    assert new_pid != pid and _pid_alive(new_pid)
+    st = fleet.status()
+    assert st["route"] == route and all_healthy_exact(st)
 
 
 # ---------------------------------------------------------------------------------------------- last: down
