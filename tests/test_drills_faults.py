@@ -1,0 +1,101 @@
+"""Fault building blocks on real processes and real ONNX graphs (the fleet-level faults run in the smoke
+drills): signals and /proc state, the fault-switch lookup, the wrong-answer version, the fixture models."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from control.triton import DEFAULT_REPOSITORY
+from drills.faults import FAULTS, NetworkPartition, _negate_outputs, fault_dir_of, process_state
+from drills.fixture_models import make_repository
+from drills.spec import FAULT_PARAMS
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return make_repository(DEFAULT_REPOSITORY, tmp_path_factory.mktemp("fx") / "repo")
+
+
+def test_every_spec_fault_has_an_implementation_with_a_simulation_note():
+    assert set(FAULTS) == set(FAULT_PARAMS)
+    assert all(f.simulation for f in FAULTS.values())
+
+
+def test_stop_cont_and_fault_dir_on_a_real_process(tmp_path):
+    env = dict(os.environ, RECSERVE_FAULT_DIR=str(tmp_path / "faults"))
+    p = subprocess.Popen(["sleep", "30"], env=env)
+    try:
+        assert fault_dir_of(p.pid) == tmp_path / "faults"
+        os.kill(p.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 5
+        while process_state(p.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process_state(p.pid) == "T"
+        os.kill(p.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while process_state(p.pid) == "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process_state(p.pid) in ("S", "R")
+    finally:
+        p.kill()
+        p.wait()
+    assert process_state(p.pid) == "" and fault_dir_of(p.pid) is None
+    plain = subprocess.Popen(["sleep", "30"], env={k: v for k, v in os.environ.items() if k != "RECSERVE_FAULT_DIR"})
+    try:
+        assert fault_dir_of(plain.pid) is None
+    finally:
+        plain.kill()
+        plain.wait()
+
+
+def _config_io(repo, model: str) -> tuple[list[str], list[str]]:
+    text = (repo / model / "config.pbtxt").read_text()
+    block = lambda key: re.findall(r'name:\s*"([^"]+)"', text.split(f"{key} [", 1)[1].split("]\n", 1)[0])  # noqa: E731
+    return block("input"), block("output")
+
+
+@pytest.mark.parametrize("model", ["retrieval", "ranker", "search_model"])
+def test_fixture_models_match_the_committed_configs(repo, model):
+    sess = ort.InferenceSession(str(repo / model / "1" / "model.onnx"))
+    inputs, outputs = _config_io(repo, model)
+    assert [i.name for i in sess.get_inputs()] == inputs
+    assert [o.name for o in sess.get_outputs()] == outputs
+    feeds = {i.name: np.random.default_rng(0).integers(0, 10**6, (2, i.shape[1])).astype(np.int64)
+             for i in sess.get_inputs()}
+    out = sess.run(None, feeds)
+    assert all(o.shape[0] == 2 for o in out)
+    assert (repo / model / "1" / "manifest.json").exists()
+
+
+def test_negated_copy_answers_wrongly(repo, tmp_path):
+    src = repo / "ranker" / "1" / "model.onnx"
+    bad = tmp_path / "bad.onnx"
+    shutil.copy(src, bad)
+    _negate_outputs(bad)
+    onnx.checker.check_model(onnx.load(str(bad)))
+    hist = np.zeros((1, 50), np.int64)
+    hist[0, -3:] = [11, 12, 13]
+    feeds = {"history": hist, "candidates": np.arange(1, 101, dtype=np.int64)[None]}
+    good = ort.InferenceSession(str(src)).run(None, feeds)[0]
+    wrong = ort.InferenceSession(str(bad)).run(None, feeds)[0]
+    np.testing.assert_allclose(wrong, -good, rtol=1e-6)
+    assert list(np.argsort(-good[0])[:20]) != list(np.argsort(-wrong[0])[:20])
+
+
+def test_network_partition_skips_with_one_clear_line_and_leaves_no_namespace():
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    why = NetworkPartition().check(None)
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert why and "\n" not in why
+    assert "namespace" in why
+    assert before == after
