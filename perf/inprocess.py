@@ -1,13 +1,15 @@
 """In-process onnxruntime reference: the ceiling that serving overhead is measured against.
 
 Same ONNX file, same session options as our Triton shim (intra/inter-op threads from the model's
-config parameters), same batch size, same payload rows, one Python loop calling ``session.run``
-back to back: whatever the served figure loses against this is the cost of serving.
+config parameters), same number of sessions as the config's instances (each in its own thread, as each
+instance has its own stub process), same batch size, same payload rows, ``session.run`` back to back:
+whatever the served figure loses against this is the cost of serving.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,7 @@ class InProcessResult:
     p50_ms: float
     p99_ms: float
     runs: int
+    workers: int = 1
 
 
 def config_threads(config_text: str) -> int:
@@ -57,37 +60,62 @@ def session(path: Path, threads: int):
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+def config_instances(config_text: str) -> int:
+    """Instance count of the model's ``instance_group`` (Triton runs that many sessions in parallel)."""
+    m = re.search(r"instance_group\s*\[\s*\{[^}]*count:\s*(\d+)", config_text)
+    return int(m.group(1)) if m else 1
+
+
+def _worker(sess, outputs: list[str], feeds: list[dict], offset: int, stop_at: float, lat: list[float]) -> None:
+    """One session looping back to back; onnxruntime releases the GIL inside run(), as in a stub process."""
+    i = offset
+    while time.perf_counter() < stop_at:
+        t0 = time.perf_counter()
+        sess.run(outputs, feeds[i % len(feeds)])
+        lat.append(time.perf_counter() - t0)
+        i += 1
+
+
 def measure(
     model_dir: Path,
     rows: list[dict[str, np.ndarray]],
     batch_size: int,
     duration_s: float = 3.0,
     threads: int | None = None,
+    workers: int | None = None,
     warmup: int = 20,
 ) -> InProcessResult:
-    """Back-to-back ``session.run`` for ``duration_s``; inferences/s counts batch rows like perf_analyzer."""
-    threads = threads or config_threads((model_dir / "config.pbtxt").read_text())
-    sess = session(latest_version_file(model_dir), threads)
-    outputs = [o.name for o in sess.get_outputs()]
+    """``workers`` sessions (default: the config's instance count, like the served model) running back to
+    back for ``duration_s``; inferences/s counts batch rows like perf_analyzer."""
+    text = (model_dir / "config.pbtxt").read_text()
+    threads = threads or config_threads(text)
+    workers = workers or config_instances(text)
+    path = latest_version_file(model_dir)
+    sessions = [session(path, threads) for _ in range(workers)]
+    outputs = [o.name for o in sessions[0].get_outputs()]
     feeds = [batch(rows, i * batch_size, batch_size) for i in range(max(1, len(rows) // batch_size))]
-    for i in range(warmup):
-        sess.run(outputs, feeds[i % len(feeds)])
-    lat = []
+    for sess in sessions:
+        for i in range(warmup):
+            sess.run(outputs, feeds[i % len(feeds)])
+    lats: list[list[float]] = [[] for _ in sessions]
     start = time.perf_counter()
-    i = 0
-    while time.perf_counter() - start < duration_s:
-        t0 = time.perf_counter()
-        sess.run(outputs, feeds[i % len(feeds)])
-        lat.append(time.perf_counter() - t0)
-        i += 1
+    pool = [
+        threading.Thread(target=_worker, args=(sess, outputs, feeds, k * 7, start + duration_s, lats[k]))
+        for k, sess in enumerate(sessions)
+    ]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
     elapsed = time.perf_counter() - start
-    arr = np.array(lat) * 1000.0
+    arr = np.array([x for lat in lats for x in lat]) * 1000.0
     return InProcessResult(
         model=model_dir.name,
         batch_size=batch_size,
         threads=threads,
-        infer_per_sec=i * batch_size / elapsed,
+        infer_per_sec=len(arr) * batch_size / elapsed,
         p50_ms=float(np.percentile(arr, 50)),
         p99_ms=float(np.percentile(arr, 99)),
-        runs=i,
+        runs=len(arr),
+        workers=workers,
     )

@@ -116,7 +116,7 @@ def markdown(doc: dict, plots: list[Path]) -> str:
         detail = ", ".join(
             f"{k}={_fmt(x, 1)}"
             for k, x in r.items()
-            if k.endswith("per_sec") or k in ("model", "batch_size", "threads")
+            if k.endswith("per_sec") or k in ("model", "batch_size", "threads", "sessions")
         )
         ok = r.get("meets_target")
         tgt = f">= {r['target']}" + (" ok" if ok else " MISSED" if ok is False else "") if r.get("target") else ""
@@ -179,12 +179,13 @@ def markdown(doc: dict, plots: list[Path]) -> str:
             "",
             "## In-process onnxruntime reference",
             "",
-            "| model | batch | threads | infer/s | p50 ms | p99 ms |",
+            "| model | batch | threads x sessions | infer/s | p50 ms | p99 ms |",
             "|---|---|---|---|---|---|",
         ]
         for r in doc["inprocess"]:
             lines.append(
-                f"| {r['model']} | {r['batch_size']} | {r['threads']} | {r['infer_per_sec']:.1f} | "
+                f"| {r['model']} | {r['batch_size']} | {r['threads']} x {r.get('workers', 1)} | "
+                f"{r['infer_per_sec']:.1f} | "
                 f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
             )
     if doc.get("skipped"):

@@ -236,7 +236,7 @@ class Session:
             )
             self.inprocess.append(asdict(ref))
             console.print(
-                f"  in-process {spec.model:<13} batch {spec.batch_size:<3} threads {ref.threads}  "
+                f"  in-process {spec.model:<13} batch {spec.batch_size:<3} threads {ref.threads} x{ref.workers}  "
                 f"{ref.infer_per_sec:>9.1f} infer/s  p50 {ref.p50_ms:7.2f} ms  p99 {ref.p99_ms:7.2f} ms"
             )
             served = self.sweep(ep, f"{spec.model}-served", spec.model, spec.concurrency, spec.batch_size)
@@ -252,6 +252,7 @@ class Session:
                 "served_infer_per_sec": round(max(p[0] for p in pairs), 1),
                 "inprocess_infer_per_sec": round(max(p[1] for p in pairs), 1),
                 "threads": ref.threads,
+                "sessions": ref.workers,
                 "rounds": detail,
             },
         )

@@ -71,3 +71,14 @@ def test_paired_ratio_is_the_median_of_round_ratios():
     assert figures.paired_ratio([(80, 100), (100, 100)]) == pytest.approx(0.9)
     assert figures.paired_ratio([(0, 100), (45, 50)]) == pytest.approx(0.9)  # a failed side drops its round
     assert figures.paired_ratio([(0, 100)]) is None
+
+
+def test_inprocess_reads_threads_and_instances_from_the_committed_configs():
+    from perf import inprocess
+    from perf.inputs import REPO_ROOT
+
+    text = (REPO_ROOT / "model_repository" / "ranker" / "config.pbtxt").read_text()
+    assert inprocess.config_threads(text) == 1
+    assert inprocess.config_instances(text) == 2
+    assert inprocess.config_instances("name: 'x'") == 1
+    assert inprocess.config_threads('parameters { key: "intra_op_thread_count", value: { string_value: "3" } }') == 3
