@@ -395,7 +395,8 @@ class ControlPlaneCrash(Fault):
 
     def check(self, ctx: Context) -> str | None:
         if ctx.control is None:
-            return "the control plane was not started by this drill run: it cannot be killed and restarted safely"
+            return ("the control plane's runtime root is unknown (--control given): it cannot be killed and "
+                    "restarted the way recctl up starts it")
         return None
 
     def inject(self, ctx: Context, action: Action) -> dict:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RUNTIME = REPO_ROOT / ".recserve"
+#: The runtime root of `make fleet-up` (recctl and the control plane honour RECSERVE_ROOT the same way).
+RUNTIME = Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve"))
 
 
 class FleetError(RuntimeError):

@@ -204,7 +204,6 @@ class DrillRun:
         skip = self._skip_reason()
         if skip:
             self.journal.finish("skipped", skip)
-            self.log(f"  SKIP {skip}")
             return self._result({}, status="skipped", reason=skip)
         settled = settle(fleet)
         if settled is None:

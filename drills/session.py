@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from control.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
-from drills.fleet import Fleet, FleetError, read_token, recctl_status
+from drills.fleet import RUNTIME, Fleet, FleetError, read_token, recctl_status
 from drills.runner import Session
 
 START_TIMEOUT_S = 300.0
@@ -98,6 +98,46 @@ class ControlPlaneProcess:
         return " | ".join(p.read_text(errors="replace").splitlines()[-n:]) if p.exists() else "(no log)"
 
 
+class AdoptedControlPlane:
+    """The control plane of a fleet this run did not start (``make fleet-up``): SIGKILLed through its pid file
+    and started again exactly as ``recctl up`` starts it (same root, repository and ports), so it adopts the
+    data path. Used only by the control-plane-crash drill."""
+
+    def __init__(self, root: Path, repository: Path, endpoints: dict[str, str]):
+        self.root, self.repository = root, repository
+        port = lambda url: int(url.rstrip("/").split("/metrics")[0].rsplit(":", 1)[1])  # noqa: E731
+        self.ports = {k: port(endpoints[k]) for k in ("grpc", "http", "control", "metrics")}
+
+    def pid(self) -> int | None:
+        try:
+            return int((self.root / "control.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def alive(self) -> bool:
+        pid = self.pid()
+        return pid is not None and Path(f"/proc/{pid}").exists() and "control.server" in _cmdline(pid)
+
+    def kill(self) -> int | None:
+        pid = self.pid()
+        if not self.alive():
+            return None
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and "control.server" in _cmdline(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return pid
+
+    def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        p = self.ports
+        cmd = [sys.executable, "-m", "control.recctl", "--root", str(self.root), "up", "--repository",
+               str(self.repository), "--grpc-port", str(p["grpc"]), "--http-port", str(p["http"]),
+               "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"])]
+        done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
+        if done.returncode != 0:
+            raise FleetError(f"recctl up failed ({done.returncode}): {(done.stdout + done.stderr)[-500:]}")
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -140,9 +180,13 @@ class FleetOwner:
             control = self.control or (st or {}).get("endpoints", {}).get("control")
             if control:
                 fleet = Fleet(control, read_token())
-                grpc_url = fleet.endpoint("grpc")
-                self.log(f"using the running fleet: control {control}, clients {grpc_url}")
-                self.session = Session(fleet, self.repository or DEFAULT_REPOSITORY, grpc_url)
+                endpoints = fleet.status(events=1)["endpoints"]
+                repo = self.repository or DEFAULT_REPOSITORY
+                adopted = None
+                if endpoints.get("control") == control and (RUNTIME / "control.pid").exists():
+                    adopted = AdoptedControlPlane(RUNTIME, repo, endpoints)
+                self.log(f"using the running fleet: control {control}, clients {endpoints['grpc']}")
+                self.session = Session(fleet, repo, endpoints["grpc"], control=adopted)
                 return self.session
         self.tmp = Path(tempfile.mkdtemp(prefix="recserve-drills-"))
         repo = self.tmp / "model_repository"
