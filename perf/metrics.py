@@ -108,24 +108,34 @@ def _is_stub(proc: psutil.Process) -> bool:
     return "stub" in argv0 or proc.name().startswith("triton_python")
 
 
-def tree_cpu_s(pids: list[int]) -> dict[str, float]:
-    """Cumulative CPU seconds (user + system) of the servers and of their Python stubs.
+def tree_cpu_s(pids: list[int]) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) per process of the servers' trees: pid -> ("server" | "stubs", s).
 
-    Why: on a 2-core host the serving path competes with the load generator for the same cores, and
-    CPU seconds per request per process say which layer costs what; latency alone cannot.
+    Why per pid: a model reload replaces stub processes mid-run, and a plain sum would then go down.
+    Why at all: on a 2-core host the serving path competes with the load generator for the same cores,
+    and CPU per request per process says which layer costs what; latency alone cannot.
     """
-    out = {"server": 0.0, "stubs": 0.0}
+    out: dict[int, tuple[str, float]] = {}
     for pid in pids:
         try:
             root = psutil.Process(pid)
             t = root.cpu_times()
-            out["server"] += t.user + t.system
+            out[pid] = ("server", t.user + t.system)
             for c in root.children(recursive=True):
                 if _is_stub(c):
                     ct = c.cpu_times()
-                    out["stubs"] += ct.user + ct.system
+                    out[c.pid] = ("stubs", ct.user + ct.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
+    return out
+
+
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds spent between two ``tree_cpu_s`` readings, per kind (new processes count from 0)."""
+    out = {"server": 0.0, "stubs": 0.0}
+    for pid, (kind, now) in after.items():
+        then = before.get(pid, (kind, 0.0))[1]
+        out[kind] += max(0.0, now - then)
     return out
 
 

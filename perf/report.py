@@ -88,6 +88,11 @@ def _fmt(v: object, digits: int = 3) -> str:
     return str(v)
 
 
+def _retried(cap: dict) -> str:
+    rates = cap.get("retried_rates") or []
+    return f" (violations re-measured at {', '.join(f'{r:g}' for r in rates)}/s)" if rates else ""
+
+
 def _stalls(run: dict) -> str:
     n = run.get("stalls", 0)
     return f" ({n} over 400 ms)" if n else ""
@@ -131,7 +136,7 @@ def markdown(doc: dict, plots: list[Path]) -> str:
     for name, c in doc.get("capacity", {}).items():
         lines.append(
             f"| {name} | {c['model']} | {c['via']} | {_fmt(c['capacity_rps'], 0)} | "
-            f"{_fmt(c.get('p99_ms_at_capacity'), 1)} | {c['reason']} |"
+            f"{_fmt(c.get('p99_ms_at_capacity'), 1)} | {c['reason']}{_retried(c)} |"
         )
     lines += [
         "",

@@ -158,9 +158,10 @@ class Session:
         after = [metrics.scrape(u) for u in ep.metrics_urls]
         if row.requests:
             per = 1000.0 / row.requests
+            spent = metrics.cpu_delta(cpu0, cpu1)
             rec.cpu_ms_per_request = {
-                "server": round((cpu1["server"] - cpu0["server"]) * per, 3),
-                "stubs": round((cpu1["stubs"] - cpu0["stubs"]) * per, 3),
+                "server": round(spent["server"] * per, 3),
+                "stubs": round(spent["stubs"] * per, 3),
                 "perf_analyzer": round((client1 - client0) * per, 3),
             }
             if ep.proxy_pids:
@@ -212,20 +213,29 @@ class Session:
                 set(rates)
                 | set(figures.rate_ladder(figures.saturation(r.row() for r in conc), t.capacity, t.batch_size))
             )
-        rate_rows = []
+        rate_rows, retried = [], []
         for r in rates:
             rec = self.measure(ep, t.name, t.model, "rate", r, t.batch_size)
             if rec.error:
                 break
+            if self._violates(rec, r * t.batch_size):
+                # A violation must repeat to count: a neighbour's burst on a shared host is not capacity.
+                retried.append(r)
+                again = self.measure(ep, t.name, t.model, "rate", r, t.batch_size, "retry")
+                if not again.error and not self._violates(again, r * t.batch_size):
+                    rec = again
             rate_rows.append(rec.row())
-            if rec.p99_ms > self.suite.slo_ms or rec.infer_per_sec < figures.KEEP_UP * r * t.batch_size:
+            if self._violates(rec, r * t.batch_size):
                 break  # past capacity: higher rates only add queueing
         if rate_rows:
             cap = figures.capacity(
                 [analyzer.Row(**{**asdict(x), "infer_per_sec": x.infer_per_sec / t.batch_size}) for x in rate_rows],
                 self.suite.slo_ms,
             )
-            self.capacity[t.name] = {"model": t.model, "via": t.via, **asdict(cap)}
+            self.capacity[t.name] = {"model": t.model, "via": t.via, **asdict(cap), "retried_rates": retried}
+
+    def _violates(self, rec: RunRecord, offered_ips: float) -> bool:
+        return rec.p99_ms > self.suite.slo_ms or rec.infer_per_sec < figures.KEEP_UP * offered_ips
 
     # ------------------------------------------------------------------ ratios
     def served_vs_inprocess(self, spec: RatioSpec, ep: Endpoint) -> None:

@@ -44,3 +44,14 @@ def test_rss_sampler_sees_this_process_and_resets_windows():
         first = s.reset()
     assert first.server_mib > 1 and s.peaks.server_mib > 1
     assert metrics.RssSampler([2**22 + 12345]).peaks.server_mib == 0
+
+
+def test_cpu_delta_survives_replaced_stub_processes():
+    before = {1: ("server", 10.0), 2: ("stubs", 5.0)}
+    after = {1: ("server", 10.5), 3: ("stubs", 0.25)}  # stub 2 was replaced by 3 during a reload
+    assert metrics.cpu_delta(before, after) == {"server": 0.5, "stubs": 0.25}
+
+
+def test_tree_cpu_reads_this_process():
+    got = metrics.tree_cpu_s([os.getpid()])
+    assert got[os.getpid()][0] == "server" and got[os.getpid()][1] > 0
