@@ -65,6 +65,13 @@ class Fault:
     def rollback(self, ctx: Context) -> dict:
         return {}
 
+    def prepare(self, ctx: Context) -> str | None:
+        """Set up what the fault needs before the probe starts; may return the client endpoint to load."""
+        return None
+
+    def teardown(self, ctx: Context) -> None:
+        """Remove what ``prepare`` made (always runs)."""
+
 
 def _signal(pid: int, sig: int) -> bool:
     try:
@@ -435,16 +442,59 @@ class ControlPlaneCrash(Fault):
 
 class NetworkPartition(Fault):
     name = "network-partition"
-    simulation = "an instance in its own network namespace (veth to the host) with its link set down for the window"
+    simulation = ("the drill's own data path (drills/partition.py): the primary tritonserver inside a network "
+                  "namespace reached over a veth pair, a standby on loopback, HAProxy with the fleet's check and "
+                  "retry settings; the partition is 'ip link set <veth> down' inside the namespace (no tc netem "
+                  "or iptables here); the control plane cannot place instances in namespaces, so it is not involved")
 
     def check(self, ctx: Context) -> str | None:
-        probe = f"rsdrill{os.getpid() % 100000}"
+        probe = f"rsdchk{os.getpid() % 100000}"
         made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
         if made.returncode != 0:
             return f"network namespaces cannot be made here ({made.stderr.strip() or 'ip netns add failed'})"
         subprocess.run(["ip", "netns", "delete", probe], capture_output=True)
-        return ("the fleet starts every instance on host loopback; it has no instance inside a network namespace "
-                "for this fault to isolate (control plane has no netns placement yet)")
+        return None
+
+    def prepare(self, ctx: Context) -> str | None:
+        from drills.partition import PartitionedPath
+
+        path = PartitionedPath(ctx.repository, ctx.workdir / "partition")
+        ctx.figures["_partition"] = path
+        path.start()
+        return path.url
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        path = ctx.figures["_partition"]
+        t = time.time()
+        path.watch("inside", "DOWN", t, action.duration_s + 10)
+        path.cut()
+        ctx.figures["_cut_at"] = t
+        return {"netns": path.netns, "link": path.ns_if, "state": "down",
+                "haproxy_status": path.server_status("inside")}
+
+    def end(self, ctx: Context, action: Action) -> dict:
+        path = ctx.figures["_partition"]
+        t = time.time()
+        watcher = path.watch("inside", "UP", t, 15)
+        restored = path.restore()
+        watcher.join(15)
+        up = path.seen.get("UP")
+        down = path.seen.get("DOWN")
+        cut = ctx.figures.get("_cut_at")
+        if down and cut:
+            ctx.figures["detection_ms"] = round((down - cut) * 1000.0, 1)
+        ctx.figures["rejoined_after_s"] = round(up - t, 3) if up else None
+        return {"link": "up" if restored else "still down", "rejoined_after_s": ctx.figures["rejoined_after_s"],
+                "detection_ms": ctx.figures.get("detection_ms")}
+
+    def rollback(self, ctx: Context) -> dict:
+        path = ctx.figures.get("_partition")
+        return {"link_restored": path.restore()} if path is not None else {}
+
+    def teardown(self, ctx: Context) -> None:
+        path = ctx.figures.pop("_partition", None)
+        if path is not None:
+            path.close()
 
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (Crash(), Hang(), GpuLost(), Overload(), Rollover(), BadRollover(),

@@ -224,19 +224,32 @@ class DrillRun:
                 self.journal.finish("failed", reason)
                 return self._result({}, status="failed", reason=reason)
         bg: Background | None = None
-        probe = Probe(self.s.grpc_url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
-                      max_requests=int(spec.load.duration_s * 2000))
+        probe: Probe | None = None
+        bg_result = None
         try:
+            url = self.s.grpc_url
+            for f in dict.fromkeys(self.faults):
+                with self.journal.action(f"prepare {f.name}", "setup") as entry:
+                    url = f.prepare(self.ctx) or url
+                    entry.detail["endpoint"] = url
+            probe = Probe(url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
+                          max_requests=int(spec.load.duration_s * 2000))
             if spec.load.background:
-                bg = start_background(spec.load.background, self.s.grpc_url, cases, spec.load.duration_s,
+                bg = start_background(spec.load.background, url, cases, spec.load.duration_s,
                                       self.ctx.capacity_rps, self.s.workdir / spec.name)
             probe.start()
             self._run_method(probe)
         finally:
-            probe.stop()
-            self.records = probe.join(30)
+            if probe is not None:
+                probe.stop()
+                self.records = probe.join(30)
             self._rollbacks()
             bg_result = bg.finish() if bg else None
+            for f in dict.fromkeys(self.faults):
+                try:
+                    f.teardown(self.ctx)
+                except Exception as exc:
+                    self.log(f"  teardown of {f.name} failed: {exc}")
         settle_s = settle(fleet)
         after_answers, more = answers(fleet, cases)
         # Right answers are the fleet's answers before the fault. Drill-made versions are byte-identical
@@ -277,7 +290,8 @@ class DrillRun:
         b, d = ph["before"]["p99_ms"], ph["during"]["p99_ms"]
         fig["p99_during_ratio"] = round(d / b, 3) if b and d else None
         target = self.ctx.figures.get("target")
-        fig["detection_ms"] = self._detection_ms(f_start, target) if target else None
+        fig["detection_ms"] = self.ctx.figures.get("detection_ms") or (
+            self._detection_ms(f_start, target) if target else None)
         if any(a.fault == "overload" for a in spec.method):
             a = next(a for a in spec.method if a.fault == "overload")
             hold = tl.window_stats(recs, f_start + a.params["ramp_s"], f_end, ss.slo_p99_ms)
@@ -295,7 +309,7 @@ class DrillRun:
         during_total = ph["during"]["total"]
         fig["bad_share"] = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
             if during_total else None
-        for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct"):
+        for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)

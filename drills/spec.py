@@ -124,6 +124,7 @@ class Expect:
     rejected_p99_ms_max: float | None = None
     accepted_p99_ms_max: float | None = None
     recover_within_s: float | None = None
+    rejoin_within_s: float | None = None
     bad_share_max: float | None = None
     versions_consistent: bool | None = None
     background_clean: bool | None = None
@@ -296,7 +297,7 @@ def _expect(c: _Checker, raw: Any) -> Expect:
     path = "expect"
     ints = {"failed_requests_max", "wrong_answers_max"}
     floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "goodput_ratio_min", "rejected_p99_ms_max",
-              "accepted_p99_ms_max", "recover_within_s", "bad_share_max"}
+              "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max"}
     bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired"}
     d = c.mapping(raw, path, ints | floats | bools)
     if not d:

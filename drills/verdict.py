@@ -22,6 +22,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "rejected_p99_ms_max": ("rejected_p99_ms", "<="),
     "accepted_p99_ms_max": ("accepted_p99_ms", "<="),
     "recover_within_s": ("recovered_after_s", "<="),
+    "rejoin_within_s": ("rejoined_after_s", "<="),
     "bad_share_max": ("bad_share", "<="),
     "versions_consistent": ("versions_consistent", "=="),
     "background_clean": ("background_clean", "=="),

@@ -92,10 +92,47 @@ def test_negated_copy_answers_wrongly(repo, tmp_path):
     assert list(np.argsort(-good[0])[:20]) != list(np.argsort(-wrong[0])[:20])
 
 
-def test_network_partition_skips_with_one_clear_line_and_leaves_no_namespace():
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+def _netns_state() -> tuple[str, str]:
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return (subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout,
+            "\n".join(ln for ln in links.splitlines() if "rsd" in ln))
+
+
+def test_network_partition_check_answers_in_one_line_and_leaves_nothing():
+    before = _netns_state()
     why = NetworkPartition().check(None)
-    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert why and "\n" not in why
-    assert "namespace" in why
-    assert before == after
+    assert why is None or ("\n" not in why and "namespace" in why)
+    assert _netns_state() == before
+
+
+@pytest.mark.slow
+def test_partitioned_path_cut_is_detected_routed_around_and_cleaned_up(repo, tmp_path):
+    """Real namespace, veth, two tritonservers and HAProxy (about 30 s)."""
+    from control.client import RecClient
+    from drills.partition import PartitionedPath
+
+    if NetworkPartition().check(None):
+        pytest.skip("network namespaces cannot be made here")
+    before = _netns_state()
+    path = PartitionedPath(repo, tmp_path / "p")
+    try:
+        path.start()
+        assert path.server_status("inside") == "UP"
+        t = time.time()
+        path.watch("inside", "DOWN", t, 10)
+        path.cut()
+        with RecClient(path.url, timeout_s=5) as c:
+            answers = [c.recommend(7, [11, 12, 13]).item_ids for _ in range(20)]
+        assert len({tuple(a) for a in answers}) == 1, "the standby answers the same during the partition"
+        deadline = time.monotonic() + 5
+        while "DOWN" not in path.seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "DOWN" in path.seen, "HAProxy never marked the cut-off instance down"
+        up = path.watch("inside", "UP", time.time(), 10)
+        assert path.restore()
+        up.join(10)
+        assert "UP" in path.seen, "the instance did not rejoin after the link came back"
+    finally:
+        path.close()
+    assert _netns_state() == before, "namespace or veth left behind"
+    assert not [p for p in (path.inside, path.outside) if p.is_alive()]
