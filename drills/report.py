@@ -128,9 +128,13 @@ def plot(path: Path, name: str, seconds: Sequence[dict], fault_s: float, fault_e
         ax.grid(alpha=0.3)
     if slo_ms:
         axes[1].axhline(slo_ms, color="tab:orange", linewidth=0.8, label="SLO")
-    for x, text in marks:
-        axes[0].annotate(text, (x, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
-                         va="top", ha="right")
+    last_x, level = None, 0
+    for x, text in sorted(marks):
+        level = level + 1 if last_x is not None and x - last_x < 0.6 else 0  # stagger marks that nearly coincide
+        axes[0].annotate(text, (x, 1 - 0.22 * (level % 4)), xycoords=("data", "axes fraction"), rotation=0,
+                         fontsize=6, va="top", ha="left", bbox={"boxstyle": "round,pad=0.1", "fc": "white",
+                                                                  "alpha": 0.7, "lw": 0})
+        last_x = x
     axes[0].legend(loc="lower left", fontsize=7)
     axes[1].legend(loc="upper left", fontsize=7)
     axes[2].legend(loc="upper left", fontsize=7)
