@@ -75,11 +75,12 @@ def measure(grpc_url: str, model: str, slo_ms: float, workdir: Path,
     return best
 
 
-def capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path) -> tuple[float | None, str]:
-    """(capacity, where it came from)."""
-    cap = from_perf_report(model)
+def capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path,
+                 use_report: bool = True) -> tuple[float | None, str]:
+    """(capacity, where it came from); ``use_report`` False when the fleet does not serve the built models."""
+    cap = from_perf_report(model) if use_report else None
     if cap:
-        return cap, f"perf report {PERF_REPORT}"
+        return cap, f"perf report {PERF_REPORT.resolve()}"
     points: list[dict] = []
     try:
         cap = measure(grpc_url, model, CAPACITY_SLO_MS, workdir, points=points)

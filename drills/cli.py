@@ -68,10 +68,14 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
     from drills.session import FleetOwner
 
     results, journals, records = [], {}, {}
+    meta = {"models": "synthetic fixture models (drills/fixture_models.py)" if args.fixture_models
+            else str(args.repository or "model_repository (built)"), "fleet": "not found"}
     run_dir = report.new_run_dir(args.reports)
     try:
         with FleetOwner(args.control, args.repository, private=args.private, fixture_models=args.fixture_models,
                         log=console.print) as session:
+            meta["fleet"] = "private (started and stopped by this run)" if session.control is not None and \
+                type(session.control).__name__ == "ControlPlaneProcess" else f"running ({session.grpc_url})"
             for spec in specs:
                 run = DrillRun(spec, session, log=console.print)
                 try:
@@ -98,7 +102,7 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
         if not results:
             shutil.rmtree(run_dir, ignore_errors=True)
             return 3
-    paths = report.write(run_dir, results, journals, records)
+    paths = report.write(run_dir, results, journals, records, meta)
     console.print(report.console_table(results))
     console.print(f"report: {paths['md']} (json: {paths['json']}, latest: {paths['latest']})")
     return 0 if all(r["passed"] is not False for r in results) and len(results) == len(specs) else 1

@@ -76,7 +76,8 @@ HEADER = ["drill", "verdict", "RTO", "failed/total", "p99 ms before/during/after
 def markdown(drills: Sequence[dict], meta: dict) -> str:
     lines = ["# recserve drill report", "", f"Run {meta.get('run', '')} on {meta.get('host', '')}: "
              f"{sum(d['passed'] is True for d in drills)}/{len(drills)} passed, "
-             f"{sum(d['passed'] is None for d in drills)} skipped.", "",
+             f"{sum(d['passed'] is None for d in drills)} skipped.",
+             f"Models: {meta.get('models', '?')}; fleet: {meta.get('fleet', '?')}.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in summary_rows(drills)]
     lines += ["", "## Drills", ""]

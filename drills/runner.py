@@ -42,6 +42,7 @@ class Session:
     grpc_url: str
     control: Any = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="recserve-drill-")))
+    fixture_models: bool = False
 
 
 def golden_cases() -> list[Case]:
@@ -216,7 +217,7 @@ class DrillRun:
         if any(a.fault == "overload" for a in spec.method) or (spec.load.background and
                                                                 spec.load.background.rate_x_capacity):
             self.ctx.capacity_rps, source = capacity_rps(self.s.grpc_url, "recommend", spec.steady_state.slo_p99_ms,
-                                                         self.s.workdir)
+                                                         self.s.workdir, use_report=not self.s.fixture_models)
             self.journal.add("capacity", "probe", "succeeded" if self.ctx.capacity_rps else "failed",
                              {"capacity_rps": self.ctx.capacity_rps, "source": source})
             if not self.ctx.capacity_rps:

@@ -209,7 +209,7 @@ class FleetOwner:
         self.log(f"fleet up in {time.monotonic() - t:.0f}s")
         fleet = Fleet(self.started.address, read_token(self.started.root))
         self.session = Session(fleet, repo, f"127.0.0.1:{self.started.ports['grpc']}", control=self.started,
-                               workdir=self.tmp / "work")
+                               workdir=self.tmp / "work", fixture_models=self.fixture_models)
         self.session.workdir.mkdir(parents=True, exist_ok=True)
         return self.session
 
