@@ -57,7 +57,7 @@ def p99(samples: list[float]) -> float:
 class RolloutManager:
     """Runs at most one rollout at a time, each in its own thread; ``events`` are read from the journal."""
 
-    def __init__(self, fleet: Fleet, probe_interval_s: float = 0.1):
+    def __init__(self, fleet: Fleet, probe_interval_s: float = 0.05):
         self.fleet = fleet
         self.state = fleet.state
         self.probe_interval_s = probe_interval_s
@@ -191,7 +191,7 @@ class RolloutManager:
         new_versions = {**cand.versions, rec.model: [rec.to_version]}
         try:
             self._emit(rec, "baseline", f"measuring baseline p99 on primary {prim.id}")
-            base = self._measure(prim.id, min(2.0, max(rec.bake_seconds, 1.0)), None)
+            base = self._measure(prim.id, 3.0, None)
             base_p99 = base["p99_ms"]
             self._emit(rec, "load", f"loading {rec.model} {rec.to_version} on {cand.id} (baseline p99 "
                        f"{base_p99:.1f} ms)", gates={"baseline_p99_ms": base_p99})
@@ -216,14 +216,14 @@ class RolloutManager:
                     self.state.put(f"weight:{cand.id}", str(pct))
                     self.state.put(f"weight:{prim.id}", str(100 - pct))
                     self._emit(rec, "shift", f"{pct}% of traffic on {cand.id}", weight=pct)
-                    vals = self._bake(rec, cand.id, g, base_p99)
+                    vals = self._bake(rec, cand.id, g, base_p99, ref_iid=prim.id)
                     self._emit(rec, "bake", f"step {pct}% green: {self._fmt(vals)}", weight=pct, gates=vals)
             else:
                 with f.lock:
                     f.route_first(cand.slot)
                 self._emit(rec, "shift", f"all traffic on {cand.id}; {prim.id} keeps version "
                            f"{rec.from_version} as the instant rollback target", weight=100)
-                vals = self._bake(rec, cand.id, g, base_p99)
+                vals = self._bake(rec, cand.id, g, base_p99, ref_iid=prim.id)
                 self._emit(rec, "bake", f"green: {self._fmt(vals)}", weight=100, gates=vals)
             self._promote(rec, cand.id)
         except GateFailure as gf:
@@ -263,14 +263,20 @@ class RolloutManager:
             time.sleep(self.probe_interval_s)
         return {"p99_ms": p99(lat), "probes": n, "probe_failures": bad, "latencies": lat}
 
-    def _bake(self, rec: RolloutRecord, iid: str, g: Gates, base_p99: float) -> dict:
-        """Watch the gates on ``iid`` for the bake time; raise GateFailure as soon as one is red."""
+    def _bake(self, rec: RolloutRecord, iid: str, g: Gates, base_p99: float, ref_iid: str | None = None) -> dict:
+        """Watch the gates on ``iid`` for the bake time; raise GateFailure as soon as one is red.
+
+        The p99 reference is the pre-rollout baseline, raised to the p99 that ``ref_iid`` (the old version)
+        shows over the same window when the whole host got slower: on a shared 2-core machine, contention
+        that slows both versions alike is not a regression of the new one.
+        """
         f = self.fleet
         inst = self.state.instance(iid)
         expected = f.golden.expected(inst.versions)
         metrics_url = f"http://127.0.0.1:{inst.metrics_port}/metrics"
         start_counts = triton_request_counts(metrics_url) or (0.0, 0.0)
         lat: list[float] = []
+        ref_lat: list[float] = []
         probes = bad = 0
         end = time.monotonic() + rec.bake_seconds
         vals: dict[str, float] = {}
@@ -280,6 +286,8 @@ class RolloutManager:
                 raise GateFailure("health", 1, 0, f"deep health marked {iid} broken: {f.canary_broken[iid]}")
             m = self._measure(iid, min(0.5, max(0.0, end - time.monotonic())) or 0.05, expected)
             lat += m["latencies"]
+            if ref_iid is not None:
+                ref_lat += self._measure(ref_iid, 0.2, None)["latencies"]
             probes += m["probes"]
             bad += m["probe_failures"]
             counts = triton_request_counts(metrics_url)
@@ -287,9 +295,10 @@ class RolloutManager:
             total = probes + d_ok + d_bad
             err = (bad + d_bad) / total if total else 0.0
             cur = p99(lat)
-            ratio = cur / base_p99 if base_p99 > 0 else 1.0
-            vals = {"error_rate": err, "p99_ms": cur, "p99_ratio": ratio, "requests": total,
-                    "failed": bad + d_bad}
+            ref = max(base_p99, p99(ref_lat))
+            ratio = cur / ref if ref > 0 else 1.0
+            vals = {"error_rate": err, "p99_ms": cur, "p99_ratio": ratio, "reference_p99_ms": ref,
+                    "requests": total, "failed": bad + d_bad}
             for k, v in vals.items():
                 f.metrics.gate_value.labels(rec.model, k).set(v)
             if (bad + d_bad) >= 3 or (total >= 20 and err > g.max_error_rate):
@@ -303,7 +312,8 @@ class RolloutManager:
                               f"error rate {err:.3%} > {g.max_error_rate:.3%} ({bad + d_bad}/{total:.0f})")
         if cur > g.min_p99_ms and ratio > g.max_p99_ratio:
             raise GateFailure("p99_ratio", ratio, g.max_p99_ratio,
-                              f"p99 {cur:.1f} ms is {ratio:.2f}x the baseline {base_p99:.1f} ms")
+                              f"p99 {cur:.1f} ms is {ratio:.2f}x the reference {ref:.1f} ms (baseline "
+                              f"{base_p99:.1f} ms)")
         return vals
 
     def _promote(self, rec: RolloutRecord, canary: str) -> None:

@@ -198,7 +198,7 @@ class _FakeFleet:
                                       expected=lambda versions: None, compare=lambda got, exp: "")
 
     def client(self, iid):
-        return self._client
+        return self._client if iid == "t2" else _Client()
 
 
 class _Client:
@@ -222,15 +222,17 @@ class _Client:
         return self._answer()
 
 
-def _bake(client, gates: Gates, base_p99_ms: float, bake_s: float = 1.0):
+def _bake(client, gates: Gates, base_p99_ms: float, bake_s: float = 1.0, ref=None):
     from control.rollout import RolloutManager
 
     rm = RolloutManager.__new__(RolloutManager)
     rm.fleet, rm.probe_interval_s, rm._abort = _FakeFleet(client), 0.01, {}
     rm.state = rm.fleet.state
+    if ref is not None:
+        rm.fleet.client = lambda iid: client if iid == "t2" else ref
     rec = RolloutRecord(id="r", model="retrieval", from_version=1, to_version=2, strategy="canary", steps=[100],
                         bake_seconds=bake_s, gates={}, phase="bake", status="running", started=0.0)
-    return rm._bake(rec, "t2", gates, base_p99_ms)
+    return rm._bake(rec, "t2", gates, base_p99_ms, ref_iid="t1")
 
 
 def test_p99_gate_fails_a_slow_canary_and_records_the_value():
@@ -253,5 +255,8 @@ def test_error_rate_gate_fails_fast_and_green_canary_passes():
     assert time.monotonic() - t0 < 4.0  # it did not wait for the whole bake time
     vals = _bake(_Client(), Gates(), base_p99_ms=10.0, bake_s=0.5)
     assert vals["error_rate"] == 0.0 and vals["requests"] > 0
+    # contention that slows the old version as much as the new one is not the new version's fault
+    both_slow = _bake(_Client(delay_s=0.05), Gates(min_p99_ms=20.0), base_p99_ms=10.0, bake_s=0.5, ref=_Client(0.05))
+    assert both_slow["p99_ratio"] < 3
     # a slow canary under the p99 noise floor passes: milliseconds of jitter are not a regression
     assert _bake(_Client(delay_s=0.005), Gates(min_p99_ms=50.0), base_p99_ms=1.0, bake_s=0.3)["p99_ratio"] > 3
