@@ -655,11 +655,13 @@ class Fleet:
                 from control.health import ready_versions
 
                 loaded[r.id] = ready_versions(srv, timeout=0.5) or {}
-        split = self.state.get("route", "") == "split"
+        route = self.state.get("route", "") or ""
         weights = {}
         for r in recs:
-            weights[r.id] = int(self.state.get(f"weight:{r.id}", "0") or 0) if split else (
-                100 if r.role == "primary" else 0)
+            if route == "split":
+                weights[r.id] = int(self.state.get(f"weight:{r.id}", "0") or 0)
+            else:  # balance first: the instance in the routed slot takes everything
+                weights[r.id] = 100 if route == f"first:{r.slot}" else 0
         warnings = []
         if not any(r.role == "standby" and r.state == "healthy" for r in recs):
             warnings.append("no healthy standby: a primary failure would interrupt serving")

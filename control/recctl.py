@@ -175,6 +175,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if d.get("active_rollout", {}).get("id"):
         r = d["active_rollout"]
         console.print(f"rollout {r['id']}: {r['model']} {r['from_version']} -> {r['to_version']} phase {r['phase']}")
+    if args.events and d.get("events"):
+        console.print("recent events:")
+        for e in d["events"]:
+            ts = time.strftime("%H:%M:%S", time.localtime(e["ts_unix"])) + f".{int(e['ts_unix'] % 1 * 1000):03d}"
+            console.print(f"  {ts} {e['kind']:<12} {e.get('instance', ''):<4} {e['message']}")
     ch.close()
     return 0
 
