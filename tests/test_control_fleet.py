@@ -382,6 +382,8 @@ def test_version_that_fails_to_load_is_never_served(fleet):
 
 def test_control_plane_sigkill_mid_rollover_leaves_a_consistent_fleet(fleet):
     new = make_version(fleet.repository, "retrieval", "copy")
+    pids_before = sorted(i["pid"] for i in fleet.status()["instances"])
+    proxy_before = (fleet.root / "haproxy" / "haproxy.pid").read_text()
     load = _load(fleet)
     try:
         time.sleep(1.0)
@@ -407,6 +409,11 @@ def test_control_plane_sigkill_mid_rollover_leaves_a_consistent_fleet(fleet):
     want = [new] if ro.status == "succeeded" else [ro.from_version]
     assert st["desired"]["retrieval"] == want
     assert all(i["models"]["retrieval"] == want for i in st["instances"])
+    # adopted, not duplicated or restarted: same instance processes, same HAProxy
+    assert sorted(i["pid"] for i in st["instances"]) == pids_before
+    assert (fleet.root / "haproxy" / "haproxy.pid").read_text() == proxy_before
+    events = fleet.stub.GetStatus(pb.GetStatusRequest(events=80)).events
+    assert sum(1 for e in events if e.kind == "adopt" and "adopted running instance" in e.message) >= 2
 
 
 # ---------------------------------------------------------------------------------------------- membership
