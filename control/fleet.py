@@ -547,6 +547,7 @@ class Fleet:
         if rec is None:
             return
         self.last_probe[iid] = probe
+        self.metrics.set_role(iid, rec.role)
         if probe.ok:
             self.fails[iid] = 0
             self.metrics.instance_healthy.labels(iid).set(1)

@@ -208,6 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--control-port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9108)
     p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--backup-root", type=Path, default=None, help="snapshots of the model repository "
+                   "(default <root>/backups)")
     p.add_argument("--health-interval", type=float, default=0.3)
     return p.parse_args(argv)
 
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                               http_port=args.http_port, instances=args.instances,
                               health_interval_s=args.health_interval), metrics)
     rollouts = RolloutManager(fleet)
-    servicer = ControlPlane(fleet, rollouts, SnapshotStore(fleet.repository, root / "backups"), token, endpoints)
+    store = SnapshotStore(fleet.repository, args.backup_root or root / "backups")
+    servicer = ControlPlane(fleet, rollouts, store, token, endpoints)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     pbg.add_ControlPlaneServicer_to_server(servicer, server)
