@@ -293,6 +293,8 @@ class DrillRun:
         target = self.ctx.figures.get("target")
         fig["detection_ms"] = self.ctx.figures.get("detection_ms") or (
             self._detection_ms(f_start, target) if target else None)
+        if fig["detection_ms"] is not None:
+            fig["bad_after_detection"] = tl.failed_or_wrong_after(recs, f_start + fig["detection_ms"] / 1000.0)
         if any(a.fault == "overload" for a in spec.method):
             a = next(a for a in spec.method if a.fault == "overload")
             hold = tl.window_stats(recs, f_start + a.params["ramp_s"], f_end, ss.slo_p99_ms)
@@ -301,6 +303,7 @@ class DrillRun:
                        rejected_requests=hold["rejected"], hold_window=hold,
                        rejected_p99_ms=hold["rejected_p99_ms"], accepted_p99_ms=hold["p99_ms"],
                        offered_rps=round(hold["total"] / max(hold["seconds"], 1e-9), 1),
+                       offered_ratio=round(hold["total"] / max(hold["seconds"], 1e-9) / cap, 3) if cap else None,
                        goodput_ratio=round(hold["goodput_rps"] / cap, 3) if cap else None)
             rec_ms = tl.rto_ms(recs, f_end, ss.slo_p99_ms, t_end)
             fig["recovered_after_s"] = None if rec_ms is None else rec_ms / 1000.0

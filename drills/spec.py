@@ -117,6 +117,7 @@ class Action:
 class Expect:
     failed_requests_max: int | None = None
     wrong_answers_max: int | None = None
+    bad_after_detection_max: int | None = None
     rto_ms_max: float | None = None
     detection_ms_max: float | None = None
     p99_during_ratio_max: float | None = None
@@ -295,7 +296,7 @@ def _action(c: _Checker, raw: Any, path: str) -> Action:
 
 def _expect(c: _Checker, raw: Any) -> Expect:
     path = "expect"
-    ints = {"failed_requests_max", "wrong_answers_max"}
+    ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max"}
     floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "goodput_ratio_min", "rejected_p99_ms_max",
               "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max"}
     bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired"}

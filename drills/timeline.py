@@ -116,6 +116,12 @@ def steady_state_ok(stats: dict, slo_ms: float, error_rate_max: float) -> bool:
         and stats["error_rate"] <= error_rate_max and stats["wrong"] == 0
 
 
+def failed_or_wrong_after(records: Sequence[Record], t: float) -> int:
+    """Requests sent at or after ``t`` that failed or answered wrongly (slowness not counted): for gpu-lost,
+    bad answers are allowed only until the control plane detected the broken instance."""
+    return sum(1 for r in records if r.t_send >= t and (not r.ok or r.matched is False))
+
+
 def error_budget_used(failed: int, total: int, error_rate_max: float) -> float | None:
     """Share of the allowed failures that was spent; None when the budget is zero but was exceeded."""
     allowed = error_rate_max * total

@@ -15,6 +15,7 @@ from drills.spec import Expect
 CHECKS: dict[str, tuple[str, str]] = {
     "failed_requests_max": ("failed_requests", "<="),
     "wrong_answers_max": ("wrong_answers", "<="),
+    "bad_after_detection_max": ("bad_after_detection", "<="),
     "rto_ms_max": ("rto_ms", "<="),
     "detection_ms_max": ("detection_ms", "<="),
     "p99_during_ratio_max": ("p99_during_ratio", "<="),

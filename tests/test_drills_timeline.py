@@ -8,6 +8,7 @@ from drills.probe import Record
 from drills.timeline import (
     abort_reason,
     error_budget_used,
+    failed_or_wrong_after,
     per_second,
     percentile,
     phases,
@@ -119,3 +120,10 @@ def test_abort_on_burnt_budget_and_on_long_p99():
     assert "p99 over the 1000 ms ceiling for 3s" in abort_reason(slow, 7.0, SLO, 1.0, 1000, 3, 20)
     mixed = every(0, 3, lat=2000.0) + every(3, 5, lat=10.0)
     assert abort_reason(mixed, 7.0, SLO, 1.0, 1000, 3, 20) is None
+
+
+def test_bad_answers_after_detection_are_counted_by_send_time():
+    records = every(0, 5) + every(5, 5.5, status="INTERNAL") + every(5.5, 6, matched=False) + every(6, 8, lat=900.0)
+    assert failed_or_wrong_after(records, 5.0) == 10
+    assert failed_or_wrong_after(records, 5.5) == 5
+    assert failed_or_wrong_after(records, 6.0) == 0, "slow but right answers are not bad answers"
