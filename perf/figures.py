@@ -84,6 +84,30 @@ def paired_ratio(pairs: Iterable[tuple[float, float]]) -> float | None:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+def proxy_cpu_share(samples: Iterable[dict[str, float]]) -> dict[str, float]:
+    """HAProxy's CPU per request next to everything else's, from the proxied load points (medians).
+
+    Why: when the host is CPU-bound, throughput through the proxy is at most all/(all + proxy) of direct;
+    CPU seconds per request are far steadier than throughput on a shared host, so this bound is reported
+    beside the measured ratio.
+    """
+    rows = [x for x in samples if "haproxy" in x]
+    if not rows:
+        return {}
+
+    def med(values: list[float]) -> float:
+        v = sorted(values)
+        return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+    proxy = med([x["haproxy"] for x in rows])
+    rest = med([sum(v for k, v in x.items() if k != "haproxy") for x in rows])
+    return {
+        "haproxy_cpu_ms_per_request": round(proxy, 3),
+        "other_cpu_ms_per_request": round(rest, 3),
+        "cpu_bound_ratio": round(rest / (rest + proxy), 3) if rest + proxy else 0.0,
+    }
+
+
 def rate_ladder(
     saturation_ips: float, fractions: Iterable[float], batch_size: int = 1, floor: float = 1.0
 ) -> list[float]:

@@ -121,7 +121,8 @@ def markdown(doc: dict, plots: list[Path]) -> str:
         detail = ", ".join(
             f"{k}={_fmt(x, 1)}"
             for k, x in r.items()
-            if k.endswith("per_sec") or k in ("model", "batch_size", "threads", "sessions")
+            if k.endswith(("per_sec", "per_request"))
+            or k in ("model", "batch_size", "threads", "sessions", "cpu_bound_ratio")
         )
         ok = r.get("meets_target")
         tgt = f">= {r['target']}" + (" ok" if ok else " MISSED" if ok is False else "") if r.get("target") else ""

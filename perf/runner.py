@@ -6,7 +6,6 @@ that finished (and the error, quoting perf_analyzer) in ``report.json``.
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import time
@@ -15,14 +14,12 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from rich.console import Console
-
 from control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, tensorrt_available, top_level_models
-from perf import analyzer, figures, inprocess, inputs, metrics, report
+from perf import analyzer, figures, inputs, metrics, ratios, report
+from perf.console import console
 from perf.suite import RatioSpec, Suite, Target
 from perf.targets import Endpoint, LocalProxy, Unavailable, check_models, direct, fleet, start_server
 
-console = Console(stderr=True, width=200)
 ONNX_MODELS = ("retrieval", "ranker", "search_model")
 #: Stop a concurrency sweep once p99 passes this multiple of the SLO: higher points only queue.
 SWEEP_CUTOFF = 3.0
@@ -87,7 +84,6 @@ class Session:
     _rate_estimate: dict[str, float] = field(default_factory=dict)
     _files: dict[str, Path] = field(default_factory=dict)
     _rows: dict[str, list] = field(default_factory=dict)
-    _sampler: metrics.RssSampler | None = None
 
     # ------------------------------------------------------------------ payloads
     def prepare_payloads(self, models: list[str]) -> None:
@@ -143,17 +139,18 @@ class Session:
             timeout_s=max(60.0, seconds * 20),
         )
         before = [metrics.scrape(u) for u in ep.metrics_urls]
-        if self._sampler:
-            self._sampler.reset()
+        sampler = metrics.RssSampler(list(ep.pids)).__enter__()  # peaks of the servers behind this endpoint
         cpu0, client0, proxy0 = metrics.tree_cpu_s(ep.pids), metrics.children_cpu_s(), metrics.cpu_s(ep.proxy_pids)
         try:
             row = analyzer.run(point, csv_path)
         except (analyzer.PerfAnalyzerError, ValueError) as exc:
+            sampler.__exit__(None, None, None)
             rec.error = str(exc)
             self.errors.append(f"{target} [{variant}, {ep.via}, {mode} {value:g}]: {exc}")
             console.print(f"  [red]{target} {mode} {value:g}: {exc}[/]")
             self.runs.append(rec)
             return rec
+        sampler.__exit__(None, None, None)
         cpu1, client1, proxy1 = metrics.tree_cpu_s(ep.pids), metrics.children_cpu_s(), metrics.cpu_s(ep.proxy_pids)
         after = [metrics.scrape(u) for u in ep.metrics_urls]
         if row.requests:
@@ -175,7 +172,7 @@ class Session:
         rec.requests, rec.stalls = row.requests, row.stalls
         rec.client_queue_us, rec.client_compute_us = row.server_queue_us, row.server_compute_infer_us
         rec.server = server
-        rec.rss_mib = asdict(self._sampler.peaks) if self._sampler else {}
+        rec.rss_mib = asdict(sampler.peaks)
         rec.csv = str(csv_path.relative_to(self.out_dir))
         if mode == "concurrency":  # requests/s seen last: sizes the next point to about seconds_per_point
             self._rate_estimate[model] = max(10.0, row.infer_per_sec / batch_size)
@@ -237,115 +234,7 @@ class Session:
     def _violates(self, rec: RunRecord, offered_ips: float) -> bool:
         return rec.p99_ms > self.suite.slo_ms or rec.infer_per_sec < figures.KEEP_UP * offered_ips
 
-    # ------------------------------------------------------------------ ratios
-    def served_vs_inprocess(self, spec: RatioSpec, ep: Endpoint) -> None:
-        pairs, detail = [], []
-        for rnd in range(spec.rounds):
-            ref = inprocess.measure(
-                self.repository / spec.model, self._rows[spec.model], spec.batch_size, self.suite.inprocess_seconds
-            )
-            self.inprocess.append(asdict(ref))
-            console.print(
-                f"  in-process {spec.model:<13} batch {spec.batch_size:<3} threads {ref.threads} x{ref.workers}  "
-                f"{ref.infer_per_sec:>9.1f} infer/s  p50 {ref.p50_ms:7.2f} ms  p99 {ref.p99_ms:7.2f} ms"
-            )
-            served = self.sweep(ep, f"{spec.model}-served", spec.model, spec.concurrency, spec.batch_size)
-            sat = figures.saturation(r.row() for r in served)
-            pairs.append((sat, ref.infer_per_sec))
-            detail.append({"round": rnd + 1, "served": round(sat, 1), "inprocess": round(ref.infer_per_sec, 1)})
-        self._ratio(
-            "served_vs_inprocess",
-            figures.paired_ratio(pairs),
-            0.7,
-            spec,
-            {
-                "served_infer_per_sec": round(max(p[0] for p in pairs), 1),
-                "inprocess_infer_per_sec": round(max(p[1] for p in pairs), 1),
-                "threads": ref.threads,
-                "sessions": ref.workers,
-                "rounds": detail,
-            },
-        )
-
-    def haproxy_vs_direct(self, spec: RatioSpec, ep: Endpoint, proxied: Endpoint | None, why: str) -> None:
-        if proxied is None:
-            self._skip("haproxy_vs_direct", why)
-            return
-        pairs, detail = [], []
-        for rnd in range(spec.rounds):
-            sat = {"direct": 0.0, "haproxy": 0.0}
-            sides = [("direct", ep), ("haproxy", proxied)]
-            for c in spec.concurrency:  # interleaved per point, order flipped per round: same noise on both
-                for side, e in sides if rnd % 2 == 0 else sides[::-1]:
-                    rec = self.measure(e, f"{spec.model}-{side}", spec.model, "concurrency", c, spec.batch_size)
-                    if not rec.error:
-                        sat[side] = max(sat[side], rec.infer_per_sec)
-            pairs.append((sat["haproxy"], sat["direct"]))
-            detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}})
-        self._ratio(
-            "haproxy_vs_direct",
-            figures.paired_ratio(pairs),
-            0.9,
-            spec,
-            {
-                "haproxy_infer_per_sec": round(max(p[0] for p in pairs), 1),
-                "direct_infer_per_sec": round(max(p[1] for p in pairs), 1),
-                "path": proxied.detail,
-                "rounds": detail,
-            },
-        )
-
-    def dynamic_batching_gain(self, spec: RatioSpec, ep: Endpoint, server: TritonServer) -> None:
-        committed = json.loads(server._request("GET", f"/v2/models/{spec.model}/config")[1] or b"{}")
-        if "dynamic_batching" not in committed:
-            self._skip("dynamic_batching_gain", f"'{spec.model}' has no dynamic_batching in its committed config")
-            return
-        without = copy.deepcopy(committed)
-        without.pop("dynamic_batching")
-        pairs, detail = [], []
-        try:
-            for rnd in range(spec.rounds):
-                sat = {}
-                variants = [("no_dynamic_batching", without), ("committed", None)]
-                for variant, cfg in variants if rnd % 2 == 0 else variants[::-1]:
-                    server.load_model(spec.model, cfg)
-                    rows = self.sweep(
-                        ep, f"{spec.model}-batching", spec.model, spec.concurrency, spec.batch_size, variant
-                    )
-                    sat[variant] = figures.saturation(r.row() for r in rows)
-                pairs.append((sat["committed"], sat["no_dynamic_batching"]))
-                detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}})
-        finally:
-            server.load_model(spec.model)  # back to the committed file
-        self._ratio(
-            "dynamic_batching_gain",
-            figures.paired_ratio(pairs),
-            None,
-            spec,
-            {
-                "with_infer_per_sec": round(max(p[0] for p in pairs), 1),
-                "without_infer_per_sec": round(max(p[1] for p in pairs), 1),
-                "rounds": detail,
-            },
-        )
-
-    def trt_vs_onnx(self, spec: RatioSpec, ep: Endpoint, loadable: list[str]) -> None:
-        trt = f"{spec.model}_trt"
-        if trt not in loadable:
-            self._skip("trt_vs_onnx", f"'{trt}' is not built/loadable on this host")
-            return
-        sat = {}
-        for m in (spec.model, trt):
-            rows = self.sweep(ep, f"{m}-trt-vs-onnx", m, spec.concurrency, spec.batch_size)
-            sat[m] = figures.saturation(r.row() for r in rows)
-        self._ratio(
-            "trt_vs_onnx",
-            figures.ratio(sat[trt], sat[spec.model]),
-            None,
-            spec,
-            {"trt_infer_per_sec": round(sat[trt], 1), "onnx_infer_per_sec": round(sat[spec.model], 1)},
-        )
-
+    # ------------------------------------------------------------------ ratio bookkeeping
     def _ratio(self, name: str, value: float | None, target: float | None, spec: RatioSpec, detail: dict) -> None:
         self.ratios[name] = {
             "value": None if value is None else round(value, 3),
@@ -451,7 +340,6 @@ def run_suite(
         server = start_server(repository, loadable, out_dir / "server")
         ep = direct(server)
         s.collect_versions(server)
-        s._sampler = metrics.RssSampler([server.pid]).__enter__()
         proxied: Endpoint | None = None
         proxy_why = ""
         needs_proxy = "haproxy_vs_direct" in suite.ratios or any(t.via == "haproxy" for t in suite.targets)
@@ -490,21 +378,19 @@ def run_suite(
                 continue
             console.print(f"[bold cyan]ratio {name}[/] ({spec.model}, batch {spec.batch_size})")
             if name == "served_vs_inprocess":
-                s.served_vs_inprocess(spec, ep)
+                ratios.served_vs_inprocess(s, spec, ep)
             elif name == "haproxy_vs_direct":
-                s.haproxy_vs_direct(spec, ep, proxied, proxy_why)
+                ratios.haproxy_vs_direct(s, spec, ep, proxied, proxy_why)
             elif name == "dynamic_batching_gain":
-                s.dynamic_batching_gain(spec, ep, server)
+                ratios.dynamic_batching_gain(s, spec, ep, server)
             elif name == "trt_vs_onnx":
-                s.trt_vs_onnx(spec, ep, loadable)
+                ratios.trt_vs_onnx(s, spec, ep, loadable)
     except (TritonError, Unavailable, inputs.InputError, OSError) as exc:
         s.errors.append(str(exc))
         console.print(f"[red]error: {exc}[/]")
     except KeyboardInterrupt:
         s.errors.append("interrupted (Ctrl-C); partial results")
     finally:
-        if s._sampler:
-            s._sampler.__exit__(None, None, None)
         if proxy is not None:
             proxy.stop()
         if server is not None:

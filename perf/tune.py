@@ -18,7 +18,8 @@ from pathlib import Path
 
 from control.triton import DEFAULT_REPOSITORY, TritonError
 from perf import figures, report
-from perf.runner import Session, console
+from perf.console import console
+from perf.runner import Session
 from perf.suite import Suite
 from perf.targets import check_models, direct, start_server
 

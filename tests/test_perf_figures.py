@@ -82,3 +82,16 @@ def test_inprocess_reads_threads_and_instances_from_the_committed_configs():
     assert inprocess.config_instances(text) == 2
     assert inprocess.config_instances("name: 'x'") == 1
     assert inprocess.config_threads('parameters { key: "intra_op_thread_count", value: { string_value: "3" } }') == 3
+
+
+def test_proxy_cpu_share_bounds_the_ratio_when_cpu_bound():
+    samples = [
+        {"server": 1.0, "stubs": 2.0, "perf_analyzer": 0.4, "haproxy": 0.2},
+        {"server": 1.2, "stubs": 2.2, "perf_analyzer": 0.4, "haproxy": 0.15},
+        {"server": 1.0, "stubs": 2.0, "perf_analyzer": 0.4},  # a direct point: not counted
+    ]
+    got = figures.proxy_cpu_share(samples)
+    assert got["haproxy_cpu_ms_per_request"] == pytest.approx(0.175)
+    assert got["other_cpu_ms_per_request"] == pytest.approx(3.6)
+    assert got["cpu_bound_ratio"] == pytest.approx(3.6 / 3.775, abs=1e-3)
+    assert figures.proxy_cpu_share([]) == {}

@@ -1,0 +1,138 @@
+"""The side-by-side ratios: each measures both sides in the same run, back to back, per round.
+
+Why here and not in the runner: each ratio has its own protocol (what is interleaved with what, what is
+reloaded and restored), and keeping them apart keeps the runner about lifecycle and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from control.triton import TritonServer
+from perf import figures, inprocess
+from perf.console import console
+from perf.suite import RatioSpec
+from perf.targets import Endpoint
+
+if TYPE_CHECKING:
+    from perf.runner import Session
+
+
+def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
+    """Served saturation / in-process onnxruntime (same batch, threads, sessions), per round."""
+    pairs, detail = [], []
+    for rnd in range(spec.rounds):
+        ref = inprocess.measure(
+            s.repository / spec.model, s._rows[spec.model], spec.batch_size, s.suite.inprocess_seconds
+        )
+        s.inprocess.append(asdict(ref))
+        console.print(
+            f"  in-process {spec.model:<13} batch {spec.batch_size:<3} threads {ref.threads} x{ref.workers}  "
+            f"{ref.infer_per_sec:>9.1f} infer/s  p50 {ref.p50_ms:7.2f} ms  p99 {ref.p99_ms:7.2f} ms"
+        )
+        served = s.sweep(ep, f"{spec.model}-served", spec.model, spec.concurrency, spec.batch_size)
+        sat = figures.saturation(r.row() for r in served)
+        pairs.append((sat, ref.infer_per_sec))
+        detail.append({"round": rnd + 1, "served": round(sat, 1), "inprocess": round(ref.infer_per_sec, 1)})
+    s._ratio(
+        "served_vs_inprocess",
+        figures.paired_ratio(pairs),
+        0.7,
+        spec,
+        {
+            "served_infer_per_sec": round(max(p[0] for p in pairs), 1),
+            "inprocess_infer_per_sec": round(max(p[1] for p in pairs), 1),
+            "threads": ref.threads,
+            "sessions": ref.workers,
+            "rounds": detail,
+        },
+    )
+
+
+def haproxy_vs_direct(s: Session, spec: RatioSpec, ep: Endpoint, proxied: Endpoint | None, why: str) -> None:
+    """Saturation through our HAProxy / direct, interleaved point by point."""
+    if proxied is None:
+        s._skip("haproxy_vs_direct", why)
+        return
+    pairs, detail, proxied_cpu = [], [], []
+    for rnd in range(spec.rounds):
+        sat = {"direct": 0.0, "haproxy": 0.0}
+        sides = [("direct", ep), ("haproxy", proxied)]
+        for c in spec.concurrency:  # interleaved per point, order flipped per round: same noise on both
+            for side, e in sides if rnd % 2 == 0 else sides[::-1]:
+                rec = s.measure(e, f"{spec.model}-{side}", spec.model, "concurrency", c, spec.batch_size)
+                if not rec.error:
+                    sat[side] = max(sat[side], rec.infer_per_sec)
+                    if side == "haproxy" and rec.cpu_ms_per_request:
+                        proxied_cpu.append(rec.cpu_ms_per_request)
+        pairs.append((sat["haproxy"], sat["direct"]))
+        detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}})
+    s._ratio(
+        "haproxy_vs_direct",
+        figures.paired_ratio(pairs),
+        0.9,
+        spec,
+        {
+            "haproxy_infer_per_sec": round(max(p[0] for p in pairs), 1),
+            "direct_infer_per_sec": round(max(p[1] for p in pairs), 1),
+            "path": proxied.detail,
+            "rounds": detail,
+            **figures.proxy_cpu_share(proxied_cpu),
+        },
+    )
+
+
+def dynamic_batching_gain(s: Session, spec: RatioSpec, ep: Endpoint, server: TritonServer) -> None:
+    """Committed config / the same config without dynamic_batching (a repository-API override)."""
+    committed = json.loads(server._request("GET", f"/v2/models/{spec.model}/config")[1] or b"{}")
+    if "dynamic_batching" not in committed:
+        s._skip("dynamic_batching_gain", f"'{spec.model}' has no dynamic_batching in its committed config")
+        return
+    without = copy.deepcopy(committed)
+    without.pop("dynamic_batching")
+    pairs, detail = [], []
+    try:
+        for rnd in range(spec.rounds):
+            sat = {}
+            variants = [("no_dynamic_batching", without), ("committed", None)]
+            for variant, cfg in variants if rnd % 2 == 0 else variants[::-1]:
+                server.load_model(spec.model, cfg)
+                rows = s.sweep(ep, f"{spec.model}-batching", spec.model, spec.concurrency, spec.batch_size, variant)
+                sat[variant] = figures.saturation(r.row() for r in rows)
+            pairs.append((sat["committed"], sat["no_dynamic_batching"]))
+            detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}})
+    finally:
+        server.load_model(spec.model)  # back to the committed file
+    s._ratio(
+        "dynamic_batching_gain",
+        figures.paired_ratio(pairs),
+        None,
+        spec,
+        {
+            "with_infer_per_sec": round(max(p[0] for p in pairs), 1),
+            "without_infer_per_sec": round(max(p[1] for p in pairs), 1),
+            "rounds": detail,
+        },
+    )
+
+
+def trt_vs_onnx(s: Session, spec: RatioSpec, ep: Endpoint, loadable: list[str]) -> None:
+    """TensorRT engine / ONNX model saturation (GPU hosts only)."""
+    trt = f"{spec.model}_trt"
+    if trt not in loadable:
+        s._skip("trt_vs_onnx", f"'{trt}' is not built/loadable on this host")
+        return
+    sat = {}
+    for m in (spec.model, trt):
+        rows = s.sweep(ep, f"{m}-trt-vs-onnx", m, spec.concurrency, spec.batch_size)
+        sat[m] = figures.saturation(r.row() for r in rows)
+    s._ratio(
+        "trt_vs_onnx",
+        figures.ratio(sat[trt], sat[spec.model]),
+        None,
+        spec,
+        {"trt_infer_per_sec": round(sat[trt], 1), "onnx_infer_per_sec": round(sat[spec.model], 1)},
+    )
