@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("model")
     t.add_argument("--slo-ms", type=float, default=50.0)
     t.add_argument("--quick", action="store_true", help="a small grid (tests, CI)")
+    t.add_argument(
+        "--try-without-queue-policy", action="store_true", help="also try candidates without default_queue_policy"
+    )
     t.set_defaults(func=_tune)
     c = sub.add_parser("check", help="compare a report's ratios with perf/baseline.json")
     c.add_argument("report", nargs="?", type=Path, default=None, help="report.json or its dir (default: latest)")
