@@ -59,6 +59,17 @@ def load_requests(path: Path | None) -> dict[str, dict]:
     return reqs
 
 
+def golden_request_set(requests: dict[str, dict]) -> list[dict[str, dict]]:
+    """The golden request plus a few variations (other users, histories, queries) for answer comparisons."""
+    r, s = requests["recommend"], requests["search"]
+    out = [requests]
+    for i, (uid, hist, query) in enumerate([(1, [5, 9], "phone case"), (42, [100, 200, 300, 400], "coffee mug"),
+                                            (77, [31], "kids toy car")]):
+        out.append({"recommend": {"user_id": uid, "history": list(r["history"])[:1] + hist},
+                    "search": {"query": query if i else s["query"] + " sale", "user_id": s.get("user_id")}})
+    return out
+
+
 def ask(client: RecClient, requests: dict[str, dict]) -> dict[str, Result]:
     r = requests["recommend"]
     s = requests["search"]

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from control.fleet import Fleet, FleetError
-from control.golden import ask
+from control.golden import ask, golden_request_set
 from control.metrics import triton_request_counts
 from control.snapshots import RepositoryError, verify_version, versions_on_disk
 from control.state import RolloutRecord
@@ -27,6 +27,7 @@ class Gates:
     max_error_rate: float = 0.01
     max_p99_ratio: float = 3.0
     min_p99_ms: float = 50.0
+    min_answer_overlap: float = 0.3
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Gates:
@@ -36,6 +37,9 @@ class Gates:
                 setattr(g, k, float(v))
         if not 0 <= g.max_error_rate <= 1:
             raise FleetError(f"gates.max_error_rate must be within 0..1, got {g.max_error_rate}", "INVALID_ARGUMENT")
+        if g.min_answer_overlap > 1:
+            raise FleetError(f"gates.min_answer_overlap must be <= 1 (-1 disables), got {g.min_answer_overlap}",
+                             "INVALID_ARGUMENT")
         if g.max_p99_ratio < 1:
             raise FleetError(f"gates.max_p99_ratio must be >= 1, got {g.max_p99_ratio}", "INVALID_ARGUMENT")
         return g
@@ -203,6 +207,13 @@ class RolloutManager:
                 f.reload(cand.id, new_versions, only=[rec.model])
             except Exception as exc:
                 raise GateFailure("load", 1, 0, f"{cand.id} could not serve the new version: {exc}") from exc
+            overlap = self._answer_overlap(prim.id, cand.id)
+            self._emit(rec, "load", f"{cand.id} serves {rec.model} {rec.to_version}; golden answers agree "
+                       f"{overlap:.0%} with {prim.id}", gates={"answer_overlap": overlap})
+            if overlap < g.min_answer_overlap:
+                raise GateFailure("answer_overlap", overlap, g.min_answer_overlap,
+                                  f"the new version's golden answers share only {overlap:.0%} of their top items "
+                                  f"with the current version's (minimum {g.min_answer_overlap:.0%})")
             if rec.strategy == "canary":
                 f.haproxy.set_weight(prim.slot, 100)
                 f.haproxy.set_weight(cand.slot, 0)
@@ -239,6 +250,21 @@ class RolloutManager:
         ev = self._abort.get(rec.id)
         if ev is not None and ev.is_set():
             raise GateFailure("operator", 1, 0, "rollback requested by the operator")
+
+    def _answer_overlap(self, ref_iid: str, new_iid: str) -> float:
+        """Worst, over the ensembles, mean top-k overlap of ``new_iid``'s answers with ``ref_iid``'s."""
+        f = self.fleet
+        per_model: dict[str, list[float]] = {}
+        for reqs in golden_request_set(f.golden.requests):
+            try:
+                old, new = ask(f.client(ref_iid), reqs), ask(f.client(new_iid), reqs)
+            except Exception as exc:  # tritonclient's own exception types
+                raise GateFailure("golden", 1, 0, f"golden request failed during the answer comparison: "
+                                  f"{str(exc)[:200]}") from exc
+            for model in old:
+                a, b = set(old[model].item_ids), set(new[model].item_ids)
+                per_model.setdefault(model, []).append(len(a & b) / max(1, len(a)))
+        return min((sum(v) / len(v) for v in per_model.values()), default=1.0)
 
     @staticmethod
     def _fmt(vals: dict) -> str:

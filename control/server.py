@@ -147,7 +147,7 @@ class ControlPlane(pbg.ControlPlaneServicer):
         self._auth(context)
         self._ready(context)
         gates = {"max_error_rate": request.gates.max_error_rate, "max_p99_ratio": request.gates.max_p99_ratio,
-                 "min_p99_ms": request.gates.min_p99_ms}
+                 "min_p99_ms": request.gates.min_p99_ms, "min_answer_overlap": request.gates.min_answer_overlap}
         bake = request.bake_seconds if request.HasField("bake_seconds") else 5.0
         rid = self._call(context, self.rollouts.start, request.model, int(request.version),
                          request.strategy or "canary", list(request.steps), bake, gates)

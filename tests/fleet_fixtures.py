@@ -138,6 +138,15 @@ def make_version(repository, model: str, mode: str = "copy", base: int | None = 
             helper.make_node("Add", ["cand_scores_inner", "bad_g"], [out.name]),
         ])
         onnx.save(g, str(dst / "model.onnx"))
+    if mode == "negate-scores":  # every float output negated: answers fine, but reversed (wrong)
+        g = onnx.load(str(dst / "model.onnx"))
+        for out in g.graph.output:
+            if out.type.tensor_type.elem_type != TensorProto.FLOAT:
+                continue
+            for node in g.graph.node:
+                node.output[:] = [out.name + "_pos" if o == out.name else o for o in node.output]
+            g.graph.node.append(helper.make_node("Neg", [out.name + "_pos"], [out.name]))
+        onnx.save(g, str(dst / "model.onnx"))
     if mode == "unloadable":
         (dst / "model.onnx").write_bytes(b"this is not an onnx graph")
     write_manifest(dst, {"built_at": "test helper", "note": f"{mode} copy of {src.name}"})
@@ -146,7 +155,7 @@ def make_version(repository, model: str, mode: str = "copy", base: int | None = 
         data = bytearray(p.read_bytes())
         data[len(data) // 2] ^= 0xFF
         p.write_bytes(bytes(data))
-    elif mode not in ("copy", "fail-high-users", "unloadable"):
+    elif mode not in ("copy", "fail-high-users", "unloadable", "negate-scores"):
         raise ValueError(f"mode must be copy, fail-high-users, unloadable or corrupt, got {mode!r}")
     return new
 

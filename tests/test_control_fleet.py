@@ -360,6 +360,26 @@ def test_bad_version_is_rolled_back_by_the_gates(fleet):
     assert all(i["models"]["retrieval"] == start for i in st["instances"])
 
 
+def test_version_with_reversed_answers_is_caught_before_any_traffic_moves(fleet):
+    start = fleet.status()["desired"]
+    wrong = make_version(fleet.repository, "ranker", "negate-scores", base=start["ranker"][0])
+    load = _load(fleet)
+    try:
+        time.sleep(0.5)
+        mark = load.mark()
+        events = _rollover(fleet, "ranker", wrong, steps=[10, 100], bake_seconds=2)
+        records = load.since(mark)
+    finally:
+        load.stop()
+    assert events[-1].status == "rolled_back", [e.message for e in events]
+    ro = fleet.stub.GetRollout(pb.GetRolloutRequest(model="ranker"))
+    assert ro.failed_gate == "answer_overlap" and ro.failed_value < ro.threshold
+    assert not any(e.phase == "shift" for e in events)
+    assert not load.failed(records)
+    st = fleet.wait(all_healthy_exact, what="fleet on the old ranker")
+    assert st["desired"]["ranker"] == start["ranker"]
+
+
 def test_version_that_fails_to_load_is_never_served(fleet):
     start = fleet.status()["desired"]["retrieval"]
     broken = make_version(fleet.repository, "retrieval", "unloadable")

@@ -155,7 +155,8 @@ def test_gates_defaults_validation_and_p99():
     g = Gates.from_dict({"max_error_rate": 0, "max_p99_ratio": 0})
     assert g.max_error_rate == 0.01 and g.max_p99_ratio == 3.0
     assert Gates.from_dict({"max_error_rate": 0.05}).max_error_rate == 0.05
-    for bad in ({"max_error_rate": 2}, {"max_p99_ratio": 0.5}):
+    assert g.min_answer_overlap == 0.3 and Gates.from_dict({"min_answer_overlap": -1}).min_answer_overlap == -1
+    for bad in ({"max_error_rate": 2}, {"max_p99_ratio": 0.5}, {"min_answer_overlap": 1.5}):
         with pytest.raises(Exception, match="gates"):
             Gates.from_dict(bad)
     assert p99([]) == 0.0
