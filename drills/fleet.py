@@ -166,6 +166,9 @@ class Fleet:
         desired = self.desired(status)
         problems = []
         for inst in self.instances(status):
+            if inst.state != "healthy":
+                problems.append(f"{inst.id}: {inst.state}, not back with the desired versions")
+                continue
             for model, versions in desired.items():
                 for v in versions:
                     if not triton_model_ready(inst.http_port, model, v):

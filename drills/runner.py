@@ -317,6 +317,8 @@ class DrillRun:
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)
+        if settle_s is None:
+            why = f"fleet not settled {SETTLE_TIMEOUT_S:.0f}s after the drill: {why}"
         fig["versions_consistent"], fig["versions_detail"] = ok, why
         if bg is not None:
             bg["covered_fault"] = bg["ended_at"] >= f_end
