@@ -102,7 +102,10 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
               "time) in which every probe request succeeded with the right answer under the SLO.",
               "- detection: from the fault to the control plane's first event marking the instance.",
               "- p50/p99: nearest-rank over successful probe requests; before/during/after are the spec's windows.",
-              "- rejected: answered UNAVAILABLE/RESOURCE_EXHAUSTED (shed by a full queue).", ""]
+              "- rejected: answered UNAVAILABLE/RESOURCE_EXHAUSTED (shed by a full queue).",
+              "- anchors to beat (detection of a dead or hung backend elsewhere): Kubernetes readiness probes take "
+              "about 30 s to mark a pod unready, Envoy outlier detection sweeps every 10 s, Ray Serve's health "
+              "check waits 30 s.", ""]
     return "\n".join(lines)
 
 
