@@ -17,16 +17,6 @@ from control.triton import DEFAULT_REPOSITORY, TritonConfig, TritonError, Triton
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = TritonServer(TritonConfig(model_repository=DEFAULT_REPOSITORY, workdir=tmp_path_factory.mktemp("triton")))
-    try:
-        srv.start()
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture(scope="module")
 def grpc(server):
     with RecClient(server.grpc_url, "grpc") as c:
         yield c
