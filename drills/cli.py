@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -108,8 +109,14 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
     return 0 if all(r["passed"] is not False for r in results) and len(results) == len(specs) else 1
 
 
+def _terminate(signum: int, _frame) -> None:
+    """SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so rollbacks run and a private fleet is stopped."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "list":
             return cmd_list()

@@ -89,6 +89,21 @@ def process_state(pid: int) -> str:
         return ""
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live processes in process group ``pgid`` (from /proc; the group outlives a killed leader)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
 def fault_dir_of(pid: int) -> Path | None:
     """The instance's fault-switch directory, read from its own environment (no guessing of layouts)."""
     try:
@@ -108,7 +123,7 @@ class Crash(Fault):
 
     def inject(self, ctx: Context, action: Action) -> dict:
         inst = ctx.fleet.instance(action.params["target"])
-        ctx.figures["target"] = inst.id
+        ctx.figures["target"], ctx.figures["killed_pid"] = inst.id, inst.pid
         _signal(inst.pid, signal.SIGKILL)
         return {"instance": inst.id, "pid": inst.pid, "signal": "SIGKILL"}
 
@@ -120,7 +135,14 @@ class Crash(Fault):
         waited = ctx.fleet.wait("instance back", lambda: any(
             i.id == iid and i.state == "healthy" for i in ctx.fleet.instances()), timeout_s=120)
         ctx.figures["instance_back_s"] = waited
-        return {"instance": iid, "back_healthy_after_s": waited}
+        # The killed server's Python backend stubs outlive it (orphaned, same process group) and the control
+        # plane does not reap them: recorded as a finding, then removed so drills leave nothing behind.
+        pgid = ctx.figures.get("killed_pid")
+        orphans = group_members(pgid) if pgid else []
+        for pid in orphans:
+            _signal(pid, signal.SIGKILL)
+        ctx.figures["orphaned_stubs"] = len(orphans)
+        return {"instance": iid, "back_healthy_after_s": waited, "orphaned_stubs_killed": orphans}
 
 
 class Hang(Fault):

@@ -24,7 +24,7 @@ from drills.faults import FAULTS, Context, process_state
 from drills.fleet import Fleet, FleetError
 from drills.journal import Journal
 from drills.probe import Case, Probe, Record, rematch, schedule
-from drills.spec import DrillSpec
+from drills.spec import WINDOWED, DrillSpec
 from drills.verdict import evaluate
 
 SETTLE_TIMEOUT_S = 120.0
@@ -146,7 +146,7 @@ class DrillRun:
                 i = pending.pop(0)
                 workers[i] = threading.Thread(target=self._inject, args=(i,), daemon=True)
                 workers[i].start()
-                if spec.method[i].fault in {"gpu-hang", "gpu-lost", "overload", "network-partition"}:
+                if spec.method[i].fault in WINDOWED:
                     ends[i] = now + spec.method[i].duration_s
             for i, at in list(ends.items()):
                 if now >= at:
@@ -313,7 +313,8 @@ class DrillRun:
         during_total = ph["during"]["total"]
         fig["bad_share"] = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
             if during_total else None
-        for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s"):
+        for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
+                    "orphaned_stubs"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)

@@ -92,6 +92,11 @@ class ControlPlaneProcess:
             if not kill_owned(self.root, self.root.parent):
                 break
             time.sleep(0.5)
+        for pid in processes_mentioning(self.root.parent):  # orphans (backend stubs of killed servers)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def log_tail(self, n: int = 15) -> str:
         p = self.root / "control-plane.log"
@@ -143,6 +148,13 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def processes_mentioning(marker: Path) -> list[int]:
+    """Pids whose command line names ``marker`` (our private temp root: nobody else's process does)."""
+    me = os.getpid()
+    return [int(d.name) for d in Path("/proc").iterdir()
+            if d.name.isdigit() and int(d.name) != me and str(marker) in _cmdline(int(d.name))]
 
 
 def kill_owned(root: Path, marker: Path) -> list[int]:

@@ -31,10 +31,22 @@ def test_every_spec_fault_has_an_implementation_with_a_simulation_note():
     assert all(f.simulation for f in FAULTS.values())
 
 
+def _wait_exec(pid: int, name: bytes = b"sleep") -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            if open(f"/proc/{pid}/cmdline", "rb").read().startswith(name):
+                return
+        except OSError:
+            pass
+        time.sleep(0.005)
+
+
 def test_stop_cont_and_fault_dir_on_a_real_process(tmp_path):
     env = dict(os.environ, RECSERVE_FAULT_DIR=str(tmp_path / "faults"))
     p = subprocess.Popen(["sleep", "30"], env=env)
     try:
+        _wait_exec(p.pid)  # before exec, /proc shows the parent's environment
         assert fault_dir_of(p.pid) == tmp_path / "faults"
         os.kill(p.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 5
@@ -52,6 +64,7 @@ def test_stop_cont_and_fault_dir_on_a_real_process(tmp_path):
     assert process_state(p.pid) == "" and fault_dir_of(p.pid) is None
     plain = subprocess.Popen(["sleep", "30"], env={k: v for k, v in os.environ.items() if k != "RECSERVE_FAULT_DIR"})
     try:
+        _wait_exec(plain.pid)
         assert fault_dir_of(plain.pid) is None
     finally:
         plain.kill()
@@ -136,3 +149,24 @@ def test_partitioned_path_cut_is_detected_routed_around_and_cleaned_up(repo, tmp
         path.close()
     assert _netns_state() == before, "namespace or veth left behind"
     assert not [p for p in (path.inside, path.outside) if p.is_alive()]
+
+
+def test_group_members_finds_children_that_outlive_their_leader():
+    from drills.faults import group_members
+
+    leader = subprocess.Popen(["bash", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 5
+        while len(group_members(leader.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert leader.pid in group_members(leader.pid) and len(group_members(leader.pid)) == 3
+        os.kill(leader.pid, signal.SIGKILL)
+        leader.wait()
+        orphans = group_members(leader.pid)
+        assert len(orphans) == 2 and leader.pid not in orphans
+    finally:
+        os.killpg(leader.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while group_members(leader.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert group_members(leader.pid) == []
