@@ -65,7 +65,8 @@ def summary_rows(drills: Sequence[dict]) -> list[list[str]]:
         verdict = _verdict(d)
         p99 = d.get("p99_ms") or {}
         rows.append([d["name"], verdict, _fmt(d.get("rto_ms"), " ms"),
-                     f"{d.get('failed_requests', 0)}/{d.get('total_requests', 0)}",
+                     f"{d.get('failed_requests', 0)}/{d.get('total_requests', 0)}"
+                     + (f" ({d['wrong_answers']} wrong)" if d.get("wrong_answers") else ""),
                      " / ".join(_fmt(p99.get(k)) for k in ("before", "during", "after"))])
     return rows
 

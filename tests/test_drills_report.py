@@ -66,6 +66,7 @@ def test_summary_rows_and_markdown():
     rows = summary_rows(drills)
     assert rows[0] == ["crash", "PASS", "400 ms", "0/320", "12.5 / 240 / 13.0"]
     assert rows[1][1] == "FAIL" and rows[1][2] == "-" and rows[2][1] == "SKIP"
+    assert summary_rows([result(wrong_answers=7)])[0][3] == "0/320 (7 wrong)"
     md = markdown(drills, {"run": "r1", "host": "h"})
     assert "| crash | PASS | 400 ms | 0/320 | 12.5 / 240 / 13.0 |" in md
     assert "missed: `failed_requests` measured 2, target <= 0, by 2" in md
