@@ -127,3 +127,26 @@ def test_bad_answers_after_detection_are_counted_by_send_time():
     assert failed_or_wrong_after(records, 5.0) == 10
     assert failed_or_wrong_after(records, 5.5) == 5
     assert failed_or_wrong_after(records, 6.0) == 0, "slow but right answers are not bad answers"
+
+
+def test_fault_window_follows_the_actions_that_really_ran():
+    from drills.journal import ActionEntry, Journal
+    from drills.runner import _fault_window
+    from drills.spec import parse
+
+    raw = {"name": "t", "targets": ["recommend"], "load": {"duration_s": 40, "probe_rps": 10},
+           "steady_state": {"slo_p99_ms": 100, "error_rate_max": 0.0},
+           "method": [{"fault": "rollover-under-load", "at_s": 6, "observe_s": 3, "params": {"model": "ranker"}}],
+           "expect": {"failed_requests_max": 0}}
+    spec = parse(raw)
+    j = Journal("t")
+    j.actions.append(ActionEntry("rollover-under-load", "method", 1006.2, 1027.0, "succeeded"))
+    assert _fault_window(spec, j, 1000.0) == (1006.2, 1027.0), "a rollover lasts until its action ends"
+    j.actions[0].ended_at = 1007.0
+    assert _fault_window(spec, j, 1000.0) == (1006.2, 1009.2), "at least observe_s"
+    raw["method"] = [{"fault": "gpu-hang", "at_s": 5, "duration_s": 5}]
+    hang = parse(raw)
+    j = Journal("t")
+    j.actions += [ActionEntry("gpu-hang", "method", 1005.1, 1005.1, "succeeded"),
+                  ActionEntry("gpu-hang", "method-end", 1010.3, 1010.3, "succeeded")]
+    assert _fault_window(hang, j, 1000.0) == (1005.1, 1010.3)
