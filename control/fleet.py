@@ -383,6 +383,11 @@ class Fleet:
         if not rec.pid or not pid_alive(rec.pid):
             return False
         probe = self.check(rec.id)
+        for _ in range(10):  # a slow answer on a busy host is not a reason to restart a serving instance
+            if probe.ok or probe.fatal or probe.stage in ("versions", "golden"):
+                break
+            time.sleep(0.5)
+            probe = self.check(rec.id)
         if not probe.ok and probe.stage in ("versions", "golden"):
             try:  # alive, but not serving what the record says (interrupted rollout): reload in place
                 self.reload(rec.id, rec.versions)

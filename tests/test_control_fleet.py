@@ -430,9 +430,9 @@ def test_control_plane_sigkill_mid_rollover_leaves_a_consistent_fleet(fleet):
     assert st["desired"]["retrieval"] == want
     assert all(i["models"]["retrieval"] == want for i in st["instances"])
     # adopted, not duplicated or restarted: same instance processes, same HAProxy
-    assert sorted(i["pid"] for i in st["instances"]) == pids_before
-    assert (fleet.root / "haproxy" / "haproxy.pid").read_text() == proxy_before
     events = fleet.stub.GetStatus(pb.GetStatusRequest(events=80)).events
+    assert sorted(i["pid"] for i in st["instances"]) == pids_before, [(e.kind, e.message) for e in events[-20:]]
+    assert (fleet.root / "haproxy" / "haproxy.pid").read_text() == proxy_before
     assert sum(1 for e in events if e.kind == "adopt" and "adopted running instance" in e.message) >= 2
 
 
