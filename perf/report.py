@@ -171,13 +171,15 @@ def markdown(doc: dict, plots: list[Path]) -> str:
             "",
             f"## Tuning `{tune['model']}` (best under p99 {tune['slo_ms']} ms: **{win}**)",
             "",
-            "| candidate | infer/s (best under SLO) | p99 ms | at concurrency | saturation infer/s |",
-            "|---|---|---|---|---|",
+            "| candidate | infer/s (best under SLO) | p99 ms | at concurrency | saturation infer/s | stalls "
+            "| re-measured infer/s | score |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r in tune["results"]:
             lines.append(
                 f"| {r['candidate']} | {_fmt(r.get('infer_per_sec'), 1)} | {_fmt(r.get('p99_ms'), 1)} | "
-                f"{_fmt(r.get('concurrency'))} | {_fmt(r.get('saturation'), 1)} |"
+                f"{_fmt(r.get('concurrency'))} | {_fmt(r.get('saturation'), 1)} | {_fmt(r.get('stalls'))} | "
+                f"{_fmt((r.get('confirm') or {}).get('infer_per_sec'), 1)} | {_fmt(r.get('score'), 1)} |"
             )
         lines += ["", "Proposed `config.pbtxt` (not applied) is next to this report."]
     if doc.get("inprocess"):

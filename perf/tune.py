@@ -67,9 +67,37 @@ def override(committed: dict, c: Candidate) -> dict:
 
 
 def best(results: list[dict], slo_ms: float) -> dict | None:
-    """Highest saturation throughput among candidates whose p99 at that point stayed under the SLO."""
-    ok = [r for r in results if r["p99_ms"] is not None and r["p99_ms"] <= slo_ms and r["infer_per_sec"] > 0]
-    return max(ok, key=lambda r: r["infer_per_sec"], default=None)
+    """The candidate with the highest score among those that met the SLO without stalls.
+
+    The score is the lower of the two measurements where a candidate was re-measured (the top ones
+    are): on a shared host a single lucky run must not win.
+    """
+
+    def score(r: dict) -> float:
+        return r.get("score", r["infer_per_sec"])
+
+    pool = [r for r in results if "score" in r] or results  # once leaders were re-measured, only they compete
+    ok = [r for r in pool if r["p99_ms"] is not None and r["p99_ms"] <= slo_ms and not r.get("stalls") and score(r) > 0]
+    return max(ok, key=score, default=None)
+
+
+def evaluate(s: Session, ep, model: str, c: Candidate, conc: tuple[int, ...], slo_ms: float, tag: str) -> dict:
+    """One sweep of an applied candidate: best point under the SLO and the stalls seen anywhere."""
+    rows = s.sweep(ep, f"{model}-tune", model, conc, 1, tag)
+    top = max(rows, key=lambda r: r.infer_per_sec, default=None)
+    under = [r for r in rows if r.p99_ms <= slo_ms]
+    pick = max(under, key=lambda r: r.infer_per_sec, default=top)
+    return {
+        "infer_per_sec": pick.infer_per_sec if pick else 0.0,
+        "p99_ms": pick.p99_ms if pick else None,
+        "concurrency": pick.value if pick else None,
+        "saturation": figures.saturation(r.row() for r in rows),
+        "stalls": sum(r.stalls for r in rows),
+    }
+
+
+#: Candidates re-measured before one is proposed.
+CONFIRM_TOP = 3
 
 
 def proposed_pbtxt(text: str, c: Candidate) -> str:
@@ -116,21 +144,24 @@ def main(args: argparse.Namespace) -> int:
             except TritonError as exc:
                 results.append({"candidate": c.label, "error": str(exc), "infer_per_sec": 0.0, "p99_ms": None})
                 continue
-            rows = s.sweep(ep, f"{model}-tune", model, conc, 1, c.label)
-            top = max(rows, key=lambda r: r.infer_per_sec, default=None)
-            under = [r for r in rows if r.p99_ms <= args.slo_ms]
-            pick = max(under, key=lambda r: r.infer_per_sec, default=top)
             results.append(
-                {
-                    "candidate": c.label,
-                    **c.__dict__,
-                    "preferred": list(c.preferred),
-                    "infer_per_sec": pick.infer_per_sec if pick else 0.0,
-                    "p99_ms": pick.p99_ms if pick else None,
-                    "concurrency": pick.value if pick else None,
-                    "saturation": figures.saturation(r.row() for r in rows),
-                }
+                {"candidate": c.label, **c.__dict__, "preferred": list(c.preferred)}
+                | evaluate(s, ep, model, c, conc, args.slo_ms, c.label)
             )
+        ranked = sorted(
+            (r for r in results if "error" not in r and not r["stalls"] and (r["p99_ms"] or 1e9) <= args.slo_ms),
+            key=lambda r: r["infer_per_sec"],
+            reverse=True,
+        )[:CONFIRM_TOP]
+        by_label = {c.label: c for c in candidates(grid)}
+        for r in ranked:  # a second measurement of the leaders; the lower one counts
+            c = by_label[r["candidate"]]
+            console.print(f"[bold cyan]{model}[/] {c.label} (re-measured)")
+            server.load_model(model, override(committed, c))
+            again = evaluate(s, ep, model, c, conc, args.slo_ms, c.label + "-confirm")
+            r["confirm"] = again
+            ok = again["p99_ms"] is not None and again["p99_ms"] <= args.slo_ms and not again["stalls"]
+            r["score"] = min(r["infer_per_sec"], again["infer_per_sec"]) if ok else 0.0
     except (TritonError, OSError) as exc:
         s.errors.append(str(exc))
         console.print(f"[red]error: {exc}[/]")
@@ -148,7 +179,8 @@ def main(args: argparse.Namespace) -> int:
     proposal = out / "config.pbtxt"
     proposal.write_text(proposed_pbtxt((repository / model / "config.pbtxt").read_text(), c))
     print(
-        f"perf-tune: best {winner['candidate']}: {winner['infer_per_sec']:.1f} infer/s at p99 {winner['p99_ms']:.1f} ms"
+        f"perf-tune: best {winner['candidate']}: {winner.get('score', winner['infer_per_sec']):.1f} infer/s "
+        f"(lower of two measurements) at p99 {winner['p99_ms']:.1f} ms"
     )
     print(f"proposed config (not applied): {proposal}\nreport: {out}/report.md")
     return 0

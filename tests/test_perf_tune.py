@@ -54,3 +54,22 @@ def test_proposed_config_changes_only_scheduling():
     assert all(ln in out for ln in untouched)
     none = tune.proposed_pbtxt(text, tune.Candidate(2, 0, (), queue_policy=False))
     assert "preferred_batch_size:" not in none and "default_queue_policy {" not in none and "dynamic_batching {" in none
+
+
+def test_candidates_with_stalls_never_win():
+    results = [
+        {"candidate": "lucky", "infer_per_sec": 1100.0, "p99_ms": 24.0, "stalls": 3},
+        {"candidate": "steady", "infer_per_sec": 700.0, "p99_ms": 30.0, "stalls": 0},
+    ]
+    assert tune.best(results, slo_ms=50)["candidate"] == "steady"
+
+
+def test_once_leaders_are_remeasured_the_lower_figure_decides():
+    results = [
+        {"candidate": "a", "infer_per_sec": 1100.0, "p99_ms": 20.0, "stalls": 0, "score": 400.0},
+        {"candidate": "b", "infer_per_sec": 800.0, "p99_ms": 20.0, "stalls": 0, "score": 750.0},
+        {"candidate": "c", "infer_per_sec": 790.0, "p99_ms": 20.0, "stalls": 0},  # not re-measured: out
+    ]
+    assert tune.best(results, slo_ms=50)["candidate"] == "b"
+    results[1]["score"] = 0.0  # b failed its re-measurement
+    assert tune.best(results, slo_ms=50)["candidate"] == "a"
