@@ -1,0 +1,1 @@
+"""recserve build: synthetic data, training, ONNX/TensorRT export and versioned model artifacts."""
