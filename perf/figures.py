@@ -84,6 +84,19 @@ def paired_ratio(pairs: Iterable[tuple[float, float]]) -> float | None:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+def clean_paired_ratio(pairs: list[tuple[float, float]], stalled: list[bool]) -> tuple[float | None, int]:
+    """``paired_ratio`` over the rounds without stalls (all rounds when every one had some), and how many
+    rounds were left out.
+
+    Why: a ~500 ms scheduler stall (Triton 2.51's dynamic batcher with a queue policy) blocks a client for
+    hundreds of requests' time and lands on either side at random; it is a server defect reported on its
+    own (``stalls`` per load point), not a cost of the layer being compared.
+    """
+    clean = [p for p, bad in zip(pairs, stalled, strict=True) if not bad]
+    use = clean or pairs
+    return paired_ratio(use), len(pairs) - len(use)
+
+
 def proxy_cpu_share(samples: Iterable[dict[str, float]]) -> dict[str, float]:
     """HAProxy's CPU per request next to everything else's, from the proxied load points (medians).
 

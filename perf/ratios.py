@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
     """Served saturation / in-process onnxruntime (same batch, threads, sessions), per round."""
-    pairs, detail = [], []
+    pairs, detail, stalled = [], [], []
     for rnd in range(spec.rounds):
         ref = inprocess.measure(
             s.repository / spec.model, s._rows[spec.model], spec.batch_size, s.suite.inprocess_seconds
@@ -36,10 +36,15 @@ def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
         served = s.sweep(ep, f"{spec.model}-served", spec.model, spec.concurrency, spec.batch_size)
         sat = figures.saturation(r.row() for r in served)
         pairs.append((sat, ref.infer_per_sec))
-        detail.append({"round": rnd + 1, "served": round(sat, 1), "inprocess": round(ref.infer_per_sec, 1)})
+        stalls = sum(r.stalls for r in served)
+        stalled.append(stalls > 0)
+        detail.append(
+            {"round": rnd + 1, "served": round(sat, 1), "inprocess": round(ref.infer_per_sec, 1), "stalls": stalls}
+        )
+    value, excluded = figures.clean_paired_ratio(pairs, stalled)
     s._ratio(
         "served_vs_inprocess",
-        figures.paired_ratio(pairs),
+        value,
         0.7,
         spec,
         {
@@ -48,6 +53,7 @@ def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
             "threads": ref.threads,
             "sessions": ref.workers,
             "rounds": detail,
+            "rounds_with_stalls_left_out": excluded,
         },
     )
 
@@ -57,22 +63,26 @@ def haproxy_vs_direct(s: Session, spec: RatioSpec, ep: Endpoint, proxied: Endpoi
     if proxied is None:
         s._skip("haproxy_vs_direct", why)
         return
-    pairs, detail, proxied_cpu = [], [], []
+    pairs, detail, proxied_cpu, stalled = [], [], [], []
     for rnd in range(spec.rounds):
         sat = {"direct": 0.0, "haproxy": 0.0}
+        stalls = 0
         sides = [("direct", ep), ("haproxy", proxied)]
         for c in spec.concurrency:  # interleaved per point, order flipped per round: same noise on both
             for side, e in sides if rnd % 2 == 0 else sides[::-1]:
                 rec = s.measure(e, f"{spec.model}-{side}", spec.model, "concurrency", c, spec.batch_size)
                 if not rec.error:
                     sat[side] = max(sat[side], rec.infer_per_sec)
+                    stalls += rec.stalls
                     if side == "haproxy" and rec.cpu_ms_per_request:
                         proxied_cpu.append(rec.cpu_ms_per_request)
         pairs.append((sat["haproxy"], sat["direct"]))
-        detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}})
+        stalled.append(stalls > 0)
+        detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}, "stalls": stalls})
+    value, excluded = figures.clean_paired_ratio(pairs, stalled)
     s._ratio(
         "haproxy_vs_direct",
-        figures.paired_ratio(pairs),
+        value,
         0.9,
         spec,
         {
@@ -80,6 +90,7 @@ def haproxy_vs_direct(s: Session, spec: RatioSpec, ep: Endpoint, proxied: Endpoi
             "direct_infer_per_sec": round(max(p[1] for p in pairs), 1),
             "path": proxied.detail,
             "rounds": detail,
+            "rounds_with_stalls_left_out": excluded,
             **figures.proxy_cpu_share(proxied_cpu),
         },
     )
@@ -93,28 +104,32 @@ def dynamic_batching_gain(s: Session, spec: RatioSpec, ep: Endpoint, server: Tri
         return
     without = copy.deepcopy(committed)
     without.pop("dynamic_batching")
-    pairs, detail = [], []
+    pairs, detail, stalled = [], [], []
     try:
         for rnd in range(spec.rounds):
-            sat = {}
+            sat, stalls = {}, 0
             variants = [("no_dynamic_batching", without), ("committed", None)]
             for variant, cfg in variants if rnd % 2 == 0 else variants[::-1]:
                 server.load_model(spec.model, cfg)
                 rows = s.sweep(ep, f"{spec.model}-batching", spec.model, spec.concurrency, spec.batch_size, variant)
                 sat[variant] = figures.saturation(r.row() for r in rows)
+                stalls += sum(r.stalls for r in rows)
             pairs.append((sat["committed"], sat["no_dynamic_batching"]))
-            detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}})
+            stalled.append(stalls > 0)
+            detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}, "stalls": stalls})
     finally:
         server.load_model(spec.model)  # back to the committed file
+    value, excluded = figures.clean_paired_ratio(pairs, stalled)
     s._ratio(
         "dynamic_batching_gain",
-        figures.paired_ratio(pairs),
+        value,
         None,
         spec,
         {
             "with_infer_per_sec": round(max(p[0] for p in pairs), 1),
             "without_infer_per_sec": round(max(p[1] for p in pairs), 1),
             "rounds": detail,
+            "rounds_with_stalls_left_out": excluded,
         },
     )
 

@@ -122,7 +122,7 @@ def markdown(doc: dict, plots: list[Path]) -> str:
             f"{k}={_fmt(x, 1)}"
             for k, x in r.items()
             if k.endswith(("per_sec", "per_request"))
-            or k in ("model", "batch_size", "threads", "sessions", "cpu_bound_ratio")
+            or k in ("model", "batch_size", "threads", "sessions", "cpu_bound_ratio", "rounds_with_stalls_left_out")
         )
         ok = r.get("meets_target")
         tgt = f">= {r['target']}" + (" ok" if ok else " MISSED" if ok is False else "") if r.get("target") else ""

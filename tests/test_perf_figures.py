@@ -95,3 +95,9 @@ def test_proxy_cpu_share_bounds_the_ratio_when_cpu_bound():
     assert got["other_cpu_ms_per_request"] == pytest.approx(3.6)
     assert got["cpu_bound_ratio"] == pytest.approx(3.6 / 3.775, abs=1e-3)
     assert figures.proxy_cpu_share([]) == {}
+
+
+def test_rounds_with_stalls_are_left_out_unless_all_have_them():
+    pairs = [(60, 100), (95, 100), (93, 100)]
+    assert figures.clean_paired_ratio(pairs, [True, False, False]) == (pytest.approx(0.94), 1)
+    assert figures.clean_paired_ratio(pairs, [True, True, True]) == (pytest.approx(0.93), 0)
