@@ -88,6 +88,18 @@ def _fmt(v: object, digits: int = 3) -> str:
     return str(v)
 
 
+READING_NOTES = [
+    "- Ratios are medians of per-round ratios, both sides measured back to back; rounds in which a side saw"
+    " requests over 400 ms (Triton 2.51's dynamic-batcher stalls, counted per load point) are left out.",
+    "- `served_vs_inprocess` can exceed 1: the server merges client batches (dynamic batching), and on a"
+    " contended host its several processes get a larger CPU share than the reference's threads.",
+    "- `cpu_bound_ratio` (HAProxy) is all / (all + HAProxy) CPU per request: the most HAProxy can cost when"
+    " the host is CPU-bound; it is steadier than throughput on a shared host.",
+    "- `capacity_rps` is the highest offered rate with p99 under the SLO while the server kept up (>= 90% of"
+    " the offered rate); a violation counts only when a re-measurement repeats it.",
+]
+
+
 def _retried(cap: dict) -> str:
     rates = cap.get("retried_rates") or []
     return f" (violations re-measured at {', '.join(f'{r:g}' for r in rates)}/s)" if rates else ""
@@ -119,7 +131,7 @@ def markdown(doc: dict, plots: list[Path]) -> str:
             lines.append(f"| {name} | skipped | | {r['skipped']} |")
             continue
         detail = ", ".join(
-            f"{k}={_fmt(x, 1)}"
+            f"{k}={_fmt(x, 1 if k.endswith('per_sec') else 3)}"
             for k, x in r.items()
             if k.endswith(("per_sec", "per_request"))
             or k in ("model", "batch_size", "threads", "sessions", "cpu_bound_ratio", "rounds_with_stalls_left_out")
@@ -202,6 +214,7 @@ def markdown(doc: dict, plots: list[Path]) -> str:
         lines += ["", "## Errors (partial results above)", ""] + [f"- {e}" for e in doc["errors"]]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "## How to read this", "", *READING_NOTES, ""]
     lines += ["", "Raw perf_analyzer CSVs and logs: `csv/`; payloads: `inputs/`; server log: `server/`.", ""]
     return "\n".join(lines)
 
