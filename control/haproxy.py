@@ -118,7 +118,10 @@ def render_config(c: HAProxyConfig) -> str:
         "  option redispatch 1",
         "",
         "backend chk",
-        "  option httpchk GET /v2/health/ready",
+        # Liveness, not readiness: with strict readiness Triton answers 400 on /v2/health/ready while an old
+        # version unloads (~2 s) and for good after any failed load, which would take a serving instance out.
+        # Crash and hang show on /live as fast; model-level health is the control plane's deep check (maint).
+        "  option httpchk GET /v2/health/live",
         "  http-check expect status 200",
     ]
     chk = f"check check-proto h1 inter {c.check_inter_ms}ms fall {c.check_fall} rise {c.check_rise}"

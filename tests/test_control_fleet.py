@@ -431,7 +431,8 @@ def test_control_plane_sigkill_mid_rollover_leaves_a_consistent_fleet(fleet):
     assert all(i["models"]["retrieval"] == want for i in st["instances"])
     # adopted, not duplicated or restarted: same instance processes, same HAProxy
     events = fleet.stub.GetStatus(pb.GetStatusRequest(events=80)).events
-    assert sorted(i["pid"] for i in st["instances"]) == pids_before, [(e.kind, e.message) for e in events[-20:]]
+    story = "\n".join(f"{e.ts_unix:.3f} {e.kind} {e.instance} {e.message}" for e in events[-25:])
+    assert sorted(i["pid"] for i in st["instances"]) == pids_before, story
     assert (fleet.root / "haproxy" / "haproxy.pid").read_text() == proxy_before
     assert sum(1 for e in events if e.kind == "adopt" and "adopted running instance" in e.message) >= 2
 
