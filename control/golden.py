@@ -59,8 +59,22 @@ def load_requests(path: Path | None) -> dict[str, dict]:
     return reqs
 
 
-def golden_request_set(requests: dict[str, dict]) -> list[dict[str, dict]]:
-    """The golden request plus a few variations (other users, histories, queries) for answer comparisons."""
+def golden_request_set(requests: dict[str, dict], path: Path | None = None) -> list[dict[str, dict]]:
+    """Several request pairs for answer comparisons: every entry of ``artifacts/golden.json`` when present,
+    else the golden request plus a few variations (other users, histories, queries)."""
+    try:
+        data = json.loads(Path(path).read_text()) if path is not None else {}
+        recs = [e for e in data.get("recommend", []) if isinstance(e, dict) and "user_id" in e]
+        srch = [e for e in data.get("search", []) if isinstance(e, dict) and "query" in e]
+    except (OSError, ValueError, AttributeError):
+        recs, srch = [], []
+    if recs and srch:
+        n = max(len(recs), len(srch))
+        return [{"recommend": {"user_id": int(recs[i % len(recs)]["user_id"]),
+                               "history": [int(x) for x in recs[i % len(recs)].get("history", [])]},
+                 "search": {"query": str(srch[i % len(srch)]["query"]),
+                            "user_id": None if srch[i % len(srch)].get("user_id") is None
+                            else int(srch[i % len(srch)]["user_id"])}} for i in range(n)]
     r, s = requests["recommend"], requests["search"]
     out = [requests]
     for i, (uid, hist, query) in enumerate([(1, [5, 9], "phone case"), (42, [100, 200, 300, 400], "coffee mug"),
@@ -77,27 +91,32 @@ def ask(client: RecClient, requests: dict[str, dict]) -> dict[str, Result]:
             "search": client.search(s["query"], s["user_id"])}
 
 
-def _reference_answers(repository: Path, versions: dict[str, list[int]], requests: dict[str, dict]):
-    """Answers of ``build.reference`` for the given versions, or None when that module is not usable."""
+def reference_pipeline(repository: Path, versions: dict[str, list[int]]):
+    """``build.reference.Reference`` on exactly ``versions`` (it picks the latest by itself), or None."""
     try:
-        from build import reference  # written by the build pipeline
+        from build import reference as R  # the build's in-process pipeline
     except Exception:
         return None
     try:
-        pick = {m: max(v) for m, v in versions.items() if v}
-        ref = None
-        for name in ("Reference", "ReferencePipeline", "Pipeline"):
-            cls = getattr(reference, name, None)
-            if cls is not None:
-                try:
-                    ref = cls(repository, pick)
-                except TypeError:
-                    ref = cls(repository=repository, versions=pick)
-                break
-        if ref is None and hasattr(reference, "load"):
-            ref = reference.load(repository, pick)
-        if ref is None:
-            return None
+        dirs = {m: Path(repository) / m / str(max(versions[m])) for m in R.MODELS}
+    except (KeyError, ValueError, AttributeError):
+        return None
+    try:
+        ref = R.Reference.__new__(R.Reference)
+        ref.versions = dirs
+        ref.sessions = {m: R.ort_session(d / "model.onnx", 1) for m, d in dirs.items()}
+        ref.tokenizer = R.load_tokenizer()
+        return ref
+    except Exception:
+        return None
+
+
+def _reference_answers(repository: Path, versions: dict[str, list[int]], requests: dict[str, dict]):
+    """Answers of the build's reference pipeline for exactly ``versions``, or None when it is not usable."""
+    ref = reference_pipeline(repository, versions)
+    if ref is None:
+        return None
+    try:
         r, s = requests["recommend"], requests["search"]
         rec = ref.recommend(r["user_id"], r["history"])
         srch = ref.search(s["query"], s["user_id"])
@@ -124,7 +143,13 @@ class Golden:
         restart, so an instance that went wrong meanwhile cannot become the reference."""
         self.repository = Path(repository)
         self.store = store
-        self.requests = requests or load_requests(self.repository.parent / "artifacts" / "golden.json")
+        path = self.repository.parent / "artifacts" / "golden.json"
+        if not path.exists():
+            from control.triton import REPO_ROOT
+
+            path = REPO_ROOT / "artifacts" / "golden.json"
+        self.requests = requests or load_requests(path)
+        self.request_set = golden_request_set(self.requests, path)
         self.score_tol = score_tol
         self._cache: dict[str, Expected] = {}
         self._lock = threading.Lock()

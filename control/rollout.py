@@ -13,7 +13,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from control.fleet import Fleet, FleetError
-from control.golden import ask, golden_request_set
+from control.golden import ask
 from control.metrics import triton_request_counts
 from control.snapshots import RepositoryError, verify_version, versions_on_disk
 from control.state import RolloutRecord
@@ -255,7 +255,7 @@ class RolloutManager:
         """Worst, over the ensembles, mean top-k overlap of ``new_iid``'s answers with ``ref_iid``'s."""
         f = self.fleet
         per_model: dict[str, list[float]] = {}
-        for reqs in golden_request_set(f.golden.requests):
+        for reqs in f.golden.request_set:
             try:
                 old, new = ask(f.client(ref_iid), reqs), ask(f.client(new_iid), reqs)
             except Exception as exc:  # tritonclient's own exception types

@@ -102,11 +102,16 @@ class LoadClient:
         return [r for r in records if r.ok and r.model in self.expect and r.ids != self.expect[r.model]]
 
 
+#: Users from this id on make the ``fail-high-users`` version fail (golden requests use ids below it).
+BAD_USER_FROM = 5000
+
+
 def make_version(repository, model: str, mode: str = "copy", base: int | None = None) -> int:
     """Write version n+1 of ``model`` from version ``base`` (default: the latest) with a valid manifest.
 
     ``mode``: ``copy`` (same bytes: a good new version), ``fail-high-users`` (a retrieval graph that errors for
-    user ids >= 100 but passes warmup and the golden request, so only live traffic and metrics reveal it), or
+    user ids >= BAD_USER_FROM but passes warmup and the golden requests, so only live traffic and metrics reveal
+    it), ``negate-scores`` (float outputs negated: reversed answers), or
     ``corrupt`` (valid manifest first, then one byte of model.onnx flipped: fails its sha256), or ``unloadable``
     (a model.onnx that is not ONNX, with a valid manifest: Triton refuses to load it).
     """
@@ -131,7 +136,7 @@ def make_version(repository, model: str, mode: str = "copy", base: int | None = 
         out = next(o for o in g.graph.output if o.name == "cand_scores")
         for node in g.graph.node:
             node.output[:] = ["cand_scores_inner" if o == "cand_scores" else o for o in node.output]
-        table = helper.make_tensor("bad_table", TensorProto.FLOAT, [100], [0.0] * 100)
+        table = helper.make_tensor("bad_table", TensorProto.FLOAT, [BAD_USER_FROM], [0.0] * BAD_USER_FROM)
         g.graph.initializer.append(table)
         g.graph.node.extend([
             helper.make_node("Gather", ["bad_table", "user_id"], ["bad_g"], axis=0),  # out of range: error

@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from control.proto import control_pb2 as pb
 from tests.fleet_fixtures import (
+    BAD_USER_FROM,
     FleetProcess,
     LoadClient,
     all_healthy_exact,
@@ -339,7 +340,7 @@ def test_blue_green_rollover_switches_in_one_step_without_failures(fleet):
 def test_bad_version_is_rolled_back_by_the_gates(fleet):
     start = fleet.status()["desired"]["retrieval"]
     bad = make_version(fleet.repository, "retrieval", "fail-high-users", base=start[0])
-    load = _load(fleet, users=(7, 150))  # user 150 hits the fault; the golden request (user 7) does not
+    load = _load(fleet, users=(7, BAD_USER_FROM + 7))  # only the second hits the fault; golden requests do not
     try:
         time.sleep(1.0)
         mark = load.mark()
