@@ -122,7 +122,7 @@ class Probe:
     """Sends ``cases`` round-robin at ``rate(t)`` for ``duration_s`` (at most ``max_requests``)."""
 
     def __init__(self, url: str, cases: Sequence[Case], rate: RateFn, duration_s: float,
-                 timeout_s: float = 2.0, max_requests: int = 50_000, max_in_flight: int = 256):
+                 timeout_s: float = 2.0, max_requests: int = 50_000, max_in_flight: int = 1024):
         check_loopback(url)
         if not cases:
             raise ValueError("probe needs at least one golden case")
