@@ -246,7 +246,8 @@ def generate(out_dir: str | Path, cfg: GenConfig = GenConfig()) -> dict[str, Pat
                 rng.integers(len(STYLES)),
                 rng.integers(len(BRANDS)),
             )
-            t = f"{COLOURS[a[0]]} {MATERIALS[a[1]]} {STYLES[a[2]]} {CATEGORY_WORDS[item_category[i] - 1]} {BRANDS[a[3]]}"
+            noun = CATEGORY_WORDS[item_category[i] - 1]
+            t = f"{COLOURS[a[0]]} {MATERIALS[a[1]]} {STYLES[a[2]]} {noun} {BRANDS[a[3]]}"
             if t not in seen:
                 break
         seen.add(t)

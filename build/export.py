@@ -78,6 +78,7 @@ def ort_session(path: Path, threads: int = 2) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared 2-core hosts
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
