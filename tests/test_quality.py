@@ -74,9 +74,11 @@ def test_served_search_equals_in_process_pipeline(client, reference, data):
 
 def test_recommend_prefers_the_users_categories_3x_over_random(client, data):
     truth, catalog, histories = data
-    prefs = {int(u): set(c) for u, c in truth["user_preferred_categories"].items()}
-    clear = [u for u, c in prefs.items() if len(c) == 1 and len(histories.get(u, [])) >= 5][:60]
-    assert len(clear) >= 20, "too few users with one clear preference in the generated data"
+    weights = {int(u): {int(c): w for c, w in cw.items()} for u, cw in truth["user_preferred_categories"].items()}
+    prefs = {u: set(cw) for u, cw in weights.items()}
+    # clear preference: one category carries at least 60% of the user's planted interest
+    clear = [u for u, cw in weights.items() if max(cw.values()) >= 0.6 and len(histories.get(u, [])) >= 5][:60]
+    assert len(clear) >= 20, "too few users with a clear preference in the generated data"
     share_in_pref, share_random = [], []
     cat_count = defaultdict(int)
     for cat, _ in catalog.values():
