@@ -366,6 +366,9 @@ class Fleet:
             self.schedule_restart(iid, f"start failed: {exc}")
         if len(errors) == len(recs):
             raise FleetError(f"no instance could start: {errors}", "UNAVAILABLE")
+        exp = self.golden.expected(self.desired())
+        self.state.event("golden", f"expected answers for the desired versions come from "
+                         f"{exp.source if exp else 'nowhere yet'}")
         self.monitor = HealthMonitor(self.monitored_ids, self.check, self.on_probe,
                                      self.config.health_interval_s).start()
 

@@ -78,6 +78,9 @@ def test_status_reports_endpoints_roles_and_exact_versions(fleet):
         assert {m: i["models"][m] for m in st["desired"]} == st["desired"]
     assert by_role(st, "primary")[0]["weight"] == 100 and by_role(st, "standby")[0]["weight"] == 0
     assert st["health"] == "ok" and not st["warnings"]
+    events = fleet.stub.GetStatus(pb.GetStatusRequest(events=50)).events
+    golden = [e.message for e in events if e.kind == "golden"]
+    assert golden and "build.reference" in golden[-1], golden  # expectations from the build, not the servers
 
 
 def test_clients_get_answers_over_haproxy_grpc_and_http(fleet):
