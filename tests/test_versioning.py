@@ -39,7 +39,7 @@ def test_second_build_adds_version_and_leaves_previous_byte_identical(tmp_path):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert "cached" in run.stdout + run.stderr, "unchanged code and data must reuse the cached training"
+    assert "training: cached" in run.stdout + run.stderr, "unchanged code and data must reuse the cached training"
     for m in MODELS:
         after = _versions(repo / m)
         assert after == before[m] + [before[m][-1] + 1], f"{m}: {before[m]} -> {after}"
