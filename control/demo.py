@@ -1,11 +1,16 @@
-"""``make demo``: build if needed, serve, ask ``recommend`` and ``search``, show items with titles, stop."""
+"""``make demo``: the whole story on one machine, in a few minutes on 2 cores.
+
+fleet up (control plane, primary + standby tritonserver, HAProxy) -> ask ``recommend`` and ``search``
+through HAProxy and show items with titles -> smoke drills (primary crash, hang, 2x overload, canary
+rollover under load) with their RTO/failed-request table and report -> fleet down, always.
+"""
 
 from __future__ import annotations
 
 import argparse
 import csv
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from control.client import RecClient, Result
-from control.triton import DEFAULT_REPOSITORY, REPO_ROOT, TritonConfig, TritonError, TritonServer
+from control.triton import REPO_ROOT
 
 CATALOG = REPO_ROOT / "artifacts" / "data" / "catalog.csv"
 console = Console()
@@ -28,7 +33,7 @@ def load_titles(path: Path = CATALOG) -> dict[int, str]:
 
 
 def show(title: str, result: Result, titles: dict[int, str], n: int = 5) -> None:
-    table = Table(title=title, title_justify="left", show_lines=False)
+    table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("item_id", justify="right")
     table.add_column("score", justify="right")
@@ -38,45 +43,56 @@ def show(title: str, result: Result, titles: dict[int, str], n: int = 5) -> None
     console.print(table)
 
 
-def serve_and_ask(repository: Path) -> None:
+def ask(grpc_url: str) -> None:
+    """A few real requests through HAProxy, shown with catalogue titles."""
     titles = load_titles()
-    with tempfile.TemporaryDirectory(prefix="recserve-demo-") as tmp:
-        server = TritonServer(TritonConfig(model_repository=repository, workdir=Path(tmp), name="demo"))
-        t0 = time.monotonic()
-        with console.status("starting tritonserver (embedded, CPU) ..."):
-            server.start()
-        try:
-            took = time.monotonic() - t0
-            console.print(f"[green]ready[/] in {took:.1f}s: gRPC {server.grpc_url}, HTTP {server.http_url}")
-            with RecClient(server.grpc_url) as c:
-                history = [int(i) for i in list(titles)[:3]] if titles else [1, 2, 3]
-                show(f"recommend(user_id=42, history={history})", c.recommend(42, history), titles)
-                show("recommend(new user, no history): popular items", c.recommend(10**9, []), titles)
-                query = _example_query(titles)
-                show(f"search({query!r})", c.search(query), titles)
-                show(f"search({query!r}, user_id=42)", c.search(query, user_id=42), titles)
-        finally:
-            server.stop()
-            console.print("server stopped.")
+    history = list(titles)[100:104] if titles else [1, 2, 3, 4]
+    query = " ".join(titles[history[0]].split()[:2]) if titles else "red boots"
+    with RecClient(grpc_url) as c:
+        shown = ", ".join(f"{i} ({titles.get(i, '?')})" for i in history)
+        console.print(f"history: {shown}")
+        show(f"recommend(user_id=42, history={history})", c.recommend(42, history), titles)
+        show("recommend(new user, no history): popular items", c.recommend(10**9, []), titles)
+        show(f"search({query!r})", c.search(query), titles)
 
 
-def _example_query(titles: dict[int, str]) -> str:
-    if not titles:
-        return "red leather boots"
-    words = next(iter(titles.values())).split()
-    return " ".join(words[:2])
+def step(title: str) -> None:
+    console.rule(f"[bold]{title}")
+
+
+def run(cmd: list[str], check: bool = True) -> int:
+    console.print(f"[dim]$ {' '.join(cmd)}[/]")
+    code = subprocess.call(cmd, cwd=REPO_ROOT)
+    if check and code != 0:
+        raise SystemExit(f"demo: '{' '.join(cmd)}' failed with exit code {code}")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="recserve demo: serve the model repository and ask it questions.")
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p = argparse.ArgumentParser(description="recserve demo: fleet up, answers, smoke drills, fleet down.")
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--skip-drills", action="store_true", help="only bring the fleet up, ask it, bring it down")
     args = p.parse_args(argv)
+    py = sys.executable
+    recctl = [py, "-m", "control.recctl"]
+    t0 = time.monotonic()
+    drill_code = 0
+    step("1/4 fleet up: control plane, primary + standby tritonserver, HAProxy")
     try:
-        serve_and_ask(args.repository.resolve())
-    except TritonError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        return 1
-    return 0
+        run([*recctl, "up", "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port)])
+        run([*recctl, "status"])
+        step(f"2/4 recommend and search through HAProxy (localhost:{args.grpc_port})")
+        ask(f"127.0.0.1:{args.grpc_port}")
+        if not args.skip_drills:
+            step("3/4 smoke drills: crash, hang, 2x overload, canary rollover under load")
+            drill_code = run([py, "-m", "drills", "smoke"], check=False)
+            run([*recctl, "status"], check=False)
+    finally:
+        step("4/4 fleet down")
+        run([*recctl, "down"], check=False)
+    console.print(f"demo finished in {time.monotonic() - t0:.0f} s; drill reports: reports/drills/latest/report.md")
+    return drill_code
 
 
 if __name__ == "__main__":
