@@ -412,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     log(trt_line)
 
     golden = golden_requests(ds, hp, args.seed, provenance["catalog"])
+    golden["built_versions"] = {name: int(path.name) for name, path in written.items()}
     (work / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     shutil.rmtree(stage, ignore_errors=True)
     summary(tr, parities, written, work / "golden.json", time.perf_counter() - t0)
