@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "runtime_versions": manifest_mod.runtime_versions(),
         "data": provenance,
+        "seed": args.seed,
         "training_cache_key": key,
         "hyperparameters": hp.as_dict(),
         "split": tr.metrics.get("split"),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from build.data import BEHAVIOR_CODE, Dataset
-from build.models import HISTORY_LEN, BSTRanker, RetrievalGraph, SearchModel, TwoTower
+from build.models import HISTORY_LEN, BSTRanker, RetrievalGraph, SearchGraph, SearchModel, TwoTower
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_PATH = REPO_ROOT / "model_repository" / "search_pre" / "1" / "tokenizer.py"
@@ -483,8 +483,6 @@ def lexical_hit_queries(ds: Dataset, tok: ModuleType, n: int, seed: int) -> tupl
 def eval_search(
     model: SearchModel, ds: Dataset, sp: Split, hp: HParams, seed: int, tok: ModuleType
 ) -> dict[str, float]:
-    from build.models import SearchGraph
-
     graph = SearchGraph(model).eval()
     tokens, users, items = search_eval_set(ds, sp, tok, hp, seed)
     res: dict[str, float] = {"eval_queries": len(items)}

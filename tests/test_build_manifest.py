@@ -95,3 +95,19 @@ def test_verify_manifest_detects_a_renamed_version(repo: Path, tmp_path: Path) -
 
 def test_git_commit_unknown_outside_a_repository(tmp_path: Path) -> None:
     assert git_commit(tmp_path) == "unknown"
+
+
+def test_training_cache_key_follows_seed_hparams_and_data(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from build.pipeline import cache_key
+    from build.train import HParams
+
+    data = tmp_path / "events.csv"
+    data.write_text("1,2,3,pv,4\n")
+    base = cache_key([str(data)], 7, HParams())
+    assert cache_key([str(data)], 7, HParams()) == base
+    assert cache_key([str(data)], 8, HParams()) != base
+    assert cache_key([str(data)], 7, replace(HParams(), retr_epochs=4)) != base
+    data.write_text("1,2,3,buy,4\n")
+    assert cache_key([str(data)], 7, HParams()) != base
