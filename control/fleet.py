@@ -516,7 +516,28 @@ class Fleet:
 
     def monitored_ids(self) -> list[str]:
         self.ensure_haproxy()
+        self.watch_haproxy()
         return [r.id for r in self.state.instances() if r.id not in self.busy and r.state not in ("restarting",)]
+
+    def watch_haproxy(self) -> None:
+        """Fast path for hangs: when HAProxy's own check (every 200 ms) takes a healthy instance down, a 0.3 s
+        liveness call decides at once instead of waiting for a deep check stuck on a hung inference."""
+        try:
+            rows = self.haproxy.servers()
+        except HAProxyError:
+            return
+        for rec in self.state.instances():
+            if rec.state != "healthy" or rec.id in self.busy or rec.role == "canary":
+                continue
+            row = rows.get(f"chk/s{rec.slot}")
+            if row is None or row.get("srv_op_state") != "0":
+                continue
+            srv = self.servers.get(rec.id) or self._server(rec)
+            t0 = time.time()
+            if srv._request("GET", "/v2/health/live", timeout=0.3)[0] == 200:
+                continue
+            self.mark_broken(rec, Probe(False, "live", "no answer within 0.3 s and HAProxy's check marks it down",
+                                        t0, time.time() - t0, fatal=True))
 
     def ensure_haproxy(self) -> None:
         """HAProxy is the data path: if it died, start it again and restore slots, states and the route."""
@@ -580,6 +601,9 @@ class Fleet:
     def mark_broken(self, rec: InstanceRecord, probe: Probe) -> None:
         with self.lock:
             iid = rec.id
+            cur = self.state.instance(iid)
+            if cur is None or cur.state in ("broken", "restarting", "starting", "loading") or iid in self.busy:
+                return  # already handled (the monitor and the HAProxy watch can both see one failure)
             reason = f"{probe.stage}: {probe.reason}"
             try:
                 self.haproxy.set_state(rec.slot, "maint")

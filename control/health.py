@@ -21,7 +21,7 @@ from control.triton import TritonServer
 #: How long one HTTP health call may take before the instance counts as hung.
 HTTP_TIMEOUT_S = 0.5
 #: How long a golden inference may take (generous: a busy 2-core host is slow, not broken).
-INFER_TIMEOUT_S = 2.0
+INFER_TIMEOUT_S = 1.0
 
 
 @dataclass

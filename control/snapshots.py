@@ -88,7 +88,7 @@ def verify_version(repository: Path, model: str, version: int) -> VersionInfo:
         return info
     files = manifest_files(manifest)
     info.files = len(files)
-    info.built_at = str(manifest.get("built_at") or manifest.get("build_time") or "")
+    info.built_at = str(manifest.get("built_at_utc") or manifest.get("built_at") or manifest.get("build_time") or "")
     info.metrics = manifest.get("metrics", {}) if isinstance(manifest.get("metrics"), dict) else {}
     if not files:
         info.problem = f"{mpath} lists no files"
