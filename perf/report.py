@@ -210,6 +210,9 @@ def markdown(doc: dict, plots: list[Path]) -> str:
             )
     if doc.get("skipped"):
         lines += ["", "## Skipped", ""] + [f"- {s}" for s in doc["skipped"]]
+    if doc.get("transient_failures"):
+        lines += ["", "## Transient failures (the point passed when re-measured)", ""]
+        lines += [f"- {e}" for e in doc["transient_failures"]]
     if doc.get("errors"):
         lines += ["", "## Errors (partial results above)", ""] + [f"- {e}" for e in doc["errors"]]
     if plots:

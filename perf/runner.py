@@ -23,6 +23,8 @@ from perf.targets import Endpoint, LocalProxy, Unavailable, check_models, direct
 ONNX_MODELS = ("retrieval", "ranker", "search_model")
 #: Stop a concurrency sweep once p99 passes this multiple of the SLO: higher points only queue.
 SWEEP_CUTOFF = 3.0
+#: Halvings tried below a capacity ladder whose lowest rate already failed.
+DESCEND_STEPS = 2
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Session:
     capacity: dict[str, dict] = field(default_factory=dict)
     inprocess: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    transient: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     versions: dict = field(default_factory=dict)
     payloads: dict = field(default_factory=dict)
@@ -118,8 +121,13 @@ class Session:
         value: float,
         batch_size: int,
         variant: str = "committed",
+        probing: bool = False,
     ) -> RunRecord:
-        """One perf_analyzer run with metric deltas and peak RSS around it; errors land in the record."""
+        """One perf_analyzer run with metric deltas and peak RSS around it; errors land in the record.
+
+        ``probing``: a capacity probe past the knee, where failed requests (queue timeouts, rejections) are
+        the finding, not an error of the suite; they are reported with the capacity, not in ``errors``.
+        """
         rec = RunRecord(target, model, ep.via, mode, value, batch_size, variant)
         seconds = self.suite.seconds_per_point
         if mode == "rate":
@@ -146,8 +154,9 @@ class Session:
         except (analyzer.PerfAnalyzerError, ValueError) as exc:
             sampler.__exit__(None, None, None)
             rec.error = str(exc)
-            self.errors.append(f"{target} [{variant}, {ep.via}, {mode} {value:g}]: {exc}")
-            console.print(f"  [red]{target} {mode} {value:g}: {exc}[/]")
+            if not probing:
+                self.errors.append(f"{target} [{variant}, {ep.via}, {mode} {value:g}]: {exc}")
+            console.print(f"  [{'yellow' if probing else 'red'}]{target} {mode} {value:g}: {exc}[/]")
             self.runs.append(rec)
             return rec
         sampler.__exit__(None, None, None)
@@ -192,10 +201,23 @@ class Session:
         batch_size: int,
         variant: str = "committed",
     ) -> list[RunRecord]:
-        """Concurrency sweep, stopped at the first error or once p99 is far past the SLO."""
+        """Concurrency sweep, stopped at a repeated error or once p99 is far past the SLO.
+
+        A point whose perf_analyzer run failed is measured once more: perf_analyzer aborts on the first
+        failed request, and one request timed out by a scheduler stall should not cost the sweep. The
+        first failure stays in the report (``transient_failures``); a second one is an error.
+        """
         out = []
         for c in values:
-            rec = self.measure(ep, target, model, "concurrency", c, batch_size, variant)
+            rec = self.measure(ep, target, model, "concurrency", c, batch_size, variant, probing=True)
+            if rec.error:
+                first = rec.error
+                rec = self.measure(ep, target, model, "concurrency", c, batch_size, variant, probing=True)
+                where = f"{target} [{variant}, {ep.via}, concurrency {c:g}]"
+                if rec.error:
+                    self.errors.append(f"{where}: {rec.error}")
+                else:
+                    self.transient.append(f"{where} (passed when re-measured): {first}")
             out.append(rec)
             if rec.error or rec.p99_ms > SWEEP_CUTOFF * self.suite.slo_ms:
                 break
@@ -210,29 +232,52 @@ class Session:
                 set(rates)
                 | set(figures.rate_ladder(figures.saturation(r.row() for r in conc), t.capacity, t.batch_size))
             )
-        rate_rows, retried = [], []
+        rate_rows, retried, refused = [], [], None
         for r in rates:
-            rec = self.measure(ep, t.name, t.model, "rate", r, t.batch_size)
-            if rec.error:
-                break
-            if self._violates(rec, r * t.batch_size):
+            rec = self.measure(ep, t.name, t.model, "rate", r, t.batch_size, probing=bool(rate_rows))
+            if rec.error and not rate_rows:
+                break  # the first rate of the ladder failing is an error of the run, reported as such
+            if rec.error or self._violates(rec, r * t.batch_size):
                 # A violation must repeat to count: a neighbour's burst on a shared host is not capacity.
                 retried.append(r)
-                again = self.measure(ep, t.name, t.model, "rate", r, t.batch_size, "retry")
+                again = self.measure(ep, t.name, t.model, "rate", r, t.batch_size, "retry", probing=True)
                 if not again.error and not self._violates(again, r * t.batch_size):
                     rec = again
+            if rec.error:  # requests failed at this rate (queue timeouts/rejections): past capacity
+                refused = {"rate": r, "why": rec.error}
+                break
             rate_rows.append(rec.row())
             if self._violates(rec, r * t.batch_size):
                 break  # past capacity: higher rates only add queueing
+        for _ in range(DESCEND_STEPS):  # the lowest rate failed: walk down instead of reporting 0
+            if not rate_rows or not self._violates_row(rate_rows[0], t.batch_size):
+                break
+            r = max(1.0, round((rate_rows[0].request_rate or 2.0) / 2))
+            if r >= (rate_rows[0].request_rate or 0):
+                break
+            rec = self.measure(ep, t.name, t.model, "rate", r, t.batch_size, "descend")
+            if rec.error:
+                break
+            rate_rows.insert(0, rec.row())
+            if not self._violates(rec, r * t.batch_size):
+                break
         if rate_rows:
             cap = figures.capacity(
                 [analyzer.Row(**{**asdict(x), "infer_per_sec": x.infer_per_sec / t.batch_size}) for x in rate_rows],
                 self.suite.slo_ms,
             )
-            self.capacity[t.name] = {"model": t.model, "via": t.via, **asdict(cap), "retried_rates": retried}
+            entry = {"model": t.model, "via": t.via, **asdict(cap), "retried_rates": retried}
+            if refused and cap.first_violation_rps is None:
+                entry["first_violation_rps"] = refused["rate"]
+                entry["reason"] = f"requests failed at {refused['rate']:g}/s: {refused['why'][-300:]}"
+            self.capacity[t.name] = entry
 
     def _violates(self, rec: RunRecord, offered_ips: float) -> bool:
         return rec.p99_ms > self.suite.slo_ms or rec.infer_per_sec < figures.KEEP_UP * offered_ips
+
+    def _violates_row(self, row: analyzer.Row, batch_size: int) -> bool:
+        offered = (row.request_rate or 0.0) * batch_size
+        return row.p99_ms > self.suite.slo_ms or row.infer_per_sec < figures.KEEP_UP * offered
 
     # ------------------------------------------------------------------ ratio bookkeeping
     def _ratio(self, name: str, value: float | None, target: float | None, spec: RatioSpec, detail: dict) -> None:
@@ -299,6 +344,7 @@ class Session:
             "inprocess": self.inprocess,
             "runs": [asdict(r) for r in self.runs],
             "errors": self.errors,
+            "transient_failures": self.transient,
             "skipped": self.skipped,
         }
 
