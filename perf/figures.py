@@ -97,6 +97,34 @@ def clean_paired_ratio(pairs: list[tuple[float, float]], stalled: list[bool]) ->
     return paired_ratio(use), len(pairs) - len(use)
 
 
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def serving_cpu_ceiling(inprocess_cpu_ms: list[float], served_cpu: list[dict[str, float]]) -> dict[str, float]:
+    """What served_vs_inprocess can reach when the host is CPU-bound: in-process CPU per batch over the
+    served CPU per request (stubs + server, and with the load generator on the same cores).
+
+    Why: it separates what serving costs (stub IPC, tritonserver) from what the shared 2-core host costs
+    (perf_analyzer competing for the same cores), which a throughput ratio alone mixes.
+    """
+    if not inprocess_cpu_ms or not served_cpu:
+        return {}
+    ref = _median(inprocess_cpu_ms)
+    stubs = _median([x.get("stubs", 0.0) for x in served_cpu])
+    server = _median([x.get("server", 0.0) for x in served_cpu])
+    client = _median([x.get("perf_analyzer", 0.0) for x in served_cpu])
+    return {
+        "inprocess_cpu_ms_per_batch": round(ref, 3),
+        "stubs_cpu_ms_per_request": round(stubs, 3),
+        "server_cpu_ms_per_request": round(server, 3),
+        "client_cpu_ms_per_request": round(client, 3),
+        "cpu_ceiling_without_client": round(ref / (stubs + server), 3) if stubs + server else 0.0,
+        "cpu_ceiling_with_client": round(ref / (stubs + server + client), 3) if stubs + server + client else 0.0,
+    }
+
+
 def proxy_cpu_share(samples: Iterable[dict[str, float]]) -> dict[str, float]:
     """HAProxy's CPU per request next to everything else's, from the proxied load points (medians).
 

@@ -29,6 +29,8 @@ class InProcessResult:
     p99_ms: float
     runs: int
     workers: int = 1
+    #: CPU (all threads of this process) per session.run: what one batch costs without serving around it.
+    cpu_ms_per_run: float = 0.0
 
 
 def config_threads(config_text: str) -> int:
@@ -98,6 +100,7 @@ def measure(
         for i in range(warmup):
             sess.run(outputs, feeds[i % len(feeds)])
     lats: list[list[float]] = [[] for _ in sessions]
+    cpu0 = time.process_time()
     start = time.perf_counter()
     pool = [
         threading.Thread(target=_worker, args=(sess, outputs, feeds, k * 7, start + duration_s, lats[k]))
@@ -108,6 +111,7 @@ def measure(
     for t in pool:
         t.join()
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu0
     arr = np.array([x for lat in lats for x in lat]) * 1000.0
     return InProcessResult(
         model=model_dir.name,
@@ -118,4 +122,5 @@ def measure(
         p99_ms=float(np.percentile(arr, 99)),
         runs=len(arr),
         workers=workers,
+        cpu_ms_per_run=1000.0 * cpu / max(1, len(arr)),
     )

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
     """Served saturation / in-process onnxruntime (same batch, threads, sessions), per round."""
-    pairs, detail, stalled = [], [], []
+    pairs, detail, stalled, served_cpu, ref_cpu = [], [], [], [], []
     for rnd in range(spec.rounds):
         ref = inprocess.measure(
             s.repository / spec.model, s._rows[spec.model], spec.batch_size, s.suite.inprocess_seconds
@@ -36,6 +36,10 @@ def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
         served = s.sweep(ep, f"{spec.model}-served", spec.model, spec.concurrency, spec.batch_size)
         sat = figures.saturation(r.row() for r in served)
         pairs.append((sat, ref.infer_per_sec))
+        ref_cpu.append(ref.cpu_ms_per_run)
+        top = max(served, key=lambda r: r.infer_per_sec, default=None)
+        if top is not None and top.cpu_ms_per_request:
+            served_cpu.append(top.cpu_ms_per_request)
         stalls = sum(r.stalls for r in served)
         stalled.append(stalls > 0)
         detail.append(
@@ -54,6 +58,7 @@ def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
             "sessions": ref.workers,
             "rounds": detail,
             "rounds_with_stalls_left_out": excluded,
+            **figures.serving_cpu_ceiling(ref_cpu, served_cpu),
         },
     )
 

@@ -134,6 +134,8 @@ def markdown(doc: dict, plots: list[Path]) -> str:
             f"{k}={_fmt(x, 1 if k.endswith('per_sec') else 3)}"
             for k, x in r.items()
             if k.endswith(("per_sec", "per_request"))
+            or k.startswith("cpu_ceiling")
+            or k.endswith("per_batch")
             or k in ("model", "batch_size", "threads", "sessions", "cpu_bound_ratio", "rounds_with_stalls_left_out")
         )
         ok = r.get("meets_target")

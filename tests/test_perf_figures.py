@@ -101,3 +101,10 @@ def test_rounds_with_stalls_are_left_out_unless_all_have_them():
     pairs = [(60, 100), (95, 100), (93, 100)]
     assert figures.clean_paired_ratio(pairs, [True, False, False]) == (pytest.approx(0.94), 1)
     assert figures.clean_paired_ratio(pairs, [True, True, True]) == (pytest.approx(0.93), 0)
+
+
+def test_serving_cpu_ceiling_separates_serving_from_the_load_generator():
+    got = figures.serving_cpu_ceiling([3.5, 3.6, 3.4], [{"stubs": 4.0, "server": 0.9, "perf_analyzer": 1.0}])
+    assert got["cpu_ceiling_without_client"] == pytest.approx(3.5 / 4.9, abs=1e-3)
+    assert got["cpu_ceiling_with_client"] == pytest.approx(3.5 / 5.9, abs=1e-3)
+    assert figures.serving_cpu_ceiling([], []) == {}
