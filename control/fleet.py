@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from control.golden import Golden
 from control.haproxy import HAProxy, HAProxyConfig, HAProxyError
 from control.health import HealthMonitor, Probe, deep_check
 from control.metrics import ControlMetrics
+from control.procs import kill_group, pid_alive
 from control.snapshots import RepositoryError, has_manifests, verify_version, versions_on_disk
 from control.state import InstanceRecord, State
 from control.triton import (
@@ -93,32 +93,6 @@ def model_config(repository: Path, model: str, versions: list[int]) -> dict:
     return cfg
 
 
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
-    if pid <= 0:
-        return
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 class Fleet:

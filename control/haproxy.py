@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from control.procs import kill_group, pid_alive, port_in_use, port_listening
+
 PROTOS = ("grpc", "http")
 #: Placeholder address of an unused slot (never contacted: unused slots are in maintenance).
 _PLACEHOLDER_PORT = 9
@@ -170,7 +172,7 @@ class HAProxy:
     def is_alive(self) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return self._pid is not None and _pid_alive(self._pid)
+        return self._pid is not None and pid_alive(self._pid)
 
     def adopt(self) -> bool:
         """Attach to a haproxy started earlier (pid file + answering socket); True when adopted."""
@@ -178,7 +180,7 @@ class HAProxy:
             pid = int(self.config.pid_path.read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return False
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return False
         self._pid = pid
         try:
@@ -194,7 +196,7 @@ class HAProxy:
         if binary is None:
             raise HAProxyError("haproxy not found on PATH: run 'make setup' (installs Debian's haproxy)")
         for name in ("grpc_port", "http_port"):
-            if _port_in_use(getattr(c, name), c.host):
+            if port_in_use(getattr(c, name), c.host):
                 port = getattr(c, name)
                 raise HAProxyError(f"haproxy: {name.replace('_', ' ')} {port} is already in use on {c.host}")
         c.workdir.mkdir(parents=True, exist_ok=True)
@@ -215,7 +217,7 @@ class HAProxy:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 raise HAProxyError(f"haproxy exited at start (code {code}); see {c.workdir}/haproxy.log")
-            if c.socket_path.exists() and not _port_in_use(c.grpc_port, c.host, probe=True):
+            if c.socket_path.exists() and port_listening(c.grpc_port, c.host):
                 try:
                     self.command("show info")
                     return self
@@ -229,11 +231,11 @@ class HAProxy:
         pid = self.pid
         if pid is None:
             return
-        _killpg(pid, signal.SIGTERM)
+        kill_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self._alive(pid):
             time.sleep(0.05)
-        _killpg(pid, signal.SIGKILL)
+        kill_group(pid, signal.SIGKILL)
         if self.process is not None:
             try:
                 self.process.wait(5)
@@ -247,7 +249,7 @@ class HAProxy:
     def _alive(self, pid: int) -> bool:
         if self.process is not None:
             return self.process.poll() is None
-        return _pid_alive(pid)
+        return pid_alive(pid)
 
     # ------------------------------------------------------------------ runtime API
     def command(self, cmd: str, timeout_s: float = 2.0) -> str:
@@ -346,40 +348,3 @@ class HAProxy:
         if not 0 <= slot < self.config.slots:
             raise HAProxyError(f"slot must be 0..{self.config.slots - 1}, got {slot}")
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:
-            os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def _port_in_use(port: int, host: str = "127.0.0.1", probe: bool = False) -> bool:
-    """With ``probe``: False once something accepts connections on the port (used as 'listening')."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        if probe:
-            s.settimeout(0.2)
-            return s.connect_ex((host, port)) != 0
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False

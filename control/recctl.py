@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
+from control.procs import pid_alive
 from control.triton import REPO_ROOT
 
 #: Wide tables also when piped (rich would wrap at 80 columns).
@@ -53,22 +54,12 @@ def _auth(args: argparse.Namespace) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def _control_pid(root: Path) -> int | None:
     try:
         pid = int((root / "control.pid").read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 
 def _healthy(address: str, timeout: float = 1.0) -> bool:
@@ -123,9 +114,9 @@ def cmd_down(args: argparse.Namespace) -> int:
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
-        while _pid_alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
     if not (root / "state.db").exists():
         console.print(f"no fleet state under {root}: nothing to stop")

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from control.procs import free_port, kill_group, port_in_use
+
+__all__ = ["TritonConfig", "TritonError", "TritonServer", "free_port", "port_in_use", "servable_models"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
@@ -51,21 +54,6 @@ def pytriton_server_dir() -> Path:
     return root
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel says is free now (small race, acceptable for tests and local fleets)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
 
 
 def prepare_backend_dir(dest: Path) -> Path:
@@ -298,13 +286,13 @@ class TritonServer:
             return None
         code = self.process.poll()
         if code is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
+            kill_group(self.process.pid, signal.SIGTERM)
             try:
                 code = self.process.wait(timeout_s or self.config.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                _signal_group(self.process.pid, signal.SIGKILL)
+                kill_group(self.process.pid, signal.SIGKILL)
                 code = self.process.wait(10)
-        _signal_group(self.process.pid, signal.SIGKILL)  # stubs left behind by a killed server
+        kill_group(self.process.pid, signal.SIGKILL)  # stubs left behind by a killed server
         if self._log_file:
             self._log_file.close()
             self._log_file = None
@@ -385,9 +373,3 @@ def _error_text(body: bytes) -> str:
     except (ValueError, AttributeError):
         return body.decode(errors="replace")
 
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -20,6 +20,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from control.procs import pid_alive
 from control.proto import control_pb2 as pb
 from tests.fleet_fixtures import (
     BAD_USER_FROM,
@@ -48,17 +49,6 @@ def fleet(tmp_path_factory):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False
-
-
 def _load(fleet: FleetProcess, **kw) -> LoadClient:
     return LoadClient(fleet.grpc_url, threads=2, max_seconds=240, **kw).start()
 
@@ -74,7 +64,7 @@ def test_status_reports_endpoints_roles_and_exact_versions(fleet):
     for i in st["instances"]:
         for key in ("id", "role", "state", "pid", "grpc_port", "http_port", "weight", "models"):
             assert key in i, key
-        assert _pid_alive(i["pid"])
+        assert pid_alive(i["pid"])
         assert {m: i["models"][m] for m in st["desired"]} == st["desired"]
     assert by_role(st, "primary")[0]["weight"] == 100 and by_role(st, "standby")[0]["weight"] == 0
     assert st["health"] == "ok" and not st["warnings"]
@@ -476,7 +466,7 @@ def test_add_and_remove_a_standby(fleet):
     primary = by_role(st, "primary")[0]["id"]
     removed = fleet.stub.RemoveInstance(pb.InstanceRequest(id=r.id), metadata=fleet.auth, timeout=60)
     assert removed.state == "removed"
-    assert not _pid_alive(r.pid)
+    assert not pid_alive(r.pid)
     st = fleet.wait(all_healthy_exact, what="two instances again")
     assert by_role(st, "primary")[0]["id"] == primary
 
@@ -515,7 +505,7 @@ def test_a_dead_haproxy_is_started_again_with_the_current_routing(fleet):
             time.sleep(0.2)
     assert answer is not None and len(answer.item_ids) == 20, "clients never got answers again"
     new_pid = int((fleet.root / "haproxy" / "haproxy.pid").read_text().split()[0])
-    assert new_pid != pid and _pid_alive(new_pid)
+    assert new_pid != pid and pid_alive(new_pid)
     st = fleet.status()
     assert st["route"] == route and all_healthy_exact(st)
 
@@ -532,6 +522,6 @@ def test_fleet_down_leaves_no_process_or_port_behind(fleet):
     time.sleep(0.5)
     from control.triton import port_in_use
 
-    assert not [p for p in pids if _pid_alive(p)]
+    assert not [p for p in pids if pid_alive(p)]
     assert not [p for p in ports if port_in_use(p)]
     assert json.loads((fleet.root / "endpoints.json").read_text())["grpc"] == fleet.grpc_url
