@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from control import reportdir
+from control.reportdir import link_latest
 from drills.journal import Journal
 from drills.probe import Record
 
@@ -26,23 +27,9 @@ REQUIRED = ("name", "passed", "rto_ms", "detection_ms", "failed_requests", "tota
 
 
 def new_run_dir(root: Path = REPORTS_ROOT) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    path, n = root / stamp, 1
-    while path.exists():
-        path, n = root / f"{stamp}-{n}", n + 1
-    path.mkdir(parents=True)
-    return path
+    """A fresh ``<root>/<UTC timestamp>/`` for one run's report."""
+    return reportdir.new_run_dir(root)
 
-
-def link_latest(run_dir: Path) -> Path:
-    """Point ``latest`` at ``run_dir`` atomically (relative link, so the tree can move)."""
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, link)
-    return link
 
 
 def _fmt(v, unit: str = "") -> str:

@@ -7,35 +7,19 @@ and the tests can render recorded documents without a server.
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
+
+from control import reportdir
+from control.reportdir import link_latest as link_latest  # re-exported for perf callers
 
 REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports" / "perf"
 
 
-def new_run_dir(base: Path = REPORTS_DIR) -> Path:
-    """``reports/perf/<UTC timestamp>/`` (created), unique even for two runs in one second."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = base / stamp
-    n = 1
-    while path.exists():
-        n += 1
-        path = base / f"{stamp}-{n}"
-    path.mkdir(parents=True)
-    return path
+def new_run_dir(root: Path = REPORTS_DIR) -> Path:
+    """A fresh ``<root>/<UTC timestamp>/`` for one run's report."""
+    return reportdir.new_run_dir(root)
 
-
-def link_latest(run_dir: Path) -> Path:
-    """Point ``<base>/latest`` at ``run_dir`` atomically (a relative link, so the tree can move)."""
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    tmp.symlink_to(run_dir.name)
-    os.replace(tmp, link)
-    return link
 
 
 def curves(doc: dict) -> dict[str, list[dict]]:
