@@ -237,7 +237,7 @@ class Fleet:
         self.busy.add(iid)
         try:
             self.haproxy.set_state(rec.slot, "maint")
-            if rec.pid and pid_alive(rec.pid):
+            if rec.pid:  # also when it died: its process group still holds the Python backend stubs
                 self._kill(rec)
             self.servers.pop(iid, None)
             for attr in ("grpc_port", "http_port", "metrics_port"):  # keep ports when free, else new ones
