@@ -32,6 +32,10 @@ ratios:
 """
 
 
+def _servers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.name() in ("tritonserver", "haproxy")]
+
+
 def repository(tmp_path: Path) -> Path:
     if {"recommend", "search"} <= set(servable_models(DEFAULT_REPOSITORY, with_tensorrt=False)):
         return DEFAULT_REPOSITORY
@@ -44,6 +48,7 @@ def repository(tmp_path: Path) -> Path:
 def test_tiny_sweep_writes_a_complete_report(tmp_path):
     if shutil.which("haproxy") is None:
         pytest.skip("haproxy not installed (make setup installs it)")
+    before = {p.pid for p in _servers()}
     path = tmp_path / "tiny.yaml"
     path.write_text(SUITE)
     out = tmp_path / "report"
@@ -79,7 +84,5 @@ def test_tiny_sweep_writes_a_complete_report(tmp_path):
     md = (out / "report.md").read_text()
     assert "## Ratios" in md and "![search](search.png)" in md and (out / "search.png").exists()
     assert (out / "inputs" / "search.json").exists()
-    # everything we started is stopped
-    assert not [
-        p for p in psutil.Process().children(recursive=True) if "tritonserver" in p.name() or "haproxy" in p.name()
-    ]
+    # everything we started is stopped (servers of other tests' session fixtures excepted)
+    assert not [p for p in _servers() if p.pid not in before]
