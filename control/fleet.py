@@ -9,8 +9,6 @@ and the next one adopts them.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from control.client import RecClient
 from control.golden import Golden
 from control.haproxy import HAProxy, HAProxyConfig, HAProxyError
 from control.health import HealthMonitor, Probe, deep_check
+from control.keys import read_secret
 from control.metrics import ControlMetrics
 from control.procs import kill_group, pid_alive
 from control.snapshots import RepositoryError, has_manifests, verify_version, versions_on_disk
@@ -37,7 +36,10 @@ from control.triton import (
     TritonServer,
     ensemble_steps,
     port_in_use,
+    remove_shm_regions,
     servable_models,
+    shm_prefix,
+    shm_usage,
 )
 
 FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
@@ -68,17 +70,6 @@ class FleetConfig:
     restart_backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
     instance_start_timeout_s: float = 180.0
     extra_env: dict[str, str] = field(default_factory=dict)
-
-
-def read_secret(path: Path) -> str:
-    """Read or create a 0600 secret file (admin key, bearer token)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-    os.chmod(path, 0o600)
-    return path.read_text().strip()
 
 
 def model_config(repository: Path, model: str, versions: list[int]) -> dict:
@@ -222,6 +213,7 @@ class Fleet:
             deadline = time.monotonic() + 10
             while pid_alive(rec.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
+        remove_shm_regions(shm_prefix(Path(rec.workdir), rec.id))  # a killed server's stubs leave them behind
         self.servers.pop(rec.id, None)
         c = self.clients.pop(rec.id, None)
         if c is not None:
@@ -259,6 +251,9 @@ class Fleet:
                 raise FleetError(f"{iid} failed its deep check after start: {probe.stage}: {probe.reason}")
             self.haproxy.bind_slot(rec.slot, rec.grpc_port, rec.http_port)
             self.fails[iid] = 0
+            # The monitor ignores probes while an instance is busy, so without this the last probe on record is
+            # the failure that caused the restart, and promote() would refuse the instance it just started.
+            self.last_probe[iid] = probe
             self.state.update_instance(iid, state="healthy", last_healthy=time.time(), detail="")
             self.metrics.instance_healthy.labels(iid).set(1)
             if rec.role != "canary" and rec.state != "drained":
@@ -623,13 +618,18 @@ class Fleet:
             self.state.event("restart", f"restarting {iid} ({reason})", iid)
             try:
                 self.start_instance(iid)
-                self.state.event("recovered", f"{iid} back as {role}", iid)
-                self.ensure_primary()
-                return
             except Exception as exc:
                 self.metrics.reconcile_errors.inc()
                 self.state.update_instance(iid, state="restarting", detail=f"restart failed: {exc}"[:500])
                 self.state.event("restart-failed", str(exc)[:500], iid)
+                continue
+            self.state.event("recovered", f"{iid} back as {role}", iid)
+            try:  # a failure to re-route is not a failed restart: the process is healthy and stays up
+                self.ensure_primary()
+            except Exception as exc:
+                self.metrics.reconcile_errors.inc()
+                self.state.event("route-failed", f"after {iid} recovered: {exc}"[:500], iid)
+            return
 
     def _target_versions(self, rec: InstanceRecord) -> dict[str, list[int]]:
         """What a restarted non-canary instance serves: the desired versions."""
@@ -675,8 +675,9 @@ class Fleet:
         if not any(r.state == "healthy" for r in recs):
             warnings.append("no healthy instance")
         health = "ok" if not warnings else ("down" if not any(r.state == "healthy" for r in recs) else "degraded")
+        shm = {r.id: shm_usage(shm_prefix(Path(r.workdir), r.id)) for r in recs}
         return {"instances": recs, "loaded": loaded, "weights": weights, "desired": self.desired(),
-                "warnings": warnings, "health": health, "route": self.state.get("route", "")}
+                "warnings": warnings, "health": health, "route": self.state.get("route", ""), "shm": shm}
 
     def stop_monitor(self) -> None:
         self._stopping.set()
@@ -719,7 +720,7 @@ def status_json(fleet: Fleet, endpoints: dict[str, str]) -> dict:
             {"id": r.id, "role": r.role, "state": r.state, "pid": r.pid, "grpc_port": r.grpc_port,
              "http_port": r.http_port, "metrics_port": r.metrics_port, "weight": st["weights"].get(r.id, 0),
              "models": st["loaded"].get(r.id, {}), "detail": r.detail, "restarts": r.restarts, "slot": r.slot,
-             "last_healthy_unix": r.last_healthy}
+             "last_healthy_unix": r.last_healthy, "shm_regions": st["shm"][r.id][0], "shm_bytes": st["shm"][r.id][1]}
             for r in st["instances"]
         ],
     }

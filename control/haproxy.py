@@ -11,7 +11,7 @@ Layout (see ``shared/notes/runtime.md`` for why each setting is there):
 * ``be_<proto>_split`` (``balance roundrobin``): per-server weights for canary traffic shifting.
 * ``chk``: the only servers with health checks; every other server ``track``s its slot there, so one
   ``set server chk/sN state maint`` takes an instance out of every backend at once.
-* The frontends pick the backend through a map file (``set map``), and deny Triton's repository API.
+* The frontends pick the backend through a map file (``set map``), and deny Triton's admin APIs (``ADMIN_PATHS``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,19 @@ from pathlib import Path
 from control.procs import kill_group, pid_alive, port_in_use, port_listening
 
 PROTOS = ("grpc", "http")
+#: Path prefixes of Triton's admin APIs (repository, shared memory, logging, trace) in both protocols.
+ADMIN_PATHS = (
+    "/inference.GRPCInferenceService/Repository",
+    "/inference.GRPCInferenceService/SystemSharedMemory",
+    "/inference.GRPCInferenceService/CudaSharedMemory",
+    "/inference.GRPCInferenceService/LogSettings",
+    "/inference.GRPCInferenceService/TraceSetting",
+    "/v2/repository",
+    "/v2/systemsharedmemory",
+    "/v2/cudasharedmemory",
+    "/v2/logging",
+    "/v2/trace",
+)
 #: Placeholder address of an unused slot (never contacted: unused slots are in maintenance).
 _PLACEHOLDER_PORT = 9
 
@@ -136,9 +149,11 @@ def render_config(c: HAProxyConfig) -> str:
             "",
             f"frontend fe_{proto}",
             f"  bind {c.host}:{bind_port}" + (" proto h2" if proto == "grpc" else ""),
-            "  http-request deny deny_status 403 if { path_beg /inference.GRPCInferenceService/Repository }",
-            "  http-request deny deny_status 403 if { path_beg /v2/repository }",
-            "  http-request deny deny_status 403 if { path_reg ^/v2/models/[^/]+(/versions/[^/]+)?/(load|unload)$ }",
+            # Triton's admin APIs (locked on every instance too): a 403 reaches gRPC clients as PERMISSION_DENIED,
+            # which no retry policy retries, and never costs the instance a parse.
+            f"  acl admin_api path_beg {' '.join(ADMIN_PATHS)}",
+            "  acl admin_api path_reg ^/v2/models/[^/]+(/versions/[^/]+)?/(load|unload|trace/setting)$",
+            "  http-request deny deny_status 403 if admin_api",
             f"  use_backend %[str({proto}),map({c.map_path},{first_backend(proto, 0)})]",
             f"  default_backend {first_backend(proto, 0)}",
         ]

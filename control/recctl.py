@@ -138,6 +138,9 @@ def _status_dict(resp) -> dict:
     for inst in d.get("instances", []):
         inst["models"] = {k: [int(x) for x in v.get("versions", [])] for k, v in inst.get("models", {}).items()}
         inst["pid"] = int(inst.get("pid", 0))
+        inst["shm_bytes"] = int(inst.get("shm_bytes", 0))
+    d["shm"] = {"regions": sum(i.get("shm_regions", 0) for i in d.get("instances", [])),
+                "bytes": sum(i["shm_bytes"] for i in d.get("instances", []))}
     d["desired"] = {k: [int(x) for x in v.get("versions", [])] for k, v in d.get("desired", {}).items()}
     return d
 
@@ -161,6 +164,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         t.add_row(i["id"], i["role"], i["state"], str(i["pid"]), str(i["grpc_port"]), str(i["http_port"]),
                   str(i["weight"]), str(i.get("restarts", 0)), models, i.get("detail", "")[:60])
     console.print(t)
+    console.print(f"/dev/shm: {d['shm']['regions']} regions, {d['shm']['bytes'] / 2**20:.1f} MiB held by this fleet's "
+                  "instances (removed when an instance stops or is replaced)")
     for w in d.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")
     if d.get("active_rollout", {}).get("id"):

@@ -22,7 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from control.fleet import Fleet, FleetConfig, FleetError, read_secret, status_json
+from control.fleet import Fleet, FleetConfig, FleetError, status_json
+from control.keys import read_secret
 from control.metrics import ControlMetrics
 from control.proto import control_pb2 as pb
 from control.proto import control_pb2_grpc as pbg
@@ -41,7 +42,8 @@ def instance_pb(d: dict) -> pb.Instance:
     return pb.Instance(id=d["id"], role=d["role"], state=d["state"], pid=d["pid"] or 0, grpc_port=d["grpc_port"],
                        http_port=d["http_port"], metrics_port=d["metrics_port"], weight=d["weight"],
                        models=_versions(d["models"]), detail=d["detail"], restarts=d["restarts"],
-                       last_healthy_unix=d["last_healthy_unix"], slot=d["slot"])
+                       last_healthy_unix=d["last_healthy_unix"], slot=d["slot"],
+                       shm_regions=d["shm_regions"], shm_bytes=d["shm_bytes"])
 
 
 def rollout_pb(r, events: list[dict]) -> pb.Rollout:

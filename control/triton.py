@@ -8,6 +8,7 @@ out the way ``shared/notes/runtime.md`` found to work, plus recserve's Python-ba
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from control.keys import read_secret
 from control.procs import free_port, kill_group, port_in_use
 
 __all__ = ["TritonConfig", "TritonError", "TritonServer", "free_port", "port_in_use", "servable_models"]
@@ -31,6 +33,12 @@ SHIM_BACKENDS = Path(__file__).resolve().parent / "backends"
 #: Header the control plane sends to Triton's locked repository API (gRPC adds the protocol prefix).
 ADMIN_HEADER_HTTP = "admin-key"
 ADMIN_HEADER_GRPC = "triton-grpc-protocol-admin-key"
+#: Triton APIs no client may call: one shared-memory registration of an existing /dev/shm key (a Python stub's
+#: IPC region, say) let a client write into the server's memory and kill it; logging and trace settings let any
+#: client raise verbosity or trace every request; the repository API loads and unloads models. Each server runs
+#: with these locked behind its admin key (HTTP 403; gRPC UNAVAILABLE "This protocol is restricted").
+RESTRICTED_APIS = ("shared-memory", "logging", "trace", "model-repository")
+SHM_DIR = Path("/dev/shm")
 
 
 class TritonError(RuntimeError):
@@ -155,7 +163,8 @@ class TritonConfig:
     host: str = "127.0.0.1"
     #: Models loaded at start; None = every servable model in the repository.
     models: list[str] | None = None
-    #: When set, Triton's model-repository API requires this key (only the control plane knows it).
+    #: The key of the restricted APIs (RESTRICTED_APIS); None = a fresh one in ``workdir/admin.key`` (0600), so
+    #: a server is never started with them open.
     admin_key: str | None = None
     startup_timeout_s: float = 180.0
     stop_timeout_s: float = 15.0
@@ -194,6 +203,14 @@ class TritonServer:
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
+    @property
+    def shm_prefix(self) -> str:
+        return shm_prefix(self.config.workdir, self.config.name)
+
+    def shm_usage(self) -> tuple[int, int]:
+        """(regions, bytes) this server's Python backend stubs hold in /dev/shm."""
+        return shm_usage(self.shm_prefix)
+
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -218,11 +235,14 @@ class TritonServer:
             "--allow-cpu-metrics=true",
             "--metrics-interval-ms=1000",
         ]
-        if c.admin_key:
-            cmd += [
-                f"--grpc-restricted-protocol=model-repository:{ADMIN_HEADER_HTTP}={c.admin_key}",
-                f"--http-restricted-api=model-repository:{ADMIN_HEADER_HTTP}={c.admin_key}",
-            ]
+        locked = ",".join(RESTRICTED_APIS)
+        cmd += [
+            f"--grpc-restricted-protocol={locked}:{ADMIN_HEADER_HTTP}={c.admin_key}",
+            f"--http-restricted-api={locked}:{ADMIN_HEADER_HTTP}={c.admin_key}",
+            # Our own region names, so exactly this server's regions can be removed when it stops or is killed
+            # (a SIGKILLed server leaves its stubs' regions behind). Python-based backends share this setting.
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+        ]
         models = c.models if c.models is not None else servable_models(c.model_repository)
         for m in top_level_models(c.model_repository, models) if models else []:
             cmd.append(f"--load-model={m}")
@@ -250,6 +270,9 @@ class TritonServer:
             elif port_in_use(port, c.host):
                 raise TritonError(f"{c.name}: {attr.replace('_', ' ')} {port} is already in use on {c.host}")
         c.workdir.mkdir(parents=True, exist_ok=True)
+        if not c.admin_key:
+            c.admin_key = read_secret(c.workdir / "admin.key")
+        remove_shm_regions(self.shm_prefix)  # left by an earlier run of this server that was killed
         backend_dir = prepare_backend_dir(c.workdir / "backends")
         cmd = self.command(backend_dir)
         self._log_file = open(self.log_path, "ab")
@@ -293,6 +316,7 @@ class TritonServer:
                 kill_group(self.process.pid, signal.SIGKILL)
                 code = self.process.wait(10)
         kill_group(self.process.pid, signal.SIGKILL)  # stubs left behind by a killed server
+        remove_shm_regions(self.shm_prefix)
         if self._log_file:
             self._log_file.close()
             self._log_file = None
@@ -365,6 +389,43 @@ class TritonServer:
         lines = [ln for ln in text.splitlines() if re.search(r"^E\d{4}|failed to load|error:|UNAVAILABLE", ln, re.I)]
         tail = lines[-8:] if lines else text.splitlines()[-8:]
         return " | ".join(ln.strip() for ln in tail) + f" (log: {self.log_path})"
+
+
+def shm_prefix(workdir: Path, name: str) -> str:
+    """The /dev/shm region prefix of the server named ``name`` in ``workdir``: unique per server on this host
+    (fleets of tests, drills and users run side by side with the same instance names), stable across restarts."""
+    digest = hashlib.sha1(f"{Path(workdir).resolve()}|{name}".encode()).hexdigest()[:10]
+    return f"recserve-{digest}-{name}-"
+
+
+def shm_regions(prefix: str) -> list[Path]:
+    try:
+        return [p for p in SHM_DIR.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return []
+
+
+def shm_usage(prefix: str) -> tuple[int, int]:
+    """(regions, bytes) in /dev/shm whose names start with ``prefix``."""
+    sizes = []
+    for p in shm_regions(prefix):
+        try:
+            sizes.append(p.stat().st_size)
+        except OSError:  # removed meanwhile
+            pass
+    return len(sizes), sum(sizes)
+
+
+def remove_shm_regions(prefix: str) -> int:
+    """Remove this prefix's regions (call once the server's process group is gone); returns how many."""
+    n = 0
+    for p in shm_regions(prefix):
+        try:
+            p.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
 
 
 def _error_text(body: bytes) -> str:

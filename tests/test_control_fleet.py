@@ -510,10 +510,145 @@ def test_a_dead_haproxy_is_started_again_with_the_current_routing(fleet):
     assert st["route"] == route and all_healthy_exact(st)
 
 
+# ---------------------------------------------------------------------------------------------- issue 8 hotfix
+def _restarts(st: dict) -> dict[str, int]:
+    return {i["id"]: i["restarts"] for i in st["instances"]}
+
+
+def _one_primary_all_healthy(st: dict) -> bool:
+    return all_healthy_exact(st) and len(by_role(st, "primary")) == 1
+
+
+def _assert_no_restart_loop(fleet, quiet: float, what: str) -> None:
+    """Within a minute of quiet the fleet is whole with one primary, and then no instance is restarted again."""
+    settled = fleet.wait(_one_primary_all_healthy, timeout=60, what=f"one primary and every instance healthy {what}")
+    settle_s = time.time() - quiet
+    counts = _restarts(settled)
+    time.sleep(8.0)  # the loop restarted a healthy instance every few seconds: 8 s of quiet shows it
+    later = fleet.status()
+    assert _one_primary_all_healthy(later), later
+    assert _restarts(later) == counts, f"restarts kept growing after quiet: {counts} -> {_restarts(later)}"
+    events = fleet.stub.GetStatus(pb.GetStatusRequest(events=200)).events
+    refused = [e.message for e in events if e.ts_unix >= quiet and "only a healthy instance" in e.message]
+    assert not refused, refused
+    print(f"\n{what}: whole again {settle_s:.1f} s after quiet; restarts {counts}, none in the 8 s after")
+
+
+def test_health_checks_failing_everywhere_then_quiet_do_not_start_a_restart_loop(fleet):
+    """Regression (issue 8): every instance fails its deep check, as when a burst fills the queues, then quiet.
+
+    Before the fix a restarted instance kept the failed probe that caused its restart, ``promote()`` refused it
+    ("only a healthy instance can become primary"), the restart loop counted that as a failed restart and
+    restarted the healthy process again, for minutes, with no primary. The fault switch makes the checks fail
+    deterministically (``fail``: every search_model request errors) on both instances at once.
+    """
+    st = fleet.status()
+    faults = [fleet.root / "instances" / i["id"] / "faults" / "search_model" for i in st["instances"]]
+    for f in faults:
+        f.write_text("fail")
+    try:
+        fleet.wait(lambda s: all(i["state"] in ("broken", "restarting", "starting", "loading")
+                                 for i in s["instances"]), timeout=30, interval=0.1,
+                   what="both instances taken out by their failing checks")
+    finally:
+        for f in faults:
+            f.unlink(missing_ok=True)
+    _assert_no_restart_loop(fleet, time.time(), "after every check failed")
+
+
+def test_a_burst_then_quiet_leaves_one_primary_and_no_restart_loop(fleet):
+    """The reproduction of issue 8 through HAProxy: an open-loop burst far over what two cores serve, then quiet.
+    Whatever the burst does to the health checks (queue-full rejections, slow golden answers), the fleet is whole
+    again within a minute and stays so."""
+    from drills.probe import Case, Probe, constant
+
+    cases = [Case("recommend", user_id=7, history=(11, 12, 13)), Case("search", query="red running shoes")]
+    probe = Probe(fleet.grpc_url, cases, constant(1500.0), duration_s=6.0, timeout_s=2.0, max_requests=9000)
+    records = probe.start().join()
+    quiet = time.time()
+    failed = [r for r in records if not r.ok]
+    print(f"\nburst: {len(records)} requests in 6 s, {len(failed)} failed "
+          f"({sorted({r.status for r in failed})})")
+    _assert_no_restart_loop(fleet, quiet, "after a 6 s burst")
+
+
+def _call_refused(call) -> str:
+    """Run an admin call a client should not be able to make; return the refusal's text."""
+    with pytest.raises(InferenceServerException) as exc:
+        call()
+    return f"{exc.value.status()} {exc.value}"
+
+
+def test_admin_apis_are_refused_through_haproxy_and_directly_and_the_instance_keeps_serving(fleet):
+    """Issue 8: one system-shared-memory registration of a live stub's /dev/shm region killed the primary;
+    log and trace settings were open to any client. Each call is refused, and nothing is restarted."""
+    import tritonclient.http as httpclient
+
+    from control.client import RecClient
+    from control.triton import shm_prefix
+
+    before = fleet.status()
+    primary = by_role(before, "primary")[0]
+    prefix = shm_prefix(fleet.root / "instances" / primary["id"], primary["id"])
+    region = next(p for p in Path("/dev/shm").iterdir() if p.name.startswith(prefix))  # a live stub's IPC region
+    size = region.stat().st_size
+    direct = {"grpc": f"127.0.0.1:{primary['grpc_port']}", "http": f"127.0.0.1:{primary['http_port']}"}
+    for where, urls in (("haproxy", {"grpc": fleet.grpc_url, "http": fleet.http_url}), ("direct", direct)):
+        g = grpcclient.InferenceServerClient(urls["grpc"])
+        h = httpclient.InferenceServerClient(urls["http"])
+        calls = {
+            "grpc system shm": lambda c=g: c.register_system_shared_memory("x", region.name, size),
+            "grpc shm status": lambda c=g: c.get_system_shared_memory_status(),
+            "grpc cuda shm": lambda c=g: c.register_cuda_shared_memory("x", b"\0" * 64, 0, size),
+            "grpc log": lambda c=g: c.update_log_settings({"log_verbose_level": 1}),
+            "grpc trace": lambda c=g: c.update_trace_settings(settings={"trace_rate": "1"}),
+            "http system shm": lambda c=h: c.register_system_shared_memory("x", region.name, size),
+            "http cuda shm": lambda c=h: c.register_cuda_shared_memory("x", b"\0" * 64, 0, size),
+            "http log": lambda c=h: c.update_log_settings({"log_verbose_level": 1}),
+            "http trace": lambda c=h: c.update_trace_settings(settings={"trace_rate": "1"}),
+            "http trace of a model": lambda c=h: c.update_trace_settings("recommend", {"trace_rate": "1"}),
+        }
+        for name, call in calls.items():
+            text = _call_refused(call)
+            if where == "haproxy" or name.startswith("http"):
+                assert "403" in text or "PERMISSION_DENIED" in text or "forbidden" in text.lower(), (where, name, text)
+            else:  # Triton's own gRPC answer for a restricted protocol
+                assert "restricted" in text, (where, name, text)
+        g.close()
+        h.close()
+    with RecClient(fleet.grpc_url, "grpc") as c:
+        assert len(c.recommend(7, [11, 12, 13]).item_ids) == 20
+    after = fleet.status()
+    assert all_healthy_exact(after)
+    assert {i["id"]: i["pid"] for i in after["instances"]} == {i["id"]: i["pid"] for i in before["instances"]}
+    assert region.exists() and region.stat().st_size == size
+
+
+def test_a_sigkilled_instance_leaves_no_shm_regions_behind(fleet):
+    """Issue 8: a SIGKILLed server leaves its stubs' /dev/shm regions; the fleet removes exactly that instance's."""
+    from control.triton import shm_usage
+
+    before = fleet.status()
+    standby = by_role(before, "standby")[0]
+    prefix_regions = before["shm"]["regions"]
+    assert prefix_regions > 0 and before["shm"]["bytes"] > 0, before["shm"]
+    os.kill(standby["pid"], signal.SIGKILL)
+    back = fleet.wait(lambda s: all_healthy_exact(s) and next(i for i in s["instances"] if i["id"] == standby["id"])
+                      ["pid"] != standby["pid"], what="the killed standby back")
+    assert back["shm"]["regions"] == prefix_regions, (before["shm"], back["shm"])
+    for i in back["instances"]:
+        from control.triton import shm_prefix
+
+        assert shm_usage(shm_prefix(fleet.root / "instances" / i["id"], i["id"]))[0] == i["shm_regions"]
+
+
 # ---------------------------------------------------------------------------------------------- last: down
 def test_fleet_down_leaves_no_process_or_port_behind(fleet):
+    from control.triton import shm_prefix, shm_regions
+
     pids = fleet.all_pids()
     st = fleet.status()
+    prefixes = [shm_prefix(fleet.root / "instances" / i["id"], i["id"]) for i in st["instances"]]
     ports = [fleet.ports["grpc"], fleet.ports["http"], fleet.ports["control"]] + \
         [i[k] for i in st["instances"] for k in ("grpc_port", "http_port", "metrics_port")]
     assert len(pids) >= 4
@@ -524,4 +659,5 @@ def test_fleet_down_leaves_no_process_or_port_behind(fleet):
 
     assert not [p for p in pids if pid_alive(p)]
     assert not [p for p in ports if port_in_use(p)]
+    assert not [r for p in prefixes for r in shm_regions(p)], "fleet-down left /dev/shm regions behind"
     assert json.loads((fleet.root / "endpoints.json").read_text())["grpc"] == fleet.grpc_url

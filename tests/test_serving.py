@@ -6,6 +6,8 @@ itself part of what is checked: bad input must never take the server down.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -150,12 +152,53 @@ def test_stop_leaves_no_process_or_port(tmp_path):
     srv.start()
     ports = (srv.config.http_port, srv.config.grpc_port, srv.config.metrics_port)
     pid = srv.pid
+    assert srv.shm_usage()[0] > 0  # the Python steps' stubs hold regions under this server's own prefix
     assert srv.stop() == 0
+    assert srv.shm_usage() == (0, 0)
     import psutil
 
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not any(port_in_use(p) for p in ports)
     assert "search" in srv.log_path.read_text()
+
+
+def test_a_killed_server_s_shm_regions_go_with_the_next_stop_or_start(tmp_path):
+    """SIGKILL leaves the stubs' /dev/shm regions; the owner removes exactly its own prefix's regions."""
+    import os
+    import signal
+
+    from control.procs import kill_group
+
+    srv = TritonServer(TritonConfig(workdir=tmp_path, models=["search"]))
+    srv.start()
+    regions = srv.shm_usage()[0]
+    kill_group(srv.pid, signal.SIGKILL)
+    srv.process.wait(10)
+    assert srv.shm_usage()[0] == regions > 0  # what a crash leaves behind
+    other = Path("/dev/shm") / f"{srv.shm_prefix[:-1]}x-{os.getpid()}"  # another server's region, same stem
+    other.write_bytes(b"\0")
+    try:
+        srv.stop()
+        assert srv.shm_usage() == (0, 0)
+        assert other.exists(), "stop removed a region that is not this server's"
+    finally:
+        other.unlink(missing_ok=True)
+
+
+def test_admin_apis_are_locked_on_every_server_started_without_a_key(server):
+    """make serve, perf and test servers too: shared memory, logging, trace and repository need the admin key."""
+    import urllib.error
+    import urllib.request
+
+    assert server.config.admin_key and (server.config.workdir / "admin.key").stat().st_mode & 0o777 == 0o600
+    for path, body in (("/v2/logging", b'{"log_verbose_level": 1}'), ("/v2/trace/setting", b'{"trace_rate": "1"}'),
+                       ("/v2/systemsharedmemory/region/x/register", b'{"key": "x", "offset": 0, "byte_size": 8}'),
+                       ("/v2/repository/index", b"{}")):
+        req = urllib.request.Request(f"http://{server.http_url}{path}", data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=5)
+        assert exc.value.code == 403, path
+    assert server.ready()
 
 
 def test_servable_models_skip_tensorrt_without_gpu():
