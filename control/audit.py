@@ -77,7 +77,8 @@ class ApiGuard(grpc.ServerInterceptor):
         raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
         scheme, _, credential = raw.partition(b" ")
         if scheme.lower() != b"bearer":  # RFC 7235: the scheme is case-insensitive
-            return False, f"scheme {scheme[:16]!r}, {fingerprint(raw)}", "the authorization scheme must be 'Bearer'"
+            # no scheme text in the log: a token sent without "Bearer " would be the scheme
+            return False, f"no Bearer scheme, {fingerprint(raw)}", "the authorization scheme must be 'Bearer'"
         caller = f"token {fingerprint(credential)}"
         # compare bytes: compare_digest refuses non-ASCII str (a TypeError would turn a refusal into a failure)
         if not hmac.compare_digest(credential.strip(), self._token):
