@@ -403,7 +403,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except grpc.RpcError as exc:
         code = exc.code()
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+        details = (exc.details() or "").lower()
+        if code == grpc.StatusCode.UNAVAILABLE and ("ssl" in details or "handshake" in details):
+            console.print(f"[red]recctl:[/red] TLS handshake with the control plane at {_control(args)} failed: "
+                          "is --ca (or endpoints.json's control_ca) the CA of its certificate? "
+                          f"({exc.details()})")
+        elif code == grpc.StatusCode.UNAVAILABLE and "connect" in details:
             console.print(f"[red]recctl:[/red] no control plane at {_control(args)} (run 'make fleet-up')")
         else:
             console.print(f"[red]recctl: {code.name}:[/red] {exc.details()}")

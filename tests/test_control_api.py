@@ -328,6 +328,7 @@ def test_control_api_speaks_tls_only(fleet):
     """recctl finds TLS and its CA in endpoints.json; plaintext and an unknown CA get no answer."""
     import json
 
+    before = _snapshot(fleet)
     ep = json.loads((fleet.root / "endpoints.json").read_text())
     assert ep["control_tls"] is True and ep["control_ca"] == str(fleet.ca.resolve())
     assert fleet.status()["health"] == "ok"  # recctl status over TLS, from endpoints.json alone
@@ -338,7 +339,9 @@ def test_control_api_speaks_tls_only(fleet):
             pbg.ControlPlaneStub(channel).GetStatus(pb.GetStatusRequest(), timeout=3)
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
     r = fleet.recctl("--ca", str(stranger), "status", check=False)
-    assert r.returncode == 2 and "UNAVAILABLE" in r.stdout, r.stdout
+    assert r.returncode == 2 and "TLS handshake with the control plane" in " ".join(r.stdout.split()), r.stdout
+    assert _snapshot(fleet) == before
+    _serves(fleet)
 
 
 def test_bad_tokens_and_malformed_bytes_change_nothing_and_are_audited(fleet):
@@ -356,6 +359,11 @@ def test_bad_tokens_and_malformed_bytes_change_nothing_and_are_audited(fleet):
             with pytest.raises(grpc.RpcError) as exc:
                 call(_metadata(value))
             assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, exc.value.details())
+    request = pb.InstanceRequest(id=standby).SerializeToString()
+    address = f"127.0.0.1:{fleet.ports['control']}"
+    for name, value in RAW_BAD_TOKENS.items():
+        code, message = raw_grpc(address, "PromoteInstance", request, [b"authorization: " + value], ca=fleet.ca)
+        assert code == grpc.StatusCode.UNAUTHENTICATED.value[0] and "wrong bearer token" in message, (name, message)
     # over gRPC's metadata size limit (8 KiB): the transport refuses it before any handler runs
     with pytest.raises(grpc.RpcError) as exc:
         calls["PromoteInstance"]([("authorization", "Bearer " + "A" * 65536)])
@@ -371,8 +379,9 @@ def test_bad_tokens_and_malformed_bytes_change_nothing_and_are_audited(fleet):
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND
     events = [e for e in s.GetStatus(pb.GetStatusRequest(events=500), timeout=10).events if e.kind == "audit"]
     msgs = [e.message for e in events]
-    assert len(msgs) == len(BAD_TOKENS) * len(calls) + 2 + 1, msgs
-    assert sum(": refused UNAUTHENTICATED: " in m for m in msgs) == len(BAD_TOKENS) * len(calls)
+    refused = len(BAD_TOKENS) * len(calls) + len(RAW_BAD_TOKENS)
+    assert len(msgs) == refused + 2 + 1, msgs
+    assert sum(": refused UNAUTHENTICATED: " in m for m in msgs) == refused
     assert sum(m.startswith("PromoteInstance {<malformed>}") and "refused INVALID_ARGUMENT" in m for m in msgs) == 2
     token = (fleet.root / "token").read_text().strip()
     assert msgs[-1].startswith('PromoteInstance {id: "t99"} from ipv4:127.0.0.1:')
