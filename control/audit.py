@@ -11,6 +11,7 @@ method, since no honest client sends them. Read-only calls are not audited (stat
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import threading
 from collections.abc import Callable
@@ -47,7 +48,7 @@ class ApiGuard(grpc.ServerInterceptor):
 
     def __init__(self, token: str, token_file: Path, record: Callable[[str], None],
                  service: str = "recserve.control.v1.ControlPlane"):
-        self._token = token.encode("utf-8")
+        self._token_digest = hashlib.sha256(token.encode("utf-8")).digest()
         self.token_file = token_file
         self.service = service
         self._record = record
@@ -60,8 +61,10 @@ class ApiGuard(grpc.ServerInterceptor):
         ok, caller, why = self._check(context.invocation_metadata() or ())
         with self._lock:
             call = self._calls.get(id(context))
-        if call is not None:
-            call.mutating, call.caller = True, caller
+        if call is None:  # fail closed: a mutating call that could not be audited does not run
+            context.abort(grpc.StatusCode.INTERNAL, "this call bypassed the audit interceptor (the server was "
+                          "built without interceptors=[guard]); refused")
+        call.mutating, call.caller = True, caller
         if not ok:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           f"{why}; mutating calls need metadata 'authorization: Bearer <token>' with the token "
@@ -80,8 +83,9 @@ class ApiGuard(grpc.ServerInterceptor):
             # no scheme text in the log: a token sent without "Bearer " would be the scheme
             return False, f"no Bearer scheme, {fingerprint(raw)}", "the authorization scheme must be 'Bearer'"
         caller = f"token {fingerprint(credential)}"
-        # compare bytes: compare_digest refuses non-ASCII str (a TypeError would turn a refusal into a failure)
-        if not hmac.compare_digest(credential.strip(), self._token):
+        # compare digests of bytes: equal lengths, so the time taken says nothing about the token's length either,
+        # and no str (compare_digest raises TypeError on non-ASCII str: a refusal would become a failure)
+        if not hmac.compare_digest(hashlib.sha256(credential.strip()).digest(), self._token_digest):
             return False, caller, "wrong bearer token"
         return True, caller, ""
 

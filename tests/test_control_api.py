@@ -37,6 +37,8 @@ pytestmark = pytest.mark.timeout(600)
 
 TOKEN = "s3cret-token-for-tests"
 SERVICE = "recserve.control.v1.ControlPlane"
+#: The control API's read-only RPCs: open without a token and not audited. Every other RPC must call _auth.
+READ_ONLY = {"GetStatus", "ListVersions", "GetRollout", "ListSnapshots"}
 
 
 def make_cert(directory: Path, name: str = "server") -> tuple[Path, Path]:
@@ -234,6 +236,24 @@ def test_malformed_request_bytes_are_refused_before_any_handler_and_audited(guar
         "refused INVALID_ARGUMENT" in audits[0], audits
 
 
+def test_a_server_built_without_the_interceptor_refuses_mutating_calls(tmp_path):
+    """Fail closed: authorize() outside the interceptor could not audit, so it refuses even a good token."""
+    guard = ApiGuard(TOKEN, tmp_path / "token", record=lambda m: pytest.fail(f"nothing to audit here: {m}"))
+    servicer = _Servicer(guard)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))  # no interceptors=[guard]
+    pbg.add_ControlPlaneServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError) as exc:
+            pbg.ControlPlaneStub(ch).PromoteInstance(pb.InstanceRequest(id="t2"),
+                                                     metadata=[("authorization", f"Bearer {TOKEN}")])
+        assert exc.value.code() == grpc.StatusCode.INTERNAL and "bypassed the audit" in exc.value.details()
+        assert servicer.promoted == []
+    finally:
+        server.stop(0).wait()
+
+
 # ============================================================================ secret files and TLS settings
 def test_secret_files_are_created_private_and_loose_ones_refused(tmp_path):
     path = tmp_path / "token"
@@ -348,6 +368,7 @@ def test_bad_tokens_and_malformed_bytes_change_nothing_and_are_audited(fleet):
     before = _snapshot(fleet)
     standby = next(i for i in before if i[1] == "standby")[0]
     s = fleet.stub
+    channel = fleet._channel
     calls = {
         "PromoteInstance": lambda md: s.PromoteInstance(pb.InstanceRequest(id=standby), metadata=md, timeout=10),
         "RemoveInstance": lambda md: s.RemoveInstance(pb.InstanceRequest(id=standby), metadata=md, timeout=10),
@@ -364,11 +385,22 @@ def test_bad_tokens_and_malformed_bytes_change_nothing_and_are_audited(fleet):
     for name, value in RAW_BAD_TOKENS.items():
         code, message = raw_grpc(address, "PromoteInstance", request, [b"authorization: " + value], ca=fleet.ca)
         assert code == grpc.StatusCode.UNAUTHENTICATED.value[0] and "wrong bearer token" in message, (name, message)
+    # every RPC of the service but the declared read-only ones refuses a call without a token (an RPC added
+    # without ControlPlane._auth fails here; a new read-only one belongs in READ_ONLY)
+    for method in pb.DESCRIPTOR.services_by_name["ControlPlane"].methods:
+        if method.name in READ_ONLY:
+            continue
+        path = f"/{SERVICE}/{method.name}"
+        call = channel.unary_stream(path) if method.server_streaming else channel.unary_unary(path)
+        with pytest.raises(grpc.RpcError) as exc:
+            r = call(b"", timeout=10)
+            if method.server_streaming:
+                list(r)
+        assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED, (method.name, exc.value.details())
     # over gRPC's metadata size limit (8 KiB): the transport refuses it before any handler runs
     with pytest.raises(grpc.RpcError) as exc:
         calls["PromoteInstance"]([("authorization", "Bearer " + "A" * 65536)])
     assert exc.value.code() != grpc.StatusCode.OK
-    channel = fleet._channel
     for garbage in (b"\xff" * 64, b"\x0a\x02\xff\xfe"):
         with pytest.raises(grpc.RpcError) as exc:
             channel.unary_unary(f"/{SERVICE}/PromoteInstance")(garbage, metadata=fleet.auth, timeout=10)
@@ -379,7 +411,8 @@ def test_bad_tokens_and_malformed_bytes_change_nothing_and_are_audited(fleet):
     assert exc.value.code() == grpc.StatusCode.NOT_FOUND
     events = [e for e in s.GetStatus(pb.GetStatusRequest(events=500), timeout=10).events if e.kind == "audit"]
     msgs = [e.message for e in events]
-    refused = len(BAD_TOKENS) * len(calls) + len(RAW_BAD_TOKENS)
+    mutating = len(pb.DESCRIPTOR.services_by_name["ControlPlane"].methods) - len(READ_ONLY)
+    refused = len(BAD_TOKENS) * len(calls) + len(RAW_BAD_TOKENS) + mutating
     assert len(msgs) == refused + 2 + 1, msgs
     assert sum(": refused UNAUTHENTICATED: " in m for m in msgs) == refused
     assert sum(m.startswith("PromoteInstance {<malformed>}") and "refused INVALID_ARGUMENT" in m for m in msgs) == 2
