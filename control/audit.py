@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class _Call:
     method: str
     peer: str
     request: str
-    mutating: bool = False
+    audited: bool = False  # a mutating call (it called authorize) or malformed bytes
     caller: str = "no token"
 
 
@@ -64,7 +65,7 @@ class ApiGuard(grpc.ServerInterceptor):
         if call is None:  # fail closed: a mutating call that could not be audited does not run
             context.abort(grpc.StatusCode.INTERNAL, "this call bypassed the audit interceptor (the server was "
                           "built without interceptors=[guard]); refused")
-        call.mutating, call.caller = True, caller
+        call.audited, call.caller = True, caller
         if not ok:
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           f"{why}; mutating calls need metadata 'authorization: Bearer <token>' with the token "
@@ -141,7 +142,7 @@ class ApiGuard(grpc.ServerInterceptor):
 
     def _begin(self, name: str, request, context: grpc.ServicerContext) -> _Call:
         if isinstance(request, _Malformed):
-            call = _Call(name, context.peer(), "<malformed>", mutating=True)
+            call = _Call(name, context.peer(), "<malformed>", audited=True)
         else:
             text = text_format.MessageToString(request, as_one_line=True)
             if len(text) > MAX_REQUEST_TEXT:
@@ -160,7 +161,7 @@ class ApiGuard(grpc.ServerInterceptor):
     def _end(self, call: _Call, context: grpc.ServicerContext, exc: BaseException | None) -> None:
         with self._lock:
             self._calls.pop(id(context), None)
-        if not call.mutating:
+        if not call.audited:
             return
         code = context.code()
         if isinstance(exc, GeneratorExit):
@@ -173,5 +174,9 @@ class ApiGuard(grpc.ServerInterceptor):
             outcome = f"failed: {type(exc).__name__}: {exc}"
         else:
             outcome = "ok"
-        self._record(f"{call.method} {{{call.request}}} from {call.peer} with {call.caller}: {outcome}"[:1000])
+        message = f"{call.method} {{{call.request}}} from {call.peer} with {call.caller}: {outcome}"[:1000]
+        try:
+            self._record(message)
+        except Exception as err:  # the call has happened: its answer stands; the lost event goes to the log
+            print(f"audit event not written ({type(err).__name__}: {err}): {message}", file=sys.stderr, flush=True)
 
