@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from control.audit import ApiGuard
 from control.fleet import Fleet, FleetConfig, FleetError, status_json
-from control.keys import SecretFileError, read_secret
+from control.keys import SecretFileError, check_private, read_secret
 from control.metrics import ControlMetrics
 from control.proto import control_pb2 as pb
 from control.proto import control_pb2_grpc as pbg
@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:  # refused before anything starts: a token others can read, a TLS file that cannot work
         token = read_secret(root / "token")
+        if (root / "admin.key").exists():  # the Triton admin key follows the token's rule (Fleet reads it)
+            check_private(root / "admin.key")
         tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca)
         if tls is None and not is_loopback(args.control_host):
             raise TlsConfigError(f"--control-host {args.control_host} is not loopback: the control API leaves this "
@@ -252,13 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     (root / "endpoints.json").write_text(json.dumps({**endpoints, **tls_info}, indent=2))
 
     metrics = ControlMetrics()
-    try:
-        fleet = Fleet(FleetConfig(root=root, repository=args.repository, grpc_port=args.grpc_port,
-                                  http_port=args.http_port, instances=args.instances,
-                                  health_interval_s=args.health_interval), metrics)
-    except SecretFileError as exc:  # the Triton admin key follows the token's rule
-        print(f"control plane not started: {exc}", file=sys.stderr)
-        return 2
+    fleet = Fleet(FleetConfig(root=root, repository=args.repository, grpc_port=args.grpc_port,
+                              http_port=args.http_port, instances=args.instances,
+                              health_interval_s=args.health_interval), metrics)
     rollouts = RolloutManager(fleet)
     store = SnapshotStore(fleet.repository, args.backup_root or root / "backups")
     guard = ApiGuard(token, root / "token", record=lambda message: fleet.state.event("audit", message))

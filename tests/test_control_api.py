@@ -305,7 +305,7 @@ def _server_refuses(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     return r
 
 
-def test_control_plane_refuses_a_loose_token_file_or_plaintext_off_loopback(tmp_path):
+def test_control_plane_refuses_loose_secret_files_or_plaintext_off_loopback(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     (root / "token").write_text("leaked\n")
@@ -313,6 +313,11 @@ def test_control_plane_refuses_a_loose_token_file_or_plaintext_off_loopback(tmp_
     r = _server_refuses(tmp_path)
     assert f"control plane not started: secret file {root / 'token'} has mode 0644" in r.stderr, r.stderr
     (root / "token").chmod(0o600)
+    (root / "admin.key").write_text("leaked too\n")
+    (root / "admin.key").chmod(0o640)
+    r = _server_refuses(tmp_path)
+    assert f"secret file {root / 'admin.key'} has mode 0640" in r.stderr, r.stderr
+    (root / "admin.key").chmod(0o600)
     r = _server_refuses(tmp_path, "--control-host", "0.0.0.0")
     assert "--control-host 0.0.0.0 is not loopback" in r.stderr and "--tls-cert" in r.stderr, r.stderr
 
