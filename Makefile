@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	@command -v haproxy >/dev/null && dpkg -s libb64-0d >/dev/null 2>&1 || { \
 	  echo "setup: installing Debian packages haproxy libb64-0d"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy libb64-0d iproute2 >/dev/null; }
+	@command -v curl >/dev/null || { echo "setup: installing Debian package curl (control API tests send raw HTTP/2)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

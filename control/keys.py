@@ -1,18 +1,43 @@
-"""Secret files (Triton admin key, control-plane bearer token): created once, 0600, read back."""
+"""Secret files (Triton admin key, control-plane bearer token, TLS private key): created 0600, checked, read back."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
+import stat
 from pathlib import Path
 
 
+class SecretFileError(RuntimeError):
+    """A secret file others could read (or that cannot be read): refuse to use it, never tighten it silently."""
+
+
+def check_private(path: Path) -> None:
+    """Refuse a secret file that group or other may read or write: it may already have leaked, and fixing the
+    mode quietly would hide that. The message names the file, its mode and the fix."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError as exc:
+        raise SecretFileError(f"cannot read secret file {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise SecretFileError(
+            f"secret file {path} has mode {mode:04o}: group/other may read it (must be 0600 or stricter); "
+            f"if it may have leaked, delete it to get a new one, else run: chmod 600 {path}")
+
+
 def read_secret(path: Path) -> str:
-    """Read or create a 0600 secret file; a file others could read is tightened before use."""
+    """Read or create a 0600 secret file; one that others could read is refused (``SecretFileError``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not path.exists():
         fd = os.open(str(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
-    os.chmod(path, 0o600)
+    check_private(path)
     return path.read_text().strip()
+
+
+def fingerprint(secret: str | bytes) -> str:
+    """A short, non-reversible name for a secret (or a presented credential) that logs may carry."""
+    data = secret.encode("utf-8", "surrogateescape") if isinstance(secret, str) else secret
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:12]

@@ -16,7 +16,9 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
+from control.keys import SecretFileError
 from control.procs import pid_alive
+from control.tls import control_channel
 from control.triton import REPO_ROOT
 
 #: Wide tables also when piped (rich would wrap at 80 columns).
@@ -38,10 +40,18 @@ def _control(args: argparse.Namespace) -> str:
     return args.control or _endpoints(_root(args)).get("control") or "127.0.0.1:50051"
 
 
+def _tls(args: argparse.Namespace) -> tuple[bool, Path | None]:
+    """TLS for the control API: --tls/--ca, else what the running control plane wrote to endpoints.json."""
+    if args.tls or args.ca:
+        return True, Path(args.ca) if args.ca else None
+    ep = _endpoints(_root(args))
+    return bool(ep.get("control_tls")), Path(ep["control_ca"]) if ep.get("control_ca") else None
+
+
 def _stub(args: argparse.Namespace):
     from control.proto import control_pb2_grpc as pbg
 
-    channel = grpc.insecure_channel(_control(args))
+    channel = control_channel(_control(args), *_tls(args))
     return pbg.ControlPlaneStub(channel), channel
 
 
@@ -62,11 +72,11 @@ def _control_pid(root: Path) -> int | None:
     return pid if pid_alive(pid) else None
 
 
-def _healthy(address: str, timeout: float = 1.0) -> bool:
+def _healthy(address: str, timeout: float = 1.0, tls: bool = False, ca: Path | None = None) -> bool:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(address) as ch:
+        with control_channel(address, tls, ca) as ch:
             r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
             return r.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
@@ -86,6 +96,12 @@ def cmd_up(args: argparse.Namespace) -> int:
            "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
            "--control-port", str(args.control_port), "--metrics-port", str(args.metrics_port),
            "--instances", str(args.instances)]
+    for flag in ("tls_cert", "tls_key", "tls_ca"):
+        if getattr(args, flag):
+            cmd += [f"--{flag.replace('_', '-')}", str(Path(getattr(args, flag)).resolve())]
+    ca_file = args.ca or args.tls_ca or args.tls_cert  # the readiness wait must trust what the server presents
+    ca = Path(ca_file) if ca_file else None
+    tls = args.tls or ca is not None
     log = open(root / "control.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO_ROOT))
     address = f"127.0.0.1:{args.control_port}"
@@ -96,7 +112,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 tail = (root / "control.log").read_text(errors="replace").splitlines()[-5:]
                 console.print(f"[red]control plane exited (code {proc.returncode}):[/red] " + " | ".join(tail))
                 return 1
-            if _healthy(address):
+            if _healthy(address, tls=tls, ca=ca):
                 console.print(f"fleet up: clients use gRPC 127.0.0.1:{args.grpc_port}, "
                               f"HTTP 127.0.0.1:{args.http_port}; control {address} (pid {proc.pid}); logs {root}")
                 return 0
@@ -319,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime directory of the fleet (state, token, logs)")
     p.add_argument("--control", default=os.environ.get("RECSERVE_CONTROL"), help="control plane host:port")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for a call")
+    p.add_argument("--tls", action="store_true", help="the control API speaks TLS (default: as endpoints.json says)")
+    p.add_argument("--ca", default=os.environ.get("RECSERVE_CONTROL_CA"),
+                   help="PEM CA (or self-signed certificate) to trust for the control API; implies --tls")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
@@ -336,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--control-port", type=int, default=int(os.environ.get("PORT_CONTROL", 50051)))
     up.add_argument("--metrics-port", type=int, default=int(os.environ.get("PORT_CONTROL_METRICS", 9108)))
     up.add_argument("--instances", type=int, default=2)
+    up.add_argument("--tls-cert", help="PEM server certificate: the control API speaks TLS")
+    up.add_argument("--tls-key", help="PEM private key of --tls-cert (mode 0600)")
+    up.add_argument("--tls-ca", help="CA clients trust (default: --tls-cert itself, for a self-signed one)")
     st = add("status", cmd_status, "fleet, instances, versions, warnings")
     st.add_argument("--events", type=int, default=10)
     ro = add("rollover", cmd_rollover, "roll a model to a new version with metric gates")
@@ -376,9 +398,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except SecretFileError as exc:
+        console.print(f"[red]recctl:[/red] {exc}")
+        return 2
     except grpc.RpcError as exc:
         code = exc.code()
-        if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+        details = (exc.details() or "").lower()
+        if code == grpc.StatusCode.UNAVAILABLE and ("ssl" in details or "handshake" in details):
+            console.print(f"[red]recctl:[/red] TLS handshake with the control plane at {_control(args)} failed: "
+                          "is --ca (or endpoints.json's control_ca) the CA of its certificate? "
+                          f"({exc.details()})")
+        elif code == grpc.StatusCode.UNAVAILABLE and "connect" in details:
             console.print(f"[red]recctl:[/red] no control plane at {_control(args)} (run 'make fleet-up')")
         else:
             console.print(f"[red]recctl: {code.name}:[/red] {exc.details()}")

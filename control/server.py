@@ -22,13 +22,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from control.audit import ApiGuard
 from control.fleet import Fleet, FleetConfig, FleetError, status_json
-from control.keys import read_secret
+from control.keys import SecretFileError, check_private, read_secret
 from control.metrics import ControlMetrics
 from control.proto import control_pb2 as pb
 from control.proto import control_pb2_grpc as pbg
 from control.rollout import RolloutManager
 from control.snapshots import RepositoryError, SnapshotStore, list_versions
+from control.tls import TlsConfigError, is_loopback, server_tls
 from control.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 SERVICE = "recserve.control.v1.ControlPlane"
@@ -60,22 +62,19 @@ def event_pb(rid: str, e: dict) -> pb.RolloutEvent:
 
 
 class ControlPlane(pbg.ControlPlaneServicer):
-    def __init__(self, fleet: Fleet, rollouts: RolloutManager, snapshots: SnapshotStore, token: str,
+    def __init__(self, fleet: Fleet, rollouts: RolloutManager, snapshots: SnapshotStore, guard: ApiGuard,
                  endpoints: dict[str, str]):
         self.fleet = fleet
         self.rollouts = rollouts
         self.snapshots = snapshots
-        self.token = token
+        self.guard = guard
         self.endpoints = endpoints
         self.ready = threading.Event()
 
     # ------------------------------------------------------------------ helpers
     def _auth(self, context: grpc.ServicerContext) -> None:
-        md = dict(context.invocation_metadata())
-        if md.get("authorization", "") != f"Bearer {self.token}":
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or wrong bearer token (metadata 'authorization: Bearer <token>', token file "
-                          f"{self.fleet.root / 'token'})")
+        """Every mutating RPC calls this first: constant-time token check; the call is then audited (audit.py)."""
+        self.guard.authorize(context)
 
     def _ready(self, context: grpc.ServicerContext) -> None:
         if not self.ready.is_set():
@@ -208,6 +207,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc-port", type=int, default=8001, help="HAProxy gRPC port for clients")
     p.add_argument("--http-port", type=int, default=8000, help="HAProxy HTTP port for clients")
     p.add_argument("--control-port", type=int, default=50051)
+    p.add_argument("--control-host", default="127.0.0.1", help="control API bind address; anything but loopback "
+                   "needs --tls-cert/--tls-key")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate: the control API speaks TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert (mode 0600)")
+    p.add_argument("--tls-ca", type=Path, default=None, help="CA that clients should trust (default: --tls-cert, "
+                   "for a self-signed certificate); written to endpoints.json for recctl")
     p.add_argument("--metrics-port", type=int, default=9108)
     p.add_argument("--instances", type=int, default=2)
     p.add_argument("--backup-root", type=Path, default=None, help="snapshots of the model repository "
@@ -230,11 +235,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.instances < 1:
         print(f"--instances must be >= 1, got {args.instances}", file=sys.stderr)
         return 2
+    try:  # refused before anything starts: a token others can read, a TLS file that cannot work
+        token = read_secret(root / "token")
+        if (root / "admin.key").exists():  # the Triton admin key follows the token's rule (Fleet reads it)
+            check_private(root / "admin.key")
+        tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca)
+        if tls is None and not is_loopback(args.control_host):
+            raise TlsConfigError(f"--control-host {args.control_host} is not loopback: the control API leaves this "
+                                 "host only with TLS (--tls-cert/--tls-key)")
+    except (SecretFileError, TlsConfigError) as exc:
+        print(f"control plane not started: {exc}", file=sys.stderr)
+        return 2
     (root / "control.pid").write_text(f"{os.getpid()}\n")
-    token = read_secret(root / "token")
     endpoints = {"grpc": f"127.0.0.1:{args.grpc_port}", "http": f"127.0.0.1:{args.http_port}",
-                 "control": f"127.0.0.1:{args.control_port}", "metrics": f"http://127.0.0.1:{args.metrics_port}/metrics"}
-    (root / "endpoints.json").write_text(json.dumps(endpoints, indent=2))
+                 "control": f"{args.control_host}:{args.control_port}",
+                 "metrics": f"http://127.0.0.1:{args.metrics_port}/metrics"}
+    tls_info = {"control_tls": True, "control_ca": str(tls.ca)} if tls else {}
+    (root / "endpoints.json").write_text(json.dumps({**endpoints, **tls_info}, indent=2))
 
     metrics = ControlMetrics()
     fleet = Fleet(FleetConfig(root=root, repository=args.repository, grpc_port=args.grpc_port,
@@ -242,16 +259,18 @@ def main(argv: list[str] | None = None) -> int:
                               health_interval_s=args.health_interval), metrics)
     rollouts = RolloutManager(fleet)
     store = SnapshotStore(fleet.repository, args.backup_root or root / "backups")
-    servicer = ControlPlane(fleet, rollouts, store, token, endpoints)
+    guard = ApiGuard(token, root / "token", record=lambda message: fleet.state.event("audit", message))
+    servicer = ControlPlane(fleet, rollouts, store, guard, endpoints)
 
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), interceptors=[guard])
     pbg.add_ControlPlaneServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    if server.add_insecure_port(f"127.0.0.1:{args.control_port}") == 0:
+    address = f"{args.control_host}:{args.control_port}"
+    if (server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)) == 0:
         print(f"control port {args.control_port} is already in use", file=sys.stderr)
         return 2
     server.start()

@@ -255,7 +255,7 @@ class FleetProcess:
     """A real control plane (``recctl up``) on free ports with a private root; ``close`` stops everything it
     started by pid (control plane, instances, HAProxy) even when the control plane itself is dead."""
 
-    def __init__(self, root, repository, instances: int = 2):
+    def __init__(self, root, repository, instances: int = 2, up_args: tuple[str, ...] = (), ca=None):
         from pathlib import Path
 
         from control.triton import free_port
@@ -263,6 +263,8 @@ class FleetProcess:
         self.root = Path(root)
         self.repository = Path(repository)
         self.instances = instances
+        self.up_args = up_args  # extra ``recctl up`` flags, e.g. --tls-cert/--tls-key
+        self.ca = ca  # CA file the control API's TLS certificate chains to (None: plaintext)
         self.ports = {"grpc": free_port(), "http": free_port(), "control": free_port(), "metrics": free_port()}
         self._stub = None
         self._channel = None
@@ -278,11 +280,12 @@ class FleetProcess:
             raise AssertionError(f"{' '.join(args)} exited {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}")
         return r
 
-    def up(self):
+    def up(self, check: bool = True):
         p = self.ports
         return self.recctl("up", "--repository", str(self.repository), "--grpc-port", str(p["grpc"]),
                            "--http-port", str(p["http"]), "--control-port", str(p["control"]),
-                           "--metrics-port", str(p["metrics"]), "--instances", str(self.instances))
+                           "--metrics-port", str(p["metrics"]), "--instances", str(self.instances), *self.up_args,
+                           check=check)
 
     def control_pid(self) -> int:
         return int((self.root / "control.pid").read_text())
@@ -338,12 +341,11 @@ class FleetProcess:
 
     @property
     def stub(self):
-        import grpc
-
         from control.proto import control_pb2_grpc as pbg
+        from control.tls import control_channel
 
         if self._stub is None:
-            self._channel = grpc.insecure_channel(f"127.0.0.1:{self.ports['control']}")
+            self._channel = control_channel(f"127.0.0.1:{self.ports['control']}", self.ca is not None, self.ca)
             self._stub = pbg.ControlPlaneStub(self._channel)
         return self._stub
 
