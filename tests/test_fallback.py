@@ -1,0 +1,219 @@
+"""The degraded-answer fallback server, as a real process, over gRPC and HTTP (tritonclient, RecClient, urllib).
+
+Refusals are compared with a real tritonserver serving the real ensembles (the shared ``server`` fixture), so
+"same rules, same texts" is checked against Triton itself, not against a copy of its strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from control.client import RecClient
+from control.fallback import DATA_DIR, FallbackConfig, FallbackError, FallbackServer
+from control.procs import port_in_use
+
+
+@pytest.fixture(scope="module")
+def fallback(tmp_path_factory):
+    srv = FallbackServer(FallbackConfig(workdir=tmp_path_factory.mktemp("fallback")))
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> dict[int, tuple[int, str]]:
+    with (DATA_DIR / "catalog.csv").open() as f:
+        return {int(r["item_id"]): (int(r["category_id"]), r["title"]) for r in csv.DictReader(f)}
+
+
+def _infer(url: str, protocol: str, model: str, arrays: dict[str, tuple[np.ndarray, str]]):
+    mod = grpcclient if protocol == "grpc" else httpclient
+    client = mod.InferenceServerClient(url)
+    inputs = []
+    for name, (value, dtype) in arrays.items():
+        t = mod.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    try:
+        return client.infer(model, inputs)
+    finally:
+        client.close()
+
+
+def _refusal(url: str, protocol: str, model: str, arrays) -> tuple[str, str]:
+    with pytest.raises(InferenceServerException) as err:
+        _infer(url, protocol, model, arrays)
+    return str(err.value.status()), err.value.message()
+
+
+I64, F32, OBJ = np.int64, np.float32, object
+BAD = {
+    "history-limit": ("recommend", {"user_id": ([[1]], I64, "INT64"), "history": ([[1] * 1001], I64, "INT64")}),
+    "negative-item": ("recommend", {"user_id": ([[1]], I64, "INT64"), "history": ([[1, -2]], I64, "INT64")}),
+    "negative-user": ("recommend", {"user_id": ([[-1]], I64, "INT64"), "history": ([[1]], I64, "INT64")}),
+    "data-type": ("recommend", {"user_id": ([[1.0]], F32, "FP32"), "history": ([[1]], I64, "INT64")}),
+    "shape": ("recommend", {"user_id": ([[[1]]], I64, "INT64"), "history": ([[1]], I64, "INT64")}),
+    "batch-65": ("recommend", {"user_id": ([[1]] * 65, I64, "INT64"), "history": ([[1]] * 65, I64, "INT64")}),
+    "batch-mismatch": ("recommend", {"user_id": ([[1]] * 2, I64, "INT64"), "history": ([[1]] * 3, I64, "INT64")}),
+    "missing-input": ("recommend", {"user_id": ([[1]], I64, "INT64")}),
+    "extra-input": (
+        "recommend",
+        {"user_id": ([[1]], I64, "INT64"), "history": ([[1]], I64, "INT64"), "foo": ([[1]], I64, "INT64")},
+    ),
+    "unknown-model": ("nosuch", {"user_id": ([[1]], I64, "INT64")}),
+    "empty-query": ("search", {"query": ([[b""]], OBJ, "BYTES")}),
+    "blank-query": ("search", {"query": ([[b"   "]], OBJ, "BYTES")}),
+    "long-query": ("search", {"query": ([[b"x" * 257]], OBJ, "BYTES")}),
+    "bad-utf8": ("search", {"query": ([[b"\xff\xfe"]], OBJ, "BYTES")}),
+    "no-word": ("search", {"query": ([[b"?!"]], OBJ, "BYTES")}),
+    "query-shape": ("search", {"query": ([[b"a", b"b"]], OBJ, "BYTES")}),
+    "search-negative-user": ("search", {"query": ([[b"boots"]], OBJ, "BYTES"), "user_id": ([[-4]], I64, "INT64")}),
+}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_refusals_match_the_real_ensembles_word_for_word(server, fallback, protocol, case):
+    model, spec = BAD[case]
+    arrays = {n: (np.asarray(v, dtype=t), d) for n, (v, t, d) in spec.items()}
+    real = _refusal(server.grpc_url if protocol == "grpc" else server.http_url, protocol, model, arrays)
+    ours = _refusal(fallback.grpc_url if protocol == "grpc" else fallback.http_url, protocol, model, arrays)
+    assert ours == real
+    assert fallback.is_alive() and fallback.ready()
+
+
+def test_search_without_query_names_the_missing_input(fallback):
+    """The one deliberate difference: Triton 2.51 answers 'unexpected deadlock' from inside the ensemble."""
+    status, msg = _refusal(fallback.grpc_url, "grpc", "search", {"user_id": (np.asarray([[1]], I64), "INT64")})
+    assert status == "StatusCode.INVALID_ARGUMENT" and "missing required input(s) ['query']" in msg
+
+
+def test_metadata_and_health_match_triton(server, fallback):
+    for model in ("recommend", "search"):
+        real = grpcclient.InferenceServerClient(server.grpc_url).get_model_metadata(model, as_json=True)
+        ours = grpcclient.InferenceServerClient(fallback.grpc_url).get_model_metadata(model, as_json=True)
+        assert ours == real
+        with urllib.request.urlopen(f"http://{fallback.http_url}/v2/models/{model}") as r:
+            real_http = json.loads(urllib.request.urlopen(f"http://{server.http_url}/v2/models/{model}").read())
+            assert json.loads(r.read()) == real_http
+    g = grpcclient.InferenceServerClient(fallback.grpc_url)
+    assert g.is_server_live() and g.is_server_ready() and g.is_model_ready("recommend") and g.is_model_ready("search")
+    assert not g.is_model_ready("nosuch")
+    h = httpclient.InferenceServerClient(fallback.http_url)
+    assert h.is_server_ready() and h.is_model_ready("search") and not h.is_model_ready("nosuch")
+
+
+def test_admin_calls_are_not_served(fallback):
+    g = grpcclient.InferenceServerClient(fallback.grpc_url)
+    with pytest.raises(InferenceServerException) as err:
+        g.load_model("recommend")
+    assert err.value.status() == "StatusCode.UNIMPLEMENTED"
+    with pytest.raises(InferenceServerException):
+        g.register_system_shared_memory("x", "/recserve-x", 64)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_answers_are_marked_degraded_and_real_ones_are_not(server, fallback, protocol):
+    url = fallback.grpc_url if protocol == "grpc" else fallback.http_url
+    with RecClient(url, protocol) as c:
+        rec, found = c.recommend(7, [1, 2, 3]), c.search("red leather boots")
+    for r in (rec, found):
+        assert r.degraded and len(r.item_ids) == 20 and len(set(r.item_ids)) == 20 and min(r.item_ids) > 0
+        assert r.scores == sorted(r.scores, reverse=True)
+    real_url = server.grpc_url if protocol == "grpc" else server.http_url
+    with RecClient(real_url, protocol) as c:
+        assert not c.recommend(7, [1, 2, 3]).degraded and not c.search("boots").degraded
+
+
+def test_raw_json_without_binary_data_answers_with_the_degraded_parameter(fallback):
+    body = {"inputs": [{"name": "query", "shape": [1, 1], "datatype": "BYTES", "data": ["red leather boots"]}]}
+    req = urllib.request.Request(f"http://{fallback.http_url}/v2/models/search/infer", json.dumps(body).encode())
+    answer = json.loads(urllib.request.urlopen(req).read())
+    assert answer["parameters"] == {"degraded": True}
+    ids = next(o for o in answer["outputs"] if o["name"] == "item_ids")
+    assert ids["shape"] == [1, 20] and len(set(ids["data"])) == 20
+
+
+def test_recommend_uses_the_history_categories_and_never_returns_the_history(fallback, catalogue):
+    by_cat: dict[int, list[int]] = {}
+    for item, (cat, _) in catalogue.items():
+        by_cat.setdefault(cat, []).append(item)
+    cat = max(by_cat, key=lambda c: len(by_cat[c]))
+    history = by_cat[cat][:10]  # ten items of one category, the category keeps more than 20 others
+    with RecClient(fallback.grpc_url) as c:
+        r = c.recommend(3, history)
+        assert not set(history) & set(r.item_ids)
+        assert {catalogue[i][0] for i in r.item_ids} == {cat}
+        popular = c.recommend(3, []).item_ids  # no history: overall popular items
+        big = c.recommend(3, popular + list(range(1, 981)))  # 1,000 items, the popular ones among them
+        assert len(set(big.item_ids)) == 20 and not set(big.item_ids) & set(popular + list(range(1, 981)))
+
+
+def test_search_ranks_title_matches_first(fallback, catalogue):
+    title = catalogue[1][1]  # e.g. "blue steel hiking camera horizon"
+    words = title.split()[:3]
+    with RecClient(fallback.grpc_url) as c:
+        r = c.search(" ".join(w.upper() for w in words))  # the served tokenizer lower-cases
+    assert 1 in r.item_ids[:5]
+    for item in r.item_ids[:5]:
+        assert set(words) & set(catalogue[item][1].split())
+    with RecClient(fallback.grpc_url) as c:
+        none = c.search("zzzz-qqqq")  # no title word: popular items, still 20
+    assert len(set(none.item_ids)) == 20 and none.degraded
+
+
+def test_batch_of_64_rows(fallback):
+    users = np.arange(64, dtype=I64).reshape(64, 1)
+    hist = np.tile(np.asarray([[0, 5, 6]], dtype=I64), (64, 1))
+    r = _infer(fallback.grpc_url, "grpc", "recommend", {"user_id": (users, "INT64"), "history": (hist, "INT64")})
+    assert r.as_numpy("item_ids").shape == (64, 20) and r.as_numpy("scores").shape == (64, 20)
+    assert not {5, 6} & set(r.as_numpy("item_ids").reshape(-1).tolist())
+
+
+def test_cpu_per_request_and_the_counters(fallback):
+    """2,000 requests over gRPC; the server's own CPU time (user + system) per request is printed. The bound only
+    catches per-request recomputation of the tables (that costs ~1 s), not noise of the shared cores."""
+    proc = psutil.Process(fallback.pid)
+    before = proc.cpu_times()
+    n = 2000
+    with RecClient(fallback.grpc_url) as c:
+        for k in range(n // 2):
+            c.recommend(k, [k % 3000 + 1, (k * 7) % 3000 + 1])
+            c.search(("red boots", "blue camera", "oak wallet")[k % 3])
+    after = proc.cpu_times()
+    cpu_ms = ((after.user - before.user) + (after.system - before.system)) * 1000 / n
+    print(f"\nfallback server CPU per request: {cpu_ms:.3f} ms (gRPC, {n} requests, recommend + search)")
+    assert cpu_ms < 20
+    metrics = urllib.request.urlopen(f"http://{fallback.http_url}/metrics").read().decode()
+    degraded = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("recserve_fallback_requests_total{") and 'outcome="degraded"' in line
+    )
+    assert degraded >= n
+    assert 'recserve_fallback_requests_total{model="recommend",outcome="refused",protocol="grpc"}' in metrics
+
+
+def test_start_refuses_a_busy_port_and_missing_data_and_stop_frees_the_ports(fallback, tmp_path):
+    with pytest.raises(FallbackError, match=f"grpc port {fallback.config.grpc_port} is already in use"):
+        FallbackServer(FallbackConfig(workdir=tmp_path, grpc_port=fallback.config.grpc_port)).start()
+    with pytest.raises(FallbackError, match="events_csv .* not found"):
+        FallbackServer(FallbackConfig(workdir=tmp_path, events_csv=Path(tmp_path / "none.csv"))).start()
+    other = FallbackServer(FallbackConfig(workdir=tmp_path, name="other")).start()
+    ports = (other.config.grpc_port, other.config.http_port)
+    assert other.stop() == 0 and not other.is_alive()
+    assert not any(port_in_use(p) for p in ports)
+    assert "fallback stopped" in other.log_path.read_text()
