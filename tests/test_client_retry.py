@@ -108,3 +108,14 @@ def test_the_same_options_work_on_a_plain_grpc_channel(flaky):
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         stub.ModelInfer(service_pb2.ModelInferRequest(model_name="recommend"), timeout=5)
     assert servicer.attempts == 2
+
+
+def test_the_readme_documents_the_policy_the_client_uses():
+    import json
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("### Client retry policy", 1)[1]
+    block = re.search(r"```json\n(.*?)\n```", section, re.S)
+    assert block and json.loads(block.group(1)) == RETRY_SERVICE_CONFIG
