@@ -138,13 +138,47 @@ def test_answers_are_marked_degraded_and_real_ones_are_not(server, fallback, pro
         assert not c.recommend(7, [1, 2, 3]).degraded and not c.search("boots").degraded
 
 
-def test_raw_json_without_binary_data_answers_with_the_degraded_parameter(fallback):
-    body = {"inputs": [{"name": "query", "shape": [1, 1], "datatype": "BYTES", "data": ["red leather boots"]}]}
-    req = urllib.request.Request(f"http://{fallback.http_url}/v2/models/search/infer", json.dumps(body).encode())
+@pytest.mark.parametrize(
+    "model,inputs",
+    [
+        ("search", [{"name": "query", "shape": [1, 1], "datatype": "BYTES", "data": ["red leather boots"]}]),
+        (
+            "recommend",
+            [
+                {"name": "user_id", "shape": [1, 1], "datatype": "INT64", "data": [42]},
+                {"name": "history", "shape": [1, 3], "datatype": "INT64", "data": [10, 11, 12]},
+            ],
+        ),
+    ],
+)
+def test_plain_json_as_in_the_readme_answers_with_the_degraded_parameter(fallback, model, inputs):
+    req = urllib.request.Request(
+        f"http://{fallback.http_url}/v2/models/{model}/infer", json.dumps({"inputs": inputs}).encode()
+    )
     answer = json.loads(urllib.request.urlopen(req).read())
     assert answer["parameters"] == {"degraded": True}
     ids = next(o for o in answer["outputs"] if o["name"] == "item_ids")
     assert ids["shape"] == [1, 20] and len(set(ids["data"])) == 20
+    if model == "recommend":
+        assert not {10, 11, 12} & set(ids["data"])
+
+
+def test_grpc_typed_contents_are_read_like_raw_ones(fallback):
+    """Clients other than tritonclient may send InferTensorContents instead of raw bytes."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    req = service_pb2.ModelInferRequest(model_name="recommend")
+    user = req.inputs.add(name="user_id", datatype="INT64", shape=[1, 1])
+    user.contents.int64_contents.append(42)
+    hist = req.inputs.add(name="history", datatype="INT64", shape=[1, 3])
+    hist.contents.int64_contents.extend([10, 11, 12])
+    with grpc.insecure_channel(fallback.grpc_url) as channel:
+        resp = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=5)
+    assert resp.parameters["degraded"].bool_param
+    typed = np.frombuffer(resp.raw_output_contents[0], dtype=np.int64).tolist()
+    with RecClient(fallback.grpc_url) as c:
+        assert typed == c.recommend(42, [10, 11, 12]).item_ids
 
 
 def test_recommend_uses_the_history_categories_and_never_returns_the_history(fallback, catalogue):
