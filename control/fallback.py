@@ -44,9 +44,27 @@ class FallbackConfig:
     events_csv: Path = DATA_DIR / "events.csv"
     catalog_csv: Path = DATA_DIR / "catalog.csv"
     workers: int = 4
+    #: gRPC calls in progress or queued for a worker; beyond it the server answers RESOURCE_EXHAUSTED at once.
+    max_concurrent: int = 64
     startup_timeout_s: float = 60.0
     stop_timeout_s: float = 5.0
     name: str = "fallback"
+
+    def validate(self) -> None:
+        """FallbackError naming the field and the rule."""
+        for field_name in ("grpc_port", "http_port"):
+            port = getattr(self, field_name)
+            if not 0 <= port <= 65535:
+                rule = "must be 0 (pick a free one) or 1..65535"
+                raise FallbackError(f"fallback config: {field_name} {rule}, got {port}")
+        if self.grpc_port and self.grpc_port == self.http_port:
+            raise FallbackError(f"fallback config: grpc_port and http_port must differ, both are {self.grpc_port}")
+        for field_name in ("workers", "max_concurrent"):
+            if getattr(self, field_name) < 1:
+                raise FallbackError(f"fallback config: {field_name} must be >= 1, got {getattr(self, field_name)}")
+        for field_name in ("startup_timeout_s", "stop_timeout_s"):
+            if not getattr(self, field_name) > 0:
+                raise FallbackError(f"fallback config: {field_name} must be > 0, got {getattr(self, field_name)}")
 
 
 class FallbackServer:
@@ -87,10 +105,12 @@ class FallbackServer:
             "--events", str(c.events_csv),
             "--catalog", str(c.catalog_csv),
             "--workers", str(c.workers),
+            "--max-concurrent", str(c.max_concurrent),
         ]  # fmt: skip
 
     def start(self, wait: bool = True) -> FallbackServer:
         c = self.config
+        c.validate()
         if self.is_alive():
             raise FallbackError(f"{c.name}: already running (pid {self.pid})")
         for path, what in ((c.events_csv, "events_csv"), (c.catalog_csv, "catalog_csv")):

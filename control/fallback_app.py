@@ -325,9 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", type=Path, default=REPO_ROOT / "artifacts" / "data" / "events.csv")
     p.add_argument("--catalog", type=Path, default=REPO_ROOT / "artifacts" / "data" / "catalog.csv")
     p.add_argument("--workers", type=int, default=4, help="gRPC worker threads")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=64,
+        help="gRPC calls in progress or waiting for a worker; more are refused at once with RESOURCE_EXHAUSTED",
+    )
     a = p.parse_args(argv)
     service = build_service(a.repository, a.events, a.catalog)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=a.workers))
+    # Bounded: the fallback takes overflow, so it must refuse fast itself rather than queue without end.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=a.workers), maximum_concurrent_rpcs=a.max_concurrent)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcFrontEnd(service), server)
     if server.add_insecure_port(f"{a.host}:{a.grpc_port}") == 0:
         print(f"cannot bind gRPC port {a.host}:{a.grpc_port}", file=sys.stderr)

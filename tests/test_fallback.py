@@ -228,6 +228,12 @@ def test_cpu_per_request_and_the_counters(fallback):
             c.recommend(k, [k % 3000 + 1, (k * 7) % 3000 + 1])
             c.search(("red boots", "blue camera", "oak wallet")[k % 3])
     after = proc.cpu_times()
+    _refusal(
+        fallback.grpc_url,
+        "grpc",
+        "recommend",
+        {"user_id": (np.asarray([[-1]], I64), "INT64"), "history": (np.asarray([[1]], I64), "INT64")},
+    )
     cpu_ms = ((after.user - before.user) + (after.system - before.system)) * 1000 / n
     print(f"\nfallback server CPU per request: {cpu_ms:.3f} ms (gRPC, {n} requests, recommend + search)")
     assert cpu_ms < 20
@@ -246,8 +252,45 @@ def test_start_refuses_a_busy_port_and_missing_data_and_stop_frees_the_ports(fal
         FallbackServer(FallbackConfig(workdir=tmp_path, grpc_port=fallback.config.grpc_port)).start()
     with pytest.raises(FallbackError, match="events_csv .* not found"):
         FallbackServer(FallbackConfig(workdir=tmp_path, events_csv=Path(tmp_path / "none.csv"))).start()
+    for bad, rule in (
+        ({"workers": 0}, "workers must be >= 1"),
+        ({"grpc_port": 70000}, "grpc_port must be 0 .pick a free one. or 1..65535"),
+        ({"grpc_port": 5000, "http_port": 5000}, "grpc_port and http_port must differ"),
+    ):
+        with pytest.raises(FallbackError, match=rule):
+            FallbackServer(FallbackConfig(workdir=tmp_path, **bad)).start()
     other = FallbackServer(FallbackConfig(workdir=tmp_path, name="other")).start()
     ports = (other.config.grpc_port, other.config.http_port)
     assert other.stop() == 0 and not other.is_alive()
     assert not any(port_in_use(p) for p in ports)
     assert "fallback stopped" in other.log_path.read_text()
+
+
+def test_haproxy_serves_it_as_just_another_backend(fallback, tmp_path):
+    """The fleet's own HAProxy config (h2 to the gRPC port, HTTP health check on the HTTP port) in front of the
+    fallback: tritonclient through the proxy gets degraded answers and the same refusals."""
+    import time
+
+    from control.haproxy import HAProxy, HAProxyConfig
+    from control.procs import free_port
+
+    proxy = HAProxy(HAProxyConfig(workdir=tmp_path, grpc_port=free_port(), http_port=free_port(), slots=1))
+    proxy.start()
+    try:
+        proxy.bind_slot(0, fallback.config.grpc_port, fallback.config.http_port)
+        proxy.set_state(0, "ready")
+        proxy.route("first", 0)
+        deadline = time.monotonic() + 10
+        while not proxy.slot_up(0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proxy.slot_up(0), "HAProxy's health check never passed on the fallback's HTTP port"
+        grpc_url, http_url = f"127.0.0.1:{proxy.config.grpc_port}", f"127.0.0.1:{proxy.config.http_port}"
+        for url, protocol in ((grpc_url, "grpc"), (http_url, "http")):
+            with RecClient(url, protocol) as c:
+                r = c.recommend(1, [1, 2, 3])
+                assert r.degraded and not {1, 2, 3} & set(r.item_ids) and c.search("boots").degraded
+        arrays = {"query": (np.asarray([[b""]], dtype=object), "BYTES")}
+        assert _refusal(grpc_url, "grpc", "search", arrays) == _refusal(fallback.grpc_url, "grpc", "search", arrays)
+    finally:
+        proxy.stop()
+    assert not proxy.is_alive()
