@@ -54,6 +54,16 @@ def grpc_channel_args(service_config: dict | None = RETRY_SERVICE_CONFIG) -> lis
     return args + [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(service_config))]
 
 
+def is_degraded(result) -> bool:
+    """True when a tritonclient ``InferResult`` (gRPC, gRPC aio or HTTP) carries the response parameter
+    ``degraded: true`` that the fallback server sets; Triton's own answers have no such parameter."""
+    response = result.get_response()
+    if isinstance(response, dict):  # HTTP: the JSON header
+        return (response.get("parameters") or {}).get("degraded") is True
+    params = response.parameters  # gRPC: ModelInferResponse
+    return "degraded" in params and params["degraded"].bool_param
+
+
 @dataclass(frozen=True)
 class Result:
     item_ids: list[int]
@@ -98,14 +108,7 @@ class RecClient:
         outputs = [self._mod.InferRequestedOutput(n) for n in ("item_ids", "scores")]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         r = self._client.infer(model + self.suffix, inputs, outputs=outputs, **kwargs)
-        return Result(r.as_numpy("item_ids")[0].tolist(), r.as_numpy("scores")[0].tolist(), self._degraded(r))
-
-    def _degraded(self, result) -> bool:
-        """The ``degraded`` response parameter the fallback server sets (absent on Triton's answers)."""
-        if self.protocol == "grpc":
-            params = result.get_response().parameters
-            return "degraded" in params and params["degraded"].bool_param
-        return (result.get_response().get("parameters") or {}).get("degraded") is True
+        return Result(r.as_numpy("item_ids")[0].tolist(), r.as_numpy("scores")[0].tolist(), is_degraded(r))
 
     def recommend(self, user_id: int, history: list[int]) -> Result:
         """Top 20 items for a user; ``history`` is most-recent-last item ids."""

@@ -1,4 +1,5 @@
-"""The fallback server program: degraded ``recommend`` / ``search`` answers over Triton's KServe v2 protocols.
+"""The fallback server program: degraded ``recommend`` / ``search`` answers (and for their ``_trt`` twins) over
+Triton's KServe v2 protocols.
 
 Why a Triton look-alike: HAProxy sends overflow and the no-instance-left case here as to just another backend, and
 tritonclient users change nothing. It speaks gRPC ``inference.GRPCInferenceService`` (ServerLive/Ready,
@@ -35,6 +36,7 @@ from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
 from control.fallback_answers import Catalogue, FallbackAnswers
 from control.served_contract import (
+    CONTRACT_MODELS,
     RequestError,
     Tensor,
     load_specs,
@@ -72,10 +74,10 @@ class FallbackService:
             if spec is None:
                 raise RequestError("NOT_FOUND", f"Request for unknown model: '{model}' is not found")
             validate(spec, tensors, request_id)
-            if model == "recommend":
-                ids, scores = self.answers.recommend(recommend_rows(tensors, self.repository))
+            if CONTRACT_MODELS[model] == "recommend":
+                ids, scores = self.answers.recommend(recommend_rows(tensors, self.repository, model))
             else:
-                ids, scores = self.answers.search(search_queries(tensors, self.repository))
+                ids, scores = self.answers.search(search_queries(tensors, self.repository, model))
         except RequestError:
             self.requests.labels(model if model in self.specs else "unknown", protocol, "refused").inc()
             raise

@@ -30,8 +30,9 @@ from control.triton import DEFAULT_REPOSITORY
 
 __all__ = ["CONTRACT_MODELS", "EnsembleSpec", "InputSpec", "RequestError", "load_specs", "rules", "validate"]
 
-#: The ensembles whose contract this module serves.
-CONTRACT_MODELS = ("recommend", "search")
+#: The ensembles whose contract this module serves, and the kind of answer each wants (the TensorRT twins take
+#: the same requests as the ONNX ensembles).
+CONTRACT_MODELS = {"recommend": "recommend", "search": "search", "recommend_trt": "recommend", "search_trt": "search"}
 #: The rule module beside each served Python step (the very files ``model.py`` imports).
 RULE_FILES = {"shaping": ("recommend_pre", "shaping.py"), "tokenizer": ("search_pre", "tokenizer.py")}
 _SHAPE_NOTE = (
@@ -97,10 +98,13 @@ def _tensor_spec(t) -> InputSpec:
 
 @functools.cache
 def load_specs(repository: Path = DEFAULT_REPOSITORY) -> dict[str, EnsembleSpec]:
-    """The contract of every model in CONTRACT_MODELS, parsed from the repository's config.pbtxt files."""
+    """The contract of every model of CONTRACT_MODELS the repository has, parsed from its config.pbtxt."""
     specs = {}
     for name in CONTRACT_MODELS:
-        cfg = text_format.Parse((Path(repository) / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        path = Path(repository) / name / "config.pbtxt"
+        if not path.is_file():
+            continue
+        cfg = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
         specs[name] = EnsembleSpec(
             name=cfg.name,
             max_batch_size=int(cfg.max_batch_size),
@@ -189,16 +193,20 @@ def validate(spec: EnsembleSpec, tensors: dict[str, Tensor], request_id: str = "
     return int(batch or 0)
 
 
-def recommend_rows(tensors: dict[str, Tensor], repository: Path = DEFAULT_REPOSITORY) -> np.ndarray:
+def recommend_rows(
+    tensors: dict[str, Tensor], repository: Path = DEFAULT_REPOSITORY, ensemble: str = "recommend"
+) -> np.ndarray:
     """The history rows of a validated recommend request, after recommend_pre's own rules (RequestError)."""
     user_id, history = tensors["user_id"][2], tensors["history"][2]
     problem = rules(repository)["shaping"].check(user_id, history)
     if problem:
-        raise RequestError("INVALID_ARGUMENT", f"in ensemble 'recommend', {problem}")
+        raise RequestError("INVALID_ARGUMENT", f"in ensemble '{ensemble}', {problem}")
     return history
 
 
-def search_queries(tensors: dict[str, Tensor], repository: Path = DEFAULT_REPOSITORY) -> list[list[str]]:
+def search_queries(
+    tensors: dict[str, Tensor], repository: Path = DEFAULT_REPOSITORY, ensemble: str = "search"
+) -> list[list[str]]:
     """The words of each query of a validated search request, after search_pre's own rules (RequestError)."""
     tok = rules(repository)["tokenizer"]
     raw = [q if isinstance(q, bytes) else str(q).encode() for q in tensors["query"][2].reshape(-1)]
@@ -206,5 +214,5 @@ def search_queries(tensors: dict[str, Tensor], repository: Path = DEFAULT_REPOSI
     try:
         tok.search_inputs(raw, users)
     except ValueError as exc:
-        raise RequestError("INVALID_ARGUMENT", f"in ensemble 'search', {exc}") from None
+        raise RequestError("INVALID_ARGUMENT", f"in ensemble '{ensemble}', {exc}") from None
     return [tok.tokenize(q.decode("utf-8")) for q in raw]

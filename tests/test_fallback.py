@@ -294,3 +294,12 @@ def test_haproxy_serves_it_as_just_another_backend(fallback, tmp_path):
     finally:
         proxy.stop()
     assert not proxy.is_alive()
+
+
+def test_the_tensorrt_twins_get_the_same_degraded_answers(fallback):
+    with RecClient(fallback.grpc_url, model_suffix="_trt") as trt, RecClient(fallback.grpc_url) as onnx:
+        assert trt.search("red boots") == onnx.search("red boots") and trt.recommend(1, [5]).degraded
+    arrays = {"query": (np.asarray([[b""]], dtype=object), "BYTES")}
+    assert _refusal(fallback.grpc_url, "grpc", "search_trt", arrays)[1] == (
+        "in ensemble 'search_trt', input 'query' must not be empty"
+    )
