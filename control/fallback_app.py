@@ -21,6 +21,7 @@ import argparse
 import json
 import re
 import signal
+import struct
 import sys
 import threading
 from concurrent import futures
@@ -50,6 +51,8 @@ from control.triton import DEFAULT_REPOSITORY, REPO_ROOT
 SERVER_NAME = "recserve-fallback"
 MODEL_VERSION = "1"
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: Largest HTTP request body read (the largest valid request, 64 rows of 1,000-item histories as JSON, is ~1 MiB).
+MAX_BODY_BYTES = 8 << 20
 
 
 class FallbackService:
@@ -104,7 +107,7 @@ def decode_tensor(name: str, datatype: str, shape: list[int], raw: bytes | None,
         if arr.size != count:
             raise ValueError(f"{arr.size} elements for shape {list(shape_t)}")
         return datatype, shape_t, arr.reshape(shape_t)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, struct.error) as exc:
         raise RequestError(
             "INVALID_ARGUMENT", f"input '{name}': data does not match its shape or type: {exc}"
         ) from None
@@ -248,7 +251,14 @@ def http_handler(service: FallbackService) -> type[BaseHTTPRequestHandler]:
             return self._error(404, "Not Found")
 
         def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 <= length <= MAX_BODY_BYTES:
+                self.close_connection = True  # the body is not read: the connection cannot be reused
+                return self._error(413, f"request body must be 0..{MAX_BODY_BYTES} bytes (Content-Length)")
+            body = self.rfile.read(length)
             m = _MODEL_PATH.match(self.path.split("?", 1)[0])
             if not m or m.group(3) != "/infer":
                 return self._error(404, "Not Found")

@@ -325,3 +325,26 @@ def test_the_tensorrt_twins_get_the_same_degraded_answers(fallback):
     assert _refusal(fallback.grpc_url, "grpc", "search_trt", arrays)[1] == (
         "in ensemble 'search_trt', input 'query' must not be empty"
     )
+
+
+def test_malformed_tensors_and_oversized_bodies_are_refused_and_it_keeps_serving(fallback):
+    import http.client
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    req = service_pb2.ModelInferRequest(model_name="search")
+    req.inputs.add(name="query", datatype="BYTES", shape=[1, 1])
+    req.raw_input_contents.append(b"\x10\x00")  # a length prefix cut short
+    with grpc.insecure_channel(fallback.grpc_url) as channel, pytest.raises(grpc.RpcError) as err:
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input 'query'" in err.value.details()
+    conn = http.client.HTTPConnection(*fallback.http_url.split(":"), timeout=5)
+    conn.putrequest("POST", "/v2/models/search/infer")
+    conn.putheader("Content-Length", str(1 << 30))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and b"Content-Length" in resp.read()
+    conn.close()
+    with RecClient(fallback.http_url, "http") as c:
+        assert c.search("boots").degraded
