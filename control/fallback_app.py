@@ -70,6 +70,10 @@ class FallbackService:
             registry=self.registry,
         )
 
+    def datatype(self, model: str, output: str) -> str:
+        """The KServe datatype of an output, as the ensemble's config declares it."""
+        return next(t.datatype for t in self.specs[model].outputs if t.name == output)
+
     def infer(self, model: str, tensors: dict[str, Tensor], request_id: str, protocol: str) -> dict[str, np.ndarray]:
         """Output arrays by name; RequestError (counted) for what the real ensemble refuses."""
         try:
@@ -189,7 +193,7 @@ class GrpcFrontEnd(service_pb2_grpc.GRPCInferenceServiceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"unexpected inference output '{name}' for model '{request.model_name}'",
                 )
-            out = response.outputs.add(name=name, datatype="INT64" if arr.dtype == np.int64 else "FP32")
+            out = response.outputs.add(name=name, datatype=self.service.datatype(request.model_name, name))
             out.shape.extend(arr.shape)
             response.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
         return response
@@ -302,7 +306,7 @@ def http_handler(service: FallbackService) -> type[BaseHTTPRequestHandler]:
                     return self._error(400, f"unexpected inference output '{o['name']}' for model '{model}'")
                 out = {
                     "name": o["name"],
-                    "datatype": "INT64" if arr.dtype == np.int64 else "FP32",
+                    "datatype": service.datatype(model, o["name"]),
                     "shape": list(arr.shape),
                 }
                 if (o.get("parameters") or {}).get("binary_data"):
