@@ -260,32 +260,44 @@ def test_start_refuses_a_busy_port_and_missing_data_and_stop_frees_the_ports(fal
     ):
         with pytest.raises(FallbackError, match=rule):
             FallbackServer(FallbackConfig(workdir=tmp_path, **bad)).start()
-    other = FallbackServer(FallbackConfig(workdir=tmp_path, name="other", workers=1, max_concurrent=1)).start()
-    ports = (other.config.grpc_port, other.config.http_port)
-    # Its own bound: 300 calls sent without waiting, one admitted at a time; the rest refused, never queued.
-    client = grpcclient.InferenceServerClient(other.grpc_url)
+    other = FallbackServer(FallbackConfig(workdir=tmp_path, name="other", workers=1, max_concurrent=1))
+    try:
+        other.start()
+        ports = (other.config.grpc_port, other.config.http_port)
+        outcomes = _burst(other.grpc_url, 300)
+    finally:
+        code = other.stop()
+    print(
+        f"\nmax_concurrent=1, 300 async calls: {outcomes.count('ok')} answered, "
+        f"{outcomes.count('StatusCode.RESOURCE_EXHAUSTED')} refused"
+    )
+    # Its own bound: calls sent without waiting, one admitted at a time; the rest refused at once, never queued.
+    assert set(outcomes) == {"ok", "StatusCode.RESOURCE_EXHAUSTED"}
+    assert code == 0 and not other.is_alive()
+    assert not any(port_in_use(p) for p in ports)
+    assert "fallback stopped" in other.log_path.read_text()
+
+
+def _burst(url: str, n: int) -> list[str]:
+    """``n`` search calls sent without waiting for answers; the status of each ("ok" or the gRPC status)."""
+    client = grpcclient.InferenceServerClient(url)
     query = grpcclient.InferInput("query", [1, 1], "BYTES")
     query.set_data_from_numpy(np.asarray([[b"red boots"]], dtype=object))
-    outcomes: list = []
+    outcomes: list[str] = []
     done = threading.Semaphore(0)
 
     def collect(result, error):
         outcomes.append(error.status() if error else "ok")
         done.release()
 
-    for _ in range(300):
-        client.async_infer("search", [query], collect)
-    for _ in range(300):
-        assert done.acquire(timeout=30)
-    client.close()
-    print(
-        f"\nmax_concurrent=1, 300 async calls: {outcomes.count('ok')} answered, "
-        f"{outcomes.count('StatusCode.RESOURCE_EXHAUSTED')} refused"
-    )
-    assert set(outcomes) == {"ok", "StatusCode.RESOURCE_EXHAUSTED"}
-    assert other.stop() == 0 and not other.is_alive()
-    assert not any(port_in_use(p) for p in ports)
-    assert "fallback stopped" in other.log_path.read_text()
+    try:
+        for _ in range(n):
+            client.async_infer("search", [query], collect)
+        for _ in range(n):
+            assert done.acquire(timeout=30)
+    finally:
+        client.close()
+    return outcomes
 
 
 def test_haproxy_serves_it_as_just_another_backend(fallback, tmp_path):
