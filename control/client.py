@@ -6,21 +6,84 @@ request contract lives in exactly one place on the client side.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
+
+#: gRPC service config for recserve clients (README "Client retry policy"). Retry only UNAVAILABLE (no connection,
+#: a proxy restarting, an instance gone): at most 3 attempts with 50-200 ms jittered backoff. Never
+#: RESOURCE_EXHAUSTED: that is the front door shedding load, and retrying it would multiply an overload. The
+#: retryThrottling token bucket (per target, per process) stops retries when many calls fail: every failed attempt
+#: costs 1 token, every success returns 0.1, and retries are allowed only while tokens > maxTokens / 2, so a
+#: client that sees only failures makes at most ~maxTokens / 2 retries in all, then one attempt per call.
+RETRY_SERVICE_CONFIG: dict = {
+    "methodConfig": [
+        {
+            "name": [{"service": "inference.GRPCInferenceService"}],
+            "retryPolicy": {
+                "maxAttempts": 3,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "0.2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ],
+    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+}
+
+
+def grpc_channel_args(service_config: dict | None = RETRY_SERVICE_CONFIG) -> list[tuple[str, object]]:
+    """Channel options for ``tritonclient.grpc.InferenceServerClient(url, channel_args=...)`` or
+    ``grpc.insecure_channel(url, options=...)``: tritonclient's own defaults (its ``channel_args`` replaces them)
+    plus the service config; ``None`` = no retry policy (for health probes, which must see the first failure)."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    ka = KeepAliveOptions()
+    args: list[tuple[str, object]] = [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", ka.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", ka.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", ka.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", ka.http2_max_pings_without_data),
+    ]
+    if service_config is None:
+        return args + [("grpc.enable_retries", 0)]
+    return args + [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(service_config))]
+
+
+def is_degraded(result) -> bool:
+    """True when a tritonclient ``InferResult`` (gRPC, gRPC aio or HTTP) carries the response parameter
+    ``degraded: true`` that the fallback server sets; Triton's own answers have no such parameter."""
+    response = result.get_response()
+    if isinstance(response, dict):  # HTTP: the JSON header
+        return (response.get("parameters") or {}).get("degraded") is True
+    params = response.parameters  # gRPC: ModelInferResponse
+    return "degraded" in params and params["degraded"].bool_param
 
 
 @dataclass(frozen=True)
 class Result:
     item_ids: list[int]
     scores: list[float]
+    #: True when the answer came from the fallback server (popular items / title matches), not from the models.
+    degraded: bool = False
 
 
 class RecClient:
-    """Wraps a tritonclient gRPC or HTTP client; ``url`` is ``host:port``."""
+    """Wraps a tritonclient gRPC or HTTP client; ``url`` is ``host:port``. Over gRPC it uses ``retry_policy``
+    (default RETRY_SERVICE_CONFIG; None = no retries); tritonclient's HTTP client has no retry policy."""
 
-    def __init__(self, url: str, protocol: str = "grpc", timeout_s: float = 10.0, model_suffix: str = ""):
+    def __init__(
+        self,
+        url: str,
+        protocol: str = "grpc",
+        timeout_s: float = 10.0,
+        model_suffix: str = "",
+        retry_policy: dict | None = RETRY_SERVICE_CONFIG,
+    ):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         self.protocol = protocol
@@ -29,7 +92,7 @@ class RecClient:
         if protocol == "grpc":
             import tritonclient.grpc as mod
 
-            self._client = mod.InferenceServerClient(url)
+            self._client = mod.InferenceServerClient(url, channel_args=grpc_channel_args(retry_policy))
         else:
             import tritonclient.http as mod
 
@@ -45,7 +108,7 @@ class RecClient:
         outputs = [self._mod.InferRequestedOutput(n) for n in ("item_ids", "scores")]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         r = self._client.infer(model + self.suffix, inputs, outputs=outputs, **kwargs)
-        return Result(r.as_numpy("item_ids")[0].tolist(), r.as_numpy("scores")[0].tolist())
+        return Result(r.as_numpy("item_ids")[0].tolist(), r.as_numpy("scores")[0].tolist(), is_degraded(r))
 
     def recommend(self, user_id: int, history: list[int]) -> Result:
         """Top 20 items for a user; ``history`` is most-recent-last item ids."""
