@@ -188,7 +188,7 @@ class Fleet:
         if c is None or getattr(c, "_port", None) != rec.grpc_port:
             from control.health import INFER_TIMEOUT_S
 
-            c = RecClient(f"127.0.0.1:{rec.grpc_port}", timeout_s=INFER_TIMEOUT_S)
+            c = RecClient(f"127.0.0.1:{rec.grpc_port}", timeout_s=INFER_TIMEOUT_S, retry_policy=None)
             c._port = rec.grpc_port
             self.clients[iid] = c
         return c
