@@ -34,6 +34,7 @@ from rich.table import Table  # noqa: E402
 from build import data as data_mod  # noqa: E402
 from build import export as export_mod  # noqa: E402
 from build import manifest as manifest_mod  # noqa: E402
+from build import reference as reference_mod  # noqa: E402
 from build import trt as trt_mod  # noqa: E402
 from build.models import EXCLUDE_LEN, HISTORY_LEN, RankerGraph, RetrievalGraph, SearchGraph  # noqa: E402
 from build.train import (  # noqa: E402
@@ -414,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
 
     golden = golden_requests(ds, hp, args.seed, provenance["catalog"])
     golden["built_versions"] = {name: int(path.name) for name, path in written.items()}
+    # the control plane's documented fallback when its reference cannot run (torch-free: build/reference.py)
+    golden["expected"] = reference_mod.record_expectations(golden, reference_mod.Reference.latest(args.repository))
     (work / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     shutil.rmtree(stage, ignore_errors=True)
     summary(tr, parities, written, work / "golden.json", time.perf_counter() - t0)

@@ -108,3 +108,37 @@ class Reference:
             None, {"tokens": np.asarray(tokens, dtype=np.int64), "user_id": np.asarray(users, dtype=np.int64)}
         )
         return ids[0].astype(np.int64), scores[0].astype(np.float32)
+
+
+def record_expectations(golden: dict, ref: Reference) -> dict:
+    """The reference's answers to every request of a golden.json document, for the control plane's fallback
+    when the reference cannot run (``expected``: versions, then answers in the order of the requests)."""
+    def pack(ids: np.ndarray, scores: np.ndarray) -> dict:
+        return {"item_ids": [int(i) for i in ids], "scores": [float(s) for s in scores]}
+
+    return {
+        "versions": dict(ref.versions),
+        "recommend": [pack(*ref.recommend(int(e["user_id"]), e.get("history", []))) for e in golden["recommend"]],
+        "search": [pack(*ref.search(str(e["query"]), e.get("user_id"))) for e in golden["search"]],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Record the reference's answers in an existing golden.json (the build does this itself)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m build.reference", description=main.__doc__)
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--golden", type=Path, default=Path("artifacts/golden.json"), help="the build's golden requests")
+    args = p.parse_args(argv)
+    doc = json.loads(args.golden.read_text())
+    ref = Reference.latest(args.repository)
+    doc["expected"] = record_expectations(doc, ref)
+    args.golden.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"recorded expected answers of versions {ref.versions} in {args.golden}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
