@@ -377,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         written[name] = manifest_mod.publish_version(args.repository, name, {"model.onnx": onnx_paths[name]}, fields)
 
-    # TensorRT
+    # TensorRT: where it is available, a failed engine is a failed build (exit code 3), never a silent skip
     trt_line = "TensorRT: skipped (--no-trt); ONNX models built"
+    trt_failures: dict[str, str] = {}
     if not args.no_trt:
         ok, why = trt_mod.availability()
         if not ok:
@@ -389,15 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in MODELS:
                 ort_out = export_mod.run_ort(export_mod.ort_session(onnx_paths[name]), feeds[name])
                 ort_named = dict(zip(export_mod.CONTRACTS[name][1], ort_out, strict=True))
-                try:
-                    plan, check = trt_mod.build_and_check(
-                        name, onnx_paths[name], stage / "trt", cache, feeds[name], ort_named, log
-                    )
-                except Exception as e:  # noqa: BLE001 - report and keep the ONNX build
-                    console.print(f"[red]TensorRT {name}: {e}[/red]")
-                    continue
-                if not check["passed"]:
-                    console.print(f"[red]TensorRT {name}: failed the check vs onnxruntime; no version written[/red]")
+                plan, check, problem = trt_mod.build_checked(
+                    name, onnx_paths[name], stage / "trt", cache, feeds[name], ort_named, log
+                )
+                if problem:
+                    trt_failures[name] = problem
+                    console.print(f"[red]TensorRT {name}: {problem}; no {name}_trt version written[/red]")
                     continue
                 fields = {
                     **common,
@@ -406,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                     "gpu": trt_mod.cuda_gpus()[0],
                     "contract": contracts[name],
                     "metrics": tr.metrics[metric_of[name]],
+                    "precision": check["precision"],
                     "tensorrt_check": check,
                 }
                 written[f"{name}_trt"] = manifest_mod.publish_version(
@@ -420,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     (work / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     shutil.rmtree(stage, ignore_errors=True)
     summary(tr, parities, written, work / "golden.json", time.perf_counter() - t0)
+    if trt_failures:
+        console.print(f"[red]TensorRT engines failed: {trt_failures}; the ONNX versions were written[/red]")
+        return trt_mod.EXIT_TRT_FAILED
     return 0
 
 
