@@ -55,7 +55,10 @@ def _read(path: Path | None) -> dict:
     """golden.json as a dict; {} when absent. A file that exists but is not JSON is an error, not a default."""
     if path is None or not Path(path).exists():
         return {}
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
