@@ -2,9 +2,10 @@
 
 Why: the TensorRT path (build/trt.py, control/backends/tensorrt/, the *_trt configs) has never run on a GPU in
 this project; the machines it was written on have none, and the GPU machine sometimes lent cannot install
-TensorRT. This script is what a user with one NVIDIA GPU runs, after ``make setup`` and
-``.venv/bin/pip install -e '.[gpu]'`` (tensorrt-cu12==10.5.0), or inside ``nvcr.io/nvidia/tritonserver:24.10-py3``
-after ``pip install -e '.[gpu]'``. It
+TensorRT. This script is what a user with one NVIDIA GPU runs on the host, after ``make setup`` and
+``.venv/bin/pip install -e '.[gpu]'`` (tensorrt-cu12==10.5.0, the TensorRT of ``tritonserver:24.10-py3``, so the
+engines it builds load in that container). Inside the container itself it needs a Python 3.11 environment with
+recserve installed (recserve requires 3.11; check the container's own Python first). It
 
 1. builds the models and the TensorRT engines (``python -m build.pipeline``: a failed engine fails the build),
 2. reads each engine's check against onnxruntime from its manifest (precision really built, top-10 overlap),
@@ -20,11 +21,17 @@ Without a GPU or TensorRT it stops with one line saying which (exit 2); ``--dry-
 
 from __future__ import annotations
 
+import sys
+
+if sys.version_info[:2] != (3, 11):  # before anything newer is imported: one clear line, not a traceback
+    print(f"gpu-check: needs Python 3.11 (recserve's), this is {sys.version.split()[0]}: run it from the "
+          "project's .venv (make setup)", file=sys.stderr)
+    sys.exit(2)
+
 import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,8 +66,10 @@ class Step:
 
 def preflight() -> str:
     """'' when this host can run the check, else one line saying what is missing."""
-    from build import trt as trt_mod
-
+    try:
+        from build import trt as trt_mod
+    except ImportError as exc:
+        return f"gpu-check: recserve's dependencies are missing in {sys.executable} ({exc}): run make setup"
     ok, why = trt_mod.availability()
     if not ok:
         return (f"gpu-check: cannot run here: {why} (needs an NVIDIA GPU and tensorrt-cu12==10.5.0: "
