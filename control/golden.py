@@ -132,6 +132,7 @@ class _Entry:
     expected: Expected | None
     problem: str  # empty when the reference computed the answers
     at: float
+    asked: float = 0.0  # last time a check asked for it: only version sets in use count in status and metrics
 
 
 class Golden:
@@ -139,11 +140,13 @@ class Golden:
 
     def __init__(self, repository: Path, score_tol: float = 1e-3, metrics=None,
                  event: Callable[[str], None] | None = None, retry_s: float = 30.0,
-                 reference: ReferenceFn = reference_answers, golden_json: Path | None = None):
+                 reference: ReferenceFn = reference_answers, golden_json: Path | None = None,
+                 active_s: float = 60.0):
         """``metrics``: a ``ControlMetrics`` for the golden gauges; ``event``: records a control-plane event;
         ``retry_s``: how soon a failed reference is tried again; ``reference``: computes the answers (tests pass
         a broken one); ``golden_json``: the build's requests and recorded answers (default: beside the
-        repository's checkout)."""
+        repository's checkout); ``active_s``: a version set nobody asked about for this long (rolled back,
+        say) no longer counts in ``problems()`` and the metrics."""
         self.repository = Path(repository)
         self.path = Path(golden_json) if golden_json is not None else golden_json_path(self.repository)
         self.request_set = load_request_set(self.path)
@@ -152,6 +155,7 @@ class Golden:
         self.metrics = metrics
         self.event = event or (lambda message: None)
         self.retry_s = retry_s
+        self.active_s = active_s
         self.reference = reference
         self._cache: dict[str, _Entry] = {}
         self._lock = threading.Lock()
@@ -167,7 +171,10 @@ class Golden:
         k = self.key(versions)
         with self._lock:
             hit = self._cache.get(k)
+            if hit is not None:
+                hit.asked = time.time()
         if hit is not None and (not hit.problem or time.time() - hit.at < self.retry_s):
+            self._publish()
             return hit.expected
         with self._compute:
             with self._lock:
@@ -175,6 +182,7 @@ class Golden:
             if hit is not None and (not hit.problem or time.time() - hit.at < self.retry_s):
                 return hit.expected
             entry = self._determine(versions)
+            entry.asked = time.time()
             with self._lock:
                 before = self._cache.get(k)
                 self._cache[k] = entry
@@ -213,8 +221,7 @@ class Golden:
     def _publish(self) -> None:
         if self.metrics is None:
             return
-        with self._lock:
-            entries = list(self._cache.values())
+        entries = [e for _, e in self._active()]
         self.metrics.golden_reference_ok.set(0 if any(e.problem for e in entries) else 1)
         for s in SOURCES:
             n = sum(1 for e in entries if (e.expected.source if e.expected else SOURCE_NONE) == s)
@@ -222,11 +229,15 @@ class Golden:
 
     def problems(self) -> list[str]:
         """One line per version set whose expectations do not come from the reference (``recctl status``)."""
-        with self._lock:
-            items = list(self._cache.items())
         return [f"golden answers for {k}: {e.problem}; "
                 + (f"using {e.expected.source}" if e.expected else "golden checks fail")
-                for k, e in items if e.problem]
+                for k, e in self._active() if e.problem]
+
+    def _active(self) -> list[tuple[str, _Entry]]:
+        """Version sets some check asked about within ``active_s``."""
+        since = time.time() - self.active_s
+        with self._lock:
+            return [(k, e) for k, e in self._cache.items() if e.asked >= since]
 
     def problem(self, versions: Mapping[str, list[int]]) -> str:
         """Why the expectations of ``versions`` do not come from the reference ('' when they do)."""

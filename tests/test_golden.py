@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -158,3 +159,16 @@ def test_failed_reference_is_retried_and_recovery_is_an_event(tmp_path):
     exp = g.expected(LATEST)
     assert exp is not None and exp.source == SOURCE_REFERENCE and not g.problems()
     assert "works again" in events[-1], events
+
+
+def test_a_version_set_no_longer_asked_about_leaves_status_and_metrics(tmp_path):
+    """A rolled-back version set whose reference failed must not keep the fleet's status red for ever."""
+    metrics = ControlMetrics()
+    g = Golden(DEFAULT_REPOSITORY, metrics=metrics, reference=_broken, golden_json=tmp_path / "absent.json",
+               active_s=0.2)
+    assert g.expected(LATEST) is None and g.problems()
+    assert _gauges(metrics)["recserve_golden_reference_ok"] == 0
+    time.sleep(0.3)
+    assert not g.problems()
+    g.expected({**LATEST, "retrieval": [LATEST["retrieval"][0]]})  # still asked: counts again (cached, no retry)
+    assert g.problems()
