@@ -70,3 +70,26 @@ def test_a_failed_engine_is_a_problem_not_a_skip(monkeypatch, tmp_path):
     monkeypatch.setattr(trt_mod, "build_and_check", lambda *_a, **_k: (tmp_path / "p", failed))
     _, _, problem = trt_mod.build_checked("ranker", tmp_path / "x.onnx", tmp_path, tmp_path / "c", {}, {})
     assert "0.8" in problem and "FP32" in problem
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="this host has TensorRT and a GPU")
+def test_tensorrt_shim_refuses_to_load_with_a_clear_reason(tmp_path):
+    """The real shim in a real tritonserver: without TensorRT a *_trt model fails to load and says why (the
+    instance group is moved to CPU here, else Triton refuses KIND_GPU before the shim runs)."""
+    from control.triton import TritonConfig, TritonError, TritonServer
+
+    repo = tmp_path / "repo"
+    (repo / "ranker_trt" / "1").mkdir(parents=True)
+    (repo / "ranker_trt" / "config.pbtxt").write_text(
+        (REPO_ROOT / "model_repository" / "ranker_trt" / "config.pbtxt").read_text().split("model_warmup")[0]
+        .replace("KIND_GPU", "KIND_CPU")
+    )
+    (repo / "ranker_trt" / "1" / "model.plan").write_bytes(b"not an engine")
+    srv = TritonServer(TritonConfig(model_repository=repo, workdir=tmp_path / "w", models=["ranker_trt"],
+                                    startup_timeout_s=60))
+    try:
+        with pytest.raises(TritonError) as err:
+            srv.start()
+    finally:
+        srv.stop()
+    assert "ranker_trt" in str(err.value) and "needs the 'tensorrt' package" in str(err.value), str(err.value)
