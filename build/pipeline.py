@@ -222,7 +222,7 @@ def parity_feeds(ds: data_mod.Dataset, hp: HParams, seed: int, tr: Trained) -> d
 
 
 def golden_requests(ds: data_mod.Dataset, hp: HParams, seed: int, catalog: str) -> dict:
-    """A dozen request inputs from held-out data (expected outputs are produced by serving code)."""
+    """A dozen request inputs from held-out data (main adds the reference's answers to them as ``expected``)."""
     tok = load_tokenizer()
     sp = make_split(ds, hp.holdout_days)
     rng = np.random.default_rng(seed + 99)
@@ -260,7 +260,8 @@ def golden_requests(ds: data_mod.Dataset, hp: HParams, seed: int, catalog: str) 
         "catalog": catalog,
         "n_users": ds.n_users,
         "n_items": ds.n_items,
-        "note": "request inputs only; ids are the dense ids of the catalogue/id maps",
+        "note": "golden requests (ids are the dense ids of the catalogue/id maps) and, under 'expected', the answers "
+        "build/reference.py gave on the versions built: the control plane's fallback when its reference cannot run",
         "recommend": rec,
         "search": search,
     }
