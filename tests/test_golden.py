@@ -70,6 +70,11 @@ def test_control_plane_computes_expectations_without_torch(tmp_path):
     build_time = json.loads(recorded.read_text())["expected"]
     assert got["source"] == SOURCE_REFERENCE
     assert got["answers"] == {m: build_time[m][0]["item_ids"] for m in ("recommend", "search")}
+    # and where the checkout's own build recorded answers for these versions, they are the same
+    path = golden_json_path(DEFAULT_REPOSITORY)
+    real = json.loads(path.read_text()).get("expected") if path.exists() else None
+    if real and real["versions"] == {m: v[0] for m, v in LATEST.items()}:
+        assert got["answers"] == {m: real[m][0]["item_ids"] for m in ("recommend", "search")}
 
 
 @pytest.fixture(scope="module")
