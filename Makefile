@@ -90,3 +90,8 @@ fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the bac
 
 fleet-down: setup  ## stop what fleet-up started (control plane, instances, HAProxy) and nothing else
 	$(PY) -m control.recctl down
+
+# ---- TensorRT (GPU hosts; untested on a GPU until a user's run passes) ----
+.PHONY: gpu-check
+gpu-check: setup  ## TensorRT path on one GPU (needs pip install -e '.[gpu]'): engines, parity, serving, perf -> reports/gpu-check/
+	tools/gpu-check

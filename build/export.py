@@ -17,6 +17,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from build.reference import ort_session  # one session recipe, shared with the torch-free reference
+
 OPSET = 17
 PARITY_ATOL = 1e-4
 
@@ -72,14 +74,6 @@ def contract(path: Path) -> dict[str, list[dict]]:
         return out
 
     return {"inputs": describe(inferred.graph.input), "outputs": describe(inferred.graph.output)}
-
-
-def ort_session(path: Path, threads: int = 2) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared 2-core hosts
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def run_ort(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], batch: int = 64) -> list[np.ndarray]:

@@ -34,6 +34,7 @@ from rich.table import Table  # noqa: E402
 from build import data as data_mod  # noqa: E402
 from build import export as export_mod  # noqa: E402
 from build import manifest as manifest_mod  # noqa: E402
+from build import reference as reference_mod  # noqa: E402
 from build import trt as trt_mod  # noqa: E402
 from build.models import EXCLUDE_LEN, HISTORY_LEN, RankerGraph, RetrievalGraph, SearchGraph  # noqa: E402
 from build.train import (  # noqa: E402
@@ -221,7 +222,7 @@ def parity_feeds(ds: data_mod.Dataset, hp: HParams, seed: int, tr: Trained) -> d
 
 
 def golden_requests(ds: data_mod.Dataset, hp: HParams, seed: int, catalog: str) -> dict:
-    """A dozen request inputs from held-out data (expected outputs are produced by serving code)."""
+    """A dozen request inputs from held-out data (main adds the reference's answers to them as ``expected``)."""
     tok = load_tokenizer()
     sp = make_split(ds, hp.holdout_days)
     rng = np.random.default_rng(seed + 99)
@@ -259,7 +260,8 @@ def golden_requests(ds: data_mod.Dataset, hp: HParams, seed: int, catalog: str) 
         "catalog": catalog,
         "n_users": ds.n_users,
         "n_items": ds.n_items,
-        "note": "request inputs only; ids are the dense ids of the catalogue/id maps",
+        "note": "golden requests (ids are the dense ids of the catalogue/id maps) and, under 'expected', the answers "
+        "build/reference.py gave on the versions built: the control plane's fallback when its reference cannot run",
         "recommend": rec,
         "search": search,
     }
@@ -376,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         written[name] = manifest_mod.publish_version(args.repository, name, {"model.onnx": onnx_paths[name]}, fields)
 
-    # TensorRT
+    # TensorRT: where it is available, a failed engine is a failed build (exit code 3), never a silent skip
     trt_line = "TensorRT: skipped (--no-trt); ONNX models built"
+    trt_failures: dict[str, str] = {}
     if not args.no_trt:
         ok, why = trt_mod.availability()
         if not ok:
@@ -388,15 +391,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in MODELS:
                 ort_out = export_mod.run_ort(export_mod.ort_session(onnx_paths[name]), feeds[name])
                 ort_named = dict(zip(export_mod.CONTRACTS[name][1], ort_out, strict=True))
-                try:
-                    plan, check = trt_mod.build_and_check(
-                        name, onnx_paths[name], stage / "trt", cache, feeds[name], ort_named, log
-                    )
-                except Exception as e:  # noqa: BLE001 - report and keep the ONNX build
-                    console.print(f"[red]TensorRT {name}: {e}[/red]")
-                    continue
-                if not check["passed"]:
-                    console.print(f"[red]TensorRT {name}: failed the check vs onnxruntime; no version written[/red]")
+                plan, check, problem = trt_mod.build_checked(
+                    name, onnx_paths[name], stage / "trt", cache, feeds[name], ort_named, log
+                )
+                if problem:
+                    trt_failures[name] = problem
+                    console.print(f"[red]TensorRT {name}: {problem}; no {name}_trt version written[/red]")
                     continue
                 fields = {
                     **common,
@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     "gpu": trt_mod.cuda_gpus()[0],
                     "contract": contracts[name],
                     "metrics": tr.metrics[metric_of[name]],
+                    "precision": check["precision"],
                     "tensorrt_check": check,
                 }
                 written[f"{name}_trt"] = manifest_mod.publish_version(
@@ -414,9 +415,14 @@ def main(argv: list[str] | None = None) -> int:
 
     golden = golden_requests(ds, hp, args.seed, provenance["catalog"])
     golden["built_versions"] = {name: int(path.name) for name, path in written.items()}
+    # the control plane's documented fallback when its reference cannot run (torch-free: build/reference.py)
+    golden["expected"] = reference_mod.record_expectations(golden, reference_mod.Reference.latest(args.repository))
     (work / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
     shutil.rmtree(stage, ignore_errors=True)
     summary(tr, parities, written, work / "golden.json", time.perf_counter() - t0)
+    if trt_failures:
+        console.print(f"[red]TensorRT engines failed: {trt_failures}; the ONNX versions were written[/red]")
+        return trt_mod.EXIT_TRT_FAILED
     return 0
 
 

@@ -32,7 +32,7 @@ LEXICAL_HIT_MIN = 0.9
 
 
 def run(repository: Path, work_dir: Path, n: int = 200, seed: int = 0) -> dict[str, float]:
-    ref = Reference(repository)
+    ref = Reference.latest(repository)
     ddir = work_dir / "data"
     ds = load(ddir / "events.csv", ddir / "catalog.csv")
     truth = json.loads((ddir / "ground_truth.json").read_text())["user_preferred_categories"]

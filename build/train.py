@@ -7,7 +7,6 @@ Everything is seeded and sized so that all three models train on 2 CPU cores in 
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from build.data import BEHAVIOR_CODE, Dataset
 from build.models import HISTORY_LEN, BSTRanker, RetrievalGraph, SearchGraph, SearchModel, TwoTower
+from build.reference import served_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_PATH = REPO_ROOT / "model_repository" / "search_pre" / "1" / "tokenizer.py"
@@ -30,12 +30,7 @@ Progress = Callable[[str, int, int], None]
 
 def load_tokenizer(path: Path = TOKENIZER_PATH) -> ModuleType:
     """Import the served tokenizer file itself (not a copy), so training and serving cannot drift."""
-    spec = importlib.util.spec_from_file_location("recserve_search_tokenizer", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import tokenizer from {path}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return served_module(path)
 
 
 @dataclass(frozen=True)

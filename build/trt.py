@@ -1,59 +1,42 @@
-"""TensorRT FP16 engines from the ONNX graphs (GPU hosts only), checked against onnxruntime.
+"""TensorRT engines from the ONNX graphs (GPU hosts only), checked against onnxruntime. UNTESTED ON A GPU.
 
 Why optional: TensorRT needs an NVIDIA GPU, and an engine only loads in the TensorRT version that built
 it (tensorrt-cu12==10.5.0 = the NGC 24.10 container). Where ``import tensorrt`` or a CUDA GPU is missing,
-the pipeline prints one line and builds the ONNX models only.
+the pipeline prints one line and builds the ONNX models only. Where both exist, a failed engine is a failed
+build: the pipeline writes the ONNX versions and exits with ``EXIT_TRT_FAILED``.
 
-Written against the TensorRT 10.5 Python API (explicit batch networks, named I/O tensors,
-``execute_async_v3``). Device memory comes from libcudart through ctypes, so no pycuda/cuda-python
-version has to match the driver.
+Written against the TensorRT 10.5 Python API (explicit batch networks, named I/O tensors) and never run on a
+GPU in this project: ``tools/gpu-check`` is its first test. Engines are run by the serving shim's own runner
+(``control/backends/tensorrt/engine.py``), so the check feeds an engine exactly as serving does.
+
+Precision: FP16 is requested (``BuilderFlag.FP16`` only *allows* FP16 kernels; TensorRT may still pick FP32
+for every layer). If the FP16 engine misses the top-10 bar, an FP32 engine is built instead. The result
+records what was requested, what was built, and the per-layer output types the engine inspector reports, so a
+manifest never claims FP16 for an engine that runs in FP32.
 """
 
 from __future__ import annotations
 
-import ctypes
-import glob
-import os
-import sys
+import json
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from build.reference import served_module
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENGINE_PY = REPO_ROOT / "control" / "backends" / "tensorrt" / "engine.py"
+#: The serving shim's engine runner and GPU probe (one implementation for build and serving).
+engine_mod = served_module(ENGINE_PY)
+cuda_gpus = engine_mod.cuda_gpus
+
 MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 8, 64
 TOP10_OVERLAP_MIN = 0.99
 WORKSPACE_BYTES = 2 << 30
-
-
-# ------------------------------------------------------------------------------------------ availability
-
-
-def _libcuda() -> ctypes.CDLL | None:
-    for name in ("libcuda.so.1", "libcuda.so"):
-        try:
-            return ctypes.CDLL(name)
-        except OSError:
-            continue
-    return None
-
-
-def cuda_gpus() -> list[str]:
-    """Names of the CUDA GPUs the driver sees ([] without a driver or GPU)."""
-    lib = _libcuda()
-    if lib is None or lib.cuInit(0) != 0:
-        return []
-    n = ctypes.c_int(0)
-    if lib.cuDeviceGetCount(ctypes.byref(n)) != 0:
-        return []
-    names = []
-    for i in range(n.value):
-        dev = ctypes.c_int(0)
-        buf = ctypes.create_string_buffer(256)
-        if lib.cuDeviceGet(ctypes.byref(dev), i) == 0 and lib.cuDeviceGetName(buf, 256, dev) == 0:
-            names.append(buf.value.decode(errors="replace"))
-        else:
-            names.append(f"cuda:{i}")
-    return names
+#: Exit code of ``python -m build.pipeline`` when TensorRT was available and an engine failed.
+EXIT_TRT_FAILED = 3
 
 
 def availability() -> tuple[bool, str]:
@@ -61,8 +44,8 @@ def availability() -> tuple[bool, str]:
     missing = []
     try:
         import tensorrt  # type: ignore[import-not-found]  # noqa: F401
-    except Exception:  # noqa: BLE001 - an import that fails for any reason means no TensorRT
-        missing.append("no tensorrt module")
+    except ImportError as exc:
+        missing.append(f"no tensorrt module ({exc})")
     gpus = cuda_gpus()
     if not gpus:
         missing.append("no CUDA GPU")
@@ -71,66 +54,6 @@ def availability() -> tuple[bool, str]:
     import tensorrt
 
     return True, f"TensorRT {tensorrt.__version__} on {gpus[0]}"
-
-
-# ------------------------------------------------------------------------------------------------ cudart
-
-
-class _Cudart:
-    """The handful of CUDA runtime calls needed to feed an engine (libcudart.so.12 via ctypes)."""
-
-    H2D, D2H = 1, 2
-
-    def __init__(self) -> None:
-        candidates = ["libcudart.so.12", "libcudart.so"]
-        for site in sys.path:
-            candidates += sorted(glob.glob(os.path.join(site, "nvidia", "cuda_runtime", "lib", "libcudart.so*")))
-        for name in candidates:
-            try:
-                self.lib = ctypes.CDLL(name)
-                break
-            except OSError:
-                continue
-        else:
-            raise RuntimeError("libcudart.so.12 not found (pip install nvidia-cuda-runtime-cu12)")
-        self.lib.cudaMalloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
-        self.lib.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        self.lib.cudaFree.argtypes = [ctypes.c_void_p]
-        self.lib.cudaStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
-        self.lib.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
-        self.lib.cudaStreamDestroy.argtypes = [ctypes.c_void_p]
-
-    def _ok(self, rc: int, what: str) -> None:
-        if rc != 0:
-            raise RuntimeError(f"{what} failed with CUDA error {rc}")
-
-    def malloc(self, nbytes: int) -> int:
-        p = ctypes.c_void_p()
-        self._ok(self.lib.cudaMalloc(ctypes.byref(p), max(nbytes, 1)), "cudaMalloc")
-        return int(p.value or 0)
-
-    def free(self, ptr: int) -> None:
-        self.lib.cudaFree(ctypes.c_void_p(ptr))
-
-    def h2d(self, ptr: int, arr: np.ndarray) -> None:
-        self._ok(self.lib.cudaMemcpy(ctypes.c_void_p(ptr), arr.ctypes.data, arr.nbytes, self.H2D), "cudaMemcpy H2D")
-
-    def d2h(self, arr: np.ndarray, ptr: int) -> None:
-        self._ok(self.lib.cudaMemcpy(arr.ctypes.data, ctypes.c_void_p(ptr), arr.nbytes, self.D2H), "cudaMemcpy D2H")
-
-    def stream(self) -> int:
-        s = ctypes.c_void_p()
-        self._ok(self.lib.cudaStreamCreate(ctypes.byref(s)), "cudaStreamCreate")
-        return int(s.value or 0)
-
-    def sync(self, stream: int) -> None:
-        self._ok(self.lib.cudaStreamSynchronize(ctypes.c_void_p(stream)), "cudaStreamSynchronize")
-
-    def destroy(self, stream: int) -> None:
-        self.lib.cudaStreamDestroy(ctypes.c_void_p(stream))
-
-
-# ------------------------------------------------------------------------------------------ build / run
 
 
 def build_engine(onnx_path: Path, plan_path: Path, timing_cache: Path, fp16: bool = True) -> Path:
@@ -146,6 +69,7 @@ def build_engine(onnx_path: Path, plan_path: Path, timing_cache: Path, fp16: boo
         raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector then reports layer types
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
@@ -166,54 +90,34 @@ def build_engine(onnx_path: Path, plan_path: Path, timing_cache: Path, fp16: boo
     return plan_path
 
 
-def run_engine(plan_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the engine on ``feeds`` in chunks of MAX_BATCH rows; outputs by tensor name."""
+def layer_output_types(plan_path: Path) -> dict[str, int]:
+    """How many layer outputs of each format/datatype the engine inspector reports (e.g. FP16 vs FP32)."""
     import tensorrt as trt
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan_path.read_bytes())
-    if engine is None:
-        raise RuntimeError(f"cannot deserialize {plan_path}")
-    ctx = engine.create_execution_context()
-    cuda = _Cudart()
-    stream = cuda.stream()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    outputs = [n for n in names if n not in inputs]
-    n_rows = len(feeds[inputs[0]])
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
+    engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan_path.read_bytes())
+    info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
+    counts: Counter[str] = Counter()
+    for layer in info.get("Layers", []):
+        if not isinstance(layer, dict):
+            raise ValueError("the inspector reports layer names only (engine built without DETAILED verbosity)")
+        for out in layer.get("Outputs", []):
+            counts[str(out.get("Format/Datatype", "unknown"))] += 1
+    return dict(counts)
+
+
+def precision_used(fp16_requested: bool, types: dict[str, int]) -> str:
+    """``fp16`` only when FP16 was allowed AND some layer really outputs half precision; else ``fp32``."""
+    half = sum(n for t, n in types.items() if "fp16" in t.lower() or "half" in t.lower())
+    return "fp16" if fp16_requested and half else "fp32"
+
+
+def run_engine(plan_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Outputs by tensor name, through the serving shim's runner in chunks of MAX_BATCH rows."""
+    engine = engine_mod.Engine(plan_path.read_bytes(), MAX_BATCH)
     try:
-        for s in range(0, n_rows, MAX_BATCH):
-            ptrs = []
-            try:
-                for n in inputs:
-                    arr = np.ascontiguousarray(
-                        feeds[n][s : s + MAX_BATCH], dtype=trt.nptype(engine.get_tensor_dtype(n))
-                    )
-                    ctx.set_input_shape(n, arr.shape)
-                    ptr = cuda.malloc(arr.nbytes)
-                    ptrs.append(ptr)
-                    cuda.h2d(ptr, arr)
-                    ctx.set_tensor_address(n, ptr)
-                host = {}
-                for n in outputs:
-                    arr = np.empty(tuple(ctx.get_tensor_shape(n)), dtype=trt.nptype(engine.get_tensor_dtype(n)))
-                    ptr = cuda.malloc(arr.nbytes)
-                    ptrs.append(ptr)
-                    ctx.set_tensor_address(n, ptr)
-                    host[n] = (arr, ptr)
-                if not ctx.execute_async_v3(stream):
-                    raise RuntimeError(f"TensorRT execution failed for {plan_path}")
-                cuda.sync(stream)
-                for n, (arr, ptr) in host.items():
-                    cuda.d2h(arr, ptr)
-                    parts[n].append(arr)
-            finally:
-                for p in ptrs:
-                    cuda.free(p)
+        return engine.run(feeds)
     finally:
-        cuda.destroy(stream)
-    return {n: np.concatenate(v) for n, v in parts.items()}
+        engine.close()
 
 
 def top10_overlap(name: str, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> float:
@@ -236,26 +140,50 @@ def build_and_check(
     ort_outputs: dict[str, np.ndarray],
     log: Callable[[str], None] = print,
 ) -> tuple[Path, dict]:
-    """FP16 engine checked against onnxruntime; if FP16 misses the top-10 bar, an FP32 engine is tried
-    (recorded in the result) before giving up."""
+    """FP16-allowed engine checked against onnxruntime; if it misses the top-10 bar, an FP32 engine is tried
+    (``fp32_fallback`` in the result) before giving up (``passed`` False)."""
+    import tensorrt as trt
+
     result: dict = {
-        "tensorrt": None,
+        "tensorrt": trt.__version__,
+        "precision_requested": "fp16",
         "precision": None,
+        "fp32_fallback": False,
+        "layer_output_types": None,
         "top10_overlap_vs_onnxruntime": None,
         "threshold": TOP10_OVERLAP_MIN,
         "profile_batch": [MIN_BATCH, OPT_BATCH, MAX_BATCH],
+        "passed": False,
     }
-    import tensorrt as trt
-
-    result["tensorrt"] = trt.__version__
     plan = out_dir / name / "model.plan"
     for fp16 in (True, False):
         build_engine(onnx_path, plan, timing_cache, fp16=fp16)
+        types = layer_output_types(plan)
         overlap = top10_overlap(name, ort_outputs, run_engine(plan, feeds))
-        result.update(precision="fp16" if fp16 else "fp32", top10_overlap_vs_onnxruntime=round(overlap, 4))
+        result.update(precision=precision_used(fp16, types), fp32_fallback=not fp16, layer_output_types=types,
+                      top10_overlap_vs_onnxruntime=round(overlap, 4))
         if overlap >= TOP10_OVERLAP_MIN:
             result["passed"] = True
             return plan, result
         log(f"TensorRT {name}: {'FP16' if fp16 else 'FP32'} top-10 overlap {overlap:.4f} < {TOP10_OVERLAP_MIN}")
-    result["passed"] = False
     return plan, result
+
+
+def build_checked(
+    name: str,
+    onnx_path: Path,
+    out_dir: Path,
+    timing_cache: Path,
+    feeds: dict[str, np.ndarray],
+    ort_outputs: dict[str, np.ndarray],
+    log: Callable[[str], None] = print,
+) -> tuple[Path | None, dict | None, str]:
+    """(plan, check, problem): ``problem`` is '' for an engine that passed, else why there is none."""
+    try:
+        plan, check = build_and_check(name, onnx_path, out_dir, timing_cache, feeds, ort_outputs, log)
+    except (RuntimeError, ValueError, OSError) as exc:  # anything else propagates: a traceback, also non-zero
+        return None, None, f"engine build or run failed: {exc}"
+    if not check["passed"]:
+        return plan, check, (f"top-10 overlap vs onnxruntime {check['top10_overlap_vs_onnxruntime']} "
+                             f"< {TOP10_OVERLAP_MIN} even in FP32")
+    return plan, check, ""

@@ -97,7 +97,7 @@ class Fleet:
         self.haproxy = HAProxy(HAProxyConfig(workdir=self.root / "haproxy", grpc_port=config.grpc_port,
                                              http_port=config.http_port, slots=config.slots))
         self.admin_key = read_secret(self.root / "admin.key")
-        self.golden = Golden(self.repository, store=(self.state.get, self.state.put))
+        self.golden = Golden(self.repository, metrics=self.metrics, event=lambda msg: self.state.event("golden", msg))
         self.servers: dict[str, TritonServer] = {}
         self.clients: dict[str, RecClient] = {}
         self.lock = threading.RLock()
@@ -674,6 +674,7 @@ class Fleet:
             warnings.append("no healthy standby: a primary failure would interrupt serving")
         if not any(r.state == "healthy" for r in recs):
             warnings.append("no healthy instance")
+        warnings += self.golden.problems()
         health = "ok" if not warnings else ("down" if not any(r.state == "healthy" for r in recs) else "degraded")
         shm = {r.id: shm_usage(shm_prefix(Path(r.workdir), r.id)) for r in recs}
         return {"instances": recs, "loaded": loaded, "weights": weights, "desired": self.desired(),

@@ -34,6 +34,10 @@ class ControlMetrics:
         self.reconcile_errors = Counter("recserve_reconcile_errors", "failed reconcile/restart attempts",
                                         registry=r)
         self.fleet_degraded = Gauge("recserve_fleet_degraded", "1 when no healthy standby is left", registry=r)
+        self.golden_reference_ok = Gauge("recserve_golden_reference_ok", "1 when build.reference computed the "
+                                         "expected golden answers of every version set checked", registry=r)
+        self.golden_expectations = Gauge("recserve_golden_expectations", "version sets whose expected golden "
+                                         "answers come from this source", ["source"], registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

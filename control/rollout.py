@@ -280,7 +280,7 @@ class RolloutManager:
             t0 = time.monotonic()
             try:
                 got = ask(client, f.golden.requests)
-                ok = expected is None or not f.golden.compare(got, expected)
+                ok = not f.golden.compare(got, expected)
             except Exception:
                 ok = False
             lat.append((time.monotonic() - t0) * 1000)
@@ -299,6 +299,9 @@ class RolloutManager:
         f = self.fleet
         inst = self.state.instance(iid)
         expected = f.golden.expected(inst.versions)
+        if expected is None:  # nothing to judge the answers by: the gate cannot pass (never self-reference)
+            raise GateFailure("golden", 1, 0, f"no expected golden answers for {iid}'s versions: "
+                              f"{f.golden.problem(inst.versions)}")
         metrics_url = f"http://127.0.0.1:{inst.metrics_port}/metrics"
         start_counts = triton_request_counts(metrics_url) or (0.0, 0.0)
         lat: list[float] = []

@@ -88,22 +88,22 @@ def prepare_backend_dir(dest: Path) -> Path:
     for shim in SHIM_BACKENDS.iterdir():
         if (shim / "model.py").exists():
             (dest / shim.name).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(shim / "model.py", dest / shim.name / "model.py")
+            for src in shim.glob("*.py"):  # model.py and the modules it imports from beside it
+                shutil.copy2(src, dest / shim.name / src.name)
     return dest
 
 
 def tensorrt_available() -> bool:
-    """True where TensorRT models can be served: the tensorrt package and a CUDA GPU."""
-    try:
-        import importlib.util
+    """True where TensorRT models can be served: the tensorrt package and a CUDA GPU (asked of libcuda through
+    the shim's own engine module, not torch: the control plane does not import torch)."""
+    import importlib.util
 
-        if importlib.util.find_spec("tensorrt") is None:
-            return False
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except Exception:
+    if importlib.util.find_spec("tensorrt") is None:
         return False
+    spec = importlib.util.spec_from_file_location("recserve_trt_engine", SHIM_BACKENDS / "tensorrt" / "engine.py")
+    engine = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(engine)
+    return bool(engine.cuda_gpus())
 
 
 def _config_text(model_dir: Path) -> str:

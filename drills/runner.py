@@ -28,8 +28,6 @@ from drills.spec import WINDOWED, DrillSpec
 from drills.verdict import evaluate
 
 SETTLE_TIMEOUT_S = 120.0
-#: The golden requests (same as the control plane's deep health defaults; artifacts/golden.json wins).
-DEFAULT_CASES = (Case("recommend", 7, (11, 12, 13)), Case("search", None, (), "red running shoes"))
 
 
 @dataclass
@@ -46,14 +44,11 @@ class Session:
 
 
 def golden_cases() -> list[Case]:
-    """One recommend and one search request from ``artifacts/golden.json`` when the build wrote it."""
-    try:
-        from control.golden import load_requests
-        from control.triton import REPO_ROOT
+    """The control plane's deep-check pair (``control.golden`` owns the golden requests)."""
+    from control.golden import golden_json_path, load_requests
+    from control.triton import DEFAULT_REPOSITORY
 
-        reqs = load_requests(REPO_ROOT / "artifacts" / "golden.json")
-    except Exception:
-        return list(DEFAULT_CASES)
+    reqs = load_requests(golden_json_path(DEFAULT_REPOSITORY))
     r, s = reqs["recommend"], reqs["search"]
     return [Case("recommend", int(r["user_id"]), tuple(r.get("history") or ())),
             Case("search", s.get("user_id"), (), s["query"])]

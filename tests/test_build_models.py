@@ -22,7 +22,7 @@ from build.models import (
     SearchModel,
     TwoTower,
 )
-from build.reference import shape_history
+from build.reference import latest_version_dir, served_module
 from build.train import TOKENIZER_PATH, auc, load_tokenizer, pad_left
 
 N_USERS, N_ITEMS, N_CAT = 30, 1200, 6
@@ -166,12 +166,14 @@ def test_tokenizer_is_the_served_file(tok: ModuleType) -> None:
     assert len(ids) == tok.MAX_TOKENS and ids[:3] == [tok.hash_token(w) for w in ("red", "leather", "boots")]
 
 
-def test_history_shaping_mirrors_recommend_pre() -> None:
-    h50, excl = shape_history([0, 5, 0, 6, 7])
+def test_history_shaping_of_recommend_pre() -> None:
+    shaping = served_module(latest_version_dir(TOKENIZER_PATH.parents[2], "recommend_pre") / "shaping.py")
+    shape_history = shaping.shape_row
+    h50, excl = shape_history(np.array([0, 5, 0, 6, 7]))
     assert h50[-3:].tolist() == [5, 6, 7] and not h50[:-3].any()
     assert excl[:3].tolist() == [5, 6, 7] and not excl[3:].any()
     long = list(range(1, 1001))
-    h50, excl = shape_history(long)
+    h50, excl = shape_history(np.array(long))
     assert h50.tolist() == long[-50:] and excl.tolist() == long
     assert pad_left([1, 2, 3], 5).tolist() == [0, 0, 1, 2, 3] and pad_left(list(range(9)), 4).tolist() == [5, 6, 7, 8]
 

@@ -116,6 +116,10 @@ def test_control_plane_metrics_are_exported(fleet):
     for name in ("recserve_instance_healthy", "recserve_failovers_total", "recserve_instance_restarts",
                  "recserve_rollout_results", "recserve_reconcile_errors_total"):
         assert name in text, name
+    # expected golden answers come from the torch-free reference, for every version set in use
+    assert "recserve_golden_reference_ok 1.0" in text
+    assert 'recserve_golden_expectations{source="none"} 0.0' in text
+    assert 'recserve_golden_expectations{source="build.reference"} 0.0' not in text
 
 
 # ---------------------------------------------------------------------------------------------- security

@@ -203,7 +203,7 @@ class _FakeFleet:
         self.state = SimpleNamespace(instance=lambda iid: inst)
         self.golden = SimpleNamespace(requests={"recommend": {"user_id": 1, "history": [1]},
                                                 "search": {"query": "q", "user_id": None}},
-                                      expected=lambda versions: None, compare=lambda got, exp: "")
+                                      expected=lambda versions: "expected answers", compare=lambda got, exp: "")
 
     def client(self, iid):
         return self._client if iid == "t2" else _Client()
@@ -268,3 +268,19 @@ def test_error_rate_gate_fails_fast_and_green_canary_passes():
     assert both_slow["p99_ratio"] < 3
     # a slow canary under the p99 noise floor passes: milliseconds of jitter are not a regression
     assert _bake(_Client(delay_s=0.02), Gates(min_p99_ms=200.0), base_p99_ms=1.0, bake_s=0.3)["p99_ratio"] > 3
+
+
+def test_bake_without_expected_answers_fails_the_golden_gate():
+    """No expectation (reference broken, no recorded fallback) is a red gate, never a pass on the canary's word."""
+    from control.rollout import GateFailure, RolloutManager
+
+    rm = RolloutManager.__new__(RolloutManager)
+    rm.fleet, rm.probe_interval_s, rm._abort = _FakeFleet(_Client()), 0.01, {}
+    rm.fleet.golden.expected = lambda versions: None
+    rm.fleet.golden.problem = lambda versions: "the reference failed: RuntimeError: broken"
+    rm.state = rm.fleet.state
+    rec = RolloutRecord(id="r", model="retrieval", from_version=1, to_version=2, strategy="canary", steps=[100],
+                        bake_seconds=0.3, gates={}, phase="bake", status="running", started=0.0)
+    with pytest.raises(GateFailure) as exc:
+        rm._bake(rec, "t2", Gates(), 10.0, ref_iid="t1")
+    assert exc.value.gate == "golden" and "the reference failed" in str(exc.value)

@@ -37,7 +37,7 @@ def data():
 
 @pytest.fixture(scope="module")
 def reference():
-    return Reference(DEFAULT_REPOSITORY)
+    return Reference.latest(DEFAULT_REPOSITORY)
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,17 @@
 """recommend_post: order retrieval candidates by ranker score and keep the best 20.
 
-Retrieval already removed padding and every history item and returns distinct ids, so this step only
-sorts (stable: ties keep retrieval order) and cuts.
+The rule lives in ``ranking.py`` beside this file, which recserve's reference imports too.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import os
+import sys
+
 import triton_python_backend_utils as pb_utils
 
-TOP_N = 20
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ranking  # noqa: E402
 
 
 class TritonPythonModel:
@@ -20,13 +22,10 @@ class TritonPythonModel:
         for request in requests:
             cand_ids = pb_utils.get_input_tensor_by_name(request, "cand_ids").as_numpy()
             scores = pb_utils.get_input_tensor_by_name(request, "rank_scores").as_numpy()
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :TOP_N]
+            item_ids, top_scores = ranking.top_n(cand_ids, scores)
             responses.append(
                 pb_utils.InferenceResponse(
-                    output_tensors=[
-                        pb_utils.Tensor("item_ids", np.take_along_axis(cand_ids, order, axis=1).astype(np.int64)),
-                        pb_utils.Tensor("scores", np.take_along_axis(scores, order, axis=1).astype(np.float32)),
-                    ]
+                    output_tensors=[pb_utils.Tensor("item_ids", item_ids), pb_utils.Tensor("scores", top_scores)]
                 )
             )
         return responses
