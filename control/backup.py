@@ -387,6 +387,7 @@ class BackupManager:
         self.store = open_store(policy.target)
         self._lock = threading.Lock()
         self.last_attempt = 0.0
+        self.last_verified: float | None = None  # created time of the newest verified backup
         if metrics is not None:
             metrics.backup_max_age.set(policy.max_age_s)
 
@@ -394,6 +395,7 @@ class BackupManager:
         """Set the gauges from the target's newest verified backup (also after a control-plane restart)."""
         good = [b for b in list_backups(self.store) if b.verified]
         last = good[-1] if good else None
+        self.last_verified = last.created if last else None
         if self.metrics is not None and last is not None:
             self.metrics.backup_last_success.set(last.verified_at or last.created)
             self.metrics.backup_last_size.set(last.bytes)
@@ -415,6 +417,7 @@ class BackupManager:
             if not rec.verified:
                 self._failed(f"backup {rec.id} ({trigger}) failed verification: {rec.problem}")
                 return rec
+            self.last_verified = rec.created
             if self.metrics is not None:
                 self.metrics.backup_last_success.set(rec.verified_at)
                 self.metrics.backup_last_size.set(rec.bytes)

@@ -24,11 +24,9 @@ class BackupScheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.last_verified: float | None = None
 
     def start(self) -> BackupScheduler:
-        last = self.manager.refresh_metrics()
-        self.last_verified = last.created if last else None
+        self.manager.refresh_metrics()
         self._thread = threading.Thread(target=self._loop, name="backup-scheduler", daemon=True)
         self._thread.start()
         return self
@@ -52,7 +50,7 @@ class BackupScheduler:
     def _next_trigger(self) -> str | None:
         if self._requests:
             return self._requests.pop(0)
-        due = schedule_due(self.manager.clock(), self.last_verified, self.manager.last_attempt,
+        due = schedule_due(self.manager.clock(), self.manager.last_verified, self.manager.last_attempt,
                            self.policy.every_s, self.retry_s)
         return f"schedule: {due.reason}" if due.due else None
 
@@ -61,9 +59,7 @@ class BackupScheduler:
             trigger = self._next_trigger()
             if trigger is not None:
                 try:
-                    rec = self.manager.run(trigger)
-                    if rec.verified:
-                        self.last_verified = rec.created
+                    self.manager.run(trigger)
                 except BackupError:
                     pass  # counted, logged as an event and in the metrics by the manager
                 continue
