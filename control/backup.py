@@ -226,7 +226,7 @@ def versions_in_window(db_path: Path, now: float, window_s: float) -> dict[str, 
 
 def repository_files(repository: Path, keep: dict[str, set[int]]) -> list[Path]:
     """Every committed file (configs, Python models) and, of models built with manifests, only ``keep``."""
-    out = []
+    out = sorted(p for p in repository.iterdir() if p.is_file())
     for mdir in sorted(p for p in repository.iterdir() if p.is_dir()):
         built = (mdir / "config.pbtxt").exists() and has_manifests(repository, mdir.name)
         for p in sorted(mdir.rglob("*")):

@@ -140,11 +140,11 @@ class LostHost:
             if not backup.verified:
                 raise FleetError(f"the drill's backup {backup.id} failed verification: {backup.problem}")
             new_v = self._rerelease(host.repository, model, old.desired()[model])
-            events = old.rollover(model, new_v, "canary", [100], 1.0)
-            rolled = events[-1].get("status") if events else "no events"
+            rolled = self._rollover(old, model, new_v)
             desired_at_loss = old.desired()
             ctx.figures["answers_before_loss"] = golden_answers(host.grpc_url)
             events_at_loss = old.status(events=500).get("events", [])
+            rollout_at_loss = old.rollout(model).get("id")
         finally:
             old.close()
         # ------------------------------------------------------------------ the loss
@@ -176,6 +176,10 @@ class LostHost:
             consistent, detail = rebuilt.versions_consistent(new_repo)
             answers_after = instance_answers(rebuilt)
             events_after = rebuilt.status(events=500).get("events", [])
+            try:
+                rollout_after = rebuilt.rollout(model).get("id")
+            except FleetError:  # NOT_FOUND: the rebuilt state knows no rollout of the model
+                rollout_after = None
         finally:
             rebuilt.close()
         before = ctx.figures.get("answers_before_loss") or {}
@@ -188,14 +192,16 @@ class LostHost:
         lost = {m: {"at_loss": v, "rebuilt": desired_after.get(m)} for m, v in desired_at_loss.items()
                 if desired_after.get(m) != v}
         ctx.figures["rpo_s"] = round(t_stop - backup.created_unix, 3)
-        ctx.figures["rpo_lost"] = {"desired_versions": lost, "events": len(lost_events),
+        ctx.figures["rpo_lost"] = {"desired_versions": lost,
+                                   "rollouts": [rollout_at_loss] if rollout_at_loss != rollout_after else [],
+                                   "events": len(lost_events),
                                    "event_kinds": sorted({e["kind"] for e in lost_events})}
         ctx.figures["rebuild"] = {"restore_s": round(t_restored - t0, 3), "fleet_up_s": round(t_up - t_restored, 3),
                                   "first_good_answer_s": None if first_good is None else round(first_good - t_stop, 3)}
         return {"backup": {"id": backup.id, "created_unix": backup.created_unix, "bytes": backup.bytes,
                            "verified": backup.verified},
-                "after_backup": {"model": model, "rollover_to": new_v, "status": rolled},
-                "killed_pids": killed, "deleted": deleted, "restored": restored,
+                "after_backup": {"model": model, "rollover": rolled},
+                "killed_pids": sorted(set(killed)), "deleted": deleted, "restored": restored,
                 "rebuilt": {"desired": desired_after, "versions_consistent": consistent, "detail": detail,
                             "answers_same": ctx.figures["answers_same"]},
                 "rpo_s": ctx.figures["rpo_s"], "rpo_lost": ctx.figures["rpo_lost"], "rebuild": ctx.figures["rebuild"]}
@@ -228,6 +234,28 @@ class LostHost:
         write_manifest(dst, {"built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "note": f"drill lost-host: re-release of v{src.name} made after the backup"})
         return new_v
+
+    @staticmethod
+    def _rollover(fleet: Fleet, model: str, version: int) -> dict:
+        """The change made after the backup. Gates on p99 are relaxed (this drill tests the loss, not the gates:
+        a shared 2-core host under probe load can trip a p99 ratio); a rollover that still does not succeed
+        means the RPO cannot be measured, so the fault fails loudly."""
+        import grpc
+
+        pb = fleet.pb
+        req = pb.RolloverRequest(model=model, version=version, strategy="canary", steps=[100], bake_seconds=1.0,
+                                 gates=pb.Gates(max_error_rate=0.01, max_p99_ratio=50.0, min_p99_ms=2000.0))
+        try:
+            events = list(fleet.stub.Rollover(req, metadata=fleet._meta(), timeout=300))
+        except grpc.RpcError as exc:
+            raise FleetError(f"rollover after the backup: {exc.code().name}: {exc.details()}") from exc
+        last = events[-1] if events else None
+        if last is None or last.status != "succeeded":
+            rollout = fleet.rollout(model)
+            raise FleetError(f"rollover of {model} to {version} after the backup did not succeed ("
+                             f"{last.status if last else 'no events'}: {last.message if last else ''}; gate "
+                             f"{rollout.get('failed_gate')} = {rollout.get('failed_value')}): no change to lose")
+        return {"version": version, "status": last.status, "message": last.message}
 
     @staticmethod
     def _first_good(url: str, expected: dict | None, deadline_s: float) -> float | None:
