@@ -273,3 +273,23 @@ def test_restore_rebuilds_a_clean_root_and_repository_without_membership(env, tm
         restore(policy.target, "nope", tmp_path / "r2", tmp_path / "repo2")
     with pytest.raises(BackupError, match="--from: .* inside"):
         restore(TargetSpec(path=tmp_path / "r3" / "b"), None, tmp_path / "r3", tmp_path / "repo3")
+
+
+def test_control_plane_refuses_to_start_with_a_target_inside_its_runtime_root(tmp_path):
+    """Nothing is started (no HAProxy, no instance): the refusal comes before the fleet, naming the field."""
+    import os
+    import subprocess
+    import sys
+
+    from control.triton import free_port
+
+    root = tmp_path / "runtime"
+    policy = write_policy(tmp_path / "p.yaml", root / "backups")
+    r = subprocess.run([sys.executable, "-m", "control.server", "--root", str(root), "--repository",
+                        str(make_repo(tmp_path / "repo")), "--grpc-port", str(free_port()), "--http-port",
+                        str(free_port()), "--control-port", str(free_port()), "--metrics-port", str(free_port()),
+                        "--backup-policy", str(policy)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert r.returncode == 2, r.stderr
+    assert "backup policy refused: target.path:" in r.stderr and "runtime root" in r.stderr
+    assert not (root / "haproxy" / "haproxy.pid").exists()
