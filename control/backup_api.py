@@ -11,7 +11,8 @@ from pathlib import Path
 
 import grpc
 
-from control.backup import BackupError, BackupManager, BackupRecord, list_backups, load_policy
+from control.backup import BackupManager, BackupRecord, list_backups
+from control.backup_policy import BackupError, load_policy
 from control.backup_scheduler import BackupScheduler
 from control.proto import control_pb2 as pb
 

@@ -16,7 +16,8 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from control.backup import BackupError, BackupRecord, list_backups, load_policy, restore
+from control.backup import BackupRecord, list_backups, restore
+from control.backup_policy import BackupError, load_policy
 from control.backup_targets import TargetError, open_store, parse_target
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"

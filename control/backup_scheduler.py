@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import threading
 
-from control.backup import BackupError, BackupManager, schedule_due
+from control.backup import BackupManager, schedule_due
+from control.backup_policy import BackupError
 from control.state import RolloutRecord
 
 

@@ -22,8 +22,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from control.backup import BackupError
 from control.backup_api import BackupApi, make_scheduler, policy_path
+from control.backup_policy import BackupError
 from control.fleet import Fleet, FleetConfig, FleetError, read_secret, status_json
 from control.metrics import ControlMetrics
 from control.proto import control_pb2 as pb

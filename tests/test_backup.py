@@ -13,17 +13,16 @@ import pytest
 
 from control.backup import (
     DAY_S,
-    BackupError,
     BackupManager,
     BackupRecord,
     copy_state,
     list_backups,
-    load_policy,
     restore,
     schedule_due,
     select_keep,
     verify,
 )
+from control.backup_policy import BackupError, load_policy
 from control.backup_targets import PathStore, TargetSpec
 from control.metrics import ControlMetrics
 from control.snapshots import write_manifest

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from control.backup import BackupManager, list_backups, load_policy
+from control.backup import BackupManager, list_backups
+from control.backup_policy import load_policy
 from control.backup_targets import open_store
 from control.metrics import ControlMetrics
 from control.state import State
