@@ -292,3 +292,33 @@ def test_control_plane_refuses_to_start_with_a_target_inside_its_runtime_root(tm
     assert r.returncode == 2, r.stderr
     assert "backup policy refused: target.path:" in r.stderr and "runtime root" in r.stderr
     assert not (root / "haproxy" / "haproxy.pid").exists()
+
+
+def test_scheduler_backs_up_at_start_and_after_a_successful_rollover_only(env, tmp_path):
+    from control.backup_scheduler import BackupScheduler
+
+    repo, root, state, policy = env
+    mgr = BackupManager(policy, repo, root / "state.db", ControlMetrics())
+    sched = BackupScheduler(mgr, check_s=0.1).start()
+    try:
+        def wait_for(n: int) -> list[BackupRecord]:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                got = list_backups(mgr.store)
+                if len(got) >= n:
+                    return got
+                time.sleep(0.05)
+            raise AssertionError(f"{n} backups expected, got {list_backups(mgr.store)}")
+
+        assert wait_for(1)[0].trigger.startswith("schedule: no verified backup")
+        rec = RolloutRecord(id="r9", model="ranker", from_version=2, to_version=3, strategy="canary", steps=[100],
+                            bake_seconds=1, gates={}, phase="done", status="rolled_back", started=time.time())
+        sched.on_rollout_finished(rec)  # rolled back: nothing changed, no backup
+        time.sleep(0.5)
+        assert len(list_backups(mgr.store)) == 1
+        state.set_desired("ranker", [3])
+        rec.status = "succeeded"
+        sched.on_rollout_finished(rec)
+        assert wait_for(2)[-1].trigger == "after rollout r9 (ranker -> 3)"
+    finally:
+        sched.stop()
