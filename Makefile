@@ -6,6 +6,7 @@ STAMP := $(VENV)/.recserve-setup
 PORT_HTTP    ?= 8000
 PORT_GRPC    ?= 8001
 PORT_METRICS ?= 8002
+BACKUP_POLICY ?= deploy/backup-policy.yaml
 
 .PHONY: help setup models build-engines serve demo test test-fast lint proto clean-runtime
 
@@ -22,7 +23,7 @@ $(STAMP): pyproject.toml
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,s3]'
 	@$(MAKE) --no-print-directory proto
 	@touch $(STAMP)
 
@@ -86,7 +87,7 @@ perf-check: models  ## compare reports/perf/latest ratios and capacity with perf
 
 .PHONY: fleet-up fleet-down
 fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the background (gRPC :8001, HTTP :8000); idempotent
-	$(PY) -m control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP)
+	$(PY) -m control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP) --backup-policy $(BACKUP_POLICY)
 
 fleet-down: setup  ## stop what fleet-up started (control plane, instances, HAProxy) and nothing else
 	$(PY) -m control.recctl down

@@ -38,6 +38,15 @@ class ControlMetrics:
                                          "expected golden answers of every version set checked", registry=r)
         self.golden_expectations = Gauge("recserve_golden_expectations", "version sets whose expected golden "
                                          "answers come from this source", ["source"], registry=r)
+        # Backups (control/backup.py); the stale-backup alert compares time() - last_success with max_age.
+        self.backup_last_success = Gauge("recserve_backup_last_success_timestamp_seconds",
+                                         "unix time of the last verified backup (0: none)", registry=r)
+        self.backup_last_size = Gauge("recserve_backup_last_size_bytes", "size of the last verified backup",
+                                      registry=r)
+        self.backup_failures = Counter("recserve_backup_failures", "backups that failed or failed verification",
+                                       registry=r)
+        self.backup_max_age = Gauge("recserve_backup_max_age_seconds", "policy: schedule interval plus slack "
+                                    "(0: no backup policy)", registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
+from control import backup_cli
 from control.keys import SecretFileError
 from control.procs import pid_alive
 from control.tls import control_channel
@@ -102,6 +103,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     ca_file = args.ca or args.tls_ca or args.tls_cert  # the readiness wait must trust what the server presents
     ca = Path(ca_file) if ca_file else None
     tls = args.tls or ca is not None
+    if args.backup_policy:
+        cmd += ["--backup-policy", str(Path(args.backup_policy).resolve())]
     log = open(root / "control.log", "ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO_ROOT))
     address = f"127.0.0.1:{args.control_port}"
@@ -300,10 +303,16 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 def cmd_snapshots(args: argparse.Namespace) -> int:
     from control.proto import control_pb2 as pb
 
+    if args.source:
+        return backup_cli.list_from_target(args, console)
     stub, ch = _stub(args)
     r = stub.ListSnapshots(pb.ListSnapshotsRequest(), timeout=30)
+    policy = stub.GetBackupPolicy(pb.GetBackupPolicyRequest(), timeout=10)
+    backups = stub.ListBackups(pb.ListBackupsRequest(), timeout=60) if policy.configured else None
     if args.json:
-        print(json.dumps(json_format.MessageToDict(r, preserving_proto_field_name=True), indent=2))
+        d = json_format.MessageToDict(r, preserving_proto_field_name=True)
+        d["backups"] = [backup_cli.pb_row(b) for b in backups.backups] if backups is not None else None
+        print(json.dumps(d, indent=2))
         return 0
     t = Table("id", "created", "files", "MB", "models", "note")
     for s in r.snapshots:
@@ -311,6 +320,11 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
         t.add_row(s.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_unix)), str(s.files),
                   f"{s.bytes / 1e6:.1f}", models, s.note)
     console.print(t)
+    if backups is not None:
+        console.print(backup_cli.backups_table([backup_cli.pb_row(b) for b in backups.backups],
+                                               f"backups (policy) at {backups.target}"))
+    else:
+        console.print("no backup policy: the snapshots above are local only (see 'recctl backup policy')")
     ch.close()
     return 0
 
@@ -318,6 +332,13 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from control.proto import control_pb2 as pb
 
+    if args.source:  # a new machine: straight from the backup target, no control plane
+        args.backup_id = args.backup_id or args.id
+        return backup_cli.cmd_restore_from(args, console)
+    if not args.id:
+        console.print("[red]recctl restore:[/red] give a snapshot ID, or --from TARGET [--id ID] --root DIR "
+                      "--repository DIR")
+        return 2
     stub, ch = _stub(args)
     r = stub.RestoreSnapshot(pb.RestoreSnapshotRequest(id=args.id), metadata=_auth(args), timeout=300)
     if args.json:
@@ -358,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tls-cert", help="PEM server certificate: the control API speaks TLS")
     up.add_argument("--tls-key", help="PEM private key of --tls-cert (mode 0600)")
     up.add_argument("--tls-ca", help="CA clients trust (default: --tls-cert itself, for a self-signed one)")
+    up.add_argument("--backup-policy", default=os.environ.get("RECSERVE_BACKUP_POLICY"),
+                    help="backup policy file (README 'Backup and recovery'); none: no scheduled backups")
     st = add("status", cmd_status, "fleet, instances, versions, warnings")
     st.add_argument("--events", type=int, default=10)
     ro = add("rollover", cmd_rollover, "roll a model to a new version with metric gates")
@@ -388,15 +411,24 @@ def build_parser() -> argparse.ArgumentParser:
     vs.add_argument("model")
     sn = add("snapshot", cmd_snapshot, "back up the model repository (content-addressed)")
     sn.add_argument("--note", default="")
-    add("snapshots", cmd_snapshots, "list backups")
-    re_ = add("restore", cmd_restore, "restore the model repository from a backup, verified by sha256")
-    re_.add_argument("id")
+    sns = add("snapshots", cmd_snapshots, "list local snapshots and the policy's verified backups")
+    backup_cli.target_options(sns)
+    re_ = add("restore", cmd_restore, "restore the model repository from a snapshot, or rebuild a runtime root "
+              "and repository from a backup target (--from; no control plane needed)")
+    re_.add_argument("id", nargs="?", help="snapshot id (through the control plane)")
+    backup_cli.target_options(re_)
+    re_.add_argument("--id", dest="backup_id", help="backup id at the target (default: the newest verified)")
+    re_.add_argument("--root", dest="restore_root", help="new runtime root (must not hold a state.db)")
+    re_.add_argument("--repository", help="model repository to rebuild")
+    backup_cli.add_commands(sub, add)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "backup":
+            return backup_cli.cmd_backup(args, console, lambda: (*_stub(args), lambda: _auth(args)))
         return args.fn(args)
     except SecretFileError as exc:
         console.print(f"[red]recctl:[/red] {exc}")

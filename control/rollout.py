@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from control.fleet import Fleet, FleetError
@@ -68,6 +69,8 @@ class RolloutManager:
         self._abort: dict[str, threading.Event] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._lock = threading.Lock()
+        #: Called with every finished rollout record (the backup scheduler backs up after a rollover).
+        self.listeners: list[Callable[[RolloutRecord], None]] = []
 
     # ------------------------------------------------------------------ validation
     def validate(self, model: str, version: int, strategy: str, steps: list[int], bake: float) -> None:
@@ -184,6 +187,8 @@ class RolloutManager:
         self._emit(rec, phase, message, status=status)
         self.fleet.metrics.rollout_results.labels(rec.model, status).inc()
         self.fleet.metrics.set_phase(rec.model, "done", PHASES)
+        for listener in self.listeners:
+            listener(rec)
 
     def _run(self, rid: str) -> None:
         rec = self.state.rollout(rid)

@@ -23,6 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from control.audit import ApiGuard
+from control.backup_api import BackupApi, make_scheduler, policy_path
+from control.backup_policy import BackupError
 from control.fleet import Fleet, FleetConfig, FleetError, status_json
 from control.keys import SecretFileError, check_private, read_secret
 from control.metrics import ControlMetrics
@@ -61,7 +63,7 @@ def event_pb(rid: str, e: dict) -> pb.RolloutEvent:
                            gates=e["gates"], status=e["status"], done=e["status"] != "running", ts_unix=e["ts"])
 
 
-class ControlPlane(pbg.ControlPlaneServicer):
+class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
     def __init__(self, fleet: Fleet, rollouts: RolloutManager, snapshots: SnapshotStore, guard: ApiGuard,
                  endpoints: dict[str, str]):
         self.fleet = fleet
@@ -218,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backup-root", type=Path, default=None, help="snapshots of the model repository "
                    "(default <root>/backups)")
     p.add_argument("--health-interval", type=float, default=0.3)
+    p.add_argument("--backup-policy", type=Path, default=None, help="backup policy file (default "
+                   "$RECSERVE_BACKUP_POLICY; none: no scheduled backups)")
     return p.parse_args(argv)
 
 
@@ -261,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     store = SnapshotStore(fleet.repository, args.backup_root or root / "backups")
     guard = ApiGuard(token, root / "token", record=lambda message: fleet.state.event("audit", message))
     servicer = ControlPlane(fleet, rollouts, store, guard, endpoints)
+    try:
+        backups = make_scheduler(policy_path(args.backup_policy), root, fleet.repository, metrics, fleet.state.event)
+    except BackupError as exc:
+        print(f"backup policy refused: {exc}", file=sys.stderr)
+        return 2
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), interceptors=[guard])
     pbg.add_ControlPlaneServicer_to_server(servicer, server)
@@ -286,11 +295,16 @@ def main(argv: list[str] | None = None) -> int:
         fleet.state.event("up-failed", str(exc)[:500])
         server.stop(0)
         return 1
+    if backups is not None:
+        rollouts.listeners.append(backups.on_rollout_finished)
+        servicer.backups = backups.start()
     servicer.ready.set()
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"control plane ready: {json.dumps(endpoints)}", flush=True)
     stop.wait()
+    if backups is not None:
+        backups.stop()
     fleet.detach()  # the data path keeps serving; `recctl down` stops it
     server.stop(2)
     (root / "control.pid").unlink(missing_ok=True)

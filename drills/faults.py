@@ -27,6 +27,7 @@ from typing import Any
 
 from drills.fleet import Fleet, FleetError
 from drills.journal import Journal
+from drills.lost_host import LostHost
 from drills.spec import Action, DrillSpec
 
 FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
@@ -521,3 +522,4 @@ class NetworkPartition(Fault):
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (Crash(), Hang(), GpuLost(), Overload(), Rollover(), BadRollover(),
                                                   ArtifactCorruption(), ControlPlaneCrash(), NetworkPartition())}
+FAULTS[LostHost.name] = LostHost()  # drills/lost_host.py: the whole host lost, rebuilt from backup

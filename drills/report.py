@@ -76,6 +76,9 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
                   f"wrong answers: {d.get('wrong_answers')}, versions consistent: {d.get('versions_consistent')}"]
         if d.get("simulation"):
             lines.append(f"- how the fault was made: {d['simulation']}")
+        if d.get("rpo_s") is not None:
+            lines.append(f"- RPO: {d['rpo_s']} s since the last verified backup; lost: {d.get('rpo_lost')}; "
+                         f"rebuild: {d.get('rebuild')}")
         if d.get("background"):
             lines.append(f"- background load (perf_analyzer): {d['background'].get('summary', d['background'])}")
         missed = [c for c in d.get("checks", []) if not c["ok"]]
@@ -89,6 +92,8 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
               "- RTO: client-measured, from the fault to the start of the first full second (sliding, by send "
               "time) in which every probe request succeeded with the right answer under the SLO.",
               "- detection: from the fault to the control plane's first event marking the instance.",
+              "- RPO (lost-host): age of the newest verified backup when the host was lost, and what the rebuilt "
+              "fleet no longer has (desired versions, control-plane events recorded after that backup).",
               "- p50/p99: nearest-rank over successful probe requests; before/during/after are the spec's windows.",
               "- rejected: answered UNAVAILABLE/RESOURCE_EXHAUSTED (shed by a full queue).",
               "- anchors to beat (detection of a dead or hung backend elsewhere): Kubernetes readiness probes take "

@@ -267,6 +267,7 @@ class DrillRun:
         spec, ss, recs = self.spec, self.spec.steady_state, self.records
         t_end = t0 + spec.load.duration_s
         f_start, f_end = _fault_window(spec, self.journal, t0)
+        f_start = self.ctx.figures.get("fault_started_at", f_start)  # a fault that prepares first (lost-host)
         ph = tl.phases(recs, t0, f_start, f_end, t_end, ss.slo_p99_ms)
         for name, stats in ph.items():
             self.journal.steady_state(name, stats, tl.steady_state_ok(stats, ss.slo_p99_ms, ss.error_rate_max))
@@ -309,7 +310,7 @@ class DrillRun:
         fig["bad_share"] = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
             if during_total else None
         for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
-                    "orphaned_stubs"):
+                    "orphaned_stubs", "restored_exact", "answers_same", "rpo_s", "rpo_lost", "rebuild"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)

@@ -49,6 +49,7 @@ FAULT_PARAMS: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = 
         "restart_after_s": ((int, float), False, 1.0),
     },
     "network-partition": {"target": (str, False, "standby")},
+    "lost-host": {"model": (str, False, "ranker")},  # rolled over after the backup: the change RPO must show lost
 }
 #: Faults that last ``duration_s`` (then their rollback ends them); the others are instantaneous.
 WINDOWED = {"gpu-hang", "gpu-lost", "overload", "network-partition"}
@@ -132,6 +133,9 @@ class Expect:
     instances_alive: bool | None = None
     rolled_back: bool | None = None
     repaired: bool | None = None
+    restored_exact: bool | None = None
+    answers_same: bool | None = None
+    rpo_s_max: float | None = None
 
 
 @dataclass(frozen=True)
@@ -298,8 +302,9 @@ def _expect(c: _Checker, raw: Any) -> Expect:
     path = "expect"
     ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max"}
     floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "goodput_ratio_min", "rejected_p99_ms_max",
-              "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max"}
-    bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired"}
+              "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max", "rpo_s_max"}
+    bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired",
+             "restored_exact", "answers_same"}
     d = c.mapping(raw, path, ints | floats | bools)
     if not d:
         raise c.fail(path, "at least one expectation is needed to decide pass or fail")
@@ -313,7 +318,7 @@ def _expect(c: _Checker, raw: Any) -> Expect:
 
 
 ROLLBACKS = {"sigcont", "restore-links", "restart-killed", "clear-fault-switch", "restore-snapshot",
-             "restart-control-plane", "rollback-model", "stop-load"}
+             "restart-control-plane", "rollback-model", "stop-load", "stop-rebuilt-fleet"}
 
 
 def _timing(c: _Checker, spec: DrillSpec) -> None:

@@ -30,6 +30,9 @@ CHECKS: dict[str, tuple[str, str]] = {
     "instances_alive": ("instances_alive", "=="),
     "rolled_back": ("rolled_back", "=="),
     "repaired": ("repaired", "=="),
+    "restored_exact": ("restored_exact", "=="),
+    "answers_same": ("answers_same", "=="),
+    "rpo_s_max": ("rpo_s", "<="),
 }
 
 

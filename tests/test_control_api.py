@@ -38,7 +38,7 @@ pytestmark = pytest.mark.timeout(600)
 TOKEN = "s3cret-token-for-tests"
 SERVICE = "recserve.control.v1.ControlPlane"
 #: The control API's read-only RPCs: open without a token and not audited. Every other RPC must call _auth.
-READ_ONLY = {"GetStatus", "ListVersions", "GetRollout", "ListSnapshots"}
+READ_ONLY = {"GetStatus", "ListVersions", "GetRollout", "ListSnapshots", "GetBackupPolicy", "ListBackups"}
 
 
 def make_cert(directory: Path, name: str = "server") -> tuple[Path, Path]:
