@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	@command -v haproxy >/dev/null && dpkg -s libb64-0d >/dev/null 2>&1 || { \
 	  echo "setup: installing Debian packages haproxy libb64-0d"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy libb64-0d iproute2 >/dev/null; }
+	@command -v promtool >/dev/null && command -v amtool >/dev/null || { \
+	  echo "setup: installing Debian packages prometheus prometheus-alertmanager (no recommends: no system daemons)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus prometheus-alertmanager >/dev/null; }
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -85,6 +89,15 @@ perf-check: models  ## compare reports/perf/latest ratios and capacity with perf
 .PHONY: fleet-up fleet-down
 fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the background (gRPC :8001, HTTP :8000); idempotent
 	$(PY) -m control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP)
+	@if [ "$(MONITOR)" = 1 ]; then $(MAKE) --no-print-directory monitor-up; fi
 
 fleet-down: setup  ## stop what fleet-up started (control plane, instances, HAProxy) and nothing else
 	$(PY) -m control.recctl down
+
+# ---- monitoring (deploy/monitoring): Prometheus + Alertmanager + webhook receiver on loopback, files in .recserve/monitoring
+.PHONY: monitor-up monitor-down
+monitor-up: setup  ## Prometheus :9090, Alertmanager :9093, alert receiver :9095 scraping the fleet (make fleet-up MONITOR=1 does both)
+	$(PY) -m control.monitor up
+
+monitor-down: setup  ## stop what monitor-up started
+	$(PY) -m control.monitor down

@@ -16,6 +16,7 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
+from control.monitor import read_endpoints
 from control.procs import pid_alive
 from control.triton import REPO_ROOT
 
@@ -149,7 +150,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     resp = stub.GetStatus(pb.GetStatusRequest(events=args.events), timeout=10)
     d = _status_dict(resp)
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps({**d, "monitoring": read_endpoints(_root(args))}, indent=2))
         return 0
     ep = d["endpoints"]
     console.print(f"fleet [bold]{d['health']}[/bold]  gRPC {ep['grpc']}  HTTP {ep['http']}  control {ep['control']}  "
@@ -161,6 +162,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         t.add_row(i["id"], i["role"], i["state"], str(i["pid"]), str(i["grpc_port"]), str(i["http_port"]),
                   str(i["weight"]), str(i.get("restarts", 0)), models, i.get("detail", "")[:60])
     console.print(t)
+    mon = read_endpoints(_root(args))
+    console.print(f"monitoring: Prometheus {mon['prometheus']}  Alertmanager {mon['alertmanager']}  "
+                  f"receiver {mon['receiver']}" if mon else "monitoring: not running (make monitor-up)")
     for w in d.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")
     if d.get("active_rollout", {}).get("id"):
