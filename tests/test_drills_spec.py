@@ -11,7 +11,8 @@ import yaml
 from drills.spec import FAULT_PARAMS, SPECS_DIR, SpecError, load_all, load_file, parse
 
 ISSUE_DRILLS = {"crash", "hang", "gpu-lost", "overload", "rollover-under-load", "bad-rollover",
-                "artifact-corruption", "control-plane-crash", "network-partition"}
+                "artifact-corruption", "control-plane-crash", "network-partition",
+                "wrong-answer"}  # issue 12
 
 
 def base() -> dict:
