@@ -87,7 +87,7 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
         if d.get("monitoring_cost"):
             m = d["monitoring_cost"]
             lines.append(f"- monitoring cost ({m['intervals']}): CPU seconds {m['cpu_s']} over {m['wall_s']} s; "
-                         f"Prometheus used {_fmt(m.get('prometheus_core_share'))} of one core")
+                         f"Prometheus used {m['prometheus_core_share'] or 0:.1%} of one core")
         missed = [c for c in d.get("checks", []) if not c["ok"]]
         for c in missed:
             lines.append(f"- missed: `{c['figure']}` measured {c['measured']}, target {c['target']}, "
