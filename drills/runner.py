@@ -354,7 +354,10 @@ class DrillRun:
                 break
             time.sleep(0.5)
         fig["marks"] = fig.get("marks", []) + alerts.marks(rows, t0)
-        self.journal.add("alerts", "probe", "succeeded" if alerts.done(rows) else "failed", {"alerts": rows})
+        seen = [{k: n[k] for k in ("received", "receiver", "status", "alertname", "startsAt")}
+                for n in mon.notifications() if n["received"] >= fault_t]  # everything that paged, as evidence
+        self.journal.add("alerts", "probe", "succeeded" if alerts.done(rows) else "failed",
+                         {"alerts": rows, "received_since_fault": seen})
         return {"alerts": rows}
 
     def _detection_ms(self, fault_t: float, instance: str) -> float | None:

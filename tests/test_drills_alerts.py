@@ -20,7 +20,7 @@ def spec(alerts_field) -> dict:
 
 def test_issue_drills_expect_their_alerts():
     want = {"crash": "RecserveInstanceDown", "overload": "RecserveLoadShedding",
-            "bad-rollover": "RecserveRolloutRolledBack", "gpu-lost": "RecserveInstanceErrors",
+            "bad-rollover": "RecserveRolloutRolledBack", "gpu-lost": "RecserveInstanceDown",
             "wrong-answer": "RecserveGoldenMismatch"}
     specs = load_all()
     for name, alert in want.items():
