@@ -12,16 +12,19 @@ PORT_METRICS ?= 8002
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(STAMP)  ## create .venv with pinned dependencies, install Debian packages (haproxy, libb64-0d)
+setup: $(STAMP) monitoring-debs  ## create .venv with pinned dependencies, install Debian packages (haproxy, libb64-0d, prometheus, prometheus-alertmanager)
+
+.PHONY: monitoring-debs
+monitoring-debs:  # checked on every setup (not only when pyproject.toml changes): promtool/amtool tests need them
+	@command -v promtool >/dev/null && command -v amtool >/dev/null || { \
+	  echo "setup: installing Debian packages prometheus prometheus-alertmanager (no recommends: no system daemons)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus prometheus-alertmanager >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@command -v haproxy >/dev/null && dpkg -s libb64-0d >/dev/null 2>&1 || { \
 	  echo "setup: installing Debian packages haproxy libb64-0d"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy libb64-0d iproute2 >/dev/null; }
-	@command -v promtool >/dev/null && command -v amtool >/dev/null || { \
-	  echo "setup: installing Debian packages prometheus prometheus-alertmanager (no recommends: no system daemons)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-	    prometheus prometheus-alertmanager >/dev/null; }
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
