@@ -240,8 +240,9 @@ class FleetOwner:
         if missing:
             self.log(f"monitoring: {', '.join(missing)} not installed ('make setup'): alert expectations will fail")
             return None
-        self.stack = MonitorStack(MonitorConfig(root=root, workdir=Path(tempfile.mkdtemp(prefix="recserve-mon-")),
-                                                fast=True))
+        # inside a private fleet's temp root, so its marker-based cleanup covers the stack too
+        workdir = self.tmp / "monitoring" if self.tmp else Path(tempfile.mkdtemp(prefix="recserve-mon-"))
+        self.stack = MonitorStack(MonitorConfig(root=root, workdir=workdir, fast=True))
         try:
             ep = self.stack.up()
         except MonitorError as exc:
