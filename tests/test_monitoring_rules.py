@@ -161,3 +161,29 @@ def test_webhook_receiver_records_notifications_and_stops_cleanly(tmp_path):
         rx.stop()
     assert not rx.is_alive() and not rx.pid_path.exists()
     assert not (pid and __import__("control.procs").procs.pid_alive(pid))
+
+
+@pytest.mark.skipif(PROMTOOL is None or AMTOOL is None, reason="prometheus/alertmanager missing: 'make setup'")
+def test_monitor_up_twice_adopts_and_down_stops_exactly_its_processes(tmp_path):
+    """What make monitor-up / monitor-down do, in separate processes (pid files, command lines naming the root)."""
+    import sys
+
+    from control.monitor import read_endpoints
+    from control.procs import pid_alive
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "control.monitor", "--root", str(tmp_path), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    ports = ["--prometheus-port", "0", "--alertmanager-port", "0", "--receiver-port", "0"]
+    try:
+        assert cli("up", *ports).returncode == 0
+        first = read_endpoints(tmp_path)
+        pids = [int((tmp_path / "monitoring" / n / f"{n}.pid").read_text().split()[0])
+                for n in ("prometheus", "alertmanager", "receiver")]
+        assert cli("up", *ports).returncode == 0 and read_endpoints(tmp_path) == first  # adopted, not doubled
+        assert urllib.request.urlopen(first["prometheus"] + "/-/ready", timeout=5).status == 200
+    finally:
+        down = cli("down")
+    assert "stopped prometheus, alertmanager, receiver" in down.stdout, down.stdout + down.stderr
+    assert not [p for p in pids if pid_alive(p)] and read_endpoints(tmp_path) == {}
