@@ -90,7 +90,7 @@ perf-check: models  ## compare reports/perf/latest ratios and capacity with perf
 	$(PY) -m perf check
 
 .PHONY: fleet-up fleet-down
-fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the background (gRPC :8001, HTTP :8000); idempotent
+fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the background (gRPC :8001, HTTP :8000); idempotent; MONITOR=1 also runs monitor-up
 	$(PY) -m control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP)
 	@if [ "$(MONITOR)" = 1 ]; then $(MAKE) --no-print-directory monitor-up; fi
 

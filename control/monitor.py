@@ -124,11 +124,13 @@ class MonitorStack:
 
 
 def read_endpoints(root: Path) -> dict[str, str]:
-    """The URLs of a running stack for ``recctl status`` ({} when none was started)."""
+    """The URLs of a running stack for ``recctl status`` ({} when none was started or its Prometheus is gone)."""
+    stack = MonitorStack(MonitorConfig(root=Path(root)))
     try:
-        return json.loads((Path(root) / "monitoring" / "endpoints.json").read_text())
+        ep = json.loads(stack.endpoints_path.read_text())
     except (OSError, ValueError):
         return {}
+    return ep if stack.prometheus.adopt() else {}
 
 
 def main(argv: list[str] | None = None) -> int:
