@@ -13,7 +13,14 @@ BACKUP_POLICY ?= deploy/backup-policy.yaml
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(STAMP)  ## create .venv with pinned dependencies, install Debian packages (haproxy, libb64-0d)
+setup: $(STAMP) monitoring-debs  ## create .venv with pinned dependencies, install Debian packages (haproxy, libb64-0d, prometheus, prometheus-alertmanager)
+
+.PHONY: monitoring-debs
+monitoring-debs:  # checked on every setup (not only when pyproject.toml changes): promtool/amtool tests need them
+	@command -v promtool >/dev/null && command -v amtool >/dev/null || { \
+	  echo "setup: installing Debian packages prometheus prometheus-alertmanager (no recommends: no system daemons)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus prometheus-alertmanager >/dev/null; }
 
 $(STAMP): pyproject.toml
 	@command -v haproxy >/dev/null && dpkg -s libb64-0d >/dev/null 2>&1 || { \
@@ -86,8 +93,9 @@ perf-check: models  ## compare reports/perf/latest ratios and capacity with perf
 	$(PY) -m perf check
 
 .PHONY: fleet-up fleet-down
-fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the background (gRPC :8001, HTTP :8000); idempotent
+fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the background (gRPC :8001, HTTP :8000); idempotent; MONITOR=1 also runs monitor-up
 	$(PY) -m control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP) --backup-policy $(BACKUP_POLICY)
+	@if [ "$(MONITOR)" = 1 ]; then $(MAKE) --no-print-directory monitor-up; fi
 
 fleet-down: setup  ## stop what fleet-up started (control plane, instances, HAProxy) and nothing else
 	$(PY) -m control.recctl down
@@ -96,3 +104,11 @@ fleet-down: setup  ## stop what fleet-up started (control plane, instances, HAPr
 .PHONY: gpu-check
 gpu-check: setup  ## TensorRT path on one GPU (needs pip install -e '.[gpu]'): engines, parity, serving, perf -> reports/gpu-check/
 	tools/gpu-check
+
+# ---- monitoring (deploy/monitoring): Prometheus + Alertmanager + webhook receiver on loopback, files in .recserve/monitoring
+.PHONY: monitor-up monitor-down
+monitor-up: setup  ## Prometheus :9090, Alertmanager :9093, alert receiver :9095 scraping the fleet (make fleet-up MONITOR=1 does both)
+	$(PY) -m control.monitor up
+
+monitor-down: setup  ## stop what monitor-up started
+	$(PY) -m control.monitor down

@@ -28,6 +28,7 @@ from control.metrics import ControlMetrics
 from control.procs import kill_group, pid_alive
 from control.snapshots import RepositoryError, has_manifests, verify_version, versions_on_disk
 from control.state import InstanceRecord, State
+from control.targets import TargetFiles, targets_dir
 from control.triton import (
     DEFAULT_REPOSITORY,
     REPO_ROOT,
@@ -70,6 +71,8 @@ class FleetConfig:
     restart_backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
     instance_start_timeout_s: float = 180.0
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: HAProxy's Prometheus exporter port (0 = none).
+    haproxy_metrics_port: int = 0
 
 
 def model_config(repository: Path, model: str, versions: list[int]) -> dict:
@@ -95,7 +98,9 @@ class Fleet:
         self.metrics = metrics or ControlMetrics()
         self.state = State(self.root / "state.db")
         self.haproxy = HAProxy(HAProxyConfig(workdir=self.root / "haproxy", grpc_port=config.grpc_port,
-                                             http_port=config.http_port, slots=config.slots))
+                                             http_port=config.http_port, slots=config.slots,
+                                             metrics_port=config.haproxy_metrics_port))
+        self.targets = TargetFiles(targets_dir(self.root))  # Prometheus file_sd: one target per instance
         self.admin_key = read_secret(self.root / "admin.key")
         self.golden = Golden(self.repository, metrics=self.metrics, event=lambda msg: self.state.event("golden", msg))
         self.servers: dict[str, TritonServer] = {}
@@ -484,6 +489,7 @@ class Fleet:
         return rec
 
     def monitored_ids(self) -> list[str]:
+        self.targets.sync_instances(self.state.instances())  # instances came, went or changed ports
         self.ensure_haproxy()
         self.watch_haproxy()
         return [r.id for r in self.state.instances() if r.id not in self.busy and r.state not in ("restarting",)]

@@ -66,6 +66,8 @@ class HAProxyConfig:
     timeout_check_ms: int = 150
     timeout_client_s: int = 30
     retries: int = 3
+    #: HAProxy's built-in Prometheus exporter on this port (GET /metrics); 0 = no exporter.
+    metrics_port: int = 0
 
     def validate(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -166,6 +168,10 @@ def render_config(c: HAProxyConfig) -> str:
         out += ["", f"backend {split_backend(proto)}", "  balance roundrobin", retry]
         for s in range(c.slots):
             out.append(f"  server s{s} {ph}{srv_proto} track chk/s{s} weight 0")
+    if c.metrics_port:  # Prometheus scrapes the data path as clients see it (Debian's 2.6 has the exporter)
+        out += ["", "frontend fe_metrics", f"  bind {c.host}:{c.metrics_port}", "  no log",
+                "  http-request use-service prometheus-exporter if { path /metrics }",
+                "  http-request deny deny_status 404"]
     return "\n".join(out) + "\n"
 
 

@@ -18,6 +18,7 @@ from rich.table import Table
 
 from control import backup_cli
 from control.keys import SecretFileError
+from control.monitor import read_endpoints
 from control.procs import pid_alive
 from control.tls import control_channel
 from control.triton import REPO_ROOT
@@ -171,7 +172,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     resp = stub.GetStatus(pb.GetStatusRequest(events=args.events), timeout=10)
     d = _status_dict(resp)
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps({**d, "monitoring": read_endpoints(_root(args))}, indent=2))
         return 0
     ep = d["endpoints"]
     console.print(f"fleet [bold]{d['health']}[/bold]  gRPC {ep['grpc']}  HTTP {ep['http']}  control {ep['control']}  "
@@ -185,6 +186,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(t)
     console.print(f"/dev/shm: {d['shm']['regions']} regions, {d['shm']['bytes'] / 2**20:.1f} MiB held by this fleet's "
                   "instances (removed when an instance stops or is replaced)")
+    mon = read_endpoints(_root(args))
+    console.print(f"monitoring: Prometheus {mon['prometheus']}  Alertmanager {mon['alertmanager']}  "
+                  f"receiver {mon['receiver']}" if mon else "monitoring: not running (make monitor-up)")
     for w in d.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")
     if d.get("active_rollout", {}).get("id"):

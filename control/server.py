@@ -32,6 +32,7 @@ from control.proto import control_pb2 as pb
 from control.proto import control_pb2_grpc as pbg
 from control.rollout import RolloutManager
 from control.snapshots import RepositoryError, SnapshotStore, list_versions
+from control.targets import FleetCollector, remembered_port
 from control.tls import TlsConfigError, is_loopback, server_tls
 from control.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
@@ -222,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--health-interval", type=float, default=0.3)
     p.add_argument("--backup-policy", type=Path, default=None, help="backup policy file (default "
                    "$RECSERVE_BACKUP_POLICY; none: no scheduled backups)")
+    p.add_argument("--haproxy-metrics-port", type=int, default=0, help="HAProxy's Prometheus exporter "
+                   "(0: a free port, remembered in <root>/monitoring/haproxy.port)")
     return p.parse_args(argv)
 
 
@@ -260,7 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     metrics = ControlMetrics()
     fleet = Fleet(FleetConfig(root=root, repository=args.repository, grpc_port=args.grpc_port,
                               http_port=args.http_port, instances=args.instances,
-                              health_interval_s=args.health_interval), metrics)
+                              health_interval_s=args.health_interval,
+                              haproxy_metrics_port=args.haproxy_metrics_port
+                              or remembered_port(root / "monitoring" / "haproxy.port")), metrics)
+    metrics.registry.register(FleetCollector(fleet))  # series the alert rules need (control/targets.py)
+    fleet.targets.set_static("control", f"127.0.0.1:{args.metrics_port}", "control")
+    fleet.targets.set_static("haproxy", f"127.0.0.1:{fleet.config.haproxy_metrics_port}", "haproxy")
     rollouts = RolloutManager(fleet)
     store = SnapshotStore(fleet.repository, args.backup_root or root / "backups")
     guard = ApiGuard(token, root / "token", record=lambda message: fleet.state.event("audit", message))

@@ -234,6 +234,7 @@ class TritonServer:
             "--log-info=true",
             "--allow-cpu-metrics=true",
             "--metrics-interval-ms=1000",
+            "--metrics-config=summary_latencies=true",  # p99 per ensemble for Prometheus (no histograms in 2.51)
         ]
         locked = ",".join(RESTRICTED_APIS)
         cmd += [

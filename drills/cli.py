@@ -75,7 +75,7 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
     run_dir = report.new_run_dir(args.reports)
     try:
         with FleetOwner(args.control, args.repository, private=args.private, fixture_models=args.fixture_models,
-                        log=console.print) as session:
+                        log=console.print, monitor=any(s.alerts for s in specs)) as session:
             meta["fleet"] = "private (started and stopped by this run)" if session.control is not None and \
                 type(session.control).__name__ == "ControlPlaneProcess" else f"running ({session.grpc_url})"
             for spec in specs:

@@ -81,6 +81,16 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
                          f"rebuild: {d.get('rebuild')}")
         if d.get("background"):
             lines.append(f"- background load (perf_analyzer): {d['background'].get('summary', d['background'])}")
+        for a in d.get("alerts") or []:
+            lines.append(f"- alert `{a['alert']}`: time-to-alert {_fmt(a.get('time_to_alert_s'), ' s')} "
+                         f"(target {a['within_s']} s), time-to-resolve {_fmt(a.get('time_to_resolve_s'), ' s')}"
+                         + (f" (target {a['resolve_within_s']} s)" if a.get("resolve_within_s") else "")
+                         + (f", receiver {a['receiver']}" if a.get("receiver") else "") + (f"; {a['note']}" if
+                                                                                            a.get("note") else ""))
+        if d.get("monitoring_cost"):
+            m = d["monitoring_cost"]
+            lines.append(f"- monitoring cost ({m['intervals']}): CPU seconds {m['cpu_s']} over {m['wall_s']} s; "
+                         f"Prometheus used {m['prometheus_core_share'] or 0:.1%} of one core")
         missed = [c for c in d.get("checks", []) if not c["ok"]]
         for c in missed:
             lines.append(f"- missed: `{c['figure']}` measured {c['measured']}, target {c['target']}, "
@@ -94,6 +104,10 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
               "- detection: from the fault to the control plane's first event marking the instance.",
               "- RPO (lost-host): age of the newest verified backup when the host was lost, and what the rebuilt "
               "fleet no longer has (desired versions, control-plane events recorded after that backup).",
+              "- time-to-alert / time-to-resolve: from the fault to the moment recserve's webhook receiver got "
+              "Alertmanager's firing / resolved notification (drills run Prometheus and Alertmanager with 1 s "
+              "scrape and evaluation intervals and no notification batching; the rules' `for` durations are the "
+              "production ones).",
               "- p50/p99: nearest-rank over successful probe requests; before/during/after are the spec's windows.",
               "- rejected: answered UNAVAILABLE/RESOURCE_EXHAUSTED (shed by a full queue).",
               "- anchors to beat (detection of a dead or hung backend elsewhere): Kubernetes readiness probes take "

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drills import alerts
 from drills import timeline as tl
 from drills.background import Background, start_background
 from drills.capacity import capacity_rps
@@ -41,6 +42,8 @@ class Session:
     control: Any = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="recserve-drill-")))
     fixture_models: bool = False
+    #: control.monitor.MonitorStack (1 s intervals) when the drills' alert expectations can be checked.
+    monitor: Any = None
 
 
 def golden_cases() -> list[Case]:
@@ -206,6 +209,8 @@ class DrillRun:
             self.journal.finish("failed", "fleet not healthy before the drill")
             return self._result({}, status="failed", reason="fleet not in steady state before the drill "
                                 f"(status: {fleet.status(events=5)})")
+        cpu_before = self.s.monitor.cpu_seconds() if self.s.monitor else {}
+        wall_before = time.time()
         cases = golden_cases()
         before_answers, notes = answers(fleet, cases)
         self.ctx.figures["desired_before"] = fleet.desired()
@@ -258,6 +263,11 @@ class DrillRun:
         self.records = rematch(self.records, acceptable)
         figures = self._figures(probe.t0 or self.journal.started_at, bg_result, settle_s)
         figures["answers_notes"] = notes + more
+        if spec.alerts:
+            figures.update(self._alert_figures(probe.t0 or self.journal.started_at, figures))
+        if self.s.monitor is not None:
+            figures["monitoring_cost"] = monitoring_cost(cpu_before, self.s.monitor.cpu_seconds(),
+                                                         time.time() - wall_before)
         status = "aborted" if self.abort_reason else "completed"
         result = self._result(figures, status=status)
         self.journal.finish(status, result["reason"])
@@ -325,6 +335,27 @@ class DrillRun:
         fig["marks"] = self._marks(t0, f_start, f_end)
         return fig
 
+    def _alert_figures(self, t0: float, fig: dict) -> dict:
+        """Wait (bounded by the spec) for every expected alert to reach the webhook receiver, and resolve."""
+        fault_t = t0 + fig["fault_at_s"]
+        mon = self.s.monitor
+        if mon is None:
+            rows = [alerts.match(a, [], fault_t) | {"note": "no monitoring stack: prometheus/alertmanager missing"}
+                    for a in self.spec.alerts]
+            return {"alerts": rows}
+        deadline = fault_t + max(a.resolve_within_s or a.within_s for a in self.spec.alerts) + 2.0
+        while True:
+            rows = [alerts.match(a, mon.notifications(), fault_t) for a in self.spec.alerts]
+            if alerts.done(rows) or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        fig["marks"] = fig.get("marks", []) + alerts.marks(rows, t0)
+        seen = [{k: n[k] for k in ("received", "receiver", "status", "alertname", "startsAt")}
+                for n in mon.notifications() if n["received"] >= fault_t]  # everything that paged, as evidence
+        self.journal.add("alerts", "probe", "succeeded" if alerts.done(rows) else "failed",
+                         {"alerts": rows, "received_since_fault": seen})
+        return {"alerts": rows}
+
     def _detection_ms(self, fault_t: float, instance: str) -> float | None:
         try:
             evs = [e for e in self.s.fleet.events_since(fault_t, instance) if e.get("kind") == "detected"]
@@ -354,10 +385,27 @@ class DrillRun:
             base.update(passed=None if status == "skipped" else False, reason=reason, checks=[])
             return base
         passed, checks, why = evaluate(spec.expect, base)
+        if spec.alerts:
+            rows = alerts.checks(base.get("alerts") or [alerts.match(a, [], 0.0) for a in spec.alerts])
+            missed = [r for r in rows if not r["ok"]]
+            checks, passed = checks + rows, passed and not missed
+            if missed:
+                miss = "; ".join(f"{r['figure']} {r['measured']} vs {r['target']} ({r['missed_by']})" for r in missed)
+                why = miss if why.startswith("all ") else f"{why}; {miss}"
+            else:
+                why += f"; {len(rows)} alert expectations met"
         if status == "aborted":
             passed, why = False, f"aborted: {self.abort_reason}; {why}"
         base.update(passed=passed, checks=checks, reason=why, deviated=self.journal.deviated)
         return base
+
+
+def monitoring_cost(before: dict, after: dict, wall_s: float) -> dict:
+    """CPU seconds each monitoring process used during one drill, and Prometheus's share of one core."""
+    used = {k: round(after[k] - before[k], 2) for k in after if after.get(k) is not None and before.get(k) is not None}
+    share = used.get("prometheus", 0.0) / wall_s if wall_s > 0 else None
+    return {"cpu_s": used, "wall_s": round(wall_s, 1), "prometheus_core_share": round(share, 4) if share else share,
+            "intervals": "scrape 1 s, evaluation 1 s (drills only)"}
 
 
 def _count(values) -> dict[str, int]:

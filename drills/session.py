@@ -179,9 +179,11 @@ class FleetOwner:
     """Context manager: a Session on a running fleet, or on a private one it starts and later stops."""
 
     def __init__(self, control: str | None = None, repository: Path | None = None, private: bool = False,
-                 fixture_models: bool = False, log=print):
+                 fixture_models: bool = False, log=print, monitor: bool = False):
         self.control, self.repository, self.private, self.log = control, repository, private, log
         self.fixture_models = fixture_models
+        self.monitor = monitor  # start a 1 s Prometheus/Alertmanager/receiver for the alert expectations
+        self.stack = None
         self.started: ControlPlaneProcess | None = None
         self.tmp: Path | None = None
         self.session: Session | None = None
@@ -199,6 +201,7 @@ class FleetOwner:
                     adopted = AdoptedControlPlane(RUNTIME, repo, endpoints)
                 self.log(f"using the running fleet: control {control}, clients {endpoints['grpc']}")
                 self.session = Session(fleet, repo, endpoints["grpc"], control=adopted)
+                self.session.monitor = self._start_monitor(RUNTIME)
                 return self.session
         self.tmp = Path(tempfile.mkdtemp(prefix="recserve-drills-"))
         repo = self.tmp / "model_repository"
@@ -223,9 +226,37 @@ class FleetOwner:
         self.session = Session(fleet, repo, f"127.0.0.1:{self.started.ports['grpc']}", control=self.started,
                                workdir=self.tmp / "work", fixture_models=self.fixture_models)
         self.session.workdir.mkdir(parents=True, exist_ok=True)
+        self.session.monitor = self._start_monitor(self.started.root)
         return self.session
 
+    def _start_monitor(self, root: Path):
+        """Prometheus + Alertmanager + receiver at 1 s intervals over the fleet's file_sd targets (own dir)."""
+        if not self.monitor:
+            return None
+        from control.monitor import MonitorConfig, MonitorStack, missing_binaries
+        from control.promstack import MonitorError
+
+        missing = missing_binaries()
+        if missing:
+            self.log(f"monitoring: {', '.join(missing)} not installed ('make setup'): alert expectations will fail")
+            return None
+        # inside a private fleet's temp root, so its marker-based cleanup covers the stack too
+        workdir = self.tmp / "monitoring" if self.tmp else Path(tempfile.mkdtemp(prefix="recserve-mon-"))
+        self.stack = MonitorStack(MonitorConfig(root=root, workdir=workdir, fast=True))
+        try:
+            ep = self.stack.up()
+        except MonitorError as exc:
+            self.log(f"monitoring did not start: {exc}")
+            self.stack = None
+            return None
+        self.log(f"monitoring (1 s scrape/evaluation): Prometheus {ep['prometheus']}, receiver {ep['receiver']}")
+        return self.stack
+
     def __exit__(self, *exc: object) -> None:
+        if self.stack is not None:
+            self.stack.down()
+            shutil.rmtree(self.stack.config.dir, ignore_errors=True)
+            self.stack = None
         if self.session is not None:
             self.session.fleet.close()
             shutil.rmtree(self.session.workdir, ignore_errors=True)

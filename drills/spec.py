@@ -139,6 +139,16 @@ class Expect:
 
 
 @dataclass(frozen=True)
+class AlertExpect:
+    """An alert (from deploy/monitoring/rules) that must reach the webhook receiver within ``within_s`` of the
+    fault and, when ``resolve_within_s`` is set, be resolved within that many seconds of the fault."""
+
+    alert: str
+    within_s: float
+    resolve_within_s: float | None = None
+
+
+@dataclass(frozen=True)
 class DrillSpec:
     name: str
     purpose: str
@@ -150,6 +160,7 @@ class DrillSpec:
     abort: Abort
     expect: Expect
     source: str = ""
+    alerts: tuple[AlertExpect, ...] = ()
 
     @property
     def fault_start_s(self) -> float:
@@ -321,6 +332,31 @@ ROLLBACKS = {"sigcont", "restore-links", "restart-killed", "clear-fault-switch",
              "restart-control-plane", "rollback-model", "stop-load", "stop-rebuilt-fleet"}
 
 
+def _alerts(c: _Checker, raw: Any) -> tuple[AlertExpect, ...]:
+    """``alerts``: a list of {alert, within_s[, resolve_within_s]}; names must exist in the committed rules."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise c.fail("spec.alerts", "must be a non-empty list of {alert, within_s[, resolve_within_s]}")
+    from control.monconfig import alert_names
+
+    known = alert_names()
+    out = []
+    for i, item in enumerate(raw):
+        path = f"alerts[{i}]"
+        d = c.mapping(item, path, {"alert", "within_s", "resolve_within_s"}, {"alert", "within_s"})
+        name = c.text(d, "alert", path)
+        if name not in known:
+            raise c.fail(f"{path}.alert", f"unknown alert {name!r} (deploy/monitoring/rules defines: "
+                         f"{', '.join(sorted(known))})")
+        within = c.number(d, "within_s", path, lo=0, strict_lo=True, hi=600)
+        resolve = c.number(d, "resolve_within_s", path, lo=0, strict_lo=True, hi=1800)
+        if resolve is not None and resolve <= within:
+            raise c.fail(f"{path}.resolve_within_s", f"must be > within_s ({within}), got {resolve}")
+        out.append(AlertExpect(name, float(within), None if resolve is None else float(resolve)))
+    return tuple(out)
+
+
 def _timing(c: _Checker, spec: DrillSpec) -> None:
     """Impossible timings: faults must leave a before and an after window inside the load's duration."""
     ss, dur = spec.steady_state, spec.load.duration_s
@@ -340,7 +376,7 @@ def _timing(c: _Checker, spec: DrillSpec) -> None:
 def parse(raw: Any, source: str = "<spec>") -> DrillSpec:
     """Validate one spec document; raise SpecError naming the field and the rule."""
     c = _Checker(source)
-    top = {"name", "purpose", "targets", "load", "steady_state", "method", "rollbacks", "abort", "expect"}
+    top = {"name", "purpose", "targets", "load", "steady_state", "method", "rollbacks", "abort", "expect", "alerts"}
     d = c.mapping(raw, "spec", top, {"name", "targets", "load", "steady_state", "method", "expect"})
     name = c.text(d, "name", "spec")
     targets = d["targets"]
@@ -367,6 +403,7 @@ def parse(raw: Any, source: str = "<spec>") -> DrillSpec:
         abort=_abort(c, d.get("abort")),
         expect=_expect(c, d["expect"]),
         source=source,
+        alerts=_alerts(c, d.get("alerts")),
     )
     _timing(c, spec)
     return spec

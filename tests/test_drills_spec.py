@@ -12,7 +12,8 @@ from drills.spec import FAULT_PARAMS, SPECS_DIR, SpecError, load_all, load_file,
 
 ISSUE_DRILLS = {"crash", "hang", "gpu-lost", "overload", "rollover-under-load", "bad-rollover",
                 "artifact-corruption", "control-plane-crash", "network-partition",
-                "lost-host"}  # issue 11
+                "lost-host",  # issue 11
+                "wrong-answer"}  # issue 12
 
 
 def base() -> dict:

@@ -1,0 +1,72 @@
+"""The drills' alert expectations: spec validation (field and rule named), matching receiver records to
+expectations, time-to-alert/resolve, verdict rows and timeline marks."""
+
+from __future__ import annotations
+
+import pytest
+
+from drills import alerts
+from drills.spec import AlertExpect, SpecError, load_all, parse
+
+
+def spec(alerts_field) -> dict:
+    return {
+        "name": "t", "targets": ["recommend"], "load": {"duration_s": 20, "probe_rps": 10},
+        "steady_state": {"slo_p99_ms": 100, "error_rate_max": 0.0, "before_s": 3, "after_s": 3},
+        "method": [{"fault": "gpu-xid-crash", "at_s": 5}], "expect": {"failed_requests_max": 0},
+        "alerts": alerts_field,
+    }
+
+
+def test_issue_drills_expect_their_alerts():
+    want = {"crash": "RecserveInstanceDown", "overload": "RecserveLoadShedding",
+            "bad-rollover": "RecserveRolloutRolledBack", "gpu-lost": "RecserveInstanceDown",
+            "wrong-answer": "RecserveGoldenMismatch"}
+    specs = load_all()
+    for name, alert in want.items():
+        assert alert in {a.alert for a in specs[name].alerts}, name
+    assert specs["crash"].alerts[0].resolve_within_s is not None
+    assert specs["wrong-answer"].method[0].params["mode"] == "wrong"
+
+
+@pytest.mark.parametrize("field,path,rule", [
+    ([{"alert": "NoSuchAlert", "within_s": 5}], "alerts[0].alert", "unknown alert 'NoSuchAlert'"),
+    ([{"alert": "RecserveInstanceDown"}], "alerts[0].within_s", "missing required field"),
+    ([{"alert": "RecserveInstanceDown", "within_s": 0}], "alerts[0].within_s", "must be > 0"),
+    ([{"alert": "RecserveInstanceDown", "within_s": 10, "resolve_within_s": 5}], "alerts[0].resolve_within_s",
+     "must be > within_s"),
+    ([{"alert": "RecserveInstanceDown", "within_s": 5, "page": True}], "alerts[0].page", "unknown field"),
+    ([], "spec.alerts", "non-empty list"),
+])
+def test_bad_alert_expectations_are_refused_naming_field_and_rule(field, path, rule):
+    with pytest.raises(SpecError) as err:
+        parse(spec(field), "t.yaml")
+    assert err.value.field == path and rule in err.value.rule
+
+
+def _n(t, status, name="RecserveInstanceDown", inst="t1", starts="2026-12-01T10:00:05.123456789Z"):
+    return {"received": t, "receiver": "ticket", "status": status, "alertname": name,
+            "labels": {"alertname": name, "instance": inst}, "startsAt": starts}
+
+
+def test_match_measures_from_the_fault_and_ignores_earlier_incidents():
+    fault = alerts._unix("2026-12-01T10:00:00Z")
+    old = _n(fault - 50, "firing", starts="2026-12-01T09:59:00Z")
+    notes = [old, _n(fault + 8.5, "firing"), _n(fault + 9, "firing", inst="t2", starts="2026-12-01T10:00:06Z"),
+             _n(fault + 30.25, "resolved"), _n(fault + 20, "resolved", inst="t2", starts="2026-12-01T10:00:06Z")]
+    row = alerts.match(AlertExpect("RecserveInstanceDown", 10, 40), notes, fault)
+    assert row["time_to_alert_s"] == 8.5 and row["time_to_resolve_s"] == 30.25 and row["labels"]["instance"] == "t1"
+    assert alerts.done([row])
+    rows = alerts.checks([row])
+    assert [r["ok"] for r in rows] == [True, True]
+    assert alerts.marks([row], fault - 5) == [(13.5, "alert InstanceDown firing"),
+                                              (35.25, "alert InstanceDown resolved")]
+
+
+def test_an_alert_that_never_came_fails_and_a_late_one_is_missed_by_its_excess():
+    never = alerts.match(AlertExpect("RecserveGoldenMismatch", 10), [_n(100.0, "firing")], 50.0)
+    assert never["time_to_alert_s"] is None and not alerts.done([never])
+    assert alerts.checks([never])[0]["ok"] is False and alerts.checks([never])[0]["missed_by"] == "never received"
+    late = alerts.match(AlertExpect("RecserveInstanceDown", 10), [_n(1764583220.0, "firing")], 1764583200.0)
+    row = alerts.checks([late])[0]
+    assert row["measured"] == 20.0 and not row["ok"] and row["missed_by"].startswith("10.0")
