@@ -299,7 +299,7 @@ class RolloutManager:
         f = self.fleet
         inst = self.state.instance(iid)
         expected = f.golden.expected(inst.versions)
-        metrics_url = f"http://127.0.0.1:{inst.metrics_port}/metrics"
+        metrics_url = f.metrics_url(iid)
         start_counts = triton_request_counts(metrics_url) or (0.0, 0.0)
         lat: list[float] = []
         ref_lat: list[float] = []
