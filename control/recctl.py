@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("snapshots", cmd_snapshots, "list backups")
     re_ = add("restore", cmd_restore, "restore the model repository from a backup, verified by sha256")
     re_.add_argument("id")
+    from control.kube.ctl import add_parser as add_k8s
+
+    add_k8s(sub)
     return p
 
 

@@ -7,10 +7,12 @@ Deployment's own args and replacing pods the operator deletes. Two pods; one rep
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 
 import pytest
+import yaml
 
 from control.kube.api import GATE, GROUP, VERSION
 from control.kube.manifests import find, render
@@ -139,9 +141,12 @@ def test_a_bad_rollout_request_is_refused_with_the_field_named(cluster):
 
 
 def test_canary_modelrollout_loads_gates_and_promotes_for_real(cluster):
-    cluster.rollout("ranker-v2", model="ranker", version=2, strategy="canary", steps=[50, 100], bakeSeconds=2)
+    # p99 on a shared 2-core host is noise (load average 12 seen here): the flow is under test, so the p99 gate is
+    # loose; answer overlap and error rate keep their defaults.
+    cluster.rollout("ranker-v2", model="ranker", version=2, strategy="canary", steps=[50, 100], bakeSeconds=2,
+                    gates={"maxP99Ratio": 10, "minP99Ms": 500})
     st = cluster.finished("ranker-v2")
-    assert st["result"] == "Succeeded", st
+    assert st["result"] == "Succeeded", (st["failedGate"], st["failedValue"], st["threshold"], st["history"][-4:])
     assert st["fromVersion"] == 1 and st["canary"] in cluster.ctl.servers
     for g in ("answer_overlap", "error_rate", "p99_ratio", "baseline_p99_ms"):
         assert g in st["gates"], g
@@ -169,6 +174,32 @@ def test_modelrollout_with_wrong_answers_is_rolled_back_for_real(cluster):
     wait_for(cluster.all_open, 60, "both gates open again after the rollback")
 
 
+def test_recctl_reads_rollouts_and_aborts_one_through_a_kubeconfig(cluster, tmp_path, capsys):
+    from control.recctl import main
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+        "clusters": [{"name": "emu", "cluster": {"server": cluster.emu.url}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u", "namespace": NAMESPACE}}]}))
+    k8s = ["k8s", "--kubeconfig", str(kubeconfig), "--context", "emu"]
+    assert main(k8s + ["rollouts", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["ranker-v2"]["result"] == "Succeeded" and rows["ranker-bad"]["gate"] == "answer_overlap"
+    good = make_version(cluster.repo, "ranker", "copy", base=2)
+    slow = ["rollover", "ranker", "--version", str(good), "--steps", "100", "--bake", "60", "--name", "slow"]
+    assert main(k8s + slow) == 0
+    wait_for(lambda: cluster.rollout_status("slow").get("phase") in ("shift", "bake"), 60, "slow rollout baking")
+    assert main(k8s + ["rollback", "ranker"]) == 0  # deletes the CR: the operator aborts and rolls back
+    rec = wait_for(lambda: (r := cluster.op.pool.state.latest_rollout("ranker")).status != "running" and r, 60,
+                   "the aborted rollout to finish")
+    assert rec.status == "rolled_back" and rec.failed_gate == "operator"
+    wait_for(cluster.all_open, 60, "both gates open after the abort")
+    for name in cluster.ctl.servers:
+        assert cluster.loaded(name)["ranker"] == [2], name
+
+
 def test_pod_whose_golden_inference_fails_loses_its_gate_and_is_replaced_on_desired_versions(cluster):
     before = set(cluster.ctl.servers)
     victim = sorted(before)[0]
@@ -181,7 +212,7 @@ def test_pod_whose_golden_inference_fails_loses_its_gate_and_is_replaced_on_desi
     (new,) = set(cluster.ctl.servers) - before
     wait_for(cluster.all_open, 120, "the replacement pod's gate to open", tick=cluster.ctl.reconcile)
     desired = cluster.fleet_status()["desiredVersions"]
-    for name in cluster.ctl.servers:  # newest ranker on disk: 3 (the rolled-back one); desired: 2
+    for name in cluster.ctl.servers:  # newest ranker on disk: 4 (its rollout was aborted); desired: 2
         got = cluster.loaded(name)
         assert got["ranker"] == desired["ranker"] == [2], name
     assert [e for e in cluster.emu.events("VersionsLoaded") if e.involved_object.name == new]
