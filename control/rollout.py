@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from control.fleet import Fleet, FleetError
 from control.golden import ask
 from control.metrics import triton_request_counts
+from control.pool import ServingPool
 from control.snapshots import RepositoryError, verify_version, versions_on_disk
 from control.state import RolloutRecord
 
@@ -61,7 +62,7 @@ def p99(samples: list[float]) -> float:
 class RolloutManager:
     """Runs at most one rollout at a time, each in its own thread; ``events`` are read from the journal."""
 
-    def __init__(self, fleet: Fleet, probe_interval_s: float = 0.05):
+    def __init__(self, fleet: ServingPool, probe_interval_s: float = 0.05):
         self.fleet = fleet
         self.state = fleet.state
         self.probe_interval_s = probe_interval_s

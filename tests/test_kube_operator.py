@@ -124,6 +124,18 @@ def test_new_pods_get_the_desired_versions_before_their_gate_opens(cluster):
     assert secret.metadata.name == "recserve-triton-admin"
 
 
+def test_both_drivers_provide_the_pool_interface_the_rollouts_use(cluster, tmp_path):
+    from control.fleet import Fleet, FleetConfig
+    from control.pool import ServingPool
+
+    assert isinstance(cluster.op.pool, ServingPool)
+    fleet = Fleet(FleetConfig(root=tmp_path / "fleet", repository=cluster.repo))  # starts no process
+    try:
+        assert isinstance(fleet, ServingPool)
+    finally:
+        fleet.state.close()
+
+
 def test_repository_api_of_a_pod_is_locked_by_the_manifest_args(cluster):
     name = next(iter(cluster.ctl.servers))
     port = cluster.ctl.servers[name].config.http_port

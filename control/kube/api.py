@@ -7,6 +7,7 @@ status patch.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import secrets
 
@@ -77,23 +78,19 @@ class KubeApi:
         """The Triton admin key from its Secret, created once with a random key when it does not exist."""
         try:
             sec = self.core.read_namespaced_secret(ADMIN_SECRET, self.namespace)
-            data = sec.string_data or {}
-            if sec.data and ADMIN_SECRET_KEY in sec.data:
-                import base64
-
-                return base64.b64decode(sec.data[ADMIN_SECRET_KEY]).decode()
-            if ADMIN_SECRET_KEY in data:
-                return data[ADMIN_SECRET_KEY]
-            raise RuntimeError(f"Secret {ADMIN_SECRET} has no key {ADMIN_SECRET_KEY!r}")
         except ApiException as exc:
             if exc.status != 404:
                 raise
+        else:
+            if not sec.data or ADMIN_SECRET_KEY not in sec.data:
+                raise RuntimeError(f"Secret {ADMIN_SECRET} has no key {ADMIN_SECRET_KEY!r}")
+            return base64.b64decode(sec.data[ADMIN_SECRET_KEY]).decode()
         key = secrets.token_urlsafe(32)
         self.core.create_namespaced_secret(self.namespace, {
             "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": ADMIN_SECRET, "namespace": self.namespace,
                          "labels": {"app.kubernetes.io/part-of": "recserve"}},
-            "stringData": {ADMIN_SECRET_KEY: key}})
+            "data": {ADMIN_SECRET_KEY: base64.b64encode(key.encode()).decode()}})
         return key
 
     # ------------------------------------------------------------------ custom resources

@@ -18,7 +18,7 @@ import argparse
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kubernetes.client.exceptions import ApiException
@@ -52,7 +52,6 @@ class OperatorConfig:
     check_interval_s: float | None = None
     kubeconfig: str | None = None
     context: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Operator:
@@ -360,10 +359,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, default=Path("/var/lib/recserve"), help="rollout journal (SQLite)")
     p.add_argument("--kubeconfig", help="outside a cluster: kubeconfig file (default: in-cluster, then ~/.kube)")
     p.add_argument("--context", help="kubeconfig context")
+    p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus metrics of the operator (0: off)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     op = Operator(OperatorConfig(namespace=a.namespace, fleet=a.fleet, repository=a.repository, workdir=a.workdir,
                                  kubeconfig=a.kubeconfig, context=a.context)).start()
+    if a.metrics_port:
+        assert op.pool is not None
+        op.pool.metrics.serve(a.metrics_port, host="0.0.0.0")
     log.info("operator running for RecServeFleet %s/%s", a.namespace, a.fleet)
     try:
         while True:
