@@ -95,7 +95,9 @@ def cluster(tmp_path_factory):
         key = op.pool.admin_key
         ctl = DeploymentController(emu.core, find(objects, "Deployment", "recserve-triton"), repo, base / "pods", key)
         ctl.reconcile()
-        yield Cluster(emu, ctl, op, repo, key)
+        cl = Cluster(emu, ctl, op, repo, key)
+        yield cl
+        op = cl.op  # a test may have replaced the operator
     finally:
         if op is not None:
             op.stop()
@@ -228,3 +230,21 @@ def test_pod_whose_golden_inference_fails_loses_its_gate_and_is_replaced_on_desi
         got = cluster.loaded(name)
         assert got["ranker"] == desired["ranker"] == [2], name
     assert [e for e in cluster.emu.events("VersionsLoaded") if e.involved_object.name == new]
+
+
+def test_operator_rescheduled_without_its_state_keeps_the_versions_it_had_moved_to(cluster, tmp_path):
+    """A new operator pod (fresh emptyDir) takes the versions from the fleet's status, not the spec's old pin."""
+    assert find_spec_pin(cluster) == [1] and cluster.fleet_status()["desiredVersions"]["ranker"] == [2]
+    cluster.op.stop()
+    cluster.op = Operator(OperatorConfig(namespace=NAMESPACE, repository=cluster.repo, workdir=tmp_path / "op2",
+                                         reconcile_interval_s=0.5), api=_api(cluster.emu)).start()
+    assert cluster.op.pool.desired()["ranker"] == [2]
+    time.sleep(2)  # several checks: nothing gets reloaded to the spec's ranker 1
+    wait_for(cluster.all_open, 60, "both gates open under the new operator")
+    for name in cluster.ctl.servers:
+        assert cluster.loaded(name)["ranker"] == [2], name
+
+
+def find_spec_pin(cluster) -> list[int]:
+    fleet = cluster.emu.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "recservefleets", "recserve")
+    return fleet["spec"]["desiredVersions"]["ranker"]
