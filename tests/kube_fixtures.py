@@ -89,6 +89,19 @@ class KubeEmulator:
         return [e for e in self.core.list_namespaced_event(NAMESPACE).items if reason is None or e.reason == reason]
 
 
+class PodServer(TritonServer):
+    """A tritonserver run like the pod's container: the manifest's args replace the embedded defaults of the same
+    option (restricted APIs, readiness, metrics); options the manifest does not set keep the embedded values."""
+
+    def __init__(self, config: TritonConfig, pod_args: list[str]):
+        super().__init__(config)
+        self.pod_args = pod_args
+
+    def command(self, backend_dir: Path) -> list[str]:
+        names = {a.split("=", 1)[0] for a in self.pod_args}
+        return [a for a in super().command(backend_dir) if a.split("=", 1)[0] not in names] + self.pod_args
+
+
 class DeploymentController:
     """Plays the Deployment controller and kubelet for the rendered ``recserve-triton`` Deployment: keeps
     ``replicas`` Pod objects, each backed by a real tritonserver started with the Deployment's own container args
@@ -124,9 +137,9 @@ class DeploymentController:
             self._n += 1
             name = f"recserve-triton-{self._n}"
             self.fault_dir(name).mkdir(parents=True, exist_ok=True)
-            srv = TritonServer(TritonConfig(model_repository=self.repository, workdir=self.workdir / name,
-                                            models=models, extra_args=flags, name=name,
-                                            extra_env={"RECSERVE_FAULT_DIR": str(self.fault_dir(name))}))
+            srv = PodServer(TritonConfig(model_repository=self.repository, workdir=self.workdir / name,
+                                         models=models, admin_key=self.admin_key, name=name,
+                                         extra_env={"RECSERVE_FAULT_DIR": str(self.fault_dir(name))}), flags)
             self.servers[name] = srv
             srv.start(wait=False)
             started.append(name)
