@@ -156,13 +156,15 @@ class Operator:
         assert pool is not None
         recs = pool.state.instances()
         desired = pool.desired()
-        self.api.patch_fleet_status(self.config.fleet, {
+        status = {
             "pods": len(recs), "readyPods": len(self._ready_ids()), "desiredVersions": desired,
             "versionsText": " ".join(f"{m}={','.join(map(str, v))}" for m, v in desired.items()
                                      if m in pool.versioned_models()),
             "instances": [{"pod": r.id, "role": r.role, "state": r.state, "goldenOk": bool(self.gates.get(r.id)),
-                           "detail": r.detail} for r in recs],
-            "observedAt": now()})
+                           "detail": r.detail} for r in recs]}
+        old = {k: v for k, v in (fleet.get("status") or {}).items() if k != "observedAt"}
+        if status != old:  # write on change only: one patch a second per fleet would load the API server
+            self.api.patch_fleet_status(self.config.fleet, {**status, "observedAt": now()})
 
     # ------------------------------------------------------------------ health and the readiness gate
     def _checked_ids(self) -> list[str]:
