@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null; }
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,s3]'
+	$(PY) -m pip install -q -e '.[dev,s3,deploy]'
 	@$(MAKE) --no-print-directory proto
 	@touch $(STAMP)
 

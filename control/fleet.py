@@ -198,6 +198,10 @@ class Fleet:
             self.clients[iid] = c
         return c
 
+    def metrics_url(self, iid: str) -> str:
+        """Triton's Prometheus endpoint of one instance (the rollout gates read its request counters)."""
+        return f"http://127.0.0.1:{self.state.instance(iid).metrics_port}/metrics"
+
     def alive(self, rec: InstanceRecord) -> bool:
         srv = self.servers.get(rec.id)
         if srv is not None and srv.process is not None:

@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--root", dest="restore_root", help="new runtime root (must not hold a state.db)")
     re_.add_argument("--repository", help="model repository to rebuild")
     backup_cli.add_commands(sub, add)
+    from control.kube.ctl import add_parser as add_k8s
+
+    add_k8s(sub)
     return p
 
 

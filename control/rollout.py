@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from control.fleet import Fleet, FleetError
 from control.golden import ask
 from control.metrics import triton_request_counts
+from control.pool import ServingPool
 from control.snapshots import RepositoryError, verify_version, versions_on_disk
 from control.state import RolloutRecord
 
@@ -62,7 +63,7 @@ def p99(samples: list[float]) -> float:
 class RolloutManager:
     """Runs at most one rollout at a time, each in its own thread; ``events`` are read from the journal."""
 
-    def __init__(self, fleet: Fleet, probe_interval_s: float = 0.05):
+    def __init__(self, fleet: ServingPool, probe_interval_s: float = 0.05):
         self.fleet = fleet
         self.state = fleet.state
         self.probe_interval_s = probe_interval_s
@@ -307,7 +308,7 @@ class RolloutManager:
         if expected is None:  # nothing to judge the answers by: the gate cannot pass (never self-reference)
             raise GateFailure("golden", 1, 0, f"no expected golden answers for {iid}'s versions: "
                               f"{f.golden.problem(inst.versions)}")
-        metrics_url = f"http://127.0.0.1:{inst.metrics_port}/metrics"
+        metrics_url = f.metrics_url(iid)
         start_counts = triton_request_counts(metrics_url) or (0.0, 0.0)
         lat: list[float] = []
         ref_lat: list[float] = []

@@ -208,6 +208,9 @@ class _FakeFleet:
     def client(self, iid):
         return self._client if iid == "t2" else _Client()
 
+    def metrics_url(self, iid):
+        return f"http://127.0.0.1:{self.state.instance(iid).metrics_port}/metrics"
+
 
 class _Client:
     def __init__(self, delay_s: float = 0.0, fail: bool = False):

@@ -1,0 +1,1 @@
+"""recserve on Kubernetes: the operator (control plane with a Kubernetes driver) and its manifests' checks."""

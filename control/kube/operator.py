@@ -1,0 +1,381 @@
+"""The recserve operator: the control plane with a Kubernetes driver (``python -m control.kube.operator``).
+
+It reads one ``RecServeFleet``, discovers its Triton pods by label, loads the exact desired versions on a new pod
+through its repository API, deep-checks every pod (live, versions, golden inference) and opens the pod's
+``recserve.io/golden-ok`` readiness gate only while the pod answers right; a pod that keeps failing is deleted so
+its Deployment replaces it. ``ModelRollout`` objects run through ``control.rollout.RolloutManager``, the same
+canary, gates and rollback as the local fleet, over ``KubePool``; progress and the decision with its numbers go
+to the CR's status and to Kubernetes Events.
+
+The official ``kubernetes`` client (not kopf): the control plane is synchronous, threaded code (health monitor,
+rollout threads), and a poll loop over list calls is all it needs; kopf would add an asyncio framework, its own
+peering CRDs and finalizers for no behaviour we use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes.client.exceptions import ApiException
+
+from control.fleet import FleetError
+from control.health import HealthMonitor, Probe
+from control.kube.api import GATE, KubeApi, api_client, now
+from control.kube.pool import KubePool, pod_endpoint
+from control.rollout import RolloutManager
+from control.state import RolloutRecord
+
+log = logging.getLogger("recserve.operator")
+
+#: ModelRollout.status.result for each rollout journal status.
+RESULTS = {"running": "Running", "succeeded": "Succeeded", "rolled_back": "RolledBack"}
+#: CR gate names (camelCase) -> control.rollout.Gates fields.
+GATE_FIELDS = {"maxErrorRate": "max_error_rate", "maxP99Ratio": "max_p99_ratio", "minP99Ms": "min_p99_ms",
+               "minAnswerOverlap": "min_answer_overlap"}
+HISTORY = 30
+
+
+@dataclass
+class OperatorConfig:
+    namespace: str
+    fleet: str = "recserve"
+    repository: Path = Path("/models")
+    workdir: Path = Path("/var/lib/recserve")
+    #: How often the fleet, its pods and the rollouts are listed.
+    reconcile_interval_s: float = 1.0
+    #: Overrides the fleet's spec.pool.checkIntervalSeconds when set (tests).
+    check_interval_s: float | None = None
+    kubeconfig: str | None = None
+    context: str | None = None
+
+
+class Operator:
+    """Owns the reconcile thread, the health monitor and the rollout manager of one RecServeFleet."""
+
+    def __init__(self, config: OperatorConfig, api: KubeApi | None = None):
+        self.config = config
+        self.api = api or KubeApi(api_client(config.kubeconfig, config.context), config.namespace)
+        self.pool: KubePool | None = None
+        self.rollouts: RolloutManager | None = None
+        self.monitor: HealthMonitor | None = None
+        self.fails: dict[str, int] = {}
+        self.gates: dict[str, bool] = {}
+        self.spec: dict = {}
+        self._owned: dict[str, str] = {}  # ModelRollout name -> rollout id
+        self._seen_seq: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="operator", daemon=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Operator:
+        fleet = self.api.fleet(self.config.fleet)
+        self.spec = fleet["spec"]
+        key = self.api.admin_key()
+        self.pool = KubePool(self.config.repository, self.config.workdir, key, self.spec["models"],
+                             delete_pod=self._delete_pod, on_traffic=self._apply_gate)
+        self._init_desired(fleet)
+        self.rollouts = RolloutManager(self.pool)
+        self.rollouts.recover_records()
+        interval = self.config.check_interval_s or float(self.spec["pool"].get("checkIntervalSeconds", 2))
+        self.monitor = HealthMonitor(self._checked_ids, self._check, self._on_probe, interval_s=interval)
+        self.reconcile()
+        self.monitor.start()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self._thread.is_alive():
+            self._thread.join(10)
+        if self.rollouts is not None:
+            for rid in list(self.rollouts._threads):
+                self.rollouts.wait(rid, 30)
+        if self.pool is not None:
+            self.pool.close()
+
+    def _init_desired(self, fleet: dict) -> None:
+        """The operator's last recorded truth (status) first, then the spec's pins, then the newest good version."""
+        pool = self.pool
+        assert pool is not None
+        if pool.state.desired():
+            return
+        target = pool.initial_desired()
+        recorded = (fleet.get("status") or {}).get("desiredVersions") or {}
+        pinned = self.spec.get("desiredVersions") or {}
+        for m in pool.model_closure():
+            pick = recorded.get(m) or pinned.get(m)
+            if pick:
+                for v in pick:
+                    pool.check_version(m, int(v))
+                target[m] = sorted(int(v) for v in pick)
+        for m, versions in target.items():
+            pool.state.set_desired(m, versions, last_good=versions)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.config.reconcile_interval_s):
+            try:
+                self.reconcile()
+            except Exception as exc:  # the API can be briefly unavailable; say so and go on
+                log.warning("reconcile failed: %r", exc)
+                assert self.pool is not None
+                self.pool.metrics.reconcile_errors.inc()
+
+    # ------------------------------------------------------------------ reconcile
+    def reconcile(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        fleet = self.api.fleet(self.config.fleet)
+        self.spec = fleet["spec"]
+        pods = self.api.pods(self.spec["pool"]["selector"])
+        self._pods = {p["metadata"]["name"]: p for p in pods}
+        eps = [e for e in (pod_endpoint(p) for p in pods) if e is not None]
+        added, removed = pool.sync(eps)
+        for name in added:
+            self.fails[name] = 0
+            self.gates.pop(name, None)
+        for name in removed:
+            self.fails.pop(name, None)
+            self.gates.pop(name, None)
+        pool.ensure_primary()
+        self._reconcile_rollouts()
+        self._write_fleet_status(fleet)
+
+    def _ready_ids(self) -> list[str]:
+        assert self.pool is not None
+        return [r.id for r in self.pool.state.instances() if r.state == "healthy" and self.gates.get(r.id)]
+
+    def _write_fleet_status(self, fleet: dict) -> None:
+        pool = self.pool
+        assert pool is not None
+        recs = pool.state.instances()
+        desired = pool.desired()
+        status = {
+            "pods": len(recs), "readyPods": len(self._ready_ids()), "desiredVersions": desired,
+            "versionsText": " ".join(f"{m}={','.join(map(str, v))}" for m, v in desired.items()
+                                     if m in pool.versioned_models()),
+            "instances": [{"pod": r.id, "role": r.role, "state": r.state, "goldenOk": bool(self.gates.get(r.id)),
+                           "detail": r.detail} for r in recs]}
+        old = {k: v for k, v in (fleet.get("status") or {}).items() if k != "observedAt"}
+        if status != old:  # write on change only: one patch a second per fleet would load the API server
+            self.api.patch_fleet_status(self.config.fleet, {**status, "observedAt": now()})
+
+    # ------------------------------------------------------------------ health and the readiness gate
+    def _checked_ids(self) -> list[str]:
+        assert self.pool is not None
+        return [r.id for r in self.pool.state.instances() if r.id not in self.pool.busy and r.state != "deleting"]
+
+    def _check(self, iid: str) -> Probe:
+        """A new pod first gets exactly its versions (the pod started with the newest), then the deep check."""
+        pool = self.pool
+        assert pool is not None
+        rec = pool.state.instance(iid)
+        if rec is not None and rec.state == "new":
+            loaded = pool.loaded(iid)
+            if loaded is None:
+                return Probe(False, "starting", "repository API not answering yet", time.time())
+            want = {m: v for m, v in rec.versions.items()}
+            if any(sorted(loaded.get(m, [])) != v for m, v in want.items()):
+                pool.busy.add(iid)
+                try:
+                    pool.load_versions(iid, want)
+                    self._event_pod(iid, "VersionsLoaded", f"loaded {self._fmt_versions(want)} before opening the "
+                                    f"{GATE} gate (the pod started with {self._fmt_versions(loaded)})")
+                except Exception as exc:  # Triton's load error, quoted
+                    return Probe(False, "load", str(exc)[:300], time.time())
+                finally:
+                    pool.busy.discard(iid)
+        return pool.check(iid)
+
+    def _fmt_versions(self, v: dict[str, list[int]]) -> str:
+        assert self.pool is not None
+        return " ".join(f"{m}={','.join(map(str, v.get(m, [])))}" for m in self.pool.versioned_models())
+
+    def _on_probe(self, iid: str, probe: Probe) -> None:
+        pool = self.pool
+        assert pool is not None
+        rec = pool.state.instance(iid)
+        if rec is None or iid in pool.busy or rec.state == "deleting":
+            return
+        if probe.ok:
+            self.fails[iid] = 0
+            pool.metrics.instance_healthy.labels(iid).set(1)
+            if rec.state != "healthy":
+                pool.state.update_instance(iid, state="healthy", detail="", last_healthy=probe.ts)
+            self._apply_gate(iid)
+            return
+        if probe.stage == "starting":
+            return  # a pod still starting is the startup probe's business, not a failure
+        self.fails[iid] = self.fails.get(iid, 0) + 1
+        threshold = int(self.spec["pool"].get("failThreshold", 2))
+        if not probe.fatal and self.fails[iid] < threshold:
+            return
+        reason = f"{probe.stage}: {probe.reason}"
+        pool.metrics.instance_healthy.labels(iid).set(0)
+        pool.metrics.detections.labels(iid, probe.stage).inc()
+        pool.state.update_instance(iid, state="broken", detail=reason[:500])
+        self._apply_gate(iid)
+        if rec.role == "canary":
+            pool.canary_broken[iid] = reason  # the rollout rolls back; it owns this pod
+            return
+        pool.schedule_restart(iid, f"deep check failed {self.fails[iid]} times: {reason}")
+
+    def _apply_gate(self, iid: str) -> None:
+        """The gate is open only while the pod is healthy AND the rollout's routing admits it."""
+        pool = self.pool
+        assert pool is not None
+        rec = pool.state.instance(iid)
+        pod = getattr(self, "_pods", {}).get(iid)
+        if rec is None or pod is None:
+            return
+        healthy = rec.state == "healthy"
+        admitted = pool.traffic.admitted(iid)
+        ok = healthy and admitted
+        if self.gates.get(iid) == ok:
+            return
+        if ok:
+            reason, msg = "GoldenOk", "golden inference answered right on the desired versions"
+        elif not healthy:
+            reason, msg = "GoldenFailed", rec.detail or f"state {rec.state}"
+        else:
+            reason, msg = "RolloutRouting", "the running rollout takes this pod out of the Service"
+        try:
+            fresh = self.api.core.read_namespaced_pod(iid, self.api.namespace)
+            pod = self.api.core.api_client.sanitize_for_serialization(fresh)
+            self.api.set_condition(pod, GATE, ok, reason, msg)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        self.gates[iid] = ok
+        self._event_pod(iid, reason, msg, warning=not healthy)
+
+    def _delete_pod(self, iid: str, reason: str) -> None:
+        self._event_pod(iid, "PodDeleted", f"deleting {iid} so its Deployment replaces it: {reason}", warning=True)
+        self.api.delete_pod(iid)
+
+    def _event_pod(self, iid: str, reason: str, message: str, warning: bool = False) -> None:
+        pod = getattr(self, "_pods", {}).get(iid) or {"metadata": {"name": iid}}
+        obj = {"apiVersion": "v1", "kind": "Pod", "metadata": pod.get("metadata", {})}
+        try:
+            self.api.event(obj, reason, message, warning)
+        except ApiException as exc:
+            log.warning("event %s for %s not written: %s", reason, iid, exc.reason)
+
+    # ------------------------------------------------------------------ ModelRollouts
+    def _reconcile_rollouts(self) -> None:
+        mgr, pool = self.rollouts, self.pool
+        assert mgr is not None and pool is not None
+        crs = [cr for cr in self.api.rollouts() if cr.get("spec", {}).get("fleet") == self.config.fleet]
+        names = {cr["metadata"]["name"] for cr in crs}
+        for name, rid in list(self._owned.items()):
+            rec = pool.state.rollout(rid)
+            if name not in names and rec is not None and rec.status == "running":
+                threading.Thread(target=mgr.rollback, args=(rec.model,), daemon=True).start()  # deleted: abort
+                self._owned.pop(name)
+        for cr in sorted(crs, key=lambda c: c["metadata"].get("creationTimestamp") or ""):
+            st = cr.get("status") or {}
+            result = st.get("result")
+            if result in (None, "Pending"):
+                self._start_rollout(cr)
+            elif result == "Running":
+                rec = pool.state.rollout(st.get("rolloutId", ""))
+                if rec is None:
+                    self.api.patch_rollout_status(cr["metadata"]["name"], {
+                        "result": "Refused", "finishedAt": now(),
+                        "message": "the operator lost its rollout journal (state not kept); create it again"})
+                else:
+                    self._mirror(cr, rec)
+
+    def _start_rollout(self, cr: dict) -> None:
+        mgr, pool = self.rollouts, self.pool
+        assert mgr is not None and pool is not None
+        name, spec = cr["metadata"]["name"], cr["spec"]
+        running = pool.state.running_rollouts()
+        if running:
+            self._status_if_changed(cr, {"result": "Pending", "message": f"waiting for rollout {running[0].id} "
+                                         f"of {running[0].model}"})
+            return
+        ready, need = len(self._ready_ids()), int(self.spec["pool"]["minReady"])
+        if ready < need:
+            self._status_if_changed(cr, {"result": "Pending", "message": f"waiting: {ready} of the fleet's "
+                                         f"pool.minReady={need} pods pass the golden check"})
+            return
+        gates = {GATE_FIELDS[k]: v for k, v in {**(self.spec.get("gates") or {}), **(spec.get("gates") or {})}.items()
+                 if k in GATE_FIELDS}
+        try:
+            rid = mgr.start(spec["model"], int(spec["version"]), spec.get("strategy") or "canary",
+                            spec.get("steps"), float(spec.get("bakeSeconds", 20)), gates)
+        except FleetError as exc:
+            self.api.patch_rollout_status(name, {"result": "Refused", "message": str(exc), "finishedAt": now()})
+            self.api.event(cr, "Refused", str(exc), warning=True)
+            return
+        self._owned[name] = rid
+        rec = pool.state.rollout(rid)
+        self.api.patch_rollout_status(name, {"result": "Running", "rolloutId": rid, "phase": rec.phase,
+                                             "fromVersion": rec.from_version, "startedAt": now()})
+        self._mirror(cr, rec)
+
+    def _status_if_changed(self, cr: dict, status: dict) -> None:
+        st = cr.get("status") or {}
+        if any(st.get(k) != v for k, v in status.items()):
+            self.api.patch_rollout_status(cr["metadata"]["name"], status)
+
+    def _mirror(self, cr: dict, rec: RolloutRecord) -> None:
+        """The rollout journal -> the CR's status (phase, gates with their numbers, history) and Events."""
+        pool = self.pool
+        assert pool is not None
+        events = pool.state.rollout_events(rec.id)
+        gates: dict[str, float] = {}
+        for e in events:
+            gates.update({k: float(v) for k, v in (e.get("gates") or {}).items()})
+        last = events[-1]["message"] if events else ""
+        status = {"rolloutId": rec.id, "phase": rec.phase, "result": RESULTS.get(rec.status, rec.status),
+                  "fromVersion": rec.from_version, "canary": rec.canary, "failedGate": rec.failed_gate,
+                  "failedValue": rec.failed_value, "threshold": rec.threshold, "message": last, "gates": gates,
+                  "history": [{"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(e["ts"])),
+                               "phase": e["phase"], "weight": int(e["weight"]), "message": e["message"][:500]}
+                              for e in events[-HISTORY:]]}
+        if rec.finished:
+            status["finishedAt"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rec.finished))
+        self._status_if_changed(cr, status)
+        seen = self._seen_seq.get(rec.id, 0)
+        for e in events:
+            if e["seq"] > seen:
+                warn = e["phase"] == "rollback" or e["status"] == "rolled_back"
+                self.api.event(cr, f"Rollout{e['phase'].capitalize()}", e["message"], warning=warn)
+                self._seen_seq[rec.id] = e["seq"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m control.kube.operator", description=__doc__.splitlines()[0])
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--fleet", default="recserve", help="name of the RecServeFleet to run")
+    p.add_argument("--repository", type=Path, default=Path("/models"), help="the model repository (read-only)")
+    p.add_argument("--workdir", type=Path, default=Path("/var/lib/recserve"), help="rollout journal (SQLite)")
+    p.add_argument("--kubeconfig", help="outside a cluster: kubeconfig file (default: in-cluster, then ~/.kube)")
+    p.add_argument("--context", help="kubeconfig context")
+    p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus metrics of the operator (0: off)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    op = Operator(OperatorConfig(namespace=a.namespace, fleet=a.fleet, repository=a.repository, workdir=a.workdir,
+                                 kubeconfig=a.kubeconfig, context=a.context)).start()
+    if a.metrics_port:
+        assert op.pool is not None
+        op.pool.metrics.serve(a.metrics_port, host="0.0.0.0")
+    log.info("operator running for RecServeFleet %s/%s", a.namespace, a.fleet)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        op.stop()
+
+
+if __name__ == "__main__":
+    main()
