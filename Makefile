@@ -58,7 +58,7 @@ clean-runtime:  ## remove runtime state (.recserve/)
 drills: models  ## run every drill spec (drills/specs/*.yaml); summary table + reports/drills/latest
 	$(PY) -m drills run
 
-drill-smoke: models  ## crash, hang, overload, rollover-under-load (CI); prints the summary table
+drill-smoke: models  ## crash, hang, overload, rollover-under-load, bad-rollover (CI); prints the summary table
 	$(PY) -m drills smoke
 
 drill: models  ## one drill: make drill NAME=crash (list: python -m drills list)

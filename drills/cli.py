@@ -18,7 +18,7 @@ from rich.table import Table
 from drills import report
 from drills.spec import SPECS_DIR, DrillSpec, SpecError, load_all, load_file
 
-SMOKE = ("crash", "hang", "overload", "rollover-under-load")
+SMOKE = ("crash", "hang", "overload", "rollover-under-load", "bad-rollover")
 #: Wide enough for the summary table in CI logs (rich assumes 80 columns without a terminal).
 console = Console(width=None if sys.stdout.isatty() else 120)
 

@@ -135,8 +135,9 @@ class Crash(Fault):
         waited = ctx.fleet.wait("instance back", lambda: any(
             i.id == iid and i.state == "healthy" for i in ctx.fleet.instances()), timeout_s=120)
         ctx.figures["instance_back_s"] = waited
-        # The killed server's Python backend stubs outlive it (orphaned, same process group) and the control
-        # plane does not reap them: recorded as a finding, then removed so drills leave nothing behind.
+        # The control plane reaps the killed server's process group (its Python backend stubs) when it restarts
+        # the instance. A stub still alive now is an orphan it missed: counted for the crash drill's
+        # orphaned_stubs_max expectation, then removed so the drill leaves nothing behind.
         pgid = ctx.figures.get("killed_pid")
         orphans = group_members(pgid) if pgid else []
         for pid in orphans:

@@ -132,6 +132,7 @@ class Expect:
     instances_alive: bool | None = None
     rolled_back: bool | None = None
     repaired: bool | None = None
+    orphaned_stubs_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ def _action(c: _Checker, raw: Any, path: str) -> Action:
 
 def _expect(c: _Checker, raw: Any) -> Expect:
     path = "expect"
-    ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max"}
+    ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max", "orphaned_stubs_max"}
     floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "goodput_ratio_min", "rejected_p99_ms_max",
               "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max"}
     bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired"}

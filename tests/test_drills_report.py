@@ -36,6 +36,15 @@ def test_verdict_passes_and_fails_with_the_miss_spelled_out():
     assert "rto_ms 1500 vs <= 1000" in reason
 
 
+def test_deterministic_expectations_are_marked_apart_from_timing_ones():
+    """CI fails on the deterministic rows only (a leaked stub, a lost request), never on a slow host's RTO."""
+    expect = Expect(failed_requests_max=0, rto_ms_max=1000, orphaned_stubs_max=0)
+    ok, rows, reason = evaluate(expect, {"failed_requests": 0, "rto_ms": 1500, "orphaned_stubs": 2})
+    det = {r["expectation"]: r["deterministic"] for r in rows}
+    assert det == {"failed_requests_max": True, "rto_ms_max": False, "orphaned_stubs_max": True}
+    assert not ok and [r["figure"] for r in rows if r["deterministic"] and not r["ok"]] == ["orphaned_stubs"]
+
+
 def test_unmeasured_figure_fails_the_expectation():
     ok, rows, _ = evaluate(Expect(detection_ms_max=2000), {"detection_ms": None})
     assert not ok and rows[0]["missed_by"] == "not measured"
