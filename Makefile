@@ -79,7 +79,7 @@ perf-smoke: models  ## short perf suite, under 3 minutes on 2 cores (CI)
 perf-tune: models  ## search instances/queue delay/preferred batch for MODEL=ranker; proposes a config, never edits it
 	$(PY) -m perf tune $(MODEL)
 
-perf-check: models  ## compare reports/perf/latest ratios and capacity with perf/baseline.json
+perf-check: models  ## judge reports/perf/latest ratios against their CPU ceilings (perf/baseline.json); CI
 	$(PY) -m perf check
 
 .PHONY: fleet-up fleet-down

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import site
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def parse_csv(text: str) -> list[Row]:
     if not reader.fieldnames:
         raise ValueError("perf_analyzer CSV is empty")
     header = [h.strip() for h in reader.fieldnames]
-    for need in ("Inferences/Second", "p99 latency"):
+    for need in ("Inferences/Second", "p50 latency", "p90 latency", "p95 latency", "p99 latency"):
         if need not in header:
             raise ValueError(f"perf_analyzer CSV has no '{need}' column (header: {', '.join(header)})")
     if "Concurrency" not in header and "Request Rate" not in header:
@@ -95,8 +96,6 @@ def parse_csv(text: str) -> list[Row]:
     rows = []
     for raw in reader:
         values = {CSV_FIELDS[k.strip()]: float(v) for k, v in raw.items() if k and k.strip() in CSV_FIELDS and v}
-        for need in ("p50_us", "p90_us", "p95_us"):
-            values.setdefault(need, values["p99_us"])
         rows.append(Row(**values))
     return rows
 
@@ -154,6 +153,17 @@ def binary() -> Path:
     if not path.exists():
         raise PerfAnalyzerError(f"perf_analyzer not found at {path}: run 'make setup' (tritonclient[all]==2.51.0)")
     return path
+
+
+def version() -> str:
+    """The version perf_analyzer itself reports (``--version``), not its wheel's: the two can differ."""
+    try:
+        out = subprocess.run([str(binary()), "--version"], capture_output=True, text=True, timeout=30,
+                             env=environment())
+    except (PerfAnalyzerError, OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    m = re.search(r"Perf Analyzer Version (\S+)", out.stdout + out.stderr)
+    return m.group(1) if m else f"unknown (--version said {(out.stdout + out.stderr).strip()[:120]!r})"
 
 
 def environment() -> dict[str, str]:

@@ -125,6 +125,25 @@ def serving_cpu_ceiling(inprocess_cpu_ms: list[float], served_cpu: list[dict[str
     }
 
 
+def batching_cpu_ceiling(with_cpu: list[dict[str, float]], without_cpu: list[dict[str, float]]) -> dict[str, float]:
+    """What dynamic_batching_gain can reach when the host is CPU-bound: all CPU per request (server, stubs,
+    load generator) without dynamic batching over the same with it (medians of the sweeps' top points).
+
+    Why: CPU seconds per request hold steady while throughput swings with the neighbours, so this is the
+    figure the gain is judged against (perf/check.py); a batcher that idles or stalls shows up as a gain
+    far below it, a batcher that costs more CPU as a ceiling below 1.
+    """
+    if not with_cpu or not without_cpu:
+        return {}
+    w = _median([sum(x.values()) for x in with_cpu])
+    wo = _median([sum(x.values()) for x in without_cpu])
+    return {
+        "with_cpu_ms_per_request": round(w, 3),
+        "without_cpu_ms_per_request": round(wo, 3),
+        "cpu_bound_gain": round(wo / w, 3) if w else 0.0,
+    }
+
+
 def proxy_cpu_share(samples: Iterable[dict[str, float]]) -> dict[str, float]:
     """HAProxy's CPU per request next to everything else's, from the proxied load points (medians).
 

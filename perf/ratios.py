@@ -110,6 +110,7 @@ def dynamic_batching_gain(s: Session, spec: RatioSpec, ep: Endpoint, server: Tri
     without = copy.deepcopy(committed)
     without.pop("dynamic_batching")
     pairs, detail, stalled = [], [], []
+    cpu: dict[str, list[dict[str, float]]] = {"committed": [], "no_dynamic_batching": []}
     try:
         for rnd in range(spec.rounds):
             sat, stalls = {}, 0
@@ -119,6 +120,9 @@ def dynamic_batching_gain(s: Session, spec: RatioSpec, ep: Endpoint, server: Tri
                 rows = s.sweep(ep, f"{spec.model}-batching", spec.model, spec.concurrency, spec.batch_size, variant)
                 sat[variant] = figures.saturation(r.row() for r in rows)
                 stalls += sum(r.stalls for r in rows)
+                top = max(rows, key=lambda r: r.infer_per_sec, default=None)
+                if top is not None and top.cpu_ms_per_request:
+                    cpu[variant].append(top.cpu_ms_per_request)
             pairs.append((sat["committed"], sat["no_dynamic_batching"]))
             stalled.append(stalls > 0)
             detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}, "stalls": stalls})
@@ -135,15 +139,16 @@ def dynamic_batching_gain(s: Session, spec: RatioSpec, ep: Endpoint, server: Tri
             "without_infer_per_sec": round(max(p[1] for p in pairs), 1),
             "rounds": detail,
             "rounds_with_stalls_left_out": excluded,
+            **figures.batching_cpu_ceiling(cpu["committed"], cpu["no_dynamic_batching"]),
         },
     )
 
 
-def trt_vs_onnx(s: Session, spec: RatioSpec, ep: Endpoint, loadable: list[str]) -> None:
-    """TensorRT engine / ONNX model saturation (GPU hosts only)."""
+def trt_vs_onnx(s: Session, spec: RatioSpec, ep: Endpoint, loadable: list[str], skipped: dict[str, str]) -> None:
+    """TensorRT engine / ONNX model saturation (GPU hosts only); skipped with check_models' reason."""
     trt = f"{spec.model}_trt"
     if trt not in loadable:
-        s._skip("trt_vs_onnx", f"'{trt}' is not built/loadable on this host")
+        s._skip("trt_vs_onnx", skipped.get(trt, f"'{trt}' is not built/loadable on this host"))
         return
     sat = {}
     for m in (spec.model, trt):

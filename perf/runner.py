@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, tensorrt_available, top_level_models
+from control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, top_level_models
 from perf import analyzer, figures, inputs, metrics, ratios, report
 from perf.console import console
 from perf.suite import RatioSpec, Suite, Target
@@ -41,6 +41,7 @@ class RunRecord:
     infer_per_sec: float = 0.0
     p50_ms: float = 0.0
     p90_ms: float = 0.0
+    p95_ms: float = 0.0
     p99_ms: float = 0.0
     requests: int = 0
     stalls: int = 0
@@ -59,7 +60,7 @@ class RunRecord:
             infer_per_sec=self.infer_per_sec,
             p50_us=self.p50_ms * 1000,
             p90_us=self.p90_ms * 1000,
-            p95_us=self.p99_ms * 1000,
+            p95_us=self.p95_ms * 1000,
             p99_us=self.p99_ms * 1000,
             concurrency=self.value if self.mode == "concurrency" else None,
             request_rate=self.value if self.mode == "rate" else None,
@@ -177,7 +178,9 @@ class Session:
             for name, figs in metrics.deltas(b, a).items():
                 server[name] = asdict(figs) | {"avg_batch": round(figs.avg_batch, 2)}
         rec.infer_per_sec = round(row.infer_per_sec, 2)
-        rec.p50_ms, rec.p90_ms, rec.p99_ms = (round(x / 1000, 3) for x in (row.p50_us, row.p90_us, row.p99_us))
+        rec.p50_ms, rec.p90_ms, rec.p95_ms, rec.p99_ms = (
+            round(x / 1000, 3) for x in (row.p50_us, row.p90_us, row.p95_us, row.p99_us)
+        )
         rec.requests, rec.stalls = row.requests, row.stalls
         rec.client_queue_us, rec.client_compute_us = row.server_queue_us, row.server_compute_infer_us
         rec.server = server
@@ -302,7 +305,7 @@ class Session:
     def collect_versions(self, server: TritonServer | None) -> None:
         v: dict = {
             "client": _pkg("tritonclient"),
-            "perf_analyzer": _pkg("tritonclient"),
+            "perf_analyzer": analyzer.version(),
             "onnxruntime": _pkg("onnxruntime"),
             "python": platform.python_version(),
             "host": {"cpus": _cpus(), "machine": platform.machine()},
@@ -377,8 +380,6 @@ def run_suite(
         for why in skipped.values():
             (s.skipped if "skipped" in why else s.errors).append(why)
             console.print(f"[yellow]{why}[/]")
-        if not tensorrt_available():
-            s._skip("trt_vs_onnx", "no NVIDIA GPU / TensorRT on this host")
         if not loadable:
             raise Unavailable("nothing to measure: " + "; ".join(skipped.values()))
         s.prepare_payloads(loadable)
@@ -417,8 +418,6 @@ def run_suite(
             if not server.is_alive():
                 raise TritonError(f"tritonserver exited during '{t.name}': {server.load_errors()}")
         for name, spec in suite.ratios.items():
-            if name in s.ratios:  # already decided (trt_vs_onnx without a GPU)
-                continue
             if spec.model not in loadable:
                 s._skip(name, f"model '{spec.model}' is not loadable here")
                 continue
@@ -430,7 +429,7 @@ def run_suite(
             elif name == "dynamic_batching_gain":
                 ratios.dynamic_batching_gain(s, spec, ep, server)
             elif name == "trt_vs_onnx":
-                ratios.trt_vs_onnx(s, spec, ep, loadable)
+                ratios.trt_vs_onnx(s, spec, ep, loadable, skipped)
     except (TritonError, Unavailable, inputs.InputError, OSError) as exc:
         s.errors.append(str(exc))
         console.print(f"[red]error: {exc}[/]")
