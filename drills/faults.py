@@ -50,6 +50,7 @@ class Context:
 class Fault:
     name = ""
     simulation = ""
+    rollback_label = ""  # what ``rollback`` does, as the journal names it
 
     def check(self, ctx: Context) -> str | None:
         """Why this fault cannot run here (the drill is then skipped with that line), or None."""
@@ -119,6 +120,7 @@ def fault_dir_of(pid: int) -> Path | None:
 # ---------------------------------------------------------------------- process faults
 class Crash(Fault):
     name = "gpu-xid-crash"
+    rollback_label = "restart-killed"
     simulation = "SIGKILL of the instance's tritonserver process (a fatal Xid kills the process holding the GPU)"
 
     def inject(self, ctx: Context, action: Action) -> dict:
@@ -148,6 +150,7 @@ class Crash(Fault):
 
 class Hang(Fault):
     name = "gpu-hang"
+    rollback_label = "sigcont"
     simulation = "SIGSTOP of the instance's tritonserver process for the window (a hung kernel), then SIGCONT/SIGKILL"
 
     def inject(self, ctx: Context, action: Action) -> dict:
@@ -172,6 +175,7 @@ class Hang(Fault):
 
 class GpuLost(Fault):
     name = "gpu-lost"
+    rollback_label = "clear-fault-switch"
     simulation = ("drill fault switch in recserve's onnxruntime backend: a file per GPU model in the instance's "
                   "RECSERVE_FAULT_DIR makes those models fail (or answer wrongly) on every request while the "
                   "process stays alive and Triton stays ready")
@@ -212,6 +216,7 @@ class GpuLost(Fault):
 
 class Overload(Fault):
     name = "overload"
+    rollback_label = "stop-load"
     simulation = "the probe's open-loop request rate ramps to factor x capacity_rps (error-tolerant client)"
 
     def inject(self, ctx: Context, action: Action) -> dict:
@@ -297,6 +302,7 @@ def restore_desired(ctx: Context, model: str) -> dict:
 # ---------------------------------------------------------------------- control-plane faults
 class Rollover(Fault):
     name = "rollover-under-load"
+    rollback_label = "rollback-model"
     simulation = "canary rollover through the control plane's Rollover API to a byte-identical re-release"
 
     def inject(self, ctx: Context, action: Action) -> dict:
@@ -315,6 +321,7 @@ class Rollover(Fault):
 
 class BadRollover(Fault):
     name = "bad-rollover"
+    rollback_label = "rollback-model"
     simulation = ("canary rollover of a version whose ONNX graph negates its scores (answers reversed: wrong), "
                   "created by the drill; the control plane's gates must roll it back")
 
@@ -386,6 +393,7 @@ def _watch_canary(ctx: Context, rollout: threading.Thread, timeout_s: float = 18
 
 class ArtifactCorruption(Fault):
     name = "artifact-corruption"
+    rollback_label = "restore-snapshot"
     simulation = ("a re-release of the model is snapshotted, then bytes of its model file are flipped on disk; "
                   "the rollover to it must be refused by the sha256 check and RestoreSnapshot must repair it")
 
@@ -420,6 +428,7 @@ class ArtifactCorruption(Fault):
 
 class ControlPlaneCrash(Fault):
     name = "control-plane-crash"
+    rollback_label = "restart-control-plane"
     simulation = ("SIGKILL of the control-plane process in the middle of a canary rollover (to a re-release), "
                   "then a restart that must adopt the data path and finish or roll back the rollout")
 
@@ -465,6 +474,7 @@ class ControlPlaneCrash(Fault):
 
 class NetworkPartition(Fault):
     name = "network-partition"
+    rollback_label = "restore-links"
     simulation = ("the drill's own data path (drills/partition.py): the primary tritonserver inside a network "
                   "namespace reached over a veth pair, a standby on loopback, HAProxy with the fleet's check and "
                   "retry settings; the partition is 'ip link set <veth> down' inside the namespace (no tc netem "

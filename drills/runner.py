@@ -59,6 +59,11 @@ def golden_cases() -> list[Case]:
             Case("search", s.get("user_id"), (), s["query"])]
 
 
+def cases_for(spec: DrillSpec) -> list[Case]:
+    """The golden requests of the ensembles the spec targets: what the probe sends and what is compared."""
+    return [c for c in golden_cases() if c.model in spec.targets]
+
+
 def answers(fleet: Fleet, cases: list[Case]) -> tuple[dict[str, set[tuple[int, ...]]], list[str]]:
     """The answer of every healthy instance, asked directly (not through HAProxy); disagreements reported."""
     from control.client import RecClient
@@ -188,9 +193,8 @@ class DrillRun:
 
     def _rollbacks(self) -> None:
         """Every injected fault's rollback, newest first, each one even if another failed."""
-        names = list(self.spec.rollbacks) or ["(fault rollback)"]
         for i in reversed(self.injected):
-            label = names[min(i, len(names) - 1)]
+            label = self.faults[i].rollback_label
             try:
                 with self.journal.action(label, "rollback") as entry:
                     entry.detail.update(self.faults[i].rollback(self.ctx))
@@ -211,7 +215,7 @@ class DrillRun:
             self.journal.finish("failed", "fleet not healthy before the drill")
             return self._result({}, status="failed", reason="fleet not in steady state before the drill "
                                 f"(status: {fleet.status(events=5)})")
-        cases = golden_cases()
+        cases = cases_for(spec)
         before_answers, notes = answers(fleet, cases)
         self.ctx.figures["desired_before"] = fleet.desired()
         if any(a.fault == "overload" for a in spec.method) or (spec.load.background and

@@ -4,9 +4,9 @@ Why strict: a drill that starts with a typo in its spec injects a real fault (SI
 then measures the wrong thing. Everything is checked before any process is touched: unknown keys,
 unknown faults, missing fields, types, ranges, and timings that cannot fit in the load's duration.
 
-Shape (Chaos-Toolkit-like): ``steady_state`` is the hypothesis checked before/during/after, ``method``
-the timed fault actions, ``rollbacks`` what always runs at the end, ``abort`` when to stop early,
-``expect`` what decides pass or fail.
+Shape (Chaos-Toolkit-like): ``targets`` the ensembles the probe sends, ``steady_state`` the hypothesis
+checked before/during/after, ``method`` the timed fault actions (each fault's own rollback always runs at
+the end: drills/faults.py), ``abort`` when to stop early, ``expect`` what decides pass or fail.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ FAULT_PARAMS: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = 
     },
     "bad-rollover": {
         "model": (str, True, None),
-        "mode": (str, False, "wrong"),
         "steps": (list, False, [10, 100]),
         "bake_s": ((int, float), False, 3.0),
     },
@@ -48,16 +47,15 @@ FAULT_PARAMS: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = 
         "kill_after_s": ((int, float), False, 1.0),
         "restart_after_s": ((int, float), False, 1.0),
     },
-    "network-partition": {"target": (str, False, "standby")},
+    # always the primary: the drill's own data path puts it in the namespace (drills/partition.py)
+    "network-partition": {},
 }
 #: Faults that last ``duration_s`` (then their rollback ends them); the others are instantaneous.
 WINDOWED = {"gpu-hang", "gpu-lost", "overload", "network-partition"}
 TARGETS = {"primary", "standby"}
 ENSEMBLES = {"recommend", "search"}
 CHOICES = {("gpu-hang", "then"): {"cont", "kill"}, ("gpu-lost", "mode"): {"fail", "wrong"},
-           ("rollover-under-load", "strategy"): {"canary", "blue-green"},
-           # a failing version is not made yet: the bad version is a copy whose graph negates its scores
-           ("bad-rollover", "mode"): {"wrong"}}
+           ("rollover-under-load", "strategy"): {"canary", "blue-green"}}
 
 
 class SpecError(ValueError):
@@ -143,7 +141,6 @@ class DrillSpec:
     load: Load
     steady_state: SteadyState
     method: tuple[Action, ...]
-    rollbacks: tuple[str, ...]
     abort: Abort
     expect: Expect
     source: str = ""
@@ -313,10 +310,6 @@ def _expect(c: _Checker, raw: Any) -> Expect:
     return Expect(**kw)
 
 
-ROLLBACKS = {"sigcont", "restore-links", "restart-killed", "clear-fault-switch", "restore-snapshot",
-             "restart-control-plane", "rollback-model", "stop-load"}
-
-
 def _timing(c: _Checker, spec: DrillSpec) -> None:
     """Impossible timings: faults must leave a before and an after window inside the load's duration."""
     ss, dur = spec.steady_state, spec.load.duration_s
@@ -336,7 +329,7 @@ def _timing(c: _Checker, spec: DrillSpec) -> None:
 def parse(raw: Any, source: str = "<spec>") -> DrillSpec:
     """Validate one spec document; raise SpecError naming the field and the rule."""
     c = _Checker(source)
-    top = {"name", "purpose", "targets", "load", "steady_state", "method", "rollbacks", "abort", "expect"}
+    top = {"name", "purpose", "targets", "load", "steady_state", "method", "abort", "expect"}
     d = c.mapping(raw, "spec", top, {"name", "targets", "load", "steady_state", "method", "expect"})
     name = c.text(d, "name", "spec")
     targets = d["targets"]
@@ -346,12 +339,6 @@ def parse(raw: Any, source: str = "<spec>") -> DrillSpec:
     if not isinstance(method, list) or not method:
         raise c.fail("spec.method", "must be a non-empty list of fault actions")
     actions = tuple(_action(c, a, f"method[{i}]") for i, a in enumerate(method))
-    rollbacks = d.get("rollbacks") or []
-    if not isinstance(rollbacks, list):
-        raise c.fail("spec.rollbacks", "must be a list")
-    for i, r in enumerate(rollbacks):
-        if r not in ROLLBACKS:
-            raise c.fail(f"rollbacks[{i}]", f"unknown rollback {r!r} (known: {', '.join(sorted(ROLLBACKS))})")
     spec = DrillSpec(
         name=name,
         purpose=c.text(d, "purpose", "spec", required=False),
@@ -359,7 +346,6 @@ def parse(raw: Any, source: str = "<spec>") -> DrillSpec:
         load=_load(c, d["load"]),
         steady_state=_steady(c, d["steady_state"]),
         method=actions,
-        rollbacks=tuple(rollbacks),
         abort=_abort(c, d.get("abort")),
         expect=_expect(c, d["expect"]),
         source=source,
