@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drills.fleet import Fleet, FleetError
+from drills.fleet import FleetAPI, FleetError
 from drills.journal import Journal
 from drills.spec import Action, DrillSpec
 
@@ -36,12 +36,12 @@ FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
 class Context:
     """What a fault may touch: the fleet (through its API), its repository, a scratch dir, the journal."""
 
-    fleet: Fleet
+    fleet: FleetAPI
     spec: DrillSpec
     journal: Journal
     repository: Path
     workdir: Path
-    control: Any = None  # drills.runner.ControlPlaneProcess when the drill owns the control plane
+    control: Any = None  # drills.session.ControlPlaneProcess when the drill owns the control plane
     capacity_rps: float | None = None
     figures: dict[str, Any] = field(default_factory=dict)
     created_versions: list[tuple[str, int]] = field(default_factory=list)
@@ -360,7 +360,7 @@ def _watch_canary(ctx: Context, rollout: threading.Thread, timeout_s: float = 18
     """While the rollout runs, ask the canary instance directly (not through HAProxy) for the golden
     recommendation: proof that the bad version really was live, independent of what clients happened to see."""
     from control.client import RecClient
-    from drills.runner import golden_cases
+    from drills.probe import golden_cases
 
     case = next(c for c in golden_cases() if c.model == "recommend")
     baseline = None

@@ -33,6 +33,24 @@ class Case:
     expected: tuple[int, ...] | None = None
 
 
+#: The golden requests (same as the control plane's deep health defaults; artifacts/golden.json wins).
+DEFAULT_CASES = (Case("recommend", 7, (11, 12, 13)), Case("search", None, (), "red running shoes"))
+
+
+def golden_cases() -> list[Case]:
+    """One recommend and one search request from ``artifacts/golden.json`` when the build wrote it."""
+    try:
+        from control.golden import load_requests
+        from control.triton import REPO_ROOT
+
+        reqs = load_requests(REPO_ROOT / "artifacts" / "golden.json")
+    except Exception:
+        return list(DEFAULT_CASES)
+    r, s = reqs["recommend"], reqs["search"]
+    return [Case("recommend", int(r["user_id"]), tuple(r.get("history") or ())),
+            Case("search", s.get("user_id"), (), s["query"])]
+
+
 @dataclass(frozen=True)
 class Record:
     """One probe request as the client saw it; times are wall-clock seconds (align with events)."""
@@ -118,7 +136,7 @@ def schedule(base_rps: float, segments: Sequence[tuple[float, float, float, floa
     return rate
 
 
-class Probe:
+class OpenLoopProbe:
     """Sends ``cases`` round-robin at ``rate(t)`` for ``duration_s`` (at most ``max_requests``)."""
 
     def __init__(self, url: str, cases: Sequence[Case], rate: RateFn, duration_s: float,
@@ -192,7 +210,7 @@ class Probe:
             return list(self.records)
 
     # -------------------------------------------------------------- thread API for the runner
-    def start(self) -> Probe:
+    def start(self) -> OpenLoopProbe:
         """Run in a background thread with its own event loop (the runner injects faults meanwhile)."""
         self._thread = threading.Thread(target=lambda: asyncio.run(self.run_async()), name="probe", daemon=True)
         self._thread.start()

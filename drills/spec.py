@@ -67,7 +67,7 @@ class SpecError(ValueError):
 
 
 @dataclass(frozen=True)
-class Background:
+class BackgroundSpec:
     """perf_analyzer load where zero failures are expected; its exit code is a drill signal."""
 
     concurrency: int | None = None
@@ -79,7 +79,7 @@ class Background:
 class Load:
     duration_s: float
     probe_rps: float
-    background: Background | None = None
+    background: BackgroundSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -217,7 +217,7 @@ def _load(c: _Checker, raw: Any) -> Load:
         model = b.get("model", "recommend")
         if model not in ENSEMBLES:
             raise c.fail("load.background.model", f"must be one of {sorted(ENSEMBLES)}, got {model!r}")
-        bg = Background(conc, rate, model)
+        bg = BackgroundSpec(conc, rate, model)
     return Load(duration, rps, bg)
 
 

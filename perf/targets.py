@@ -56,7 +56,7 @@ def _why_no_tensorrt() -> str:
     import importlib.util
 
     if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt package is not installed (pip install -e '.[gpu]')"
+        return "the tensorrt package is not installed (the project's gpu extra, tensorrt-cu12)"
     return "no CUDA GPU is visible to torch"
 
 
