@@ -17,6 +17,7 @@ from control.golden import ask
 from control.metrics import triton_request_counts
 from control.snapshots import RepositoryError, verify_version, versions_on_disk
 from control.state import RolloutRecord
+from control.stats import percentile
 
 PHASES = ("validate", "baseline", "load", "shift", "bake", "promote", "rollback", "done")
 STRATEGIES = ("canary", "blue-green")
@@ -52,10 +53,8 @@ class GateFailure(Exception):
 
 
 def p99(samples: list[float]) -> float:
-    if not samples:
-        return 0.0
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    """p99 of the gate's probe latencies (control.stats' rule); 0 when there are none."""
+    return percentile(samples, 99) or 0.0
 
 
 class RolloutManager:

@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from control.stats import percentile
+
 #: perf_analyzer's CSV header -> our field name (latencies and times are microseconds).
 CSV_FIELDS: dict[str, str] = {
     "Concurrency": "concurrency",
@@ -121,10 +123,9 @@ def parse_profile(doc: dict, batch_size: int = 1) -> dict[str, float]:
     if not sends:
         raise ValueError("profile export holds no completed requests")
     span_s = max(1e-9, (last - min(sends)) / 1e9)
-    lats.sort()
 
     def pct(q: float) -> float:
-        return lats[min(len(lats) - 1, max(0, int(round(q / 100.0 * len(lats) + 0.5)) - 1))]
+        return percentile(lats, q) or 0.0
 
     return {
         "infer_per_sec": len(sends) * batch_size / span_s,
