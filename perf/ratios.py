@@ -7,7 +7,6 @@ reloaded and restored), and keeping them apart keeps the runner about lifecycle 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict
 
 from control.triton import TritonServer
@@ -100,7 +99,7 @@ def haproxy_vs_direct(s: SuiteRun, spec: RatioSpec, ep: Endpoint, proxied: Endpo
 
 def dynamic_batching_gain(s: SuiteRun, spec: RatioSpec, ep: Endpoint, server: TritonServer) -> None:
     """Committed config / the same config without dynamic_batching (a repository-API override)."""
-    committed = json.loads(server._request("GET", f"/v2/models/{spec.model}/config")[1] or b"{}")
+    committed = server.model_config(spec.model)
     if "dynamic_batching" not in committed:
         s.skip_ratio("dynamic_batching_gain", f"'{spec.model}' has no dynamic_batching in its committed config")
         return

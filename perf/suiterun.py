@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from control.triton import DEFAULT_REPOSITORY, TritonServer
+from control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer
 from perf import analyzer, figures, inputs, metrics
 from perf.console import console
 from perf.suite import RatioSpec, Suite, Target
@@ -311,9 +311,10 @@ class SuiteRun:
             "host": {"cpus": _cpus(), "machine": platform.machine()},
         }
         if server is not None and server.is_alive():
-            status, body = server._request("GET", "/v2")
-            if status == 200:
-                v["server"] = json.loads(body).get("version")
+            try:
+                v["server"] = server.server_metadata().get("version")
+            except TritonError as exc:
+                v["server"] = f"unknown ({exc})"
             models = {}
             for name, versions in server.loaded_versions().items():
                 entry: dict = {"versions": versions}

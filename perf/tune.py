@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
         server = start_server(repository, [model], out / "server")
         ep = direct(server)
         s.collect_versions(server)
-        committed = json.loads(server._request("GET", f"/v2/models/{model}/config")[1])
+        committed = server.model_config(model)
         for c in candidates(grid):
             console.print(f"[bold cyan]{model}[/] {c.label}")
             try:
