@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from control.fleet import Fleet, FleetError
 from control.golden import ask
 from control.metrics import triton_request_counts
-from control.snapshots import RepositoryError, verify_version, versions_on_disk
+from control.snapshots import verify_version, versions_on_disk
 from control.state import RolloutRecord
 from control.stats import percentile
 
@@ -432,10 +432,3 @@ class RolloutManager:
                     self.state.put("route", f"first:{prim.slot}")
                 self._finish(rec, "rolled_back", "done", "rolled back after a control-plane restart during "
                              f"phase {rec.phase}")
-
-
-def check_version_known(fleet: Fleet, model: str, version: int) -> None:
-    try:
-        verify_version(fleet.repository, model, version)
-    except RepositoryError as exc:
-        raise FleetError(str(exc), "NOT_FOUND") from exc
