@@ -19,12 +19,16 @@ def model_sums(text: str, names: Iterable[str]) -> dict[str, dict[str, float]]:
     wanted = set(names)
     out: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        # a typed counter's samples read <name>_total (the parser's OpenMetrics naming); its family keeps <name>
+        values = {family.name, family.name + "_total"}
         for sample in family.samples:
             model = sample.labels.get("model")
-            if sample.name not in wanted or model is None:
+            if sample.name not in values or model is None:
                 continue
             per = out.setdefault(model, {})
-            per[sample.name] = per.get(sample.name, 0.0) + float(sample.value)
+            per[family.name] = per.get(family.name, 0.0) + float(sample.value)
     return out
 
 

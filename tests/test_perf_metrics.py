@@ -20,6 +20,18 @@ def test_parse_recorded_scrape_sums_failure_reasons():
     assert m["search"]["nv_inference_request_failure"] == 0
 
 
+def test_typed_counters_read_the_same_as_untyped_ones():
+    """Triton 2.51 writes # TYPE counter lines; prometheus_client's parser then names the samples <name>_total."""
+    typed = ("# HELP nv_inference_request_success Number of successful inference requests\n"
+             "# TYPE nv_inference_request_success counter\n"
+             'nv_inference_request_success{model="search",version="1"} 12\n'
+             'nv_inference_request_success{model="search",version="2"} 3\n'
+             "# TYPE nv_inference_queue_duration_us counter\n"
+             'nv_inference_queue_duration_us{model="search",version="1"} 700\n')
+    assert metrics.parse_metrics(typed) == {"search": {"nv_inference_request_success": 15.0,
+                                                       "nv_inference_queue_duration_us": 700.0}}
+
+
 def test_deltas_are_per_request_averages_between_scrapes():
     before = metrics.parse_metrics((DATA / "metrics.txt").read_text())
     after = {k: dict(v) for k, v in before.items()}
