@@ -68,7 +68,7 @@ clean-runtime:  ## remove runtime state (.recserve/)
 drills: models  ## run every drill spec (drills/specs/*.yaml); summary table + reports/drills/latest
 	$(PY) -m drills run
 
-drill-smoke: models  ## crash, hang, overload, rollover-under-load (CI); prints the summary table
+drill-smoke: models  ## crash, hang, overload, rollover-under-load, bad-rollover (CI); prints the summary table
 	$(PY) -m drills smoke
 
 drill: models  ## one drill: make drill NAME=crash (list: python -m drills list)
@@ -89,7 +89,7 @@ perf-smoke: models  ## short perf suite, under 3 minutes on 2 cores (CI)
 perf-tune: models  ## search instances/queue delay/preferred batch for MODEL=ranker; proposes a config, never edits it
 	$(PY) -m perf tune $(MODEL)
 
-perf-check: models  ## compare reports/perf/latest ratios and capacity with perf/baseline.json
+perf-check: models  ## judge reports/perf/latest ratios against their CPU ceilings (perf/baseline.json); CI
 	$(PY) -m perf check
 
 .PHONY: fleet-up fleet-down

@@ -8,7 +8,7 @@ Everything is seeded and sized so that all three models train on 2 CPU cores in 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -16,6 +16,7 @@ from types import ModuleType
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from build.data import BEHAVIOR_CODE, Dataset
 from build.models import HISTORY_LEN, BSTRanker, RetrievalGraph, SearchGraph, SearchModel, TwoTower
@@ -195,6 +196,25 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((r[pos].sum() - n_pos * (n_pos + 1) / 2.0) / max(n_pos * n_neg, 1))
 
 
+def _fit(model: nn.Module, lr: float, steps: int, losses: Iterator[torch.Tensor], name: str,
+         progress: Progress | None) -> None:
+    """The training loop the three trainers share: Adam with a one-cycle schedule over ``steps`` batches.
+
+    ``losses`` yields one batch's loss at a time and is advanced only after the previous step, so each
+    forward pass sees the weights the last step left (the trainers own their sampling and loss).
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    model.train()
+    for done, loss in enumerate(losses, 1):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if progress:
+            progress(name, done, steps)
+
+
 # -------------------------------------------------------------------------------------------- retrieval
 
 
@@ -207,32 +227,25 @@ def train_retrieval(
     torch.manual_seed(seed + 1)
     rng = np.random.default_rng(seed + 1)
     users, hists, targets = next_item_examples(sp.train_seq)
-    opt = torch.optim.Adam(model.parameters(), lr=hp.retr_lr, foreach=True)
     n = len(users)
     steps = hp.retr_epochs * ((n + hp.retr_batch - 1) // hp.retr_batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.retr_lr, total_steps=max(steps, 1))
-    done = 0
-    model.train()
-    for _ in range(hp.retr_epochs):
-        perm = rng.permutation(n)
-        for s in range(0, n, hp.retr_batch):
-            b = perm[s : s + hp.retr_batch]
-            u = users[b].copy()
-            u[rng.random(len(b)) < hp.user_dropout] = 0
-            h = hists[b].copy()
-            h[rng.random(len(b)) < hp.history_dropout] = 0
-            ht = torch.from_numpy(h)
-            logits = model.logits(model.user_vec(torch.from_numpy(u), ht))
-            logits = logits.scatter(1, ht, -1e9)  # history items masked (serving excludes them)
-            logits[:, 0] = -1e9
-            loss = F.cross_entropy(logits, torch.from_numpy(targets[b]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            done += 1
-            if progress:
-                progress("retrieval", done, steps)
+
+    def losses() -> Iterator[torch.Tensor]:
+        for _ in range(hp.retr_epochs):
+            perm = rng.permutation(n)
+            for s in range(0, n, hp.retr_batch):
+                b = perm[s : s + hp.retr_batch]
+                u = users[b].copy()
+                u[rng.random(len(b)) < hp.user_dropout] = 0
+                h = hists[b].copy()
+                h[rng.random(len(b)) < hp.history_dropout] = 0
+                ht = torch.from_numpy(h)
+                logits = model.logits(model.user_vec(torch.from_numpy(u), ht))
+                logits = logits.scatter(1, ht, -1e9)  # history items masked (serving excludes them)
+                logits[:, 0] = -1e9
+                yield F.cross_entropy(logits, torch.from_numpy(targets[b]))
+
+    _fit(model, hp.retr_lr, steps, losses(), "retrieval", progress)
     model.eval()
     with torch.no_grad():  # users never seen in training behave exactly like the unknown user
         unseen = torch.ones(ds.n_users + 1, dtype=torch.bool)
@@ -296,29 +309,22 @@ def train_ranker(
     rng = np.random.default_rng(seed + 11)
     _, hists, targets = next_item_examples(sp.train_seq)
     sampler = NegativeSampler(ds, sp.train_pop)
-    opt = torch.optim.Adam(model.parameters(), lr=hp.rank_lr, foreach=True)
     n = len(targets)
     steps = hp.rank_epochs * ((n + hp.rank_batch - 1) // hp.rank_batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.rank_lr, total_steps=max(steps, 1))
     labels = torch.zeros(1, 1 + hp.rank_negatives)
     labels[0, 0] = 1.0
-    done = 0
-    model.train()
     lengths = (hists > 0).sum(1)
-    for _ in range(hp.rank_epochs):
-        for b in length_buckets(lengths, hp.rank_batch, rng):
-            pos = targets[b]
-            cands = np.concatenate([pos[:, None], sampler.sample(pos, hp.rank_negatives, rng)], axis=1)
-            width = max(int(lengths[b].max()), 1)  # right-aligned: the left columns are all padding
-            logits = model(torch.from_numpy(hists[b, HISTORY_LEN - width :]), torch.from_numpy(cands))
-            loss = F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            done += 1
-            if progress:
-                progress("ranker", done, steps)
+
+    def losses() -> Iterator[torch.Tensor]:
+        for _ in range(hp.rank_epochs):
+            for b in length_buckets(lengths, hp.rank_batch, rng):
+                pos = targets[b]
+                cands = np.concatenate([pos[:, None], sampler.sample(pos, hp.rank_negatives, rng)], axis=1)
+                width = max(int(lengths[b].max()), 1)  # right-aligned: the left columns are all padding
+                logits = model(torch.from_numpy(hists[b, HISTORY_LEN - width :]), torch.from_numpy(cands))
+                yield F.binary_cross_entropy_with_logits(logits, labels.expand_as(logits))
+
+    _fit(model, hp.rank_lr, steps, losses(), "ranker", progress)
     return model.eval()
 
 
@@ -413,37 +419,31 @@ def train_search(
     torch.manual_seed(seed + 21)
     rng = np.random.default_rng(seed + 21)
     title_hashes = [[tok.hash_token(w) for w in tok.tokenize(t)][: tok.MAX_TOKENS] for t in ds.titles]
-    opt = torch.optim.Adam(model.parameters(), lr=hp.search_lr, foreach=True)
     p_pop = sp.train_pop[1:] / max(sp.train_pop[1:].sum(), 1.0)
     n_title = hp.search_title_queries_per_item * ds.n_items
     buys = np.asarray(sp.train_buys, dtype=np.int64).reshape(-1, 2)
     n = n_title + len(buys)
     steps = hp.search_epochs * ((n + hp.search_batch - 1) // hp.search_batch)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.search_lr, total_steps=max(steps, 1))
-    done = 0
-    model.train()
-    for _ in range(hp.search_epochs):
-        n_uni = int(n_title * hp.search_uniform_frac)
-        items = np.concatenate(
-            [rng.integers(1, ds.n_items + 1, n_uni), 1 + rng.choice(ds.n_items, n_title - n_uni, p=p_pop), buys[:, 1]]
-        )
-        users = np.concatenate([np.zeros(n_title, np.int64), buys[:, 0]])
-        users[rng.random(n) < hp.user_dropout] = 0
-        sizes = rng.choice(QUERY_SIZES, n, p=QUERY_SIZE_P)
-        tokens = _query_tokens(title_hashes, items, rng, tok.MAX_TOKENS, sizes)
-        perm = rng.permutation(n)
-        for s in range(0, n, hp.search_batch):
-            b = perm[s : s + hp.search_batch]
-            logits = model.scores(torch.from_numpy(tokens[b]), torch.from_numpy(users[b]))
-            logits[:, 0] = -1e9
-            loss = F.cross_entropy(logits, torch.from_numpy(items[b]))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            done += 1
-            if progress:
-                progress("search", done, steps)
+
+    def losses() -> Iterator[torch.Tensor]:
+        for _ in range(hp.search_epochs):
+            n_uni = int(n_title * hp.search_uniform_frac)
+            items = np.concatenate(
+                [rng.integers(1, ds.n_items + 1, n_uni), 1 + rng.choice(ds.n_items, n_title - n_uni, p=p_pop),
+                 buys[:, 1]]
+            )
+            users = np.concatenate([np.zeros(n_title, np.int64), buys[:, 0]])
+            users[rng.random(n) < hp.user_dropout] = 0
+            sizes = rng.choice(QUERY_SIZES, n, p=QUERY_SIZE_P)
+            tokens = _query_tokens(title_hashes, items, rng, tok.MAX_TOKENS, sizes)
+            perm = rng.permutation(n)
+            for s in range(0, n, hp.search_batch):
+                b = perm[s : s + hp.search_batch]
+                logits = model.scores(torch.from_numpy(tokens[b]), torch.from_numpy(users[b]))
+                logits[:, 0] = -1e9
+                yield F.cross_entropy(logits, torch.from_numpy(items[b]))
+
+    _fit(model, hp.search_lr, steps, losses(), "search", progress)
     return model.eval()
 
 

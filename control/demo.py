@@ -2,7 +2,7 @@
 
 fleet up (control plane, primary + standby tritonserver, HAProxy) -> ask ``recommend`` and ``search``
 through HAProxy and show items with titles -> smoke drills (primary crash, hang, 2x overload, canary
-rollover under load) with their RTO/failed-request table and report -> fleet down, always.
+rollover under load, bad rollover) with their RTO/failed-request table and report -> fleet down, always.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         step(f"2/4 recommend and search through HAProxy (localhost:{args.grpc_port})")
         ask(f"127.0.0.1:{args.grpc_port}")
         if not args.skip_drills:
-            step("3/4 smoke drills: crash, hang, 2x overload, canary rollover under load")
+            step("3/4 smoke drills: crash, hang, 2x overload, canary rollover under load, bad rollover")
             drill_code = run([py, "-m", "drills", "smoke"], check=False)
             run([*recctl, "status"], check=False)
     finally:

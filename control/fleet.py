@@ -513,7 +513,7 @@ class Fleet:
                 continue
             srv = self.servers.get(rec.id) or self._server(rec)
             t0 = time.time()
-            if srv._request("GET", "/v2/health/live", timeout=0.3)[0] == 200:
+            if srv.live(timeout=0.3):
                 continue
             self.mark_broken(rec, Probe(False, "live", "no answer within 0.3 s and HAProxy's check marks it down",
                                         t0, time.time() - t0, fatal=True))

@@ -7,7 +7,6 @@ and a real ``recommend`` and ``search`` request returns the golden answer for ex
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 
 from control.client import RecClient
 from control.golden import Golden, ask
-from control.triton import TritonServer
+from control.triton import TritonError, TritonServer
 
 #: How long one HTTP health call may take before the instance counts as hung.
 HTTP_TIMEOUT_S = 0.5
@@ -39,14 +38,10 @@ class Probe:
 
 def ready_versions(server: TritonServer, timeout: float = HTTP_TIMEOUT_S) -> dict[str, list[int]] | None:
     """Model -> READY versions from the (admin-keyed) repository index; None when the call failed."""
-    status, body = server._request("POST", "/v2/repository/index", {}, timeout=timeout)
-    if status != 200:
+    try:
+        return server.loaded_versions(timeout)
+    except TritonError:
         return None
-    out: dict[str, list[int]] = {}
-    for e in json.loads(body):
-        if e.get("state") == "READY" and e.get("version"):
-            out.setdefault(e["name"], []).append(int(e["version"]))
-    return {k: sorted(v) for k, v in out.items()}
 
 
 def deep_check(server: TritonServer, alive: bool, versions: dict[str, list[int]], golden: Golden,
@@ -58,7 +53,7 @@ def deep_check(server: TritonServer, alive: bool, versions: dict[str, list[int]]
 
     if not alive:
         return fail("process", "process is gone", fatal=True)
-    status, _ = server._request("GET", "/v2/health/live", timeout=HTTP_TIMEOUT_S)
+    status = server.live_status(HTTP_TIMEOUT_S)
     if status == 0:
         return fail("live", "no answer on the HTTP port (hung or not listening)")
     if status != 200:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import re
-import urllib.request
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+from control import promtext
 
 ROLES = ("primary", "standby", "canary")
 
@@ -60,27 +59,13 @@ class ControlMetrics:
             self.rollout_phase.labels(model, p).set(1 if p == phase else 0)
 
 
-_LINE = re.compile(r'^(nv_inference_request_(?:success|failure))\{([^}]*)\}\s+([0-9.eE+-]+)')
-
-
 def triton_request_counts(metrics_url: str, models: tuple[str, ...] = ("recommend", "search"),
                           timeout: float = 1.0) -> tuple[float, float] | None:
     """(successes, failures) summed over ``models`` from Triton's /metrics; None when unreachable."""
-    try:
-        with urllib.request.urlopen(metrics_url, timeout=timeout) as resp:
-            text = resp.read().decode(errors="replace")
-    except OSError:
+    text = promtext.fetch(metrics_url, timeout)
+    if text is None:
         return None
-    ok = bad = 0.0
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if not m:
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-        if labels.get("model") not in models:
-            continue
-        if m.group(1).endswith("success"):
-            ok += float(m.group(3))
-        else:
-            bad += float(m.group(3))
-    return ok, bad
+    names = ("nv_inference_request_success", "nv_inference_request_failure")
+    sums = promtext.model_sums(text, names)
+    per = [sums.get(m, {}) for m in models]
+    return sum(d.get(names[0], 0.0) for d in per), sum(d.get(names[1], 0.0) for d in per)

@@ -13,12 +13,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from control.fleet import Fleet, FleetError
+from control.fleet import FleetError
 from control.golden import ask
 from control.metrics import triton_request_counts
 from control.pool import ServingPool
-from control.snapshots import RepositoryError, verify_version, versions_on_disk
+from control.snapshots import verify_version, versions_on_disk
 from control.state import RolloutRecord
+from control.stats import percentile
 
 PHASES = ("validate", "baseline", "load", "shift", "bake", "promote", "rollback", "done")
 STRATEGIES = ("canary", "blue-green")
@@ -54,10 +55,8 @@ class GateFailure(Exception):
 
 
 def p99(samples: list[float]) -> float:
-    if not samples:
-        return 0.0
-    s = sorted(samples)
-    return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    """p99 of the gate's probe latencies (control.stats' rule); 0 when there are none."""
+    return percentile(samples, 99) or 0.0
 
 
 class RolloutManager:
@@ -442,10 +441,3 @@ class RolloutManager:
                     self.state.put("route", f"first:{prim.slot}")
                 self._finish(rec, "rolled_back", "done", "rolled back after a control-plane restart during "
                              f"phase {rec.phase}")
-
-
-def check_version_known(fleet: Fleet, model: str, version: int) -> None:
-    try:
-        verify_version(fleet.repository, model, version)
-    except RepositoryError as exc:
-        raise FleetError(str(exc), "NOT_FOUND") from exc

@@ -345,8 +345,26 @@ class TritonServer:
         except (urllib.error.URLError, OSError, TimeoutError):
             return 0, b""
 
-    def live(self) -> bool:
-        return self._request("GET", "/v2/health/live")[0] == 200
+    def live_status(self, timeout: float = 2.0) -> int:
+        """HTTP status of /v2/health/live: 200 live, 0 no answer within ``timeout`` (hung or not listening)."""
+        return self._request("GET", "/v2/health/live", timeout=timeout)[0]
+
+    def live(self, timeout: float = 2.0) -> bool:
+        return self.live_status(timeout) == 200
+
+    def server_metadata(self) -> dict:
+        """/v2: name, version and extensions of the running server."""
+        status, body = self._request("GET", "/v2")
+        if status != 200:
+            raise TritonError(f"server metadata failed (HTTP {status}): {_error_text(body)}")
+        return json.loads(body)
+
+    def model_config(self, model: str) -> dict:
+        """The configuration Triton serves ``model`` with (what it read, plus its defaults), as JSON."""
+        status, body = self._request("GET", f"/v2/models/{model}/config")
+        if status != 200:
+            raise TritonError(f"config of model '{model}' failed (HTTP {status}): {_error_text(body)}")
+        return json.loads(body)
 
     def ready(self) -> bool:
         return self._request("GET", "/v2/health/ready")[0] == 200
@@ -355,16 +373,16 @@ class TritonServer:
         path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/ready"
         return self._request("GET", path)[0] == 200
 
-    def repository_index(self) -> list[dict]:
-        status, body = self._request("POST", "/v2/repository/index", {})
+    def repository_index(self, timeout: float = 2.0) -> list[dict]:
+        status, body = self._request("POST", "/v2/repository/index", {}, timeout=timeout)
         if status != 200:
             raise TritonError(f"repository index failed (HTTP {status}): {body.decode(errors='replace')}")
         return json.loads(body)
 
-    def loaded_versions(self) -> dict[str, list[int]]:
+    def loaded_versions(self, timeout: float = 2.0) -> dict[str, list[int]]:
         """Model name -> versions in state READY."""
         out: dict[str, list[int]] = {}
-        for entry in self.repository_index():
+        for entry in self.repository_index(timeout):
             if entry.get("state") == "READY" and entry.get("version"):
                 out.setdefault(entry["name"], []).append(int(entry["version"]))
         return {k: sorted(v) for k, v in out.items()}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from drills.probe import Case, check_loopback
-from drills.spec import Background as BackgroundSpec
+from drills.spec import BackgroundSpec
 
 
 def input_data(cases: list[Case], model: str, path: Path) -> Path:
@@ -37,7 +37,7 @@ STATS_ARTIFACT = "failed to find the requested model version"
 
 
 @dataclass
-class Background:
+class BackgroundLoad:
     process: subprocess.Popen
     command: list[str]
     log: Path
@@ -69,7 +69,7 @@ class Background:
 
 
 def start_background(spec: BackgroundSpec, grpc_url: str, cases: list[Case], duration_s: float,
-                     capacity: float | None, workdir: Path) -> Background:
+                     capacity: float | None, workdir: Path) -> BackgroundLoad:
     """Start perf_analyzer for about ``duration_s`` (three measurement windows, stability not required)."""
     from perf.analyzer import binary, environment
 
@@ -89,4 +89,4 @@ def start_background(spec: BackgroundSpec, grpc_url: str, cases: list[Case], dur
     fh = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
     fh.close()
-    return Background(proc, cmd, log, time.time())
+    return BackgroundLoad(proc, cmd, log, time.time())

@@ -44,7 +44,7 @@ def measure(grpc_url: str, model: str, slo_ms: float, workdir: Path,
     """Highest throughput whose p99 stays under the SLO, over perf_analyzer concurrency points; stops at the
     first point over the SLO or one that adds under 5% throughput (saturated)."""
     from drills.background import input_data
-    from drills.runner import golden_cases
+    from drills.probe import golden_cases
     from perf.analyzer import LoadPoint, PerfAnalyzerError, run
 
     data = input_data(golden_cases(), model, workdir / "capacity_input.json")

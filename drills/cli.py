@@ -1,7 +1,8 @@
 """``python -m drills``: list, validate and run drills; print the summary table and the report path.
 
 Exit codes: 0 every drill that ran passed (skipped ones do not count), 1 a drill failed or aborted,
-2 a spec is invalid (nothing was started), 3 no fleet could be found or started.
+2 a spec is invalid (nothing was started) or a run directory cannot be rendered, 3 no fleet could be found
+or started.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from rich.table import Table
 from drills import report
 from drills.spec import SPECS_DIR, DrillSpec, SpecError, load_all, load_file
 
-SMOKE = ("crash", "hang", "overload", "rollover-under-load")
+SMOKE = ("crash", "hang", "overload", "rollover-under-load", "bad-rollover")
 #: Wide enough for the summary table in CI logs (rich assumes 80 columns without a terminal).
 console = Console(width=None if sys.stdout.isatty() else 120)
 
@@ -28,6 +29,8 @@ def parser() -> argparse.ArgumentParser:
                                 "declarative fault drills against a real fleet and report RTO, failed requests, p99.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the drill specs")
+    rp = sub.add_parser("report", help="re-render report.json, report.md and the PNGs of a run from its journals")
+    rp.add_argument("dir", type=Path, help="a run directory (reports/drills/<timestamp>/ or reports/drills/latest)")
     v = sub.add_parser("validate", help="validate spec files (default: every spec in drills/specs)")
     v.add_argument("files", nargs="*", type=Path)
     for name, text in (("run", "run drills by name (default: all)"), ("smoke", f"run {', '.join(SMOKE)}")):
@@ -85,12 +88,6 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
                 except Exception as exc:  # one broken drill must not hide the others' results
                     run.journal.finish("failed", f"{type(exc).__name__}: {exc}")
                     result = run._result({}, status="failed", reason=f"{type(exc).__name__}: {exc}")
-                if result.get("seconds"):
-                    png = report.plot(run_dir / f"{spec.name}.png", spec.name, result["seconds"],
-                                      result.get("fault_at_s", spec.fault_start_s),
-                                      result.get("fault_end_s", spec.fault_end_s), result.get("marks", []),
-                                      spec.steady_state.slo_p99_ms)
-                    result["plot"] = png.name
                 log = Path((result.get("background") or {}).get("log", "/nonexistent"))
                 if log.exists():
                     shutil.copy(log, run_dir / f"{spec.name}.perf_analyzer.log")
@@ -110,6 +107,18 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
     return 0 if all(r["passed"] is not False for r in results) and len(results) == len(specs) else 1
 
 
+def cmd_report(run_dir: Path) -> int:
+    """Re-render a run's report from its journals (the same path a run takes)."""
+    try:
+        paths = report.render(run_dir)
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]cannot render {run_dir}: {exc}[/red]")
+        return 2
+    console.print(report.console_table(paths["drills"]))
+    console.print(f"report: {paths['md']} (json: {paths['json']})")
+    return 0 if all(d["passed"] is not False for d in paths["drills"]) else 1
+
+
 def _terminate(signum: int, _frame) -> None:
     """SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so rollbacks run and a private fleet is stopped."""
     raise SystemExit(128 + signum)
@@ -121,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return cmd_list()
+        if args.command == "report":
+            return cmd_report(args.dir)
         if args.command == "validate":
             for f in args.files or sorted(SPECS_DIR.glob("*.yaml")):
                 load_file(f)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drills.fleet import Fleet, FleetError
+from drills.fleet import FleetAPI, FleetError
 from drills.journal import Journal
 from drills.lost_host import LostHost
 from drills.spec import Action, DrillSpec
@@ -37,12 +37,12 @@ FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
 class Context:
     """What a fault may touch: the fleet (through its API), its repository, a scratch dir, the journal."""
 
-    fleet: Fleet
+    fleet: FleetAPI
     spec: DrillSpec
     journal: Journal
     repository: Path
     workdir: Path
-    control: Any = None  # drills.runner.ControlPlaneProcess when the drill owns the control plane
+    control: Any = None  # drills.session.ControlPlaneProcess when the drill owns the control plane
     capacity_rps: float | None = None
     figures: dict[str, Any] = field(default_factory=dict)
     created_versions: list[tuple[str, int]] = field(default_factory=list)
@@ -51,6 +51,7 @@ class Context:
 class Fault:
     name = ""
     simulation = ""
+    rollback_label = ""  # what ``rollback`` does, as the journal names it
 
     def check(self, ctx: Context) -> str | None:
         """Why this fault cannot run here (the drill is then skipped with that line), or None."""
@@ -120,6 +121,7 @@ def fault_dir_of(pid: int) -> Path | None:
 # ---------------------------------------------------------------------- process faults
 class Crash(Fault):
     name = "gpu-xid-crash"
+    rollback_label = "restart-killed"
     simulation = "SIGKILL of the instance's tritonserver process (a fatal Xid kills the process holding the GPU)"
 
     def inject(self, ctx: Context, action: Action) -> dict:
@@ -136,8 +138,9 @@ class Crash(Fault):
         waited = ctx.fleet.wait("instance back", lambda: any(
             i.id == iid and i.state == "healthy" for i in ctx.fleet.instances()), timeout_s=120)
         ctx.figures["instance_back_s"] = waited
-        # The killed server's Python backend stubs outlive it (orphaned, same process group) and the control
-        # plane does not reap them: recorded as a finding, then removed so drills leave nothing behind.
+        # The control plane reaps the killed server's process group (its Python backend stubs) when it restarts
+        # the instance. A stub still alive now is an orphan it missed: counted for the crash drill's
+        # orphaned_stubs_max expectation, then removed so the drill leaves nothing behind.
         pgid = ctx.figures.get("killed_pid")
         orphans = group_members(pgid) if pgid else []
         for pid in orphans:
@@ -148,6 +151,7 @@ class Crash(Fault):
 
 class Hang(Fault):
     name = "gpu-hang"
+    rollback_label = "sigcont"
     simulation = "SIGSTOP of the instance's tritonserver process for the window (a hung kernel), then SIGCONT/SIGKILL"
 
     def inject(self, ctx: Context, action: Action) -> dict:
@@ -172,6 +176,7 @@ class Hang(Fault):
 
 class GpuLost(Fault):
     name = "gpu-lost"
+    rollback_label = "clear-fault-switch"
     simulation = ("drill fault switch in recserve's onnxruntime backend: a file per GPU model in the instance's "
                   "RECSERVE_FAULT_DIR makes those models fail (or answer wrongly) on every request while the "
                   "process stays alive and Triton stays ready")
@@ -212,6 +217,7 @@ class GpuLost(Fault):
 
 class Overload(Fault):
     name = "overload"
+    rollback_label = "stop-load"
     simulation = "the probe's open-loop request rate ramps to factor x capacity_rps (error-tolerant client)"
 
     def inject(self, ctx: Context, action: Action) -> dict:
@@ -297,6 +303,7 @@ def restore_desired(ctx: Context, model: str) -> dict:
 # ---------------------------------------------------------------------- control-plane faults
 class Rollover(Fault):
     name = "rollover-under-load"
+    rollback_label = "rollback-model"
     simulation = "canary rollover through the control plane's Rollover API to a byte-identical re-release"
 
     def inject(self, ctx: Context, action: Action) -> dict:
@@ -315,6 +322,7 @@ class Rollover(Fault):
 
 class BadRollover(Fault):
     name = "bad-rollover"
+    rollback_label = "rollback-model"
     simulation = ("canary rollover of a version whose ONNX graph negates its scores (answers reversed: wrong), "
                   "created by the drill; the control plane's gates must roll it back")
 
@@ -353,7 +361,7 @@ def _watch_canary(ctx: Context, rollout: threading.Thread, timeout_s: float = 18
     """While the rollout runs, ask the canary instance directly (not through HAProxy) for the golden
     recommendation: proof that the bad version really was live, independent of what clients happened to see."""
     from control.client import RecClient
-    from drills.runner import golden_cases
+    from drills.probe import golden_cases
 
     case = next(c for c in golden_cases() if c.model == "recommend")
     baseline = None
@@ -386,6 +394,7 @@ def _watch_canary(ctx: Context, rollout: threading.Thread, timeout_s: float = 18
 
 class ArtifactCorruption(Fault):
     name = "artifact-corruption"
+    rollback_label = "restore-snapshot"
     simulation = ("a re-release of the model is snapshotted, then bytes of its model file are flipped on disk; "
                   "the rollover to it must be refused by the sha256 check and RestoreSnapshot must repair it")
 
@@ -420,6 +429,7 @@ class ArtifactCorruption(Fault):
 
 class ControlPlaneCrash(Fault):
     name = "control-plane-crash"
+    rollback_label = "restart-control-plane"
     simulation = ("SIGKILL of the control-plane process in the middle of a canary rollover (to a re-release), "
                   "then a restart that must adopt the data path and finish or roll back the rollout")
 
@@ -465,6 +475,7 @@ class ControlPlaneCrash(Fault):
 
 class NetworkPartition(Fault):
     name = "network-partition"
+    rollback_label = "restore-links"
     simulation = ("the drill's own data path (drills/partition.py): the primary tritonserver inside a network "
                   "namespace reached over a veth pair, a standby on loopback, HAProxy with the fleet's check and "
                   "retry settings; the partition is 'ip link set <veth> down' inside the namespace (no tc netem "

@@ -58,7 +58,7 @@ class Instance:
                    int(d.get("grpc_port") or 0), int(d.get("http_port") or 0), models)
 
 
-class Fleet:
+class FleetAPI:
     """A control plane at ``control`` (host:port); ``token`` for mutating calls."""
 
     def __init__(self, control: str, token: str | None = None, timeout_s: float = 5.0):

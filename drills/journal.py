@@ -40,6 +40,10 @@ class Journal:
     steady_states: dict[str, dict] = field(default_factory=dict)
     actions: list[ActionEntry] = field(default_factory=list)
     events: list[dict] = field(default_factory=list)
+    #: The drill's figures, checks and verdict (with its per-second series) and the run's meta: everything
+    #: the report is rendered from (drills/report.py render), so a journal alone re-renders it.
+    result: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def add(self, name: str, kind: str, status: str, detail: dict | None = None, started_at: float | None = None,
             ended_at: float | None = None) -> ActionEntry:

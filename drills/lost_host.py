@@ -30,7 +30,7 @@ from typing import Any
 
 from control.snapshots import MANIFEST, write_manifest
 from control.triton import REPO_ROOT, free_port
-from drills.fleet import Fleet, FleetError, read_token
+from drills.fleet import FleetAPI, FleetError, read_token
 
 UP_TIMEOUT_S = 300.0
 
@@ -78,8 +78,8 @@ class HostFleet:
         if r.returncode != 0:
             raise FleetError(f"recctl up (root {root}) failed: {(r.stdout + r.stderr)[-600:]}")
 
-    def api(self, root: Path) -> Fleet:
-        return Fleet(f"127.0.0.1:{self.ports['control']}", read_token(root), timeout_s=10.0)
+    def api(self, root: Path) -> FleetAPI:
+        return FleetAPI(f"127.0.0.1:{self.ports['control']}", read_token(root), timeout_s=10.0)
 
     def kill_all(self) -> list[int]:
         """The host dies: SIGKILL every process of this fleet (any root under ``base``), no clean shutdown."""
@@ -97,7 +97,7 @@ class HostFleet:
 
 def golden_answers(url: str) -> dict[str, tuple[int, ...]]:
     from control.client import RecClient
-    from drills.runner import golden_cases
+    from drills.probe import golden_cases
 
     out = {}
     with RecClient(url, timeout_s=5.0) as c:
@@ -108,12 +108,13 @@ def golden_answers(url: str) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def instance_answers(fleet: Fleet) -> list[dict[str, tuple[int, ...]]]:
+def instance_answers(fleet: FleetAPI) -> list[dict[str, tuple[int, ...]]]:
     return [golden_answers(f"127.0.0.1:{i.grpc_port}") for i in fleet.instances()]
 
 
 class LostHost:
     name = "lost-host"
+    rollback_label = "nothing-to-undo"  # the drills' own fleet is never touched; the private fleets stop in teardown
     simulation = ("a private fleet with a backup policy (target: a separate directory standing for another volume) "
                   "takes a verified backup under load, then rolls a model over; then SIGKILL of its control plane, "
                   "tritonservers and HAProxy, its runtime root and built versions deleted; rebuilt by 'recctl "
@@ -236,7 +237,7 @@ class LostHost:
         return new_v
 
     @staticmethod
-    def _rollover(fleet: Fleet, model: str, version: int) -> dict:
+    def _rollover(fleet: FleetAPI, model: str, version: int) -> dict:
         """The change made after the backup. Gates on p99 are relaxed (this drill tests the loss, not the gates:
         a shared 2-core host under probe load can trip a p99 ratio); a rollover that still does not succeed
         means the RPO cannot be measured, so the fault fails loudly."""

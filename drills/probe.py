@@ -33,6 +33,18 @@ class Case:
     expected: tuple[int, ...] | None = None
 
 
+def golden_cases() -> list[Case]:
+    """The control plane's deep-check pair (``control.golden`` owns the golden requests: the build's
+    ``artifacts/golden.json``, or its one built-in set when no build wrote it)."""
+    from control.golden import golden_json_path, load_requests
+    from control.triton import DEFAULT_REPOSITORY
+
+    reqs = load_requests(golden_json_path(DEFAULT_REPOSITORY))
+    r, s = reqs["recommend"], reqs["search"]
+    return [Case("recommend", int(r["user_id"]), tuple(r.get("history") or ())),
+            Case("search", s.get("user_id"), (), s["query"])]
+
+
 @dataclass(frozen=True)
 class Record:
     """One probe request as the client saw it; times are wall-clock seconds (align with events)."""
@@ -118,7 +130,7 @@ def schedule(base_rps: float, segments: Sequence[tuple[float, float, float, floa
     return rate
 
 
-class Probe:
+class OpenLoopProbe:
     """Sends ``cases`` round-robin at ``rate(t)`` for ``duration_s`` (at most ``max_requests``)."""
 
     def __init__(self, url: str, cases: Sequence[Case], rate: RateFn, duration_s: float,
@@ -192,7 +204,7 @@ class Probe:
             return list(self.records)
 
     # -------------------------------------------------------------- thread API for the runner
-    def start(self) -> Probe:
+    def start(self) -> OpenLoopProbe:
         """Run in a background thread with its own event loop (the runner injects faults meanwhile)."""
         self._thread = threading.Thread(target=lambda: asyncio.run(self.run_async()), name="probe", daemon=True)
         self._thread.start()

@@ -2,8 +2,9 @@
 per-drill journals and raw request records, and a ``reports/drills/latest`` link.
 
 Why these files: report.json is what CI and people's scripts read (fields fixed by the issue),
-report.md the summary a person reads, the PNG shows what happened when, and the journal and the raw
-requests let anyone recompute every figure.
+report.md the summary a person reads, the PNG shows what happened when. The journals are the record:
+report.json, report.md and the PNGs are rendered from them alone (``render``), and the raw requests let
+anyone recompute every figure.
 """
 
 from __future__ import annotations
@@ -157,25 +158,64 @@ def plot(path: Path, name: str, seconds: Sequence[dict], fault_s: float, fault_e
     return path
 
 
-def write(run_dir: Path, drills: list[dict], journals: dict[str, Journal], records: dict[str, list[Record]],
-          meta: dict | None = None) -> dict[str, Path]:
-    """Write every file of one run into ``run_dir`` (already created) and link it as latest."""
+def record(run_dir: Path, drills: list[dict], journals: dict[str, Journal], records: dict[str, list[Record]],
+           meta: dict | None = None) -> None:
+    """Keep what a run measured: one journal per drill, carrying its result and the run's meta, and the raw
+    probe requests. Everything else in the run dir is rendered from the journals."""
     meta = {"run": run_dir.name, "host": os.uname().nodename, **(meta or {})}
     for d in drills:
-        missing = [k for k in REQUIRED if k not in d]
-        if missing:
-            raise ValueError(f"drill {d.get('name')!r} result lacks report fields {missing}")
-    for name, journal in journals.items():
-        journal.write(run_dir / f"{name}.journal.json")
+        _require_fields(d)
+        journal = journals.get(d["name"]) or Journal(d["name"])
+        journal.result, journal.meta = d, meta
+        journal.write(run_dir / f"{d['name']}.journal.json")
     for name, recs in records.items():
         with (run_dir / f"{name}.requests.jsonl").open("w") as fh:
             for r in recs:
                 fh.write(json.dumps(r.to_dict()) + "\n")
+
+
+def render(run_dir: Path) -> dict[str, Path]:
+    """report.json, report.md and one PNG per drill from the ``*.journal.json`` files alone, in run order.
+
+    Why: the journal is the record (Chaos Toolkit's model); a report is a view of it that anyone can
+    re-render (``python -m drills report DIR``) after changing the template, and the runner uses this
+    same path, so what a run prints and what a re-render prints cannot differ.
+    """
+    paths = sorted(Path(run_dir).glob("*.journal.json"))
+    if not paths:
+        raise FileNotFoundError(f"no *.journal.json in {run_dir}: not a drill run directory")
+    journals = sorted((Journal.read(p) for p in paths), key=lambda j: j.started_at)
+    drills = []
+    for j in journals:
+        if not j.result:
+            raise ValueError(f"{run_dir}/{j.drill}.journal.json holds no result: it cannot be rendered")
+        d = dict(j.result)
+        _require_fields(d)
+        if d.get("seconds"):
+            png = plot(run_dir / f"{d['name']}.png", d["name"], d["seconds"], d["fault_at_s"], d["fault_end_s"],
+                       d.get("marks", []), d.get("slo_p99_ms"))
+            d["plot"] = png.name
+        drills.append(d)
+    meta = journals[0].meta or {"run": Path(run_dir).name}
     public = [{k: v for k, v in d.items() if k != "seconds"} for d in drills]
     (run_dir / "report.json").write_text(json.dumps({"meta": meta, "drills": public}, indent=2, default=str) + "\n")
     (run_dir / "report.md").write_text(markdown(public, meta))
-    return {"dir": run_dir, "json": run_dir / "report.json", "md": run_dir / "report.md",
-            "latest": link_latest(run_dir)}
+    return {"dir": run_dir, "json": run_dir / "report.json", "md": run_dir / "report.md", "drills": public}
+
+
+def write(run_dir: Path, drills: list[dict], journals: dict[str, Journal], records: dict[str, list[Record]],
+          meta: dict | None = None) -> dict:
+    """A run's files: the journals and requests (``record``), the report rendered from them, the latest link."""
+    record(run_dir, drills, journals, records, meta)
+    paths = render(run_dir)
+    paths["latest"] = link_latest(run_dir)
+    return paths
+
+
+def _require_fields(d: dict) -> None:
+    missing = [k for k in REQUIRED if k not in d]
+    if missing:
+        raise ValueError(f"drill {d.get('name')!r} result lacks report fields {missing}")
 
 
 def console_table(drills: Sequence[dict]):

@@ -8,56 +8,32 @@ the rollbacks in ``finally`` undo every fault that was injected.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections import Counter
 from typing import Any
 
 from drills import alerts
 from drills import timeline as tl
-from drills.background import Background, start_background
+from drills.background import BackgroundLoad, start_background
 from drills.capacity import capacity_rps
 from drills.faults import FAULTS, Context, process_state
-from drills.fleet import Fleet, FleetError
+from drills.fleet import FleetAPI, FleetError
 from drills.journal import Journal
-from drills.probe import Case, Probe, Record, rematch, schedule
+from drills.probe import Case, OpenLoopProbe, Record, golden_cases, rematch, schedule
+from drills.session import FleetHandle
 from drills.spec import WINDOWED, DrillSpec
 from drills.verdict import evaluate
 
 SETTLE_TIMEOUT_S = 120.0
 
 
-@dataclass
-class Session:
-    """A fleet the drills may use: its API, repository, client endpoint, and the control plane process
-    when this run started it (only then can control-plane-crash kill and restart it)."""
-
-    fleet: Fleet
-    repository: Path
-    grpc_url: str
-    control: Any = None
-    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="recserve-drill-")))
-    fixture_models: bool = False
-    #: control.monitor.MonitorStack (1 s intervals) when the drills' alert expectations can be checked.
-    monitor: Any = None
+def cases_for(spec: DrillSpec) -> list[Case]:
+    """The golden requests of the ensembles the spec targets: what the probe sends and what is compared."""
+    return [c for c in golden_cases() if c.model in spec.targets]
 
 
-def golden_cases() -> list[Case]:
-    """The control plane's deep-check pair (``control.golden`` owns the golden requests)."""
-    from control.golden import golden_json_path, load_requests
-    from control.triton import DEFAULT_REPOSITORY
-
-    reqs = load_requests(golden_json_path(DEFAULT_REPOSITORY))
-    r, s = reqs["recommend"], reqs["search"]
-    return [Case("recommend", int(r["user_id"]), tuple(r.get("history") or ())),
-            Case("search", s.get("user_id"), (), s["query"])]
-
-
-def answers(fleet: Fleet, cases: list[Case]) -> tuple[dict[str, set[tuple[int, ...]]], list[str]]:
+def answers(fleet: FleetAPI, cases: list[Case]) -> tuple[dict[str, set[tuple[int, ...]]], list[str]]:
     """The answer of every healthy instance, asked directly (not through HAProxy); disagreements reported."""
     from control.client import RecClient
 
@@ -80,7 +56,7 @@ def answers(fleet: Fleet, cases: list[Case]) -> tuple[dict[str, set[tuple[int, .
     return out, notes
 
 
-def settle(fleet: Fleet, timeout_s: float = SETTLE_TIMEOUT_S) -> float | None:
+def settle(fleet: FleetAPI, timeout_s: float = SETTLE_TIMEOUT_S) -> float | None:
     """Seconds until every instance is healthy and no rollout runs (None: not within the timeout)."""
     def ok() -> bool:
         st = fleet.status(events=1)
@@ -105,7 +81,7 @@ def _fault_window(spec: DrillSpec, journal: Journal, t0: float) -> tuple[float, 
 class DrillRun:
     """One drill from steady-state check to verdict."""
 
-    def __init__(self, spec: DrillSpec, session: Session, log=print):
+    def __init__(self, spec: DrillSpec, session: FleetHandle, log=print):
         self.spec, self.s, self.log = spec, session, log
         self.journal = Journal(spec.name)
         self.records: list[Record] = []
@@ -131,7 +107,7 @@ class DrillRun:
                 segments.append((a.at_s, a.at_s + a.duration_s, peak, a.params["ramp_s"]))
         return schedule(self.spec.load.probe_rps, segments)
 
-    def _run_method(self, probe: Probe) -> None:
+    def _run_method(self, probe: OpenLoopProbe) -> None:
         """Timed actions; windowed faults end on time; abort checks every 250 ms."""
         spec, t0 = self.spec, probe.t0
         pending = sorted(range(len(spec.method)), key=lambda i: spec.method[i].at_s)
@@ -186,9 +162,8 @@ class DrillRun:
 
     def _rollbacks(self) -> None:
         """Every injected fault's rollback, newest first, each one even if another failed."""
-        names = list(self.spec.rollbacks) or ["(fault rollback)"]
         for i in reversed(self.injected):
-            label = names[min(i, len(names) - 1)]
+            label = self.faults[i].rollback_label
             try:
                 with self.journal.action(label, "rollback") as entry:
                     entry.detail.update(self.faults[i].rollback(self.ctx))
@@ -211,7 +186,7 @@ class DrillRun:
                                 f"(status: {fleet.status(events=5)})")
         cpu_before = self.s.monitor.cpu_seconds() if self.s.monitor else {}
         wall_before = time.time()
-        cases = golden_cases()
+        cases = cases_for(spec)
         before_answers, notes = answers(fleet, cases)
         self.ctx.figures["desired_before"] = fleet.desired()
         if any(a.fault == "overload" for a in spec.method) or (spec.load.background and
@@ -224,8 +199,8 @@ class DrillRun:
                 reason = f"capacity_rps unknown, the load cannot be sized: {source}"
                 self.journal.finish("failed", reason)
                 return self._result({}, status="failed", reason=reason)
-        bg: Background | None = None
-        probe: Probe | None = None
+        bg: BackgroundLoad | None = None
+        probe: OpenLoopProbe | None = None
         bg_result = None
         try:
             url = self.s.grpc_url
@@ -233,7 +208,7 @@ class DrillRun:
                 with self.journal.action(f"prepare {f.name}", "setup") as entry:
                     url = f.prepare(self.ctx) or url
                     entry.detail["endpoint"] = url
-            probe = Probe(url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
+            probe = OpenLoopProbe(url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
                           max_requests=int(spec.load.duration_s * 2000))
             if spec.load.background:
                 bg = start_background(spec.load.background, url, cases, spec.load.duration_s,
@@ -292,7 +267,7 @@ class DrillRun:
             "p99_ms": {k: v["p99_ms"] for k, v in ph.items()},
             "throughput_rps": {k: v["throughput_rps"] for k, v in ph.items()},
             "phases": ph, "settled_after_s": None if settle_s is None else round(settle_s, 2),
-            "statuses": _count(r.status for r in recs),
+            "statuses": dict(Counter(r.status for r in recs)),
         }
         b, d = ph["before"]["p99_ms"], ph["during"]["p99_ms"]
         fig["p99_during_ratio"] = round(d / b, 3) if b and d else None
@@ -406,18 +381,3 @@ def monitoring_cost(before: dict, after: dict, wall_s: float) -> dict:
     share = used.get("prometheus", 0.0) / wall_s if wall_s > 0 else None
     return {"cpu_s": used, "wall_s": round(wall_s, 1), "prometheus_core_share": round(share, 4) if share else share,
             "intervals": "scrape 1 s, evaluation 1 s (drills only)"}
-
-
-def _count(values) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=str)
-
-
-def run_subprocess(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)

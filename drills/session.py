@@ -14,13 +14,27 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from control.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
-from drills.fleet import RUNTIME, Fleet, FleetError, read_token, recctl_status
-from drills.runner import Session
+from drills.fleet import RUNTIME, FleetAPI, FleetError, read_token, recctl_status
 
 START_TIMEOUT_S = 300.0
+
+
+@dataclass
+class FleetHandle:
+    """A fleet the drills may use: its API, repository, client endpoint, and the control plane process
+    when this run started it (only then can control-plane-crash kill and restart it)."""
+
+    fleet: FleetAPI
+    repository: Path
+    grpc_url: str
+    control: Any = None
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="recserve-drill-")))
+    fixture_models: bool = False
 
 
 class ControlPlaneProcess:
@@ -53,7 +67,7 @@ class ControlPlaneProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise FleetError(f"control plane exited with {self.process.returncode}: {self.log_tail()}")
-            fleet = Fleet(self.address, read_token(self.root))
+            fleet = FleetAPI(self.address, read_token(self.root))
             try:
                 st = fleet.status(events=1)
                 if st.get("instances") and all(i.get("state") == "healthy" for i in st["instances"]):
@@ -176,7 +190,7 @@ def kill_owned(root: Path, marker: Path) -> list[int]:
 
 
 class FleetOwner:
-    """Context manager: a Session on a running fleet, or on a private one it starts and later stops."""
+    """Context manager: a FleetHandle on a running fleet, or on a private one it starts and later stops."""
 
     def __init__(self, control: str | None = None, repository: Path | None = None, private: bool = False,
                  fixture_models: bool = False, log=print, monitor: bool = False):
@@ -186,21 +200,21 @@ class FleetOwner:
         self.stack = None
         self.started: ControlPlaneProcess | None = None
         self.tmp: Path | None = None
-        self.session: Session | None = None
+        self.session: FleetHandle | None = None
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> FleetHandle:
         if self.control or not (self.private or self.fixture_models):
             st = None if self.control else recctl_status()
             control = self.control or (st or {}).get("endpoints", {}).get("control")
             if control:
-                fleet = Fleet(control, read_token())
+                fleet = FleetAPI(control, read_token())
                 endpoints = fleet.status(events=1)["endpoints"]
                 repo = self.repository or DEFAULT_REPOSITORY
                 adopted = None
                 if endpoints.get("control") == control and (RUNTIME / "control.pid").exists():
                     adopted = AdoptedControlPlane(RUNTIME, repo, endpoints)
                 self.log(f"using the running fleet: control {control}, clients {endpoints['grpc']}")
-                self.session = Session(fleet, repo, endpoints["grpc"], control=adopted)
+                self.session = FleetHandle(fleet, repo, endpoints["grpc"], control=adopted)
                 self.session.monitor = self._start_monitor(RUNTIME)
                 return self.session
         self.tmp = Path(tempfile.mkdtemp(prefix="recserve-drills-"))
@@ -222,8 +236,8 @@ class FleetOwner:
             self.__exit__(None, None, None)
             raise
         self.log(f"fleet up in {time.monotonic() - t:.0f}s")
-        fleet = Fleet(self.started.address, read_token(self.started.root))
-        self.session = Session(fleet, repo, f"127.0.0.1:{self.started.ports['grpc']}", control=self.started,
+        fleet = FleetAPI(self.started.address, read_token(self.started.root))
+        self.session = FleetHandle(fleet, repo, f"127.0.0.1:{self.started.ports['grpc']}", control=self.started,
                                workdir=self.tmp / "work", fixture_models=self.fixture_models)
         self.session.workdir.mkdir(parents=True, exist_ok=True)
         self.session.monitor = self._start_monitor(self.started.root)

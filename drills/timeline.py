@@ -7,7 +7,7 @@ Definitions (also written into report.md):
 - a request is *good* when it succeeded, its answer was not wrong, and its latency <= the SLO;
 - RTO = time from the fault to the start of the first full second (a sliding 1 s window, by send
   time) in which every probe request is good; 0 when no request ever went bad;
-- percentiles are nearest-rank over the latencies of successful requests;
+- percentiles are nearest-rank (control/stats.py) over the latencies of successful requests;
 - *rejected* (shed) requests are those answered UNAVAILABLE or RESOURCE_EXHAUSTED by the server.
 """
 
@@ -16,19 +16,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from control.stats import percentile
 from drills.probe import Record
 
 SHED_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (the value below which q% of samples fall); None for no samples."""
-    if not values:
-        return None
-    if not 0 < q <= 100:
-        raise ValueError(f"percentile must be in (0, 100], got {q}")
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100.0 * len(ordered)) - 1)]
 
 
 def is_good(r: Record, slo_ms: float) -> bool:

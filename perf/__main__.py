@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="compare a report's ratios with perf/baseline.json")
     c.add_argument("report", nargs="?", type=Path, default=None, help="report.json or its dir (default: latest)")
     c.add_argument("--baseline", type=Path, default=None)
-    c.add_argument("--tolerance", type=float, default=None, help="relative drop allowed (default: baseline's)")
     c.set_defaults(func=_check)
     args = p.parse_args(argv)
     return args.func(args)

@@ -11,11 +11,14 @@ import csv
 import io
 import json
 import os
+import re
 import site
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from control.stats import percentile
 
 #: perf_analyzer's CSV header -> our field name (latencies and times are microseconds).
 CSV_FIELDS: dict[str, str] = {
@@ -87,7 +90,7 @@ def parse_csv(text: str) -> list[Row]:
     if not reader.fieldnames:
         raise ValueError("perf_analyzer CSV is empty")
     header = [h.strip() for h in reader.fieldnames]
-    for need in ("Inferences/Second", "p99 latency"):
+    for need in ("Inferences/Second", "p50 latency", "p90 latency", "p95 latency", "p99 latency"):
         if need not in header:
             raise ValueError(f"perf_analyzer CSV has no '{need}' column (header: {', '.join(header)})")
     if "Concurrency" not in header and "Request Rate" not in header:
@@ -95,8 +98,6 @@ def parse_csv(text: str) -> list[Row]:
     rows = []
     for raw in reader:
         values = {CSV_FIELDS[k.strip()]: float(v) for k, v in raw.items() if k and k.strip() in CSV_FIELDS and v}
-        for need in ("p50_us", "p90_us", "p95_us"):
-            values.setdefault(need, values["p99_us"])
         rows.append(Row(**values))
     return rows
 
@@ -122,10 +123,9 @@ def parse_profile(doc: dict, batch_size: int = 1) -> dict[str, float]:
     if not sends:
         raise ValueError("profile export holds no completed requests")
     span_s = max(1e-9, (last - min(sends)) / 1e9)
-    lats.sort()
 
     def pct(q: float) -> float:
-        return lats[min(len(lats) - 1, max(0, int(round(q / 100.0 * len(lats) + 0.5)) - 1))]
+        return percentile(lats, q) or 0.0
 
     return {
         "infer_per_sec": len(sends) * batch_size / span_s,
@@ -154,6 +154,17 @@ def binary() -> Path:
     if not path.exists():
         raise PerfAnalyzerError(f"perf_analyzer not found at {path}: run 'make setup' (tritonclient[all]==2.51.0)")
     return path
+
+
+def version() -> str:
+    """The version perf_analyzer itself reports (``--version``), not its wheel's: the two can differ."""
+    try:
+        out = subprocess.run([str(binary()), "--version"], capture_output=True, text=True, timeout=30,
+                             env=environment())
+    except (PerfAnalyzerError, OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    m = re.search(r"Perf Analyzer Version (\S+)", out.stdout + out.stderr)
+    return m.group(1) if m else f"unknown (--version said {(out.stdout + out.stderr).strip()[:120]!r})"
 
 
 def environment() -> dict[str, str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from control.stats import percentile
 from perf.inputs import batch
 
 
@@ -118,8 +119,8 @@ def measure(
         batch_size=batch_size,
         threads=threads,
         infer_per_sec=len(arr) * batch_size / elapsed,
-        p50_ms=float(np.percentile(arr, 50)),
-        p99_ms=float(np.percentile(arr, 99)),
+        p50_ms=percentile(arr.tolist(), 50) or 0.0,
+        p99_ms=percentile(arr.tolist(), 99) or 0.0,
         runs=len(arr),
         workers=workers,
         cpu_ms_per_run=1000.0 * cpu / max(1, len(arr)),

@@ -8,15 +8,13 @@ most of the memory; we sample the whole process tree during the run and keep the
 
 from __future__ import annotations
 
-import re
 import threading
-import urllib.request
 from dataclasses import dataclass, field
 
 import psutil
 
-_LINE = re.compile(r"^(nv_[a-z_]+)\{([^}]*)\}\s+([0-9.eE+-]+)$")
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
+from control import promtext
+
 COUNTERS = (
     "nv_inference_request_success",
     "nv_inference_request_failure",
@@ -31,27 +29,13 @@ COUNTERS = (
 
 def parse_metrics(text: str) -> dict[str, dict[str, float]]:
     """model -> counter -> value (summed over versions and failure reasons)."""
-    out: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        m = _LINE.match(line.strip())
-        if not m or m.group(1) not in COUNTERS:
-            continue
-        labels = dict(_LABEL.findall(m.group(2)))
-        model = labels.get("model")
-        if model is None:
-            continue
-        per = out.setdefault(model, {})
-        per[m.group(1)] = per.get(m.group(1), 0.0) + float(m.group(3))
-    return out
+    return promtext.model_sums(text, COUNTERS)
 
 
 def scrape(url: str, timeout_s: float = 2.0) -> dict[str, dict[str, float]]:
     """One scrape of Triton's Prometheus endpoint; empty when it is unreachable (figures then read 0)."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return parse_metrics(resp.read().decode(errors="replace"))
-    except OSError:
-        return {}
+    text = promtext.fetch(url, timeout_s)
+    return parse_metrics(text) if text is not None else {}
 
 
 @dataclass

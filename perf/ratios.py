@@ -7,26 +7,22 @@ reloaded and restored), and keeping them apart keeps the runner about lifecycle 
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 from control.triton import TritonServer
 from perf import figures, inprocess
 from perf.console import console
 from perf.suite import RatioSpec
+from perf.suiterun import SuiteRun
 from perf.targets import Endpoint
 
-if TYPE_CHECKING:
-    from perf.runner import Session
 
-
-def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
+def served_vs_inprocess(s: SuiteRun, spec: RatioSpec, ep: Endpoint) -> None:
     """Served saturation / in-process onnxruntime (same batch, threads, sessions), per round."""
     pairs, detail, stalled, served_cpu, ref_cpu = [], [], [], [], []
     for rnd in range(spec.rounds):
         ref = inprocess.measure(
-            s.repository / spec.model, s._rows[spec.model], spec.batch_size, s.suite.inprocess_seconds
+            s.repository / spec.model, s.rows[spec.model], spec.batch_size, s.suite.inprocess_seconds
         )
         s.inprocess.append(asdict(ref))
         console.print(
@@ -46,7 +42,7 @@ def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
             {"round": rnd + 1, "served": round(sat, 1), "inprocess": round(ref.infer_per_sec, 1), "stalls": stalls}
         )
     value, excluded = figures.clean_paired_ratio(pairs, stalled)
-    s._ratio(
+    s.record_ratio(
         "served_vs_inprocess",
         value,
         0.7,
@@ -63,10 +59,10 @@ def served_vs_inprocess(s: Session, spec: RatioSpec, ep: Endpoint) -> None:
     )
 
 
-def haproxy_vs_direct(s: Session, spec: RatioSpec, ep: Endpoint, proxied: Endpoint | None, why: str) -> None:
+def haproxy_vs_direct(s: SuiteRun, spec: RatioSpec, ep: Endpoint, proxied: Endpoint | None, why: str) -> None:
     """Saturation through our HAProxy / direct, interleaved point by point."""
     if proxied is None:
-        s._skip("haproxy_vs_direct", why)
+        s.skip_ratio("haproxy_vs_direct", why)
         return
     pairs, detail, proxied_cpu, stalled = [], [], [], []
     for rnd in range(spec.rounds):
@@ -85,7 +81,7 @@ def haproxy_vs_direct(s: Session, spec: RatioSpec, ep: Endpoint, proxied: Endpoi
         stalled.append(stalls > 0)
         detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}, "stalls": stalls})
     value, excluded = figures.clean_paired_ratio(pairs, stalled)
-    s._ratio(
+    s.record_ratio(
         "haproxy_vs_direct",
         value,
         0.9,
@@ -101,15 +97,16 @@ def haproxy_vs_direct(s: Session, spec: RatioSpec, ep: Endpoint, proxied: Endpoi
     )
 
 
-def dynamic_batching_gain(s: Session, spec: RatioSpec, ep: Endpoint, server: TritonServer) -> None:
+def dynamic_batching_gain(s: SuiteRun, spec: RatioSpec, ep: Endpoint, server: TritonServer) -> None:
     """Committed config / the same config without dynamic_batching (a repository-API override)."""
-    committed = json.loads(server._request("GET", f"/v2/models/{spec.model}/config")[1] or b"{}")
+    committed = server.model_config(spec.model)
     if "dynamic_batching" not in committed:
-        s._skip("dynamic_batching_gain", f"'{spec.model}' has no dynamic_batching in its committed config")
+        s.skip_ratio("dynamic_batching_gain", f"'{spec.model}' has no dynamic_batching in its committed config")
         return
     without = copy.deepcopy(committed)
     without.pop("dynamic_batching")
     pairs, detail, stalled = [], [], []
+    cpu: dict[str, list[dict[str, float]]] = {"committed": [], "no_dynamic_batching": []}
     try:
         for rnd in range(spec.rounds):
             sat, stalls = {}, 0
@@ -119,13 +116,16 @@ def dynamic_batching_gain(s: Session, spec: RatioSpec, ep: Endpoint, server: Tri
                 rows = s.sweep(ep, f"{spec.model}-batching", spec.model, spec.concurrency, spec.batch_size, variant)
                 sat[variant] = figures.saturation(r.row() for r in rows)
                 stalls += sum(r.stalls for r in rows)
+                top = max(rows, key=lambda r: r.infer_per_sec, default=None)
+                if top is not None and top.cpu_ms_per_request:
+                    cpu[variant].append(top.cpu_ms_per_request)
             pairs.append((sat["committed"], sat["no_dynamic_batching"]))
             stalled.append(stalls > 0)
             detail.append({"round": rnd + 1, **{k: round(v, 1) for k, v in sat.items()}, "stalls": stalls})
     finally:
         server.load_model(spec.model)  # back to the committed file
     value, excluded = figures.clean_paired_ratio(pairs, stalled)
-    s._ratio(
+    s.record_ratio(
         "dynamic_batching_gain",
         value,
         None,
@@ -135,21 +135,22 @@ def dynamic_batching_gain(s: Session, spec: RatioSpec, ep: Endpoint, server: Tri
             "without_infer_per_sec": round(max(p[1] for p in pairs), 1),
             "rounds": detail,
             "rounds_with_stalls_left_out": excluded,
+            **figures.batching_cpu_ceiling(cpu["committed"], cpu["no_dynamic_batching"]),
         },
     )
 
 
-def trt_vs_onnx(s: Session, spec: RatioSpec, ep: Endpoint, loadable: list[str]) -> None:
-    """TensorRT engine / ONNX model saturation (GPU hosts only)."""
+def trt_vs_onnx(s: SuiteRun, spec: RatioSpec, ep: Endpoint, loadable: list[str], skipped: dict[str, str]) -> None:
+    """TensorRT engine / ONNX model saturation (GPU hosts only); skipped with check_models' reason."""
     trt = f"{spec.model}_trt"
     if trt not in loadable:
-        s._skip("trt_vs_onnx", f"'{trt}' is not built/loadable on this host")
+        s.skip_ratio("trt_vs_onnx", skipped.get(trt, f"'{trt}' is not built/loadable on this host"))
         return
     sat = {}
     for m in (spec.model, trt):
         rows = s.sweep(ep, f"{m}-trt-vs-onnx", m, spec.concurrency, spec.batch_size)
         sat[m] = figures.saturation(r.row() for r in rows)
-    s._ratio(
+    s.record_ratio(
         "trt_vs_onnx",
         figures.ratio(sat[trt], sat[spec.model]),
         None,

@@ -45,10 +45,19 @@ def check_models(repository: Path, models: list[str]) -> tuple[list[str], dict[s
         elif m in servable:
             ok.append(m)
         elif ("tensorrt" in cfg.read_text() or m.endswith("_trt")) and not gpu:
-            skipped[m] = f"'{m}' needs TensorRT and an NVIDIA GPU; none on this host (skipped)"
+            skipped[m] = f"'{m}' needs TensorRT and an NVIDIA GPU: {_why_no_tensorrt()} (skipped)"
         else:
             skipped[m] = f"model '{m}' (or a step of it) has no built version in {repository}: run 'make models'"
     return ok, skipped
+
+
+def _why_no_tensorrt() -> str:
+    """Which half of ``tensorrt_available`` is missing, so a GPU host without the package is told so."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt package is not installed (the project's gpu extra, tensorrt-cu12)"
+    return "no CUDA GPU is visible to torch"
 
 
 def start_server(repository: Path, models: list[str], workdir: Path) -> TritonServer:

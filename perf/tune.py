@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ from pathlib import Path
 from control.triton import DEFAULT_REPOSITORY, TritonError
 from perf import figures, report
 from perf.console import console
-from perf.runner import Session
 from perf.suite import Suite
+from perf.suiterun import SuiteRun
 from perf.targets import check_models, direct, start_server
 
 
@@ -81,7 +80,7 @@ def best(results: list[dict], slo_ms: float) -> dict | None:
     return max(ok, key=score, default=None)
 
 
-def evaluate(s: Session, ep, model: str, c: Candidate, conc: tuple[int, ...], slo_ms: float, tag: str) -> dict:
+def evaluate(s: SuiteRun, ep, model: str, c: Candidate, conc: tuple[int, ...], slo_ms: float, tag: str) -> dict:
     """One sweep of an applied candidate: best point under the SLO and the stalls seen anywhere."""
     rows = s.sweep(ep, f"{model}-tune", model, conc, 1, tag)
     top = max(rows, key=lambda r: r.infer_per_sec, default=None)
@@ -128,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
     suite = Suite(
         name=f"tune-{model}", path=Path("tune"), slo_ms=args.slo_ms, seconds_per_point=1.5 if args.quick else 2.0
     )
-    s = Session(suite, out, repository, args.data)
+    s = SuiteRun(suite, out, repository, args.data)
     results: list[dict] = []
     server = None
     try:
@@ -136,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
         server = start_server(repository, [model], out / "server")
         ep = direct(server)
         s.collect_versions(server)
-        committed = json.loads(server._request("GET", f"/v2/models/{model}/config")[1])
+        committed = server.model_config(model)
         for c in candidates(grid):
             console.print(f"[bold cyan]{model}[/] {c.label}")
             try:

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from control.triton import free_port
-from drills.probe import Case, Probe, check_loopback, schedule, status_name
+from drills.probe import Case, OpenLoopProbe, check_loopback, schedule, status_name
 
 
 def test_only_loopback_targets_are_accepted():
@@ -18,7 +18,7 @@ def test_only_loopback_targets_are_accepted():
         with pytest.raises(ValueError, match="loopback only"):
             check_loopback(url)
     with pytest.raises(ValueError, match="loopback only"):
-        Probe("10.1.2.3:8001", [Case("recommend", 1, (2,))], lambda t: 1.0, 1.0)
+        OpenLoopProbe("10.1.2.3:8001", [Case("recommend", 1, (2,))], lambda t: 1.0, 1.0)
 
 
 def test_schedule_ramps_holds_and_returns():
@@ -35,7 +35,7 @@ def test_failures_are_recorded_not_raised_and_the_count_is_bounded():
     """A real closed loopback port: every request fails with UNAVAILABLE and is recorded."""
     port = free_port()
     cases = [Case("recommend", 1, (3, 4)), Case("search", None, (), "red shoes")]
-    probe = Probe(f"127.0.0.1:{port}", cases, lambda t: 40.0, duration_s=0.5, timeout_s=0.5, max_requests=12)
+    probe = OpenLoopProbe(f"127.0.0.1:{port}", cases, lambda t: 40.0, duration_s=0.5, timeout_s=0.5, max_requests=12)
     records = asyncio.run(probe.run_async())
     assert len(records) == 12, "max_requests bounds the run"
     assert {r.status for r in records} == {"UNAVAILABLE"}
@@ -45,7 +45,7 @@ def test_failures_are_recorded_not_raised_and_the_count_is_bounded():
 
 
 def test_duration_bounds_the_run_in_a_thread():
-    probe = Probe(f"127.0.0.1:{free_port()}", [Case("recommend", 1)], lambda t: 20.0, duration_s=0.5,
+    probe = OpenLoopProbe(f"127.0.0.1:{free_port()}", [Case("recommend", 1)], lambda t: 20.0, duration_s=0.5,
                   timeout_s=0.3).start()
     records = probe.join(10)
     assert 5 <= len(records) <= 11, len(records)  # 20 rps for 0.5 s

@@ -36,6 +36,15 @@ def test_verdict_passes_and_fails_with_the_miss_spelled_out():
     assert "rto_ms 1500 vs <= 1000" in reason
 
 
+def test_deterministic_expectations_are_marked_apart_from_timing_ones():
+    """CI fails on the deterministic rows only (a leaked stub, a lost request), never on a slow host's RTO."""
+    expect = Expect(failed_requests_max=0, rto_ms_max=1000, orphaned_stubs_max=0)
+    ok, rows, reason = evaluate(expect, {"failed_requests": 0, "rto_ms": 1500, "orphaned_stubs": 2})
+    det = {r["expectation"]: r["deterministic"] for r in rows}
+    assert det == {"failed_requests_max": True, "rto_ms_max": False, "orphaned_stubs_max": True}
+    assert not ok and [r["figure"] for r in rows if r["deterministic"] and not r["ok"]] == ["orphaned_stubs"]
+
+
 def test_unmeasured_figure_fails_the_expectation():
     ok, rows, _ = evaluate(Expect(detection_ms_max=2000), {"detection_ms": None})
     assert not ok and rows[0]["missed_by"] == "not measured"
@@ -77,14 +86,18 @@ def test_write_run_files_and_latest_link(tmp_path):
     root = tmp_path / "drills"
     first = new_run_dir(root)
     recs = [Record(i, "recommend", 100.0 + i * 0.1, 10.0, "OK", True) for i in range(50)]
-    png = plot(first / "crash.png", "crash", per_second(recs, 100.0, 105.0), 2.0, 3.0, [(2.4, "detected")], 100.0)
+    png = plot(first / "x.png", "crash", per_second(recs, 100.0, 105.0), 2.0, 3.0, [(2.4, "detected")], 100.0)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     j = Journal("crash")
     j.finish("completed")
-    paths = write(first, [result(plot="crash.png")], {"crash": j}, {"crash": recs})
+    timed = result(seconds=per_second(recs, 100.0, 105.0), fault_at_s=2.0, fault_end_s=3.0, marks=[(2.4, "detected")],
+                   slo_p99_ms=100.0)
+    paths = write(first, [timed], {"crash": j}, {"crash": recs})
     report = json.loads(paths["json"].read_text())
     entry = report["drills"][0]
     assert set(REQUIRED) <= set(entry) and set(entry["p99_ms"]) == {"before", "during", "after"}
+    assert entry["plot"] == "crash.png" and (first / "crash.png").stat().st_size > 10_000
+    assert "seconds" not in entry, "the per-second series lives in the journal, not in report.json"
     assert (first / "crash.journal.json").exists()
     assert len((first / "crash.requests.jsonl").read_text().splitlines()) == 50
     assert (root / "latest").resolve() == first.resolve()
@@ -93,6 +106,30 @@ def test_write_run_files_and_latest_link(tmp_path):
     assert (root / "latest").resolve() == second.resolve() and first != second
     with pytest.raises(ValueError, match="lacks report fields"):
         write(second, [{"name": "x", "passed": True}], {}, {})
+
+
+def test_report_is_rendered_from_the_journals_alone(tmp_path):
+    """python -m drills report DIR: delete every rendered file, keep the journals, get the same report back;
+    a change in a journal shows up in the re-render (the report is a view of the journals)."""
+    from drills.cli import main
+
+    run = new_run_dir(tmp_path)
+    recs = [Record(i, "recommend", 100.0 + i * 0.1, 10.0, "OK", True) for i in range(30)]
+    hang = result("hang", seconds=per_second(recs, 100.0, 103.0), fault_at_s=1.0, fault_end_s=2.0, marks=[],
+                  slo_p99_ms=250.0)
+    write(run, [result("crash"), hang], {"crash": Journal("crash", started_at=1.0),
+                                         "hang": Journal("hang", started_at=2.0)}, {})
+    md = (run / "report.md").read_text()
+    for f in ("report.md", "report.json", "hang.png"):
+        (run / f).unlink()
+    assert main(["report", str(run)]) == 0
+    assert (run / "report.md").read_text() == md and (run / "hang.png").exists()
+    assert [d["name"] for d in json.loads((run / "report.json").read_text())["drills"]] == ["crash", "hang"]
+    j = Journal.read(run / "crash.journal.json")
+    j.result["rto_ms"] = 1234.0
+    j.write(run / "crash.journal.json")
+    assert main(["report", str(run)]) == 0 and "| crash | PASS | 1234 ms |" in (run / "report.md").read_text()
+    assert main(["report", str(tmp_path / "empty")]) == 2
 
 
 def test_skipped_drill_counts_as_skipped_not_passed():

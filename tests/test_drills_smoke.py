@@ -1,6 +1,7 @@
 """The smoke drills for real: a private fleet (control plane, two tritonservers, HAProxy), perf_analyzer
 and the probe, SIGKILL / SIGSTOP / overload / canary rollover, then the report files - and nothing left
-running afterwards. Slow (minutes): marked ``slow``; CI runs it through ``make drill-smoke`` as well."""
+running afterwards. Slow (minutes): marked ``slow``; ``make test`` (CI) runs it and fails on a
+deterministic verdict: a lost request, a wrong answer, inconsistent versions, no rollback, a leaked stub."""
 
 from __future__ import annotations
 
@@ -33,20 +34,31 @@ def test_smoke_drills_run_report_and_clean_up(tmp_path, capsys):
     assert latest.is_symlink(), out[-3000:]
     report = json.loads((latest / "report.json").read_text())
     names = [d["name"] for d in report["drills"]]
-    assert names == ["crash", "hang", "overload", "rollover-under-load"], out[-3000:]
+    assert names == ["crash", "hang", "overload", "rollover-under-load", "bad-rollover"], out[-3000:]
     for d in report["drills"]:
-        assert d["status"] in ("completed", "aborted"), (d["name"], d["reason"])
+        # an abort means the error budget or the p99 ceiling blew: the drill did not show recovery
+        assert d["status"] == "completed", (d["name"], d["reason"])
         assert d["total_requests"] > 50, d["name"]
         assert (latest / f"{d['name']}.png").stat().st_size > 10_000
         assert d["versions_consistent"] is True, (d["name"], d.get("versions_detail"))
         journal = json.loads((latest / f"{d['name']}.journal.json").read_text())
         assert [a for a in journal["actions"] if a["kind"] == "method"], "fault never injected"
         assert [a for a in journal["actions"] if a["kind"] == "rollback"], "rollback did not run"
-    crash = report["drills"][0]
+    # The deterministic verdicts fail CI (README: drills prove recovery); the timing ones (RTO, p99 ratio,
+    # goodput on a shared 2-core host) are figures in the report.
+    by_name = {d["name"]: d for d in report["drills"]}
+    for d in report["drills"]:
+        missed = [c for c in d["checks"] if c["deterministic"] and not c["ok"]]
+        assert not missed, (d["name"], missed)
+    for name in ("crash", "hang"):
+        assert by_name[name]["failed_requests"] == 0 and by_name[name]["wrong_answers"] == 0, by_name[name]["reason"]
+    assert by_name["crash"]["orphaned_stubs"] == 0, "the killed server's backend stubs outlived its restart"
+    assert by_name["bad-rollover"]["rolled_back"] is True, by_name["bad-rollover"]["reason"]
+    assert all(d["versions_consistent"] is True for d in report["drills"])
+    crash = by_name["crash"]
     assert crash["detection_ms"] is not None, "control plane never marked the killed instance"
     assert "| crash |" in (latest / "report.md").read_text()
     assert "recserve drills" in p.stdout, "summary table not printed"
     with capsys.disabled():  # CI logs show the smoke drills' summary table (.ci/run runs make test)
         print("\n" + p.stdout[p.stdout.index("recserve drills"):])
     assert not _tritonservers_of("recserve-drills-"), "processes of the private fleet left running"
-    # the verdicts are figures for the report, not asserted here: targets are measured, not assumed

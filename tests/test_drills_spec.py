@@ -23,7 +23,6 @@ def base() -> dict:
         "load": {"duration_s": 20, "probe_rps": 10},
         "steady_state": {"slo_p99_ms": 100, "error_rate_max": 0.0, "before_s": 3, "after_s": 3},
         "method": [{"fault": "gpu-hang", "at_s": 5, "duration_s": 5}],
-        "rollbacks": ["sigcont"],
         "expect": {"failed_requests_max": 0},
     }
 
@@ -104,7 +103,8 @@ def test_impossible_timing_is_refused(mutate, field, words):
     (lambda r: r["load"].update(probe_rps="fast"), "load.probe_rps"),
     (lambda r: r["load"].update(probe_rps=True), "load.probe_rps"),
     (lambda r: r.update(targets=["checkout"]), "spec.targets"),
-    (lambda r: r.update(rollbacks=["reboot"]), "rollbacks[0]"),
+    # each fault's own rollback always runs; a list of names nothing read was a promise, so it is gone
+    (lambda r: r.update(rollbacks=["sigcont"]), "spec.rollbacks"),
     (lambda r: r.update(expect={}), "expect"),
     (lambda r: r["expect"].update(goodput_ratio_min=90), "expect.goodput_ratio_min"),
     (lambda r: r["expect"].update(versions_consistent="yes"), "expect.versions_consistent"),
@@ -115,6 +115,27 @@ def test_bad_values_are_refused_with_the_field(mutate, field):
     raw = base()
     mutate(raw)
     assert refused(raw).field == field
+
+
+@pytest.mark.parametrize("fault,params,field", [
+    ("bad-rollover", {"model": "ranker", "mode": "wrong"}, "method[0].params.mode"),
+    ("network-partition", {"target": "standby"}, "method[0].params.target"),
+])
+def test_parameters_nothing_reads_are_refused(fault, params, field):
+    raw = base()
+    windowed = {"duration_s": 5} if fault == "network-partition" else {"observe_s": 3}
+    raw["method"] = [{"fault": fault, "at_s": 5, "params": params, **windowed}]
+    assert refused(raw).field == field
+
+
+def test_every_fault_names_its_rollback_and_targets_choose_the_probe_cases():
+    from drills.faults import FAULTS
+    from drills.runner import cases_for
+
+    assert set(FAULTS) == set(FAULT_PARAMS) and all(f.rollback_label for f in FAULTS.values())
+    assert {c.model for c in cases_for(parse(base()))} == {"recommend"}
+    both = base() | {"targets": ["recommend", "search"]}
+    assert {c.model for c in cases_for(parse(both))} == {"recommend", "search"}
 
 
 def test_bad_steps_and_factor():

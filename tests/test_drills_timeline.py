@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from control.stats import percentile
 from drills.probe import Record
 from drills.timeline import (
     abort_reason,
     error_budget_used,
     failed_or_wrong_after,
     per_second,
-    percentile,
     phases,
     rto_ms,
     steady_state_ok,

@@ -31,13 +31,28 @@ def test_rate_csv_reads_request_rate():
     "text, missing",
     [
         ("", "empty"),
-        ("Concurrency,Inferences/Second\n1,10\n", "p99 latency"),
-        ("Inferences/Second,p99 latency\n1,2\n", "neither"),
+        ("Concurrency,Inferences/Second\n1,10\n", "p50 latency"),
+        ("Concurrency,Inferences/Second,p50 latency,p90 latency,p99 latency\n1,10,1,2,3\n", "p95 latency"),
+        ("Inferences/Second,p50 latency,p90 latency,p95 latency,p99 latency\n1,2,3,4,5\n", "neither"),
     ],
 )
 def test_malformed_csv_names_the_problem(text, missing):
     with pytest.raises(ValueError, match=missing):
         analyzer.parse_csv(text)
+
+
+def test_run_record_keeps_p95_apart_from_p99():
+    """p95 was reported as the p99 value; a load point carries both as measured."""
+    from perf.suiterun import RunRecord
+
+    rec = RunRecord("t", "m", "direct", "concurrency", 4, 1, p50_ms=5.0, p90_ms=8.0, p95_ms=9.5, p99_ms=14.0)
+    row = rec.row()
+    assert (row.p95_us, row.p99_us) == (9500.0, 14000.0)
+
+
+def test_version_is_what_the_binary_reports():
+    """perf_analyzer --version of the installed binary (tritonclient's wheel version is another thing)."""
+    assert analyzer.version() == "2.51.0"
 
 
 def test_profile_export_gives_exact_throughput_and_percentiles():

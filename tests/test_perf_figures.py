@@ -108,3 +108,13 @@ def test_serving_cpu_ceiling_separates_serving_from_the_load_generator():
     assert got["cpu_ceiling_without_client"] == pytest.approx(3.5 / 4.9, abs=1e-3)
     assert got["cpu_ceiling_with_client"] == pytest.approx(3.5 / 5.9, abs=1e-3)
     assert figures.serving_cpu_ceiling([], []) == {}
+
+
+def test_batching_cpu_ceiling_is_cpu_without_over_cpu_with():
+    with_cpu = [{"server": 0.4, "stubs": 2.0, "perf_analyzer": 0.6},
+                {"server": 0.5, "stubs": 2.1, "perf_analyzer": 0.6}]
+    without = [{"server": 0.5, "stubs": 3.0, "perf_analyzer": 0.6}]
+    got = figures.batching_cpu_ceiling(with_cpu, without)
+    assert got["with_cpu_ms_per_request"] == pytest.approx(3.1)
+    assert got["cpu_bound_gain"] == pytest.approx(4.1 / 3.1, abs=1e-3)
+    assert figures.batching_cpu_ceiling([], without) == {}

@@ -20,6 +20,18 @@ def test_parse_recorded_scrape_sums_failure_reasons():
     assert m["search"]["nv_inference_request_failure"] == 0
 
 
+def test_typed_counters_read_the_same_as_untyped_ones():
+    """Triton 2.51 writes # TYPE counter lines; prometheus_client's parser then names the samples <name>_total."""
+    typed = ("# HELP nv_inference_request_success Number of successful inference requests\n"
+             "# TYPE nv_inference_request_success counter\n"
+             'nv_inference_request_success{model="search",version="1"} 12\n'
+             'nv_inference_request_success{model="search",version="2"} 3\n'
+             "# TYPE nv_inference_queue_duration_us counter\n"
+             'nv_inference_queue_duration_us{model="search",version="1"} 700\n')
+    assert metrics.parse_metrics(typed) == {"search": {"nv_inference_request_success": 15.0,
+                                                       "nv_inference_queue_duration_us": 700.0}}
+
+
 def test_deltas_are_per_request_averages_between_scrapes():
     before = metrics.parse_metrics((DATA / "metrics.txt").read_text())
     after = {k: dict(v) for k, v in before.items()}
@@ -55,3 +67,37 @@ def test_cpu_delta_survives_replaced_stub_processes():
 def test_tree_cpu_reads_this_process():
     got = metrics.tree_cpu_s([os.getpid()])
     assert got[os.getpid()][0] == "server" and got[os.getpid()][1] > 0
+
+
+def test_rollout_gates_and_perf_read_triton_metrics_with_one_parser(tmp_path):
+    """control.metrics.triton_request_counts (rollout gates) reads the same recorded scrape through the same
+    prometheus_client parser as perf; an unreachable endpoint is None, not zero."""
+    import http.server
+    import threading
+
+    from control.metrics import triton_request_counts
+
+    body = (DATA / "metrics.txt").read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_port}/metrics"
+        ok, bad = triton_request_counts(url, models=("search",))
+        m = metrics.parse_metrics(body.decode())
+        assert (ok, bad) == (m["search"]["nv_inference_request_success"], m["search"]["nv_inference_request_failure"])
+        assert triton_request_counts(url, models=("recommend",)) == (0.0, 0.0)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert triton_request_counts("http://127.0.0.1:9/metrics", timeout=0.5) is None

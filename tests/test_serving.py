@@ -45,6 +45,16 @@ def test_repository_loads_both_ensembles_and_no_trt_without_gpu(server):
     assert server.live() and server.ready()
 
 
+def test_typed_http_api_of_the_server(server):
+    """What callers used to read through TritonServer._request: status, metadata, a model's config."""
+    assert server.live_status() == 200
+    assert server.server_metadata()["version"] == "2.51.0"
+    cfg = server.model_config("ranker")
+    assert cfg["name"] == "ranker" and "dynamic_batching" in cfg
+    with pytest.raises(TritonError, match="no_such_model"):
+        server.model_config("no_such_model")
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_recommend_and_search_answer_over_both_protocols(server, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
