@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from build.export import ort_session
-from build.train import load_tokenizer
+from recserve.build.export import ort_session
+from recserve.build.train import load_tokenizer
 
 HISTORY_LIMIT = 1000  # recommend_pre rejects longer histories
 MODEL_HISTORY = 50
@@ -22,7 +22,7 @@ MODELS = ("retrieval", "ranker", "search_model")
 
 def latest_version_dir(repository: str | Path, model: str) -> Path:
     """Highest numeric version dir of ``model`` (FileNotFoundError when there is none)."""
-    from build.manifest import numeric_versions
+    from recserve.build.manifest import numeric_versions
 
     versions = numeric_versions(Path(repository) / model)
     if not versions:

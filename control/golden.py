@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from control.client import RecClient, Result
+from recserve.control.client import RecClient, Result
 
 DEFAULT_REQUESTS: dict[str, dict] = {
     "recommend": {"user_id": 7, "history": [11, 12, 13]},
@@ -94,7 +94,7 @@ def ask(client: RecClient, requests: dict[str, dict]) -> dict[str, Result]:
 def reference_pipeline(repository: Path, versions: dict[str, list[int]]):
     """``build.reference.Reference`` on exactly ``versions`` (it picks the latest by itself), or None."""
     try:
-        from build import reference as R  # the build's in-process pipeline
+        from recserve.build import reference as R  # the build's in-process pipeline
     except Exception:
         return None
     try:
@@ -145,7 +145,7 @@ class Golden:
         self.store = store
         path = self.repository.parent / "artifacts" / "golden.json"
         if not path.exists():
-            from control.triton import REPO_ROOT
+            from recserve.control.triton import REPO_ROOT
 
             path = REPO_ROOT / "artifacts" / "golden.json"
         self.requests = requests or load_requests(path)

@@ -16,8 +16,8 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from control.procs import pid_alive
-from control.triton import REPO_ROOT
+from recserve.control.procs import pid_alive
+from recserve.control.triton import REPO_ROOT
 
 #: Wide tables also when piped (rich would wrap at 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -39,7 +39,7 @@ def _control(args: argparse.Namespace) -> str:
 
 
 def _stub(args: argparse.Namespace):
-    from control.proto import control_pb2_grpc as pbg
+    from recserve.control.proto import control_pb2_grpc as pbg
 
     channel = grpc.insecure_channel(_control(args))
     return pbg.ControlPlaneStub(channel), channel
@@ -82,7 +82,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print(f"fleet already up: control plane pid {pid} at {_control(args)} (not starting a second one)")
         return 0
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "control.server", "--root", str(root), "--repository", str(args.repository),
+    cmd = [sys.executable, "-m", "recserve.control.server", "--root", str(root), "--repository", str(args.repository),
            "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
            "--control-port", str(args.control_port), "--metrics-port", str(args.metrics_port),
            "--instances", str(args.instances)]
@@ -107,7 +107,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     """Stop the control plane, then every instance and HAProxy it started (by pid), nothing else."""
-    from control.fleet import Fleet, FleetConfig
+    from recserve.control.fleet import Fleet, FleetConfig
 
     root = _root(args)
     pid = _control_pid(root)
@@ -143,7 +143,7 @@ def _status_dict(resp) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     resp = stub.GetStatus(pb.GetStatusRequest(events=args.events), timeout=10)
@@ -176,7 +176,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollover(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else []
@@ -207,7 +207,7 @@ def _print_rollout(r, as_json: bool) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     r = stub.Rollback(pb.RollbackRequest(model=args.model), metadata=_auth(args), timeout=args.timeout)
@@ -217,7 +217,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     r = stub.GetRollout(pb.GetRolloutRequest(model=args.model or "", id=args.id or ""), timeout=10)
@@ -228,7 +228,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def _instance_call(method: str):
     def run(args: argparse.Namespace) -> int:
-        from control.proto import control_pb2 as pb
+        from recserve.control.proto import control_pb2 as pb
 
         stub, ch = _stub(args)
         if method == "AddInstance":
@@ -247,7 +247,7 @@ def _instance_call(method: str):
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     r = stub.ListVersions(pb.ListVersionsRequest(model=args.model), timeout=30)
@@ -264,7 +264,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     s = stub.CreateSnapshot(pb.CreateSnapshotRequest(note=args.note or ""), metadata=_auth(args), timeout=300)
@@ -277,7 +277,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     r = stub.ListSnapshots(pb.ListSnapshotsRequest(), timeout=30)
@@ -295,7 +295,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     r = stub.RestoreSnapshot(pb.RestoreSnapshotRequest(id=args.id), metadata=_auth(args), timeout=300)

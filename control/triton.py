@@ -21,7 +21,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from control.procs import free_port, kill_group, port_in_use
+from recserve.control.procs import free_port, kill_group, port_in_use
 
 __all__ = ["TritonConfig", "TritonError", "TritonServer", "free_port", "port_in_use", "servable_models"]
 

@@ -40,8 +40,8 @@ DEFAULT_CASES = (Case("recommend", 7, (11, 12, 13)), Case("search", None, (), "r
 def golden_cases() -> list[Case]:
     """One recommend and one search request from ``artifacts/golden.json`` when the build wrote it."""
     try:
-        from control.golden import load_requests
-        from control.triton import REPO_ROOT
+        from recserve.control.golden import load_requests
+        from recserve.control.triton import REPO_ROOT
 
         reqs = load_requests(REPO_ROOT / "artifacts" / "golden.json")
     except Exception:

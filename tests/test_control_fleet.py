@@ -20,8 +20,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from control.procs import pid_alive
-from control.proto import control_pb2 as pb
+from recserve.control.procs import pid_alive
+from recserve.control.proto import control_pb2 as pb
 from tests.fleet_fixtures import (
     BAD_USER_FROM,
     FleetProcess,
@@ -74,7 +74,7 @@ def test_status_reports_endpoints_roles_and_exact_versions(fleet):
 
 
 def test_clients_get_answers_over_haproxy_grpc_and_http(fleet):
-    from control.client import RecClient
+    from recserve.control.client import RecClient
 
     with RecClient(fleet.grpc_url, "grpc") as g, RecClient(fleet.http_url, "http") as h:
         a, b = g.recommend(7, [11, 12, 13]), h.recommend(7, [11, 12, 13])
@@ -89,7 +89,7 @@ def test_second_fleet_up_does_not_start_a_second_fleet(fleet):
     import subprocess
     import sys
 
-    direct = subprocess.run([sys.executable, "-m", "control.server", "--root", str(fleet.root), "--repository",
+    direct = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(fleet.root), "--repository",
                              str(fleet.repository), "--control-port", str(fleet.ports["control"])],
                             capture_output=True, text=True, timeout=60)
     assert direct.returncode == 3 and "already running" in direct.stderr
@@ -491,7 +491,7 @@ def test_snapshot_restore_repairs_a_corrupted_version(fleet):
 
 
 def test_a_dead_haproxy_is_started_again_with_the_current_routing(fleet):
-    from control.client import RecClient
+    from recserve.control.client import RecClient
 
     route = fleet.status()["route"]
     pid = int((fleet.root / "haproxy" / "haproxy.pid").read_text().split()[0])
@@ -521,7 +521,7 @@ def test_fleet_down_leaves_no_process_or_port_behind(fleet):
     r = fleet.recctl("down", "--repository", str(fleet.repository))
     assert "fleet down" in r.stdout
     time.sleep(0.5)
-    from control.triton import port_in_use
+    from recserve.control.triton import port_in_use
 
     assert not [p for p in pids if pid_alive(p)]
     assert not [p for p in ports if port_in_use(p)]

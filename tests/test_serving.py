@@ -12,8 +12,15 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from control.client import RecClient
-from control.triton import DEFAULT_REPOSITORY, TritonConfig, TritonError, TritonServer, port_in_use, servable_models
+from recserve.control.client import RecClient
+from recserve.control.triton import (
+    DEFAULT_REPOSITORY,
+    TritonConfig,
+    TritonError,
+    TritonServer,
+    port_in_use,
+    servable_models,
+)
 
 
 @pytest.fixture(scope="module")
