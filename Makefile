@@ -36,23 +36,24 @@ $(STAMP): pyproject.toml
 
 proto: ## generate gRPC code for the control plane API
 	@if ls control/proto/*.proto >/dev/null 2>&1; then \
-	  $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. control/proto/*.proto; fi
+	  $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. control/proto/*.proto && \
+	  sed -i 's/^from control\.proto import/from recserve.control.proto import/' control/proto/*_pb2_grpc.py; fi
 
 models: setup  ## build model versions only if none exist yet
 	@if ls model_repository/retrieval/[0-9]*/model.onnx >/dev/null 2>&1 && \
 	    ls model_repository/ranker/[0-9]*/model.onnx >/dev/null 2>&1 && \
 	    ls model_repository/search_model/[0-9]*/model.onnx >/dev/null 2>&1; then \
 	  echo "models: built versions present (make build-engines adds a new one)"; \
-	else $(PY) -m build.pipeline; fi
+	else $(PY) -m recserve.build.pipeline; fi
 
 build-engines: setup  ## train, export ONNX (+TensorRT on GPU hosts), write NEW model versions with manifests
-	$(PY) -m build.pipeline
+	$(PY) -m recserve.build.pipeline
 
 serve: models  ## one embedded Triton with the whole repository (PORT_HTTP/PORT_GRPC/PORT_METRICS), Ctrl-C stops
-	$(PY) -m control.serve --http-port $(PORT_HTTP) --grpc-port $(PORT_GRPC) --metrics-port $(PORT_METRICS)
+	$(PY) -m recserve.control.serve --http-port $(PORT_HTTP) --grpc-port $(PORT_GRPC) --metrics-port $(PORT_METRICS)
 
 demo: models  ## the whole story on one machine
-	$(PY) -m control.demo
+	$(PY) -m recserve.control.demo
 
 test: models  ## the test suite (real tritonserver, no GPU needed)
 	$(PY) -m pytest -q -rs
@@ -66,14 +67,14 @@ clean-runtime:  ## remove runtime state (.recserve/)
 # ---- drills (drills/): disaster-recovery drills against a real fleet; reports in reports/drills/latest
 .PHONY: drills drill-smoke drill
 drills: models  ## run every drill spec (drills/specs/*.yaml); summary table + reports/drills/latest
-	$(PY) -m drills run
+	$(PY) -m recserve.drills run
 
 drill-smoke: models  ## crash, hang, overload, rollover-under-load, bad-rollover (CI); prints the summary table
-	$(PY) -m drills smoke
+	$(PY) -m recserve.drills smoke
 
-drill: models  ## one drill: make drill NAME=crash (list: python -m drills list)
-	@test -n "$(NAME)" || { echo "usage: make drill NAME=<drill>   (names: $(PY) -m drills list)"; exit 2; }
-	$(PY) -m drills run $(NAME)
+drill: models  ## one drill: make drill NAME=crash (list: python -m recserve.drills list)
+	@test -n "$(NAME)" || { echo "usage: make drill NAME=<drill>   (names: $(PY) -m recserve.drills list)"; exit 2; }
+	$(PY) -m recserve.drills run $(NAME)
 
 # ---- perf (perf/): perf_analyzer suites, ratios, capacity, tuning, regression check ----
 .PHONY: perf perf-smoke perf-tune perf-check
@@ -81,24 +82,24 @@ PERF_SUITE ?= full
 MODEL      ?= ranker
 
 perf: models  ## full perf suite (perf/suites/$(PERF_SUITE).yaml) -> reports/perf/<timestamp>/ + reports/perf/latest
-	$(PY) -m perf run $(PERF_SUITE)
+	$(PY) -m recserve.perf run $(PERF_SUITE)
 
 perf-smoke: models  ## short perf suite, under 3 minutes on 2 cores (CI)
-	$(PY) -m perf run smoke
+	$(PY) -m recserve.perf run smoke
 
 perf-tune: models  ## search instances/queue delay/preferred batch for MODEL=ranker; proposes a config, never edits it
-	$(PY) -m perf tune $(MODEL)
+	$(PY) -m recserve.perf tune $(MODEL)
 
 perf-check: models  ## judge reports/perf/latest ratios against their CPU ceilings (perf/baseline.json); CI
-	$(PY) -m perf check
+	$(PY) -m recserve.perf check
 
 .PHONY: fleet-up fleet-down
 fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the background (gRPC :8001, HTTP :8000); idempotent; MONITOR=1 also runs monitor-up
-	$(PY) -m control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP) --backup-policy $(BACKUP_POLICY)
+	$(PY) -m recserve.control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP) --backup-policy $(BACKUP_POLICY)
 	@if [ "$(MONITOR)" = 1 ]; then $(MAKE) --no-print-directory monitor-up; fi
 
 fleet-down: setup  ## stop what fleet-up started (control plane, instances, HAProxy) and nothing else
-	$(PY) -m control.recctl down
+	$(PY) -m recserve.control.recctl down
 
 # ---- TensorRT (GPU hosts; untested on a GPU until a user's run passes) ----
 .PHONY: gpu-check
@@ -108,7 +109,7 @@ gpu-check: setup  ## TensorRT path on one GPU (needs pip install -e '.[gpu]'): e
 # ---- monitoring (deploy/monitoring): Prometheus + Alertmanager + webhook receiver on loopback, files in .recserve/monitoring
 .PHONY: monitor-up monitor-down
 monitor-up: setup  ## Prometheus :9090, Alertmanager :9093, alert receiver :9095 scraping the fleet (make fleet-up MONITOR=1 does both)
-	$(PY) -m control.monitor up
+	$(PY) -m recserve.control.monitor up
 
 monitor-down: setup  ## stop what monitor-up started
-	$(PY) -m control.monitor down
+	$(PY) -m recserve.control.monitor down

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from build.reference import ort_session  # one session recipe, shared with the torch-free reference
+from recserve.build.reference import ort_session  # one session recipe, shared with the torch-free reference
 
 OPSET = 17
 PARITY_ATOL = 1e-4

@@ -1,7 +1,7 @@
 """recserve build pipeline: data -> training (cached) -> ONNX + parity -> TensorRT (GPU hosts) -> new
 numbered model versions with manifests -> golden requests -> summary.
 
-    python -m build.pipeline [--repository model_repository] [--work-dir artifacts] [--seed 7]
+    python -m recserve.build.pipeline [--repository model_repository] [--work-dir artifacts] [--seed 7]
                              [--data-csv EVENTS.csv [--catalog-csv CATALOG.csv]] [--no-trt]
 
 Why this shape: every run writes NEW versions (never touching old ones) so rollback is always possible,
@@ -31,13 +31,13 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from build import data as data_mod  # noqa: E402
-from build import export as export_mod  # noqa: E402
-from build import manifest as manifest_mod  # noqa: E402
-from build import reference as reference_mod  # noqa: E402
-from build import trt as trt_mod  # noqa: E402
-from build.models import EXCLUDE_LEN, HISTORY_LEN, RankerGraph, RetrievalGraph, SearchGraph  # noqa: E402
-from build.train import (  # noqa: E402
+from recserve.build import data as data_mod  # noqa: E402
+from recserve.build import export as export_mod  # noqa: E402
+from recserve.build import manifest as manifest_mod  # noqa: E402
+from recserve.build import reference as reference_mod  # noqa: E402
+from recserve.build import trt as trt_mod  # noqa: E402
+from recserve.build.models import EXCLUDE_LEN, HISTORY_LEN, RankerGraph, RetrievalGraph, SearchGraph  # noqa: E402
+from recserve.build.train import (  # noqa: E402
     REPO_ROOT,
     TOKENIZER_PATH,
     HParams,
@@ -272,7 +272,7 @@ def golden_requests(ds: data_mod.Dataset, hp: HParams, seed: int, catalog: str) 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m build.pipeline",
+        prog="python -m recserve.build.pipeline",
         description="Build recserve's models: data, training (cached), ONNX export with torch/onnxruntime parity, "
         "TensorRT engines where a GPU exists, and a NEW numbered version of each model with a manifest.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

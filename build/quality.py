@@ -1,6 +1,6 @@
 """Quality gate on built models, through the in-process reference of the served ensembles.
 
-    python -m build.quality [--repository model_repository] [--work-dir artifacts]
+    python -m recserve.build.quality [--repository model_repository] [--work-dir artifacts]
 
 Why: offline metrics can look fine while the served pipeline (exclusion, re-ranking, tokenizer) is not;
 this asks the same questions a user would, on the latest versions, against the generator's ground truth:
@@ -23,9 +23,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from build.data import load  # noqa: E402
-from build.reference import Reference  # noqa: E402
-from build.train import HParams, load_tokenizer, make_split  # noqa: E402
+from recserve.build.data import load  # noqa: E402
+from recserve.build.reference import Reference  # noqa: E402
+from recserve.build.train import HParams, load_tokenizer, make_split  # noqa: E402
 
 CATEGORY_RATIO_MIN = 3.0
 LEXICAL_HIT_MIN = 0.9
@@ -78,7 +78,7 @@ def run(repository: Path, work_dir: Path, n: int = 200, seed: int = 0) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m build.quality", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recserve.build.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--work-dir", type=Path, default=Path("artifacts"), help="where build.pipeline put data/")
     a = p.parse_args(argv)

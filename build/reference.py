@@ -19,7 +19,7 @@ from types import ModuleType
 import numpy as np
 import onnxruntime as ort
 
-from build.manifest import numeric_versions
+from recserve.build.manifest import numeric_versions
 
 #: The ONNX models of the ensembles (``<model>/<v>/model.onnx``).
 ONNX_MODELS = ("retrieval", "ranker", "search_model")
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m build.reference", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m recserve.build.reference", description=main.__doc__)
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
     p.add_argument("--golden", type=Path, default=Path("artifacts/golden.json"), help="the build's golden requests")
     args = p.parse_args(argv)

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from build.data import BEHAVIOR_CODE, Dataset
-from build.models import HISTORY_LEN, BSTRanker, RetrievalGraph, SearchGraph, SearchModel, TwoTower
-from build.reference import served_module
+from recserve.build.data import BEHAVIOR_CODE, Dataset
+from recserve.build.models import HISTORY_LEN, BSTRanker, RetrievalGraph, SearchGraph, SearchModel, TwoTower
+from recserve.build.reference import served_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_PATH = REPO_ROOT / "model_repository" / "search_pre" / "1" / "tokenizer.py"

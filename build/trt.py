@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from build.reference import served_module
+from recserve.build.reference import served_module
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINE_PY = REPO_ROOT / "control" / "backends" / "tensorrt" / "engine.py"
@@ -35,7 +35,7 @@ cuda_gpus = engine_mod.cuda_gpus
 MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 8, 64
 TOP10_OVERLAP_MIN = 0.99
 WORKSPACE_BYTES = 2 << 30
-#: Exit code of ``python -m build.pipeline`` when TensorRT was available and an engine failed.
+#: Exit code of ``python -m recserve.build.pipeline`` when TensorRT was available and an engine failed.
 EXIT_TRT_FAILED = 3
 
 

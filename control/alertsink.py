@@ -2,7 +2,7 @@
 
 Why a process of its own: Alertmanager needs a real HTTP endpoint to deliver to, and drills need the moment a
 notification arrived (time-to-alert) from something outside the control plane they are testing.
-Run: ``python -m control.alertsink --port N --out FILE`` (loopback only); ``AlertReceiver`` owns it.
+Run: ``python -m recserve.control.alertsink --port N --out FILE`` (loopback only); ``AlertReceiver`` owns it.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def read_notifications(path: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m control.alertsink", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m recserve.control.alertsink", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--out", type=Path, required=True, help="JSON-lines file of received notifications")

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import text_format
 
-from control.keys import fingerprint
+from recserve.control.keys import fingerprint
 
 #: Longest request text kept in an audit event (requests are small; a huge note is cut, never logged whole).
 MAX_REQUEST_TEXT = 200

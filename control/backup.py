@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.backup_policy import BackupError, BackupPolicy
-from control.backup_targets import Store, TargetError, TargetSpec, open_store, refuse_inside
-from control.snapshots import MANIFEST, has_manifests, sha256_file, verify_version, versions_on_disk
+from recserve.control.backup_policy import BackupError, BackupPolicy
+from recserve.control.backup_targets import Store, TargetError, TargetSpec, open_store, refuse_inside
+from recserve.control.snapshots import MANIFEST, has_manifests, sha256_file, verify_version, versions_on_disk
 
 DAY_S = 86400.0
 STATE_FILE = "state.db"

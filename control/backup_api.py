@@ -1,4 +1,4 @@
-"""The backup part of the control plane's gRPC API, and its wiring into ``python -m control.server``.
+"""The backup part of the control plane's gRPC API, and its wiring into ``python -m recserve.control.server``.
 
 Why a mixin of its own: the servicer in control/server.py stays small and other work on it merges cleanly;
 the backup RPCs only need ``self.backups`` (a BackupScheduler, or None without a policy) and ``self._auth``.
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 
-from control.backup import BackupManager, BackupRecord, list_backups
-from control.backup_policy import BackupError, load_policy
-from control.backup_scheduler import BackupScheduler
-from control.proto import control_pb2 as pb
+from recserve.control.backup import BackupManager, BackupRecord, list_backups
+from recserve.control.backup_policy import BackupError, load_policy
+from recserve.control.backup_scheduler import BackupScheduler
+from recserve.control.proto import control_pb2 as pb
 
 POLICY_ENV = "RECSERVE_BACKUP_POLICY"
 

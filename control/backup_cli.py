@@ -16,9 +16,9 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from control.backup import BackupRecord, list_backups, restore
-from control.backup_policy import BackupError, load_policy
-from control.backup_targets import TargetError, open_store, parse_target
+from recserve.control.backup import BackupRecord, list_backups, restore
+from recserve.control.backup_policy import BackupError, load_policy
+from recserve.control.backup_targets import TargetError, open_store, parse_target
 
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 
@@ -101,7 +101,7 @@ def cmd_backup(args: argparse.Namespace, console: Console, stub_auth) -> int:
         return 0
     if args.action == "list" and args.source:
         return list_from_target(args, console)
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch, auth = stub_auth()
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from control.backup_targets import TargetError, TargetSpec, parse_target, refuse_inside
+from recserve.control.backup_targets import TargetError, TargetSpec, parse_target, refuse_inside
 
 
 class BackupError(RuntimeError):

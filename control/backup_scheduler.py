@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import threading
 
-from control.backup import BackupManager, schedule_due
-from control.backup_policy import BackupError
-from control.state import RolloutRecord
+from recserve.control.backup import BackupManager, schedule_due
+from recserve.control.backup_policy import BackupError
+from recserve.control.state import RolloutRecord
 
 
 class BackupScheduler:

@@ -17,8 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from control.client import RecClient, Result
-from control.triton import REPO_ROOT
+from recserve.control.client import RecClient, Result
+from recserve.control.triton import REPO_ROOT
 
 CATALOG = REPO_ROOT / "artifacts" / "data" / "catalog.csv"
 console = Console()
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-drills", action="store_true", help="only bring the fleet up, ask it, bring it down")
     args = p.parse_args(argv)
     py = sys.executable
-    recctl = [py, "-m", "control.recctl"]
+    recctl = [py, "-m", "recserve.control.recctl"]
     t0 = time.monotonic()
     drill_code = 0
     step("1/4 fleet up: control plane, primary + standby tritonserver, HAProxy")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         ask(f"127.0.0.1:{args.grpc_port}")
         if not args.skip_drills:
             step("3/4 smoke drills: crash, hang, 2x overload, canary rollover under load, bad rollover")
-            drill_code = run([py, "-m", "drills", "smoke"], check=False)
+            drill_code = run([py, "-m", "recserve.drills", "smoke"], check=False)
             run([*recctl, "status"], check=False)
     finally:
         step("4/4 fleet down")

@@ -1,4 +1,4 @@
-"""Degraded-answer fallback server: one class owns one ``python -m control.fallback_app`` process.
+"""Degraded-answer fallback server: one class owns one ``python -m recserve.control.fallback_app`` process.
 
 Why a process of its own: it must keep answering when every tritonserver is full or gone, and HAProxy reaches it
 as just another backend (gRPC and HTTP, KServe v2). What it answers and how it marks answers as degraded is in
@@ -18,8 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.procs import free_port, kill_group, port_in_use, port_listening
-from control.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.procs import free_port, kill_group, port_in_use, port_listening
+from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 __all__ = ["FallbackConfig", "FallbackError", "FallbackServer"]
 
@@ -97,7 +97,7 @@ class FallbackServer:
     def command(self) -> list[str]:
         c = self.config
         return [
-            sys.executable, "-m", "control.fallback_app",
+            sys.executable, "-m", "recserve.control.fallback_app",
             "--host", c.host,
             "--grpc-port", str(c.grpc_port),
             "--http-port", str(c.http_port),

@@ -33,7 +33,7 @@ class Catalogue:
     @classmethod
     def from_build(cls, events_csv: Path, catalog_csv: Path) -> Catalogue:
         """Read the build's data with the build's own reader (same validation, same dense ids as the models)."""
-        from build.data import load
+        from recserve.build.data import load
 
         ds = load(events_csv, catalog_csv)
         pop = np.bincount(ds.item, minlength=ds.n_items + 1).astype(np.float64)

@@ -12,7 +12,7 @@ Every answer carries the response parameter ``degraded: true`` (gRPC ``ModelInfe
 ``"parameters"``), and ``recserve_fallback_requests_total{model,protocol,outcome}`` counts degraded answers and
 refusals, so clients and metrics can tell a fallback answer from a model's.
 
-Run by ``control.fallback.FallbackServer``; by hand: ``python -m control.fallback_app --help``.
+Run by ``control.fallback.FallbackServer``; by hand: ``python -m recserve.control.fallback_app --help``.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
-from control.fallback_answers import Catalogue, FallbackAnswers
-from control.served_contract import (
+from recserve.control.fallback_answers import Catalogue, FallbackAnswers
+from recserve.control.served_contract import (
     CONTRACT_MODELS,
     RequestError,
     Tensor,
@@ -46,7 +46,7 @@ from control.served_contract import (
     search_queries,
     validate,
 )
-from control.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 SERVER_NAME = "recserve-fallback"
 MODEL_VERSION = "1"
@@ -333,7 +333,7 @@ def build_service(repository: Path, events_csv: Path, catalog_csv: Path) -> Fall
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m control.fallback_app", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recserve.control.fallback_app", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, required=True)
     p.add_argument("--http-port", type=int, required=True)

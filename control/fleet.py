@@ -19,17 +19,17 @@ from pathlib import Path
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from control.client import RecClient
-from control.golden import Golden
-from control.haproxy import HAProxy, HAProxyConfig, HAProxyError
-from control.health import HealthMonitor, Probe, deep_check
-from control.keys import read_secret
-from control.metrics import ControlMetrics
-from control.procs import kill_group, pid_alive
-from control.snapshots import RepositoryError, has_manifests, verify_version, versions_on_disk
-from control.state import InstanceRecord, State
-from control.targets import TargetFiles, targets_dir
-from control.triton import (
+from recserve.control.client import RecClient
+from recserve.control.golden import Golden
+from recserve.control.haproxy import HAProxy, HAProxyConfig, HAProxyError
+from recserve.control.health import HealthMonitor, Probe, deep_check
+from recserve.control.keys import read_secret
+from recserve.control.metrics import ControlMetrics
+from recserve.control.procs import kill_group, pid_alive
+from recserve.control.snapshots import RepositoryError, has_manifests, verify_version, versions_on_disk
+from recserve.control.state import InstanceRecord, State
+from recserve.control.targets import TargetFiles, targets_dir
+from recserve.control.triton import (
     DEFAULT_REPOSITORY,
     REPO_ROOT,
     TritonConfig,
@@ -191,7 +191,7 @@ class Fleet:
         c = self.clients.get(iid)
         rec = self.state.instance(iid)
         if c is None or getattr(c, "_port", None) != rec.grpc_port:
-            from control.health import INFER_TIMEOUT_S
+            from recserve.control.health import INFER_TIMEOUT_S
 
             c = RecClient(f"127.0.0.1:{rec.grpc_port}", timeout_s=INFER_TIMEOUT_S, retry_policy=None)
             c._port = rec.grpc_port
@@ -669,7 +669,7 @@ class Fleet:
         for r in recs:
             srv = self.servers.get(r.id)
             if srv is not None and r.state in ("healthy", "drained", "broken"):
-                from control.health import ready_versions
+                from recserve.control.health import ready_versions
 
                 loaded[r.id] = ready_versions(srv, timeout=0.5) or {}
         route = self.state.get("route", "") or ""

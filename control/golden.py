@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.client import RecClient, Result
+from recserve.control.client import RecClient, Result
 
 #: Golden request pairs used when no build wrote artifacts/golden.json; the first pair is the deep-check one.
 DEFAULT_SET: list[dict[str, dict]] = [
@@ -46,7 +46,7 @@ def golden_json_path(repository: Path) -> Path:
     path = Path(repository).parent / "artifacts" / "golden.json"
     if path.exists():
         return path
-    from control.triton import REPO_ROOT
+    from recserve.control.triton import REPO_ROOT
 
     return REPO_ROOT / "artifacts" / "golden.json"
 
@@ -102,7 +102,7 @@ def _as_result(ids, scores) -> Result:
 
 def reference_answers(repository: Path, versions: Mapping[str, int], requests: dict[str, dict]) -> dict[str, Result]:
     """Answers of ``build.reference`` on exactly ``versions``; raises whatever stops it (the caller reports it)."""
-    from build.reference import Reference
+    from recserve.build.reference import Reference
 
     ref = Reference(repository, versions)
     r, s = requests["recommend"], requests["search"]
@@ -115,7 +115,7 @@ def recorded_answers(path: Path | None, versions: Mapping[str, int]) -> tuple[di
     data = _read(path)
     exp = data.get("expected")
     if not exp:
-        return None, f"{path} records no expected answers (older build: run 'python -m build.reference')"
+        return None, f"{path} records no expected answers (older build: run 'python -m recserve.build.reference')"
     rec_versions = {m: int(v) for m, v in exp["versions"].items()}
     differ = {m: (versions.get(m), v) for m, v in rec_versions.items() if versions.get(m) != v}
     if differ:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.procs import kill_group, pid_alive, port_in_use, port_listening
+from recserve.control.procs import kill_group, pid_alive, port_in_use, port_listening
 
 PROTOS = ("grpc", "http")
 #: Path prefixes of Triton's admin APIs (repository, shared memory, logging, trace) in both protocols.

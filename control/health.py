@@ -13,9 +13,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from control.client import RecClient
-from control.golden import Golden, ask
-from control.triton import TritonError, TritonServer
+from recserve.control.client import RecClient
+from recserve.control.golden import Golden, ask
+from recserve.control.triton import TritonError, TritonServer
 
 #: How long one HTTP health call may take before the instance counts as hung.
 HTTP_TIMEOUT_S = 0.5

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
-from control import promtext
+from recserve.control import promtext
 
 ROLES = ("primary", "standby", "canary")
 

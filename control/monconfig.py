@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from control.triton import REPO_ROOT
+from recserve.control.triton import REPO_ROOT
 
 DEPLOY_DIR = REPO_ROOT / "deploy" / "monitoring"
 #: Drills: scrape and evaluate every second, notify without batching (the `for` durations stay as committed).

@@ -14,11 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.alertsink import read_notifications
-from control.monconfig import DEPLOY_DIR, render_alertmanager, render_prometheus, write_yaml
-from control.promstack import Alertmanager, AlertReceiver, MonitorError, ProcConfig, Prometheus, binary
-from control.targets import targets_dir
-from control.triton import REPO_ROOT
+from recserve.control.alertsink import read_notifications
+from recserve.control.monconfig import DEPLOY_DIR, render_alertmanager, render_prometheus, write_yaml
+from recserve.control.promstack import Alertmanager, AlertReceiver, MonitorError, ProcConfig, Prometheus, binary
+from recserve.control.targets import targets_dir
+from recserve.control.triton import REPO_ROOT
 
 
 @dataclass
@@ -98,7 +98,7 @@ class MonitorStack:
 
     @staticmethod
     def _port(proc) -> int:
-        from control.procs import free_port
+        from recserve.control.procs import free_port
 
         if not proc.config.port:
             proc.config.port = free_port(proc.config.host)
@@ -134,7 +134,7 @@ def read_endpoints(root: Path) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m control.monitor", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m recserve.control.monitor", description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve")))
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start (or adopt) receiver, Alertmanager, Prometheus on loopback")

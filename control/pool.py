@@ -11,10 +11,10 @@ import threading
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from control.client import RecClient
-from control.golden import Golden
-from control.metrics import ControlMetrics
-from control.state import State
+from recserve.control.client import RecClient
+from recserve.control.golden import Golden
+from recserve.control.metrics import ControlMetrics
+from recserve.control.state import State
 
 
 @runtime_checkable

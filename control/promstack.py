@@ -18,8 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.procs import free_port, kill_group, pid_alive, port_in_use
-from control.triton import REPO_ROOT
+from recserve.control.procs import free_port, kill_group, pid_alive, port_in_use
+from recserve.control.triton import REPO_ROOT
 
 
 class MonitorError(RuntimeError):
@@ -227,7 +227,7 @@ class AlertReceiver(BackgroundProcess):
 
     def command(self) -> list[str]:
         c = self.config
-        return [sys.executable, "-m", "control.alertsink", "--host", c.host, "--port", str(c.port),
+        return [sys.executable, "-m", "recserve.control.alertsink", "--host", c.host, "--port", str(c.port),
                 "--out", str(self.out)]
 
     def environment(self) -> dict[str, str]:

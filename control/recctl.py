@@ -16,12 +16,12 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
-from control import backup_cli
-from control.keys import SecretFileError
-from control.monitor import read_endpoints
-from control.procs import pid_alive
-from control.tls import control_channel
-from control.triton import REPO_ROOT
+from recserve.control import backup_cli
+from recserve.control.keys import SecretFileError
+from recserve.control.monitor import read_endpoints
+from recserve.control.procs import pid_alive
+from recserve.control.tls import control_channel
+from recserve.control.triton import REPO_ROOT
 
 #: Wide tables also when piped (rich would wrap at 80 columns).
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -51,7 +51,7 @@ def _tls(args: argparse.Namespace) -> tuple[bool, Path | None]:
 
 
 def _stub(args: argparse.Namespace):
-    from control.proto import control_pb2_grpc as pbg
+    from recserve.control.proto import control_pb2_grpc as pbg
 
     channel = control_channel(_control(args), *_tls(args))
     return pbg.ControlPlaneStub(channel), channel
@@ -94,7 +94,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.print(f"fleet already up: control plane pid {pid} at {_control(args)} (not starting a second one)")
         return 0
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "control.server", "--root", str(root), "--repository", str(args.repository),
+    cmd = [sys.executable, "-m", "recserve.control.server", "--root", str(root), "--repository", str(args.repository),
            "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
            "--control-port", str(args.control_port), "--metrics-port", str(args.metrics_port),
            "--instances", str(args.instances)]
@@ -127,7 +127,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     """Stop the control plane, then every instance and HAProxy it started (by pid), nothing else."""
-    from control.fleet import Fleet, FleetConfig
+    from recserve.control.fleet import Fleet, FleetConfig
 
     root = _root(args)
     pid = _control_pid(root)
@@ -166,7 +166,7 @@ def _status_dict(resp) -> dict:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     resp = stub.GetStatus(pb.GetStatusRequest(events=args.events), timeout=10)
@@ -204,7 +204,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollover(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     steps = [int(s) for s in args.steps.split(",")] if args.steps else []
@@ -235,7 +235,7 @@ def _print_rollout(r, as_json: bool) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     r = stub.Rollback(pb.RollbackRequest(model=args.model), metadata=_auth(args), timeout=args.timeout)
@@ -245,7 +245,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     r = stub.GetRollout(pb.GetRolloutRequest(model=args.model or "", id=args.id or ""), timeout=10)
@@ -256,7 +256,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def _instance_call(method: str):
     def run(args: argparse.Namespace) -> int:
-        from control.proto import control_pb2 as pb
+        from recserve.control.proto import control_pb2 as pb
 
         stub, ch = _stub(args)
         if method == "AddInstance":
@@ -275,7 +275,7 @@ def _instance_call(method: str):
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     r = stub.ListVersions(pb.ListVersionsRequest(model=args.model), timeout=30)
@@ -292,7 +292,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     stub, ch = _stub(args)
     s = stub.CreateSnapshot(pb.CreateSnapshotRequest(note=args.note or ""), metadata=_auth(args), timeout=300)
@@ -305,7 +305,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshots(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     if args.source:
         return backup_cli.list_from_target(args, console)
@@ -334,7 +334,7 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from control.proto import control_pb2 as pb
+    from recserve.control.proto import control_pb2 as pb
 
     if args.source:  # a new machine: straight from the backup target, no control plane
         args.backup_id = args.backup_id or args.id
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     re_.add_argument("--root", dest="restore_root", help="new runtime root (must not hold a state.db)")
     re_.add_argument("--repository", help="model repository to rebuild")
     backup_cli.add_commands(sub, add)
-    from control.kube.ctl import add_parser as add_k8s
+    from recserve.control.kube.ctl import add_parser as add_k8s
 
     add_k8s(sub)
     return p

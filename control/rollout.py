@@ -13,13 +13,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from control.fleet import FleetError
-from control.golden import ask
-from control.metrics import triton_request_counts
-from control.pool import ServingPool
-from control.snapshots import verify_version, versions_on_disk
-from control.state import RolloutRecord
-from control.stats import percentile
+from recserve.control.fleet import FleetError
+from recserve.control.golden import ask
+from recserve.control.metrics import triton_request_counts
+from recserve.control.pool import ServingPool
+from recserve.control.snapshots import verify_version, versions_on_disk
+from recserve.control.state import RolloutRecord
+from recserve.control.stats import percentile
 
 PHASES = ("validate", "baseline", "load", "shift", "bake", "promote", "rollback", "done")
 STRATEGIES = ("canary", "blue-green")

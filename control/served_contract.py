@@ -26,7 +26,7 @@ import numpy as np
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from control.triton import DEFAULT_REPOSITORY
+from recserve.control.triton import DEFAULT_REPOSITORY
 
 __all__ = ["CONTRACT_MODELS", "EnsembleSpec", "InputSpec", "RequestError", "load_specs", "rules", "validate"]
 

@@ -1,4 +1,4 @@
-"""The control-plane process: ``python -m control.server``.
+"""The control-plane process: ``python -m recserve.control.server``.
 
 Serves ``recserve.control.v1.ControlPlane`` (plus grpc.health.v1 and reflection), supervises the fleet, and
 exports Prometheus metrics. One per runtime root (an exclusive lock on ``<root>/control.lock``); it leaves
@@ -22,19 +22,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from control.audit import ApiGuard
-from control.backup_api import BackupApi, make_scheduler, policy_path
-from control.backup_policy import BackupError
-from control.fleet import Fleet, FleetConfig, FleetError, status_json
-from control.keys import SecretFileError, check_private, read_secret
-from control.metrics import ControlMetrics
-from control.proto import control_pb2 as pb
-from control.proto import control_pb2_grpc as pbg
-from control.rollout import RolloutManager
-from control.snapshots import RepositoryError, SnapshotStore, list_versions
-from control.targets import FleetCollector, remembered_port
-from control.tls import TlsConfigError, is_loopback, server_tls
-from control.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.audit import ApiGuard
+from recserve.control.backup_api import BackupApi, make_scheduler, policy_path
+from recserve.control.backup_policy import BackupError
+from recserve.control.fleet import Fleet, FleetConfig, FleetError, status_json
+from recserve.control.keys import SecretFileError, check_private, read_secret
+from recserve.control.metrics import ControlMetrics
+from recserve.control.proto import control_pb2 as pb
+from recserve.control.proto import control_pb2_grpc as pbg
+from recserve.control.rollout import RolloutManager
+from recserve.control.snapshots import RepositoryError, SnapshotStore, list_versions
+from recserve.control.targets import FleetCollector, remembered_port
+from recserve.control.tls import TlsConfigError, is_loopback, server_tls
+from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 SERVICE = "recserve.control.v1.ControlPlane"
 
@@ -204,7 +204,7 @@ def _snapshot_pb(s) -> pb.Snapshot:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m control.server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m recserve.control.server", description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve")))
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--grpc-port", type=int, default=8001, help="HAProxy gRPC port for clients")

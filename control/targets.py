@@ -102,7 +102,7 @@ def _models(fleet: Any) -> list[str]:
 
 def remembered_port(path: Path) -> int:
     """A port picked free once and kept in ``path``: an adopted HAProxy keeps listening where it was told."""
-    from control.procs import free_port
+    from recserve.control.procs import free_port
 
     try:
         return int(Path(path).read_text().split()[0])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from control.keys import SecretFileError, check_private
+from recserve.control.keys import SecretFileError, check_private
 
 
 class TlsConfigError(ValueError):

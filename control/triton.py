@@ -22,8 +22,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from control.keys import read_secret
-from control.procs import free_port, kill_group, port_in_use
+from recserve.control.keys import read_secret
+from recserve.control.procs import free_port, kill_group, port_in_use
 
 __all__ = ["TritonConfig", "TritonError", "TritonServer", "free_port", "port_in_use", "servable_models"]
 

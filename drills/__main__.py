@@ -1,7 +1,7 @@
-"""``python -m drills`` entry point."""
+"""``python -m recserve.drills`` entry point."""
 
 import sys
 
-from drills.cli import main
+from recserve.drills.cli import main
 
 sys.exit(main())

@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from drills.spec import AlertExpect
+from recserve.drills.spec import AlertExpect
 
 
 def _unix(rfc3339: str | None) -> float | None:

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from drills.probe import Case, check_loopback
-from drills.spec import BackgroundSpec
+from recserve.drills.probe import Case, check_loopback
+from recserve.drills.spec import BackgroundSpec
 
 
 def input_data(cases: list[Case], model: str, path: Path) -> Path:
@@ -71,7 +71,7 @@ class BackgroundLoad:
 def start_background(spec: BackgroundSpec, grpc_url: str, cases: list[Case], duration_s: float,
                      capacity: float | None, workdir: Path) -> BackgroundLoad:
     """Start perf_analyzer for about ``duration_s`` (three measurement windows, stability not required)."""
-    from perf.analyzer import binary, environment
+    from recserve.perf.analyzer import binary, environment
 
     check_loopback(grpc_url)
     workdir.mkdir(parents=True, exist_ok=True)

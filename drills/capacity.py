@@ -43,9 +43,9 @@ def measure(grpc_url: str, model: str, slo_ms: float, workdir: Path,
             levels: tuple[int, ...] = (1, 2, 4, 8, 16), points: list | None = None) -> float:
     """Highest throughput whose p99 stays under the SLO, over perf_analyzer concurrency points; stops at the
     first point over the SLO or one that adds under 5% throughput (saturated)."""
-    from drills.background import input_data
-    from drills.probe import golden_cases
-    from perf.analyzer import LoadPoint, PerfAnalyzerError, run
+    from recserve.drills.background import input_data
+    from recserve.drills.probe import golden_cases
+    from recserve.perf.analyzer import LoadPoint, PerfAnalyzerError, run
 
     data = input_data(golden_cases(), model, workdir / "capacity_input.json")
     best = 0.0

@@ -1,4 +1,4 @@
-"""``python -m drills``: list, validate and run drills; print the summary table and the report path.
+"""``python -m recserve.drills``: list, validate and run drills; print the summary table and the report path.
 
 Exit codes: 0 every drill that ran passed (skipped ones do not count), 1 a drill failed or aborted,
 2 a spec is invalid (nothing was started) or a run directory cannot be rendered, 3 no fleet could be found
@@ -16,8 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from drills import report
-from drills.spec import SPECS_DIR, DrillSpec, SpecError, load_all, load_file
+from recserve.drills import report
+from recserve.drills.spec import SPECS_DIR, DrillSpec, SpecError, load_all, load_file
 
 SMOKE = ("crash", "hang", "overload", "rollover-under-load", "bad-rollover")
 #: Wide enough for the summary table in CI logs (rich assumes 80 columns without a terminal).
@@ -25,7 +25,7 @@ console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m drills", description="recserve disaster-recovery drills: run "
+    p = argparse.ArgumentParser(prog="python -m recserve.drills", description="recserve disaster-recovery drills: run "
                                 "declarative fault drills against a real fleet and report RTO, failed requests, p99.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the drill specs")
@@ -68,9 +68,9 @@ def cmd_list() -> int:
 
 
 def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
-    from drills.fleet import FleetError
-    from drills.runner import DrillRun
-    from drills.session import FleetOwner
+    from recserve.drills.fleet import FleetError
+    from recserve.drills.runner import DrillRun
+    from recserve.drills.session import FleetOwner
 
     results, journals, records = [], {}, {}
     meta = {"models": "synthetic fixture models (drills/fixture_models.py)" if args.fixture_models

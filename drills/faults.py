@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from drills.fleet import FleetAPI, FleetError
-from drills.journal import Journal
-from drills.lost_host import LostHost
-from drills.spec import Action, DrillSpec
+from recserve.drills.fleet import FleetAPI, FleetError
+from recserve.drills.journal import Journal
+from recserve.drills.lost_host import LostHost
+from recserve.drills.spec import Action, DrillSpec
 
 FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
 
@@ -239,7 +239,7 @@ def _next_version(repository: Path, model: str) -> int:
 def release_copy(ctx: Context, model: str, wrong: bool = False) -> int:
     """A new version of ``model``: a byte-identical re-release of the desired one, or (``wrong``) the same
     graph with its float outputs negated, so rankings come out reversed. Its manifest is written fresh."""
-    from control.snapshots import write_manifest
+    from recserve.control.snapshots import write_manifest
 
     src_v = max(ctx.fleet.desired()[model])
     new_v = _next_version(ctx.repository, model)
@@ -360,8 +360,8 @@ class BadRollover(Fault):
 def _watch_canary(ctx: Context, rollout: threading.Thread, timeout_s: float = 180.0) -> dict:
     """While the rollout runs, ask the canary instance directly (not through HAProxy) for the golden
     recommendation: proof that the bad version really was live, independent of what clients happened to see."""
-    from control.client import RecClient
-    from drills.probe import golden_cases
+    from recserve.control.client import RecClient
+    from recserve.drills.probe import golden_cases
 
     case = next(c for c in golden_cases() if c.model == "recommend")
     baseline = None
@@ -490,7 +490,7 @@ class NetworkPartition(Fault):
         return None
 
     def prepare(self, ctx: Context) -> str | None:
-        from drills.partition import PartitionedPath
+        from recserve.drills.partition import PartitionedPath
 
         path = PartitionedPath(ctx.repository, ctx.workdir / "partition")
         ctx.figures["_partition"] = path

@@ -29,7 +29,7 @@ class FleetError(RuntimeError):
 
 def _stubs():
     try:
-        from control.proto import control_pb2, control_pb2_grpc
+        from recserve.control.proto import control_pb2, control_pb2_grpc
     except ImportError as exc:  # generated at build time
         raise FleetError("control/proto/*_pb2.py missing: run 'make setup' (it generates them)") from exc
     return control_pb2, control_pb2_grpc
@@ -212,7 +212,7 @@ def read_token(runtime: Path = RUNTIME) -> str | None:
 def recctl_status(timeout_s: float = 20.0) -> dict | None:
     """``recctl status --json`` (the documented way to find a running fleet); None when none answers."""
     try:
-        p = subprocess.run([sys.executable, "-m", "control.recctl", "status", "--json"], cwd=REPO_ROOT,
+        p = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "status", "--json"], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
     except subprocess.TimeoutExpired:
         return None

@@ -28,15 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from control.snapshots import MANIFEST, write_manifest
-from control.triton import REPO_ROOT, free_port
-from drills.fleet import FleetAPI, FleetError, read_token
+from recserve.control.snapshots import MANIFEST, write_manifest
+from recserve.control.triton import REPO_ROOT, free_port
+from recserve.drills.fleet import FleetAPI, FleetError, read_token
 
 UP_TIMEOUT_S = 300.0
 
 
 def _recctl(root: Path, *args: str, timeout_s: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "control.recctl", "--root", str(root), *args]
+    cmd = [sys.executable, "-m", "recserve.control.recctl", "--root", str(root), *args]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
                           env=dict(os.environ))
 
@@ -83,7 +83,7 @@ class HostFleet:
 
     def kill_all(self) -> list[int]:
         """The host dies: SIGKILL every process of this fleet (any root under ``base``), no clean shutdown."""
-        from drills.session import kill_owned, processes_mentioning
+        from recserve.drills.session import kill_owned, processes_mentioning
 
         killed = kill_owned(self.base, self.base)
         for pid in processes_mentioning(self.base):
@@ -96,8 +96,8 @@ class HostFleet:
 
 
 def golden_answers(url: str) -> dict[str, tuple[int, ...]]:
-    from control.client import RecClient
-    from drills.probe import golden_cases
+    from recserve.control.client import RecClient
+    from recserve.drills.probe import golden_cases
 
     out = {}
     with RecClient(url, timeout_s=5.0) as c:

@@ -14,10 +14,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from control import reportdir
-from control.reportdir import link_latest
-from drills.journal import Journal
-from drills.probe import Record
+from recserve.control import reportdir
+from recserve.control.reportdir import link_latest
+from recserve.drills.journal import Journal
+from recserve.drills.probe import Record
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPORTS_ROOT = REPO_ROOT / "reports" / "drills"
@@ -178,7 +178,7 @@ def render(run_dir: Path) -> dict[str, Path]:
     """report.json, report.md and one PNG per drill from the ``*.journal.json`` files alone, in run order.
 
     Why: the journal is the record (Chaos Toolkit's model); a report is a view of it that anyone can
-    re-render (``python -m drills report DIR``) after changing the template, and the runner uses this
+    re-render (``python -m recserve.drills report DIR``) after changing the template, and the runner uses this
     same path, so what a run prints and what a re-render prints cannot differ.
     """
     paths = sorted(Path(run_dir).glob("*.journal.json"))

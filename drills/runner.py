@@ -13,17 +13,17 @@ import time
 from collections import Counter
 from typing import Any
 
-from drills import alerts
-from drills import timeline as tl
-from drills.background import BackgroundLoad, start_background
-from drills.capacity import capacity_rps
-from drills.faults import FAULTS, Context, process_state
-from drills.fleet import FleetAPI, FleetError
-from drills.journal import Journal
-from drills.probe import Case, OpenLoopProbe, Record, golden_cases, rematch, schedule
-from drills.session import FleetHandle
-from drills.spec import WINDOWED, DrillSpec
-from drills.verdict import evaluate
+from recserve.drills import alerts
+from recserve.drills import timeline as tl
+from recserve.drills.background import BackgroundLoad, start_background
+from recserve.drills.capacity import capacity_rps
+from recserve.drills.faults import FAULTS, Context, process_state
+from recserve.drills.fleet import FleetAPI, FleetError
+from recserve.drills.journal import Journal
+from recserve.drills.probe import Case, OpenLoopProbe, Record, golden_cases, rematch, schedule
+from recserve.drills.session import FleetHandle
+from recserve.drills.spec import WINDOWED, DrillSpec
+from recserve.drills.verdict import evaluate
 
 SETTLE_TIMEOUT_S = 120.0
 
@@ -35,7 +35,7 @@ def cases_for(spec: DrillSpec) -> list[Case]:
 
 def answers(fleet: FleetAPI, cases: list[Case]) -> tuple[dict[str, set[tuple[int, ...]]], list[str]]:
     """The answer of every healthy instance, asked directly (not through HAProxy); disagreements reported."""
-    from control.client import RecClient
+    from recserve.control.client import RecClient
 
     out: dict[str, set[tuple[int, ...]]] = {}
     notes = []

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from control.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
-from drills.fleet import RUNTIME, FleetAPI, FleetError, read_token, recctl_status
+from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
+from recserve.drills.fleet import RUNTIME, FleetAPI, FleetError, read_token, recctl_status
 
 START_TIMEOUT_S = 300.0
 
@@ -38,7 +38,7 @@ class FleetHandle:
 
 
 class ControlPlaneProcess:
-    """The control plane as its own process (``python -m control.server``), so a drill can SIGKILL and restart
+    """The control plane as its own process (``python -m recserve.control.server``), so a drill can SIGKILL and restart
     it; a restarted one adopts the running instances and HAProxy."""
 
     def __init__(self, root: Path, repository: Path, grpc_port: int, http_port: int, control_port: int,
@@ -53,7 +53,7 @@ class ControlPlaneProcess:
 
     def command(self) -> list[str]:
         p = self.ports
-        return [sys.executable, "-m", "control.server", "--root", str(self.root), "--repository",
+        return [sys.executable, "-m", "recserve.control.server", "--root", str(self.root), "--repository",
                 str(self.repository), "--grpc-port", str(p["grpc"]), "--http-port", str(p["http"]),
                 "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"])]
 
@@ -149,7 +149,7 @@ class AdoptedControlPlane:
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         p = self.ports
-        cmd = [sys.executable, "-m", "control.recctl", "--root", str(self.root), "up", "--repository",
+        cmd = [sys.executable, "-m", "recserve.control.recctl", "--root", str(self.root), "up", "--repository",
                str(self.repository), "--grpc-port", str(p["grpc"]), "--http-port", str(p["http"]),
                "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"])]
         done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
@@ -220,7 +220,7 @@ class FleetOwner:
         self.tmp = Path(tempfile.mkdtemp(prefix="recserve-drills-"))
         repo = self.tmp / "model_repository"
         if self.fixture_models:
-            from drills.fixture_models import make_repository
+            from recserve.drills.fixture_models import make_repository
 
             make_repository(self.repository or DEFAULT_REPOSITORY, repo)
             self.log("models: synthetic fixture models (drills/fixture_models.py), not the trained build")
@@ -247,8 +247,8 @@ class FleetOwner:
         """Prometheus + Alertmanager + receiver at 1 s intervals over the fleet's file_sd targets (own dir)."""
         if not self.monitor:
             return None
-        from control.monitor import MonitorConfig, MonitorStack, missing_binaries
-        from control.promstack import MonitorError
+        from recserve.control.monitor import MonitorConfig, MonitorStack, missing_binaries
+        from recserve.control.promstack import MonitorError
 
         missing = missing_binaries()
         if missing:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from control.stats import percentile
-from drills.probe import Record
+from recserve.control.stats import percentile
+from recserve.drills.probe import Record
 
 SHED_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from drills.spec import Expect
+from recserve.drills.spec import Expect
 
 #: expectation -> (figure key in the drill result, comparison)
 CHECKS: dict[str, tuple[str, str]] = {

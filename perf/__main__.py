@@ -1,4 +1,4 @@
-"""``python -m perf``: run a suite, tune one model, or check a report against the baseline."""
+"""``python -m recserve.perf``: run a suite, tune one model, or check a report against the baseline."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import signal
 import sys
 from pathlib import Path
 
-from control.triton import DEFAULT_REPOSITORY
+from recserve.control.triton import DEFAULT_REPOSITORY
 
 
 def _run(args: argparse.Namespace) -> int:
-    from perf import report, runner
-    from perf.suite import SuiteError, load
+    from recserve.perf import report, runner
+    from recserve.perf.suite import SuiteError, load
 
     try:
         suite = load(args.suite)
@@ -36,13 +36,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from perf import tune
+    from recserve.perf import tune
 
     return tune.main(args)
 
 
 def _check(args: argparse.Namespace) -> int:
-    from perf import check
+    from recserve.perf import check
 
     return check.main(args)
 
@@ -57,10 +57,10 @@ def _sigterm_as_interrupt() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from perf import inputs, report
+    from recserve.perf import inputs, report
 
     _sigterm_as_interrupt()
-    p = argparse.ArgumentParser(prog="python -m perf", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m recserve.perf", description=__doc__)
     p.add_argument(
         "--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository (default: %(default)s)"
     )

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from control.stats import percentile
+from recserve.control.stats import percentile
 
 #: perf_analyzer's CSV header -> our field name (latencies and times are microseconds).
 CSV_FIELDS: dict[str, str] = {

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from perf.report import REPORTS_DIR
+from recserve.perf.report import REPORTS_DIR
 
 BASELINE = Path(__file__).resolve().parent / "baseline.json"
 

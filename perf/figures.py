@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import median
 
-from perf.analyzer import Row
+from recserve.perf.analyzer import Row
 
 DEFAULT_SLO_MS = 50.0
 #: A rate point only counts as served when the achieved throughput reaches this share of the offered rate.

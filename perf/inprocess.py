@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from control.stats import percentile
-from perf.inputs import batch
+from recserve.control.stats import percentile
+from recserve.perf.inputs import batch
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def load_corpus(data_dir: Path = DEFAULT_DATA, max_events: int = 400_000) -> Cor
 def synthetic_corpus(workdir: Path) -> Corpus:
     """Fallback when artifacts/data does not exist yet: the project's own generator, small."""
     sys.path.insert(0, str(REPO_ROOT))
-    from build.data import GenConfig, generate
+    from recserve.build.data import GenConfig, generate
 
     generate(workdir, GenConfig(n_users=300, n_items=3000, days=3))
     corpus = load_corpus(workdir)

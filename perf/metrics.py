@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from control import promtext
+from recserve.control import promtext
 
 COUNTERS = (
     "nv_inference_request_success",

@@ -9,12 +9,12 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict
 
-from control.triton import TritonServer
-from perf import figures, inprocess
-from perf.console import console
-from perf.suite import RatioSpec
-from perf.suiterun import SuiteRun
-from perf.targets import Endpoint
+from recserve.control.triton import TritonServer
+from recserve.perf import figures, inprocess
+from recserve.perf.console import console
+from recserve.perf.suite import RatioSpec
+from recserve.perf.suiterun import SuiteRun
+from recserve.perf.targets import Endpoint
 
 
 def served_vs_inprocess(s: SuiteRun, spec: RatioSpec, ep: Endpoint) -> None:

@@ -10,8 +10,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from control import reportdir
-from control.reportdir import link_latest as link_latest  # re-exported for perf callers
+from recserve.control import reportdir
+from recserve.control.reportdir import link_latest as link_latest  # re-exported for perf callers
 
 REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports" / "perf"
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, top_level_models
-from perf import inputs, ratios, report
-from perf.console import console
-from perf.suite import Suite
-from perf.suiterun import SuiteRun
-from perf.targets import Endpoint, LocalProxy, Unavailable, check_models, direct, fleet, start_server
+from recserve.control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, top_level_models
+from recserve.perf import inputs, ratios, report
+from recserve.perf.console import console
+from recserve.perf.suite import Suite
+from recserve.perf.suiterun import SuiteRun
+from recserve.perf.targets import Endpoint, LocalProxy, Unavailable, check_models, direct, fleet, start_server
 
 
 def run_suite(

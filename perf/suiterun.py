@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer
-from perf import analyzer, figures, inputs, metrics
-from perf.console import console
-from perf.suite import RatioSpec, Suite, Target
-from perf.targets import Endpoint
+from recserve.control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer
+from recserve.perf import analyzer, figures, inputs, metrics
+from recserve.perf.console import console
+from recserve.perf.suite import RatioSpec, Suite, Target
+from recserve.perf.targets import Endpoint
 
 ONNX_MODELS = ("retrieval", "ranker", "search_model")
 #: Stop a concurrency sweep once p99 passes this multiple of the SLO: higher points only queue.

@@ -13,7 +13,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from control.triton import REPO_ROOT, TritonConfig, TritonServer, free_port, servable_models, tensorrt_available
+from recserve.control.triton import (
+    REPO_ROOT,
+    TritonConfig,
+    TritonServer,
+    free_port,
+    servable_models,
+    tensorrt_available,
+)
 
 
 @dataclass
@@ -75,7 +82,7 @@ class LocalProxy:
     """control.haproxy's HAProxy with one slot bound to our server: the fleet's data path, minus the fleet."""
 
     def __init__(self, server: TritonServer, workdir: Path):
-        from control.haproxy import HAProxy, HAProxyConfig
+        from recserve.control.haproxy import HAProxy, HAProxyConfig
 
         self.server = server
         self.proxy = HAProxy(HAProxyConfig(workdir=workdir, grpc_port=free_port(), http_port=free_port(), slots=1))
@@ -106,7 +113,7 @@ class LocalProxy:
 
 def fleet(timeout_s: float = 15.0) -> Endpoint:
     """The running fleet's HAProxy gRPC endpoint from ``recctl status --json``; Unavailable when none runs."""
-    cmd = [sys.executable, "-m", "control.recctl", "status", "--json"]
+    cmd = [sys.executable, "-m", "recserve.control.recctl", "status", "--json"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=str(REPO_ROOT))
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -15,12 +15,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.triton import DEFAULT_REPOSITORY, TritonError
-from perf import figures, report
-from perf.console import console
-from perf.suite import Suite
-from perf.suiterun import SuiteRun
-from perf.targets import check_models, direct, start_server
+from recserve.control.triton import DEFAULT_REPOSITORY, TritonError
+from recserve.perf import figures, report
+from recserve.perf.console import console
+from recserve.perf.suite import Suite
+from recserve.perf.suiterun import SuiteRun
+from recserve.perf.targets import check_models, direct, start_server
 
 
 @dataclass(frozen=True)

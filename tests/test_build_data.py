@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from build.data import BEHAVIORS, CATEGORY_WORDS, DataError, GenConfig, generate, is_identity, load, write_id_maps
+from recserve.build.data import (
+    BEHAVIORS,
+    CATEGORY_WORDS,
+    DataError,
+    GenConfig,
+    generate,
+    is_identity,
+    load,
+    write_id_maps,
+)
 
 SMALL = GenConfig(seed=3, n_users=300, n_items=400, n_categories=12, days=9)
 

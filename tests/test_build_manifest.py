@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from build.manifest import (
+from recserve.build.manifest import (
     MANIFEST,
     file_hashes,
     git_commit,
@@ -17,7 +17,7 @@ from build.manifest import (
     publish_version,
     verify_manifest,
 )
-from build.reference import latest_version_dir
+from recserve.build.reference import latest_version_dir
 
 
 @pytest.fixture
@@ -100,8 +100,8 @@ def test_git_commit_unknown_outside_a_repository(tmp_path: Path) -> None:
 def test_training_cache_key_follows_seed_hparams_and_data(tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from build.pipeline import cache_key
-    from build.train import HParams
+    from recserve.build.pipeline import cache_key
+    from recserve.build.train import HParams
 
     data = tmp_path / "events.csv"
     data.write_text("1,2,3,pv,4\n")

@@ -11,8 +11,8 @@ import onnx
 import pytest
 import torch
 
-from build.export import contract, export_onnx, ort_session, parity
-from build.models import (
+from recserve.build.export import contract, export_onnx, ort_session, parity
+from recserve.build.models import (
     EXCLUDE_LEN,
     HISTORY_LEN,
     BSTRanker,
@@ -22,8 +22,8 @@ from build.models import (
     SearchModel,
     TwoTower,
 )
-from build.reference import latest_version_dir, served_module
-from build.train import TOKENIZER_PATH, auc, load_tokenizer, pad_left
+from recserve.build.reference import latest_version_dir, served_module
+from recserve.build.train import TOKENIZER_PATH, auc, load_tokenizer, pad_left
 
 N_USERS, N_ITEMS, N_CAT = 30, 1200, 6
 BIG = np.iinfo(np.int64).max

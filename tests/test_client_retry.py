@@ -15,7 +15,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from control.client import RETRY_SERVICE_CONFIG, RecClient, grpc_channel_args
+from recserve.control.client import RETRY_SERVICE_CONFIG, RecClient, grpc_channel_args
 
 
 class FlakyInference(service_pb2_grpc.GRPCInferenceServiceServicer):

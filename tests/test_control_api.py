@@ -23,14 +23,14 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from control.audit import ApiGuard
-from control.keys import SecretFileError, check_private, fingerprint, read_secret
-from control.procs import pid_alive
-from control.proto import control_pb2 as pb
-from control.proto import control_pb2_grpc as pbg
-from control.state import State
-from control.tls import TlsConfigError, control_channel, server_tls
-from control.triton import free_port, port_in_use
+from recserve.control.audit import ApiGuard
+from recserve.control.keys import SecretFileError, check_private, fingerprint, read_secret
+from recserve.control.procs import pid_alive
+from recserve.control.proto import control_pb2 as pb
+from recserve.control.proto import control_pb2_grpc as pbg
+from recserve.control.state import State
+from recserve.control.tls import TlsConfigError, control_channel, server_tls
+from recserve.control.triton import free_port, port_in_use
 from tests.fleet_fixtures import FleetProcess, all_healthy_exact, fleet_repository
 
 pytestmark = pytest.mark.timeout(600)
@@ -294,7 +294,8 @@ def test_tls_settings_are_checked_before_anything_starts(tmp_path):
 def _server_refuses(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     root = tmp_path / "root"
     port = free_port()
-    r = subprocess.run([sys.executable, "-m", "control.server", "--root", str(root), "--control-port", str(port),
+    r = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(root),
+                        "--control-port", str(port),
                         "--grpc-port", str(free_port()), "--http-port", str(free_port()),
                         "--metrics-port", str(free_port()), *flags],
                        capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parent.parent))
@@ -343,7 +344,7 @@ def _snapshot(fleet: FleetProcess) -> list[tuple]:
 
 
 def _serves(fleet: FleetProcess) -> None:
-    from control.client import RecClient
+    from recserve.control.client import RecClient
 
     with RecClient(fleet.grpc_url, "grpc") as c:
         assert len(c.recommend(7, [11, 12, 13]).item_ids) == 20

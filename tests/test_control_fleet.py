@@ -20,8 +20,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from control.procs import pid_alive
-from control.proto import control_pb2 as pb
+from recserve.control.procs import pid_alive
+from recserve.control.proto import control_pb2 as pb
 from tests.fleet_fixtures import (
     BAD_USER_FROM,
     FleetProcess,
@@ -74,7 +74,7 @@ def test_status_reports_endpoints_roles_and_exact_versions(fleet):
 
 
 def test_clients_get_answers_over_haproxy_grpc_and_http(fleet):
-    from control.client import RecClient
+    from recserve.control.client import RecClient
 
     with RecClient(fleet.grpc_url, "grpc") as g, RecClient(fleet.http_url, "http") as h:
         a, b = g.recommend(7, [11, 12, 13]), h.recommend(7, [11, 12, 13])
@@ -89,7 +89,7 @@ def test_second_fleet_up_does_not_start_a_second_fleet(fleet):
     import subprocess
     import sys
 
-    direct = subprocess.run([sys.executable, "-m", "control.server", "--root", str(fleet.root), "--repository",
+    direct = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(fleet.root), "--repository",
                              str(fleet.repository), "--control-port", str(fleet.ports["control"])],
                             capture_output=True, text=True, timeout=60)
     assert direct.returncode == 3 and "already running" in direct.stderr
@@ -495,7 +495,7 @@ def test_snapshot_restore_repairs_a_corrupted_version(fleet):
 
 
 def test_a_dead_haproxy_is_started_again_with_the_current_routing(fleet):
-    from control.client import RecClient
+    from recserve.control.client import RecClient
 
     route = fleet.status()["route"]
     pid = int((fleet.root / "haproxy" / "haproxy.pid").read_text().split()[0])
@@ -565,7 +565,7 @@ def test_a_burst_then_quiet_leaves_one_primary_and_no_restart_loop(fleet):
     """The reproduction of issue 8 through HAProxy: an open-loop burst far over what two cores serve, then quiet.
     Whatever the burst does to the health checks (queue-full rejections, slow golden answers), the fleet is whole
     again within a minute and stays so."""
-    from drills.probe import Case, Probe, constant
+    from recserve.drills.probe import Case, Probe, constant
 
     cases = [Case("recommend", user_id=7, history=(11, 12, 13)), Case("search", query="red running shoes")]
     probe = Probe(fleet.grpc_url, cases, constant(1500.0), duration_s=6.0, timeout_s=2.0, max_requests=9000)
@@ -589,8 +589,8 @@ def test_admin_apis_are_refused_through_haproxy_and_directly_and_the_instance_ke
     log and trace settings were open to any client. Each call is refused, and nothing is restarted."""
     import tritonclient.http as httpclient
 
-    from control.client import RecClient
-    from control.triton import shm_prefix
+    from recserve.control.client import RecClient
+    from recserve.control.triton import shm_prefix
 
     before = fleet.status()
     primary = by_role(before, "primary")[0]
@@ -631,7 +631,7 @@ def test_admin_apis_are_refused_through_haproxy_and_directly_and_the_instance_ke
 
 def test_a_sigkilled_instance_leaves_no_shm_regions_behind(fleet):
     """Issue 8: a SIGKILLed server leaves its stubs' /dev/shm regions; the fleet removes exactly that instance's."""
-    from control.triton import shm_usage
+    from recserve.control.triton import shm_usage
 
     before = fleet.status()
     standby = by_role(before, "standby")[0]
@@ -642,14 +642,14 @@ def test_a_sigkilled_instance_leaves_no_shm_regions_behind(fleet):
                       ["pid"] != standby["pid"], what="the killed standby back")
     assert back["shm"]["regions"] == prefix_regions, (before["shm"], back["shm"])
     for i in back["instances"]:
-        from control.triton import shm_prefix
+        from recserve.control.triton import shm_prefix
 
         assert shm_usage(shm_prefix(fleet.root / "instances" / i["id"], i["id"]))[0] == i["shm_regions"]
 
 
 # ---------------------------------------------------------------------------------------------- last: down
 def test_fleet_down_leaves_no_process_or_port_behind(fleet):
-    from control.triton import shm_prefix, shm_regions
+    from recserve.control.triton import shm_prefix, shm_regions
 
     pids = fleet.all_pids()
     st = fleet.status()
@@ -660,7 +660,7 @@ def test_fleet_down_leaves_no_process_or_port_behind(fleet):
     r = fleet.recctl("down", "--repository", str(fleet.repository))
     assert "fleet down" in r.stdout
     time.sleep(0.5)
-    from control.triton import port_in_use
+    from recserve.control.triton import port_in_use
 
     assert not [p for p in pids if pid_alive(p)]
     assert not [p for p in ports if port_in_use(p)]

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from control.haproxy import HAProxy, HAProxyConfig, HAProxyError, render_config
-from control.rollout import Gates, p99
-from control.snapshots import RepositoryError, SnapshotStore, verify_version, write_manifest
-from control.state import InstanceRecord, RolloutRecord, State
-from control.triton import free_port
+from recserve.control.haproxy import HAProxy, HAProxyConfig, HAProxyError, render_config
+from recserve.control.rollout import Gates, p99
+from recserve.control.snapshots import RepositoryError, SnapshotStore, verify_version, write_manifest
+from recserve.control.state import InstanceRecord, RolloutRecord, State
+from recserve.control.triton import free_port
 
 
 def test_haproxy_config_validation_names_field_and_rule(tmp_path):
@@ -36,7 +36,7 @@ def test_haproxy_config_has_the_verified_settings(tmp_path):
     assert "balance first" in text and "balance roundrobin" in text
     assert "retry-on conn-failure empty-response response-timeout" in text
     assert "option redispatch 1" in text and "check-proto h1" in text
-    from control.haproxy import ADMIN_PATHS
+    from recserve.control.haproxy import ADMIN_PATHS
 
     acl = next(ln for ln in text.splitlines() if ln.strip().startswith("acl admin_api path_beg"))
     for path in ("/inference.GRPCInferenceService/Repository", "/inference.GRPCInferenceService/SystemSharedMemory",
@@ -172,18 +172,19 @@ def test_gates_defaults_validation_and_p99():
 
 
 def test_recctl_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "control.recctl", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "--help"], capture_output=True,
+                         text=True).stdout
     for cmd in ("status", "rollover", "rollback", "promote", "drain", "instances", "snapshot", "snapshots",
                 "restore", "up", "down"):
         assert cmd in out
-    r = subprocess.run([sys.executable, "-m", "control.recctl", "rollover", "retrieval"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "rollover", "retrieval"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "--version" in r.stderr
 
 
 def test_recctl_without_a_control_plane_says_so(tmp_path):
     port = free_port()
-    r = subprocess.run([sys.executable, "-m", "control.recctl", "--root", str(tmp_path), "--control",
+    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "--root", str(tmp_path), "--control",
                         f"127.0.0.1:{port}", "--timeout", "3", "status"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and ("no control plane" in r.stdout or "UNAVAILABLE" in r.stdout)
 
@@ -194,7 +195,7 @@ class _FakeFleet:
     def __init__(self, client):
         from types import SimpleNamespace
 
-        from control.metrics import ControlMetrics
+        from recserve.control.metrics import ControlMetrics
 
         self.metrics = ControlMetrics()
         self.canary_broken: dict[str, str] = {}
@@ -219,7 +220,7 @@ class _Client:
     def _answer(self):
         import time
 
-        from control.client import Result
+        from recserve.control.client import Result
 
         time.sleep(self.delay_s)
         if self.fail:
@@ -234,7 +235,7 @@ class _Client:
 
 
 def _bake(client, gates: Gates, base_p99_ms: float, bake_s: float = 1.0, ref=None):
-    from control.rollout import RolloutManager
+    from recserve.control.rollout import RolloutManager
 
     rm = RolloutManager.__new__(RolloutManager)
     rm.fleet, rm.probe_interval_s, rm._abort = _FakeFleet(client), 0.01, {}
@@ -247,7 +248,7 @@ def _bake(client, gates: Gates, base_p99_ms: float, bake_s: float = 1.0, ref=Non
 
 
 def test_p99_gate_fails_a_slow_canary_and_records_the_value():
-    from control.rollout import GateFailure
+    from recserve.control.rollout import GateFailure
 
     with pytest.raises(GateFailure) as exc:
         _bake(_Client(delay_s=0.05), Gates(max_p99_ratio=3.0, min_p99_ms=20.0), base_p99_ms=10.0)
@@ -257,7 +258,7 @@ def test_p99_gate_fails_a_slow_canary_and_records_the_value():
 def test_error_rate_gate_fails_fast_and_green_canary_passes():
     import time
 
-    from control.rollout import GateFailure
+    from recserve.control.rollout import GateFailure
 
     t0 = time.monotonic()
     with pytest.raises(GateFailure) as exc:
@@ -275,7 +276,7 @@ def test_error_rate_gate_fails_fast_and_green_canary_passes():
 
 def test_bake_without_expected_answers_fails_the_golden_gate():
     """No expectation (reference broken, no recorded fallback) is a red gate, never a pass on the canary's word."""
-    from control.rollout import GateFailure, RolloutManager
+    from recserve.control.rollout import GateFailure, RolloutManager
 
     rm = RolloutManager.__new__(RolloutManager)
     rm.fleet, rm.probe_interval_s, rm._abort = _FakeFleet(_Client()), 0.01, {}

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from drills import alerts
-from drills.spec import AlertExpect, SpecError, load_all, parse
+from recserve.drills import alerts
+from recserve.drills.spec import AlertExpect, SpecError, load_all, parse
 
 
 def spec(alerts_field) -> dict:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from control.triton import REPO_ROOT
+from recserve.control.triton import REPO_ROOT
 
 
 def drills(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "drills", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+    return subprocess.run([sys.executable, "-m", "recserve.drills", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
 
 
 def test_help_lists_the_commands():

@@ -15,10 +15,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from control.triton import DEFAULT_REPOSITORY
-from drills.faults import FAULTS, NetworkPartition, _negate_outputs, fault_dir_of, process_state
-from drills.fixture_models import make_repository
-from drills.spec import FAULT_PARAMS
+from recserve.control.triton import DEFAULT_REPOSITORY
+from recserve.drills.faults import FAULTS, NetworkPartition, _negate_outputs, fault_dir_of, process_state
+from recserve.drills.fixture_models import make_repository
+from recserve.drills.spec import FAULT_PARAMS
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,8 @@ def test_network_partition_check_answers_in_one_line_and_leaves_nothing():
 @pytest.mark.slow
 def test_partitioned_path_cut_is_detected_routed_around_and_cleaned_up(repo, tmp_path):
     """Real namespace, veth, two tritonservers and HAProxy (about 30 s)."""
-    from control.client import RecClient
-    from drills.partition import PartitionedPath
+    from recserve.control.client import RecClient
+    from recserve.drills.partition import PartitionedPath
 
     if NetworkPartition().check(None):
         pytest.skip("network namespaces cannot be made here")
@@ -152,7 +152,7 @@ def test_partitioned_path_cut_is_detected_routed_around_and_cleaned_up(repo, tmp
 
 
 def test_group_members_finds_children_that_outlive_their_leader():
-    from drills.faults import group_members
+    from recserve.drills.faults import group_members
 
     leader = subprocess.Popen(["bash", "-c", "sleep 60 & sleep 60 & wait"], start_new_session=True)
     try:

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from control.triton import free_port
-from drills.probe import Case, OpenLoopProbe, check_loopback, schedule, status_name
+from recserve.control.triton import free_port
+from recserve.drills.probe import Case, OpenLoopProbe, check_loopback, schedule, status_name
 
 
 def test_only_loopback_targets_are_accepted():

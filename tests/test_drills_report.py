@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from drills.journal import Journal
-from drills.probe import Record
-from drills.report import REQUIRED, console_table, markdown, new_run_dir, plot, summary_rows, write
-from drills.spec import Expect
-from drills.timeline import per_second
-from drills.verdict import evaluate
+from recserve.drills.journal import Journal
+from recserve.drills.probe import Record
+from recserve.drills.report import REQUIRED, console_table, markdown, new_run_dir, plot, summary_rows, write
+from recserve.drills.spec import Expect
+from recserve.drills.timeline import per_second
+from recserve.drills.verdict import evaluate
 
 
 def result(name: str = "crash", passed: bool = True, **kw) -> dict:
@@ -109,9 +109,9 @@ def test_write_run_files_and_latest_link(tmp_path):
 
 
 def test_report_is_rendered_from_the_journals_alone(tmp_path):
-    """python -m drills report DIR: delete every rendered file, keep the journals, get the same report back;
+    """python -m recserve.drills report DIR: delete every rendered file, keep the journals, get the same report back;
     a change in a journal shows up in the re-render (the report is a view of the journals)."""
-    from drills.cli import main
+    from recserve.drills.cli import main
 
     run = new_run_dir(tmp_path)
     recs = [Record(i, "recommend", 100.0 + i * 0.1, 10.0, "OK", True) for i in range(30)]

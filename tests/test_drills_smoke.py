@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from control.triton import DEFAULT_REPOSITORY, REPO_ROOT, servable_models
+from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT, servable_models
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def test_smoke_drills_run_report_and_clean_up(tmp_path, capsys):
     built = {"recommend", "search"} <= set(servable_models(DEFAULT_REPOSITORY))
     # before 'make models' has run, the drills run on the synthetic fixture models (same interfaces)
     models = ["--private"] if built else ["--fixture-models"]
-    p = subprocess.run([sys.executable, "-m", "drills", "smoke", *models, "--reports", str(reports)],
+    p = subprocess.run([sys.executable, "-m", "recserve.drills", "smoke", *models, "--reports", str(reports)],
                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     out = p.stdout + p.stderr
     latest = reports / "latest"

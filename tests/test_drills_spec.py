@@ -8,7 +8,7 @@ import copy
 import pytest
 import yaml
 
-from drills.spec import FAULT_PARAMS, SPECS_DIR, SpecError, load_all, load_file, parse
+from recserve.drills.spec import FAULT_PARAMS, SPECS_DIR, SpecError, load_all, load_file, parse
 
 ISSUE_DRILLS = {"crash", "hang", "gpu-lost", "overload", "rollover-under-load", "bad-rollover",
                 "artifact-corruption", "control-plane-crash", "network-partition",
@@ -129,8 +129,8 @@ def test_parameters_nothing_reads_are_refused(fault, params, field):
 
 
 def test_every_fault_names_its_rollback_and_targets_choose_the_probe_cases():
-    from drills.faults import FAULTS
-    from drills.runner import cases_for
+    from recserve.drills.faults import FAULTS
+    from recserve.drills.runner import cases_for
 
     assert set(FAULTS) == set(FAULT_PARAMS) and all(f.rollback_label for f in FAULTS.values())
     assert {c.model for c in cases_for(parse(base()))} == {"recommend"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from control.stats import percentile
-from drills.probe import Record
-from drills.timeline import (
+from recserve.control.stats import percentile
+from recserve.drills.probe import Record
+from recserve.drills.timeline import (
     abort_reason,
     error_budget_used,
     failed_or_wrong_after,
@@ -130,9 +130,9 @@ def test_bad_answers_after_detection_are_counted_by_send_time():
 
 
 def test_fault_window_follows_the_actions_that_really_ran():
-    from drills.journal import ActionEntry, Journal
-    from drills.runner import _fault_window
-    from drills.spec import parse
+    from recserve.drills.journal import ActionEntry, Journal
+    from recserve.drills.runner import _fault_window
+    from recserve.drills.spec import parse
 
     raw = {"name": "t", "targets": ["recommend"], "load": {"duration_s": 40, "probe_rps": 10},
            "steady_state": {"slo_p99_ms": 100, "error_rate_max": 0.0},

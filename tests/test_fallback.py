@@ -19,9 +19,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from control.client import RecClient
-from control.fallback import DATA_DIR, FallbackConfig, FallbackError, FallbackServer
-from control.procs import port_in_use
+from recserve.control.client import RecClient
+from recserve.control.fallback import DATA_DIR, FallbackConfig, FallbackError, FallbackServer
+from recserve.control.procs import port_in_use
 
 
 @pytest.fixture(scope="module")
@@ -305,8 +305,8 @@ def test_haproxy_serves_it_as_just_another_backend(fallback, tmp_path):
     fallback: tritonclient through the proxy gets degraded answers and the same refusals."""
     import time
 
-    from control.haproxy import HAProxy, HAProxyConfig
-    from control.procs import free_port
+    from recserve.control.haproxy import HAProxy, HAProxyConfig
+    from recserve.control.procs import free_port
 
     proxy = HAProxy(HAProxyConfig(workdir=tmp_path, grpc_port=free_port(), http_port=free_port(), slots=1))
     proxy.start()

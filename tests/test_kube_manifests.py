@@ -9,8 +9,8 @@ import copy
 import pytest
 import yaml
 
-from control.kube import api as kapi
-from control.kube.manifests import K8S_DIR, OVERLAYS, ManifestError, crd_schemas, find, render, validate
+from recserve.control.kube import api as kapi
+from recserve.control.kube.manifests import K8S_DIR, OVERLAYS, ManifestError, crd_schemas, find, render, validate
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_crds_have_status_subresource_and_printer_columns(rendered):
 
 
 def test_rule_files_wrap_as_one_prometheusrule_each(tmp_path):
-    from control.kube.promrule import render as wrap_rules
+    from recserve.control.kube.promrule import render as wrap_rules
 
     f = tmp_path / "recording.yml"
     f.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [{"record": "a:b", "expr": "sum(up)"}]}]}))
@@ -137,7 +137,7 @@ def test_rule_files_wrap_as_one_prometheusrule_each(tmp_path):
 
 def test_monitoring_rules_of_the_repository_ship_as_prometheusrules(rendered):
     """The monitoring issue's rule files, when present, must reach the cluster unchanged (regenerate with
-    ``python -m control.kube.promrule deploy/monitoring/rules/*.yml -o deploy/k8s/base/monitoring-rules.yaml``
+    ``python -m recserve.control.kube.promrule deploy/monitoring/rules/*.yml -o deploy/k8s/base/monitoring-rules.yaml``
     and list that file in deploy/k8s/base/kustomization.yaml)."""
     files = sorted((K8S_DIR.parent / "monitoring" / "rules").glob("*.yml"))
     if not files:

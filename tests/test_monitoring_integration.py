@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from control.monconfig import DEPLOY_DIR
-from control.monitor import MonitorConfig, MonitorStack, missing_binaries
+from recserve.control.monconfig import DEPLOY_DIR
+from recserve.control.monitor import MonitorConfig, MonitorStack, missing_binaries
 from tests.fleet_fixtures import FleetProcess, LoadClient, all_healthy_exact, fleet_repository
 
 pytestmark = [pytest.mark.timeout(600),
@@ -69,7 +69,7 @@ def test_every_panel_query_returns_data_from_a_real_fleet(tmp_path):
         pids = [p.pid for p in stack.procs]
         stack.down()
         fleet.close()
-        from control.procs import pid_alive
+        from recserve.control.procs import pid_alive
 
         assert not [p for p in pids if p and pid_alive(p)]
         shutil.rmtree(tmp_path, ignore_errors=True)

@@ -13,10 +13,17 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from control.alertsink import read_notifications
-from control.monconfig import DEPLOY_DIR, alert_names, render_alertmanager, render_prometheus, rule_files, write_yaml
-from control.promstack import AlertReceiver, ProcConfig, binary
-from control.targets import FleetCollector, TargetFiles
+from recserve.control.alertsink import read_notifications
+from recserve.control.monconfig import (
+    DEPLOY_DIR,
+    alert_names,
+    render_alertmanager,
+    render_prometheus,
+    rule_files,
+    write_yaml,
+)
+from recserve.control.promstack import AlertReceiver, ProcConfig, binary
+from recserve.control.targets import FleetCollector, TargetFiles
 
 PROMTOOL, AMTOOL = binary("promtool"), binary("amtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: 'make setup' installs prometheus")
@@ -160,7 +167,7 @@ def test_webhook_receiver_records_notifications_and_stops_cleanly(tmp_path):
         pid = rx.pid
         rx.stop()
     assert not rx.is_alive() and not rx.pid_path.exists()
-    assert not (pid and __import__("control.procs").procs.pid_alive(pid))
+    assert not (pid and __import__("recserve.control.procs").control.procs.pid_alive(pid))
 
 
 @pytest.mark.skipif(PROMTOOL is None or AMTOOL is None, reason="prometheus/alertmanager missing: 'make setup'")
@@ -168,11 +175,11 @@ def test_monitor_up_twice_adopts_and_down_stops_exactly_its_processes(tmp_path):
     """What make monitor-up / monitor-down do, in separate processes (pid files, command lines naming the root)."""
     import sys
 
-    from control.monitor import read_endpoints
-    from control.procs import pid_alive
+    from recserve.control.monitor import read_endpoints
+    from recserve.control.procs import pid_alive
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "control.monitor", "--root", str(tmp_path), *args],
+        return subprocess.run([sys.executable, "-m", "recserve.control.monitor", "--root", str(tmp_path), *args],
                               capture_output=True, text=True, timeout=120)
 
     ports = ["--prometheus-port", "0", "--alertmanager-port", "0", "--receiver-port", "0"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from perf import analyzer
+from recserve.perf import analyzer
 
 DATA = Path(__file__).parent / "data" / "perf"
 
@@ -43,7 +43,7 @@ def test_malformed_csv_names_the_problem(text, missing):
 
 def test_run_record_keeps_p95_apart_from_p99():
     """p95 was reported as the p99 value; a load point carries both as measured."""
-    from perf.suiterun import RunRecord
+    from recserve.perf.suiterun import RunRecord
 
     rec = RunRecord("t", "m", "direct", "concurrency", 4, 1, p50_ms=5.0, p90_ms=8.0, p95_ms=9.5, p99_ms=14.0)
     row = rec.row()

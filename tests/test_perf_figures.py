@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from perf import analyzer, figures
-from perf.analyzer import Row
+from recserve.perf import analyzer, figures
+from recserve.perf.analyzer import Row
 
 DATA = Path(__file__).parent / "data" / "perf"
 
@@ -74,8 +74,8 @@ def test_paired_ratio_is_the_median_of_round_ratios():
 
 
 def test_inprocess_reads_threads_and_instances_from_the_committed_configs():
-    from perf import inprocess
-    from perf.inputs import REPO_ROOT
+    from recserve.perf import inprocess
+    from recserve.perf.inputs import REPO_ROOT
 
     text = (REPO_ROOT / "model_repository" / "ranker" / "config.pbtxt").read_text()
     assert inprocess.config_threads(text) == 1

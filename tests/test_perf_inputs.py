@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perf import inputs
+from recserve.perf import inputs
 
 
 @pytest.fixture()

@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from control.triton import DEFAULT_REPOSITORY, servable_models
-from perf import runner, suite
+from recserve.control.triton import DEFAULT_REPOSITORY, servable_models
+from recserve.perf import runner, suite
 
 SUITE = """
 name: tiny
@@ -39,7 +39,7 @@ def _servers() -> list[psutil.Process]:
 def repository(tmp_path: Path) -> Path:
     if {"recommend", "search"} <= set(servable_models(DEFAULT_REPOSITORY, with_tensorrt=False)):
         return DEFAULT_REPOSITORY
-    from drills.fixture_models import make_repository
+    from recserve.drills.fixture_models import make_repository
 
     return make_repository(DEFAULT_REPOSITORY, tmp_path / "repo")
 

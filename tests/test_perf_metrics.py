@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from perf import metrics
+from recserve.perf import metrics
 
 DATA = Path(__file__).parent / "data" / "perf"
 
@@ -75,7 +75,7 @@ def test_rollout_gates_and_perf_read_triton_metrics_with_one_parser(tmp_path):
     import http.server
     import threading
 
-    from control.metrics import triton_request_counts
+    from recserve.control.metrics import triton_request_counts
 
     body = (DATA / "metrics.txt").read_bytes()
 

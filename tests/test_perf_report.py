@@ -7,7 +7,7 @@ from argparse import Namespace
 
 import pytest
 
-from perf import check, report
+from recserve.perf import check, report
 
 
 def doc() -> dict:
@@ -177,7 +177,7 @@ def test_shipped_baseline_is_well_formed():
     assert {"served_vs_inprocess", "haproxy_vs_direct", "dynamic_batching_gain"} <= set(rules)
     import inspect
 
-    from perf import figures
+    from recserve.perf import figures
 
     written = inspect.getsource(figures)
     assert all(f'"{r.ceiling}"' in written for r in rules.values())

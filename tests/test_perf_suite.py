@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from perf import suite
+from recserve.perf import suite
 
 GOOD = """
 name: t
@@ -72,7 +72,7 @@ def test_missing_and_unparsable_files(tmp_path):
 
 
 def test_cli_refuses_a_bad_suite_before_starting_anything(tmp_path, capsys):
-    from perf.__main__ import main
+    from recserve.perf.__main__ import main
 
     bad = write(tmp_path, "targets: [{model: ranker, concurency: [1]}]")
     assert main(["--reports", str(tmp_path / "r"), "run", str(bad)]) == 2

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from control.triton import DEFAULT_REPOSITORY
-from perf import targets
+from recserve.control.triton import DEFAULT_REPOSITORY
+from recserve.perf import targets
 
 STATUS = {
     "endpoints": {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000", "control": "127.0.0.1:50051"},

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from control.triton import DEFAULT_REPOSITORY
-from perf import tune
+from recserve.control.triton import DEFAULT_REPOSITORY
+from recserve.perf import tune
 
 COMMITTED = {
     "name": "ranker",

@@ -13,9 +13,9 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from build.reference import Reference
-from control.client import RecClient
-from control.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.build.reference import Reference
+from recserve.control.client import RecClient
+from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 DATA = REPO_ROOT / "artifacts" / "data"
 GOLDEN = REPO_ROOT / "artifacts" / "golden.json"

@@ -14,8 +14,15 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from control.client import RecClient
-from control.triton import DEFAULT_REPOSITORY, TritonConfig, TritonError, TritonServer, port_in_use, servable_models
+from recserve.control.client import RecClient
+from recserve.control.triton import (
+    DEFAULT_REPOSITORY,
+    TritonConfig,
+    TritonError,
+    TritonServer,
+    port_in_use,
+    servable_models,
+)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +184,7 @@ def test_a_killed_server_s_shm_regions_go_with_the_next_stop_or_start(tmp_path):
     import os
     import signal
 
-    from control.procs import kill_group
+    from recserve.control.procs import kill_group
 
     srv = TritonServer(TritonConfig(workdir=tmp_path, models=["search"]))
     srv.start()

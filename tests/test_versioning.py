@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from build.manifest import verify_manifest
-from control.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.build.manifest import verify_manifest
+from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 MODELS = ("retrieval", "ranker", "search_model")
 
@@ -35,7 +35,7 @@ def test_second_build_adds_version_and_leaves_previous_byte_identical(tmp_path):
     digests = {m: _tree_digest(repo / m / str(before[m][-1])) for m in MODELS}
     # Same work dir as 'make models': unchanged code and data reuse the cached training.
     run = subprocess.run(
-        [sys.executable, "-m", "build.pipeline", "--repository", str(repo), "--no-trt"],
+        [sys.executable, "-m", "recserve.build.pipeline", "--repository", str(repo), "--no-trt"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]

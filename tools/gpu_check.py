@@ -7,7 +7,7 @@ TensorRT. This script is what a user with one NVIDIA GPU runs on the host, after
 engines it builds load in that container). Inside the container itself it needs a Python 3.11 environment with
 recserve installed (recserve requires 3.11; check the container's own Python first). It
 
-1. builds the models and the TensorRT engines (``python -m build.pipeline``: a failed engine fails the build),
+1. builds the models and the TensorRT engines (``python -m recserve.build.pipeline``: a failed engine fails the build),
 2. reads each engine's check against onnxruntime from its manifest (precision really built, top-10 overlap),
 3. serves recommend/search and recommend_trt/search_trt on one embedded tritonserver and compares the served
    TensorRT answers with the ONNX ones for every golden request,
@@ -67,7 +67,7 @@ class Step:
 def preflight() -> str:
     """'' when this host can run the check, else one line saying what is missing."""
     try:
-        from build import trt as trt_mod
+        from recserve.build import trt as trt_mod
     except ImportError as exc:
         return f"gpu-check: recserve's dependencies are missing in {sys.executable} ({exc}): run make setup"
     ok, why = trt_mod.availability()
@@ -94,14 +94,14 @@ def _tail(text: str, n: int = 15) -> str:
 
 def step_build(ctx: Ctx) -> dict:
     """Build data, models, ONNX and the TensorRT engines (new versions)."""
-    p = _sub(ctx, ["-m", "build.pipeline", "--repository", str(ctx.repository)], STEP_TIMEOUT_S["build"])
+    p = _sub(ctx, ["-m", "recserve.build.pipeline", "--repository", str(ctx.repository)], STEP_TIMEOUT_S["build"])
     if p.returncode != 0:
         raise RuntimeError(f"build.pipeline exited {p.returncode}:\n{_tail(p.stdout + p.stderr)}")
     return {"exit_code": 0, "log_tail": _tail(p.stdout, 8)}
 
 
 def latest_manifest(repository: Path, model: str) -> dict:
-    from build.reference import latest_version_dir
+    from recserve.build.reference import latest_version_dir
 
     return json.loads((latest_version_dir(repository, model) / "manifest.json").read_text())
 
@@ -127,9 +127,9 @@ def step_serve_parity(ctx: Ctx) -> dict:
     """Serve both ensembles and their TensorRT twins; compare every golden request's answers."""
     import tempfile
 
-    from control.client import RecClient
-    from control.golden import ask, golden_json_path, load_request_set
-    from control.triton import TritonConfig, TritonServer
+    from recserve.control.client import RecClient
+    from recserve.control.golden import ask, golden_json_path, load_request_set
+    from recserve.control.triton import TritonConfig, TritonServer
 
     workdir = Path(tempfile.mkdtemp(prefix="recserve-gpu-check-"))
     server = TritonServer(TritonConfig(model_repository=ctx.repository, workdir=workdir,
@@ -167,7 +167,7 @@ def _latest_report(base: Path) -> dict:
 def step_perf(ctx: Ctx) -> dict:
     """perf suite 'gpu': trt_vs_onnx and the *_trt ensembles' concurrency ladder."""
     reports = REPO_ROOT / "reports" / "perf"
-    p = _sub(ctx, ["-m", "perf", "--repository", str(ctx.repository), "--reports", str(reports), "run", "gpu"],
+    p = _sub(ctx, ["-m", "recserve.perf", "--repository", str(ctx.repository), "--reports", str(reports), "run", "gpu"],
              STEP_TIMEOUT_S["perf"])
     if p.returncode != 0:
         raise RuntimeError(f"perf run gpu exited {p.returncode}:\n{_tail(p.stdout + p.stderr)}")
@@ -179,7 +179,7 @@ def step_perf(ctx: Ctx) -> dict:
 def step_tune(ctx: Ctx) -> dict:
     """perf tune ranker_trt --quick: measures the guessed instance count / queue delay / preferred batches."""
     reports = REPO_ROOT / "reports" / "perf"
-    p = _sub(ctx, ["-m", "perf", "--repository", str(ctx.repository), "--reports", str(reports), "tune",
+    p = _sub(ctx, ["-m", "recserve.perf", "--repository", str(ctx.repository), "--reports", str(reports), "tune",
                    "ranker_trt", "--quick"], STEP_TIMEOUT_S["tune"])
     if p.returncode != 0:
         raise RuntimeError(f"perf tune ranker_trt exited {p.returncode}:\n{_tail(p.stdout + p.stderr)}")
@@ -187,7 +187,7 @@ def step_tune(ctx: Ctx) -> dict:
 
 
 STEPS = (
-    Step("build", "build data, models, ONNX and TensorRT engines (python -m build.pipeline; engine failure = "
+    Step("build", "build data, models, ONNX and TensorRT engines (python -m recserve.build.pipeline; engine failure = "
          "failed build)", step_build),
     Step("engine-checks", "read each engine's check vs onnxruntime from its manifest (precision built, top-10 "
          "overlap)", step_engine_checks),
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or REPO_ROOT / "reports" / "gpu-check" / f"{stamp}.json"
     ctx = Ctx(args.repository.resolve(), sys.executable, {})
     doc: dict = {"started_utc": stamp, "host": os.uname().nodename, "steps": {}}
-    from build import trt as trt_mod
+    from recserve.build import trt as trt_mod
 
     doc["tensorrt"] = trt_mod.availability()[1]
     failed = False

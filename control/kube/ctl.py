@@ -19,7 +19,7 @@ COLUMNS = ("name", "model", "from", "to", "strategy", "phase", "result", "canary
 
 
 def _api(args: argparse.Namespace):
-    from control.kube.api import KubeApi, api_client
+    from recserve.control.kube.api import KubeApi, api_client
 
     return KubeApi(api_client(args.kubeconfig, args.context), args.namespace)
 
@@ -59,7 +59,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollover(args: argparse.Namespace) -> int:
-    from control.kube.api import GROUP, ROLLOUTS, VERSION
+    from recserve.control.kube.api import GROUP, ROLLOUTS, VERSION
 
     api = _api(args)
     name = args.name or f"{args.model.replace('_', '-')}-v{args.version}-{time.strftime('%Y%m%d%H%M%S')}"
@@ -87,7 +87,7 @@ def cmd_rollover(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Abort the running ModelRollout of MODEL: deleting it makes the operator roll back."""
-    from control.kube.api import GROUP, ROLLOUTS, VERSION
+    from recserve.control.kube.api import GROUP, ROLLOUTS, VERSION
 
     api = _api(args)
     running = [cr for cr in api.rollouts() if (cr.get("spec") or {}).get("model") == args.model

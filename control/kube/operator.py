@@ -1,4 +1,4 @@
-"""The recserve operator: the control plane with a Kubernetes driver (``python -m control.kube.operator``).
+"""The recserve operator: the control plane with a Kubernetes driver (``python -m recserve.control.kube.operator``).
 
 It reads one ``RecServeFleet``, discovers its Triton pods by label, loads the exact desired versions on a new pod
 through its repository API, deep-checks every pod (live, versions, golden inference) and opens the pod's
@@ -23,12 +23,12 @@ from pathlib import Path
 
 from kubernetes.client.exceptions import ApiException
 
-from control.fleet import FleetError
-from control.health import HealthMonitor, Probe
-from control.kube.api import GATE, KubeApi, api_client, now
-from control.kube.pool import KubePool, pod_endpoint
-from control.rollout import RolloutManager
-from control.state import RolloutRecord
+from recserve.control.fleet import FleetError
+from recserve.control.health import HealthMonitor, Probe
+from recserve.control.kube.api import GATE, KubeApi, api_client, now
+from recserve.control.kube.pool import KubePool, pod_endpoint
+from recserve.control.rollout import RolloutManager
+from recserve.control.state import RolloutRecord
 
 log = logging.getLogger("recserve.operator")
 
@@ -354,7 +354,7 @@ class Operator:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m control.kube.operator", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m recserve.control.kube.operator", description=__doc__.splitlines()[0])
     p.add_argument("--namespace", required=True)
     p.add_argument("--fleet", default="recserve", help="name of the RecServeFleet to run")
     p.add_argument("--repository", type=Path, default=Path("/models"), help="the model repository (read-only)")

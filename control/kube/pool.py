@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from control.client import RecClient
-from control.fleet import Fleet, FleetError, model_config
-from control.golden import Golden
-from control.health import INFER_TIMEOUT_S, Probe, deep_check, ready_versions
-from control.metrics import ControlMetrics
-from control.state import InstanceRecord, State
-from control.triton import TritonConfig, TritonServer
+from recserve.control.client import RecClient
+from recserve.control.fleet import Fleet, FleetError, model_config
+from recserve.control.golden import Golden
+from recserve.control.health import INFER_TIMEOUT_S, Probe, deep_check, ready_versions
+from recserve.control.metrics import ControlMetrics
+from recserve.control.state import InstanceRecord, State
+from recserve.control.triton import TritonConfig, TritonServer
 
 #: How long one model load through a pod's repository API may take.
 LOAD_TIMEOUT_S = 300.0

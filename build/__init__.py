@@ -1,1 +1,0 @@
-"""recserve build: synthetic data, training, ONNX/TensorRT export and versioned model artifacts."""
