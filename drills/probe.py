@@ -33,19 +33,14 @@ class Case:
     expected: tuple[int, ...] | None = None
 
 
-#: The golden requests (same as the control plane's deep health defaults; artifacts/golden.json wins).
-DEFAULT_CASES = (Case("recommend", 7, (11, 12, 13)), Case("search", None, (), "red running shoes"))
-
-
 def golden_cases() -> list[Case]:
-    """One recommend and one search request from ``artifacts/golden.json`` when the build wrote it."""
-    try:
-        from recserve.control.golden import load_requests
-        from recserve.control.triton import REPO_ROOT
+    """One recommend and one search request: the control plane's own golden requests (control/golden.py owns
+    them: ``artifacts/golden.json`` when the build wrote it, else its defaults), so drills and deep health
+    ask the same questions."""
+    from recserve.control.golden import load_requests
+    from recserve.control.triton import REPO_ROOT
 
-        reqs = load_requests(REPO_ROOT / "artifacts" / "golden.json")
-    except Exception:
-        return list(DEFAULT_CASES)
+    reqs = load_requests(REPO_ROOT / "artifacts" / "golden.json")
     r, s = reqs["recommend"], reqs["search"]
     return [Case("recommend", int(r["user_id"]), tuple(r.get("history") or ())),
             Case("search", s.get("user_id"), (), s["query"])]
