@@ -50,7 +50,7 @@ def fleet(tmp_path_factory):
 
 
 def _load(fleet: FleetProcess, **kw) -> LoadClient:
-    return LoadClient(fleet.grpc_url, max_seconds=240, **kw).start()
+    return LoadClient(fleet.grpc_url, threads=2, max_seconds=240, **kw).start()
 
 
 # ---------------------------------------------------------------------------------------------- fleet basics
@@ -246,7 +246,7 @@ def test_primary_failure_costs_no_request_and_returns_as_standby(fleet, sig):
             pass
     failed = load.failed(records)
     assert len(records) > 50, "the load client barely ran"
-    assert not failed, f"{len(failed)} of {len(records)} requests failed, first: {failed[0].detail}"
+    assert not failed, f"{len(failed)} of {len(records)} requests failed, first: {failed[0].error}"
     old = next(i for i in back["instances"] if i["id"] == primary["id"])
     assert old["pid"] != primary["pid"] and old["restarts"] >= 1
     events = fleet.stub.GetStatus(pb.GetStatusRequest(events=50)).events
@@ -297,7 +297,7 @@ def test_canary_rollover_under_load_costs_nothing_and_reaches_every_instance(fle
     assert events[-1].status == "succeeded", [e.message for e in events]
     assert {e.weight for e in events if e.phase == "shift"} == {20, 100}
     failed = load.failed(records)
-    assert not failed, f"{len(failed)} of {len(records)} failed: {failed[0].detail}"
+    assert not failed, f"{len(failed)} of {len(records)} failed: {failed[0].error}"
     st = fleet.wait(all_healthy_exact, what="every instance on the new version")
     assert st["desired"]["retrieval"] == [new]
     assert all(i["models"]["retrieval"] == [new] for i in st["instances"])
@@ -328,7 +328,7 @@ def test_blue_green_rollover_switches_in_one_step_without_failures(fleet):
     shifts = [e for e in events if e.phase == "shift"]
     assert len(shifts) == 1 and shifts[0].weight == 100 and "instant rollback target" in shifts[0].message
     failed = load.failed(records)
-    assert not failed, f"{len(failed)} of {len(records)} failed: {failed[0].detail}"
+    assert not failed, f"{len(failed)} of {len(records)} failed: {failed[0].error}"
     st = fleet.wait(all_healthy_exact, what="every instance on the blue-green version")
     assert st["desired"]["retrieval"] == [new]
     assert by_role(st, "primary")[0]["id"] != old_primary  # the green instance serves
@@ -422,7 +422,7 @@ def test_control_plane_sigkill_mid_rollover_leaves_a_consistent_fleet(fleet):
     finally:
         load.stop()
     failed = load.failed(records)
-    assert not failed, f"{len(failed)} of {len(records)} failed: {failed[0].detail}"
+    assert not failed, f"{len(failed)} of {len(records)} failed: {failed[0].error}"
     ro = fleet.stub.GetRollout(pb.GetRolloutRequest(model="retrieval"))
     assert ro.status in ("rolled_back", "succeeded") and ro.finished_unix > 0
     want = [new] if ro.status == "succeeded" else [ro.from_version]
