@@ -62,6 +62,22 @@ def summary_rows(drills: Sequence[dict]) -> list[list[str]]:
 HEADER = ["drill", "verdict", "RTO", "failed/total", "p99 ms before/during/after"]
 
 
+def knee_lines(knee: dict | None) -> list[str]:
+    """The knee the load was sized by, and the ladder of open-loop rungs around it (issue 9: the figure must be
+    measured, and shown)."""
+    if not knee:
+        return []
+    out = [f"- knee: {_fmt(knee.get('capacity_rps'), ' rps')}; {knee.get('source', '')}"]
+    ladder = [r for r in knee.get("ladder") or [] if "offered_rps" in r]
+    if ladder:
+        out += ["", "  | offered rps | sent | failed | served rps | p99 ms | client CPU | repeat |",
+                "  |---|---|---|---|---|---|---|"]
+        out += [f"  | {r['offered_rps']} | {r['sent']} | {r['failed']} | {r['achieved_rps']} | {_fmt(r['p99_ms'])} | "
+                f"{r.get('client_cpu', 0):.2f} | {'yes' if r.get('repeated') else ''} |" for r in ladder]
+        out.append("")
+    return out
+
+
 def markdown(drills: Sequence[dict], meta: dict) -> str:
     lines = ["# recserve drill report", "", f"Run {meta.get('run', '')} on {meta.get('host', '')}: "
              f"{sum(d['passed'] is True for d in drills)}/{len(drills)} passed, "
@@ -82,6 +98,7 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
                          f"rebuild: {d.get('rebuild')}")
         if d.get("background"):
             lines.append(f"- background load (perf_analyzer): {d['background'].get('summary', d['background'])}")
+        lines += knee_lines(d.get("knee"))
         for a in d.get("alerts") or []:
             lines.append(f"- alert `{a['alert']}`: time-to-alert {_fmt(a.get('time_to_alert_s'), ' s')} "
                          f"(target {a['within_s']} s), time-to-resolve {_fmt(a.get('time_to_resolve_s'), ' s')}"

@@ -191,10 +191,12 @@ class DrillRun:
         self.ctx.figures["desired_before"] = fleet.desired()
         if any(a.fault == "overload" for a in spec.method) or (spec.load.background and
                                                                 spec.load.background.rate_x_capacity):
-            self.ctx.capacity_rps, source = capacity_rps(self.s.grpc_url, "recommend", spec.steady_state.slo_p99_ms,
-                                                         self.s.workdir, use_report=not self.s.fixture_models)
+            self.ctx.capacity_rps, source, ladder = capacity_rps(
+                self.s.grpc_url, "recommend", spec.steady_state.slo_p99_ms, self.s.workdir,
+                use_report=not self.s.fixture_models)
+            self.ctx.figures["knee"] = {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder}
             self.journal.add("capacity", "probe", "succeeded" if self.ctx.capacity_rps else "failed",
-                             {"capacity_rps": self.ctx.capacity_rps, "source": source})
+                             {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder})
             if not self.ctx.capacity_rps:
                 reason = f"capacity_rps unknown, the load cannot be sized: {source}"
                 self.journal.finish("failed", reason)
@@ -295,7 +297,7 @@ class DrillRun:
         fig["bad_share"] = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
             if during_total else None
         for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
-                    "orphaned_stubs", "restored_exact", "answers_same", "rpo_s", "rpo_lost", "rebuild"):
+                    "orphaned_stubs", "restored_exact", "answers_same", "rpo_s", "rpo_lost", "rebuild", "knee"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)

@@ -1,0 +1,75 @@
+"""The knee ladder's rule on a simulated fleet (no server: the probe is replaced by a queueing model).
+
+The real ladder runs in every overload drill against a real fleet; this pins down the rule: a rung passes with
+0 failed, p99 under the SLO and >= 95% of the offer served; a miss counts only when the same rate misses again;
+the knee is the highest rate that passed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from recserve.drills import capacity
+from recserve.drills.probe import Record
+
+
+class FakeProbe:
+    """Answers ``rate`` requests a second; past ``knee`` rps latency explodes and the excess fails."""
+
+    knee = 300.0
+    hiccup_at: float | None = None  # one rate whose first try misses (a busy host), the repeat passes
+    calls: list[float] = []
+
+    def __init__(self, url, cases, rate, duration_s, **_kw):
+        self.rate, self.duration_s, self.t0 = rate(0.0), duration_s, 1000.0
+
+    def start(self):
+        FakeProbe.calls.append(self.rate)
+        return self
+
+    def join(self):
+        n = int(self.rate * self.duration_s)
+        over = self.rate > self.knee
+        hiccup = self.hiccup_at == round(self.rate, 1) and FakeProbe.calls.count(self.rate) == 1
+        lat = 400.0 if over or hiccup else 10.0 + 30.0 * self.rate / self.knee
+        served = int(self.knee * self.duration_s) if over else n
+        return [Record(i, "recommend", self.t0 + i / self.rate, lat, "OK" if i < served else "UNAVAILABLE")
+                for i in range(n)]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    from recserve.drills import probe
+
+    FakeProbe.calls, FakeProbe.hiccup_at, FakeProbe.knee = [], None, 300.0
+    monkeypatch.setattr(probe, "OpenLoopProbe", FakeProbe)
+    return FakeProbe
+
+
+def test_the_knee_is_the_highest_rate_that_passed_and_a_miss_must_repeat(fake):
+    knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, factor=1.3)
+    assert knee == pytest.approx(100 * 1.3 ** 4)  # 285.6 passes, 371.3 is over the simulated knee of 300
+    assert ladder[-1].repeated and not ladder[-1].within(50) and not ladder[-2].within(50)
+    assert all(s.within(50) for s in ladder[:-2])
+
+
+def test_a_hiccup_that_does_not_repeat_does_not_end_the_ladder(fake):
+    fake.hiccup_at = 169.0
+    knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, factor=1.3)
+    assert knee == pytest.approx(100 * 1.3 ** 4)
+    missed = [s for s in ladder if not s.within(50)]
+    assert missed[0].offered_rps == 169.0 and not missed[0].repeated
+
+
+def test_the_ladder_is_bounded(fake):
+    fake.knee = 1e9
+    knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, max_steps=5)
+    assert len(ladder) == 5 and knee == pytest.approx(100 * 1.3 ** 4)
+
+
+def test_the_knee_is_measured_once_per_session(fake, monkeypatch, tmp_path):
+    monkeypatch.setattr(capacity, "_MEASURED", {})
+    first = capacity.capacity_rps("127.0.0.1:1", "recommend", 50, tmp_path, use_report=False)
+    n = len(fake.calls)
+    assert capacity.capacity_rps("127.0.0.1:1", "recommend", 50, tmp_path, use_report=False) == first
+    assert len(fake.calls) == n and first[0] and first[2][0]["offered_rps"] == 50.0
