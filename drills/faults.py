@@ -127,6 +127,7 @@ class Crash(Fault):
     def inject(self, ctx: Context, action: Action) -> dict:
         inst = ctx.fleet.instance(action.params["target"])
         ctx.figures["target"], ctx.figures["killed_pid"] = inst.id, inst.pid
+        ctx.figures["shm_regions_before"] = sum(i.shm_regions for i in ctx.fleet.instances())
         _signal(inst.pid, signal.SIGKILL)
         return {"instance": inst.id, "pid": inst.pid, "signal": "SIGKILL"}
 
@@ -146,7 +147,12 @@ class Crash(Fault):
         for pid in orphans:
             _signal(pid, signal.SIGKILL)
         ctx.figures["orphaned_stubs"] = len(orphans)
-        return {"instance": iid, "back_healthy_after_s": waited, "orphaned_stubs_killed": orphans}
+        # A SIGKILLed server leaves its stubs' /dev/shm regions; the control plane removes exactly that
+        # instance's when it replaces it, so the fleet holds as many regions after recovery as before.
+        after = sum(i.shm_regions for i in ctx.fleet.instances())
+        ctx.figures["shm_growth"] = after - ctx.figures.get("shm_regions_before", after)
+        return {"instance": iid, "back_healthy_after_s": waited, "orphaned_stubs_killed": orphans,
+                "shm_regions": {"before": ctx.figures.get("shm_regions_before"), "after": after}}
 
 
 class Hang(Fault):

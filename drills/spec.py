@@ -135,6 +135,8 @@ class Expect:
     answers_same: bool | None = None
     rpo_s_max: float | None = None
     orphaned_stubs_max: int | None = None
+    #: /dev/shm regions the fleet holds after recovery minus before the fault (a killed server's are removed)
+    shm_growth_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -309,7 +311,8 @@ def _action(c: _Checker, raw: Any, path: str) -> Action:
 
 def _expect(c: _Checker, raw: Any) -> Expect:
     path = "expect"
-    ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max", "orphaned_stubs_max"}
+    ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max", "orphaned_stubs_max",
+            "shm_growth_max"}
     floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "goodput_ratio_min", "rejected_p99_ms_max",
               "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max", "rpo_s_max"}
     bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired",

@@ -53,6 +53,7 @@ def test_smoke_drills_run_report_and_clean_up(tmp_path, capsys):
     for name in ("crash", "hang"):
         assert by_name[name]["failed_requests"] == 0 and by_name[name]["wrong_answers"] == 0, by_name[name]["reason"]
     assert by_name["crash"]["orphaned_stubs"] == 0, "the killed server's backend stubs outlived its restart"
+    assert by_name["crash"]["shm_growth"] == 0, "the killed server's /dev/shm regions outlived its replacement"
     assert by_name["bad-rollover"]["rolled_back"] is True, by_name["bad-rollover"]["reason"]
     assert all(d["versions_consistent"] is True for d in report["drills"])
     crash = by_name["crash"]
