@@ -12,26 +12,33 @@ from dataclasses import dataclass
 import numpy as np
 
 #: gRPC service config for recserve clients (README "Client retry policy"). Retry only UNAVAILABLE (no connection,
-#: a proxy restarting, an instance gone): at most 3 attempts with 50-200 ms jittered backoff. Never
-#: RESOURCE_EXHAUSTED: that is the front door shedding load, and retrying it would multiply an overload. The
-#: retryThrottling token bucket (per target, per process) stops retries when many calls fail: every failed attempt
-#: costs 1 token, every success returns 0.1, and retries are allowed only while tokens > maxTokens / 2, so a
-#: client that sees only failures makes at most ~maxTokens / 2 retries in all, then one attempt per call.
+#: a proxy restarting, an instance gone): at most 4 attempts with 100-500 ms jittered backoff, and wait for the
+#: connection (``waitForReady``) instead of failing at once while the proxy is down, so a HAProxy restart (the
+#: proxy-crash drill: ~0.2 s to accept connections again) costs latency, not errors. Never RESOURCE_EXHAUSTED:
+#: that is the front door shedding load, and retrying it would multiply an overload. The retryThrottling token
+#: bucket (per target, per process) stops retries when many calls fail: every failed attempt costs 1 token, every
+#: success returns 0.1, and retries are allowed only while tokens > maxTokens / 2, so a client that sees only
+#: failures makes at most ~maxTokens / 2 retries in all, then one attempt per call. 100 tokens: the requests in
+#: flight when a proxy dies (a few dozen at the knee) are all retried once; a lasting outage is not amplified.
 RETRY_SERVICE_CONFIG: dict = {
     "methodConfig": [
         {
             "name": [{"service": "inference.GRPCInferenceService"}],
+            "waitForReady": True,
             "retryPolicy": {
-                "maxAttempts": 3,
-                "initialBackoff": "0.05s",
-                "maxBackoff": "0.2s",
+                "maxAttempts": 4,
+                "initialBackoff": "0.1s",
+                "maxBackoff": "0.5s",
                 "backoffMultiplier": 2,
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
         }
     ],
-    "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
 }
+#: Reconnect quickly after a proxy restart (gRPC's default first reconnect backoff is 1 s).
+RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.min_reconnect_backoff_ms": 100,
+                        "grpc.max_reconnect_backoff_ms": 1000}
 
 
 def grpc_channel_args(service_config: dict | None = RETRY_SERVICE_CONFIG) -> list[tuple[str, object]]:
@@ -51,7 +58,8 @@ def grpc_channel_args(service_config: dict | None = RETRY_SERVICE_CONFIG) -> lis
     ]
     if service_config is None:
         return args + [("grpc.enable_retries", 0)]
-    return args + [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(service_config))]
+    return args + list(RECONNECT_BACKOFF_MS.items()) + [("grpc.enable_retries", 1),
+                                                          ("grpc.service_config", json.dumps(service_config))]
 
 
 def is_degraded(result) -> bool:

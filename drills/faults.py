@@ -537,6 +537,61 @@ class NetworkPartition(Fault):
             path.close()
 
 
+class ProxyCrash(Fault):
+    name = "proxy-crash"
+    rollback_label = "wait-proxy-back"
+    simulation = ("SIGKILL of HAProxy (master and worker), the fleet's single data path on one host: the control "
+                  "plane's supervisor starts it again with the current routing; clients with the documented retry "
+                  "policy ride out the gap")
+
+    def check(self, ctx: Context) -> str | None:
+        if ctx.control is None:
+            return "the fleet's runtime root is unknown (--control given): HAProxy's pid file cannot be found"
+        return None
+
+    @staticmethod
+    def _pid(ctx: Context) -> int | None:
+        try:
+            return int((Path(ctx.control.root) / "haproxy" / "haproxy.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        pid = self._pid(ctx)
+        if pid is None:
+            raise FleetError("no HAProxy pid file under the fleet's runtime root")
+        port = int(ctx.fleet.status(events=1)["endpoints"]["grpc"].rsplit(":", 1)[1])
+        ctx.figures["proxy_pid"] = pid
+        t_kill = time.time()
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            _signal(pid, signal.SIGKILL)
+        # The restart gap: from the kill to a new HAProxy process accepting client connections again.
+        from recserve.control.procs import pid_alive, port_listening
+
+        deadline = t_kill + 60
+        while time.time() < deadline:
+            new = self._pid(ctx)
+            if new and new != pid and pid_alive(new) and port_listening(port):
+                ctx.figures["proxy_restart_gap_s"] = round(time.time() - t_kill, 3)
+                break
+            time.sleep(0.02)
+        return {"killed_pid": pid, "new_pid": self._pid(ctx), "restart_gap_s": ctx.figures.get("proxy_restart_gap_s")}
+
+    def rollback(self, ctx: Context) -> dict:
+        """The supervisor restarts HAProxy; the drill waits for it and never starts one behind its back."""
+        pid = ctx.figures.get("proxy_pid")
+        if pid is None:
+            return {}
+        from recserve.control.procs import pid_alive
+
+        waited = ctx.fleet.wait("HAProxy back", lambda: (self._pid(ctx) or pid) != pid and
+                                pid_alive(self._pid(ctx) or 0), timeout_s=60)
+        return {"back_after_s": waited}
+
+
 FAULTS: dict[str, Fault] = {f.name: f for f in (Crash(), Hang(), GpuLost(), Overload(), Rollover(), BadRollover(),
-                                                  ArtifactCorruption(), ControlPlaneCrash(), NetworkPartition())}
+                                                  ArtifactCorruption(), ControlPlaneCrash(), NetworkPartition(),
+                                                  ProxyCrash())}
 FAULTS[LostHost.name] = LostHost()  # drills/lost_host.py: the whole host lost, rebuilt from backup

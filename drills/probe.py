@@ -57,6 +57,8 @@ class Record:
     matched: bool | None = None
     detail: str = ""
     items: tuple[int, ...] | None = None  # the answer, kept so it can be matched after the drill
+    #: answered by the degraded-answer fallback (response parameter ``degraded: true``): served, never good
+    degraded: bool = False
 
     @property
     def ok(self) -> bool:
@@ -134,13 +136,17 @@ class OpenLoopProbe:
     """Sends ``cases`` round-robin at ``rate(t)`` for ``duration_s`` (at most ``max_requests``)."""
 
     def __init__(self, url: str, cases: Sequence[Case], rate: RateFn, duration_s: float,
-                 timeout_s: float = 2.0, max_requests: int = 50_000, max_in_flight: int = 1024):
+                 timeout_s: float = 2.0, max_requests: int = 50_000, max_in_flight: int = 1024,
+                 retry_policy: bool = False):
         check_loopback(url)
         if not cases:
             raise ValueError("probe needs at least one golden case")
         self.url, self.cases, self.rate = url, list(cases), rate
         self.duration_s, self.timeout_s = duration_s, timeout_s
         self.max_requests, self.max_in_flight = max_requests, max_in_flight
+        #: True: the channel carries the documented client retry policy (control.client.RETRY_SERVICE_CONFIG),
+        #: as a client following the README would; False: every failure is seen as it happens.
+        self.retry_policy = retry_policy
         self.records: list[Record] = []
         self.t0: float | None = None
         self._stop = threading.Event()
@@ -153,25 +159,34 @@ class OpenLoopProbe:
 
         t_send = time.time()
         start = time.perf_counter()
-        status, matched, detail, items = OK, None, "", None
+        status, matched, detail, items, degraded = OK, None, "", None, False
         try:
+            from recserve.control.client import is_degraded
+
             outputs = [g.InferRequestedOutput("item_ids")]
             result = await client.infer(case.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
             items = tuple(int(x) for x in result.as_numpy("item_ids")[0].tolist())
-            if case.expected is not None:
+            degraded = is_degraded(result)
+            if case.expected is not None and not degraded:
                 matched = items == case.expected
         except Exception as exc:  # every failure is data here, never a crash of the probe
             status, detail, items = status_name(exc), str(exc)[:200], None
         finally:
             sem.release()
-        rec = Record(seq, case.model, t_send, (time.perf_counter() - start) * 1000.0, status, matched, detail, items)
+        rec = Record(seq, case.model, t_send, (time.perf_counter() - start) * 1000.0, status, matched, detail, items,
+                     degraded)
         with self._lock:
             self.records.append(rec)
 
     async def run_async(self) -> list[Record]:
         import tritonclient.grpc.aio as aio
 
-        client = aio.InferenceServerClient(self.url)
+        if self.retry_policy:
+            from recserve.control.client import grpc_channel_args
+
+            client = aio.InferenceServerClient(self.url, channel_args=grpc_channel_args())
+        else:
+            client = aio.InferenceServerClient(self.url)
         prepared = [(c, _inputs(c)) for c in self.cases]
         sem = asyncio.Semaphore(self.max_in_flight)
         tasks: set[asyncio.Task] = set()
@@ -235,5 +250,6 @@ def rematch(records: Sequence[Record], acceptable: dict[str, set[tuple[int, ...]
     out = []
     for r in records:
         ok_set = acceptable.get(r.model)
-        out.append(replace(r, matched=(r.items in ok_set)) if r.ok and ok_set and r.items is not None else r)
+        fits = r.ok and not r.degraded and ok_set and r.items is not None  # a degraded answer is not judged
+        out.append(replace(r, matched=(r.items in ok_set)) if fits else r)
     return out

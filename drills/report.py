@@ -67,7 +67,9 @@ def knee_lines(knee: dict | None) -> list[str]:
     measured, and shown)."""
     if not knee:
         return []
-    out = [f"- knee: {_fmt(knee.get('capacity_rps'), ' rps')}; {knee.get('source', '')}"]
+    out = [f"- knee: {_fmt(knee.get('capacity_rps'), ' rps')}; {knee.get('source', '')}; the fleet settled "
+           f"{_fmt(knee.get('settled_after_s'), ' s')} after the ladder (restarts it caused: "
+           f"{knee.get('restarts_during', {})})"]
     ladder = [r for r in knee.get("ladder") or [] if "offered_rps" in r]
     if ladder:
         out += ["", "  | offered rps | sent | failed | served rps | p99 ms | client CPU | repeat |",

@@ -105,7 +105,12 @@ class DrillRun:
             if a.fault == "overload":
                 peak = a.params["factor"] * (self.ctx.capacity_rps or 0)
                 segments.append((a.at_s, a.at_s + a.duration_s, peak, a.params["ramp_s"]))
-        return schedule(self.spec.load.probe_rps, segments)
+        return schedule(self._base_rps(), segments)
+
+    def _base_rps(self) -> float:
+        """The probe's steady rate: fixed, or a multiple of the knee measured in this session."""
+        x = self.spec.load.probe_x_knee
+        return x * (self.ctx.capacity_rps or 0) if x else self.spec.load.probe_rps
 
     def _run_method(self, probe: OpenLoopProbe) -> None:
         """Timed actions; windowed faults end on time; abort checks every 250 ms."""
@@ -189,12 +194,19 @@ class DrillRun:
         cases = cases_for(spec)
         before_answers, notes = answers(fleet, cases)
         self.ctx.figures["desired_before"] = fleet.desired()
-        if any(a.fault == "overload" for a in spec.method) or (spec.load.background and
-                                                                spec.load.background.rate_x_capacity):
+        if any(a.fault == "overload" for a in spec.method) or spec.load.probe_x_knee or (
+                spec.load.background and spec.load.background.rate_x_capacity):
+            restarts = {i["id"]: i.get("restarts", 0) for i in fleet.status(events=1).get("instances", [])}
             self.ctx.capacity_rps, source, ladder = capacity_rps(
                 self.s.grpc_url, "recommend", spec.steady_state.slo_p99_ms, self.s.workdir,
                 use_report=not self.s.fixture_models)
-            self.ctx.figures["knee"] = {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder}
+            # The ladder overloads the fleet on purpose at its top rungs: the drill starts only once the fleet
+            # has settled again, and the report says what the measurement cost (restarts it caused).
+            resettled = settle(fleet) if ladder else 0.0
+            after = {i["id"]: i.get("restarts", 0) for i in fleet.status(events=1).get("instances", [])}
+            self.ctx.figures["knee"] = {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder,
+                                        "settled_after_s": None if resettled is None else round(resettled, 2),
+                                        "restarts_during": {k: after.get(k, 0) - v for k, v in restarts.items()}}
             self.journal.add("capacity", "probe", "succeeded" if self.ctx.capacity_rps else "failed",
                              {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder})
             if not self.ctx.capacity_rps:
@@ -211,7 +223,7 @@ class DrillRun:
                     url = f.prepare(self.ctx) or url
                     entry.detail["endpoint"] = url
             probe = OpenLoopProbe(url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
-                          max_requests=int(spec.load.duration_s * 2000))
+                                  max_requests=int(spec.load.duration_s * 4000), retry_policy=spec.load.client_retry)
             if spec.load.background:
                 bg = start_background(spec.load.background, url, cases, spec.load.duration_s,
                                       self.ctx.capacity_rps, self.s.workdir / spec.name)
@@ -260,10 +272,15 @@ class DrillRun:
             self.journal.steady_state(name, stats, tl.steady_state_ok(stats, ss.slo_p99_ms, ss.error_rate_max))
         failed = sum(not r.ok for r in recs)
         wrong = sum(r.ok and r.matched is False for r in recs)
+        degraded = sum(r.ok and r.degraded for r in recs)
+        shed = sum(r.status in tl.SHED_STATUSES for r in recs)
         fig: dict[str, Any] = {
             "fault_at_s": round(f_start - t0, 3), "fault_end_s": round(f_end - t0, 3),
             "rto_ms": tl.rto_ms(recs, f_start, ss.slo_p99_ms, t_end),
             "failed_requests": failed, "total_requests": len(recs), "wrong_answers": wrong,
+            # served (real models) / degraded (fallback answers) / shed (refused fast) / failed beyond shedding
+            "served_requests": len(recs) - failed - degraded, "degraded_answers": degraded, "shed_requests": shed,
+            "failed_unshed": failed - shed,
             "error_budget_used": tl.error_budget_used(failed, len(recs), ss.error_rate_max),
             "p50_ms": {k: v["p50_ms"] for k, v in ph.items()},
             "p99_ms": {k: v["p99_ms"] for k, v in ph.items()},
@@ -297,8 +314,8 @@ class DrillRun:
         fig["bad_share"] = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
             if during_total else None
         for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
-                    "orphaned_stubs", "shm_growth", "restored_exact", "answers_same", "rpo_s", "rpo_lost", "rebuild",
-                    "knee"):
+                    "orphaned_stubs", "shm_growth", "proxy_restart_gap_s", "restored_exact", "answers_same",
+                    "rpo_s", "rpo_lost", "rebuild", "knee"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)

@@ -29,6 +29,7 @@ FAULT_PARAMS: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = 
         "models": (list, False, ["retrieval", "ranker", "search_model"]),
     },
     "overload": {"factor": ((int, float), False, 2.0), "ramp_s": ((int, float), False, 2.0)},
+    "proxy-crash": {},
     "rollover-under-load": {
         "model": (str, True, None),
         "version": ((int, str), False, "latest"),
@@ -81,6 +82,10 @@ class Load:
     duration_s: float
     probe_rps: float
     background: BackgroundSpec | None = None
+    #: the probe's rate as a multiple of the knee measured in the drill session (instead of probe_rps)
+    probe_x_knee: float | None = None
+    #: the probe's channel carries the documented client retry policy (README "Client retry policy")
+    client_retry: bool = False
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,8 @@ class Expect:
     orphaned_stubs_max: int | None = None
     #: /dev/shm regions the fleet holds after recovery minus before the fault (a killed server's are removed)
     shm_growth_max: int | None = None
+    #: failed requests other than fast refusals (shed: RESOURCE_EXHAUSTED / UNAVAILABLE) over the whole drill
+    failed_unshed_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -221,9 +228,16 @@ class _Checker:
 
 # ------------------------------------------------------------------ sections
 def _load(c: _Checker, raw: Any) -> Load:
-    d = c.mapping(raw, "load", {"duration_s", "probe_rps", "background"}, {"duration_s", "probe_rps"})
+    d = c.mapping(raw, "load", {"duration_s", "probe_rps", "probe_x_knee", "background", "client_retry"},
+                  {"duration_s"})
     duration = c.number(d, "duration_s", "load", lo=0, strict_lo=True, hi=3600)
     rps = c.number(d, "probe_rps", "load", lo=0, strict_lo=True, hi=2000)
+    x_knee = c.number(d, "probe_x_knee", "load", lo=0, strict_lo=True, hi=10)
+    if (rps is None) == (x_knee is None):
+        raise c.fail("load", "give exactly one of probe_rps (requests/s) or probe_x_knee (a multiple of the knee)")
+    retry = d.get("client_retry", False)
+    if not isinstance(retry, bool):
+        raise c.fail("load.client_retry", f"must be true or false, got {retry!r}")
     bg = None
     if d.get("background") is not None:
         b = c.mapping(d["background"], "load.background", {"concurrency", "rate_x_capacity", "model"})
@@ -235,7 +249,7 @@ def _load(c: _Checker, raw: Any) -> Load:
         if model not in ENSEMBLES:
             raise c.fail("load.background.model", f"must be one of {sorted(ENSEMBLES)}, got {model!r}")
         bg = BackgroundSpec(conc, rate, model)
-    return Load(duration, rps, bg)
+    return Load(duration, rps or 0.0, bg, x_knee, retry)
 
 
 def _steady(c: _Checker, raw: Any) -> SteadyState:
@@ -312,7 +326,7 @@ def _action(c: _Checker, raw: Any, path: str) -> Action:
 def _expect(c: _Checker, raw: Any) -> Expect:
     path = "expect"
     ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max", "orphaned_stubs_max",
-            "shm_growth_max"}
+            "shm_growth_max", "failed_unshed_max"}
     floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "goodput_ratio_min", "rejected_p99_ms_max",
               "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max", "rpo_s_max"}
     bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired",

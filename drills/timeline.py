@@ -23,7 +23,8 @@ SHED_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 
 
 def is_good(r: Record, slo_ms: float) -> bool:
-    return r.ok and r.matched is not False and r.latency_ms <= slo_ms
+    """A good answer: the real models', right, in time. A degraded (fallback) answer is served, never good."""
+    return r.ok and not r.degraded and r.matched is not False and r.latency_ms <= slo_ms
 
 
 def rto_ms(records: Sequence[Record], fault_t: float, slo_ms: float, end_t: float | None = None,
@@ -56,6 +57,7 @@ def window_stats(records: Sequence[Record], t_from: float, t_to: float, slo_ms: 
     span = max(t_to - t_from, 1e-9)
     ok = [r for r in rs if r.ok]
     shed = [r for r in rs if r.status in SHED_STATUSES]
+    degraded = [r for r in ok if r.degraded]
     wrong = [r for r in ok if r.matched is False]
     good = [r for r in rs if is_good(r, slo_ms)]
     lat = [r.latency_ms for r in ok]
@@ -64,6 +66,9 @@ def window_stats(records: Sequence[Record], t_from: float, t_to: float, slo_ms: 
         "total": len(rs),
         "ok": len(ok),
         "failed": len(rs) - len(ok),
+        "failed_unshed": len(rs) - len(ok) - len(shed),
+        "degraded": len(degraded),
+        "served": len(ok) - len(degraded),
         "wrong": len(wrong),
         "rejected": len(shed),
         "error_rate": round((len(rs) - len(ok)) / len(rs), 4) if rs else 0.0,

@@ -13,7 +13,8 @@ from recserve.drills.spec import FAULT_PARAMS, SPECS_DIR, SpecError, load_all, l
 ISSUE_DRILLS = {"crash", "hang", "gpu-lost", "overload", "rollover-under-load", "bad-rollover",
                 "artifact-corruption", "control-plane-crash", "network-partition",
                 "lost-host",  # issue 11
-                "wrong-answer"}  # issue 12
+                "wrong-answer",  # issue 12
+                "proxy-crash"}  # issue 9
 
 
 def base() -> dict:
@@ -57,13 +58,27 @@ def test_unknown_fault_names_field_and_lists_known_ones():
     assert str(e).startswith("t.yaml: method[0].fault:")
 
 
-@pytest.mark.parametrize("section,key", [("spec", "load"), ("spec", "expect"), ("load", "probe_rps"),
+@pytest.mark.parametrize("section,key", [("spec", "load"), ("spec", "expect"), ("load", "duration_s"),
                                          ("steady_state", "slo_p99_ms")])
 def test_missing_field_is_named(section, key):
     raw = base()
     (raw if section == "spec" else raw[section]).pop(key)
     e = refused(raw)
     assert e.field == f"{section}.{key}" and e.rule == "missing required field"
+
+
+def test_probe_rate_is_fixed_or_a_multiple_of_the_knee_never_both_nor_neither():
+    for load in ({"duration_s": 10}, {"duration_s": 10, "probe_rps": 5, "probe_x_knee": 0.7}):
+        raw = base()
+        raw["load"] = load
+        e = refused(raw)
+        assert e.field == "load" and "exactly one of probe_rps" in e.rule
+    raw = base()
+    raw["load"] = {"duration_s": 20, "probe_x_knee": 0.7, "client_retry": True}
+    spec = parse(raw)
+    assert spec.load.probe_x_knee == 0.7 and spec.load.client_retry is True
+    raw["load"]["client_retry"] = "yes"
+    assert refused(raw).field == "load.client_retry"
 
 
 def test_missing_fault_parameter_is_named():
