@@ -52,12 +52,14 @@ class Instance:
     models: dict[str, list[int]]
     #: Python backend IPC regions this instance holds in /dev/shm (``recctl status``)
     shm_regions: int = 0
+    metrics_port: int = 0
 
     @classmethod
     def from_status(cls, d: dict) -> Instance:
         models = {m: sorted(int(v) for v in (vs.get("versions") or [])) for m, vs in (d.get("models") or {}).items()}
         return cls(d["id"], d.get("role", ""), d.get("state", ""), int(d.get("pid") or 0),
-                   int(d.get("grpc_port") or 0), int(d.get("http_port") or 0), models, int(d.get("shm_regions") or 0))
+                   int(d.get("grpc_port") or 0), int(d.get("http_port") or 0), models, int(d.get("shm_regions") or 0),
+                   int(d.get("metrics_port") or 0))
 
 
 class FleetAPI:

@@ -59,6 +59,8 @@ class Record:
     items: tuple[int, ...] | None = None  # the answer, kept so it can be matched after the drill
     #: answered by the degraded-answer fallback (response parameter ``degraded: true``): served, never good
     degraded: bool = False
+    #: how late the probe sent it against its open-loop schedule (the load generator's own lag)
+    lag_ms: float = 0.0
 
     @property
     def ok(self) -> bool:
@@ -154,7 +156,7 @@ class OpenLoopProbe:
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------- async core
-    async def _one(self, client, seq: int, case: Case, inputs, sem: asyncio.Semaphore) -> None:
+    async def _one(self, client, seq: int, case: Case, inputs, sem: asyncio.Semaphore, lag_ms: float = 0.0) -> None:
         import tritonclient.grpc as g
 
         t_send = time.time()
@@ -174,7 +176,7 @@ class OpenLoopProbe:
         finally:
             sem.release()
         rec = Record(seq, case.model, t_send, (time.perf_counter() - start) * 1000.0, status, matched, detail, items,
-                     degraded)
+                     degraded, round(lag_ms, 3))
         with self._lock:
             self.records.append(rec)
 
@@ -203,7 +205,8 @@ class OpenLoopProbe:
                     continue
                 await sem.acquire()
                 case, inputs = prepared[seq % len(prepared)]
-                task = asyncio.create_task(self._one(client, seq, case, inputs, sem))
+                lag_ms = max(0.0, (time.perf_counter() - start) - next_at) * 1000.0
+                task = asyncio.create_task(self._one(client, seq, case, inputs, sem, lag_ms))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 seq += 1

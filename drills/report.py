@@ -62,6 +62,33 @@ def summary_rows(drills: Sequence[dict]) -> list[list[str]]:
 HEADER = ["drill", "verdict", "RTO", "failed/total", "p99 ms before/during/after"]
 
 
+def breakdown_lines(d: dict) -> list[str]:
+    """Served / degraded / shed / failed apart (a degraded answer never counts as good), the control plane's
+    reactions, the client's own lag, and Triton's queue and compute per ensemble step over the drill."""
+    out = []
+    if d.get("served_requests") is not None:
+        out.append(f"- requests: {d.get('served_requests')} served, {d.get('degraded_answers')} degraded, "
+                   f"{d.get('shed_requests')} shed, {d.get('failed_unshed')} failed otherwise "
+                   f"(of {d.get('total_requests')})")
+    if d.get("restarts") is not None:
+        out.append(f"- control plane: {d['restarts']} restarts, {d.get('probes_shed')} health probes shed by a "
+                   "full queue during the drill")
+    if d.get("proxy_restart_gap_s") is not None:
+        out.append(f"- HAProxy restart gap (kill to accepting connections): {d['proxy_restart_gap_s']} s")
+    lag = d.get("client_lag") or {}
+    if lag.get("p99_ms") is not None:
+        out.append(f"- load generator lag behind its schedule: p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms, "
+                   f"max {lag['max_ms']} ms")
+    steps = d.get("triton_steps") or {}
+    if steps:
+        out += ["", "  | Triton step | requests | failures | queue ms/req | compute ms/req | mean batch |",
+                "  |---|---|---|---|---|---|"]
+        out += [f"  | {m} | {v['requests']} | {v['failures']} | {_fmt(v['queue_ms'])} | {_fmt(v['compute_ms'])} | "
+                f"{_fmt(v['mean_batch'])} |" for m, v in steps.items()]
+        out.append("")
+    return out
+
+
 def knee_lines(knee: dict | None) -> list[str]:
     """The knee the load was sized by, and the ladder of open-loop rungs around it (issue 9: the figure must be
     measured, and shown)."""
@@ -101,6 +128,7 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
         if d.get("background"):
             lines.append(f"- background load (perf_analyzer): {d['background'].get('summary', d['background'])}")
         lines += knee_lines(d.get("knee"))
+        lines += breakdown_lines(d)
         for a in d.get("alerts") or []:
             lines.append(f"- alert `{a['alert']}`: time-to-alert {_fmt(a.get('time_to_alert_s'), ' s')} "
                          f"(target {a['within_s']} s), time-to-resolve {_fmt(a.get('time_to_resolve_s'), ' s')}"

@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from recserve.drills import alerts
+from recserve.drills import alerts, breakdown
 from recserve.drills import timeline as tl
 from recserve.drills.background import BackgroundLoad, start_background
 from recserve.drills.capacity import capacity_rps
@@ -215,6 +215,7 @@ class DrillRun:
                 return self._result({}, status="failed", reason=reason)
         bg: BackgroundLoad | None = None
         probe: OpenLoopProbe | None = None
+        metrics_before = None
         bg_result = None
         try:
             url = self.s.grpc_url
@@ -222,6 +223,9 @@ class DrillRun:
                 with self.journal.action(f"prepare {f.name}", "setup") as entry:
                     url = f.prepare(self.ctx) or url
                     entry.detail["endpoint"] = url
+            self.ctx.figures["restarts_before"] = {i["id"]: i.get("restarts", 0)
+                                                   for i in fleet.status(events=1).get("instances", [])}
+            metrics_before = breakdown.scrape(self._metrics_urls())
             probe = OpenLoopProbe(url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
                                   max_requests=int(spec.load.duration_s * 4000), retry_policy=spec.load.client_retry)
             if spec.load.background:
@@ -233,6 +237,9 @@ class DrillRun:
             if probe is not None:
                 probe.stop()
                 self.records = probe.join(30)
+                if metrics_before is not None:
+                    self.ctx.figures["triton_steps"] = breakdown.triton_steps(
+                        metrics_before, breakdown.scrape(self._metrics_urls()))
             self._rollbacks()
             bg_result = bg.finish() if bg else None
             for f in dict.fromkeys(self.faults):
@@ -262,6 +269,25 @@ class DrillRun:
         self.journal.finish(status, result["reason"])
         return result
 
+    def _metrics_urls(self) -> dict[str, str]:
+        return {i.id: f"http://127.0.0.1:{i.metrics_port}/metrics" for i in self.s.fleet.instances() if i.metrics_port}
+
+    def _control_plane_reactions(self, t0: float) -> dict:
+        """Restarts during the drill and deep checks lost to a full Triton queue ("probes shed"): a saturated but
+        correct fleet must show neither (issue 9); after a fault, restarts of the faulted instance are expected."""
+        before = self.ctx.figures.get("restarts_before")
+        if before is None:
+            return {}
+        try:
+            st = self.s.fleet.status(events=200)
+        except Exception as exc:  # the fleet's API is the measurement here; say so instead of guessing
+            return {"restarts": None, "probes_shed": None, "reactions_error": str(exc)[:200]}
+        now = {i["id"]: i.get("restarts", 0) for i in st.get("instances", [])}
+        events = [e for e in st.get("events", []) if float(e.get("ts_unix", 0)) >= t0]
+        shed = [e for e in events if e.get("kind") == "detected" and "queue size" in e.get("message", "")]
+        return {"restarts": sum(max(0, now.get(k, 0) - v) for k, v in before.items()),
+                "probes_shed": len(shed)}
+
     def _figures(self, t0: float, bg: dict | None, settle_s: float | None) -> dict:
         spec, ss, recs = self.spec, self.spec.steady_state, self.records
         t_end = t0 + spec.load.duration_s
@@ -288,6 +314,8 @@ class DrillRun:
             "phases": ph, "settled_after_s": None if settle_s is None else round(settle_s, 2),
             "statuses": dict(Counter(r.status for r in recs)),
         }
+        fig.update(self._control_plane_reactions(t0))
+        fig["client_lag"] = breakdown.client_lag([r.lag_ms for r in recs])
         b, d = ph["before"]["p99_ms"], ph["during"]["p99_ms"]
         fig["p99_during_ratio"] = round(d / b, 3) if b and d else None
         target = self.ctx.figures.get("target")
@@ -314,8 +342,8 @@ class DrillRun:
         fig["bad_share"] = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
             if during_total else None
         for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
-                    "orphaned_stubs", "shm_growth", "proxy_restart_gap_s", "restored_exact", "answers_same",
-                    "rpo_s", "rpo_lost", "rebuild", "knee"):
+                    "orphaned_stubs", "shm_growth", "proxy_restart_gap_s", "triton_steps", "restored_exact",
+                    "answers_same", "rpo_s", "rpo_lost", "rebuild", "knee"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)

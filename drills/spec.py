@@ -144,6 +144,10 @@ class Expect:
     shm_growth_max: int | None = None
     #: failed requests other than fast refusals (shed: RESOURCE_EXHAUSTED / UNAVAILABLE) over the whole drill
     failed_unshed_max: int | None = None
+    #: instance restarts during the drill (a saturated but correct fleet is never restarted)
+    restarts_max: int | None = None
+    #: deep checks failed by a full Triton queue during the drill (health probes are never shed)
+    probes_shed_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -326,7 +330,7 @@ def _action(c: _Checker, raw: Any, path: str) -> Action:
 def _expect(c: _Checker, raw: Any) -> Expect:
     path = "expect"
     ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max", "orphaned_stubs_max",
-            "shm_growth_max", "failed_unshed_max"}
+            "shm_growth_max", "failed_unshed_max", "restarts_max", "probes_shed_max"}
     floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "goodput_ratio_min", "rejected_p99_ms_max",
               "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max", "rpo_s_max"}
     bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired",
