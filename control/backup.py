@@ -26,7 +26,14 @@ from pathlib import Path
 
 from recserve.control.backup_policy import BackupError, BackupPolicy
 from recserve.control.backup_targets import Store, TargetError, TargetSpec, open_store, refuse_inside
-from recserve.control.snapshots import MANIFEST, has_manifests, sha256_file, verify_version, versions_on_disk
+from recserve.control.snapshots import (
+    MANIFEST,
+    has_manifests,
+    models_of,
+    sha256_file,
+    verify_version,
+    versions_on_disk,
+)
 
 DAY_S = 86400.0
 STATE_FILE = "state.db"
@@ -51,12 +58,7 @@ class BackupRecord:
     problem: str = ""
 
     def models(self) -> dict[str, list[int]]:
-        out: dict[str, set[int]] = {}
-        for rel in self.files:
-            parts = rel.split("/")
-            if len(parts) >= 3 and parts[1].isdigit():
-                out.setdefault(parts[0], set()).add(int(parts[1]))
-        return {m: sorted(v) for m, v in sorted(out.items())}
+        return models_of(self.files)
 
 
 def _object_key(digest: str) -> str:

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +122,16 @@ def write_manifest(vdir: Path, extra: dict | None = None) -> dict:
 
 
 # ---------------------------------------------------------------------------- snapshots
+def models_of(files: Iterable[str]) -> dict[str, list[int]]:
+    """Model -> versions held, from repository-relative paths ``<model>/<version>/...``."""
+    out: dict[str, set[int]] = {}
+    for rel in files:
+        parts = rel.split("/")
+        if len(parts) >= 3 and parts[1].isdigit():
+            out.setdefault(parts[0], set()).add(int(parts[1]))
+    return {m: sorted(v) for m, v in sorted(out.items())}
+
+
 @dataclass
 class Snapshot:
     id: str
@@ -130,12 +141,7 @@ class Snapshot:
     note: str = ""
 
     def models(self) -> dict[str, list[int]]:
-        out: dict[str, set[int]] = {}
-        for rel in self.files:
-            parts = rel.split("/")
-            if len(parts) >= 3 and parts[1].isdigit():
-                out.setdefault(parts[0], set()).add(int(parts[1]))
-        return {m: sorted(v) for m, v in sorted(out.items())}
+        return models_of(self.files)
 
 
 class SnapshotStore:
