@@ -69,8 +69,10 @@ def checks(rows: list[dict]) -> list[dict]:
             ok = measured is not None and measured <= target
             missed = None if ok else ("never received" if measured is None else
                                       f"{round(measured - target, 2)} ({(measured - target) / target:+.0%} of target)")
+            # timing on a shared host: reported and compared with the goal, not a deterministic CI verdict
             out.append({"expectation": f"alerts.{r['alert']}.{exp}", "figure": f"{fig}[{r['alert']}]",
-                        "target": f"<= {target}", "measured": measured, "ok": ok, "missed_by": missed})
+                        "target": f"<= {target}", "measured": measured, "ok": ok, "missed_by": missed,
+                        "deterministic": False})
     return out
 
 

@@ -565,10 +565,10 @@ def test_a_burst_then_quiet_leaves_one_primary_and_no_restart_loop(fleet):
     """The reproduction of issue 8 through HAProxy: an open-loop burst far over what two cores serve, then quiet.
     Whatever the burst does to the health checks (queue-full rejections, slow golden answers), the fleet is whole
     again within a minute and stays so."""
-    from recserve.drills.probe import Case, Probe, constant
+    from recserve.drills.probe import Case, OpenLoopProbe, constant
 
     cases = [Case("recommend", user_id=7, history=(11, 12, 13)), Case("search", query="red running shoes")]
-    probe = Probe(fleet.grpc_url, cases, constant(1500.0), duration_s=6.0, timeout_s=2.0, max_requests=9000)
+    probe = OpenLoopProbe(fleet.grpc_url, cases, constant(1500.0), duration_s=6.0, timeout_s=2.0, max_requests=9000)
     records = probe.start().join()
     quiet = time.time()
     failed = [r for r in records if not r.ok]
