@@ -295,7 +295,8 @@ class DrillRun:
         fig["bad_share"] = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
             if during_total else None
         for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
-                    "orphaned_stubs", "restored_exact", "answers_same", "rpo_s", "rpo_lost", "rebuild"):
+                    "orphaned_stubs", "restored_exact", "answers_same", "rpo_s", "rpo_lost", "rebuild",
+                    "attacks_refused", "attacks", "instances_alive"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)

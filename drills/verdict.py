@@ -34,13 +34,14 @@ CHECKS: dict[str, tuple[str, str]] = {
     "answers_same": ("answers_same", "=="),
     "rpo_s_max": ("rpo_s", "<="),
     "orphaned_stubs_max": ("orphaned_stubs", "<="),
+    "attacks_refused": ("attacks_refused", "=="),
 }
 
 #: Expectations whose outcome does not depend on how fast a shared host is: a lost request, a wrong answer,
 #: inconsistent versions, a missing rollback or a leaked process is a defect on any machine. CI fails on these
 #: (tests/test_drills_smoke.py); the timing ones (RTO, p99 ratios, goodput) are figures for the report.
 DETERMINISTIC = frozenset({"failed_requests_max", "wrong_answers_max", "versions_consistent", "background_clean",
-                           "instances_alive", "rolled_back", "repaired", "orphaned_stubs_max"})
+                           "instances_alive", "rolled_back", "repaired", "orphaned_stubs_max", "attacks_refused"})
 
 
 def check(name: str, target: Any, measured: Any) -> dict:

@@ -13,7 +13,8 @@ from recserve.drills.spec import FAULT_PARAMS, SPECS_DIR, SpecError, load_all, l
 ISSUE_DRILLS = {"crash", "hang", "gpu-lost", "overload", "rollover-under-load", "bad-rollover",
                 "artifact-corruption", "control-plane-crash", "network-partition",
                 "lost-host",  # issue 11
-                "wrong-answer"}  # issue 12
+                "wrong-answer",  # issue 12
+                "security"}  # issue 10
 
 
 def base() -> dict:
