@@ -212,7 +212,7 @@ class DrillRun:
                           max_requests=int(spec.load.duration_s * 2000))
             if spec.load.background:
                 bg = start_background(spec.load.background, url, cases, spec.load.duration_s,
-                                      self.ctx.capacity_rps, self.s.workdir / spec.name)
+                                      self.ctx.capacity_rps, self.s.workdir / spec.name, self.s.admin_key)
             probe.start()
             self._run_method(probe)
         finally:
