@@ -131,6 +131,13 @@ class FrontDoorConfig:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
+    def dial_host(self) -> str:
+        """The address local tools dial for the client ports: the bind address, or loopback for a wildcard."""
+        addr = ipaddress.ip_address(self.bind.strip("[]"))
+        if addr.is_unspecified:
+            return "127.0.0.1" if addr.version == 4 else "[::1]"
+        return f"[{addr}]" if addr.version == 6 else str(addr)
+
     def bufsize(self) -> int:
         """HAProxy's ``tune.bufsize``: the largest allowed body + 1 byte, plus 64 KiB for headers and rewrites,
         rounded up to 64 KiB, so the size check sees the limit crossed before the buffer is full."""

@@ -264,10 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"control plane not started: {exc}", file=sys.stderr)
         return 2
     (root / "control.pid").write_text(f"{os.getpid()}\n")
-    endpoints = {"grpc": f"127.0.0.1:{args.grpc_port}", "http": f"127.0.0.1:{args.http_port}",
+    host = front.dial_host()
+    endpoints = {"grpc": f"{host}:{args.grpc_port}", "http": f"{host}:{args.http_port}",
                  "control": f"{args.control_host}:{args.control_port}",
                  "metrics": f"http://127.0.0.1:{args.metrics_port}/metrics"}
     tls_info = {"control_tls": True, "control_ca": str(tls.ca)} if tls else {}
+    if front.tls:  # the client ports speak only TLS: local tools (drills, perf) need plaintext loopback ports
+        tls_info["client_tls"] = True
     (root / "endpoints.json").write_text(json.dumps({**endpoints, **tls_info}, indent=2))
 
     metrics = ControlMetrics()

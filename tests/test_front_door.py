@@ -77,15 +77,17 @@ def test_bind_and_tls_settings_are_refused_with_the_flag_named(tmp_path):
         FrontDoorConfig(timeout_http_request_s=0).validate()
 
 
-def test_control_plane_refuses_a_public_client_bind_without_tls(tmp_path):
-    import subprocess
-    import sys
-
-    r = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(tmp_path / "root"),
-                        "--client-bind", "0.0.0.0", "--grpc-port", str(free_port()), "--http-port", str(free_port())],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "--client-bind 0.0.0.0 is not loopback" in r.stderr, r.stderr
-    assert not (tmp_path / "root" / "haproxy").exists()  # refused before anything started
+def test_recctl_up_refuses_a_public_client_bind_without_tls(tmp_path):
+    """The flags travel recctl -> control plane, which refuses before it starts HAProxy or any instance."""
+    f = FleetProcess(tmp_path / "root", DEFAULT_REPOSITORY)
+    r = f.recctl("up", "--repository", str(DEFAULT_REPOSITORY), "--grpc-port", str(f.ports["grpc"]), "--http-port",
+                 str(f.ports["http"]), "--control-port", str(f.ports["control"]), "--client-bind", "0.0.0.0",
+                 check=False, timeout=120)
+    out = " ".join(r.stdout.split())
+    assert r.returncode == 1 and "--client-bind 0.0.0.0 is not loopback" in out and "--client-tls-cert" in out, out
+    assert not (tmp_path / "root" / "haproxy").exists() and not (tmp_path / "root" / "instances").exists()
+    assert FrontDoorConfig(bind="0.0.0.0").dial_host() == "127.0.0.1"
+    assert FrontDoorConfig(bind="10.1.2.3").dial_host() == "10.1.2.3"
 
 
 # ============================================================================ a real fleet through HAProxy
