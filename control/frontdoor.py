@@ -9,10 +9,12 @@ client frontend gets (``frontdoor_lines``); ``control/haproxy.py`` renders them 
   with the fleet's admin key in the request (``admin-key`` / ``triton-grpc-protocol-admin-key``), matched against
   the key file itself (``-f``), so no copy of the secret lands in haproxy.cfg.
 * **Bounded bodies** (sizes below, derived from the served contract): HTTP with a Content-Length over the limit
-  gets 413 at once (no body read); gRPC bodies carry no Content-Length, so the frontend waits for the body
-  (``wait-for-body ... at-least limit+1``: stops as soon as one byte more than the limit has arrived) and answers
-  ``RESOURCE_EXHAUSTED`` naming the limit when ``req.body_len`` is over it; the same check covers chunked HTTP
-  bodies (413). Refusals are not 5xx, so neither HAProxy nor a client retry policy retries them.
+  gets 413 at once (no body read); a chunked HTTP body is awaited until one byte past the limit (``wait-for-body
+  ... at-least limit+1``) and gets 413. gRPC bodies carry no Content-Length: the frontend awaits the whole body or a
+  full buffer (``tune.bufsize`` holds the largest limit + 64 KiB) and answers ``RESOURCE_EXHAUSTED`` naming the limit
+  when ``req.body_len`` is over it. A body larger than the buffer is answered before its upload ends, and HAProxy
+  2.6 then resets the stream (RST_STREAM CANCEL): gRPC clients see CANCELLED for those. Refusals are not 5xx, so
+  neither HAProxy nor a client retry policy retries them.
 * **Slow and idle clients**: ``timeout http-request`` covers headers and the awaited body, ``timeout
   http-keep-alive`` and ``timeout client`` bound idle connections, ``maxconn`` bounds each frontend.
 * **Exposure**: the bind address (loopback by default; anything else only with TLS unless explicitly allowed) and
