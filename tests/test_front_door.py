@@ -292,3 +292,19 @@ def test_the_drill_catalogue_names_every_attack_the_tests_run():
                                       "slow-clients", "idle-connections", "bad-bearer-token"}
     with pytest.raises(ValueError, match="unknown"):
         attacks.run_catalogue(attacks.Target("x:1", "x:2"), ["nope"])
+
+
+def test_project_tools_send_the_admin_key_for_statistics_and_reports_hide_it(tmp_path):
+    """perf_analyzer reads model statistics; through the front door it needs the admin key (-H), and the drills'
+    background report must not print that key."""
+    import subprocess
+    import sys
+
+    from recserve.drills.background import BackgroundLoad
+    from recserve.perf.analyzer import LoadPoint
+
+    cmd = LoadPoint("search", "127.0.0.1:1", "concurrency", 1, headers={ADMIN_HEADER_GRPC: "k3y"}).command(tmp_path)
+    assert cmd[cmd.index("-H") + 1] == f"{ADMIN_HEADER_GRPC}:k3y"
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    bg = BackgroundLoad(proc, ["perf_analyzer", "-H", f"{ADMIN_HEADER_GRPC}:k3y"], tmp_path / "log", 0.0)
+    assert "k3y" not in bg.finish()["command"]
