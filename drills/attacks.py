@@ -13,6 +13,7 @@ import http.client
 import json
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -225,10 +226,38 @@ def oversized_grpc(target: Target) -> list[Outcome]:
     ]
 
 
+def _slow_grpc_body(target: Target, stall_s: float) -> tuple[bool, str, str]:
+    """A ModelInfer whose body never ends (one message sent, then the client stalls without END_STREAM)."""
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    first = service_pb2.ModelInferRequest(model_name="search").SerializeToString()
+    release = threading.Event()
+
+    def body():
+        yield first
+        release.wait(stall_s)
+
+    with grpc.insecure_channel(target.grpc) as ch:
+        try:
+            ch.stream_unary(f"/{GRPC_SERVICE}/ModelInfer")(body(), timeout=stall_s + 5)
+            return False, "gRPC OK", "the call succeeded"
+        except grpc.RpcError as exc:
+            details = exc.details() or ""
+            return "status: 408" in details, f"gRPC {exc.code().name}", details
+        finally:
+            release.set()
+
+
 def slow_clients(target: Target, wait_s: float = 30.0) -> list[Outcome]:
-    """A request whose headers never finish, and one whose body stops after 10 of 1000 bytes: both must be cut
-    by HAProxy (408) without an instance seeing them. Both wait at once."""
+    """A request whose headers never finish, one whose HTTP body stops after 10 of 1000 bytes, and a gRPC call whose
+    body never ends: HAProxy must cut each (408; gRPC clients read that as UNKNOWN "status: 408") before an instance
+    sees it. All three wait at once."""
     head = "POST /v2/models/recommend/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    box: dict[str, Outcome] = {}
+    grpc_thread = threading.Thread(
+        target=lambda: box.update(slow=_timed("slow-body-grpc", lambda: _slow_grpc_body(target, wait_s))), daemon=True)
+    grpc_thread.start()
     socks = {"slow-headers-http": _connect(target.http), "slow-body-http": _connect(target.http)}
     t0 = time.monotonic()
     socks["slow-headers-http"].sendall(head.encode())
@@ -238,6 +267,8 @@ def slow_clients(target: Target, wait_s: float = 30.0) -> list[Outcome]:
         with s:
             code, text = _read_status(s, max(0.1, wait_s - (time.monotonic() - t0)))
         out.append(Outcome(name, code == 408, f"HTTP {code}", text.strip() or "(no body)", time.monotonic() - t0))
+    grpc_thread.join(wait_s + 10)
+    out.append(box.get("slow") or Outcome("slow-body-grpc", False, "no answer", "the call never returned", wait_s))
     return out
 
 

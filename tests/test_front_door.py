@@ -224,8 +224,9 @@ def test_malformed_bodies_are_refused_by_the_instance_which_keeps_serving(fleet,
 
 
 def test_slow_clients_are_cut_by_haproxy(fleet, target):
-    for o in _run(fleet, target, "slow-clients"):
-        assert o.status == "HTTP 408", o.line()
+    outcomes = {o.attack: o for o in _run(fleet, target, "slow-clients")}
+    assert outcomes["slow-headers-http"].status == outcomes["slow-body-http"].status == "HTTP 408"
+    assert outcomes["slow-body-grpc"].status == "gRPC UNKNOWN" and "408" in outcomes["slow-body-grpc"].message
 
 
 def test_a_thousand_idle_connections_are_bounded_and_the_fleet_keeps_serving(fleet, target):
