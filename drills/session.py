@@ -113,6 +113,11 @@ class ControlPlaneProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        from recserve.control.triton import remove_shm_regions, shm_prefix
+
+        for inst in (self.root / "instances").glob("*"):  # the killed servers' stub IPC regions in /dev/shm
+            if inst.is_dir():
+                remove_shm_regions(shm_prefix(inst, inst.name))
 
     def log_tail(self, n: int = 15) -> str:
         p = self.root / "control-plane.log"
