@@ -71,7 +71,7 @@ class BackgroundLoad:
 
 
 def start_background(spec: BackgroundSpec, grpc_url: str, cases: list[Case], duration_s: float,
-                     capacity: float | None, workdir: Path, admin_key: str | None = None) -> BackgroundLoad:
+                     capacity: float | None, workdir: Path, headers: dict[str, str] | None = None) -> BackgroundLoad:
     """Start perf_analyzer for about ``duration_s`` (three measurement windows, stability not required)."""
     from recserve.perf.analyzer import binary, environment
 
@@ -87,10 +87,8 @@ def start_background(spec: BackgroundSpec, grpc_url: str, cases: list[Case], dur
     else:
         rate = max(1.0, round((spec.rate_x_capacity or 0.5) * (capacity or 10), 1))
         cmd += ["--request-rate-range", f"{rate}:{rate}:1", "--max-threads", "8"]
-    if admin_key:  # perf_analyzer reads model statistics; HAProxy's front door passes them only with the admin key
-        from recserve.control.triton import ADMIN_HEADER_GRPC
-
-        cmd += ["-H", f"{ADMIN_HEADER_GRPC}:{admin_key}"]
+    for name, value in (headers or {}).items():  # the admin key: the front door passes statistics only with it
+        cmd += ["-H", f"{name}:{value}"]
     log = workdir / "perf_analyzer.log"
     fh = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)

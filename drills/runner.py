@@ -192,7 +192,8 @@ class DrillRun:
         if any(a.fault == "overload" for a in spec.method) or (spec.load.background and
                                                                 spec.load.background.rate_x_capacity):
             self.ctx.capacity_rps, source = capacity_rps(self.s.grpc_url, "recommend", spec.steady_state.slo_p99_ms,
-                                                         self.s.workdir, use_report=not self.s.fixture_models)
+                                                         self.s.workdir, use_report=not self.s.fixture_models,
+                                                         headers=self.s.stats_headers)
             self.journal.add("capacity", "probe", "succeeded" if self.ctx.capacity_rps else "failed",
                              {"capacity_rps": self.ctx.capacity_rps, "source": source})
             if not self.ctx.capacity_rps:
@@ -212,7 +213,7 @@ class DrillRun:
                           max_requests=int(spec.load.duration_s * 2000))
             if spec.load.background:
                 bg = start_background(spec.load.background, url, cases, spec.load.duration_s,
-                                      self.ctx.capacity_rps, self.s.workdir / spec.name, self.s.admin_key)
+                                      self.ctx.capacity_rps, self.s.workdir / spec.name, self.s.stats_headers)
             probe.start()
             self._run_method(probe)
         finally:

@@ -38,6 +38,13 @@ class FleetHandle:
     #: The fleet's admin key (statistics through the front door, for the background perf_analyzer).
     admin_key: str | None = None
 
+    @property
+    def stats_headers(self) -> dict[str, str]:
+        """gRPC headers perf_analyzer needs through HAProxy's front door (it reads model statistics)."""
+        from recserve.control.triton import ADMIN_HEADER_GRPC
+
+        return {ADMIN_HEADER_GRPC: self.admin_key} if self.admin_key else {}
+
 
 class ControlPlaneProcess:
     """The control plane as its own process (``python -m recserve.control.server``), so a drill can SIGKILL and restart
