@@ -20,6 +20,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from recserve.control.client import RecClient
+from recserve.control.frontdoor import FrontDoorConfig
 from recserve.control.golden import Golden
 from recserve.control.haproxy import HAProxy, HAProxyConfig, HAProxyError
 from recserve.control.health import HealthMonitor, Probe, deep_check
@@ -73,6 +74,8 @@ class FleetConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     #: HAProxy's Prometheus exporter port (0 = none).
     haproxy_metrics_port: int = 0
+    #: Client front door: bind address, TLS, limits (control/frontdoor.py); its admin key file is the fleet's.
+    frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
 
 
 def model_config(repository: Path, model: str, versions: list[int]) -> dict:
@@ -97,11 +100,13 @@ class Fleet:
         self.repository = Path(config.repository).resolve()
         self.metrics = metrics or ControlMetrics()
         self.state = State(self.root / "state.db")
+        self.admin_key = read_secret(self.root / "admin.key")
+        config.frontdoor.admin_key_file = self.root / "admin.key"  # its holders may read statistics via HAProxy
         self.haproxy = HAProxy(HAProxyConfig(workdir=self.root / "haproxy", grpc_port=config.grpc_port,
                                              http_port=config.http_port, slots=config.slots,
-                                             metrics_port=config.haproxy_metrics_port))
+                                             metrics_port=config.haproxy_metrics_port,
+                                             frontdoor=config.frontdoor))
         self.targets = TargetFiles(targets_dir(self.root))  # Prometheus file_sd: one target per instance
-        self.admin_key = read_secret(self.root / "admin.key")
         self.golden = Golden(self.repository, metrics=self.metrics, event=lambda msg: self.state.event("golden", msg))
         self.servers: dict[str, TritonServer] = {}
         self.clients: dict[str, RecClient] = {}

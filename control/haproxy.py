@@ -11,7 +11,8 @@ Layout (see ``shared/notes/runtime.md`` for why each setting is there):
 * ``be_<proto>_split`` (``balance roundrobin``): per-server weights for canary traffic shifting.
 * ``chk``: the only servers with health checks; every other server ``track``s its slot there, so one
   ``set server chk/sN state maint`` takes an instance out of every backend at once.
-* The frontends pick the backend through a map file (``set map``), and deny Triton's admin APIs (``ADMIN_PATHS``).
+* The frontends pick the backend through a map file (``set map``); what clients may send, how big and where they
+  connect is the front door's (``control/frontdoor.py``: an allow-list, size limits, bind address, TLS).
 """
 
 from __future__ import annotations
@@ -22,25 +23,13 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.control.frontdoor import FrontDoorConfig, FrontDoorError, frontdoor_lines, global_lines, prepare_files
 from recserve.control.procs import kill_group, pid_alive, port_in_use, port_listening
 
 PROTOS = ("grpc", "http")
-#: Path prefixes of Triton's admin APIs (repository, shared memory, logging, trace) in both protocols.
-ADMIN_PATHS = (
-    "/inference.GRPCInferenceService/Repository",
-    "/inference.GRPCInferenceService/SystemSharedMemory",
-    "/inference.GRPCInferenceService/CudaSharedMemory",
-    "/inference.GRPCInferenceService/LogSettings",
-    "/inference.GRPCInferenceService/TraceSetting",
-    "/v2/repository",
-    "/v2/systemsharedmemory",
-    "/v2/cudasharedmemory",
-    "/v2/logging",
-    "/v2/trace",
-)
 #: Placeholder address of an unused slot (never contacted: unused slots are in maintenance).
 _PLACEHOLDER_PORT = 9
 
@@ -68,12 +57,18 @@ class HAProxyConfig:
     retries: int = 3
     #: HAProxy's built-in Prometheus exporter on this port (GET /metrics); 0 = no exporter.
     metrics_port: int = 0
+    #: The client frontends' rules: bind address, TLS, allow-list, size limits, timeouts (control/frontdoor.py).
+    frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
 
     def validate(self) -> None:
         for name in ("grpc_port", "http_port"):
             port = getattr(self, name)
             if not 1 <= port <= 65535:
                 raise HAProxyError(f"haproxy config: {name} must be 1..65535, got {port}")
+        try:
+            self.frontdoor.validate()
+        except FrontDoorError as exc:
+            raise HAProxyError(str(exc)) from None
         if self.grpc_port == self.http_port:
             raise HAProxyError(f"haproxy config: grpc_port and http_port must differ, both are {self.grpc_port}")
         if not 1 <= self.slots <= 16:
@@ -123,6 +118,7 @@ def render_config(c: HAProxyConfig) -> str:
         f"  stats socket {c.socket_path} mode 600 level admin",
         f"  pidfile {c.pid_path}",
         "  log stderr format short local0 warning",
+        *global_lines(c.frontdoor),
         "",
         "defaults",
         "  mode http",
@@ -150,12 +146,9 @@ def render_config(c: HAProxyConfig) -> str:
         out += [
             "",
             f"frontend fe_{proto}",
-            f"  bind {c.host}:{bind_port}" + (" proto h2" if proto == "grpc" else ""),
-            # Triton's admin APIs (locked on every instance too): a 403 reaches gRPC clients as PERMISSION_DENIED,
-            # which no retry policy retries, and never costs the instance a parse.
-            f"  acl admin_api path_beg {' '.join(ADMIN_PATHS)}",
-            "  acl admin_api path_reg ^/v2/models/[^/]+(/versions/[^/]+)?/(load|unload|trace/setting)$",
-            "  http-request deny deny_status 403 if admin_api",
+            # Allow-list, size limits, timeouts, bind address and TLS: control/frontdoor.py. A 403 reaches gRPC
+            # clients as PERMISSION_DENIED, which no retry policy retries, and never costs an instance a parse.
+            *frontdoor_lines(c.frontdoor, proto, bind_port, c.workdir),
             f"  use_backend %[str({proto}),map({c.map_path},{first_backend(proto, 0)})]",
             f"  default_backend {first_backend(proto, 0)}",
         ]
@@ -217,10 +210,11 @@ class HAProxy:
         if binary is None:
             raise HAProxyError("haproxy not found on PATH: run 'make setup' (installs Debian's haproxy)")
         for name in ("grpc_port", "http_port"):
-            if port_in_use(getattr(c, name), c.host):
+            if port_in_use(getattr(c, name), c.frontdoor.bind):
                 port = getattr(c, name)
-                raise HAProxyError(f"haproxy: {name.replace('_', ' ')} {port} is already in use on {c.host}")
+                raise HAProxyError(f"haproxy: {name.replace('_', ' ')} {port} is already in use on {c.frontdoor.bind}")
         c.workdir.mkdir(parents=True, exist_ok=True)
+        prepare_files(c.frontdoor, c.workdir)
         c.config_path.write_text(render_config(c))
         if not c.map_path.exists():
             c.map_path.write_text(f"grpc {first_backend('grpc', 0)}\nhttp {first_backend('http', 0)}\n")
@@ -238,7 +232,7 @@ class HAProxy:
             if self.process.poll() is not None:
                 code = self.process.returncode
                 raise HAProxyError(f"haproxy exited at start (code {code}); see {c.workdir}/haproxy.log")
-            if c.socket_path.exists() and port_listening(c.grpc_port, c.host):
+            if c.socket_path.exists() and port_listening(c.grpc_port, c.frontdoor.bind):
                 try:
                     self.command("show info")
                     return self

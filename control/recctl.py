@@ -98,9 +98,13 @@ def cmd_up(args: argparse.Namespace) -> int:
            "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
            "--control-port", str(args.control_port), "--metrics-port", str(args.metrics_port),
            "--instances", str(args.instances)]
-    for flag in ("tls_cert", "tls_key", "tls_ca"):
+    for flag in ("tls_cert", "tls_key", "tls_ca", "client_tls_cert", "client_tls_key"):
         if getattr(args, flag):
             cmd += [f"--{flag.replace('_', '-')}", str(Path(getattr(args, flag)).resolve())]
+    if args.client_bind:
+        cmd += ["--client-bind", args.client_bind]
+    if args.client_allow_plaintext:
+        cmd.append("--client-allow-plaintext")
     ca_file = args.ca or args.tls_ca or args.tls_cert  # the readiness wait must trust what the server presents
     ca = Path(ca_file) if ca_file else None
     tls = args.tls or ca is not None
@@ -383,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--tls-cert", help="PEM server certificate: the control API speaks TLS")
     up.add_argument("--tls-key", help="PEM private key of --tls-cert (mode 0600)")
     up.add_argument("--tls-ca", help="CA clients trust (default: --tls-cert itself, for a self-signed one)")
+    up.add_argument("--client-bind", help="address of the client ports (default 127.0.0.1; others need TLS)")
+    up.add_argument("--client-tls-cert", help="PEM certificate: HAProxy's client ports speak TLS")
+    up.add_argument("--client-tls-key", help="PEM private key of --client-tls-cert (mode 0600)")
+    up.add_argument("--client-allow-plaintext", action="store_true",
+                    help="allow a non-loopback --client-bind without TLS")
     up.add_argument("--backup-policy", default=os.environ.get("RECSERVE_BACKUP_POLICY"),
                     help="backup policy file (README 'Backup and recovery'); none: no scheduled backups")
     st = add("status", cmd_status, "fleet, instances, versions, warnings")

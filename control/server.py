@@ -26,6 +26,7 @@ from recserve.control.audit import ApiGuard
 from recserve.control.backup_api import BackupApi, make_scheduler, policy_path
 from recserve.control.backup_policy import BackupError
 from recserve.control.fleet import Fleet, FleetConfig, FleetError, status_json
+from recserve.control.frontdoor import FrontDoorConfig, FrontDoorError
 from recserve.control.keys import SecretFileError, check_private, read_secret
 from recserve.control.metrics import ControlMetrics
 from recserve.control.proto import control_pb2 as pb
@@ -223,6 +224,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--health-interval", type=float, default=0.3)
     p.add_argument("--backup-policy", type=Path, default=None, help="backup policy file (default "
                    "$RECSERVE_BACKUP_POLICY; none: no scheduled backups)")
+    p.add_argument("--client-bind", default="127.0.0.1", help="address HAProxy's client ports bind (anything but "
+                   "loopback needs --client-tls-cert/--client-tls-key or --client-allow-plaintext)")
+    p.add_argument("--client-tls-cert", type=Path, default=None, help="PEM certificate: client ports speak TLS")
+    p.add_argument("--client-tls-key", type=Path, default=None, help="PEM private key of --client-tls-cert (0600)")
+    p.add_argument("--client-allow-plaintext", action="store_true", help="allow a non-loopback --client-bind "
+                   "without TLS (a private network you trust)")
     p.add_argument("--haproxy-metrics-port", type=int, default=0, help="HAProxy's Prometheus exporter "
                    "(0: a free port, remembered in <root>/monitoring/haproxy.port)")
     return p.parse_args(argv)
@@ -247,17 +254,23 @@ def main(argv: list[str] | None = None) -> int:
         if (root / "admin.key").exists():  # the Triton admin key follows the token's rule (Fleet reads it)
             check_private(root / "admin.key")
         tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca)
+        front = FrontDoorConfig(bind=args.client_bind, tls_cert=args.client_tls_cert, tls_key=args.client_tls_key,
+                                allow_plaintext=args.client_allow_plaintext)
+        front.validate()
         if tls is None and not is_loopback(args.control_host):
             raise TlsConfigError(f"--control-host {args.control_host} is not loopback: the control API leaves this "
                                  "host only with TLS (--tls-cert/--tls-key)")
-    except (SecretFileError, TlsConfigError) as exc:
+    except (SecretFileError, TlsConfigError, FrontDoorError) as exc:
         print(f"control plane not started: {exc}", file=sys.stderr)
         return 2
     (root / "control.pid").write_text(f"{os.getpid()}\n")
-    endpoints = {"grpc": f"127.0.0.1:{args.grpc_port}", "http": f"127.0.0.1:{args.http_port}",
+    host = front.dial_host()
+    endpoints = {"grpc": f"{host}:{args.grpc_port}", "http": f"{host}:{args.http_port}",
                  "control": f"{args.control_host}:{args.control_port}",
                  "metrics": f"http://127.0.0.1:{args.metrics_port}/metrics"}
     tls_info = {"control_tls": True, "control_ca": str(tls.ca)} if tls else {}
+    if front.tls:  # the client ports speak only TLS: local tools (drills, perf) need plaintext loopback ports
+        tls_info["client_tls"] = True
     (root / "endpoints.json").write_text(json.dumps({**endpoints, **tls_info}, indent=2))
 
     metrics = ControlMetrics()
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                               http_port=args.http_port, instances=args.instances,
                               health_interval_s=args.health_interval,
                               haproxy_metrics_port=args.haproxy_metrics_port
-                              or remembered_port(root / "monitoring" / "haproxy.port")), metrics)
+                              or remembered_port(root / "monitoring" / "haproxy.port"), frontdoor=front), metrics)
     metrics.registry.register(FleetCollector(fleet))  # series the alert rules need (control/targets.py)
     fleet.targets.set_static("control", f"127.0.0.1:{args.metrics_port}", "control")
     fleet.targets.set_static("haproxy", f"127.0.0.1:{fleet.config.haproxy_metrics_port}", "haproxy")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import time
 from dataclasses import dataclass
@@ -62,14 +63,15 @@ class BackgroundLoad:
         summary = f"exit {code}" + (f", {rate[-1]}" if rate else "") + (f", first error: {errors[0]}" if errors else "")
         if stats_only:
             summary += " (after the run, fetching statistics of a version the rollover unloaded; no request failed)"
+        command = " ".join(re.sub(r"(admin-key:).*", r"\1<secret>", a) for a in self.command)  # no key in reports
         return {"exit_code": code, "started_at": self.started_at, "ended_at": ended, "errors": errors[:5],
                 "request_errors": len(request_errors), "stats_only_failure": stats_only,
                 "no_failed_request": code == 0 or stats_only, "summary": summary[:500], "log": str(self.log),
-                "command": " ".join(self.command)}
+                "command": command}
 
 
 def start_background(spec: BackgroundSpec, grpc_url: str, cases: list[Case], duration_s: float,
-                     capacity: float | None, workdir: Path) -> BackgroundLoad:
+                     capacity: float | None, workdir: Path, headers: dict[str, str] | None = None) -> BackgroundLoad:
     """Start perf_analyzer for about ``duration_s`` (three measurement windows, stability not required)."""
     from recserve.perf.analyzer import binary, environment
 
@@ -85,6 +87,8 @@ def start_background(spec: BackgroundSpec, grpc_url: str, cases: list[Case], dur
     else:
         rate = max(1.0, round((spec.rate_x_capacity or 0.5) * (capacity or 10), 1))
         cmd += ["--request-rate-range", f"{rate}:{rate}:1", "--max-threads", "8"]
+    for name, value in (headers or {}).items():  # the admin key: the front door passes statistics only with it
+        cmd += ["-H", f"{name}:{value}"]
     log = workdir / "perf_analyzer.log"
     fh = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)

@@ -45,7 +45,8 @@ def from_perf_report(model: str, path: Path = PERF_REPORT) -> float | None:
 
 
 def measure(grpc_url: str, model: str, slo_ms: float, workdir: Path,
-            levels: tuple[int, ...] = (1, 2, 4, 8, 16), points: list | None = None) -> float:
+            levels: tuple[int, ...] = (1, 2, 4, 8, 16), points: list | None = None,
+            headers: dict[str, str] | None = None) -> float:
     """Highest throughput whose p99 stays under the SLO, over perf_analyzer concurrency points; stops at the
     first point over the SLO or one that adds under 5% throughput (saturated)."""
     from recserve.drills.background import input_data
@@ -57,7 +58,7 @@ def measure(grpc_url: str, model: str, slo_ms: float, workdir: Path,
     for c in levels:
         # stability is not required (a shared 2-core host is never stable); three 1.5 s windows per point
         point = LoadPoint(model=model, url=grpc_url, mode="concurrency", value=c, input_data=data,
-                          measurement_ms=1500, stability_pct=1000, max_trials=3, timeout_s=60)
+                          measurement_ms=1500, stability_pct=1000, max_trials=3, timeout_s=60, headers=headers or {})
         try:
             row = run(point, workdir / f"capacity_c{c}.csv")
             if row.p99_ms > slo_ms:  # a violation must repeat to count (a shared host has hiccups)
@@ -138,14 +139,15 @@ def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.
 
 
 def capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path,
-                 use_report: bool = True, fresh: bool = True) -> tuple[float | None, str, list[dict]]:
+                 use_report: bool = True, fresh: bool = True, headers: dict[str, str] | None = None
+                 ) -> tuple[float | None, str, list[dict]]:
     """(capacity, where it came from, the knee ladder's rungs) at ``slo_ms``; ``use_report`` False when the
     fleet does not serve the built models. The perf report's capacity is at perf's SLO (default 50 ms): specs
     that use it should share it. ``fresh`` (the default): the knee ladder decides; the report's figure, if
-    any, only says where to start."""
+    any, only says where to start. ``headers`` go with perf_analyzer's statistics calls (admin key)."""
     key = (grpc_url, model, slo_ms, use_report, fresh)
     if key not in _MEASURED:
-        _MEASURED[key] = _capacity_rps(grpc_url, model, slo_ms, workdir, use_report, fresh)
+        _MEASURED[key] = _capacity_rps(grpc_url, model, slo_ms, workdir, use_report, fresh, headers)
     return _MEASURED[key]
 
 
@@ -155,7 +157,7 @@ _MEASURED: dict[tuple, tuple[float | None, str, list[dict]]] = {}
 
 
 def _capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path, use_report: bool,
-                  fresh: bool) -> tuple[float | None, str, list[dict]]:
+                  fresh: bool, headers: dict[str, str] | None) -> tuple[float | None, str, list[dict]]:
     hint = from_perf_report(model) if use_report else None
     if fresh:
         start = max(20.0, 0.5 * hint) if hint else 50.0
@@ -171,7 +173,7 @@ def _capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path, use_r
         return cap, f"perf report {PERF_REPORT.resolve()}", []
     points: list[dict] = []
     try:
-        cap = measure(grpc_url, model, slo_ms, workdir, points=points)
+        cap = measure(grpc_url, model, slo_ms, workdir, points=points, headers=headers)
     except Exception as exc:  # perf not installed or broken: overload then has no target and says so
         return None, f"not measured: {exc}", []
     if not cap:

@@ -11,6 +11,8 @@ How each fault is made (written into the report, so nobody mistakes a simulation
   plane's gRPC API, on model versions the drill creates (a byte-identical re-release, or a copy whose
   graph negates its scores) and removes again afterwards;
 - network-partition: needs an instance inside a network namespace; see NetworkPartition.check.
+- security-attacks: drills/attacks.py's catalogue (the same functions tests/test_front_door.py runs) against the
+  fleet's HAProxy client ports and control API, while the probe keeps sending legitimate requests.
 """
 
 from __future__ import annotations
@@ -591,7 +593,30 @@ class ProxyCrash(Fault):
         return {"back_after_s": waited}
 
 
+class SecurityAttacks(Fault):
+    name = "security-attacks"
+    rollback_label = "none: every attack closes its own sockets and changes nothing (asserted by the drill)"
+    simulation = ("the attack catalogue of drills/attacks.py (admin APIs, statistics, oversized, slow, malformed and "
+                  "idle clients, a wrong bearer token) sent to the fleet's own HAProxy ports and control API")
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        from recserve.drills.attacks import Target, run_catalogue
+
+        st = ctx.fleet.status(events=1)
+        ep = st["endpoints"]
+        before = {i.id: i.pid for i in ctx.fleet.instances(st)}
+        target = Target(ep["grpc"].split("://")[-1], ep["http"].split("://")[-1], ctx.fleet.control)
+        outcomes = run_catalogue(target, action.params["attacks"] or None)
+        now = {i.id: i.pid for i in ctx.fleet.instances()}
+        ctx.figures["instances_alive"] = before == now and all(process_state(p) for p in now.values())
+        ctx.figures["attacks_refused"] = all(o.refused for o in outcomes)
+        ctx.figures["attacks"] = {o.attack: {"refused": o.refused, "status": o.status, "ms": round(o.seconds * 1000, 1)}
+                                  for o in outcomes}
+        return {"attacks": len(outcomes), "refused": sum(o.refused for o in outcomes),
+                "not_refused": [o.line() for o in outcomes if not o.refused]}
+
+
 FAULTS: dict[str, Fault] = {f.name: f for f in (Crash(), Hang(), GpuLost(), Overload(), Rollover(), BadRollover(),
                                                   ArtifactCorruption(), ControlPlaneCrash(), NetworkPartition(),
-                                                  ProxyCrash())}
+                                                  ProxyCrash(), SecurityAttacks())}
 FAULTS[LostHost.name] = LostHost()  # drills/lost_host.py: the whole host lost, rebuilt from backup

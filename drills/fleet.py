@@ -213,6 +213,12 @@ def read_token(runtime: Path = RUNTIME) -> str | None:
     return None
 
 
+def read_admin_key(runtime: Path = RUNTIME) -> str | None:
+    """The fleet's Triton admin key: HAProxy's front door lets perf_analyzer's statistics calls through with it."""
+    p = runtime / "admin.key"
+    return p.read_text().strip() if p.exists() else None
+
+
 def recctl_status(timeout_s: float = 20.0) -> dict | None:
     """``recctl status --json`` (the documented way to find a running fleet); None when none answers."""
     try:

@@ -199,7 +199,7 @@ class DrillRun:
             restarts = {i["id"]: i.get("restarts", 0) for i in fleet.status(events=1).get("instances", [])}
             self.ctx.capacity_rps, source, ladder = capacity_rps(
                 self.s.grpc_url, "recommend", spec.steady_state.slo_p99_ms, self.s.workdir,
-                use_report=not self.s.fixture_models)
+                use_report=not self.s.fixture_models, headers=self.s.stats_headers)
             # The ladder overloads the fleet on purpose at its top rungs: the drill starts only once the fleet
             # has settled again, and the report says what the measurement cost (restarts it caused).
             resettled = settle(fleet) if ladder else 0.0
@@ -230,7 +230,7 @@ class DrillRun:
                                   max_requests=int(spec.load.duration_s * 4000), retry_policy=spec.load.client_retry)
             if spec.load.background:
                 bg = start_background(spec.load.background, url, cases, spec.load.duration_s,
-                                      self.ctx.capacity_rps, self.s.workdir / spec.name)
+                                      self.ctx.capacity_rps, self.s.workdir / spec.name, self.s.stats_headers)
             probe.start()
             self._run_method(probe)
         finally:
@@ -343,7 +343,8 @@ class DrillRun:
             if during_total else None
         for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
                     "orphaned_stubs", "shm_growth", "proxy_restart_gap_s", "triton_steps", "restored_exact",
-                    "answers_same", "rpo_s", "rpo_lost", "rebuild", "knee"):
+                    "answers_same", "rpo_s", "rpo_lost", "rebuild", "knee", "attacks_refused", "attacks",
+                    "instances_alive"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
-from recserve.drills.fleet import RUNTIME, FleetAPI, FleetError, read_token, recctl_status
+from recserve.drills.fleet import RUNTIME, FleetAPI, FleetError, read_admin_key, read_token, recctl_status
 
 START_TIMEOUT_S = 300.0
 
@@ -35,6 +35,15 @@ class FleetHandle:
     control: Any = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="recserve-drill-")))
     fixture_models: bool = False
+    #: The fleet's admin key (statistics through the front door, for the background perf_analyzer).
+    admin_key: str | None = None
+
+    @property
+    def stats_headers(self) -> dict[str, str]:
+        """gRPC headers perf_analyzer needs through HAProxy's front door (it reads model statistics)."""
+        from recserve.control.triton import ADMIN_HEADER_GRPC
+
+        return {ADMIN_HEADER_GRPC: self.admin_key} if self.admin_key else {}
 
 
 class ControlPlaneProcess:
@@ -111,6 +120,11 @@ class ControlPlaneProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        from recserve.control.triton import remove_shm_regions, shm_prefix
+
+        for inst in (self.root / "instances").glob("*"):  # the killed servers' stub IPC regions in /dev/shm
+            if inst.is_dir():
+                remove_shm_regions(shm_prefix(inst, inst.name))
 
     def log_tail(self, n: int = 15) -> str:
         p = self.root / "control-plane.log"
@@ -214,7 +228,8 @@ class FleetOwner:
                 if endpoints.get("control") == control and (RUNTIME / "control.pid").exists():
                     adopted = AdoptedControlPlane(RUNTIME, repo, endpoints)
                 self.log(f"using the running fleet: control {control}, clients {endpoints['grpc']}")
-                self.session = FleetHandle(fleet, repo, endpoints["grpc"], control=adopted)
+                self.session = FleetHandle(fleet, repo, endpoints["grpc"], control=adopted,
+                                           admin_key=read_admin_key(RUNTIME))
                 self.session.monitor = self._start_monitor(RUNTIME)
                 return self.session
         self.tmp = Path(tempfile.mkdtemp(prefix="recserve-drills-"))
@@ -238,7 +253,8 @@ class FleetOwner:
         self.log(f"fleet up in {time.monotonic() - t:.0f}s")
         fleet = FleetAPI(self.started.address, read_token(self.started.root))
         self.session = FleetHandle(fleet, repo, f"127.0.0.1:{self.started.ports['grpc']}", control=self.started,
-                               workdir=self.tmp / "work", fixture_models=self.fixture_models)
+                               workdir=self.tmp / "work", fixture_models=self.fixture_models,
+                               admin_key=read_admin_key(self.started.root))
         self.session.workdir.mkdir(parents=True, exist_ok=True)
         self.session.monitor = self._start_monitor(self.started.root)
         return self.session

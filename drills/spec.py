@@ -50,7 +50,9 @@ FAULT_PARAMS: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = 
     },
     # always the primary: the drill's own data path puts it in the namespace (drills/partition.py)
     "network-partition": {},
-    "lost-host": {"model": (str, False, "ranker")},  # rolled over after the backup: the change RPO must show lost
+    "lost-host": {"model": (str, False, "ranker")},
+    # drills/attacks.py's catalogue against the fleet's front door; [] = every attack
+    "security-attacks": {"attacks": (list, False, [])},  # rolled over after the backup: the change RPO must show lost
 }
 #: Faults that last ``duration_s`` (then their rollback ends them); the others are instantaneous.
 WINDOWED = {"gpu-hang", "gpu-lost", "overload", "network-partition"}
@@ -148,6 +150,7 @@ class Expect:
     restarts_max: int | None = None
     #: deep checks failed by a full Triton queue during the drill (health probes are never shed)
     probes_shed_max: int | None = None
+    attacks_refused: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -334,7 +337,7 @@ def _expect(c: _Checker, raw: Any) -> Expect:
     floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "goodput_ratio_min", "rejected_p99_ms_max",
               "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max", "rpo_s_max"}
     bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired",
-             "restored_exact", "answers_same"}
+             "restored_exact", "answers_same", "attacks_refused"}
     d = c.mapping(raw, path, ints | floats | bools)
     if not d:
         raise c.fail(path, "at least one expectation is needed to decide pass or fail")

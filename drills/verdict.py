@@ -38,6 +38,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "failed_unshed_max": ("failed_unshed", "<="),
     "restarts_max": ("restarts", "<="),
     "probes_shed_max": ("probes_shed", "<="),
+    "attacks_refused": ("attacks_refused", "=="),
 }
 
 #: Expectations whose outcome does not depend on how fast a shared host is: a lost request, a wrong answer,
@@ -45,7 +46,8 @@ CHECKS: dict[str, tuple[str, str]] = {
 #: (tests/test_drills_smoke.py); the timing ones (RTO, p99 ratios, goodput) are figures for the report.
 DETERMINISTIC = frozenset({"failed_requests_max", "wrong_answers_max", "versions_consistent", "background_clean",
                            "instances_alive", "rolled_back", "repaired", "orphaned_stubs_max",
-                           "shm_growth_max", "failed_unshed_max", "restarts_max", "probes_shed_max"})
+                           "shm_growth_max", "failed_unshed_max", "restarts_max", "probes_shed_max",
+                           "attacks_refused"})
 
 
 def check(name: str, target: Any, measured: Any) -> dict:

@@ -195,6 +195,8 @@ class LoadPoint:
     #: When set, measure exactly this many requests in one window (no stability loop). On a shared 2-core
     #: host stabilisation often never converges and perf_analyzer then exits without a result.
     request_count: int | None = None
+    #: gRPC headers for every call (``-H name:value``), e.g. the admin key HAProxy's front door wants for statistics.
+    headers: dict[str, str] = field(default_factory=dict)
 
     def command(self, csv_path: Path) -> list[str]:
         if self.mode not in ("concurrency", "rate"):
@@ -230,6 +232,8 @@ class LoadPoint:
             cmd += ["--input-data", str(self.input_data)]
         for name, dims in self.shapes.items():
             cmd += ["--shape", f"{name}:{','.join(str(d) for d in dims)}"]
+        for name, value in self.headers.items():
+            cmd += ["-H", f"{name}:{value}"]
         return cmd
 
 

@@ -146,6 +146,7 @@ class SuiteRun:
             input_data=self._files.get(model),
             request_count=count,
             timeout_s=max(60.0, seconds * 20),
+            headers=ep.headers,
         )
         before = [metrics.scrape(u) for u in ep.metrics_urls]
         sampler = metrics.RssSampler(list(ep.pids)).__enter__()  # peaks of the servers behind this endpoint

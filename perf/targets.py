@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recserve.control.triton import (
+    ADMIN_HEADER_GRPC,
     REPO_ROOT,
     TritonConfig,
     TritonServer,
@@ -34,6 +35,8 @@ class Endpoint:
     detail: str = ""
     #: HAProxy processes on the path (their CPU per request is reported apart from the server's).
     proxy_pids: list[int] = field(default_factory=list)
+    #: gRPC headers perf_analyzer sends: the admin key where HAProxy's front door guards model statistics.
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Unavailable(RuntimeError):
@@ -82,10 +85,14 @@ class LocalProxy:
     """control.haproxy's HAProxy with one slot bound to our server: the fleet's data path, minus the fleet."""
 
     def __init__(self, server: TritonServer, workdir: Path):
+        from recserve.control.frontdoor import FrontDoorConfig
         from recserve.control.haproxy import HAProxy, HAProxyConfig
 
         self.server = server
-        self.proxy = HAProxy(HAProxyConfig(workdir=workdir, grpc_port=free_port(), http_port=free_port(), slots=1))
+        # statistics pass the front door with the server's admin key (perf_analyzer reads them every window)
+        front = FrontDoorConfig(admin_key_file=server.config.workdir / "admin.key")
+        self.proxy = HAProxy(HAProxyConfig(workdir=workdir, grpc_port=free_port(), http_port=free_port(), slots=1,
+                                           frontdoor=front))
 
     def start(self, timeout_s: float = 10.0) -> Endpoint:
         c = self.server.config
@@ -105,6 +112,7 @@ class LocalProxy:
             pids,
             "own HAProxy (control.haproxy, one slot) in front of the embedded server",
             [self.proxy.pid] if self.proxy.pid else [],
+            {ADMIN_HEADER_GRPC: c.admin_key} if c.admin_key else {},
         )
 
     def stop(self) -> None:
@@ -139,4 +147,17 @@ def fleet(timeout_s: float = 15.0) -> Endpoint:
         [f"http://127.0.0.1:{i['metrics_port']}/metrics" for i in instances if i.get("metrics_port")],
         [int(i["pid"]) for i in instances],
         f"fleet HAProxy {url} over {len(instances)} instance(s)",
+        headers=_fleet_admin_header(),
     )
+
+
+def _fleet_admin_header() -> dict[str, str]:
+    """The fleet's admin key as perf_analyzer's statistics header, when this user can read it (else the front door
+    refuses statistics and the server-side columns stay empty)."""
+    import os
+
+    root = Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve"))
+    try:
+        return {ADMIN_HEADER_GRPC: (root / "admin.key").read_text().strip()}
+    except OSError:
+        return {}

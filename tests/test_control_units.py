@@ -36,14 +36,9 @@ def test_haproxy_config_has_the_verified_settings(tmp_path):
     assert "balance first" in text and "balance roundrobin" in text
     assert "retry-on conn-failure empty-response response-timeout" in text
     assert "option redispatch 1" in text and "check-proto h1" in text
-    from recserve.control.haproxy import ADMIN_PATHS
-
-    acl = next(ln for ln in text.splitlines() if ln.strip().startswith("acl admin_api path_beg"))
-    for path in ("/inference.GRPCInferenceService/Repository", "/inference.GRPCInferenceService/SystemSharedMemory",
-                 "/inference.GRPCInferenceService/LogSettings", "/inference.GRPCInferenceService/TraceSetting",
-                 "/v2/repository", "/v2/systemsharedmemory", "/v2/cudasharedmemory", "/v2/logging", "/v2/trace"):
-        assert path in ADMIN_PATHS and path in acl.split(), path
-    assert "http-request deny deny_status 403 if admin_api" in text
+    # the client frontends carry the front door's allow-list (control/frontdoor.py; tests/test_front_door.py)
+    assert text.count("acl fd_allowed path /inference.GRPCInferenceService/ServerLive") == 1
+    assert text.count("acl fd_infer path_reg") == 1
     assert text.count("track chk/s") == 2 * (2 * 2 + 2)  # 2 protocols x (2 first backends + split) x 2 slots
     assert " backup" not in text  # backup servers lose requests on a killed primary (runtime notes)
 

@@ -14,7 +14,8 @@ ISSUE_DRILLS = {"crash", "hang", "gpu-lost", "overload", "rollover-under-load", 
                 "artifact-corruption", "control-plane-crash", "network-partition",
                 "lost-host",  # issue 11
                 "wrong-answer",  # issue 12
-                "proxy-crash", "overload-4x", "flash-crowd", "crash-at-peak"}  # issue 9
+                "proxy-crash", "overload-4x", "flash-crowd", "crash-at-peak",  # issue 9
+                "security"}  # issue 10
 
 
 def base() -> dict:

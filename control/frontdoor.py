@@ -1,0 +1,239 @@
+"""The client front door in HAProxy: which requests clients may send, how big and how slow, and where.
+
+One typed ``FrontDoorConfig`` (validated, errors name the ``recctl up`` flag or field), and the HAProxy lines each
+client frontend gets (``frontdoor_lines``); ``control/haproxy.py`` renders them into ``fe_grpc`` / ``fe_http``.
+
+* **Allow-list**, not a deny-list: clients reach inference, health and model metadata/config. Anything else is
+  answered by HAProxy itself, before a byte reaches Triton: HTTP 403 with a text body, gRPC ``PERMISSION_DENIED``
+  (a Trailers-Only reply: HTTP 200, ``grpc-status: 7``), each naming the refused path. Model statistics pass only
+  with the fleet's admin key in the request (``admin-key`` / ``triton-grpc-protocol-admin-key``), matched against
+  the key file itself (``-f``), so no copy of the secret lands in haproxy.cfg.
+* **Bounded bodies** (sizes below, derived from the served contract): HTTP with a Content-Length over the limit
+  gets 413 at once (no body read); a chunked HTTP body is awaited until one byte past the limit (``wait-for-body
+  ... at-least limit+1``) and gets 413. gRPC bodies carry no Content-Length: the frontend awaits the whole body or a
+  full buffer (``tune.bufsize`` holds the largest limit + 64 KiB) and answers ``RESOURCE_EXHAUSTED`` naming the limit
+  when ``req.body_len`` is over it. A body larger than the buffer is answered before its upload ends, and HAProxy
+  2.6 then resets the stream (RST_STREAM CANCEL): gRPC clients see CANCELLED for those. Refusals are not 5xx, so
+  neither HAProxy nor a client retry policy retries them.
+* **Slow and idle clients**: ``timeout http-request`` covers headers and the awaited body, ``timeout
+  http-keep-alive`` and ``timeout client`` bound idle connections, ``maxconn`` bounds each frontend.
+* **Exposure**: the bind address (loopback by default; anything else only with TLS unless explicitly allowed) and
+  optional TLS terminated by HAProxy (cert and key from files, combined into one 0600 PEM HAProxy reads; ``alpn h2``
+  for gRPC).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from recserve.control.keys import SecretFileError, check_private
+
+# ------------------------------------------------------------------ the contract's largest legitimate request
+#: max_batch_size of every served model (model_repository/*/config.pbtxt).
+MAX_BATCH = 64
+#: The history limit of ``recommend`` (recommend_pre keeps the last 1000 items: its ``exclude`` input is [1000]).
+HISTORY_LIMIT = 1000
+INT64_BYTES = 8
+#: Largest tensor payload: 64 x 1000 INT64 history = 512,000 bytes (plus 64 user ids).
+TENSOR_BYTES = MAX_BATCH * HISTORY_LIMIT * INT64_BYTES
+#: gRPC: raw_input_contents carries the bytes as they are; a client using ``int64_contents`` (varints) needs up to
+#: 10 bytes per value. Plus 64 KiB for the protobuf framing (names, shapes, parameters) and gRPC's 5-byte prefix.
+FRAMING_HEADROOM = 64 * 1024
+GRPC_MAX_BODY = MAX_BATCH * (HISTORY_LIMIT + 1) * 10 + FRAMING_HEADROOM  # 706,176 bytes
+#: HTTP/JSON: the widest INT64 in text is "-9223372036854775808" (20 chars) plus a separator = 21 bytes per value.
+JSON_INT64_CHARS = 21
+HTTP_MAX_BODY = MAX_BATCH * (HISTORY_LIMIT + 1) * JSON_INT64_CHARS + FRAMING_HEADROOM  # 1,410,880 bytes
+
+# ------------------------------------------------------------------ the allow-list
+GRPC_SERVICE = "/inference.GRPCInferenceService/"
+#: gRPC methods clients may call. Not ModelStreamInfer: no served model is decoupled, and a stream has no end to
+#: bound its size by. Everything else of the service (Repository*, *SharedMemory*, LogSettings, TraceSetting,
+#: ModelStatistics without the admin key, ModelStreamInfer) is refused.
+GRPC_ALLOWED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+                "ModelInfer")
+GRPC_STATISTICS = "ModelStatistics"
+#: KServe v2 HTTP paths clients may use (GET unless it says POST); model names as Triton's repository allows.
+_MODEL = r"/v2/models/[A-Za-z0-9_.-]+(/versions/[0-9]+)?"
+HTTP_READ = (r"^/v2$", r"^/v2/health/(live|ready)$", rf"^{_MODEL}$", rf"^{_MODEL}/(ready|config)$")
+HTTP_INFER = (rf"^{_MODEL}/infer$",)
+HTTP_STATISTICS = (r"^/v2/models/stats$", rf"^{_MODEL}/stats$")
+ADMIN_HEADER_HTTP = "admin-key"
+ADMIN_HEADER_GRPC = "triton-grpc-protocol-admin-key"
+ALLOWED_TEXT = "clients may call inference, health and model metadata/config only"
+
+
+class FrontDoorError(ValueError):
+    """A front-door setting that cannot work; the message names the flag and the rule."""
+
+
+@dataclass
+class FrontDoorConfig:
+    """Settings of the client frontends; ``validate`` refuses what cannot work before anything is written."""
+
+    #: Address the client ports bind (``--client-bind``); loopback by default.
+    bind: str = "127.0.0.1"
+    #: PEM certificate (chain) and private key (``--client-tls-cert``/``--client-tls-key``): HAProxy terminates TLS.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: A non-loopback bind without TLS is refused unless this is set (``--client-allow-plaintext``).
+    allow_plaintext: bool = False
+    max_grpc_body: int = GRPC_MAX_BODY
+    max_http_body: int = HTTP_MAX_BODY
+    #: Headers plus the awaited body must arrive within this (slow clients are cut: HTTP 408).
+    timeout_http_request_s: float = 5.0
+    #: An idle HTTP/1.1 keep-alive connection between requests.
+    timeout_keep_alive_s: float = 5.0
+    #: Client inactivity (also an idle HTTP/2 connection).
+    timeout_client_s: float = 30.0
+    #: Concurrent connections per client frontend (more wait in the kernel's accept queue).
+    maxconn: int = 2000
+    #: The fleet's admin key file: its holder may read statistics through HAProxy; None = statistics refused.
+    admin_key_file: Path | None = None
+
+    def validate(self) -> None:
+        try:
+            addr = ipaddress.ip_address(self.bind.strip("[]"))
+        except ValueError:
+            raise FrontDoorError(f"--client-bind {self.bind!r}: not an IP address (give the address to listen on, "
+                                 "e.g. 127.0.0.1, 10.0.0.5 or 0.0.0.0)") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise FrontDoorError("--client-tls-cert and --client-tls-key go together (certificate and private key)")
+        if self.tls_cert is not None and self.tls_key is not None:
+            for flag, path in (("--client-tls-cert", self.tls_cert), ("--client-tls-key", self.tls_key)):
+                if not Path(path).is_file():
+                    raise FrontDoorError(f"{flag} {path}: no such file")
+            try:
+                check_private(Path(self.tls_key))
+            except SecretFileError as exc:
+                raise FrontDoorError(f"--client-tls-key: {exc}") from None
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(self.tls_cert),
+                                                                                    str(self.tls_key))
+            except (ssl.SSLError, ValueError) as exc:
+                raise FrontDoorError(f"--client-tls-cert {self.tls_cert} / --client-tls-key {self.tls_key}: not a "
+                                     f"PEM certificate and its matching private key ({exc})") from None
+        elif not addr.is_loopback and not self.allow_plaintext:
+            raise FrontDoorError(f"--client-bind {self.bind} is not loopback: client ports leave this host only with "
+                                 "TLS (--client-tls-cert/--client-tls-key), or say --client-allow-plaintext "
+                                 "(a private network you trust)")
+        for name in ("max_grpc_body", "max_http_body", "maxconn"):
+            if getattr(self, name) < 1:
+                raise FrontDoorError(f"front door: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("timeout_http_request_s", "timeout_keep_alive_s", "timeout_client_s"):
+            if not getattr(self, name) > 0:
+                raise FrontDoorError(f"front door: {name} must be > 0, got {getattr(self, name)}")
+        if self.admin_key_file is not None and not Path(self.admin_key_file).is_file():
+            raise FrontDoorError(f"front door: admin_key_file {self.admin_key_file}: no such file")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def dial_host(self) -> str:
+        """The address local tools dial for the client ports: the bind address, or loopback for a wildcard."""
+        addr = ipaddress.ip_address(self.bind.strip("[]"))
+        if addr.is_unspecified:
+            return "127.0.0.1" if addr.version == 4 else "[::1]"
+        return f"[{addr}]" if addr.version == 6 else str(addr)
+
+    def bufsize(self) -> int:
+        """HAProxy's ``tune.bufsize``: the largest allowed body + 1 byte, plus 64 KiB for headers and rewrites,
+        rounded up to 64 KiB, so the size check sees the limit crossed before the buffer is full."""
+        need = max(self.max_grpc_body, self.max_http_body) + 1 + 64 * 1024
+        return -(-need // 65536) * 65536
+
+
+def _ms(seconds: float) -> str:
+    return f"{max(1, round(seconds * 1000))}ms"
+
+
+def pem_path(workdir: Path) -> Path:
+    return Path(workdir) / "client-tls.pem"
+
+
+def prepare_files(c: FrontDoorConfig, workdir: Path) -> None:
+    """Write the certificate and key as the one 0600 PEM file HAProxy's ``crt`` reads (nothing without TLS)."""
+    path = pem_path(workdir)
+    if not c.tls:
+        path.unlink(missing_ok=True)
+        return
+    data = Path(c.tls_cert).read_bytes().rstrip(b"\n") + b"\n" + Path(c.tls_key).read_bytes()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)
+
+
+def global_lines(c: FrontDoorConfig) -> list[str]:
+    """Lines of HAProxy's ``global`` section the front door needs (buffers that can hold the largest body)."""
+    return [f"  tune.bufsize {c.bufsize()}"]
+
+
+def bind_line(c: FrontDoorConfig, proto: str, port: int, workdir: Path) -> str:
+    host = f"[{c.bind.strip('[]')}]" if ":" in c.bind else c.bind
+    line = f"  bind {host}:{port}"
+    if c.tls:
+        line += f" ssl crt {pem_path(workdir)} alpn " + ("h2" if proto == "grpc" else "http/1.1")
+    elif proto == "grpc":
+        line += " proto h2"
+    return line
+
+
+def _grpc_reply(status: int, message: str) -> str:
+    """A gRPC Trailers-Only reply (HAProxy 2.6 cannot send trailers; grpc-status in the headers is valid)."""
+    return (f'http-request return status 200 hdr content-type application/grpc hdr grpc-status {status} '
+            f'hdr grpc-message "{message}"')
+
+
+def frontdoor_lines(c: FrontDoorConfig, proto: str, port: int, workdir: Path) -> list[str]:
+    """Every line of frontend ``fe_<proto>`` before its routing (bind, timeouts, allow-list, size limit)."""
+    if proto not in ("grpc", "http"):
+        raise FrontDoorError(f"front door: proto must be grpc or http, got {proto!r}")
+    c.validate()
+    out = [
+        bind_line(c, proto, port, workdir),
+        f"  maxconn {c.maxconn}",
+        f"  timeout http-request {_ms(c.timeout_http_request_s)}",
+        f"  timeout http-keep-alive {_ms(c.timeout_keep_alive_s)}",
+        f"  timeout client {_ms(c.timeout_client_s)}",
+    ]
+    key = f" -m str -f {Path(c.admin_key_file).resolve()}" if c.admin_key_file else None
+    if proto == "grpc":
+        limit = c.max_grpc_body
+        allowed = " ".join(GRPC_SERVICE + m for m in GRPC_ALLOWED)
+        out += [f"  acl fd_allowed path {allowed}",
+                f"  acl fd_stats path {GRPC_SERVICE}{GRPC_STATISTICS}"]
+        out.append(f"  acl fd_key req.hdr({ADMIN_HEADER_GRPC}){key}" if key else "  acl fd_key always_false")
+        out += [
+            "  " + _grpc_reply(7, f"recserve front door: %[path] is not allowed ({ALLOWED_TEXT}; statistics need "
+                                  "the admin key)") + " if !fd_allowed !fd_stats or fd_stats !fd_key",
+            f"  http-request wait-for-body time {_ms(c.timeout_http_request_s)}",
+            "  " + _grpc_reply(8, f"recserve front door: request body over the {limit} byte limit")
+            + f" if {{ req.body_len gt {limit} }}",
+        ]
+        return out
+    limit = c.max_http_body
+    out += [f"  acl fd_read path_reg {' '.join(HTTP_READ)}",
+            f"  acl fd_infer path_reg {' '.join(HTTP_INFER)}",
+            f"  acl fd_stats path_reg {' '.join(HTTP_STATISTICS)}"]
+    out.append(f"  acl fd_key req.hdr({ADMIN_HEADER_HTTP}){key}" if key else "  acl fd_key always_false")
+    text = "content-type text/plain lf-string"
+    out += [
+        f'  http-request return status 403 {text} "recserve front door: %[method] %[path] is not allowed: '
+        f'statistics need the admin key\\n" if fd_stats !fd_key',
+        f'  http-request return status 403 {text} "recserve front door: %[path] is not allowed: {ALLOWED_TEXT}\\n"'
+        " if !fd_read !fd_infer !fd_stats",
+        f'  http-request return status 405 {text} "recserve front door: %[method] %[path] is not allowed: '
+        'inference takes POST, health and metadata take GET\\n"'
+        " if fd_infer !METH_POST or fd_read !METH_GET or fd_stats !METH_GET",
+        f'  http-request return status 413 {text} "recserve front door: request body over the {limit} byte '
+        f'limit\\n" if {{ req.hdr(content-length) -m int gt {limit} }}',
+        f"  http-request wait-for-body time {_ms(c.timeout_http_request_s)} at-least {limit + 1}",
+        f'  http-request return status 413 {text} "recserve front door: request body over the {limit} byte '
+        f'limit\\n" if {{ req.body_len gt {limit} }}',
+    ]
+    return out
