@@ -39,7 +39,8 @@ pytestmark = pytest.mark.timeout(600)
 def fleet(tmp_path_factory):
     base = tmp_path_factory.mktemp("fleet")
     repo = fleet_repository(base / "model_repository")
-    f = FleetProcess(base / "runtime", repo)
+    # These tests pin primary-standby (balance first); tests/test_router.py covers the active-active default.
+    f = FleetProcess(base / "runtime", repo, up_args=("--mode", "primary-standby"))
     try:
         f.up()
         f.wait(all_healthy_exact, what="two healthy instances on the desired versions")
