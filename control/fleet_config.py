@@ -51,6 +51,8 @@ class FleetConfig:
     fallback_maxconn: int = 32
     #: Let the AIMD controller move the per-server limits (off: the fixed limit).
     adaptive_limits: bool = False
+    #: HAProxy ``timeout server`` override (0: derived from the SLO, see control/router.py).
+    timeout_server_ms: int = 0
 
     def validate(self) -> None:
         """FleetError naming the field and the rule."""

@@ -164,8 +164,9 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
         out.append(f'  http-request return status 200 hdr content-type application/grpc hdr grpc-status 8 '
                    f'hdr grpc-message "{OVERLOADED}" if pool_full !fallback_free')
     else:
-        out.append(f'  http-request return status 429 content-type text/plain hdr retry-after 1 '
-                   f'string "{OVERLOADED}" if pool_full !fallback_free')
+        # KServe v2's error body ({"error": ...}), so HTTP clients such as tritonclient show the words
+        out.append(f'  http-request return status 429 content-type application/json hdr retry-after 1 '
+                   f'string "{{\\"error\\":\\"{OVERLOADED}\\"}}" if pool_full !fallback_free')
     out += [f"  use_backend {fallback_backend(proto)} if pool_full",
             "  use_backend %[var(txn.route)]"]
     return out

@@ -209,7 +209,7 @@ class InstanceLifecycle:
             self.state.update_instance(iid, versions=versions)
         rec = self.state.instance(iid)
         self.busy.add(iid)
-        out = False
+        out = taking = False
         try:
             if self.config.mode == "active-active" and rec.slot in self.router.pool_slots():
                 others = [r for r in self.state.instances() if r.id != iid and r.state == "healthy"
@@ -218,7 +218,10 @@ class InstanceLifecycle:
                     self.router.set_pool(self.router.pool_slots() - {rec.slot})
                     out = True
                     self.state.event("rollover", f"{iid} out of rotation while it loads {only or 'all'}", iid)
-            self.renice(rec, 19)
+            taking = (rec.slot in self.router.pool_slots() if self.config.mode == "active-active"
+                      else rec.role == "primary")
+            nice = 0 if taking else 19  # never slow down an instance that clients are waiting on
+            self.renice(rec, nice)
             self.load_versions(self._server(rec), versions, only=only)
             probe = self.settle(iid)
             if not probe.ok:
@@ -227,7 +230,8 @@ class InstanceLifecycle:
             self.fails[iid] = 0
             self.last_probe[iid] = probe
         finally:
-            self.renice(rec, 0)
+            if not taking:
+                self.renice(rec, 0)
             if out:
                 cur = self.state.instance(iid)
                 if cur is not None and cur.state == "healthy" and cur.role in ("primary", "active"):

@@ -46,6 +46,9 @@ from recserve.control.procs import kill_group, pid_alive
 from recserve.control.state import State
 
 MODES = ("active-active", "primary-standby")
+#: SQL condition on the state store's kv table matching every key the Router owns (a backup restored on a new
+#: host drops them: its HAProxy starts empty and the Router rebuilds them).
+ROUTER_KEYS_SQL = ("key IN ('route', 'pool', 'router_mode') OR key LIKE 'weight:%' OR key LIKE 'limit:%'")
 #: Used when neither --knee-rps nor a perf report gives the knee: about half of the ~1,000 rps measured on a
 #: quiet 2-core host (issue 9), so a busy CI host is not overfilled either.
 DEFAULT_KNEE_RPS = 500.0
@@ -72,6 +75,19 @@ def default_knee_rps(model: str = "recommend", report: Path = PERF_REPORT) -> tu
     return DEFAULT_KNEE_RPS, "conservative default (no perf report)"
 
 
+def _kill_fallback(pid_file: Path) -> None:
+    """Stop the fallback server named by ``pid_file`` when that pid still runs control/fallback_app.py."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        pid_file.unlink(missing_ok=True)
+        return
+    if pid_alive(pid) and b"fallback_app" in cmdline:
+        kill_group(pid)
+    pid_file.unlink(missing_ok=True)
+
+
 @dataclass
 class RouterConfig:
     """Routing settings; ``validate`` names the field and the rule."""
@@ -87,13 +103,17 @@ class RouterConfig:
     #: p99 latency target of admitted requests.
     slo_p99_ms: float = 50.0
     min_limit: int = 2
-    max_limit: int = 256
+    #: At most the composing models' ``max_queue_size`` (64): admitted requests can never fill Triton's queues.
+    max_limit: int = 64
     #: Start the degraded-answer fallback server and route shed requests to it.
     fallback: bool = True
     fallback_maxconn: int = 32
     fallback_repository: Path | None = None
     #: Let the AIMD controller (control/admission.py) move each limit; off = the fixed limit.
     adaptive: bool = False
+    #: Override of the derived ``timeout server`` (0 = derived from the SLO): for hosts whose latency tail is
+    #: far fatter than the SLO (a shared CI machine), where 4 x SLO would cut slow-but-correct answers.
+    timeout_server_ms_override: int = 0
     knee_source: str = field(default="", init=False)
 
     def validate(self) -> None:
@@ -107,6 +127,9 @@ class RouterConfig:
         if not 1 <= self.min_limit <= self.max_limit:
             raise RouterError(f"limits must satisfy 1 <= min_limit <= max_limit, got {self.min_limit}.."
                               f"{self.max_limit}", "INVALID_ARGUMENT")
+        if self.timeout_server_ms_override and not 50 <= self.timeout_server_ms_override <= 60000:
+            raise RouterError(f"timeout_server_ms must be 0 (derived) or within 50..60000, got "
+                              f"{self.timeout_server_ms_override}", "INVALID_ARGUMENT")
         if self.fallback_maxconn < 1:
             raise RouterError(f"fallback_maxconn must be >= 1, got {self.fallback_maxconn}", "INVALID_ARGUMENT")
 
@@ -118,7 +141,9 @@ class RouterConfig:
         return knee
 
     def timeout_server_ms(self) -> int:
-        """4 x the p99 target, within 100..1000 ms (see the module docstring)."""
+        """4 x the p99 target, within 100..1000 ms (see the module docstring), unless overridden."""
+        if self.timeout_server_ms_override:
+            return self.timeout_server_ms_override
         return int(min(1000, max(100, 4 * self.slo_p99_ms)))
 
     def host_limit(self) -> int:
@@ -157,6 +182,8 @@ class Router:
         self._shed_total = 0
         self._last_shed = 0.0
         self.controllers: dict[int, AdaptiveLimit] = {}
+        self._log_offset = 0
+        self._adapt_shed = 0
         self.decisions: dict[int, str] = {}
 
     # ================================================================== lifecycle
@@ -211,12 +238,7 @@ class Router:
                 self.proxy.bind_fallback(fb.config.grpc_port, fb.config.http_port)
             return
         pid_file = self.config.workdir / "fallback.pid"
-        try:  # one left by an earlier control plane: ours to stop (its ports are unknown to this one)
-            old = int(pid_file.read_text().split()[0])
-            if pid_alive(old):
-                kill_group(old)
-        except (OSError, ValueError, IndexError):
-            pass
+        _kill_fallback(pid_file)  # one left by an earlier control plane (its ports are unknown to this one)
         cfg = FallbackConfig(workdir=self.config.workdir / "fallback", max_concurrent=self.config.fallback_maxconn * 2)
         if self.config.fallback_repository is not None:
             cfg.model_repository = self.config.fallback_repository
@@ -242,10 +264,11 @@ class Router:
             self.state.put(key, "")
 
     def stop_fallback(self) -> None:
+        """Stop the fallback server: ours, or one an earlier control plane left (by its pid file)."""
         if self.fallback is not None:
             self.fallback.stop()
             self.fallback = None
-        (self.config.workdir / "fallback.pid").unlink(missing_ok=True)
+        _kill_fallback(self.config.workdir / "fallback.pid")
 
     def restore(self) -> None:
         """After a HAProxy (re)start: slots, states, pool, limits, weights and route from the state store."""
@@ -274,9 +297,8 @@ class Router:
         """Point ``slot`` at an instance's ports (it stays out of traffic until ``set_state``)."""
         with self._lock:
             self.proxy.bind_slot(slot, grpc_port, http_port)
-            lim = self.state.get(f"limit:{slot}", "") or str(self.slot_limit())
-            self.proxy.set_maxconn(slot, int(lim))
-            self.state.put(f"limit:{slot}", lim)
+            stored = self.state.get(f"limit:{slot}", "") if self.config.adaptive else ""
+            self.set_limit(slot, int(stored) if stored else self.slot_limit())  # a changed knee applies
 
     def set_state(self, slot: int, state: str) -> None:
         """``ready`` / ``drain`` / ``maint`` of the instance in ``slot``; in the pool backend only pool members
@@ -396,19 +418,50 @@ class Router:
         self._shed_total = total
         return self._last_shed > 0 and now - self._last_shed < SHED_WINDOW_S
 
-    def adapt(self, p99_s: dict[int, float | None], queue_full: dict[int, int]) -> None:
-        """One interval of the adaptive controller (only with ``adaptive``): moves each slot's limit."""
+    def interval_samples(self) -> tuple[dict[int, float | None], dict[int, int]]:
+        """Per slot, from the access log lines written since the last call: p99 of the server response time
+        (``Tr``, seconds) and the count of 503 answers (Triton's queue-full)."""
+        path = self.proxy.config.access_log_path
+        lat: dict[int, list[float]] = {}
+        full: dict[int, int] = {}
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._log_offset if self._log_offset <= path.stat().st_size else 0)
+                data = f.read(8 << 20)
+                self._log_offset = f.tell()
+        except OSError:
+            return {}, {}
+        for line in data.decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) < 7 or "/s" not in parts[4]:
+                continue
+            try:
+                slot = int(parts[4].rsplit("/s", 1)[1])
+                tr = int(parts[5].split("/")[3])
+            except (ValueError, IndexError):
+                continue
+            if tr >= 0:
+                lat.setdefault(slot, []).append(tr / 1000)
+            if parts[6] == "503":
+                full[slot] = full.get(slot, 0) + 1
+        p99 = {s: sorted(v)[min(len(v) - 1, int(0.99 * len(v)))] for s, v in lat.items()}
+        return p99, full
+
+    def adapt(self) -> None:
+        """One interval of the adaptive controller (only with ``adaptive``): each serving slot's limit moves
+        with its measured p99 against the SLO and its queue-full count (control/admission.py's rules)."""
         if not self.config.adaptive:
             return
+        p99_s, queue_full = self.interval_samples()
         cfg = LimitConfig(slo_p99_s=self.config.slo_p99_ms / 1000, min_limit=self.config.min_limit,
                           max_limit=self.config.max_limit)
-        shed_before = self._shed_total
-        shed = max(0, self.shed_total() - shed_before)
+        total = self.shed_total()
+        shed, self._adapt_shed = max(0, total - self._adapt_shed), total
         for slot, ld in self.load().items():
-            if slot not in self.pool_slots() and self.mode == "active-active":
+            if self.mode == "active-active" and slot not in self.pool_slots():
                 continue
-            ctl = self.controllers.setdefault(slot, AdaptiveLimit(cfg, max(cfg.min_limit, min(cfg.max_limit,
-                                                                                             ld.limit or 1))))
+            start = max(cfg.min_limit, min(cfg.max_limit, ld.limit or cfg.min_limit))
+            ctl = self.controllers.setdefault(slot, AdaptiveLimit(cfg, start))
             d = ctl.update(IntervalSample(p99_s=p99_s.get(slot), shed=shed, queue_full=queue_full.get(slot, 0),
                                           in_flight=ld.in_flight))
             self.decisions[slot] = f"{d.action}: {d.reason}"

@@ -243,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "never degraded answers")
     p.add_argument("--fallback-maxconn", type=int, default=32, help="in-flight limit of the degraded-answer "
                    "server; beyond it shed requests get 429/RESOURCE_EXHAUSTED")
+    p.add_argument("--timeout-server-ms", type=int, default=0, help="HAProxy timeout server (0: 4 x SLO "
+                   "within 100..1000 ms); raise it where the latency tail is far fatter than the SLO")
     p.add_argument("--adaptive-limits", action="store_true", help="let the AIMD controller move the limits")
     p.add_argument("--haproxy-metrics-port", type=int, default=0, help="HAProxy's Prometheus exporter "
                    "(0: a free port, remembered in <root>/monitoring/haproxy.port)")
@@ -288,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                               active=min(args.active, args.instances), knee_rps=args.knee_rps,
                               slo_p99_ms=args.slo_p99_ms, fallback=not args.no_fallback,
                               adaptive_limits=args.adaptive_limits, fallback_maxconn=args.fallback_maxconn,
+                              timeout_server_ms=args.timeout_server_ms,
                               haproxy_metrics_port=args.haproxy_metrics_port
                               or remembered_port(root / "monitoring" / "haproxy.port")), metrics)
     metrics.registry.register(FleetCollector(fleet))  # series the alert rules need (control/targets.py)

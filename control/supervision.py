@@ -71,6 +71,10 @@ class Supervision:
                 self.metrics.server_limit.labels(str(slot)).set(ld.limit)
                 self.metrics.server_inflight.labels(str(slot)).set(ld.in_flight)
             self.metrics.shed_requests.set(self.router.shed_seen)
+            now = time.monotonic()
+            if self.config.adaptive_limits and now - getattr(self, "_last_adapt", 0.0) >= 1.0:
+                self._last_adapt = now
+                self.router.adapt()
         except Exception:  # HAProxy restarting: the next tick reads again
             pass
 
