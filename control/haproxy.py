@@ -172,6 +172,18 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
     return out
 
 
+def front_door_lines(c: HAProxyConfig, proto: str) -> list[str]:
+    """The front door's own refusals, first in each frontend (issue 10 replaces these with
+    control/frontdoor.py's ``frontdoor_lines``); admission (``admission_lines``) comes after them."""
+    return [
+        # Triton's admin APIs (locked on every instance too): a 403 reaches gRPC clients as PERMISSION_DENIED,
+        # which no retry policy retries, and never costs the instance a parse.
+        f"  acl admin_api path_beg {' '.join(ADMIN_PATHS)}",
+        "  acl admin_api path_reg ^/v2/models/[^/]+(/versions/[^/]+)?/(load|unload|trace/setting)$",
+        "  http-request deny deny_status 403 if admin_api",
+    ]
+
+
 def render_config(c: HAProxyConfig) -> str:
     """The whole haproxy.cfg text for ``c``."""
     c.validate()
@@ -214,11 +226,7 @@ def render_config(c: HAProxyConfig) -> str:
             "",
             f"frontend fe_{proto}",
             f"  bind {c.host}:{bind_port}" + (" proto h2" if proto == "grpc" else ""),
-            # Triton's admin APIs (locked on every instance too): a 403 reaches gRPC clients as PERMISSION_DENIED,
-            # which no retry policy retries, and never costs the instance a parse.
-            f"  acl admin_api path_beg {' '.join(ADMIN_PATHS)}",
-            "  acl admin_api path_reg ^/v2/models/[^/]+(/versions/[^/]+)?/(load|unload|trace/setting)$",
-            "  http-request deny deny_status 403 if admin_api",
+            *front_door_lines(c, proto),
         ]
         if c.access_log:
             out += ["  no log", "  log stdout format raw local0 info", "  unique-id-format %[uuid()]",

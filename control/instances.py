@@ -27,6 +27,9 @@ from recserve.control.triton import (
     shm_prefix,
 )
 
+#: Triton priority of the golden probes: every composing model has ``priority_levels: 2`` with level 1 for them.
+PROBE_PRIORITY = 1
+
 
 class InstanceLifecycle:
     """Mixin of ``Fleet``: needs ``config``, ``state``, ``router``, ``servers``, ``clients``, ``busy``..."""
@@ -48,7 +51,9 @@ class InstanceLifecycle:
         if c is None or getattr(c, "_port", None) != rec.grpc_port:
             from recserve.control.health import INFER_TIMEOUT_S
 
-            c = RecClient(f"127.0.0.1:{rec.grpc_port}", timeout_s=INFER_TIMEOUT_S, retry_policy=None)
+            # priority 1: the composing models' own probe queue (model_repository configs, issue 9)
+            c = RecClient(f"127.0.0.1:{rec.grpc_port}", timeout_s=INFER_TIMEOUT_S, retry_policy=None,
+                          priority=PROBE_PRIORITY)
             c._port = rec.grpc_port
             self.clients[iid] = c
         return c

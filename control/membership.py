@@ -86,6 +86,8 @@ class Membership:
         """A rollout took the instance in ``slot`` as its canary: it leaves the active-active pool (drains)."""
         if self.config.mode == "active-active" and slot in self.router.pool_slots():
             self.router.set_pool(self.router.pool_slots() - {slot})
+            iid = next((r.id for r in self.state.instances() if r.slot == slot), "")
+            self.state.event("rollover", f"canary {iid} out of rotation while it loads the new version", iid)
 
     def shedding(self) -> bool:
         """The pool is refusing or degrading requests now (or was within the Router's window)."""

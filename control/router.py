@@ -198,8 +198,10 @@ class Router:
             fresh = False
         else:
             self.proxy.start()
+            how = ("overridden" if self.config.timeout_server_ms_override
+                   else f"4 x the SLO p99 {self.config.slo_p99_ms:g} ms")
             self._event("haproxy", f"haproxy started (pid {self.proxy.pid}); timeout server "
-                        f"{self.proxy.config.timeout_server_ms} ms from the SLO {self.config.slo_p99_ms} ms")
+                        f"{self.proxy.config.timeout_server_ms} ms ({how})")
             fresh = True
         self.state.put("router_mode", self.config.mode)
         self.ensure_fallback(force_bind=fresh)

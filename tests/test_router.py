@@ -259,6 +259,23 @@ def test_rollover_in_active_active_costs_no_request(fleet):
     assert not [m for m in msgs if "could not set nice" in m]
 
 
+def test_a_killed_haproxy_comes_back_with_the_pool_limits_and_fallback_restored(fleet):
+    import os
+
+    before = fleet.status()
+    pid = int((Path(fleet.root) / "haproxy" / "haproxy.pid").read_text().split()[0])
+    os.killpg(pid, signal.SIGKILL)
+    st = fleet.wait(lambda s: _pool(s) == 2 and s["route"] == "pool" and all(i["limit"] for i in s["instances"]),
+                    timeout=60, what="HAProxy restarted with the pool restored")
+    assert int((Path(fleet.root) / "haproxy" / "haproxy.pid").read_text().split()[0]) != pid
+    assert [(i["id"], i["in_pool"], i["limit"]) for i in st["instances"]] == \
+        [(i["id"], i["in_pool"], i["limit"]) for i in before["instances"]]
+    with Load(fleet.grpc_url, threads=10) as load:  # admission and the fallback backend work again
+        time.sleep(2)
+    kinds = load.kinds()
+    assert kinds["ok"] and kinds["degraded"] and not {k for k in kinds if "UNAVAILABLE" in k or "DEADLINE" in k}
+
+
 def test_fleet_down_stops_the_fallback_too(fleet):
     pid = int((Path(fleet.root) / "haproxy" / "fallback.pid").read_text())
     fleet.recctl("down", "--repository", str(fleet.repository), timeout=120)
