@@ -245,6 +245,7 @@ class RolloutManager:
                     vals = self._bake(rec, cand.id, g, base_p99, ref_iid=prim.id)
                     self._emit(rec, "bake", f"step {pct}% green: {self._fmt(vals)}", weight=pct, gates=vals)
             else:
+                self._wait_not_shedding(rec)
                 with f.lock:
                     f.route_first(cand.slot)
                 self._emit(rec, "shift", f"all traffic on {cand.id}; {prim.id} keeps version "

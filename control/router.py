@@ -24,6 +24,8 @@ try on another instance, so a hung instance costs at most ~4 x SLO + one normal 
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -55,6 +57,9 @@ DEFAULT_KNEE_RPS = 500.0
 PERF_REPORT = Path(__file__).resolve().parent.parent / "reports" / "perf" / "latest" / "report.json"
 #: How long after the last shed request the pool still counts as shedding (rollouts wait that long).
 SHED_WINDOW_S = 2.0
+#: The access log is copied to ``access.log.1`` and truncated beyond this size (about 250 bytes a request: 64 MiB
+#: is some 4 minutes at 1,000 requests/s), so a long peak cannot fill the disk.
+ACCESS_LOG_MAX_BYTES = 64 << 20
 
 
 class RouterError(RuntimeError):
@@ -419,6 +424,20 @@ class Router:
             self._last_shed = now
         self._shed_total = total
         return self._last_shed > 0 and now - self._last_shed < SHED_WINDOW_S
+
+    def rotate_access_log(self, max_bytes: int = ACCESS_LOG_MAX_BYTES) -> bool:
+        """Copy-truncate the access log past ``max_bytes`` (HAProxy appends to the same open file: O_APPEND
+        writes land at the new end); True when it rotated."""
+        path = self.proxy.config.access_log_path
+        try:
+            if path.stat().st_size <= max_bytes:
+                return False
+            shutil.copyfile(path, path.with_name(path.name + ".1"))
+            os.truncate(path, 0)
+        except OSError:
+            return False
+        self._log_offset = 0
+        return True
 
     def interval_samples(self) -> tuple[dict[int, float | None], dict[int, int]]:
         """Per slot, from the access log lines written since the last call: p99 of the server response time

@@ -67,6 +67,7 @@ class Supervision:
             self.metrics.reconcile_errors.inc()
         try:
             self.router.shedding()  # keeps the shedding window current for status and rollouts
+            self.router.rotate_access_log()
             for slot, ld in self.router.load().items():
                 self.metrics.server_limit.labels(str(slot)).set(ld.limit)
                 self.metrics.server_inflight.labels(str(slot)).set(ld.in_flight)

@@ -73,6 +73,10 @@ def test_adaptive_controller_reads_per_server_p99_and_queue_full_from_the_access
     p99, full = router.interval_samples()
     assert p99 == {0: 0.1} and full == {1: 3}  # 99th of 1..100 ms; 503s per server; the fallback ignored
     assert router.interval_samples() == ({}, {})  # only lines written since the last interval
+    log = router.proxy.config.access_log_path
+    size = log.stat().st_size
+    assert not router.rotate_access_log(max_bytes=size) and router.rotate_access_log(max_bytes=size - 1)
+    assert log.stat().st_size == 0 and log.with_name("access.log.1").stat().st_size == size
 
 
 # ---------------------------------------------------------------------------------------------- the fleet
@@ -166,6 +170,8 @@ def test_active_active_spreads_requests_across_both_actives(fleet):
         time.sleep(3)
     served = {iid: triton_request_counts(u)[0] - before[iid] for iid, u in urls.items()}
     assert not _failed(load.kinds()), load.kinds()
+    shown = " ".join(fleet.recctl("status").stdout.split())
+    assert "mode active-active" in shown and "in flight" in shown and "limit" in shown, shown
     # Triton's own counters (an independent witness): both actives served a real share of the requests
     assert all(n >= 0.2 * sum(served.values()) for n in served.values()), served
     log = (fleet.root / "haproxy" / "access.log").read_text().splitlines()
