@@ -17,6 +17,13 @@ started and supervised here like HAProxy), and only when that is full too with 4
 "overloaded, retry later". The control plane's golden probes go to instance ports directly, so they are
 never shed.
 
+For the drills and operators (read-only): ``load()`` (in flight, queued, limit, served per slot, from HAProxy's
+``show stat``), ``shedding()`` / ``shed_total()``, ``pool_slots()``, ``current_route()``, ``decisions`` (the
+adaptive controller's last word per slot) and the access log at ``proxy.config.access_log_path`` (one line per
+request: id, ``Tq/Tw/Tc/Tr/Tt``, status, retries, backend/server; copy-truncated to ``access.log.1`` past
+``ACCESS_LOG_MAX_BYTES``). Faults against HAProxy itself (kill it, stop it) are the drills'; ``ensure_running``
+brings it back with ``restore()``.
+
 ``timeout server`` comes from the SLO: ``timeout_server_ms = clamp(4 x slo_p99_ms, 100, 1000)``. A request
 that takes 4x the p99 target is treated as a hang: with ``retries 1`` + ``option redispatch`` it gets one more
 try on another instance, so a hung instance costs at most ~4 x SLO + one normal answer.
