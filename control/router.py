@@ -354,13 +354,29 @@ class Router:
             old = self.pool_slots()
             self.state.put("pool", ",".join(str(s) for s in sorted(slots)))
             for s in old | slots:
-                st = self._slot_state.get(s)
+                st = self._slot_state.get(s) or self._admin_state(s)
                 if st is None:
                     continue
                 pool_st = st if s in slots else ("drain" if s in old else "maint")
                 for p in PROTOS:
                     self.proxy.command(f"set server {pool_backend(p)}/s{s} state {pool_st}")
             self.apply_limits()
+
+    def _admin_state(self, slot: int) -> str | None:
+        """The slot's state as HAProxy holds it (after a control-plane restart adopted a running HAProxy, this
+        Router has not set it itself): maint/drain from ``show servers state``'s admin bits, else ready."""
+        try:
+            row = self.proxy.servers().get(f"chk/s{slot}")
+        except HAProxyError:
+            return None
+        if row is None:
+            return None
+        admin = int(row.get("srv_admin_state") or 0)
+        # HAProxy's SRV_ADMF_* bits: forced/inherited/resolver/health maint 0x63, drain 0x18; 0x04 is the config's
+        # "disabled", which stays set after "state ready" (seen on 2.6.12)
+        state = "maint" if admin & 0x63 else ("drain" if admin & 0x18 else "ready")
+        self._slot_state[slot] = state
+        return state
 
     def current_route(self) -> str:
         return self.state.get("route", "") or ""

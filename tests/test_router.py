@@ -79,6 +79,34 @@ def test_adaptive_controller_reads_per_server_p99_and_queue_full_from_the_access
     assert log.stat().st_size == 0 and log.with_name("access.log.1").stat().st_size == size
 
 
+def test_a_router_that_adopted_a_running_haproxy_keeps_its_server_states_in_the_pool(tmp_path):
+    """After a control-plane restart the new Router did not set the states itself: set_pool reads them from
+    HAProxy, so a standby promoted into the pool serves and a drained slot stays drained (real HAProxy)."""
+    from recserve.control.procs import free_port
+    from recserve.control.router import Router
+    from recserve.control.state import State
+
+    cfg = RouterConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=3,
+                       fallback=False, knee_rps=100)
+    first = Router(cfg, State(tmp_path / "state.db"))
+    first.start()
+    try:
+        for slot in (0, 1):
+            first.bind(slot, 1111 + slot, 2222 + slot)
+        first.set_state(0, "ready")
+        first.set_state(1, "drain")
+        second = Router(cfg, first.state)
+        assert not second.start()  # adopted, not restarted
+        second.set_pool({0, 1})
+        rows = second.proxy.servers()
+        assert rows["be_grpc_pool/s0"]["srv_admin_state"] == "0"  # ready: takes traffic
+        assert int(rows["be_grpc_pool/s1"]["srv_admin_state"]) & 0x18  # drain: no new requests
+        assert int(rows["be_grpc_pool/s2"]["srv_admin_state"]) & 0x03  # never bound: maintenance
+    finally:
+        first.stop()
+    assert not first.proxy.is_alive()
+
+
 # ---------------------------------------------------------------------------------------------- the fleet
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
