@@ -94,7 +94,7 @@ perf-check: models  ## judge reports/perf/latest ratios against their CPU ceilin
 	$(PY) -m recserve.perf check
 
 .PHONY: fleet-up fleet-down
-fleet-up: models  ## control plane + primary/standby Triton + HAProxy in the background (gRPC :8001, HTTP :8000); idempotent; MONITOR=1 also runs monitor-up
+fleet-up: models  ## control plane + active-active Triton pool + HAProxy + degraded-answer server in the background (gRPC :8001, HTTP :8000); idempotent; MONITOR=1 also runs monitor-up
 	$(PY) -m recserve.control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP) --backup-policy $(BACKUP_POLICY)
 	@if [ "$(MONITOR)" = 1 ]; then $(MAKE) --no-print-directory monitor-up; fi
 

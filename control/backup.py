@@ -26,6 +26,7 @@ from pathlib import Path
 
 from recserve.control.backup_policy import BackupError, BackupPolicy
 from recserve.control.backup_targets import Store, TargetError, TargetSpec, open_store, refuse_inside
+from recserve.control.router import ROUTER_KEYS_SQL
 from recserve.control.snapshots import (
     MANIFEST,
     has_manifests,
@@ -247,7 +248,7 @@ def sanitize_state(db_path: Path, rec: BackupRecord) -> None:
     try:
         db.execute("BEGIN IMMEDIATE")
         db.execute("DELETE FROM instances")
-        db.execute("DELETE FROM kv WHERE key = 'route' OR key LIKE 'weight:%'")
+        db.execute(f"DELETE FROM kv WHERE {ROUTER_KEYS_SQL}")
         db.execute("INSERT INTO events(ts, kind, instance, message) VALUES(?,?,?,?)",
                    (time.time(), "restore", "", f"runtime rebuilt from backup {rec.id} (taken "
                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(rec.created))} on {rec.host or '?'})"))

@@ -91,12 +91,15 @@ class RecClient:
         timeout_s: float = 10.0,
         model_suffix: str = "",
         retry_policy: dict | None = RETRY_SERVICE_CONFIG,
+        priority: int = 0,
     ):
         if protocol not in ("grpc", "http"):
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
         self.protocol = protocol
         self.timeout_s = timeout_s
         self.suffix = model_suffix
+        #: Triton request priority (0 = the model's default level); the control plane's golden probes use 1.
+        self.priority = priority
         if protocol == "grpc":
             import tritonclient.grpc as mod
 
@@ -115,6 +118,8 @@ class RecClient:
     def _infer(self, model: str, inputs: list) -> Result:
         outputs = [self._mod.InferRequestedOutput(n) for n in ("item_ids", "scores")]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        if self.priority:
+            kwargs["priority"] = self.priority
         r = self._client.infer(model + self.suffix, inputs, outputs=outputs, **kwargs)
         return Result(r.as_numpy("item_ids")[0].tolist(), r.as_numpy("scores")[0].tolist(), is_degraded(r))
 

@@ -54,11 +54,22 @@ class HAProxyConfig:
     timeout_server_ms: int = 1000
     timeout_check_ms: int = 150
     timeout_client_s: int = 30
-    retries: int = 3
+    #: At most one retry, and ``option redispatch`` sends it to ANOTHER server (see README "Retries").
+    retries: int = 1
     #: HAProxy's built-in Prometheus exporter on this port (GET /metrics); 0 = no exporter.
     metrics_port: int = 0
     #: The client frontends' rules: bind address, TLS, allow-list, size limits, timeouts (control/frontdoor.py).
     frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
+    #: Per-server in-flight limit at start (``maxconn``; for h2 servers it counts streams); the Router moves it
+    #: at runtime with ``set maxconn server``.
+    maxconn: int = 64
+    #: In-flight limit of the degraded-answer fallback server (its own backend).
+    fallback_maxconn: int = 64
+    #: Longest wait for a free server slot once admitted; the admission ACL refuses before a request queues, so
+    #: this only bounds the race between the ACL and the dispatch.
+    timeout_queue_ms: int = 50
+    #: Access log (timers Tq/Tw/Tc/Tr/Tt, retries, unique request id) to ``access.log`` in the workdir.
+    access_log: bool = True
 
     def validate(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -74,7 +85,8 @@ class HAProxyConfig:
         if not 1 <= self.slots <= 16:
             raise HAProxyError(f"haproxy config: slots must be 1..16, got {self.slots}")
         for name in ("check_inter_ms", "check_fall", "check_rise", "timeout_connect_ms", "timeout_server_ms",
-                     "timeout_check_ms", "timeout_client_s", "retries"):
+                     "timeout_check_ms", "timeout_client_s", "retries", "maxconn", "fallback_maxconn",
+                     "timeout_queue_ms"):
             if getattr(self, name) <= 0:
                 raise HAProxyError(f"haproxy config: {name} must be > 0, got {getattr(self, name)}")
         if self.timeout_check_ms >= self.check_inter_ms:
@@ -99,6 +111,10 @@ class HAProxyConfig:
     def pid_path(self) -> Path:
         return self.workdir / "haproxy.pid"
 
+    @property
+    def access_log_path(self) -> Path:
+        return self.workdir / "access.log"
+
 
 def first_backend(proto: str, slot: int) -> str:
     return f"be_{proto}_first_{slot}"
@@ -106,6 +122,49 @@ def first_backend(proto: str, slot: int) -> str:
 
 def split_backend(proto: str) -> str:
     return f"be_{proto}_split"
+
+
+def pool_backend(proto: str) -> str:
+    """``balance leastconn`` over the active instances (active-active mode)."""
+    return f"be_{proto}_pool"
+
+
+def fallback_backend(proto: str) -> str:
+    """The degraded-answer server (control/fallback_app.py): where shed requests go while it has room."""
+    return f"be_{proto}_fallback"
+
+
+#: What a shed client reads: HTTP 429's body, and the grpc-message of gRPC's RESOURCE_EXHAUSTED.
+OVERLOADED = "overloaded, retry later"
+#: Access log line: request id, client, timers (Tq request, Tw queue, Tc connect, Tr server response, Tt total,
+#: all ms), status, bytes, retries (%rc, "+" prefix when redispatched), concurrency and queues, request line.
+ACCESS_LOG_FORMAT = ("%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt %ST %B %rc "
+                     "%ac/%fc/%bc/%sc %sq/%bq %{+Q}r")
+
+
+def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[str]:
+    """Refuse at once when the routed backend has no free in-flight slot (``be_conn_free``), never queue.
+
+    Order: the degraded-answer backend while it has room, then HAProxy's own reply: HTTP 429 (``OVERLOADED``)
+    or, for gRPC, a Trailers-Only RESOURCE_EXHAUSTED (status 8), which client retry policies do not retry
+    (a 503 would reach gRPC clients as UNAVAILABLE and be retried). Goes AFTER the front door's rules.
+    """
+    out = [f"  http-request set-var(txn.route) str({proto}),map({c.map_path},{first_backend(proto, 0)})"]
+    for be in backends:
+        out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
+                   f"{{ be_conn_free({be}) le 0 }}")
+    out += ["  acl pool_full var(txn.full) -m bool",
+            f"  acl fallback_free be_conn_free({fallback_backend(proto)}) gt 0"]
+    if proto == "grpc":
+        out.append(f'  http-request return status 200 hdr content-type application/grpc hdr grpc-status 8 '
+                   f'hdr grpc-message "{OVERLOADED}" if pool_full !fallback_free')
+    else:
+        # KServe v2's error body ({"error": ...}), so HTTP clients such as tritonclient show the words
+        out.append(f'  http-request return status 429 content-type application/json hdr retry-after 1 '
+                   f'string "{{\\"error\\":\\"{OVERLOADED}\\"}}" if pool_full !fallback_free')
+    out += [f"  use_backend {fallback_backend(proto)} if pool_full",
+            "  use_backend %[var(txn.route)]"]
+    return out
 
 
 def render_config(c: HAProxyConfig) -> str:
@@ -127,6 +186,7 @@ def render_config(c: HAProxyConfig) -> str:
         f"  timeout client {c.timeout_client_s}s",
         f"  timeout server {c.timeout_server_ms}ms",
         f"  timeout check {c.timeout_check_ms}ms",
+        f"  timeout queue {c.timeout_queue_ms}ms",
         f"  retries {c.retries}",
         "  option redispatch 1",
         "",
@@ -143,24 +203,40 @@ def render_config(c: HAProxyConfig) -> str:
     for proto in PROTOS:
         bind_port = c.grpc_port if proto == "grpc" else c.http_port
         srv_proto = " proto h2" if proto == "grpc" else ""
+        lim = f"maxconn {c.maxconn}"
+        backends = ([first_backend(proto, k) for k in range(c.slots)]
+                    + [split_backend(proto), pool_backend(proto)])
         out += [
             "",
             f"frontend fe_{proto}",
             # Allow-list, size limits, timeouts, bind address and TLS: control/frontdoor.py. A 403 reaches gRPC
             # clients as PERMISSION_DENIED, which no retry policy retries, and never costs an instance a parse.
             *frontdoor_lines(c.frontdoor, proto, bind_port, c.workdir),
-            f"  use_backend %[str({proto}),map({c.map_path},{first_backend(proto, 0)})]",
-            f"  default_backend {first_backend(proto, 0)}",
         ]
-        retry = "  retry-on conn-failure empty-response response-timeout 503"
+        if c.access_log:
+            out += ["  no log", "  log stdout format raw local0 info", "  unique-id-format %[uuid()]",
+                    f'  log-format "{ACCESS_LOG_FORMAT}"']
+        out += admission_lines(c, proto, backends)
+        out.append(f"  default_backend {first_backend(proto, 0)}")
+        # No 503 here: Triton's own queue-full answer is 503, and retrying an overload multiplies it.
+        retry = "  retry-on conn-failure empty-response response-timeout"
         for k in range(c.slots):
             order = [k] + [s for s in range(c.slots) if s != k]
             out += ["", f"backend {first_backend(proto, k)}", "  balance first", retry]
             for i, s in enumerate(order):
-                out.append(f"  server s{s} {ph}{srv_proto} track chk/s{s} id {i + 1}")
+                out.append(f"  server s{s} {ph}{srv_proto} track chk/s{s} id {i + 1} {lim}")
         out += ["", f"backend {split_backend(proto)}", "  balance roundrobin", retry]
         for s in range(c.slots):
-            out.append(f"  server s{s} {ph}{srv_proto} track chk/s{s} weight 0")
+            out.append(f"  server s{s} {ph}{srv_proto} track chk/s{s} weight 0 {lim}")
+        out += ["", f"backend {pool_backend(proto)}", "  balance leastconn", retry]
+        for s in range(c.slots):
+            out.append(f"  server s{s} {ph}{srv_proto} track chk/s{s} {lim}")
+        fb_check = (f"check check-proto h1 inter {c.check_inter_ms * 2}ms fall {c.check_fall} "
+                    f"rise {c.check_rise} disabled" if proto == "grpc" else f"track {fallback_backend('grpc')}/fb")
+        chk_lines = (["  option httpchk GET /v2/health/ready", "  http-check expect status 200"]
+                     if proto == "grpc" else [])
+        out += ["", f"backend {fallback_backend(proto)}", "  retry-on conn-failure empty-response", *chk_lines,
+                f"  server fb {ph}{srv_proto} maxconn {c.fallback_maxconn} {fb_check}"]
     if c.metrics_port:  # Prometheus scrapes the data path as clients see it (Debian's 2.6 has the exporter)
         out += ["", "frontend fe_metrics", f"  bind {c.host}:{c.metrics_port}", "  no log",
                 "  http-request use-service prometheus-exporter if { path /metrics }",
@@ -222,11 +298,13 @@ class HAProxy:
         if check.returncode != 0:
             raise HAProxyError(f"haproxy rejected {c.config_path}: {check.stdout}{check.stderr}")
         log = open(c.workdir / "haproxy.log", "ab")
+        access = open(c.access_log_path, "ab")  # the frontends log to stdout (one line per request)
         self.process = subprocess.Popen(
             [binary, "-W", "-db", "-f", str(c.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=access, stderr=log, start_new_session=True,
         )
         log.close()
+        access.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -267,8 +345,9 @@ class HAProxy:
         return pid_alive(pid)
 
     # ------------------------------------------------------------------ runtime API
-    def command(self, cmd: str, timeout_s: float = 2.0) -> str:
-        """Send one runtime API command over the stats socket; raise on HAProxy's error answers."""
+    def command(self, cmd: str, timeout_s: float = 2.0, check: bool = True) -> str:
+        """Send one runtime API command over the stats socket; raise on HAProxy's error answers (``check``:
+        off for tables, whose column names contain words such as "errors")."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout_s)
@@ -284,13 +363,13 @@ class HAProxy:
             raise HAProxyError(f"haproxy runtime API '{cmd}': {exc}") from exc
         text = b"".join(chunks).decode(errors="replace")
         low = text.lower()
-        if any(w in low for w in ("unknown command", "no such", "require", "invalid", "not found", "error")):
+        if check and any(w in low for w in ("unknown command", "no such", "require", "invalid", "not found", "error")):
             raise HAProxyError(f"haproxy refused '{cmd}': {text.strip()}")
         return text
 
     def _all_backends(self) -> list[str]:
         firsts = [first_backend(p, k) for p in PROTOS for k in range(self.config.slots)]
-        return firsts + [split_backend(p) for p in PROTOS]
+        return firsts + [split_backend(p) for p in PROTOS] + [pool_backend(p) for p in PROTOS]
 
     def bind_slot(self, slot: int, grpc_port: int, http_port: int) -> None:
         """Point ``slot`` at an instance's ports in every backend (still in maintenance until ``set_state``)."""
@@ -301,15 +380,43 @@ class HAProxy:
             port = grpc_port if be.startswith("be_grpc") else http_port
             self.command(f"set server {be}/s{slot} addr 127.0.0.1 port {port}")
 
-    def set_state(self, slot: int, state: str) -> None:
-        """``ready``, ``drain`` or ``maint`` for the instance in ``slot`` (every backend follows via track)."""
+    def set_state(self, slot: int, state: str, pool_state: str | None = None) -> None:
+        """``ready``, ``drain`` or ``maint`` for the instance in ``slot`` (every backend follows via track);
+        ``pool_state`` overrides it in the active-active pool backends (an instance out of the pool)."""
         self._check_slot(slot)
-        if state not in ("ready", "drain", "maint"):
-            raise HAProxyError(f"server state must be ready, drain or maint, got {state!r}")
+        for st in (state, pool_state or state):
+            if st not in ("ready", "drain", "maint"):
+                raise HAProxyError(f"server state must be ready, drain or maint, got {st!r}")
         self.command(f"set server chk/s{slot} state {state}")
         # Trackers inherit maint/drain from chk only partly; set them explicitly so every backend agrees.
         for be in self._all_backends():
-            self.command(f"set server {be}/s{slot} state {state}")
+            st = (pool_state or state) if be.endswith("_pool") else state
+            self.command(f"set server {be}/s{slot} state {st}")
+
+    def set_maxconn(self, slot: int, limit: int) -> None:
+        """The in-flight limit of ``slot`` in every traffic backend (h2: concurrent streams)."""
+        self._check_slot(slot)
+        if not 1 <= limit <= 100000:
+            raise HAProxyError(f"maxconn must be 1..100000, got {limit}")
+        for be in self._all_backends():
+            self.command(f"set maxconn server {be}/s{slot} {limit}")
+
+    def bind_fallback(self, grpc_port: int, http_port: int) -> None:
+        """Point the degraded-answer backends at the fallback server and enable its health check."""
+        self.command(f"set server {fallback_backend('grpc')}/fb addr 127.0.0.1 port {grpc_port}")
+        self.command(f"set server {fallback_backend('grpc')}/fb check-port {http_port}")
+        self.command(f"set server {fallback_backend('http')}/fb addr 127.0.0.1 port {http_port}")
+        for p in PROTOS:
+            self.command(f"set server {fallback_backend(p)}/fb state ready")
+
+    def stat(self) -> list[dict[str, str]]:
+        """``show stat`` rows (pxname, svname, scur, qcur, slim, stot, status, ...), one per proxy/server."""
+        text = self.command("show stat", check=False)
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if not lines or not lines[0].startswith("# "):
+            return []
+        header = lines[0][2:].split(",")
+        return [dict(zip(header, ln.split(","), strict=False)) for ln in lines[1:]]
 
     def set_weight(self, slot: int, weight: int) -> None:
         """Weight of ``slot`` in the split (canary) backends, 0..256."""
@@ -320,12 +427,12 @@ class HAProxy:
             self.command(f"set server {split_backend(p)}/s{slot} weight {weight}")
 
     def route(self, backend_kind: str, slot: int = 0) -> None:
-        """Send clients to ``first`` (primary in ``slot``) or ``split`` (weights)."""
-        if backend_kind not in ("first", "split"):
-            raise HAProxyError(f"route must be 'first' or 'split', got {backend_kind!r}")
+        """Send clients to ``first`` (primary in ``slot``), ``split`` (weights) or ``pool`` (leastconn)."""
+        if backend_kind not in ("first", "split", "pool"):
+            raise HAProxyError(f"route must be 'first', 'split' or 'pool', got {backend_kind!r}")
         lines = []
         for p in PROTOS:
-            be = first_backend(p, slot) if backend_kind == "first" else split_backend(p)
+            be = {"split": split_backend(p), "pool": pool_backend(p)}.get(backend_kind) or first_backend(p, slot)
             self.command(f"set map {self.config.map_path} {p} {be}")
             lines.append(f"{p} {be}")
         tmp = self.config.map_path.with_suffix(".tmp")

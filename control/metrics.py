@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from recserve.control import promtext
 
-ROLES = ("primary", "standby", "canary")
+ROLES = ("primary", "active", "standby", "canary")
 
 
 class ControlMetrics:
@@ -46,6 +46,16 @@ class ControlMetrics:
                                        registry=r)
         self.backup_max_age = Gauge("recserve_backup_max_age_seconds", "policy: schedule interval plus slack "
                                     "(0: no backup policy)", registry=r)
+
+        # Admission (control/router.py): limits, load and shedding as HAProxy counts them.
+        self.busy_probes = Counter("recserve_busy_probes", "failed deep checks judged busy (saturated, at its "
+                                   "limit, live), not broken", ["instance"], registry=r)
+        self.server_limit = Gauge("recserve_server_inflight_limit", "in-flight limit (HAProxy maxconn) per slot",
+                                  ["slot"], registry=r)
+        self.server_inflight = Gauge("recserve_server_inflight", "requests in flight per slot (HAProxy scur)",
+                                     ["slot"], registry=r)
+        self.shed_requests = Gauge("recserve_shed_requests", "requests shed so far (fallback or 429/"
+                                   "RESOURCE_EXHAUSTED) since HAProxy started", registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -97,7 +97,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "recserve.control.server", "--root", str(root), "--repository", str(args.repository),
            "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
            "--control-port", str(args.control_port), "--metrics-port", str(args.metrics_port),
-           "--instances", str(args.instances)]
+           "--instances", str(args.instances), "--mode", args.mode, "--active", str(args.active),
+           "--knee-rps", str(args.knee_rps), "--slo-p99-ms", str(args.slo_p99_ms),
+           "--fallback-maxconn", str(args.fallback_maxconn), "--timeout-server-ms", str(args.timeout_server_ms)]
+    cmd += ["--no-fallback"] if args.no_fallback else []
+    cmd += ["--adaptive-limits"] if args.adaptive_limits else []
     for flag in ("tls_cert", "tls_key", "tls_ca", "client_tls_cert", "client_tls_key"):
         if getattr(args, flag):
             cmd += [f"--{flag.replace('_', '-')}", str(Path(getattr(args, flag)).resolve())]
@@ -181,12 +185,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     ep = d["endpoints"]
     console.print(f"fleet [bold]{d['health']}[/bold]  gRPC {ep['grpc']}  HTTP {ep['http']}  control {ep['control']}  "
                   f"metrics {ep['metrics']}  route {d.get('route', '')}")
-    t = Table("id", "role", "state", "pid", "grpc", "http", "weight", "restarts", "models", "detail")
+    console.print(f"mode {d.get('mode', '')}  actives wanted {d.get('active_target', 0)}  "
+                  f"shedding {'[red]yes[/red]' if d.get('shedding') else 'no'}")
+    t = Table("id", "role", "state", "pid", "grpc", "http", "weight", "in flight", "limit", "restarts", "models",
+              "detail")
     for i in d["instances"]:
         models = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in sorted(i["models"].items())
                            if k in d["desired"] and len(d["desired"]) and not k.endswith(("_pre", "_post")))
         t.add_row(i["id"], i["role"], i["state"], str(i["pid"]), str(i["grpc_port"]), str(i["http_port"]),
-                  str(i["weight"]), str(i.get("restarts", 0)), models, i.get("detail", "")[:60])
+                  str(i["weight"]), f"{i.get('in_flight', 0)}+{i.get('queued', 0)}q", str(i.get("limit", 0)),
+                  str(i.get("restarts", 0)), models, i.get("detail", "")[:60])
     console.print(t)
     console.print(f"/dev/shm: {d['shm']['regions']} regions, {d['shm']['bytes'] / 2**20:.1f} MiB held by this fleet's "
                   "instances (removed when an instance stops or is replaced)")
@@ -276,6 +284,23 @@ def _instance_call(method: str):
         return 0
 
     return run
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    """Active-active: keep N actives (new ones start, load, warm and pass a golden inference first;
+    removed ones drain their in-flight requests before they stop)."""
+    from recserve.control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    resp = stub.Scale(pb.ScaleRequest(active=args.active), metadata=_auth(args), timeout=args.timeout)
+    d = _status_dict(resp)
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        actives = [i["id"] for i in d["instances"] if i["role"] in ("primary", "active")]
+        console.print(f"{len(actives)} actives: {', '.join(actives)} (wanted {d.get('active_target', 0)})")
+    ch.close()
+    return 0
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -384,6 +409,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--control-port", type=int, default=int(os.environ.get("PORT_CONTROL", 50051)))
     up.add_argument("--metrics-port", type=int, default=int(os.environ.get("PORT_CONTROL_METRICS", 9108)))
     up.add_argument("--instances", type=int, default=2)
+    up.add_argument("--mode", choices=("active-active", "primary-standby"), default="active-active",
+                    help="active-active: --active instances share traffic (leastconn), the rest are hot standbys")
+    up.add_argument("--active", type=int, default=2, help="actives at first start (later: recctl scale)")
+    up.add_argument("--knee-rps", type=float, default=0.0, help="host knee for the in-flight limits "
+                    "(0: reports/perf/latest, else 500)")
+    up.add_argument("--slo-p99-ms", type=float, default=50.0, help="p99 target of admitted requests")
+    up.add_argument("--no-fallback", action="store_true", help="no degraded answers: shed = 429/RESOURCE_EXHAUSTED")
+    up.add_argument("--fallback-maxconn", type=int, default=32, help="in-flight limit of the degraded answers")
+    up.add_argument("--timeout-server-ms", type=int, default=0, help="HAProxy timeout server (0: from the SLO)")
+    up.add_argument("--adaptive-limits", action="store_true", help="AIMD controller moves the limits")
     up.add_argument("--tls-cert", help="PEM server certificate: the control API speaks TLS")
     up.add_argument("--tls-key", help="PEM private key of --tls-cert (mode 0600)")
     up.add_argument("--tls-ca", help="CA clients trust (default: --tls-cert itself, for a self-signed one)")
@@ -410,10 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, method in (("promote", "PromoteInstance"), ("drain", "DrainInstance")):
         sp = add(name, _instance_call(method), f"{name} an instance")
         sp.add_argument("id")
+    sc = add("scale", cmd_scale, "active-active: set the number of active instances")
+    sc.add_argument("--active", type=int, required=True, help="actives to keep (1..slots)")
     inst = sub.add_parser("instances", help="add or remove instances")
     isub = inst.add_subparsers(dest="action", required=True)
     ia = isub.add_parser("add", help="start a new instance")
-    ia.add_argument("--role", default="standby", choices=("standby", "primary"))
+    ia.add_argument("--role", default="standby", choices=("standby", "primary", "active"))
     ia.add_argument("--json", action="store_true")
     ia.set_defaults(fn=_instance_call("AddInstance"))
     ir = isub.add_parser("remove", help="stop and remove an instance")

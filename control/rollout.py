@@ -54,6 +54,13 @@ class GateFailure(Exception):
         self.gate, self.value, self.threshold = gate, value, threshold
 
 
+def candidate(recs: list) -> object | None:
+    """Who takes the new version first: a healthy standby, else (active-active) a healthy active that is not
+    the primary (it leaves the pool for the canary: the rest of the pool keeps serving)."""
+    return (next((r for r in recs if r.role == "standby" and r.state == "healthy"), None)
+            or next((r for r in recs if r.role == "active" and r.state == "healthy"), None))
+
+
 def p99(samples: list[float]) -> float:
     """p99 of the gate's probe latencies (control.stats' rule); 0 when there are none."""
     return percentile(samples, 99) or 0.0
@@ -106,8 +113,12 @@ class RolloutManager:
         if not any(r.role == "primary" and r.state == "healthy" for r in recs):
             raise FleetError("no healthy primary: a rollout needs a serving primary to compare with",
                              "FAILED_PRECONDITION")
-        if not any(r.role == "standby" and r.state == "healthy" for r in recs):
-            raise FleetError("no healthy standby to take the new version first", "FAILED_PRECONDITION")
+        if candidate(recs) is None:
+            raise FleetError("no healthy standby (or second active) to take the new version first",
+                             "FAILED_PRECONDITION")
+        if f.shedding():
+            raise FleetError("the pool is shedding load: a rollout would take capacity away; retry when the "
+                             "peak is over", "UNAVAILABLE")
 
     # ------------------------------------------------------------------ public API
     def start(self, model: str, version: int, strategy: str = "canary", steps: list[int] | None = None,
@@ -195,7 +206,7 @@ class RolloutManager:
         f = self.fleet
         g = Gates(**rec.gates)
         prim = next(r for r in self.state.instances() if r.role == "primary")
-        cand = next(r for r in self.state.instances() if r.role == "standby" and r.state == "healthy")
+        cand = candidate(self.state.instances())
         rec.canary = cand.id
         new_versions = {**cand.versions, rec.model: [rec.to_version]}
         try:
@@ -207,6 +218,7 @@ class RolloutManager:
             with f.lock:
                 self.state.update_instance(cand.id, role="canary")
                 f.metrics.set_role(cand.id, "canary")
+                f.ensure_canary_out(cand.slot)
             f.canary_broken.pop(cand.id, None)
             try:
                 f.reload(cand.id, new_versions, only=[rec.model])
@@ -220,21 +232,20 @@ class RolloutManager:
                                   f"the new version's golden answers share only {overlap:.0%} of their top items "
                                   f"with the current version's (minimum {g.min_answer_overlap:.0%})")
             if rec.strategy == "canary":
-                f.haproxy.set_weight(prim.slot, 100)
-                f.haproxy.set_weight(cand.slot, 0)
+                f.traffic.set_weight(prim.slot, 100)
+                f.traffic.set_weight(cand.slot, 0)
                 with f.lock:
-                    f.haproxy.route("split")
-                    self.state.put("route", "split")
+                    f.traffic.route("split")
                 for pct in rec.steps:
                     self._abort_check(rec)
-                    f.haproxy.set_weight(cand.slot, pct)
-                    f.haproxy.set_weight(prim.slot, 100 - pct)
-                    self.state.put(f"weight:{cand.id}", str(pct))
-                    self.state.put(f"weight:{prim.id}", str(100 - pct))
+                    self._wait_not_shedding(rec)
+                    f.traffic.set_weight(cand.slot, pct)
+                    f.traffic.set_weight(prim.slot, 100 - pct)
                     self._emit(rec, "shift", f"{pct}% of traffic on {cand.id}", weight=pct)
                     vals = self._bake(rec, cand.id, g, base_p99, ref_iid=prim.id)
                     self._emit(rec, "bake", f"step {pct}% green: {self._fmt(vals)}", weight=pct, gates=vals)
             else:
+                self._wait_not_shedding(rec)
                 with f.lock:
                     f.route_first(cand.slot)
                 self._emit(rec, "shift", f"all traffic on {cand.id}; {prim.id} keeps version "
@@ -250,6 +261,20 @@ class RolloutManager:
             self._rollback_run(rec, prim.id, cand.id, f"unexpected error: {exc!r}")
         finally:
             self._abort.pop(rid, None)
+
+    def _wait_not_shedding(self, rec: RolloutRecord, max_wait_s: float = 120.0) -> None:
+        """Pause (before shifting more traffic) while the pool sheds load; roll back after ``max_wait_s``."""
+        f = self.fleet
+        if not f.shedding():
+            return
+        self._emit(rec, rec.phase, "paused: the pool is shedding load")
+        deadline = time.monotonic() + max_wait_s
+        while f.shedding():
+            self._abort_check(rec)
+            if time.monotonic() > deadline:
+                raise GateFailure("shedding", 1, 0, f"the pool kept shedding for {max_wait_s:.0f}s")
+            time.sleep(0.2)
+        self._emit(rec, rec.phase, "resumed: the pool no longer sheds")
 
     def _abort_check(self, rec: RolloutRecord) -> None:
         ev = self._abort.get(rec.id)
@@ -359,15 +384,16 @@ class RolloutManager:
         self._reload_all(rec, exclude={canary})
         with f.lock:
             c = self.state.instance(canary)
-            f.route_first(c.slot)
             for r in self.state.instances():
                 if r.role == "primary":
                     self.state.update_instance(r.id, role="standby")
                     f.metrics.set_role(r.id, "standby")
             self.state.update_instance(canary, role="primary")
             f.metrics.set_role(canary, "primary")
+            f.route_serving(c.slot)
             for r in self.state.instances():
-                f.haproxy.set_weight(r.slot, 0)
+                f.traffic.set_weight(r.slot, 0)
+        f.ensure_primary()  # active-active: the pool back at its size (the old primary rejoins it)
         self._finish(rec, "succeeded", "done", f"{rec.model} {rec.to_version} on every instance; {canary} is primary")
 
     def _reload_all(self, rec: RolloutRecord, exclude: set[str]) -> None:
@@ -392,9 +418,9 @@ class RolloutManager:
         self._emit(rec, "rollback", f"rolling back: {why}")
         with f.lock:
             p = self.state.instance(primary)
-            f.route_first(p.slot)  # traffic back on the old version at once
+            f.route_serving(p.slot)  # traffic back on the old version at once
             for r in self.state.instances():
-                f.haproxy.set_weight(r.slot, 0)
+                f.traffic.set_weight(r.slot, 0)
             c = self.state.instance(canary)
         old = f.desired()
         try:
@@ -402,7 +428,7 @@ class RolloutManager:
             with f.lock:
                 self.state.update_instance(canary, role="standby", state="healthy")
                 f.metrics.set_role(canary, "standby")
-                f.haproxy.set_state(c.slot, "ready")
+                f.traffic.set_state(c.slot, "ready")
         except Exception as exc:
             with f.lock:
                 self.state.update_instance(canary, role="standby", versions=old)
@@ -430,7 +456,7 @@ class RolloutManager:
                     self.state.update_instance(r.id, versions=desired, role="standby" if r.id != rec.canary
                                                else "primary")
                 if canary is not None:
-                    self.state.put("route", f"first:{canary.slot}")
+                    f.route_serving(canary.slot)
                 self._finish(rec, "succeeded", "done", "finished after a control-plane restart")
             else:
                 rec.failed_gate, rec.failed_value, rec.threshold = "control_plane_restart", 1, 0
@@ -438,6 +464,6 @@ class RolloutManager:
                     self.state.update_instance(canary.id, versions=desired, role="standby")
                 prim = next((r for r in recs.values() if r.role == "primary"), None)
                 if prim is not None:
-                    self.state.put("route", f"first:{prim.slot}")
+                    f.route_serving(prim.slot)
                 self._finish(rec, "rolled_back", "done", "rolled back after a control-plane restart during "
                              f"phase {rec.phase}")

@@ -49,7 +49,9 @@ def instance_pb(d: dict) -> pb.Instance:
                        http_port=d["http_port"], metrics_port=d["metrics_port"], weight=d["weight"],
                        models=_versions(d["models"]), detail=d["detail"], restarts=d["restarts"],
                        last_healthy_unix=d["last_healthy_unix"], slot=d["slot"],
-                       shm_regions=d["shm_regions"], shm_bytes=d["shm_bytes"])
+                       shm_regions=d["shm_regions"], shm_bytes=d["shm_bytes"], in_pool=d["in_pool"],
+                       in_flight=d["in_flight"], queued=d["queued"], limit=d["limit"],
+                       limit_decision=d["limit_decision"])
 
 
 def rollout_pb(r, events: list[dict]) -> pb.Rollout:
@@ -109,7 +111,8 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
                   for e in self.fleet.state.events(request.events or 20)]
         return pb.FleetStatus(endpoints=pb.Endpoints(**self.endpoints), instances=[instance_pb(d) for d in
                               st["instances"]], desired=_versions(st["desired"]), health=st["health"],
-                              warnings=st["warnings"], active_rollout=active, events=events, route=st["route"])
+                              warnings=st["warnings"], active_rollout=active, events=events, route=st["route"],
+                              mode=st["mode"], active_target=st["active_target"], shedding=st["shedding"])
 
     def AddInstance(self, request, context):
         self._auth(context)
@@ -122,6 +125,12 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
         self._ready(context)
         rec = self._call(context, self.fleet.remove_instance, request.id)
         return pb.Instance(id=rec.id, role=rec.role, state="removed", slot=rec.slot)
+
+    def Scale(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        self._call(context, self.fleet.scale, request.active)
+        return self.GetStatus(pb.GetStatusRequest(), context)
 
     def DrainInstance(self, request, context):
         self._auth(context)
@@ -230,6 +239,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-tls-key", type=Path, default=None, help="PEM private key of --client-tls-cert (0600)")
     p.add_argument("--client-allow-plaintext", action="store_true", help="allow a non-loopback --client-bind "
                    "without TLS (a private network you trust)")
+    p.add_argument("--mode", choices=("active-active", "primary-standby"), default="active-active",
+                   help="active-active: --active instances behind leastconn, the rest hot standbys; "
+                   "primary-standby: one primary, standbys take over")
+    p.add_argument("--active", type=int, default=2, help="actives in active-active mode at first start")
+    p.add_argument("--knee-rps", type=float, default=0.0, help="the host's knee (rps with p99 under the SLO); "
+                   "per-server limits = knee x SLO / actives (0: reports/perf/latest, else 500)")
+    p.add_argument("--slo-p99-ms", type=float, default=50.0, help="p99 target of admitted requests")
+    p.add_argument("--no-fallback", action="store_true", help="shed requests get 429/RESOURCE_EXHAUSTED, "
+                   "never degraded answers")
+    p.add_argument("--fallback-maxconn", type=int, default=32, help="in-flight limit of the degraded-answer "
+                   "server; beyond it shed requests get 429/RESOURCE_EXHAUSTED")
+    p.add_argument("--timeout-server-ms", type=int, default=0, help="HAProxy timeout server (0: 4 x SLO "
+                   "within 100..1000 ms); raise it where the latency tail is far fatter than the SLO")
+    p.add_argument("--adaptive-limits", action="store_true", help="let the AIMD controller move the limits")
     p.add_argument("--haproxy-metrics-port", type=int, default=0, help="HAProxy's Prometheus exporter "
                    "(0: a free port, remembered in <root>/monitoring/haproxy.port)")
     return p.parse_args(argv)
@@ -276,7 +299,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics = ControlMetrics()
     fleet = Fleet(FleetConfig(root=root, repository=args.repository, grpc_port=args.grpc_port,
                               http_port=args.http_port, instances=args.instances,
-                              health_interval_s=args.health_interval,
+                              health_interval_s=args.health_interval, mode=args.mode,
+                              active=min(args.active, args.instances), knee_rps=args.knee_rps,
+                              slo_p99_ms=args.slo_p99_ms, fallback=not args.no_fallback,
+                              adaptive_limits=args.adaptive_limits, fallback_maxconn=args.fallback_maxconn,
+                              timeout_server_ms=args.timeout_server_ms,
                               haproxy_metrics_port=args.haproxy_metrics_port
                               or remembered_port(root / "monitoring" / "haproxy.port"), frontdoor=front), metrics)
     metrics.registry.register(FleetCollector(fleet))  # series the alert rules need (control/targets.py)

@@ -295,7 +295,7 @@ class FleetProcess:
         import sqlite3
 
         pids: set[int] = set()
-        for f in ("control.pid", "haproxy/haproxy.pid"):
+        for f in ("control.pid", "haproxy/haproxy.pid", "haproxy/fallback.pid"):
             try:
                 pids.add(int((self.root / f).read_text().split()[0]))
             except (OSError, ValueError, IndexError):

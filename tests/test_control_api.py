@@ -329,7 +329,8 @@ def fleet(tmp_path_factory):
     base = tmp_path_factory.mktemp("apifleet")
     cert, key = make_cert(base / "tls")
     repo = fleet_repository(base / "model_repository")
-    f = FleetProcess(base / "runtime", repo, up_args=("--tls-cert", str(cert), "--tls-key", str(key)), ca=cert)
+    f = FleetProcess(base / "runtime", repo, up_args=("--tls-cert", str(cert), "--tls-key", str(key), "--mode",
+                                                      "primary-standby"), ca=cert)  # the audit tests use a standby
     try:
         f.up()
         f.wait(all_healthy_exact, what="two healthy instances on the desired versions")

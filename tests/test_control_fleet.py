@@ -39,7 +39,10 @@ pytestmark = pytest.mark.timeout(600)
 def fleet(tmp_path_factory):
     base = tmp_path_factory.mktemp("fleet")
     repo = fleet_repository(base / "model_repository")
-    f = FleetProcess(base / "runtime", repo)
+    # These tests pin primary-standby (balance first); tests/test_router.py covers the active-active default.
+    # The 1 s server timeout they were written for: a rollover on the shared 2-core CI host has a tail past
+    # 4 x SLO, and a cut slow-but-correct answer would read as a failed request.
+    f = FleetProcess(base / "runtime", repo, up_args=("--mode", "primary-standby", "--timeout-server-ms", "1000"))
     try:
         f.up()
         f.wait(all_healthy_exact, what="two healthy instances on the desired versions")

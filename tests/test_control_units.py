@@ -39,8 +39,31 @@ def test_haproxy_config_has_the_verified_settings(tmp_path):
     # the client frontends carry the front door's allow-list (control/frontdoor.py; tests/test_front_door.py)
     assert text.count("acl fd_allowed path /inference.GRPCInferenceService/ServerLive") == 1
     assert text.count("acl fd_infer path_reg") == 1
-    assert text.count("track chk/s") == 2 * (2 * 2 + 2)  # 2 protocols x (2 first backends + split) x 2 slots
+    assert text.count("track chk/s") == 2 * (2 + 1 + 1) * 2  # 2 protocols x (2 first + split + pool) x 2 slots
     assert " backup" not in text  # backup servers lose requests on a killed primary (runtime notes)
+
+
+def test_haproxy_config_admits_fast_and_retries_once(tmp_path):
+    """Issue 9: every traffic server has an in-flight limit; a full pool is refused before it queues (degraded
+    answers first, then 429 / gRPC RESOURCE_EXHAUSTED); one retry, redispatched, never on 503; access log."""
+    from recserve.control.haproxy import OVERLOADED, pool_backend
+
+    text = render_config(HAProxyConfig(workdir=tmp_path, slots=2, maxconn=7, fallback_maxconn=3))
+    lines = [ln.strip() for ln in text.splitlines()]
+    servers = [ln for ln in lines if ln.startswith("server s") and "track chk/" in ln]
+    assert servers and all("maxconn 7" in ln for ln in servers)
+    assert "balance leastconn" in text and f"backend {pool_backend('grpc')}" in text
+    assert "retries 1" in lines and "option redispatch 1" in lines and "timeout queue 50ms" in lines
+    assert not [ln for ln in lines if ln.startswith("retry-on") and "503" in ln]
+    assert "be_conn_free(be_grpc_pool) le 0" in text and "be_conn_free(be_grpc_fallback) gt 0" in text
+    grpc_reply = next(ln for ln in lines if "grpc-status 8" in ln and "pool_full" in ln)  # (the size limit also is 8)
+    assert f'grpc-message "{OVERLOADED}"' in grpc_reply and grpc_reply.endswith("if pool_full !fallback_free")
+    assert any(ln.startswith("http-request return status 429") and OVERLOADED in ln for ln in lines)
+    assert "maxconn 3" in next(ln for ln in lines if ln.startswith("server fb") and "check" in ln)
+    fe = text[text.index("frontend fe_grpc"):text.index("backend be_grpc_first_0")]
+    # the front door's own refusals (403) come before admission; admission before the normal route
+    assert fe.index("acl fd_allowed") < fe.index("pool_full") < fe.index("use_backend %[var(txn.route)]")
+    assert "%Tq/%Tw/%Tc/%Tr/%Tt" in text and "%rc" in text and "unique-id-format" in text
 
 
 def test_haproxy_runtime_api_routes_and_refuses_bad_values(tmp_path):
@@ -57,7 +80,7 @@ def test_haproxy_runtime_api_routes_and_refuses_bad_values(tmp_path):
         assert rows["be_grpc_split/s1"]["srv_uweight"] == "30" and rows["be_grpc_first_0/s1"]["srv_port"] == "1111"
         assert rows["be_http_first_0/s1"]["srv_port"] == "2222"
         for bad in (lambda: h.set_weight(1, 300), lambda: h.set_state(5, "ready"), lambda: h.set_state(0, "up"),
-                    lambda: h.route("random")):
+                    lambda: h.route("random"), lambda: h.set_maxconn(0, 0)):
             with pytest.raises(HAProxyError):
                 bad()
         again = HAProxy(HAProxyConfig(workdir=tmp_path, grpc_port=h.config.grpc_port, http_port=h.config.http_port,

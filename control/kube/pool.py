@@ -88,6 +88,7 @@ class ServiceTraffic:
     def route(self, mode: str, slot: int | None = None) -> None:
         with self._lock:
             self.mode = "split" if mode == "split" else "first"
+        self.state.put("route", "split" if mode == "split" else f"first:{slot or 0}")
         for r in self.state.instances():
             self.on_change(r.id)
 
@@ -126,10 +127,6 @@ class KubePool:
         self._clients: dict[str, tuple[PodEndpoint, RecClient]] = {}
 
     # ------------------------------------------------------------------ ServingPool
-    @property
-    def haproxy(self) -> ServiceTraffic:
-        return self.traffic
-
     def top_models(self) -> list[str]:
         return list(self.models)
 
@@ -165,7 +162,17 @@ class KubePool:
 
     def route_first(self, slot: int) -> None:
         self.traffic.route("first", slot)
-        self.state.put("route", f"first:{slot}")
+
+    def route_serving(self, slot: int) -> None:
+        """Every admitted pod serves; ``slot`` is the rollouts' reference."""
+        self.route_first(slot)
+
+    def shedding(self) -> bool:
+        """Admission is the cluster's ingress's job here: nothing this pool can see."""
+        return False
+
+    def ensure_canary_out(self, slot: int) -> None:
+        """A canary pod's share is set by the split weights (``ServiceTraffic``): nothing else to take out."""
 
     def schedule_restart(self, iid: str, reason: str) -> None:
         """Kubernetes restarts by replacement: delete the pod, its Deployment creates a fresh one."""

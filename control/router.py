@@ -1,0 +1,516 @@
+"""The Router: the one owner of client routing (HAProxy), its runtime state and its keys in the state store.
+
+Why one owner: routing was written from the fleet, the rollouts and the restart path, each with its own idea of
+the state keys; a HAProxy restart then had to guess what to restore. Now ``Fleet``, ``RolloutManager`` and the
+drills ASK the Router; nothing else calls HAProxy's runtime API or writes these keys:
+
+* ``route``      ``pool`` (active-active: ``balance leastconn`` over the actives), ``first:<slot>`` (primary-standby
+                 or a blue-green switch: ``balance first`` with that slot first) or ``split`` (canary weights).
+* ``pool``       comma-separated slots in the active-active pool (the rest are out of rotation there).
+* ``weight:<id>`` canary weights of the split backend.
+* ``limit:<slot>`` the in-flight limit (HAProxy ``maxconn``; for h2 it counts streams) of each slot.
+* ``router_mode`` the serving mode last applied (``active-active`` or ``primary-standby``).
+
+Admission (see ``control/haproxy.py`` ``admission_lines``): when the routed backend has no free slot the front
+door answers at once, first from the degraded-answer fallback server (its own backend with its own limit,
+started and supervised here like HAProxy), and only when that is full too with 429 / RESOURCE_EXHAUSTED
+"overloaded, retry later". The control plane's golden probes go to instance ports directly, so they are
+never shed.
+
+For the drills and operators (read-only): ``load()`` (in flight, queued, limit, served per slot, from HAProxy's
+``show stat``), ``shedding()`` / ``shed_total()``, ``pool_slots()``, ``current_route()``, ``decisions`` (the
+adaptive controller's last word per slot) and the access log at ``proxy.config.access_log_path`` (one line per
+request: id, ``Tq/Tw/Tc/Tr/Tt``, status, retries, backend/server; copy-truncated to ``access.log.1`` past
+``ACCESS_LOG_MAX_BYTES``). Faults against HAProxy itself (kill it, stop it) are the drills'; ``ensure_running``
+brings it back with ``restore()``.
+
+``timeout server`` comes from the SLO: ``timeout_server_ms = clamp(4 x slo_p99_ms, 100, 1000)``. A request
+that takes 4x the p99 target is treated as a hang: with ``retries 1`` + ``option redispatch`` it gets one more
+try on another instance, so a hung instance costs at most ~4 x SLO + one normal answer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recserve.control.admission import AdaptiveLimit, IntervalSample, LimitConfig, initial_limit
+from recserve.control.fallback import FallbackConfig, FallbackError, FallbackServer
+from recserve.control.frontdoor import FrontDoorConfig
+from recserve.control.haproxy import (
+    PROTOS,
+    HAProxy,
+    HAProxyConfig,
+    HAProxyError,
+    fallback_backend,
+    first_backend,
+    pool_backend,
+    split_backend,
+)
+from recserve.control.procs import kill_group, pid_alive
+from recserve.control.state import State
+
+MODES = ("active-active", "primary-standby")
+#: SQL condition on the state store's kv table matching every key the Router owns (a backup restored on a new
+#: host drops them: its HAProxy starts empty and the Router rebuilds them).
+ROUTER_KEYS_SQL = ("key IN ('route', 'pool', 'router_mode') OR key LIKE 'weight:%' OR key LIKE 'limit:%'")
+#: Used when neither --knee-rps nor a perf report gives the knee: about half of the ~1,000 rps measured on a
+#: quiet 2-core host (issue 9), so a busy CI host is not overfilled either.
+DEFAULT_KNEE_RPS = 500.0
+PERF_REPORT = Path(__file__).resolve().parent.parent / "reports" / "perf" / "latest" / "report.json"
+#: How long after the last shed request the pool still counts as shedding (rollouts wait that long).
+SHED_WINDOW_S = 2.0
+#: The access log is copied to ``access.log.1`` and truncated beyond this size (about 250 bytes a request: 64 MiB
+#: is some 4 minutes at 1,000 requests/s), so a long peak cannot fill the disk.
+ACCESS_LOG_MAX_BYTES = 64 << 20
+
+
+class RouterError(RuntimeError):
+    """A routing request was refused; ``code`` names the gRPC status."""
+
+    def __init__(self, message: str, code: str = "FAILED_PRECONDITION"):
+        super().__init__(message)
+        self.code = code
+
+
+def default_knee_rps(model: str = "recommend", report: Path = PERF_REPORT) -> tuple[float, str]:
+    """The knee (rps per host) and where it came from: the perf suite's latest capacity, else the default."""
+    from recserve.drills.capacity import from_perf_report  # one reader of the perf report's capacity
+
+    cap = from_perf_report(model, report)
+    if cap and cap > 0:
+        return cap, f"perf report {report}"
+    return DEFAULT_KNEE_RPS, "conservative default (no perf report)"
+
+
+def _kill_fallback(pid_file: Path) -> None:
+    """Stop the fallback server named by ``pid_file`` when that pid still runs control/fallback_app.py."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError):
+        pid_file.unlink(missing_ok=True)
+        return
+    if pid_alive(pid) and b"fallback_app" in cmdline:
+        kill_group(pid)
+    pid_file.unlink(missing_ok=True)
+
+
+@dataclass
+class RouterConfig:
+    """Routing settings; ``validate`` names the field and the rule."""
+
+    workdir: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    slots: int = 4
+    metrics_port: int = 0
+    mode: str = "active-active"
+    #: Knee of the host (requests/s at which p99 stays under the SLO); 0 = ``default_knee_rps()``.
+    knee_rps: float = 0.0
+    #: p99 latency target of admitted requests.
+    slo_p99_ms: float = 50.0
+    min_limit: int = 2
+    #: At most the composing models' ``max_queue_size`` (64): admitted requests can never fill Triton's queues.
+    max_limit: int = 64
+    #: Start the degraded-answer fallback server and route shed requests to it.
+    fallback: bool = True
+    fallback_maxconn: int = 32
+    fallback_repository: Path | None = None
+    #: Let the AIMD controller (control/admission.py) move each limit; off = the fixed limit.
+    adaptive: bool = False
+    #: Override of the derived ``timeout server`` (0 = derived from the SLO): for hosts whose latency tail is
+    #: far fatter than the SLO (a shared CI machine), where 4 x SLO would cut slow-but-correct answers.
+    timeout_server_ms_override: int = 0
+    #: The client frontends' rules: bind address, TLS, allow-list, size limits, timeouts (control/frontdoor.py).
+    frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
+    knee_source: str = field(default="", init=False)
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise RouterError(f"mode must be one of {list(MODES)}, got {self.mode!r}", "INVALID_ARGUMENT")
+        if self.knee_rps < 0:
+            raise RouterError(f"knee_rps must be >= 0 (0 = from the perf report), got {self.knee_rps}",
+                              "INVALID_ARGUMENT")
+        if not 1 <= self.slo_p99_ms <= 10000:
+            raise RouterError(f"slo_p99_ms must be within 1..10000, got {self.slo_p99_ms}", "INVALID_ARGUMENT")
+        if not 1 <= self.min_limit <= self.max_limit:
+            raise RouterError(f"limits must satisfy 1 <= min_limit <= max_limit, got {self.min_limit}.."
+                              f"{self.max_limit}", "INVALID_ARGUMENT")
+        if self.timeout_server_ms_override and not 50 <= self.timeout_server_ms_override <= 60000:
+            raise RouterError(f"timeout_server_ms must be 0 (derived) or within 50..60000, got "
+                              f"{self.timeout_server_ms_override}", "INVALID_ARGUMENT")
+        if self.fallback_maxconn < 1:
+            raise RouterError(f"fallback_maxconn must be >= 1, got {self.fallback_maxconn}", "INVALID_ARGUMENT")
+
+    def knee(self) -> float:
+        if self.knee_rps > 0:
+            self.knee_source = "configured (--knee-rps)"
+            return self.knee_rps
+        knee, self.knee_source = default_knee_rps()
+        return knee
+
+    def timeout_server_ms(self) -> int:
+        """4 x the p99 target, within 100..1000 ms (see the module docstring), unless overridden."""
+        if self.timeout_server_ms_override:
+            return self.timeout_server_ms_override
+        return int(min(1000, max(100, 4 * self.slo_p99_ms)))
+
+    def host_limit(self) -> int:
+        """In-flight requests the host can take within the SLO (Little's law on the knee)."""
+        return initial_limit(self.knee(), self.slo_p99_ms / 1000, self.min_limit, self.max_limit * self.slots)
+
+    def haproxy_config(self) -> HAProxyConfig:
+        return HAProxyConfig(workdir=self.workdir, grpc_port=self.grpc_port, http_port=self.http_port,
+                             slots=self.slots, metrics_port=self.metrics_port,
+                             timeout_server_ms=self.timeout_server_ms(), maxconn=self.min_limit,
+                             fallback_maxconn=self.fallback_maxconn, frontdoor=self.frontdoor)
+
+
+@dataclass
+class SlotLoad:
+    """One slot as HAProxy counts it now, summed over the traffic backends."""
+
+    in_flight: int = 0
+    queued: int = 0
+    limit: int = 0
+    served: int = 0
+
+
+class Router:
+    """Owns HAProxy (process via ``HAProxy``, config, runtime state), the fallback server and the routing keys."""
+
+    def __init__(self, config: RouterConfig, state: State, event: Callable[[str, str], None] | None = None):
+        config.validate()
+        self.config = config
+        self.state = state
+        self.proxy = HAProxy(config.haproxy_config())
+        self._event = event or (lambda kind, msg: state.event(kind, msg))
+        self.fallback: FallbackServer | None = None
+        self._lock = threading.RLock()
+        self._slot_state: dict[int, str] = {}
+        self._shed_total = 0
+        self._last_shed = 0.0
+        self.controllers: dict[int, AdaptiveLimit] = {}
+        self._log_offset = 0
+        self._adapt_shed = 0
+        self.decisions: dict[int, str] = {}
+
+    # ================================================================== lifecycle
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    def start(self) -> bool:
+        """Adopt a running HAProxy or start one; start the fallback. True when HAProxy is fresh (needs restore)."""
+        if self.proxy.adopt():
+            self._event("haproxy", f"adopted haproxy (pid {self.proxy.pid})")
+            fresh = False
+        else:
+            self.proxy.start()
+            how = ("overridden" if self.config.timeout_server_ms_override
+                   else f"4 x the SLO p99 {self.config.slo_p99_ms:g} ms")
+            self._event("haproxy", f"haproxy started (pid {self.proxy.pid}); timeout server "
+                        f"{self.proxy.config.timeout_server_ms} ms ({how})")
+            fresh = True
+        self.state.put("router_mode", self.config.mode)
+        self.ensure_fallback(force_bind=fresh)
+        return fresh
+
+    def ensure_running(self, stopping: bool = False) -> bool:
+        """Supervision: restart a dead HAProxy (then ``restore()``) or fallback. True when HAProxy restarted."""
+        if stopping:
+            return False
+        restarted = False
+        with self._lock:
+            if not self.proxy.is_alive():
+                self._event("haproxy", "haproxy is gone: starting it again")
+                try:
+                    self.proxy.process = None
+                    self.proxy._pid = None
+                    self.proxy.start()
+                    self.ensure_fallback(force_bind=True)
+                    self.restore()
+                    self._event("haproxy", f"haproxy restarted (pid {self.proxy.pid})")
+                    restarted = True
+                except (HAProxyError, OSError) as exc:
+                    self._event("haproxy-error", f"restart failed: {exc}"[:500])
+                    raise
+            else:
+                self.ensure_fallback()
+        return restarted
+
+    def ensure_fallback(self, force_bind: bool = False) -> None:
+        """Start (or restart) the degraded-answer server and bind it; without it shed requests get 429/8."""
+        if not self.config.fallback:
+            return
+        fb = self.fallback
+        if fb is not None and fb.is_alive():
+            if force_bind:
+                self.proxy.bind_fallback(fb.config.grpc_port, fb.config.http_port)
+            return
+        pid_file = self.config.workdir / "fallback.pid"
+        _kill_fallback(pid_file)  # one left by an earlier control plane (its ports are unknown to this one)
+        cfg = FallbackConfig(workdir=self.config.workdir / "fallback", max_concurrent=self.config.fallback_maxconn * 2)
+        if self.config.fallback_repository is not None:
+            cfg.model_repository = self.config.fallback_repository
+        self.fallback = FallbackServer(cfg)
+        try:
+            self.fallback.start(wait=True)
+        except FallbackError as exc:
+            self.fallback = None
+            pid_file.unlink(missing_ok=True)
+            self._event("fallback-error", f"degraded answers unavailable, shed requests get 429/"
+                        f"RESOURCE_EXHAUSTED: {exc}"[:500])
+            return
+        pid_file.write_text(f"{self.fallback.pid}\n")
+        self.proxy.bind_fallback(cfg.grpc_port, cfg.http_port)
+        self._event("fallback", f"degraded-answer server pid {self.fallback.pid} on grpc {cfg.grpc_port}")
+
+    def stop(self) -> None:
+        if not self.proxy.pid:
+            self.proxy.adopt()
+        self.proxy.stop()
+        self.stop_fallback()
+        for key in ("route", "pool"):
+            self.state.put(key, "")
+
+    def stop_fallback(self) -> None:
+        """Stop the fallback server: ours, or one an earlier control plane left (by its pid file)."""
+        if self.fallback is not None:
+            self.fallback.stop()
+            self.fallback = None
+        _kill_fallback(self.config.workdir / "fallback.pid")
+
+    def restore(self) -> None:
+        """After a HAProxy (re)start: slots, states, pool, limits, weights and route from the state store."""
+        recs = self.state.instances()
+        for r in recs:
+            if r.grpc_port and r.state in ("healthy", "drained"):
+                self.bind(r.slot, r.grpc_port, r.http_port)
+                if r.role != "canary":
+                    self.set_state(r.slot, "drain" if r.state == "drained" else "ready")
+        for r in recs:
+            lim = self.state.get(f"limit:{r.slot}", "")
+            if lim:
+                self.proxy.set_maxconn(r.slot, int(lim))
+        route = self.state.get("route", "") or ""
+        if route.startswith("first:"):
+            self.route("first", int(route.split(":")[1]))
+        elif route == "split":
+            for r in recs:
+                self.proxy.set_weight(r.slot, int(self.state.get(f"weight:{r.id}", "0") or 0))
+            self.route("split")
+        elif route == "pool":
+            self.route("pool")
+
+    # ================================================================== slots and traffic (pool.Traffic)
+    def bind(self, slot: int, grpc_port: int, http_port: int) -> None:
+        """Point ``slot`` at an instance's ports (it stays out of traffic until ``set_state``)."""
+        with self._lock:
+            self.proxy.bind_slot(slot, grpc_port, http_port)
+            stored = self.state.get(f"limit:{slot}", "") if self.config.adaptive else ""
+            self.set_limit(slot, int(stored) if stored else self.slot_limit())  # a changed knee applies
+
+    def set_state(self, slot: int, state: str) -> None:
+        """``ready`` / ``drain`` / ``maint`` of the instance in ``slot``; in the pool backend only pool members
+        follow it (the others stay out of rotation there)."""
+        with self._lock:
+            self._slot_state[slot] = state
+            self.proxy.set_state(slot, state, pool_state=state if slot in self.pool_slots() else "maint")
+
+    def set_weight(self, slot: int, weight: int) -> None:
+        """Canary weight of ``slot`` in the split backend (0..256), recorded as ``weight:<instance>``."""
+        with self._lock:
+            self.proxy.set_weight(slot, weight)
+            iid = next((r.id for r in self.state.instances() if r.slot == slot), None)
+            if iid is not None:
+                self.state.put(f"weight:{iid}", str(weight))
+
+    def route(self, mode: str, slot: int | None = None) -> None:
+        """Send clients to ``pool`` (active-active), ``first`` (``slot`` first) or ``split`` (weights)."""
+        if mode not in ("pool", "first", "split"):
+            raise RouterError(f"route must be 'pool', 'first' or 'split', got {mode!r}", "INVALID_ARGUMENT")
+        with self._lock:
+            self.proxy.route(mode, slot or 0)
+            self.state.put("route", f"first:{slot or 0}" if mode == "first" else mode)
+
+    def serve(self, primary_slot: int | None) -> None:
+        """Normal serving for the mode: the pool (active-active) or ``primary_slot`` first (primary-standby)."""
+        if self.mode == "active-active":
+            self.route("pool")
+        elif primary_slot is not None:
+            self.route("first", primary_slot)
+
+    def pool_slots(self) -> set[int]:
+        text = self.state.get("pool", "") or ""
+        return {int(s) for s in text.split(",") if s.strip()}
+
+    def set_pool(self, slots: set[int]) -> None:
+        """The active-active members; a slot leaving the pool drains there (in-flight requests finish)."""
+        with self._lock:
+            old = self.pool_slots()
+            self.state.put("pool", ",".join(str(s) for s in sorted(slots)))
+            for s in old | slots:
+                st = self._slot_state.get(s) or self._admin_state(s)
+                if st is None:
+                    continue
+                pool_st = st if s in slots else ("drain" if s in old else "maint")
+                for p in PROTOS:
+                    self.proxy.command(f"set server {pool_backend(p)}/s{s} state {pool_st}")
+            self.apply_limits()
+
+    def _admin_state(self, slot: int) -> str | None:
+        """The slot's state as HAProxy holds it (after a control-plane restart adopted a running HAProxy, this
+        Router has not set it itself): maint/drain from ``show servers state``'s admin bits, else ready."""
+        try:
+            row = self.proxy.servers().get(f"chk/s{slot}")
+        except HAProxyError:
+            return None
+        if row is None:
+            return None
+        admin = int(row.get("srv_admin_state") or 0)
+        # HAProxy's SRV_ADMF_* bits: forced/inherited/resolver/health maint 0x63, drain 0x18; 0x04 is the config's
+        # "disabled", which stays set after "state ready" (seen on 2.6.12)
+        state = "maint" if admin & 0x63 else ("drain" if admin & 0x18 else "ready")
+        self._slot_state[slot] = state
+        return state
+
+    def current_route(self) -> str:
+        return self.state.get("route", "") or ""
+
+    # ================================================================== limits
+    def slot_limit(self) -> int:
+        """Per-server limit: the host's limit shared by the servers taking traffic (on one host extra
+        instances add no capacity), within [min_limit, max_limit]."""
+        n = max(1, len(self.pool_slots())) if self.mode == "active-active" else 1
+        per = -(-self.config.host_limit() // n)
+        return max(self.config.min_limit, min(self.config.max_limit, per))
+
+    def apply_limits(self) -> None:
+        """Set every bound slot to the fixed limit (unless the adaptive controller owns it)."""
+        lim = self.slot_limit()
+        for r in self.state.instances():
+            if not r.grpc_port or (self.config.adaptive and r.slot in self.controllers):
+                continue
+            self.set_limit(r.slot, lim)
+
+    def set_limit(self, slot: int, limit: int) -> None:
+        with self._lock:
+            self.proxy.set_maxconn(slot, limit)
+            self.state.put(f"limit:{slot}", str(limit))
+
+    def load(self) -> dict[int, SlotLoad]:
+        """In-flight (scur), queued (qcur), limit (slim) and served (stot) per slot from ``show stat``."""
+        out: dict[int, SlotLoad] = {}
+        traffic = {pool_backend(p) for p in PROTOS} | {split_backend(p) for p in PROTOS} | {
+            first_backend(p, k) for p in PROTOS for k in range(self.config.slots)}
+        for row in self.proxy.stat():
+            if row.get("pxname") not in traffic or not row.get("svname", "").startswith("s"):
+                continue
+            try:
+                slot = int(row["svname"][1:])
+            except ValueError:
+                continue
+            ld = out.setdefault(slot, SlotLoad())
+            ld.in_flight += int(row.get("scur") or 0)
+            ld.queued += int(row.get("qcur") or 0)
+            ld.served += int(row.get("stot") or 0)
+            ld.limit = max(ld.limit, int(row.get("slim") or 0))
+        return out
+
+    def shed_total(self) -> int:
+        """Requests shed so far: sent to the fallback, or answered 429/RESOURCE_EXHAUSTED by HAProxy."""
+        total = 0
+        for row in self.proxy.stat():
+            if row.get("pxname") in {fallback_backend(p) for p in PROTOS} and row.get("svname") == "BACKEND":
+                total += int(row.get("stot") or 0)
+            if row.get("pxname") in {f"fe_{p}" for p in PROTOS} and row.get("svname") == "FRONTEND":
+                total += int(row.get("intercepted") or 0)
+        return total
+
+    @property
+    def shed_seen(self) -> int:
+        """Shed requests counted at the last ``shedding()`` call."""
+        return self._shed_total
+
+    def shedding(self) -> bool:
+        """True while requests are being shed, or were within ``SHED_WINDOW_S``."""
+        try:
+            total = self.shed_total()
+        except HAProxyError:
+            return False
+        now = time.monotonic()
+        if total > self._shed_total:
+            self._last_shed = now
+        self._shed_total = total
+        return self._last_shed > 0 and now - self._last_shed < SHED_WINDOW_S
+
+    def rotate_access_log(self, max_bytes: int = ACCESS_LOG_MAX_BYTES) -> bool:
+        """Copy-truncate the access log past ``max_bytes`` (HAProxy appends to the same open file: O_APPEND
+        writes land at the new end); True when it rotated."""
+        path = self.proxy.config.access_log_path
+        try:
+            if path.stat().st_size <= max_bytes:
+                return False
+            shutil.copyfile(path, path.with_name(path.name + ".1"))
+            os.truncate(path, 0)
+        except OSError:
+            return False
+        self._log_offset = 0
+        return True
+
+    def interval_samples(self) -> tuple[dict[int, float | None], dict[int, int]]:
+        """Per slot, from the access log lines written since the last call: p99 of the server response time
+        (``Tr``, seconds) and the count of 503 answers (Triton's queue-full)."""
+        path = self.proxy.config.access_log_path
+        lat: dict[int, list[float]] = {}
+        full: dict[int, int] = {}
+        try:
+            with open(path, "rb") as f:
+                f.seek(self._log_offset if self._log_offset <= path.stat().st_size else 0)
+                data = f.read(8 << 20)
+                self._log_offset = f.tell()
+        except OSError:
+            return {}, {}
+        for line in data.decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) < 7 or "/s" not in parts[4]:
+                continue
+            try:
+                slot = int(parts[4].rsplit("/s", 1)[1])
+                tr = int(parts[5].split("/")[3])
+            except (ValueError, IndexError):
+                continue
+            if tr >= 0:
+                lat.setdefault(slot, []).append(tr / 1000)
+            if parts[6] == "503":
+                full[slot] = full.get(slot, 0) + 1
+        p99 = {s: sorted(v)[min(len(v) - 1, int(0.99 * len(v)))] for s, v in lat.items()}
+        return p99, full
+
+    def adapt(self) -> None:
+        """One interval of the adaptive controller (only with ``adaptive``): each serving slot's limit moves
+        with its measured p99 against the SLO and its queue-full count (control/admission.py's rules)."""
+        if not self.config.adaptive:
+            return
+        p99_s, queue_full = self.interval_samples()
+        cfg = LimitConfig(slo_p99_s=self.config.slo_p99_ms / 1000, min_limit=self.config.min_limit,
+                          max_limit=self.config.max_limit)
+        total = self.shed_total()
+        shed, self._adapt_shed = max(0, total - self._adapt_shed), total
+        for slot, ld in self.load().items():
+            if self.mode == "active-active" and slot not in self.pool_slots():
+                continue
+            start = max(cfg.min_limit, min(cfg.max_limit, ld.limit or cfg.min_limit))
+            ctl = self.controllers.setdefault(slot, AdaptiveLimit(cfg, start))
+            d = ctl.update(IntervalSample(p99_s=p99_s.get(slot), shed=shed, queue_full=queue_full.get(slot, 0),
+                                          in_flight=ld.in_flight))
+            self.decisions[slot] = f"{d.action}: {d.reason}"
+            if d.limit != ld.limit:
+                self.set_limit(slot, d.limit)

@@ -1,0 +1,326 @@
+"""Issue 9: the Router, the active-active pool and admission control, on a real fleet (tritonserver x2, HAProxy,
+the degraded-answer server, control plane) in the default active-active mode, plus the pure rules.
+
+The fleet runs with a deliberately low knee (40 rps -> 2 requests in flight per server) and a fallback limit of
+2, so a dozen client threads overload it far beyond its limits without needing a fast machine. Outcomes are
+asserted (no failed request in failover/scale/rollover, overload answered by degraded answers or fast refusals,
+never timeouts, no restart); latencies are only printed: on the shared 2-core host they are noise.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from recserve.control.haproxy import OVERLOADED
+from recserve.control.health import Probe
+from recserve.control.metrics import triton_request_counts
+from recserve.control.proto import control_pb2 as pb
+from recserve.control.router import RouterConfig, RouterError
+from recserve.control.supervision import classify
+from tests.fleet_fixtures import FleetProcess, fleet_repository, make_version
+
+pytestmark = pytest.mark.timeout(600)
+
+
+# ---------------------------------------------------------------------------------------------- pure rules
+def test_busy_is_told_from_hung_and_broken():
+    """A slow or queue-full golden answer on an instance HAProxy shows at its limit is busy (never restarted);
+    the same failure without the limit, a silent live endpoint, or a wrong answer is failing."""
+    slow = Probe(False, "golden", "golden inference failed: [StatusCode.DEADLINE_EXCEEDED] Deadline Exceeded", 0)
+    full = Probe(False, "golden", "golden inference failed: Exceeds maximum queue size", 0)
+    wrong = Probe(False, "golden", "wrong answer: recommend item_ids differ", 0)
+    hung = Probe(False, "live", "no answer on the HTTP port (hung or not listening)", 0)
+    dead = Probe(False, "process", "process is gone", 0, fatal=True)
+    assert classify(slow, at_limit=True) == "busy" and classify(full, at_limit=True) == "busy"
+    assert classify(slow, at_limit=False) == "failing"
+    for p in (wrong, hung, dead):
+        assert classify(p, at_limit=True) == "failing", p
+    assert classify(Probe(True, "ok", "", 0), at_limit=True) == "ok"
+
+
+def test_router_config_refuses_bad_values_and_derives_timeouts(tmp_path):
+    for kw, words in ((dict(mode="round-robin"), "mode must be one of"), (dict(knee_rps=-1), "knee_rps must be"),
+                      (dict(slo_p99_ms=0), "slo_p99_ms must be"), (dict(min_limit=5, max_limit=2), "min_limit"),
+                      (dict(fallback_maxconn=0), "fallback_maxconn must be")):
+        with pytest.raises(RouterError) as exc:
+            RouterConfig(workdir=tmp_path, **kw).validate()
+        assert words in str(exc.value) and exc.value.code == "INVALID_ARGUMENT"
+    c = RouterConfig(workdir=tmp_path, knee_rps=1000, slo_p99_ms=50)
+    assert c.timeout_server_ms() == 200 and c.host_limit() == 50  # 4 x SLO; knee x SLO (Little's law)
+    assert RouterConfig(workdir=tmp_path, slo_p99_ms=1000).timeout_server_ms() == 1000
+    assert c.haproxy_config().retries == 1 and c.haproxy_config().timeout_server_ms == 200
+
+
+def test_adaptive_controller_reads_per_server_p99_and_queue_full_from_the_access_log(tmp_path):
+    from recserve.control.router import Router
+    from recserve.control.state import State
+
+    router = Router(RouterConfig(workdir=tmp_path, fallback=False), State(tmp_path / "state.db"))
+    line = ('id 127.0.0.1:1 [01/Dec/2026:15:16:34.302] fe_grpc be_grpc_pool/s{slot} 0/0/0/{tr}/{tr} {st} 484 0 '
+            '1/1/1/1 0/0 "POST /inference.GRPCInferenceService/ModelInfer HTTP/2.0"\n')
+    lines = [line.format(slot=0, tr=t, st=200) for t in range(1, 101)] + [line.format(slot=1, tr=-1, st=503)] * 3
+    lines.append('id 127.0.0.1:1 [x] fe_grpc be_grpc_fallback/fb 0/0/0/1/1 200 10 0 1/1/1/1 0/0 "POST /"\n')
+    router.proxy.config.access_log_path.write_text("".join(lines))
+    p99, full = router.interval_samples()
+    assert p99 == {0: 0.1} and full == {1: 3}  # 99th of 1..100 ms; 503s per server; the fallback ignored
+    assert router.interval_samples() == ({}, {})  # only lines written since the last interval
+    log = router.proxy.config.access_log_path
+    size = log.stat().st_size
+    assert not router.rotate_access_log(max_bytes=size) and router.rotate_access_log(max_bytes=size - 1)
+    assert log.stat().st_size == 0 and log.with_name("access.log.1").stat().st_size == size
+
+
+def test_a_router_that_adopted_a_running_haproxy_keeps_its_server_states_in_the_pool(tmp_path):
+    """After a control-plane restart the new Router did not set the states itself: set_pool reads them from
+    HAProxy, so a standby promoted into the pool serves and a drained slot stays drained (real HAProxy)."""
+    from recserve.control.procs import free_port
+    from recserve.control.router import Router
+    from recserve.control.state import State
+
+    cfg = RouterConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=3,
+                       fallback=False, knee_rps=100)
+    first = Router(cfg, State(tmp_path / "state.db"))
+    first.start()
+    try:
+        for slot in (0, 1):
+            first.bind(slot, 1111 + slot, 2222 + slot)
+        first.set_state(0, "ready")
+        first.set_state(1, "drain")
+        second = Router(cfg, first.state)
+        assert not second.start()  # adopted, not restarted
+        second.set_pool({0, 1})
+        rows = second.proxy.servers()
+        assert rows["be_grpc_pool/s0"]["srv_admin_state"] == "0"  # ready: takes traffic
+        assert int(rows["be_grpc_pool/s1"]["srv_admin_state"]) & 0x18  # drain: no new requests
+        assert int(rows["be_grpc_pool/s2"]["srv_admin_state"]) & 0x03  # never bound: maintenance
+    finally:
+        first.stop()
+    assert not first.proxy.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------- the fleet
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    base = tmp_path_factory.mktemp("router")
+    repo = fleet_repository(base / "model_repository")
+    # --timeout-server-ms 1000: on the shared CI host a rollover's latency tail passes the derived 4 x SLO
+    f = FleetProcess(base / "runtime", repo, up_args=("--knee-rps", "40", "--fallback-maxconn", "2",
+                                                      "--timeout-server-ms", "1000"))
+    try:
+        f.up()
+        f.wait(lambda s: _pool(s) == 2 and _healthy(s), what="two healthy actives in the pool")
+        yield f
+    finally:
+        f.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _pool(st: dict) -> int:
+    return sum(1 for i in st["instances"] if i["in_pool"] and i["state"] == "healthy")
+
+
+def _healthy(st: dict) -> bool:
+    return all(i["state"] == "healthy" and {m: i["models"].get(m) for m in st["desired"]} == st["desired"]
+               for i in st["instances"])
+
+
+@dataclass
+class Outcome:
+    kind: str  # ok, degraded, or the error's status (gRPC code name / HTTP status) and message
+    latency_s: float
+
+
+class Load:
+    """Bounded closed-loop clients without retries, recording every outcome (answers, degraded, errors)."""
+
+    def __init__(self, url: str, http_url: str = "", threads: int = 2, http_threads: int = 0):
+        self.url, self.http_url = url, http_url
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=("grpc",), daemon=True) for _ in range(threads)]
+        self._threads += [threading.Thread(target=self._run, args=("http",), daemon=True)
+                          for _ in range(http_threads)]
+
+    def _run(self, protocol: str) -> None:
+        from recserve.control.client import RecClient
+
+        client = RecClient(self.url if protocol == "grpc" else self.http_url, protocol, retry_policy=None)
+        deadline = time.monotonic() + 120
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                kind = "degraded" if client.recommend(7, [11, 12, 13]).degraded else "ok"
+            except Exception as exc:  # every failure is data here
+                status = exc.status() if hasattr(exc, "status") else type(exc).__name__
+                message = exc.message() if hasattr(exc, "message") else str(exc)
+                kind = f"{status}: {message}"[:160]
+            with self._lock:
+                self.outcomes.append(Outcome(kind, time.monotonic() - t0))
+        client.close()
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+    def kinds(self) -> Counter:
+        with self._lock:
+            return Counter(o.kind for o in self.outcomes)
+
+
+def _failed(kinds: Counter) -> dict:
+    return {k: n for k, n in kinds.items() if k not in ("ok", "degraded")}
+
+
+def test_active_active_spreads_requests_across_both_actives(fleet):
+    st = fleet.status()
+    assert st["mode"] == "active-active" and st["route"] == "pool" and st["active_target"] == 2
+    assert sorted(i["role"] for i in st["instances"]) == ["active", "primary"]
+    assert all(i["in_pool"] and i["limit"] == 2 for i in st["instances"])  # max(2, ceil(40 x 0.05 / 2))
+    urls = {i["id"]: f"http://127.0.0.1:{i['metrics_port']}/metrics" for i in st["instances"]}
+    before = {iid: triton_request_counts(u)[0] for iid, u in urls.items()}
+    with Load(fleet.grpc_url, threads=2) as load:
+        time.sleep(3)
+    served = {iid: triton_request_counts(u)[0] - before[iid] for iid, u in urls.items()}
+    assert not _failed(load.kinds()), load.kinds()
+    shown = " ".join(fleet.recctl("status").stdout.split())
+    assert "mode active-active" in shown and "in flight" in shown and "limit" in shown, shown
+    # Triton's own counters (an independent witness): both actives served a real share of the requests
+    assert all(n >= 0.2 * sum(served.values()) for n in served.values()), served
+    log = (fleet.root / "haproxy" / "access.log").read_text().splitlines()
+    line = next(ln for ln in reversed(log) if "be_grpc_pool/" in ln)
+    timers = line.split()[5].split("/")
+    assert len(timers) == 5 and all(t.lstrip("-").isdigit() for t in timers), line  # Tq/Tw/Tc/Tr/Tt
+
+
+def test_overload_is_answered_at_once_by_degraded_answers_or_refusals_never_timeouts(fleet):
+    st = fleet.status()
+    pids = {i["id"]: (i["pid"], i["restarts"]) for i in st["instances"]}
+    events_before = fleet.stub.GetStatus(pb.GetStatusRequest(events=1)).events
+    with Load(fleet.grpc_url, fleet.http_url, threads=10, http_threads=4) as load:
+        time.sleep(1.5)
+        new = make_version(fleet.repository, "retrieval", "copy")
+        with pytest.raises(grpc.RpcError) as refused:  # no rollout starts while the pool sheds
+            next(iter(fleet.stub.Rollover(pb.RolloverRequest(model="retrieval", version=new), metadata=fleet.auth,
+                                          timeout=30)))
+        shedding = fleet.status()
+        time.sleep(2)
+    kinds = load.kinds()
+    grpc_refusal = f"StatusCode.RESOURCE_EXHAUSTED: {OVERLOADED}"
+    http_refusal = f"429: {OVERLOADED}"
+    assert kinds["ok"] and kinds["degraded"] and kinds[grpc_refusal], kinds
+    unexpected = {k: n for k, n in kinds.items() if k not in ("ok", "degraded", grpc_refusal, http_refusal)}
+    assert not unexpected, f"timeouts or other errors under overload: {unexpected} of {kinds}"
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shedding" in refused.value.details()
+    assert shedding["shedding"] and any("shedding" in w for w in shedding["warnings"])
+    refusals = sorted(o.latency_s for o in load.outcomes if o.kind in (grpc_refusal, http_refusal))
+    print(f"overload: {dict(kinds)}; refusal p50 {refusals[len(refusals) // 2] * 1000:.1f} ms (shared host)")
+    after = fleet.wait(lambda s: not s["shedding"] and _healthy(s), timeout=60, what="calm after the burst")
+    assert {i["id"]: (i["pid"], i["restarts"]) for i in after["instances"]} == pids  # nobody restarted
+    events = fleet.stub.GetStatus(pb.GetStatusRequest(events=200)).events
+    last = events_before[-1].ts_unix if events_before else 0
+    assert not [e.message for e in events if e.ts_unix > last and e.kind in ("detected", "restart")]
+    shutil.rmtree(fleet.repository / "retrieval" / str(new))
+
+
+def test_failed_active_leaves_rotation_a_standby_takes_its_place_no_request_fails(fleet):
+    r = fleet.stub.AddInstance(pb.AddInstanceRequest(role="standby"), metadata=fleet.auth, timeout=300)
+    assert r.role == "standby" and r.state == "healthy" and not r.in_pool
+    st = fleet.status()
+    victim = next(i for i in st["instances"] if i["role"] == "active")
+    with Load(fleet.grpc_url, threads=2) as load:
+        time.sleep(1)
+        import os
+
+        os.killpg(victim["pid"], signal.SIGKILL)
+        st = fleet.wait(lambda s: _pool(s) == 2 and any(i["id"] == victim["id"] and i["state"] == "healthy"
+                                                       and i["role"] == "standby" for i in s["instances"]),
+                        timeout=180, what="the standby in the pool, the killed active back as a standby")
+        time.sleep(0.5)
+    assert not _failed(load.kinds()), load.kinds()
+    assert next(i for i in st["instances"] if i["id"] == r.id)["in_pool"]  # the standby took its place
+    assert next(i for i in st["instances"] if i["id"] == victim["id"])["restarts"] == victim["restarts"] + 1
+
+
+def test_scale_out_then_in_costs_no_request_and_drains_first(fleet):
+    with Load(fleet.grpc_url, threads=2) as load:
+        time.sleep(0.5)
+        out = fleet.stub.Scale(pb.ScaleRequest(active=3), metadata=fleet.auth, timeout=300)
+        assert out.active_target == 3 and sum(1 for i in out.instances if i.in_pool) == 3
+        time.sleep(1)
+        back = fleet.stub.Scale(pb.ScaleRequest(active=2), metadata=fleet.auth, timeout=120)
+        time.sleep(0.5)
+    assert not _failed(load.kinds()), load.kinds()
+    assert back.active_target == 2 and sum(1 for i in back.instances if i.in_pool) == 2
+    events = [e.message for e in fleet.stub.GetStatus(pb.GetStatusRequest(events=60)).events]
+    assert any("has no request in flight" in m for m in events), events  # drained before it stopped
+    with pytest.raises(grpc.RpcError) as exc:
+        fleet.stub.Scale(pb.ScaleRequest(active=0), metadata=fleet.auth, timeout=10)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "active must be" in exc.value.details()
+    with pytest.raises(grpc.RpcError) as exc:
+        fleet.stub.Scale(pb.ScaleRequest(active=3), timeout=10)  # no token
+    assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_rollover_in_active_active_costs_no_request(fleet):
+    new = make_version(fleet.repository, "retrieval", "copy")
+    with Load(fleet.grpc_url, threads=2) as load:
+        time.sleep(0.5)
+        events = list(fleet.stub.Rollover(pb.RolloverRequest(model="retrieval", version=new, steps=[50, 100],
+                                                             bake_seconds=1), metadata=fleet.auth, timeout=300))
+        time.sleep(0.5)
+    assert events[-1].status == "succeeded", [e.message for e in events]
+    assert not _failed(load.kinds()), load.kinds()
+    st = fleet.wait(lambda s: _pool(s) == 2 and _healthy(s), what="pool back at two on the new version")
+    assert all(i["models"]["retrieval"] == [new] for i in st["instances"])
+    msgs = [e.message for e in fleet.stub.GetStatus(pb.GetStatusRequest(events=80)).events]
+    assert any("out of rotation while it loads" in m for m in msgs), msgs
+    assert not [m for m in msgs if "could not set nice" in m]
+
+
+def test_a_killed_haproxy_comes_back_with_the_pool_limits_and_fallback_restored(fleet):
+    import os
+
+    before = fleet.status()
+    pid = int((Path(fleet.root) / "haproxy" / "haproxy.pid").read_text().split()[0])
+    os.killpg(pid, signal.SIGKILL)
+    st = fleet.wait(lambda s: _pool(s) == 2 and s["route"] == "pool" and all(i["limit"] for i in s["instances"]),
+                    timeout=60, what="HAProxy restarted with the pool restored")
+    assert int((Path(fleet.root) / "haproxy" / "haproxy.pid").read_text().split()[0]) != pid
+    assert [(i["id"], i["in_pool"], i["limit"]) for i in st["instances"]] == \
+        [(i["id"], i["in_pool"], i["limit"]) for i in before["instances"]]
+    with Load(fleet.grpc_url, threads=10) as load:  # admission and the fallback backend work again
+        time.sleep(2)
+    kinds = load.kinds()
+    assert kinds["ok"] and kinds["degraded"] and not {k for k in kinds if "UNAVAILABLE" in k or "DEADLINE" in k}
+
+
+def test_fleet_down_stops_the_fallback_too(fleet):
+    pid = int((Path(fleet.root) / "haproxy" / "fallback.pid").read_text())
+    fleet.recctl("down", "--repository", str(fleet.repository), timeout=120)
+    deadline = time.monotonic() + 10
+    import os
+
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"fallback pid {pid} still running after recctl down")
