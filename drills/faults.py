@@ -593,6 +593,33 @@ class ProxyCrash(Fault):
         return {"back_after_s": waited}
 
 
+class Scale(Fault):
+    name = "scale"
+    rollback_label = "scale-back"
+    simulation = ("recctl scale --active N through the control plane: scale-out starts an instance that joins "
+                  "the pool only after loading the desired versions, warming up and a golden inference; scale-in "
+                  "drains one (no new requests, in-flight ones finish) before stopping it")
+
+    def inject(self, ctx: Context, action: Action) -> dict:
+        ctx.figures.setdefault("active_before", sum(1 for i in ctx.fleet.instances()
+                                                    if i.role in ("active", "primary")))
+        t = time.monotonic()
+        st = ctx.fleet.scale(action.params["active"])
+        insts = st.get("instances", [])
+        return {"active": action.params["active"], "took_s": round(time.monotonic() - t, 2),
+                "instances": [(i.get("id"), i.get("role"), i.get("state")) for i in insts]}
+
+    def rollback(self, ctx: Context) -> dict:
+        """Back to the pool size the drill found (a no-op when the spec already scaled back)."""
+        before = ctx.figures.get("active_before")
+        if not before:
+            return {}
+        now = sum(1 for i in ctx.fleet.instances() if i.role in ("active", "primary"))
+        if now != before:
+            ctx.fleet.scale(before)
+        return {"active": before}
+
+
 class SecurityAttacks(Fault):
     name = "security-attacks"
     rollback_label = "none: every attack closes its own sockets and changes nothing (asserted by the drill)"
@@ -618,5 +645,5 @@ class SecurityAttacks(Fault):
 
 FAULTS: dict[str, Fault] = {f.name: f for f in (Crash(), Hang(), GpuLost(), Overload(), Rollover(), BadRollover(),
                                                   ArtifactCorruption(), ControlPlaneCrash(), NetworkPartition(),
-                                                  ProxyCrash(), SecurityAttacks())}
+                                                  ProxyCrash(), Scale(), SecurityAttacks())}
 FAULTS[LostHost.name] = LostHost()  # drills/lost_host.py: the whole host lost, rebuilt from backup

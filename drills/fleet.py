@@ -127,6 +127,10 @@ class FleetAPI:
         return _to_dict(self.call("GetRollout", self.pb.GetRolloutRequest(model=model)))
 
     # ------------------------------------------------------------------ mutating
+    def scale(self, active: int, timeout_s: float = 300.0) -> dict:
+        """``recctl scale --active N``: scale-out returns once the new actives serve, scale-in once drained."""
+        return _to_dict(self.call("Scale", self.pb.ScaleRequest(active=active), timeout_s=timeout_s))
+
     def rollover(self, model: str, version: int, strategy: str, steps: list[int], bake_s: float,
                  timeout_s: float = 300.0) -> list[dict]:
         """Stream a rollover to its end; returns every progress event (a broken stream raises)."""

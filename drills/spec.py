@@ -30,6 +30,7 @@ FAULT_PARAMS: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = 
     },
     "overload": {"factor": ((int, float), False, 2.0), "ramp_s": ((int, float), False, 2.0)},
     "proxy-crash": {},
+    "scale": {"active": (int, True, None)},
     "rollover-under-load": {
         "model": (str, True, None),
         "version": ((int, str), False, "latest"),

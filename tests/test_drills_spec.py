@@ -15,7 +15,8 @@ ISSUE_DRILLS = {"crash", "hang", "gpu-lost", "overload", "rollover-under-load", 
                 "lost-host",  # issue 11
                 "wrong-answer",  # issue 12
                 "proxy-crash", "overload-4x", "flash-crowd", "crash-at-peak",  # issue 9
-                "security"}  # issue 10
+                "security",  # issue 10
+                "scale-out-in"}  # issue 9
 
 
 def base() -> dict:
