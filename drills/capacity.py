@@ -16,6 +16,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The knee is always taken at the fleet's admission SLO (the Router's default p99 target, perf's SLO), whatever
+#: SLO a drill judges its RTO by: the fleet sizes its in-flight limits from that knee, so "0.7x the knee" is
+#: below what admission lets through, and every drill of a session shares one ladder.
+KNEE_SLO_MS = 50.0
 PERF_REPORT = REPO_ROOT / "reports" / "perf" / "latest" / "report.json"
 
 

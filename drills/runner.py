@@ -16,7 +16,7 @@ from typing import Any
 from recserve.drills import alerts, breakdown
 from recserve.drills import timeline as tl
 from recserve.drills.background import BackgroundLoad, start_background
-from recserve.drills.capacity import capacity_rps
+from recserve.drills.capacity import KNEE_SLO_MS, capacity_rps
 from recserve.drills.faults import FAULTS, Context, process_state
 from recserve.drills.fleet import FleetAPI, FleetError
 from recserve.drills.journal import Journal
@@ -198,7 +198,7 @@ class DrillRun:
                 spec.load.background and spec.load.background.rate_x_capacity):
             restarts = {i["id"]: i.get("restarts", 0) for i in fleet.status(events=1).get("instances", [])}
             self.ctx.capacity_rps, source, ladder = capacity_rps(
-                self.s.grpc_url, "recommend", spec.steady_state.slo_p99_ms, self.s.workdir,
+                self.s.grpc_url, "recommend", KNEE_SLO_MS, self.s.workdir,
                 use_report=not self.s.fixture_models, headers=self.s.stats_headers)
             # The ladder overloads the fleet on purpose at its top rungs: the drill starts only once the fleet
             # has settled again, and the report says what the measurement cost (restarts it caused).
