@@ -56,6 +56,11 @@ def answers(fleet: FleetAPI, cases: list[Case]) -> tuple[dict[str, set[tuple[int
     return out, notes
 
 
+def restart_counts(status: dict) -> dict[str, int]:
+    """Instance id -> restarts so far, from one ``recctl status`` document (differences give a drill's restarts)."""
+    return {i["id"]: i.get("restarts", 0) for i in status.get("instances", [])}
+
+
 def settle(fleet: FleetAPI, timeout_s: float = SETTLE_TIMEOUT_S) -> float | None:
     """Seconds until every instance is healthy and no rollout runs (None: not within the timeout)."""
     def ok() -> bool:
@@ -196,14 +201,14 @@ class DrillRun:
         self.ctx.figures["desired_before"] = fleet.desired()
         if any(a.fault == "overload" for a in spec.method) or spec.load.probe_x_knee or (
                 spec.load.background and spec.load.background.rate_x_capacity):
-            restarts = {i["id"]: i.get("restarts", 0) for i in fleet.status(events=1).get("instances", [])}
+            restarts = restart_counts(fleet.status(events=1))
             self.ctx.capacity_rps, source, ladder = capacity_rps(
                 self.s.grpc_url, "recommend", KNEE_SLO_MS, self.s.workdir,
                 use_report=not self.s.fixture_models, headers=self.s.stats_headers)
             # The ladder overloads the fleet on purpose at its top rungs: the drill starts only once the fleet
             # has settled again, and the report says what the measurement cost (restarts it caused).
             resettled = settle(fleet) if ladder else 0.0
-            after = {i["id"]: i.get("restarts", 0) for i in fleet.status(events=1).get("instances", [])}
+            after = restart_counts(fleet.status(events=1))
             self.ctx.figures["knee"] = {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder,
                                         "settled_after_s": None if resettled is None else round(resettled, 2),
                                         "restarts_during": {k: after.get(k, 0) - v for k, v in restarts.items()}}
@@ -223,8 +228,7 @@ class DrillRun:
                 with self.journal.action(f"prepare {f.name}", "setup") as entry:
                     url = f.prepare(self.ctx) or url
                     entry.detail["endpoint"] = url
-            self.ctx.figures["restarts_before"] = {i["id"]: i.get("restarts", 0)
-                                                   for i in fleet.status(events=1).get("instances", [])}
+            self.ctx.figures["restarts_before"] = restart_counts(fleet.status(events=1))
             metrics_before = breakdown.scrape(self._metrics_urls())
             probe = OpenLoopProbe(url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
                                   max_requests=int(spec.load.duration_s * 4000), retry_policy=spec.load.client_retry)
@@ -282,7 +286,7 @@ class DrillRun:
             st = self.s.fleet.status(events=200)
         except Exception as exc:  # the fleet's API is the measurement here; say so instead of guessing
             return {"restarts": None, "probes_shed": None, "reactions_error": str(exc)[:200]}
-        now = {i["id"]: i.get("restarts", 0) for i in st.get("instances", [])}
+        now = restart_counts(st)
         events = [e for e in st.get("events", []) if float(e.get("ts_unix", 0)) >= t0]
         shed = [e for e in events if e.get("kind") == "detected" and "queue size" in e.get("message", "")]
         return {"restarts": sum(max(0, now.get(k, 0) - v) for k, v in before.items()),
