@@ -230,6 +230,8 @@ def test_pod_whose_golden_inference_fails_loses_its_gate_and_is_replaced_on_desi
         got = cluster.loaded(name)
         assert got["ranker"] == desired["ranker"] == [2], name
     assert [e for e in cluster.emu.events("VersionsLoaded") if e.involved_object.name == new]
+    # a pod that has not had its first golden check is "Starting", never "GoldenFailed" (that pages people)
+    assert not [e for e in cluster.emu.events("GoldenFailed") if e.involved_object.name == new]
 
 
 def test_operator_rescheduled_without_its_state_keeps_the_versions_it_had_moved_to(cluster, tmp_path):

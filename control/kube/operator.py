@@ -239,9 +239,14 @@ class Operator:
         ok = healthy and admitted
         if self.gates.get(iid) == ok:
             return
+        failed = rec.state not in ("healthy", "new", "deleting")  # a pod not yet checked has failed nothing
         if ok:
             reason, msg = "GoldenOk", "golden inference answered right on the desired versions"
-        elif not healthy:
+        elif rec.state == "new":
+            reason, msg = "Starting", "waiting for the first golden inference on the desired versions"
+        elif rec.state == "deleting":
+            reason, msg = "Deleting", rec.detail or "the operator is deleting this pod"
+        elif failed:
             reason, msg = "GoldenFailed", rec.detail or f"state {rec.state}"
         else:
             reason, msg = "RolloutRouting", "the running rollout takes this pod out of the Service"
@@ -254,7 +259,7 @@ class Operator:
                 return
             raise
         self.gates[iid] = ok
-        self._event_pod(iid, reason, msg, warning=not healthy)
+        self._event_pod(iid, reason, msg, warning=failed)
 
     def _delete_pod(self, iid: str, reason: str) -> None:
         self._event_pod(iid, "PodDeleted", f"deleting {iid} so its Deployment replaces it: {reason}", warning=True)
