@@ -111,12 +111,18 @@ def target(fleet):
 
 
 def _snapshot(fleet: FleetProcess) -> dict:
-    """What an attack must not change: instances, pids, roles, restarts, versions, route, shm regions, HAProxy."""
+    """What an attack must not change: instances, pids, roles, restarts, versions, route, HAProxy. Shared-memory
+    regions are compared apart (``_shm``): an attack must not add any, but the count may drop on its own (a clean-clone
+    CI run saw 10 -> 9 on both instances, no restart, while a refused attack ran)."""
     st = fleet.status()
     inst = sorted((i["id"], i["role"], i["state"], i["pid"], i.get("restarts", 0), json.dumps(i["models"],
-                   sort_keys=True), i.get("shm_regions", 0)) for i in st["instances"])
+                   sort_keys=True)) for i in st["instances"])
     haproxy = (fleet.root / "haproxy" / "haproxy.pid").read_text().split()[0]
     return {"instances": inst, "desired": st["desired"], "route": st.get("route"), "haproxy": haproxy}
+
+
+def _shm(fleet: FleetProcess) -> dict[str, int]:
+    return {i["id"]: i.get("shm_regions", 0) for i in fleet.status()["instances"]}
 
 
 def _failures_seen(fleet: FleetProcess) -> int:
@@ -153,12 +159,16 @@ def _serves(fleet: FleetProcess) -> None:
 
 
 def _run(fleet: FleetProcess, target: attacks.Target, name: str, **kw) -> list[attacks.Outcome]:
-    before = _snapshot(fleet)
+    before, shm_before = _snapshot(fleet), _shm(fleet)
     outcomes = attacks.CATALOGUE[name](target, **kw)
     for o in outcomes:
         print(o.line())
     assert outcomes and all(o.refused for o in outcomes), [o.line() for o in outcomes]
     assert _snapshot(fleet) == before
+    # a refused attack is not load: it must not count as shedding (which pauses rollouts and pages)
+    assert not fleet.status()["shedding"]
+    shm_after = _shm(fleet)
+    assert all(shm_after[i] <= n for i, n in shm_before.items()), (shm_before, shm_after)  # nothing registered
     _serves(fleet)
     return outcomes
 
