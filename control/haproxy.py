@@ -134,6 +134,17 @@ def fallback_backend(proto: str) -> str:
     return f"be_{proto}_fallback"
 
 
+def shed_backend(proto: str) -> str:
+    """Server-less backend that writes admission's refusal; its session count is exactly the refusals (the
+    frontend's ``intercepted`` counter also counts the front door's 403s, which are not load)."""
+    return f"be_{proto}_shed"
+
+
+def shed_backends() -> list[str]:
+    """Where shed requests are counted: the degraded-answer and the refusal backends of both protocols."""
+    return [b(p) for p in PROTOS for b in (fallback_backend, shed_backend)]
+
+
 #: What a shed client reads: HTTP 429's body, and the grpc-message of gRPC's RESOURCE_EXHAUSTED.
 OVERLOADED = "overloaded, retry later"
 #: Access log line: request id, client, timers (Tq request, Tw queue, Tc connect, Tr server response, Tt total,
@@ -147,24 +158,29 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
 
     Order: the degraded-answer backend while it has room, then HAProxy's own reply: HTTP 429 (``OVERLOADED``)
     or, for gRPC, a Trailers-Only RESOURCE_EXHAUSTED (status 8), which client retry policies do not retry
-    (a 503 would reach gRPC clients as UNAVAILABLE and be retried). Goes AFTER the front door's rules.
+    (a 503 would reach gRPC clients as UNAVAILABLE and be retried), written by ``shed_backend`` so that its
+    session count is the number of refusals. Goes AFTER the front door's rules.
     """
     out = [f"  http-request set-var(txn.route) str({proto}),map({c.map_path},{first_backend(proto, 0)})"]
     for be in backends:
         out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
                    f"{{ be_conn_free({be}) le 0 }}")
     out += ["  acl pool_full var(txn.full) -m bool",
-            f"  acl fallback_free be_conn_free({fallback_backend(proto)}) gt 0"]
-    if proto == "grpc":
-        out.append(f'  http-request return status 200 hdr content-type application/grpc hdr grpc-status 8 '
-                   f'hdr grpc-message "{OVERLOADED}" if pool_full !fallback_free')
-    else:
-        # KServe v2's error body ({"error": ...}), so HTTP clients such as tritonclient show the words
-        out.append(f'  http-request return status 429 content-type application/json hdr retry-after 1 '
-                   f'string "{{\\"error\\":\\"{OVERLOADED}\\"}}" if pool_full !fallback_free')
-    out += [f"  use_backend {fallback_backend(proto)} if pool_full",
+            f"  acl fallback_free be_conn_free({fallback_backend(proto)}) gt 0",
+            f"  use_backend {shed_backend(proto)} if pool_full !fallback_free",
+            f"  use_backend {fallback_backend(proto)} if pool_full",
             "  use_backend %[var(txn.route)]"]
     return out
+
+
+def refusal_lines(proto: str) -> list[str]:
+    """The refusal backend's one rule: HTTP 429 (``OVERLOADED``) or a gRPC Trailers-Only RESOURCE_EXHAUSTED."""
+    if proto == "grpc":
+        return [f'  http-request return status 200 hdr content-type application/grpc hdr grpc-status 8 '
+                f'hdr grpc-message "{OVERLOADED}"']
+    # KServe v2's error body ({"error": ...}), so HTTP clients such as tritonclient show the words
+    return [f'  http-request return status 429 content-type application/json hdr retry-after 1 '
+            f'string "{{\\"error\\":\\"{OVERLOADED}\\"}}"']
 
 
 def render_config(c: HAProxyConfig) -> str:
@@ -237,6 +253,7 @@ def render_config(c: HAProxyConfig) -> str:
                      if proto == "grpc" else [])
         out += ["", f"backend {fallback_backend(proto)}", "  retry-on conn-failure empty-response", *chk_lines,
                 f"  server fb {ph}{srv_proto} maxconn {c.fallback_maxconn} {fb_check}"]
+        out += ["", f"backend {shed_backend(proto)}", *refusal_lines(proto)]
     if c.metrics_port:  # Prometheus scrapes the data path as clients see it (Debian's 2.6 has the exporter)
         out += ["", "frontend fe_metrics", f"  bind {c.host}:{c.metrics_port}", "  no log",
                 "  http-request use-service prometheus-exporter if { path /metrics }",

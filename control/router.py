@@ -47,9 +47,9 @@ from recserve.control.haproxy import (
     HAProxy,
     HAProxyConfig,
     HAProxyError,
-    fallback_backend,
     first_backend,
     pool_backend,
+    shed_backends,
     split_backend,
 )
 from recserve.control.procs import kill_group, pid_alive
@@ -426,13 +426,9 @@ class Router:
 
     def shed_total(self) -> int:
         """Requests shed so far: sent to the fallback, or answered 429/RESOURCE_EXHAUSTED by HAProxy."""
-        total = 0
-        for row in self.proxy.stat():
-            if row.get("pxname") in {fallback_backend(p) for p in PROTOS} and row.get("svname") == "BACKEND":
-                total += int(row.get("stot") or 0)
-            if row.get("pxname") in {f"fe_{p}" for p in PROTOS} and row.get("svname") == "FRONTEND":
-                total += int(row.get("intercepted") or 0)
-        return total
+        counted = set(shed_backends())  # not the frontends' "intercepted": that counts the front door's 403s too
+        return sum(int(row.get("stot") or 0) for row in self.proxy.stat()
+                   if row.get("pxname") in counted and row.get("svname") == "BACKEND")
 
     @property
     def shed_seen(self) -> int:

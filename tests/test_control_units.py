@@ -56,13 +56,18 @@ def test_haproxy_config_admits_fast_and_retries_once(tmp_path):
     assert "retries 1" in lines and "option redispatch 1" in lines and "timeout queue 50ms" in lines
     assert not [ln for ln in lines if ln.startswith("retry-on") and "503" in ln]
     assert "be_conn_free(be_grpc_pool) le 0" in text and "be_conn_free(be_grpc_fallback) gt 0" in text
-    grpc_reply = next(ln for ln in lines if "grpc-status 8" in ln and "pool_full" in ln)  # (the size limit also is 8)
-    assert f'grpc-message "{OVERLOADED}"' in grpc_reply and grpc_reply.endswith("if pool_full !fallback_free")
-    assert any(ln.startswith("http-request return status 429") and OVERLOADED in ln for ln in lines)
+    # the refusal comes from a server-less backend whose session count is the refusals alone (the frontend's
+    # "intercepted" counter also counts the front door's 403s)
+    assert "use_backend be_grpc_shed if pool_full !fallback_free" in lines
+    shed = text[text.index("\nbackend be_grpc_shed"):].split("\n\n")[0]
+    assert "grpc-status 8" in shed and f'grpc-message "{OVERLOADED}"' in shed and "server " not in shed
+    shed_http = text[text.index("\nbackend be_http_shed"):].split("\n\n")[0]
+    assert "http-request return status 429" in shed_http and OVERLOADED in shed_http
     assert "maxconn 3" in next(ln for ln in lines if ln.startswith("server fb") and "check" in ln)
     fe = text[text.index("frontend fe_grpc"):text.index("backend be_grpc_first_0")]
     # the front door's own refusals (403) come before admission; admission before the normal route
-    assert fe.index("acl fd_allowed") < fe.index("pool_full") < fe.index("use_backend %[var(txn.route)]")
+    assert fe.index("acl fd_allowed") < fe.index("pool_full") < fe.index("use_backend be_grpc_shed") \
+        < fe.index("use_backend be_grpc_fallback") < fe.index("use_backend %[var(txn.route)]")
     assert "%Tq/%Tw/%Tc/%Tr/%Tt" in text and "%rc" in text and "unique-id-format" in text
 
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,12 @@ def test_overload_is_answered_at_once_by_degraded_answers_or_refusals_never_time
     refusals = sorted(o.latency_s for o in load.outcomes if o.kind in (grpc_refusal, http_refusal))
     print(f"overload: {dict(kinds)}; refusal p50 {refusals[len(refusals) // 2] * 1000:.1f} ms (shared host)")
     after = fleet.wait(lambda s: not s["shedding"] and _healthy(s), timeout=60, what="calm after the burst")
+    # the control plane's shed count (HAProxy's fallback and refusal backends) covers what this client saw shed
+    shed_seen = kinds["degraded"] + kinds[grpc_refusal] + kinds[http_refusal]
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.ports['metrics']}/metrics", timeout=5) as r:
+        counted = next(float(ln.split()[-1]) for ln in r.read().decode().splitlines()
+                       if ln.startswith("recserve_shed_requests "))
+    assert counted >= shed_seen, (counted, shed_seen)
     assert {i["id"]: (i["pid"], i["restarts"]) for i in after["instances"]} == pids  # nobody restarted
     events = fleet.stub.GetStatus(pb.GetStatusRequest(events=200)).events
     last = events_before[-1].ts_unix if events_before else 0
