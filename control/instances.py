@@ -14,7 +14,7 @@ from recserve.control.client import RecClient
 from recserve.control.fleet_config import FAULT_DIR_ENV, FleetError
 from recserve.control.haproxy import HAProxyError
 from recserve.control.health import Probe, deep_check
-from recserve.control.procs import kill_group, pid_alive
+from recserve.control.procs import can_raise_priority, kill_group, pid_alive
 from recserve.control.router import RouterError
 from recserve.control.snapshots import RepositoryError
 from recserve.control.state import InstanceRecord
@@ -105,6 +105,8 @@ class InstanceLifecycle:
                 if getattr(rec, attr) and port_in_use(getattr(rec, attr)):
                     setattr(rec, attr, 0)
             srv = self._server(rec)
+            # out of rotation until its golden check passes: load it without taking CPU from serving instances
+            srv.config.nice = 19 if can_raise_priority() else 0
             self.state.update_instance(iid, state="starting", detail="")
             srv.start(wait=True)
             rec.grpc_port, rec.http_port, rec.metrics_port = (srv.config.grpc_port, srv.config.http_port,
@@ -118,6 +120,7 @@ class InstanceLifecycle:
             probe = self.settle(iid)
             if not probe.ok:
                 raise FleetError(f"{iid} failed its deep check after start: {probe.stage}: {probe.reason}")
+            self.renice(rec, 0)  # before it can take traffic
             self.router.bind(rec.slot, rec.grpc_port, rec.http_port)
             self.fails[iid] = 0
             # The monitor ignores probes while an instance is busy, so without this the last probe on record is
@@ -225,7 +228,7 @@ class InstanceLifecycle:
                     self.state.event("rollover", f"{iid} out of rotation while it loads {only or 'all'}", iid)
             taking = (rec.slot in self.router.pool_slots() if self.config.mode == "active-active"
                       else rec.role == "primary")
-            nice = 0 if taking else 19  # never slow down an instance that clients are waiting on
+            nice = 0 if taking or not can_raise_priority() else 19  # never slow down one that clients wait on
             self.renice(rec, nice)
             self.load_versions(self._server(rec), versions, only=only)
             probe = self.settle(iid)

@@ -24,6 +24,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def can_raise_priority() -> bool:
+    """Whether this process may lower a niceness it raised (root, or RLIMIT_NICE up to nice 0). Without that, an
+    instance loaded at nice 19 would stay there once it serves, so callers leave it at 0."""
+    import resource
+
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+
+
 def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
     """Signal the process group led by ``pid`` (children such as backend stubs too), else the pid alone."""
     if pid <= 0:

@@ -185,10 +185,14 @@ def test_a_killed_server_s_shm_regions_go_with_the_next_stop_or_start(tmp_path):
     import signal
 
     from recserve.control.procs import kill_group
+    from recserve.drills.faults import group_members
 
-    srv = TritonServer(TritonConfig(workdir=tmp_path, models=["search"]))
+    srv = TritonServer(TritonConfig(workdir=tmp_path, models=["search"], nice=19))
     srv.start()
     regions = srv.shm_usage()[0]
+    # nice=19 (how the fleet loads an instance out of rotation): the server and its backend stubs inherit it
+    group = group_members(srv.pid)
+    assert len(group) > 1 and {os.getpriority(os.PRIO_PROCESS, p) for p in group} == {19}
     kill_group(srv.pid, signal.SIGKILL)
     srv.process.wait(10)
     assert srv.shm_usage()[0] == regions > 0  # what a crash leaves behind
