@@ -11,7 +11,7 @@ client frontend gets (``frontdoor_lines``); ``control/haproxy.py`` renders them 
 * **Bounded bodies** (sizes below, derived from the served contract): HTTP with a Content-Length over the limit
   gets 413 at once (no body read); a chunked HTTP body is awaited until one byte past the limit (``wait-for-body
   ... at-least limit+1``) and gets 413. gRPC bodies carry no Content-Length: the frontend awaits the whole body or a
-  full buffer (``tune.bufsize`` holds the largest limit + 64 KiB) and answers ``RESOURCE_EXHAUSTED`` naming the limit
+  full buffer (``tune.bufsize`` holds the largest limit + 16 KiB) and answers ``RESOURCE_EXHAUSTED`` naming the limit
   when ``req.body_len`` is over it. A body larger than the buffer is answered before its upload ends, and HAProxy
   2.6 then resets the stream (RST_STREAM CANCEL): gRPC clients see CANCELLED for those. Refusals are not 5xx, so
   neither HAProxy nor a client retry policy retries them.
@@ -32,21 +32,33 @@ from pathlib import Path
 
 from recserve.control.keys import SecretFileError, check_private
 
-# ------------------------------------------------------------------ the contract's largest legitimate request
+# ------------------------------------------------------------------ the request sizes the door lets through
 #: max_batch_size of every served model (model_repository/*/config.pbtxt).
 MAX_BATCH = 64
 #: The history limit of ``recommend`` (recommend_pre keeps the last 1000 items: its ``exclude`` input is [1000]).
 HISTORY_LIMIT = 1000
 INT64_BYTES = 8
-#: Largest tensor payload: 64 x 1000 INT64 history = 512,000 bytes (plus 64 user ids).
+#: The contract's largest request: 64 x 1000 INT64 history = 512,000 bytes (plus 64 user ids).
 TENSOR_BYTES = MAX_BATCH * HISTORY_LIMIT * INT64_BYTES
+#: Batch sizes the DEFAULT limits cover with full 1000-item histories: 8 over gRPC, 4 over HTTP/JSON. Not the
+#: contract's 64: the size check needs HAProxy's ``tune.bufsize`` to hold the whole body, and HAProxy 2.6's CPU per
+#: request steps up once tune.bufsize reaches 128 KiB (measured through this config, one Triton, 300 rps:
+#: ~160 us of HAProxy CPU per request up to 126,000 bytes, 241 us at 135,000, 378 us at the 1.5 MiB that 64 x
+#: 1000 needs). Clients that send bigger batches raise ``max_grpc_body`` / ``max_http_body`` and pay that.
+DOOR_BATCH_GRPC = 8
+DOOR_BATCH_HTTP = 4
+#: Protobuf framing (names, shapes, parameters) and gRPC's 5-byte prefix; JSON's keys and brackets.
+FRAMING_HEADROOM = 8 * 1024
 #: gRPC: raw_input_contents carries the bytes as they are; a client using ``int64_contents`` (varints) needs up to
-#: 10 bytes per value. Plus 64 KiB for the protobuf framing (names, shapes, parameters) and gRPC's 5-byte prefix.
-FRAMING_HEADROOM = 64 * 1024
-GRPC_MAX_BODY = MAX_BATCH * (HISTORY_LIMIT + 1) * 10 + FRAMING_HEADROOM  # 706,176 bytes
+#: 10 bytes per value.
+GRPC_MAX_BODY = DOOR_BATCH_GRPC * (HISTORY_LIMIT + 1) * 10 + FRAMING_HEADROOM  # 88,272 bytes
 #: HTTP/JSON: the widest INT64 in text is "-9223372036854775808" (20 chars) plus a separator = 21 bytes per value.
 JSON_INT64_CHARS = 21
-HTTP_MAX_BODY = MAX_BATCH * (HISTORY_LIMIT + 1) * JSON_INT64_CHARS + FRAMING_HEADROOM  # 1,410,880 bytes
+HTTP_MAX_BODY = DOOR_BATCH_HTTP * (HISTORY_LIMIT + 1) * JSON_INT64_CHARS + FRAMING_HEADROOM  # 92,276 bytes
+#: Room in HAProxy's buffer beyond the largest body: request headers and rewrites (tune.maxrewrite).
+HEADER_RESERVE = 16 * 1024
+#: tune.bufsize from which HAProxy 2.6 costs more CPU per request (glibc's default mmap threshold, 128 KiB).
+CHEAP_BUFSIZE = 128 * 1024
 
 # ------------------------------------------------------------------ the allow-list
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
@@ -141,10 +153,11 @@ class FrontDoorConfig:
         return f"[{addr}]" if addr.version == 6 else str(addr)
 
     def bufsize(self) -> int:
-        """HAProxy's ``tune.bufsize``: the largest allowed body + 1 byte, plus 64 KiB for headers and rewrites,
-        rounded up to 64 KiB, so the size check sees the limit crossed before the buffer is full."""
-        need = max(self.max_grpc_body, self.max_http_body) + 1 + 64 * 1024
-        return -(-need // 65536) * 65536
+        """HAProxy's ``tune.bufsize``: the largest allowed body + 1 byte, plus ``HEADER_RESERVE`` for headers and
+        rewrites, rounded up to 4 KiB, so the size check sees the limit crossed before the buffer is full. With the
+        default limits it stays under ``CHEAP_BUFSIZE``."""
+        need = max(self.max_grpc_body, self.max_http_body) + 1 + HEADER_RESERVE
+        return -(-need // 4096) * 4096
 
 
 def _ms(seconds: float) -> str:

@@ -109,6 +109,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         cmd += ["--client-bind", args.client_bind]
     if args.client_allow_plaintext:
         cmd.append("--client-allow-plaintext")
+    for flag in ("max_grpc_body", "max_http_body"):
+        if getattr(args, flag):
+            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     ca_file = args.ca or args.tls_ca or args.tls_cert  # the readiness wait must trust what the server presents
     ca = Path(ca_file) if ca_file else None
     tls = args.tls or ca is not None
@@ -427,6 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--client-tls-key", help="PEM private key of --client-tls-cert (mode 0600)")
     up.add_argument("--client-allow-plaintext", action="store_true",
                     help="allow a non-loopback --client-bind without TLS")
+    up.add_argument("--max-grpc-body", type=int, default=0, help="largest gRPC request body in bytes (default: "
+                    "batch 8 of 1000-item histories, 88,272; larger limits cost HAProxy CPU)")
+    up.add_argument("--max-http-body", type=int, default=0, help="largest HTTP request body in bytes (default: "
+                    "batch 4 of 1000-item histories as JSON, 92,276)")
     up.add_argument("--backup-policy", default=os.environ.get("RECSERVE_BACKUP_POLICY"),
                     help="backup policy file (README 'Backup and recovery'); none: no scheduled backups")
     st = add("status", cmd_status, "fleet, instances, versions, warnings")

@@ -26,7 +26,14 @@ from recserve.control.audit import ApiGuard
 from recserve.control.backup_api import BackupApi, make_scheduler, policy_path
 from recserve.control.backup_policy import BackupError
 from recserve.control.fleet import Fleet, FleetConfig, FleetError, status_json
-from recserve.control.frontdoor import FrontDoorConfig, FrontDoorError
+from recserve.control.frontdoor import (
+    DOOR_BATCH_GRPC,
+    DOOR_BATCH_HTTP,
+    GRPC_MAX_BODY,
+    HTTP_MAX_BODY,
+    FrontDoorConfig,
+    FrontDoorError,
+)
 from recserve.control.keys import SecretFileError, check_private, read_secret
 from recserve.control.metrics import ControlMetrics
 from recserve.control.proto import control_pb2 as pb
@@ -239,6 +246,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-tls-key", type=Path, default=None, help="PEM private key of --client-tls-cert (0600)")
     p.add_argument("--client-allow-plaintext", action="store_true", help="allow a non-loopback --client-bind "
                    "without TLS (a private network you trust)")
+    p.add_argument("--max-grpc-body", type=int, default=GRPC_MAX_BODY, help="largest gRPC request body in bytes "
+                   f"(default {GRPC_MAX_BODY}: batch {DOOR_BATCH_GRPC} of 1000-item histories; above ~110 KB "
+                   "HAProxy's buffers grow and cost more CPU per request)")
+    p.add_argument("--max-http-body", type=int, default=HTTP_MAX_BODY, help="largest HTTP request body in bytes "
+                   f"(default {HTTP_MAX_BODY}: batch {DOOR_BATCH_HTTP} of 1000-item histories as JSON)")
     p.add_argument("--mode", choices=("active-active", "primary-standby"), default="active-active",
                    help="active-active: --active instances behind leastconn, the rest hot standbys; "
                    "primary-standby: one primary, standbys take over")
@@ -278,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             check_private(root / "admin.key")
         tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca)
         front = FrontDoorConfig(bind=args.client_bind, tls_cert=args.client_tls_cert, tls_key=args.client_tls_key,
-                                allow_plaintext=args.client_allow_plaintext)
+                                allow_plaintext=args.client_allow_plaintext, max_grpc_body=args.max_grpc_body,
+                                max_http_body=args.max_http_body)
         front.validate()
         if tls is None and not is_loopback(args.control_host):
             raise TlsConfigError(f"--control-host {args.control_host} is not loopback: the control API leaves this "

@@ -213,14 +213,16 @@ def oversized_http(target: Target, declared: int = 48 * 2**20) -> list[Outcome]:
 
 
 def oversized_grpc(target: Target) -> list[Outcome]:
-    """Inference requests of 1.2 MB and 16 MB (history of 150,000 and 2,000,000 items). A body HAProxy's buffer
-    holds whole gets RESOURCE_EXHAUSTED naming the limit; a larger one is answered the same way before its upload
-    ends, and HAProxy 2.6 then resets the stream (RST_STREAM CANCEL), which gRPC clients report as CANCELLED.
-    Neither reaches an instance; neither status is retried (control/client.py retries UNAVAILABLE only)."""
-    small, huge = _recommend_inputs(150_000), _recommend_inputs(2_000_000)
+    """Inference requests 4 KB over the default gRPC limit and of 16 MB (history of 2,000,000 items). A body
+    HAProxy's buffer holds whole gets RESOURCE_EXHAUSTED naming the limit; a larger one is answered the same way
+    before its upload ends, and HAProxy 2.6 then resets the stream (RST_STREAM CANCEL), which gRPC clients report as
+    CANCELLED. Neither reaches an instance; neither status is retried (control/client.py retries UNAVAILABLE only)."""
+    from recserve.control.frontdoor import GRPC_MAX_BODY
+
+    small, huge = _recommend_inputs((GRPC_MAX_BODY + 4096) // 8), _recommend_inputs(2_000_000)
     return [
-        _grpc_refused("oversized-grpc-1.2MB", target, lambda c: c.infer("recommend", small, client_timeout=30),
-                      ("RESOURCE_EXHAUSTED",)),
+        _grpc_refused("oversized-grpc-over-limit", target,
+                      lambda c: c.infer("recommend", small, client_timeout=30), ("RESOURCE_EXHAUSTED",)),
         _grpc_refused("oversized-grpc-16MB", target, lambda c: c.infer("recommend", huge, client_timeout=30),
                       ("RESOURCE_EXHAUSTED", "CANCELLED")),
     ]

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from recserve.control.frontdoor import (
+    CHEAP_BUFSIZE,
     GRPC_MAX_BODY,
     HISTORY_LIMIT,
     HTTP_MAX_BODY,
@@ -46,8 +47,12 @@ def test_limits_follow_the_served_contract():
     pre = (DEFAULT_REPOSITORY / "recommend_pre" / "config.pbtxt").read_text()
     assert re.search(r'name: "exclude", data_type: TYPE_INT64, dims: \[ (\d+) \]', pre).group(1) == str(HISTORY_LIMIT)
     assert TENSOR_BYTES == 64 * 1000 * 8
-    assert TENSOR_BYTES < GRPC_MAX_BODY < HTTP_MAX_BODY  # varint and JSON text encodings need more room
-    assert FrontDoorConfig().bufsize() > HTTP_MAX_BODY + 1  # the check sees the limit crossed before a full buffer
+    # the default limits hold batch 8 (gRPC varints) / 4 (JSON text) of full histories, and the buffer that holds
+    # them stays under the size from which HAProxy's CPU per request steps up (README "Bounded requests")
+    assert GRPC_MAX_BODY >= 8 * 1001 * 10 and HTTP_MAX_BODY >= 4 * 1001 * 21
+    assert HTTP_MAX_BODY + 1 < FrontDoorConfig().bufsize() < CHEAP_BUFSIZE  # the limit is seen crossed in the buffer
+    big = FrontDoorConfig(max_grpc_body=MAX_BATCH * 1001 * 10 + 8192)  # the contract's largest, raised by flag
+    assert big.bufsize() > big.max_grpc_body + 1 and big.bufsize() > CHEAP_BUFSIZE
 
 
 def test_bind_and_tls_settings_are_refused_with_the_flag_named(tmp_path):
@@ -173,6 +178,25 @@ def _run(fleet: FleetProcess, target: attacks.Target, name: str, **kw) -> list[a
     return outcomes
 
 
+def test_the_largest_requests_the_default_limits_promise_are_served(fleet):
+    """Batch 8 (gRPC) and 4 (HTTP/JSON) of full 1000-item histories pass the door and are answered."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    hist = (np.arange(HISTORY_LIMIT, dtype=np.int64) % 50 + 1)
+    for mod, url, batch, binary in ((grpcclient, fleet.grpc_url, 8, {}), (httpclient, fleet.http_url, 4,
+                                                                           {"binary_data": False})):
+        client = mod.InferenceServerClient(url)
+        try:
+            a = mod.InferInput("user_id", [batch, 1], "INT64")
+            a.set_data_from_numpy(np.arange(1, batch + 1, dtype=np.int64).reshape(batch, 1), **binary)
+            b = mod.InferInput("history", [batch, HISTORY_LIMIT], "INT64")
+            b.set_data_from_numpy(np.tile(hist, (batch, 1)), **binary)
+            assert client.infer("recommend", [a, b]).as_numpy("item_ids").shape == (batch, 20), url
+        finally:
+            client.close()
+
+
 def test_allowed_calls_pass_over_both_protocols(fleet):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
@@ -221,7 +245,7 @@ def test_oversized_bodies_get_their_status_in_milliseconds_and_never_reach_an_in
     for name in ("oversized-http-declared", "oversized-http-chunked"):
         assert outcomes[name].status == "HTTP 413", outcomes[name].line()
         assert f"over the {HTTP_MAX_BODY} byte limit" in outcomes[name].message
-    small = outcomes["oversized-grpc-1.2MB"]
+    small = outcomes["oversized-grpc-over-limit"]
     assert small.status == "gRPC RESOURCE_EXHAUSTED" and f"over the {GRPC_MAX_BODY} byte limit" in small.message
     # figures, not asserts (shared cores): the refusal takes milliseconds, not HAProxy's 1 s server timeout
     print("refusal times (ms): " + ", ".join(f"{k} {o.seconds * 1000:.0f}" for k, o in outcomes.items()))
