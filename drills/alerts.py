@@ -51,6 +51,13 @@ def match(expect: AlertExpect, notifications: list[dict], fault_t: float, slack_
     return row
 
 
+def active(prometheus_alerts: dict, names: set[str]) -> list[str]:
+    """Which of ``names`` Prometheus holds pending or firing (its ``/api/v1/alerts`` answer)."""
+    rows = (prometheus_alerts.get("data") or {}).get("alerts") or []
+    return sorted({a["labels"].get("alertname", "") for a in rows
+                   if a.get("state") in ("pending", "firing")} & names)
+
+
 def done(rows: list[dict]) -> bool:
     """Every expected alert fired, and resolved where the spec asks for it."""
     return all(r["time_to_alert_s"] is not None and (r["resolve_within_s"] is None or

@@ -25,6 +25,9 @@ from recserve.drills.session import FleetHandle
 from recserve.drills.spec import WINDOWED, DrillSpec
 from recserve.drills.verdict import evaluate
 
+#: Longest wait before a drill with alert expectations for those alerts to leave Prometheus (rates over 1 min).
+ALERTS_QUIET_TIMEOUT_S = 120.0
+
 SETTLE_TIMEOUT_S = 120.0
 
 
@@ -218,6 +221,7 @@ class DrillRun:
                 reason = f"capacity_rps unknown, the load cannot be sized: {source}"
                 self.journal.finish("failed", reason)
                 return self._result({}, status="failed", reason=reason)
+        self._wait_alerts_quiet()
         bg: BackgroundLoad | None = None
         probe: OpenLoopProbe | None = None
         metrics_before = None
@@ -348,7 +352,7 @@ class DrillRun:
         for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
                     "orphaned_stubs", "shm_growth", "proxy_restart_gap_s", "triton_steps", "restored_exact",
                     "answers_same", "rpo_s", "rpo_lost", "rebuild", "knee", "attacks_refused", "attacks",
-                    "instances_alive"):
+                    "instances_alive", "alerts_quiet_after_s"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)
@@ -362,6 +366,33 @@ class DrillRun:
         fig["seconds"] = tl.per_second(recs, t0, t_end)
         fig["marks"] = self._marks(t0, f_start, f_end)
         return fig
+
+    def _wait_alerts_quiet(self) -> None:
+        """An expected alert already firing cannot be timed: wait (bounded) until Prometheus holds none of them.
+        The knee ladder sheds on its top rungs, and a 1-minute rate keeps the shedding alert up ~1 min after."""
+        mon, names = self.s.monitor, {a.alert for a in self.spec.alerts}
+        if mon is None or not names:
+            return
+        import json
+        import urllib.request
+
+        start, still = time.time(), []
+        while time.time() - start < ALERTS_QUIET_TIMEOUT_S:
+            try:
+                with urllib.request.urlopen(f"{mon.prometheus.url}/api/v1/alerts", timeout=5) as r:
+                    still = alerts.active(json.load(r), names)
+            except OSError as exc:
+                still = [f"prometheus unreachable: {exc}"]
+            if not still:
+                break
+            time.sleep(1.0)
+        waited = round(time.time() - start, 1)
+        self.ctx.figures["alerts_quiet_after_s"] = None if still else waited
+        self.journal.add("alerts quiet", "setup", "failed" if still else "succeeded",
+                         {"waited_s": waited, "still_active": still})
+        if still:
+            self.log(f"  expected alerts still active after {waited:.0f}s: {', '.join(still)} (time-to-alert "
+                     "will read as never received)")
 
     def _alert_figures(self, t0: float, fig: dict) -> dict:
         """Wait (bounded by the spec) for every expected alert to reach the webhook receiver, and resolve."""

@@ -70,3 +70,17 @@ def test_an_alert_that_never_came_fails_and_a_late_one_is_missed_by_its_excess()
     late = alerts.match(AlertExpect("RecserveInstanceDown", 10), [_n(1764583220.0, "firing")], 1764583200.0)
     row = alerts.checks([late])[0]
     assert row["measured"] == 20.0 and not row["ok"] and row["missed_by"].startswith("10.0")
+
+
+def test_active_names_only_the_expected_alerts_prometheus_holds_pending_or_firing():
+    """A drill waits for these to clear first: an alert firing before the fault cannot be timed (the knee
+    ladder's shedding kept RecserveLoadShedding up through the overload drill, read as 'never received')."""
+    answer = {"status": "success", "data": {"alerts": [
+        {"labels": {"alertname": "RecserveLoadShedding", "fleet": "f"}, "state": "firing"},
+        {"labels": {"alertname": "RecserveInstanceDown", "fleet": "f"}, "state": "pending"},
+        {"labels": {"alertname": "RecserveFailover", "fleet": "f"}, "state": "firing"},
+        {"labels": {"alertname": "RecserveP99OverSLO", "fleet": "f"}, "state": "inactive"}]}}
+    names = {"RecserveLoadShedding", "RecserveInstanceDown", "RecserveP99OverSLO"}
+    assert alerts.active(answer, names) == ["RecserveInstanceDown", "RecserveLoadShedding"]
+    assert alerts.active({"status": "success", "data": {"alerts": []}}, names) == []
+    assert alerts.active({}, names) == []
