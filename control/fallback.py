@@ -44,6 +44,8 @@ class FallbackConfig:
     events_csv: Path = DATA_DIR / "events.csv"
     catalog_csv: Path = DATA_DIR / "catalog.csv"
     workers: int = 4
+    #: CPU niceness (0..19): degraded answers get the CPU that full answers leave (instances serve at nice 5).
+    nice: int = 10
     #: gRPC calls in progress or queued for a worker; beyond it the server answers RESOURCE_EXHAUSTED at once.
     max_concurrent: int = 64
     startup_timeout_s: float = 60.0
@@ -59,6 +61,8 @@ class FallbackConfig:
                 raise FallbackError(f"fallback config: {field_name} {rule}, got {port}")
         if self.grpc_port and self.grpc_port == self.http_port:
             raise FallbackError(f"fallback config: grpc_port and http_port must differ, both are {self.grpc_port}")
+        if not 0 <= self.nice <= 19:
+            raise FallbackError(f"fallback config: nice must be 0..19, got {self.nice}")
         for field_name in ("workers", "max_concurrent"):
             if getattr(self, field_name) < 1:
                 raise FallbackError(f"fallback config: {field_name} must be >= 1, got {getattr(self, field_name)}")
@@ -127,8 +131,11 @@ class FallbackServer:
         # This checkout's control/ package, whatever the caller's working directory.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         self._log_file = open(self.log_path, "ab")
+        cmd = self.command()
+        if c.nice:  # coreutils nice execs the server: same pid, priority set before any thread starts
+            cmd = ["nice", "-n", str(c.nice), *cmd]
         self.process = subprocess.Popen(
-            self.command(),
+            cmd,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=env,

@@ -106,7 +106,8 @@ class InstanceLifecycle:
                     setattr(rec, attr, 0)
             srv = self._server(rec)
             # out of rotation until its golden check passes: load it without taking CPU from serving instances
-            srv.config.nice = 19 if can_raise_priority() else 0
+            serving_nice = self.config.instance_nice
+            srv.config.nice = 19 if can_raise_priority() else serving_nice
             self.state.update_instance(iid, state="starting", detail="")
             srv.start(wait=True)
             rec.grpc_port, rec.http_port, rec.metrics_port = (srv.config.grpc_port, srv.config.http_port,
@@ -120,7 +121,7 @@ class InstanceLifecycle:
             probe = self.settle(iid)
             if not probe.ok:
                 raise FleetError(f"{iid} failed its deep check after start: {probe.stage}: {probe.reason}")
-            self.renice(rec, 0)  # before it can take traffic
+            self.renice(rec, serving_nice)  # before it can take traffic
             self.router.bind(rec.slot, rec.grpc_port, rec.http_port)
             self.fails[iid] = 0
             # The monitor ignores probes while an instance is busy, so without this the last probe on record is
@@ -228,8 +229,9 @@ class InstanceLifecycle:
                     self.state.event("rollover", f"{iid} out of rotation while it loads {only or 'all'}", iid)
             taking = (rec.slot in self.router.pool_slots() if self.config.mode == "active-active"
                       else rec.role == "primary")
-            nice = 0 if taking or not can_raise_priority() else 19  # never slow down one that clients wait on
-            self.renice(rec, nice)
+            serving_nice = self.config.instance_nice
+            # never slow down one that clients wait on
+            self.renice(rec, serving_nice if taking or not can_raise_priority() else 19)
             self.load_versions(self._server(rec), versions, only=only)
             probe = self.settle(iid)
             if not probe.ok:
@@ -239,7 +241,7 @@ class InstanceLifecycle:
             self.last_probe[iid] = probe
         finally:
             if not taking:
-                self.renice(rec, 0)
+                self.renice(rec, serving_nice)
             if out:
                 cur = self.state.instance(iid)
                 if cur is not None and cur.state == "healthy" and cur.role in ("primary", "active"):

@@ -252,12 +252,15 @@ def test_primary_failure_costs_no_request_and_returns_as_standby(fleet, sig):
     assert not failed, f"{len(failed)} of {len(records)} requests failed, first: {failed[0].error}"
     old = next(i for i in back["instances"] if i["id"] == primary["id"])
     assert old["pid"] != primary["pid"] and old["restarts"] >= 1
-    # loaded at nice 19 (out of rotation), serving at nice 0: tritonserver and every backend stub of its group
+    # loaded at nice 19 (out of rotation), serving at the fleet's instance nice: tritonserver and every backend
+    # stub of its group, like the instance that never restarted
+    from recserve.control.fleet_config import FleetConfig
     from recserve.drills.faults import group_members
 
-    group = group_members(old["pid"])
-    assert len(group) > 1 and all(os.getpriority(os.PRIO_PROCESS, p) == 0 for p in group), \
-        {p: os.getpriority(os.PRIO_PROCESS, p) for p in group}
+    for iid in (primary["id"], standby["id"]):
+        pid = next(i for i in back["instances"] if i["id"] == iid)["pid"]
+        nices = {p: os.getpriority(os.PRIO_PROCESS, p) for p in group_members(pid)}
+        assert len(nices) > 1 and set(nices.values()) == {FleetConfig().instance_nice}, (iid, nices)
     events = fleet.stub.GetStatus(pb.GetStatusRequest(events=50)).events
     detected = [e for e in events if e.kind == "detected" and e.instance == primary["id"] and e.ts_unix >= fault]
     assert detected, "no detection event recorded"

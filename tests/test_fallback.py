@@ -96,6 +96,15 @@ def test_refusals_match_the_real_ensembles_word_for_word(server, fallback, proto
     assert fallback.is_alive() and fallback.ready()
 
 
+def test_the_fallback_runs_below_the_instances_cpu_priority(fallback):
+    """Degraded answers get the CPU full answers leave: nice 10, the instances serve at nice 5 (FleetConfig)."""
+    import os
+
+    from recserve.control.fleet_config import FleetConfig
+
+    assert os.getpriority(os.PRIO_PROCESS, fallback.pid) == fallback.config.nice == 10 > FleetConfig().instance_nice
+
+
 def test_search_without_query_names_the_missing_input(fallback):
     """The one deliberate difference: Triton 2.51 answers 'unexpected deadlock' from inside the ensemble."""
     status, msg = _refusal(fallback.grpc_url, "grpc", "search", {"user_id": (np.asarray([[1]], I64), "INT64")})
