@@ -100,6 +100,8 @@ class Step:
     #: fleet, may be what limits this rung on a 2-core host.
     client_cpu: float = 0.0
     repeated: bool = False
+    #: A bisection rung between the last rate that passed and the first that missed.
+    refined: bool = False
 
     def within(self, slo_ms: float) -> bool:
         """Served: nothing failed, p99 under the SLO, and the fleet kept up with the offer (>= 95%)."""
@@ -108,17 +110,20 @@ class Step:
 
 
 def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.0, factor: float = 1.3,
-                step_s: float = 3.0, max_steps: int = 14, max_rps: float = 5000.0) -> tuple[float, list[Step]]:
+                step_s: float = 3.0, max_steps: int = 14, max_rps: float = 5000.0,
+                refine: int = 2) -> tuple[float, list[Step]]:
     """(knee, ladder): offered rates rise by ``factor`` from ``start_rps`` until a rung misses the SLO twice in
-    a row (a shared 2-core host has hiccups: a miss counts only when the same rate misses again); the knee is the
-    highest rate that passed. Bounded: at most ``max_steps`` rungs of ``step_s`` seconds, loopback only."""
+    a row (a shared 2-core host has hiccups: a miss counts only when the same rate misses again); then ``refine``
+    rungs bisect (geometrically) between the last rate that passed and the one that missed, because every goal
+    of the overload drills is a multiple of the knee and one rung of ``factor`` is 30% of it. The knee is the
+    highest rate that passed. Bounded: at most ``max_steps`` + ``refine`` rungs of ``step_s`` s, loopback only."""
     from recserve.drills.probe import OpenLoopProbe, constant, golden_cases
     from recserve.drills.timeline import window_stats
 
     cases = [c for c in golden_cases() if c.model == model]
     ladder: list[Step] = []
-    knee, rate = 0.0, float(start_rps)
-    for _ in range(max_steps):
+
+    def rung(rate: float, refining: bool) -> bool:
         step = None
         for again in (False, True):
             probe = OpenLoopProbe(grpc_url, cases, constant(rate), duration_s=step_s, timeout_s=2.0,
@@ -129,16 +134,27 @@ def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.
             t0 = probe.t0 or (recs[0].t_send if recs else 0.0)
             w = window_stats(recs, t0, t0 + step_s, slo_ms)
             step = Step(round(rate, 1), w["total"], w["ok"], w["failed"], round(w["ok"] / step_s, 1), w["p99_ms"],
-                        client_cpu=round(cpu, 2), repeated=again)
+                        client_cpu=round(cpu, 2), repeated=again, refined=refining)
             ladder.append(step)
             if step.within(slo_ms):
-                break
-        if not step.within(slo_ms):
+                return True
+        return False
+
+    knee, rate, missed = 0.0, float(start_rps), None
+    for _ in range(max_steps):
+        if not rung(rate, False):
+            missed = rate
             break
         knee = rate
         if rate >= max_rps:
             break
         rate = min(rate * factor, max_rps)
+    for _ in range(refine if knee and missed else 0):
+        mid = (knee * missed) ** 0.5
+        if rung(mid, True):
+            knee = mid
+        else:
+            missed = mid
     return knee, ladder
 
 

@@ -89,6 +89,11 @@ def breakdown_lines(d: dict) -> list[str]:
     return out
 
 
+def _rung(r: dict) -> str:
+    kind = "bisect" if r.get("refined") else ""
+    return " ".join(k for k in (kind, "repeat" if r.get("repeated") else "") if k)
+
+
 def knee_lines(knee: dict | None) -> list[str]:
     """The knee the load was sized by, and the ladder of open-loop rungs around it (issue 9: the figure must be
     measured, and shown)."""
@@ -99,10 +104,10 @@ def knee_lines(knee: dict | None) -> list[str]:
            f"{knee.get('restarts_during', {})})"]
     ladder = [r for r in knee.get("ladder") or [] if "offered_rps" in r]
     if ladder:
-        out += ["", "  | offered rps | sent | failed | served rps | p99 ms | client CPU | repeat |",
+        out += ["", "  | offered rps | sent | failed | served rps | p99 ms | client CPU | rung |",
                 "  |---|---|---|---|---|---|---|"]
         out += [f"  | {r['offered_rps']} | {r['sent']} | {r['failed']} | {r['achieved_rps']} | {_fmt(r['p99_ms'])} | "
-                f"{r.get('client_cpu', 0):.2f} | {'yes' if r.get('repeated') else ''} |" for r in ladder]
+                f"{r.get('client_cpu', 0):.2f} | {_rung(r)} |" for r in ladder]
         out.append("")
     return out
 
@@ -129,6 +134,10 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
             lines.append(f"- background load (perf_analyzer): {d['background'].get('summary', d['background'])}")
         lines += knee_lines(d.get("knee"))
         lines += breakdown_lines(d)
+        if d.get("alerts") and "alerts_quiet_after_s" in d:
+            q = d["alerts_quiet_after_s"]
+            lines.append("- expected alerts quiet before the fault: " + (
+                f"after {q} s" if q is not None else "NO, still active (time-to-alert cannot be measured)"))
         for a in d.get("alerts") or []:
             lines.append(f"- alert `{a['alert']}`: time-to-alert {_fmt(a.get('time_to_alert_s'), ' s')} "
                          f"(target {a['within_s']} s), time-to-resolve {_fmt(a.get('time_to_resolve_s'), ' s')}"

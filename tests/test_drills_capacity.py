@@ -47,15 +47,25 @@ def fake(monkeypatch):
 
 
 def test_the_knee_is_the_highest_rate_that_passed_and_a_miss_must_repeat(fake):
-    knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, factor=1.3)
+    knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, factor=1.3,
+                                        refine=0)
     assert knee == pytest.approx(100 * 1.3 ** 4)  # 285.6 passes, 371.3 is over the simulated knee of 300
     assert ladder[-1].repeated and not ladder[-1].within(50) and not ladder[-2].within(50)
     assert all(s.within(50) for s in ladder[:-2])
 
 
+def test_bisection_rungs_narrow_the_knee_between_the_last_pass_and_the_first_miss(fake):
+    fake.knee = 340.0
+    knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, factor=1.3)
+    refined = [s for s in ladder if s.refined and not s.repeated]
+    assert [s.offered_rps for s in refined] == [325.6, 347.7]  # sqrt(285.6 x 371.3) passes, then 347.7 misses
+    assert knee == pytest.approx((285.61 * 371.293) ** 0.5) and knee <= fake.knee
+
+
 def test_a_hiccup_that_does_not_repeat_does_not_end_the_ladder(fake):
     fake.hiccup_at = 169.0
-    knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, factor=1.3)
+    knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, factor=1.3,
+                                        refine=0)
     assert knee == pytest.approx(100 * 1.3 ** 4)
     missed = [s for s in ladder if not s.within(50)]
     assert missed[0].offered_rps == 169.0 and not missed[0].repeated
