@@ -123,7 +123,8 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
     for d in drills:
         lines += [f"### {d['name']}", "", d.get("purpose", "").strip(), "",
                   f"- verdict: **{_verdict(d)}** ({d.get('status', '')}): {d.get('reason', '')}",
-                  f"- detection: {_fmt(d.get('detection_ms'), ' ms')}, RTO: {_fmt(d.get('rto_ms'), ' ms')}, "
+                  f"- detection: {_fmt(d.get('detection_ms'), ' ms')}, RTO: {_fmt(d.get('rto_ms'), ' ms')}"
+                  + (" (back to the before-phase's level)" if d.get("rto_basis") == "before" else "") + ", "
                   f"wrong answers: {d.get('wrong_answers')}, versions consistent: {d.get('versions_consistent')}"]
         if d.get("simulation"):
             lines.append(f"- how the fault was made: {d['simulation']}")
@@ -157,7 +158,10 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
         lines.append("")
     lines += ["## Definitions", "",
               "- RTO: client-measured, from the fault to the start of the first full second (sliding, by send "
-              "time) in which every probe request succeeded with the right answer under the SLO.",
+              "time) in which every probe request succeeded with the right answer under the SLO. Drills above the "
+              "knee (`steady_state.rto: before`) shed in their steady state: for them the window needs no failure "
+              "beyond shedding, no wrong answer, and good answers per second at >= 90% of the before-phase's "
+              "(windows every 0.1 s).",
               "- detection: from the fault to the control plane's first event marking the instance.",
               "- RPO (lost-host): age of the newest verified backup when the host was lost, and what the rebuilt "
               "fleet no longer has (desired versions, control-plane events recorded after that backup).",

@@ -97,6 +97,13 @@ class SteadyState:
     error_rate_max: float
     before_s: float = 3.0
     after_s: float = 3.0
+    #: What "recovered" means for the RTO: ``all-good`` (a full second in which every request got a good answer)
+    #: or ``before`` (for drills above the knee, where shedding is the steady state: a full second with no
+    #: unshed failure, no wrong answer, and good answers at >= RTO_GOOD_SHARE of the before-phase's rate).
+    rto: str = "all-good"
+
+
+RTO_BASES = ("all-good", "before")
 
 
 @dataclass(frozen=True)
@@ -262,12 +269,17 @@ def _load(c: _Checker, raw: Any) -> Load:
 
 def _steady(c: _Checker, raw: Any) -> SteadyState:
     path = "steady_state"
-    d = c.mapping(raw, path, {"slo_p99_ms", "error_rate_max", "before_s", "after_s"}, {"slo_p99_ms", "error_rate_max"})
+    d = c.mapping(raw, path, {"slo_p99_ms", "error_rate_max", "before_s", "after_s", "rto"},
+                  {"slo_p99_ms", "error_rate_max"})
+    rto = d.get("rto", "all-good")
+    if rto not in RTO_BASES:
+        raise c.fail(f"{path}.rto", f"must be one of {list(RTO_BASES)}, got {rto!r}")
     return SteadyState(
         slo_p99_ms=c.number(d, "slo_p99_ms", path, lo=0, strict_lo=True),
         error_rate_max=c.number(d, "error_rate_max", path, lo=0, hi=1),
         before_s=c.number(d, "before_s", path, 3.0, lo=1),
         after_s=c.number(d, "after_s", path, 3.0, lo=1),
+        rto=rto,
     )
 
 

@@ -51,6 +51,34 @@ def rto_ms(records: Sequence[Record], fault_t: float, slo_ms: float, end_t: floa
     return None
 
 
+#: With ``steady_state.rto: before``: the share of the before-phase's good answers per second a window must reach.
+RTO_GOOD_SHARE = 0.9
+
+
+def rto_vs_before_ms(records: Sequence[Record], fault_t: float, slo_ms: float, good_rps_before: float,
+                     end_t: float | None = None, window_s: float = 1.0, step_s: float = 0.1) -> float | None:
+    """Recovery time for drills above the knee, where shedding (fast refusals, degraded answers) and a tail over
+    the SLO are the steady state: the first full window after the fault with no unshed failure, no wrong
+    answer, and good answers per second at >= ``RTO_GOOD_SHARE`` of the before-phase's; windows start at the
+    fault and every ``step_s`` after it. None when none did before ``end_t`` (or nothing good came before)."""
+    if good_rps_before <= 0:
+        return None
+    rs = sorted((r for r in records if r.t_send >= fault_t), key=lambda r: r.t_send)
+    if not rs:
+        return None
+    end_t = end_t if end_t is not None else rs[-1].t_send
+    start = fault_t
+    while start + window_s <= end_t + 1e-9:
+        window = [r for r in rs if start <= r.t_send < start + window_s]
+        failed = [r for r in window if not r.ok and r.status not in SHED_STATUSES]
+        wrong = [r for r in window if r.ok and r.matched is False]
+        good = sum(is_good(r, slo_ms) for r in window)
+        if window and not failed and not wrong and good / window_s >= RTO_GOOD_SHARE * good_rps_before:
+            return round((start - fault_t) * 1000.0, 1)
+        start += step_s
+    return None
+
+
 def window_stats(records: Sequence[Record], t_from: float, t_to: float, slo_ms: float) -> dict:
     """Counts, rates and latency percentiles of the requests sent in [t_from, t_to)."""
     rs = [r for r in records if t_from <= r.t_send < t_to]

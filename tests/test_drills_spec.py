@@ -90,6 +90,15 @@ def test_missing_fault_parameter_is_named():
     assert e.field == "method[0].params.model" and "missing required parameter" in e.rule
 
 
+def test_rto_basis_is_one_of_the_two_definitions():
+    raw = base()
+    raw["steady_state"]["rto"] = "before"
+    assert parse(raw, "t.yaml").steady_state.rto == "before"
+    raw["steady_state"]["rto"] = "fast"
+    e = refused(raw)
+    assert e.field == "steady_state.rto" and "all-good" in e.rule and "'fast'" in e.rule
+
+
 def test_typo_in_a_key_is_an_unknown_field_not_ignored():
     raw = base()
     raw["steady_state"]["slo_p99"] = 50

@@ -13,6 +13,7 @@ from recserve.drills.timeline import (
     per_second,
     phases,
     rto_ms,
+    rto_vs_before_ms,
     steady_state_ok,
     window_stats,
 )
@@ -150,3 +151,27 @@ def test_fault_window_follows_the_actions_that_really_ran():
     j.actions += [ActionEntry("gpu-hang", "method", 1005.1, 1005.1, "succeeded"),
                   ActionEntry("gpu-hang", "method-end", 1010.3, 1010.3, "succeeded")]
     assert _fault_window(hang, j, 1000.0) == (1005.1, 1010.3)
+
+
+def _peak(t_from: float, t_to: float, shed_every: int = 4, **kw) -> list[Record]:
+    """Above the knee: every ``shed_every``-th request is refused fast (RESOURCE_EXHAUSTED), the rest answered."""
+    out = every(t_from, t_to, step=0.01, **kw)
+    return [rec(r.t_send, status="RESOURCE_EXHAUSTED") if i % shed_every == 0 else r for i, r in enumerate(out)]
+
+
+def test_rto_at_peak_is_back_to_the_before_level_with_shedding_allowed():
+    before = _peak(0, 5)  # 75 good answers/s, 25 shed/s: the steady state above the knee
+    good_rps = 75.0
+    # no full good second exists at all at the peak (shedding never stops): the all-good RTO is undefined
+    assert rto_ms(before + _peak(5, 10), 5.0, SLO) is None
+    assert rto_vs_before_ms(before + _peak(5, 10), 5.0, SLO, good_rps, end_t=10.0) == 0.0
+    # the crash: 0.8 s of failed requests (not shed), then a dip with half of the requests shed
+    crashed = [rec(r.t_send, status="INTERNAL") for r in every(5, 5.8, step=0.01)]
+    dip = _peak(5.8, 6.5, shed_every=2)  # good/s at 50 < 0.9 x 75
+    after = _peak(6.5, 10)
+    got = rto_vs_before_ms(before + crashed + dip + after, 5.0, SLO, good_rps, end_t=10.0)
+    # no window may hold a failure (all end by 5.8 s); the first one reaching 67.5 good/s overlaps the dip's end
+    assert got == pytest.approx(1300.0, abs=100.0)
+    wrong = [rec(r.t_send, matched=False) for r in every(5, 6, step=0.01)]
+    assert rto_vs_before_ms(before + wrong + _peak(6, 10), 5.0, SLO, good_rps, end_t=10.0) == 1000.0
+    assert rto_vs_before_ms(before, 5.0, SLO, 0.0, end_t=10.0) is None  # nothing good before: undefined
