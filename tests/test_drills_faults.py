@@ -170,3 +170,21 @@ def test_group_members_finds_children_that_outlive_their_leader():
     while group_members(leader.pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert group_members(leader.pid) == []
+
+
+def test_background_exit_is_a_failed_request_unless_every_error_is_not_about_requests():
+    """perf_analyzer as background load: exit 0 is clean; a non-zero exit is a failed request unless its only
+    complaints are statistics calls or a measurement it would not call stable (a fault inside a window does that)."""
+    from recserve.drills.background import judge
+
+    unstable = ("Request concurrency: 2\n  Pass [3] throughput: 120 infer/sec. Avg latency: 16000 usec\n"
+                "Failed to obtain stable measurement within 3 measurement windows for concurrency 2. Please try to "
+                "increase the --measurement-interval.\n")
+    assert judge(2, unstable)["not_requests"] and judge(2, unstable)["unstable"]
+    stats = "error: failed to find the requested model version\n"
+    assert judge(99, stats)["not_requests"] and judge(99, stats)["stats"]
+    failed = unstable + "Thread [0] had error: [StatusCode.UNAVAILABLE] failed to connect to all addresses\n"
+    assert not judge(99, failed)["not_requests"] and judge(99, failed)["request_errors"]
+    assert not judge(1, "")["not_requests"]  # a non-zero exit with nothing said: counted as a failure
+    assert not judge(1, "error: something else entirely\n")["not_requests"]
+    assert not judge(0, unstable)["not_requests"]  # exit 0 needs no excuse

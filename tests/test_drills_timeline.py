@@ -175,3 +175,4 @@ def test_rto_at_peak_is_back_to_the_before_level_with_shedding_allowed():
     wrong = [rec(r.t_send, matched=False) for r in every(5, 6, step=0.01)]
     assert rto_vs_before_ms(before + wrong + _peak(6, 10), 5.0, SLO, good_rps, end_t=10.0) == 1000.0
     assert rto_vs_before_ms(before, 5.0, SLO, 0.0, end_t=10.0) is None  # nothing good before: undefined
+
