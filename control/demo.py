@@ -1,8 +1,9 @@
 """``make demo``: the whole story on one machine, in a few minutes on 2 cores.
 
-fleet up (control plane, primary + standby tritonserver, HAProxy) -> ask ``recommend`` and ``search``
-through HAProxy and show items with titles -> smoke drills (primary crash, hang, 2x overload, canary
-rollover under load, bad rollover) with their RTO/failed-request table and report -> fleet down, always.
+fleet up (control plane, two active tritonservers behind HAProxy, the degraded-answer server) -> ask
+``recommend`` and ``search`` through HAProxy and show items with titles -> smoke drills (active crash, hang, 2x
+overload, canary rollover under load, bad rollover) with their RTO/failed-request table and report -> fleet
+down, always. The exit code follows CI's rule (``verdict``).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     recctl = [py, "-m", "recserve.control.recctl"]
     t0 = time.monotonic()
     drill_code = 0
-    step("1/4 fleet up: control plane, primary + standby tritonserver, HAProxy")
+    step("1/4 fleet up: control plane, two active tritonservers, HAProxy, degraded-answer server")
     try:
         run([*recctl, "up", "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port)])
         run([*recctl, "status"])
