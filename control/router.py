@@ -54,6 +54,7 @@ from recserve.control.haproxy import (
 )
 from recserve.control.procs import kill_group, pid_alive
 from recserve.control.state import State
+from recserve.control.stats import percentile
 
 MODES = ("active-active", "primary-standby")
 #: SQL condition on the state store's kv table matching every key the Router owns (a backup restored on a new
@@ -487,7 +488,7 @@ class Router:
                 lat.setdefault(slot, []).append(tr / 1000)
             if parts[6] == "503":
                 full[slot] = full.get(slot, 0) + 1
-        p99 = {s: sorted(v)[min(len(v) - 1, int(0.99 * len(v)))] for s, v in lat.items()}
+        p99 = {s: percentile(v, 99) for s, v in lat.items()}  # the project's one percentile rule
         return p99, full
 
     def adapt(self) -> None:

@@ -72,7 +72,7 @@ def test_adaptive_controller_reads_per_server_p99_and_queue_full_from_the_access
     lines.append('id 127.0.0.1:1 [x] fe_grpc be_grpc_fallback/fb 0/0/0/1/1 200 10 0 1/1/1/1 0/0 "POST /"\n')
     router.proxy.config.access_log_path.write_text("".join(lines))
     p99, full = router.interval_samples()
-    assert p99 == {0: 0.1} and full == {1: 3}  # 99th of 1..100 ms; 503s per server; the fallback ignored
+    assert p99 == {0: 0.099} and full == {1: 3}  # nearest-rank 99th of 1..100 ms; 503s per server; no fallback
     assert router.interval_samples() == ({}, {})  # only lines written since the last interval
     log = router.proxy.config.access_log_path
     size = log.stat().st_size
