@@ -65,6 +65,7 @@ class Operator:
         self.monitor: HealthMonitor | None = None
         self.fails: dict[str, int] = {}
         self.gates: dict[str, bool] = {}
+        self._gate_reasons: dict[str, str] = {}
         self.spec: dict = {}
         self._owned: dict[str, str] = {}  # ModelRollout name -> rollout id
         self._seen_seq: dict[str, int] = {}
@@ -140,9 +141,11 @@ class Operator:
         for name in added:
             self.fails[name] = 0
             self.gates.pop(name, None)
+            self._gate_reasons.pop(name, None)
         for name in removed:
             self.fails.pop(name, None)
             self.gates.pop(name, None)
+            self._gate_reasons.pop(name, None)
         pool.ensure_primary()
         self._reconcile_rollouts()
         self._write_fleet_status(fleet)
@@ -237,8 +240,6 @@ class Operator:
         healthy = rec.state == "healthy"
         admitted = pool.traffic.admitted(iid)
         ok = healthy and admitted
-        if self.gates.get(iid) == ok:
-            return
         failed = rec.state not in ("healthy", "new", "deleting")  # a pod not yet checked has failed nothing
         if ok:
             reason, msg = "GoldenOk", "golden inference answered right on the desired versions"
@@ -250,6 +251,8 @@ class Operator:
             reason, msg = "GoldenFailed", rec.detail or f"state {rec.state}"
         else:
             reason, msg = "RolloutRouting", "the running rollout takes this pod out of the Service"
+        if self.gates.get(iid) == ok and self._gate_reasons.get(iid) == reason:
+            return  # a closed gate's reason may still change (Starting -> GoldenFailed): that is news
         try:
             fresh = self.api.core.read_namespaced_pod(iid, self.api.namespace)
             pod = self.api.core.api_client.sanitize_for_serialization(fresh)
@@ -258,7 +261,7 @@ class Operator:
             if exc.status == 404:
                 return
             raise
-        self.gates[iid] = ok
+        self.gates[iid], self._gate_reasons[iid] = ok, reason
         self._event_pod(iid, reason, msg, warning=failed)
 
     def _delete_pod(self, iid: str, reason: str) -> None:
