@@ -296,8 +296,13 @@ def test_canary_rollover_under_load_costs_nothing_and_reaches_every_instance(fle
     try:
         time.sleep(1.0)
         mark = load.mark()
+        # About zero failed requests and every instance reached, not the p99 gate (unit-tested with a slow
+        # client in test_control_units; the bad-version tests here cover the error and answer gates): a freshly
+        # loaded canary's first answers at 20% can be slow on a 2-core host (a clean-clone CI run rolled back on
+        # p99 55.2 ms vs 13.4 ms), so the p99 gate is set wide, as in the blue-green test.
         stream = fleet.stub.Rollover(pb.RolloverRequest(model="retrieval", version=new, steps=[20, 100],
-                                                        bake_seconds=2), metadata=fleet.auth, timeout=300)
+                                                        bake_seconds=2, gates=pb.Gates(max_p99_ratio=100.0)),
+                                     metadata=fleet.auth, timeout=300)
         first = next(stream)
         with pytest.raises(grpc.RpcError) as exc:  # a second rollout while one runs
             next(iter(fleet.stub.Rollover(pb.RolloverRequest(model="ranker", version=1), metadata=fleet.auth)))
