@@ -310,7 +310,7 @@ class DrillRun:
         shed = sum(r.status in tl.SHED_STATUSES for r in recs)
         fig: dict[str, Any] = {
             "fault_at_s": round(f_start - t0, 3), "fault_end_s": round(f_end - t0, 3),
-            "rto_ms": self._rto_ms(recs, t0, f_start, t_end),
+            "rto_ms": self._rto_ms(recs, f_start, t_end, ph["before"]),
             "rto_basis": ss.rto,
             "failed_requests": failed, "total_requests": len(recs), "wrong_answers": wrong,
             # served (real models) / degraded (fallback answers) / shed (refused fast) / failed beyond shedding
@@ -395,14 +395,13 @@ class DrillRun:
             self.log(f"  expected alerts still active after {waited:.0f}s: {', '.join(still)} (time-to-alert "
                      "will read as never received)")
 
-    def _rto_ms(self, recs: list[Record], t0: float, f_start: float, t_end: float) -> float | None:
-        """RTO by the spec's ``steady_state.rto``: every request good again, or back to the before-phase's level."""
+    def _rto_ms(self, recs: list[Record], f_start: float, t_end: float, before: dict) -> float | None:
+        """RTO by the spec's ``steady_state.rto``: every request good again, or back to the before-phase's level
+        (``before``: that phase's ``window_stats``)."""
         ss = self.spec.steady_state
         if ss.rto == "all-good":
             return tl.rto_ms(recs, f_start, ss.slo_p99_ms, t_end)
-        b0 = max(t0, f_start - ss.before_s)
-        good_before = sum(tl.is_good(r, ss.slo_p99_ms) for r in recs if b0 <= r.t_send < f_start)
-        return tl.rto_vs_before_ms(recs, f_start, ss.slo_p99_ms, good_before / max(f_start - b0, 1e-9), t_end)
+        return tl.rto_vs_before_ms(recs, f_start, ss.slo_p99_ms, before["goodput_rps"], t_end)
 
     def _alert_figures(self, t0: float, fig: dict) -> dict:
         """Wait (bounded by the spec) for every expected alert to reach the webhook receiver, and resolve."""

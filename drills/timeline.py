@@ -63,17 +63,15 @@ def rto_vs_before_ms(records: Sequence[Record], fault_t: float, slo_ms: float, g
     fault and every ``step_s`` after it. None when none did before ``end_t`` (or nothing good came before)."""
     if good_rps_before <= 0:
         return None
-    rs = sorted((r for r in records if r.t_send >= fault_t), key=lambda r: r.t_send)
+    rs = [r for r in records if r.t_send >= fault_t]
     if not rs:
         return None
-    end_t = end_t if end_t is not None else rs[-1].t_send
+    end_t = end_t if end_t is not None else max(r.t_send for r in rs)
     start = fault_t
     while start + window_s <= end_t + 1e-9:
-        window = [r for r in rs if start <= r.t_send < start + window_s]
-        failed = [r for r in window if not r.ok and r.status not in SHED_STATUSES]
-        wrong = [r for r in window if r.ok and r.matched is False]
-        good = sum(is_good(r, slo_ms) for r in window)
-        if window and not failed and not wrong and good / window_s >= RTO_GOOD_SHARE * good_rps_before:
+        w = window_stats(rs, start, start + window_s, slo_ms)
+        if w["total"] and not w["failed_unshed"] and not w["wrong"] \
+                and w["goodput_rps"] >= RTO_GOOD_SHARE * good_rps_before:
             return round((start - fault_t) * 1000.0, 1)
         start += step_s
     return None
