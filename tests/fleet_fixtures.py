@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -388,3 +392,18 @@ def all_healthy_exact(status: dict, n: int = 2) -> bool:
     if len(inst) != n or any(i["state"] != "healthy" for i in inst) or len(by_role(status, "primary")) != 1:
         return False
     return all({m: i["models"].get(m) for m in status["desired"]} == status["desired"] for i in inst)
+
+
+@contextlib.contextmanager
+def running_fleet(base: Path, ready: Callable[[dict], bool] = all_healthy_exact,
+                  what: str = "two healthy instances on the desired versions", **kw) -> Iterator[FleetProcess]:
+    """The shared shape of the fleet-backed test modules' fixtures: a fleet on a copy of the repository under
+    ``base`` (``kw`` go to ``FleetProcess``), up and waited for ``ready``; closed and ``base`` removed after."""
+    f = FleetProcess(base / "runtime", fleet_repository(base / "model_repository"), **kw)
+    try:
+        f.up()
+        f.wait(ready, what=what)
+        yield f
+    finally:
+        f.close()
+        shutil.rmtree(base, ignore_errors=True)

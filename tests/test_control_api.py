@@ -31,7 +31,7 @@ from recserve.control.proto import control_pb2_grpc as pbg
 from recserve.control.state import State
 from recserve.control.tls import TlsConfigError, control_channel, server_tls
 from recserve.control.triton import free_port, port_in_use
-from tests.fleet_fixtures import FleetProcess, all_healthy_exact, fleet_repository
+from tests.fleet_fixtures import FleetProcess, all_healthy_exact, running_fleet
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -328,16 +328,9 @@ def test_control_plane_refuses_loose_secret_files_or_plaintext_off_loopback(tmp_
 def fleet(tmp_path_factory):
     base = tmp_path_factory.mktemp("apifleet")
     cert, key = make_cert(base / "tls")
-    repo = fleet_repository(base / "model_repository")
-    f = FleetProcess(base / "runtime", repo, up_args=("--tls-cert", str(cert), "--tls-key", str(key), "--mode",
-                                                      "primary-standby"), ca=cert)  # the audit tests use a standby
-    try:
-        f.up()
-        f.wait(all_healthy_exact, what="two healthy instances on the desired versions")
+    with running_fleet(base, up_args=("--tls-cert", str(cert), "--tls-key", str(key), "--mode", "primary-standby"),
+                       ca=cert) as f:  # the audit tests use a standby
         yield f
-    finally:
-        f.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _snapshot(fleet: FleetProcess) -> list[tuple]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import time
 import urllib.error
@@ -28,8 +27,8 @@ from tests.fleet_fixtures import (
     LoadClient,
     all_healthy_exact,
     by_role,
-    fleet_repository,
     make_version,
+    running_fleet,
 )
 
 pytestmark = pytest.mark.timeout(600)
@@ -37,19 +36,12 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    base = tmp_path_factory.mktemp("fleet")
-    repo = fleet_repository(base / "model_repository")
     # These tests pin primary-standby (balance first); tests/test_router.py covers the active-active default.
     # The 1 s server timeout they were written for: a rollover on the shared 2-core CI host has a tail past
     # 4 x SLO, and a cut slow-but-correct answer would read as a failed request.
-    f = FleetProcess(base / "runtime", repo, up_args=("--mode", "primary-standby", "--timeout-server-ms", "1000"))
-    try:
-        f.up()
-        f.wait(all_healthy_exact, what="two healthy instances on the desired versions")
+    with running_fleet(tmp_path_factory.mktemp("fleet"),
+                       up_args=("--mode", "primary-standby", "--timeout-server-ms", "1000")) as f:
         yield f
-    finally:
-        f.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _load(fleet: FleetProcess, **kw) -> LoadClient:

@@ -11,7 +11,6 @@ attack runs once against this fleet.
 from __future__ import annotations
 
 import json
-import shutil
 import urllib.request
 
 import numpy as np
@@ -30,7 +29,7 @@ from recserve.control.frontdoor import (
 )
 from recserve.control.triton import ADMIN_HEADER_GRPC, ADMIN_HEADER_HTTP, DEFAULT_REPOSITORY, free_port
 from recserve.drills import attacks
-from tests.fleet_fixtures import FleetProcess, all_healthy_exact, fleet_repository
+from tests.fleet_fixtures import FleetProcess, running_fleet
 from tests.test_control_api import make_cert
 
 pytestmark = pytest.mark.timeout(600)
@@ -98,16 +97,8 @@ def test_recctl_up_refuses_a_public_client_bind_without_tls(tmp_path):
 # ============================================================================ a real fleet through HAProxy
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    base = tmp_path_factory.mktemp("frontdoor")
-    repo = fleet_repository(base / "model_repository")
-    f = FleetProcess(base / "runtime", repo)
-    try:
-        f.up()
-        f.wait(all_healthy_exact, what="two healthy instances on the desired versions")
+    with running_fleet(tmp_path_factory.mktemp("frontdoor")) as f:
         yield f
-    finally:
-        f.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

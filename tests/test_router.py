@@ -27,7 +27,7 @@ from recserve.control.metrics import triton_request_counts
 from recserve.control.proto import control_pb2 as pb
 from recserve.control.router import RouterConfig, RouterError
 from recserve.control.supervision import classify
-from tests.fleet_fixtures import FleetProcess, fleet_repository, make_version
+from tests.fleet_fixtures import make_version, running_fleet
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -111,18 +111,11 @@ def test_a_router_that_adopted_a_running_haproxy_keeps_its_server_states_in_the_
 # ---------------------------------------------------------------------------------------------- the fleet
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    base = tmp_path_factory.mktemp("router")
-    repo = fleet_repository(base / "model_repository")
     # --timeout-server-ms 1000: on the shared CI host a rollover's latency tail passes the derived 4 x SLO
-    f = FleetProcess(base / "runtime", repo, up_args=("--knee-rps", "40", "--fallback-maxconn", "2",
-                                                      "--timeout-server-ms", "1000"))
-    try:
-        f.up()
-        f.wait(lambda s: _pool(s) == 2 and _healthy(s), what="two healthy actives in the pool")
+    with running_fleet(tmp_path_factory.mktemp("router"), lambda s: _pool(s) == 2 and _healthy(s),
+                       "two healthy actives in the pool",
+                       up_args=("--knee-rps", "40", "--fallback-maxconn", "2", "--timeout-server-ms", "1000")) as f:
         yield f
-    finally:
-        f.close()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _pool(st: dict) -> int:
