@@ -48,7 +48,8 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
             workdir=self.root / "haproxy", grpc_port=config.grpc_port, http_port=config.http_port,
             slots=config.slots, metrics_port=config.haproxy_metrics_port, mode=config.mode,
             knee_rps=config.knee_rps, slo_p99_ms=config.slo_p99_ms, fallback=config.fallback,
-            fallback_maxconn=config.fallback_maxconn, timeout_server_ms_override=config.timeout_server_ms,
+            fallback_maxconn=config.fallback_maxconn, fallback_queue=config.fallback_queue,
+            timeout_server_ms_override=config.timeout_server_ms,
             fallback_repository=self.repository, adaptive=config.adaptive_limits, frontdoor=config.frontdoor),
             self.state)
         self.targets = TargetFiles(targets_dir(self.root))  # Prometheus file_sd: one target per instance

@@ -55,6 +55,8 @@ class FleetConfig:
     fallback: bool = True
     #: In-flight limit of the fallback server's backend (beyond it: 429 / RESOURCE_EXHAUSTED).
     fallback_maxconn: int = 32
+    #: Shed requests that may wait (up to 2 x SLO) for a fallback slot before the refusal (0: none wait).
+    fallback_queue: int = 64
     #: Let the AIMD controller move the per-server limits (off: the fixed limit).
     adaptive_limits: bool = False
     #: HAProxy ``timeout server`` override (0: derived from the SLO, see control/router.py).

@@ -65,6 +65,12 @@ class HAProxyConfig:
     maxconn: int = 64
     #: In-flight limit of the degraded-answer fallback server (its own backend).
     fallback_maxconn: int = 64
+    #: Shed requests that may wait for a free fallback slot (a burst, such as every client reconnecting at once
+    #: after a HAProxy restart, gets degraded answers rather than refusals); beyond it: the refusal at once.
+    fallback_queue: int = 64
+    #: Longest such wait; then HAProxy's 503 is rewritten into the refusal (``overloaded_reply``), never a
+    #: 503, which gRPC clients would see as UNAVAILABLE and retry.
+    fallback_timeout_queue_ms: int = 100
     #: Longest wait for a free server slot once admitted; the admission ACL refuses before a request queues, so
     #: this only bounds the race between the ACL and the dispatch.
     timeout_queue_ms: int = 50
@@ -86,9 +92,11 @@ class HAProxyConfig:
             raise HAProxyError(f"haproxy config: slots must be 1..16, got {self.slots}")
         for name in ("check_inter_ms", "check_fall", "check_rise", "timeout_connect_ms", "timeout_server_ms",
                      "timeout_check_ms", "timeout_client_s", "retries", "maxconn", "fallback_maxconn",
-                     "timeout_queue_ms"):
+                     "timeout_queue_ms", "fallback_timeout_queue_ms"):
             if getattr(self, name) <= 0:
                 raise HAProxyError(f"haproxy config: {name} must be > 0, got {getattr(self, name)}")
+        if self.fallback_queue < 0:
+            raise HAProxyError(f"haproxy config: fallback_queue must be >= 0, got {self.fallback_queue}")
         if self.timeout_check_ms >= self.check_inter_ms:
             raise HAProxyError(
                 f"haproxy config: timeout_check_ms ({self.timeout_check_ms}) must be below check_inter_ms "
@@ -154,7 +162,8 @@ ACCESS_LOG_FORMAT = ("%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt %ST %B %rc
 
 
 def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[str]:
-    """Refuse at once when the routed backend has no free in-flight slot (``be_conn_free``), never queue.
+    """Refuse at once when the routed backend has no free in-flight slot (``be_conn_free``; for a ``first``
+    backend, its primary's), never queue.
 
     Order: the degraded-answer backend while it has room, then HAProxy's own reply: HTTP 429 (``OVERLOADED``)
     or, for gRPC, a Trailers-Only RESOURCE_EXHAUSTED (status 8), which client retry policies do not retry
@@ -165,12 +174,40 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
     for be in backends:
         out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
                    f"{{ be_conn_free({be}) le 0 }}")
+    for k in range(c.slots):
+        # ``balance first``: be_conn_free also counts the standbys listed after the primary (normal servers, so
+        # that a retry can be redispatched to one), and a full primary would overflow onto them: the pool is
+        # full when the primary is up and has no free slot.
+        be = first_backend(proto, k)
+        out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
+                   f"{{ srv_is_up({be}/s{k}) }} {{ srv_conn_free({be}/s{k}) le 0 }}")
+    fb = fallback_backend(proto)
     out += ["  acl pool_full var(txn.full) -m bool",
-            f"  acl fallback_free be_conn_free({fallback_backend(proto)}) gt 0",
-            f"  use_backend {shed_backend(proto)} if pool_full !fallback_free",
-            f"  use_backend {fallback_backend(proto)} if pool_full",
+            f"  acl fallback_free be_conn_free({fb}) gt 0",
+            f"  acl fallback_up srv_is_up({fb}/fb)",
+            f"  acl fallback_queue_room queue({fb}) lt {c.fallback_queue}",
+            f"  use_backend {fb} if pool_full fallback_free || pool_full fallback_up fallback_queue_room",
+            f"  use_backend {shed_backend(proto)} if pool_full",
             "  use_backend %[var(txn.route)]"]
     return out
+
+
+def overloaded_reply(proto: str) -> bytes:
+    """The refusal as a raw HTTP response (HAProxy ``errorfile``), for the 503 HAProxy writes when a shed
+    request's wait for a fallback slot runs out: the same words and codes as ``refusal_lines``."""
+    if proto == "grpc":
+        head = ["HTTP/1.1 200 OK", "content-type: application/grpc", "grpc-status: 8",
+                f"grpc-message: {OVERLOADED}", "content-length: 0"]
+        body = b""
+    else:
+        body = f'{{"error":"{OVERLOADED}"}}'.encode()
+        head = ["HTTP/1.1 429 Too Many Requests", "content-type: application/json", "retry-after: 1",
+                f"content-length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def errorfile_path(c: HAProxyConfig, proto: str) -> Path:
+    return c.workdir / f"overloaded-{proto}.http"
 
 
 def refusal_lines(proto: str) -> list[str]:
@@ -252,6 +289,8 @@ def render_config(c: HAProxyConfig) -> str:
         chk_lines = (["  option httpchk GET /v2/health/ready", "  http-check expect status 200"]
                      if proto == "grpc" else [])
         out += ["", f"backend {fallback_backend(proto)}", "  retry-on conn-failure empty-response", *chk_lines,
+                f"  timeout queue {c.fallback_timeout_queue_ms}ms",
+                f"  errorfile 503 {errorfile_path(c, proto)}",
                 f"  server fb {ph}{srv_proto} maxconn {c.fallback_maxconn} {fb_check}"]
         out += ["", f"backend {shed_backend(proto)}", *refusal_lines(proto)]
     if c.metrics_port:  # Prometheus scrapes the data path as clients see it (Debian's 2.6 has the exporter)
@@ -308,6 +347,8 @@ class HAProxy:
                 raise HAProxyError(f"haproxy: {name.replace('_', ' ')} {port} is already in use on {c.frontdoor.bind}")
         c.workdir.mkdir(parents=True, exist_ok=True)
         prepare_files(c.frontdoor, c.workdir)
+        for proto in PROTOS:
+            errorfile_path(c, proto).write_bytes(overloaded_reply(proto))
         c.config_path.write_text(render_config(c))
         if not c.map_path.exists():
             c.map_path.write_text(f"grpc {first_backend('grpc', 0)}\nhttp {first_backend('http', 0)}\n")

@@ -99,7 +99,8 @@ def cmd_up(args: argparse.Namespace) -> int:
            "--control-port", str(args.control_port), "--metrics-port", str(args.metrics_port),
            "--instances", str(args.instances), "--mode", args.mode, "--active", str(args.active),
            "--knee-rps", str(args.knee_rps), "--slo-p99-ms", str(args.slo_p99_ms),
-           "--fallback-maxconn", str(args.fallback_maxconn), "--timeout-server-ms", str(args.timeout_server_ms)]
+           "--fallback-maxconn", str(args.fallback_maxconn), "--fallback-queue", str(args.fallback_queue),
+           "--timeout-server-ms", str(args.timeout_server_ms)]
     cmd += ["--no-fallback"] if args.no_fallback else []
     cmd += ["--adaptive-limits"] if args.adaptive_limits else []
     for flag in ("tls_cert", "tls_key", "tls_ca", "client_tls_cert", "client_tls_key"):
@@ -420,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--slo-p99-ms", type=float, default=50.0, help="p99 target of admitted requests")
     up.add_argument("--no-fallback", action="store_true", help="no degraded answers: shed = 429/RESOURCE_EXHAUSTED")
     up.add_argument("--fallback-maxconn", type=int, default=32, help="in-flight limit of the degraded answers")
+    up.add_argument("--fallback-queue", type=int, default=64, help="shed requests that may wait (2 x SLO at "
+                    "most) for a degraded answer in a burst; 0: refuse at once")
     up.add_argument("--timeout-server-ms", type=int, default=0, help="HAProxy timeout server (0: from the SLO)")
     up.add_argument("--adaptive-limits", action="store_true", help="AIMD controller moves the limits")
     up.add_argument("--tls-cert", help="PEM server certificate: the control API speaks TLS")

@@ -122,6 +122,8 @@ class RouterConfig:
     #: Start the degraded-answer fallback server and route shed requests to it.
     fallback: bool = True
     fallback_maxconn: int = 32
+    #: Shed requests that may wait for a fallback slot, at most ``fallback_wait_ms()``; 0 = refuse at once.
+    fallback_queue: int = 64
     fallback_repository: Path | None = None
     #: Let the AIMD controller (control/admission.py) move each limit; off = the fixed limit.
     adaptive: bool = False
@@ -148,6 +150,9 @@ class RouterConfig:
                               f"{self.timeout_server_ms_override}", "INVALID_ARGUMENT")
         if self.fallback_maxconn < 1:
             raise RouterError(f"fallback_maxconn must be >= 1, got {self.fallback_maxconn}", "INVALID_ARGUMENT")
+        if not 0 <= self.fallback_queue <= 10000:
+            raise RouterError(f"fallback_queue must be within 0..10000, got {self.fallback_queue}",
+                              "INVALID_ARGUMENT")
 
     def knee(self) -> float:
         if self.knee_rps > 0:
@@ -162,6 +167,11 @@ class RouterConfig:
             return self.timeout_server_ms_override
         return int(min(1000, max(100, 4 * self.slo_p99_ms)))
 
+    def fallback_wait_ms(self) -> int:
+        """Longest wait of a shed request for a degraded answer: 2 x the SLO, within 20..1000 ms (a degraded
+        answer costs almost no CPU: a slot frees within milliseconds unless the burst outlasts the wait)."""
+        return int(min(1000, max(20, 2 * self.slo_p99_ms)))
+
     def host_limit(self) -> int:
         """In-flight requests the host can take within the SLO (Little's law on the knee)."""
         return initial_limit(self.knee(), self.slo_p99_ms / 1000, self.min_limit, self.max_limit * self.slots)
@@ -170,7 +180,8 @@ class RouterConfig:
         return HAProxyConfig(workdir=self.workdir, grpc_port=self.grpc_port, http_port=self.http_port,
                              slots=self.slots, metrics_port=self.metrics_port,
                              timeout_server_ms=self.timeout_server_ms(), maxconn=self.min_limit,
-                             fallback_maxconn=self.fallback_maxconn, frontdoor=self.frontdoor)
+                             fallback_maxconn=self.fallback_maxconn, fallback_queue=self.fallback_queue,
+                             fallback_timeout_queue_ms=self.fallback_wait_ms(), frontdoor=self.frontdoor)
 
 
 @dataclass
@@ -332,6 +343,7 @@ class Router:
             iid = next((r.id for r in self.state.instances() if r.slot == slot), None)
             if iid is not None:
                 self.state.put(f"weight:{iid}", str(weight))
+            self.apply_limits()
 
     def route(self, mode: str, slot: int | None = None) -> None:
         """Send clients to ``pool`` (active-active), ``first`` (``slot`` first) or ``split`` (weights)."""
@@ -340,6 +352,7 @@ class Router:
         with self._lock:
             self.proxy.route(mode, slot or 0)
             self.state.put("route", f"first:{slot or 0}" if mode == "first" else mode)
+            self.apply_limits()
 
     def serve(self, primary_slot: int | None) -> None:
         """Normal serving for the mode: the pool (active-active) or ``primary_slot`` first (primary-standby)."""
@@ -386,11 +399,21 @@ class Router:
         return self.state.get("route", "") or ""
 
     # ================================================================== limits
+    def traffic_slots(self) -> int:
+        """How many servers the current route sends requests to: the pool's members, the primary of a
+        ``first`` route, the slots with a canary weight above 0 on the ``split`` route."""
+        route = self.current_route()
+        if route == "split":
+            weights = [self.state.get(f"weight:{r.id}", "0") or "0" for r in self.state.instances()]
+            return max(1, sum(int(w) > 0 for w in weights))
+        if route.startswith("first:"):
+            return 1
+        return max(1, len(self.pool_slots())) if self.mode == "active-active" else 1
+
     def slot_limit(self) -> int:
         """Per-server limit: the host's limit shared by the servers taking traffic (on one host extra
         instances add no capacity), within [min_limit, max_limit]."""
-        n = max(1, len(self.pool_slots())) if self.mode == "active-active" else 1
-        per = -(-self.config.host_limit() // n)
+        per = -(-self.config.host_limit() // self.traffic_slots())
         return max(self.config.min_limit, min(self.config.max_limit, per))
 
     def apply_limits(self) -> None:

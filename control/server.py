@@ -262,6 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "never degraded answers")
     p.add_argument("--fallback-maxconn", type=int, default=32, help="in-flight limit of the degraded-answer "
                    "server; beyond it shed requests get 429/RESOURCE_EXHAUSTED")
+    p.add_argument("--fallback-queue", type=int, default=64, help="shed requests that may wait up to 2 x SLO "
+                   "for a degraded answer when the fallback is full (a burst); 0: refuse at once")
     p.add_argument("--timeout-server-ms", type=int, default=0, help="HAProxy timeout server (0: 4 x SLO "
                    "within 100..1000 ms); raise it where the latency tail is far fatter than the SLO")
     p.add_argument("--adaptive-limits", action="store_true", help="let the AIMD controller move the limits")
@@ -316,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                               active=min(args.active, args.instances), knee_rps=args.knee_rps,
                               slo_p99_ms=args.slo_p99_ms, fallback=not args.no_fallback,
                               adaptive_limits=args.adaptive_limits, fallback_maxconn=args.fallback_maxconn,
+                              fallback_queue=args.fallback_queue,
                               timeout_server_ms=args.timeout_server_ms,
                               haproxy_metrics_port=args.haproxy_metrics_port
                               or remembered_port(root / "monitoring" / "haproxy.port"), frontdoor=front), metrics)

@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from concurrent import futures
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
@@ -51,29 +52,48 @@ class _SlowGRPC(service_pb2_grpc.GRPCInferenceServiceServicer):
         return service_pb2.ModelInferResponse(model_name=request.model_name)
 
 
-@pytest.fixture
-def proxy(tmp_path):
+@contextmanager
+def _stand_in_proxy(workdir, slots: int, route: str, fallback_timeout_queue_ms: int = 0):
+    """HAProxy with ``slots`` slots, each bound to the one stand-in instance (limit 1 per server), routed to
+    ``route`` (``pool`` or ``first``: slot 0 first); with ``fallback_timeout_queue_ms`` the stand-in is the
+    degraded-answer server too (limit 1, a queue of 1 that long), else there is none."""
     http = ThreadingHTTPServer(("127.0.0.1", free_port()), _SlowHTTP)
     threading.Thread(target=http.serve_forever, daemon=True).start()
     g = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_SlowGRPC(), g)
     g_port = g.add_insecure_port(f"127.0.0.1:{free_port()}")
     g.start()
-    h = HAProxy(HAProxyConfig(workdir=tmp_path, grpc_port=free_port(), http_port=free_port(), slots=1, maxconn=1,
-                              timeout_server_ms=3000))
+    h = HAProxy(HAProxyConfig(workdir=workdir, grpc_port=free_port(), http_port=free_port(), slots=slots,
+                              maxconn=1, timeout_server_ms=3000, fallback_maxconn=1, fallback_queue=1,
+                              fallback_timeout_queue_ms=fallback_timeout_queue_ms or 100))
     try:
         h.start()
-        h.bind_slot(0, g_port, http.server_address[1])
-        h.set_state(0, "ready")
-        h.route("pool")
+        for slot in range(slots):
+            h.bind_slot(slot, g_port, http.server_address[1])
+            h.set_state(slot, "ready")
+        if fallback_timeout_queue_ms:
+            h.bind_fallback(g_port, http.server_address[1])
+        h.route(route, 0)
+
+        def up() -> bool:
+            rows = h.servers()
+            return all(h.slot_up(s) for s in range(slots)) and (
+                not fallback_timeout_queue_ms or rows["be_grpc_fallback/fb"]["srv_op_state"] == "2")
+
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and h.servers()["be_grpc_pool/s0"]["srv_op_state"] != "2":
-            time.sleep(0.1)  # health check (rise 2 x 200 ms)
+        while time.monotonic() < deadline and not up():
+            time.sleep(0.1)  # health checks (rise 2 x 200 ms)
         yield h
     finally:
         h.stop()
         g.stop(0)
         http.shutdown()
+
+
+@pytest.fixture
+def proxy(tmp_path):
+    with _stand_in_proxy(tmp_path, 1, "pool") as h:
+        yield h
 
 
 def _shed_counts(h: HAProxy) -> dict[str, int]:
@@ -107,20 +127,86 @@ def test_http_full_pool_gets_429_at_once(proxy):
     assert _shed_counts(proxy) == {"be_grpc_shed": 0, "be_http_shed": 1}
 
 
-def test_grpc_full_pool_gets_resource_exhausted_at_once(proxy):
-    channel = grpc.insecure_channel(f"127.0.0.1:{proxy.config.grpc_port}")
+def _grpc_second_while_first_held(h: HAProxy) -> tuple[grpc.RpcError | None, bool]:
+    """Hold one gRPC inference, send a second while it is held: (the second's error or None, still held)."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{h.config.grpc_port}")
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     req = service_pb2.ModelInferRequest(model_name="recommend")
+    error = None
     try:
         with futures.ThreadPoolExecutor(1) as pool:
             held = pool.submit(stub.ModelInfer, req, timeout=10)
             time.sleep(0.3)
-            with pytest.raises(grpc.RpcError) as refused:
+            try:
                 stub.ModelInfer(req, timeout=10)
+            except grpc.RpcError as exc:
+                error = exc
             still_held = not held.done()
             assert held.result(timeout=10).model_name == "recommend"
     finally:
         channel.close()
-    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and refused.value.details() == OVERLOADED
+    return error, still_held
+
+
+def test_grpc_full_pool_gets_resource_exhausted_at_once(proxy):
+    refused, still_held = _grpc_second_while_first_held(proxy)
+    assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+    assert refused.details() == OVERLOADED
     assert still_held
     assert _shed_counts(proxy) == {"be_grpc_shed": 1, "be_http_shed": 0}
+
+
+def test_primary_standby_admits_only_what_the_primary_can_take(tmp_path):
+    """``balance first`` lists the standby as a normal server (a retry may be redispatched to it), so the
+    backend's free slots include the standby's: admission must count the primary's alone, or a full primary
+    overflows onto the standby and the host takes twice its limit. Once the primary is down, the standby
+    takes the traffic within its own limit."""
+    with _stand_in_proxy(tmp_path, 2, "first") as h:
+        refused, still_held = _grpc_second_while_first_held(h)
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert still_held and _shed_counts(h)["be_grpc_shed"] == 1
+        served = {r["svname"]: int(r["stot"]) for r in h.stat() if r["pxname"] == "be_grpc_first_0"}
+        assert served["s0"] == 1 and served["s1"] == 0  # nothing overflowed onto the standby
+        h.set_state(0, "maint")  # the primary out: the standby serves, one at a time
+        refused, _ = _grpc_second_while_first_held(h)
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        served = {r["svname"]: int(r["stot"]) for r in h.stat() if r["pxname"] == "be_grpc_first_0"}
+        assert served["s1"] == 1 and _shed_counts(h)["be_grpc_shed"] == 2
+
+
+@pytest.mark.parametrize("wait_ms", [300, 3000])
+def test_a_shed_burst_waits_briefly_for_a_degraded_answer_then_is_refused_in_the_same_words(tmp_path, wait_ms):
+    """Pool and fallback full (one request each): the next shed request waits in the fallback's queue (depth 1)
+    for up to ``wait_ms``, a further one is refused at once. The waiting one gets the degraded answer when a
+    slot frees in time (3000 ms: the held one ends after 0.8 s), else the same RESOURCE_EXHAUSTED refusal, never
+    HAProxy's 503 (gRPC clients would see UNAVAILABLE and retry into the overload)."""
+    with _stand_in_proxy(tmp_path, 1, "pool", fallback_timeout_queue_ms=wait_ms) as h:
+        channel = grpc.insecure_channel(f"127.0.0.1:{h.config.grpc_port}")
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        req = service_pb2.ModelInferRequest(model_name="recommend")
+
+        def call():
+            t = time.monotonic()
+            try:
+                stub.ModelInfer(req, timeout=10)
+                return "served", time.monotonic() - t
+            except grpc.RpcError as exc:
+                return f"{exc.code().name}: {exc.details()}", time.monotonic() - t
+
+        try:
+            with futures.ThreadPoolExecutor(3) as pool:
+                held = [pool.submit(call) for _ in range(2)]  # the pool's one slot, then the fallback's
+                time.sleep(0.3)
+                waiting = pool.submit(call)
+                time.sleep(0.1)
+                refused_now = call()
+                waited = waiting.result(timeout=10)
+                assert [f.result(timeout=10)[0] for f in held] == ["served", "served"]
+        finally:
+            channel.close()
+    refusal = f"RESOURCE_EXHAUSTED: {OVERLOADED}"
+    assert refused_now[0] == refusal and refused_now[1] < 0.25, refused_now  # the queue was full: at once
+    if wait_ms == 300:
+        assert waited[0] == refusal and waited[1] >= 0.25, waited  # its wait ran out: the refusal, not a 503
+    else:
+        assert waited[0] == "served", waited  # the fallback's slot freed in time: the degraded answer

@@ -58,7 +58,13 @@ def test_haproxy_config_admits_fast_and_retries_once(tmp_path):
     assert "be_conn_free(be_grpc_pool) le 0" in text and "be_conn_free(be_grpc_fallback) gt 0" in text
     # the refusal comes from a server-less backend whose session count is the refusals alone (the frontend's
     # "intercepted" counter also counts the front door's 403s)
-    assert "use_backend be_grpc_shed if pool_full !fallback_free" in lines
+    assert "use_backend be_grpc_fallback if pool_full fallback_free || pool_full fallback_up fallback_queue_room" \
+        in lines and "use_backend be_grpc_shed if pool_full" in lines
+    # primary-standby: a full primary is a full pool (its standbys count in be_conn_free, see admission_lines)
+    assert "{ srv_is_up(be_grpc_first_1/s1) } { srv_conn_free(be_grpc_first_1/s1) le 0 }" in text
+    # a shed request waits at most fallback_timeout_queue_ms for a degraded answer, then gets the refusal
+    fb = text[text.index("\nbackend be_grpc_fallback"):].split("\n\n")[0]
+    assert "timeout queue 100ms" in fb and f"errorfile 503 {tmp_path}/overloaded-grpc.http" in fb
     shed = text[text.index("\nbackend be_grpc_shed"):].split("\n\n")[0]
     assert "grpc-status 8" in shed and f'grpc-message "{OVERLOADED}"' in shed and "server " not in shed
     shed_http = text[text.index("\nbackend be_http_shed"):].split("\n\n")[0]
@@ -66,8 +72,8 @@ def test_haproxy_config_admits_fast_and_retries_once(tmp_path):
     assert "maxconn 3" in next(ln for ln in lines if ln.startswith("server fb") and "check" in ln)
     fe = text[text.index("frontend fe_grpc"):text.index("backend be_grpc_first_0")]
     # the front door's own refusals (403) come before admission; admission before the normal route
-    assert fe.index("acl fd_allowed") < fe.index("pool_full") < fe.index("use_backend be_grpc_shed") \
-        < fe.index("use_backend be_grpc_fallback") < fe.index("use_backend %[var(txn.route)]")
+    assert fe.index("acl fd_allowed") < fe.index("pool_full") < fe.index("use_backend be_grpc_fallback") \
+        < fe.index("use_backend be_grpc_shed") < fe.index("use_backend %[var(txn.route)]")
     assert "%Tq/%Tw/%Tc/%Tr/%Tt" in text and "%rc" in text and "unique-id-format" in text
 
 

@@ -114,7 +114,8 @@ def fleet(tmp_path_factory):
     # --timeout-server-ms 1000: on the shared CI host a rollover's latency tail passes the derived 4 x SLO
     with running_fleet(tmp_path_factory.mktemp("router"), lambda s: _pool(s) == 2 and _healthy(s),
                        "two healthy actives in the pool",
-                       up_args=("--knee-rps", "40", "--fallback-maxconn", "2", "--timeout-server-ms", "1000")) as f:
+                       up_args=("--knee-rps", "40", "--fallback-maxconn", "2", "--fallback-queue", "0",
+                                "--timeout-server-ms", "1000")) as f:
         yield f
 
 
