@@ -150,6 +150,8 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
                 "warnings": warnings, "health": health, "route": self.state.get("route", ""), "shm": shm,
                 "load": {r.id: load.get(r.slot) for r in recs}, "pool": pool, "mode": self.config.mode,
                 "active_target": self.active_target(), "shedding": shedding,
+                "knee_rps": self.router.config.knee(), "knee_source": self.router.config.knee_source,
+                "host_limit": self.router.config.host_limit(),
                 "decisions": {r.id: self.router.decisions.get(r.slot, "") for r in recs}}
 
     def stop_monitor(self) -> None:
@@ -187,6 +189,9 @@ def status_json(fleet: Fleet, endpoints: dict[str, str]) -> dict:
         "mode": st["mode"],
         "active_target": st["active_target"],
         "shedding": st["shedding"],
+        "knee_rps": st["knee_rps"],
+        "knee_source": st["knee_source"],
+        "host_limit": st["host_limit"],
         "desired": st["desired"],
         "instances": [
             {"id": r.id, "role": r.role, "state": r.state, "pid": r.pid, "grpc_port": r.grpc_port,

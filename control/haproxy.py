@@ -74,7 +74,7 @@ class HAProxyConfig:
     #: Longest wait for a free server slot once admitted; the admission ACL refuses before a request queues, so
     #: this only bounds the race between the ACL and the dispatch.
     timeout_queue_ms: int = 50
-    #: Access log (timers Tq/Tw/Tc/Tr/Tt, retries, unique request id) to ``access.log`` in the workdir.
+    #: Access log (timers Tq/Tw/Tc/Tr/Tt/Ta, retries, unique request id) to ``access.log`` in the workdir.
     access_log: bool = True
 
     def validate(self) -> None:
@@ -156,8 +156,9 @@ def shed_backends() -> list[str]:
 #: What a shed client reads: HTTP 429's body, and the grpc-message of gRPC's RESOURCE_EXHAUSTED.
 OVERLOADED = "overloaded, retry later"
 #: Access log line: request id, client, timers (Tq request, Tw queue, Tc connect, Tr server response, Tt total,
-#: all ms), status, bytes, retries (%rc, "+" prefix when redispatched), concurrency and queues, request line.
-ACCESS_LOG_FORMAT = ("%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt %ST %B %rc "
+#: Ta active, all ms: Tq and Tt include the idle time before a request on a kept-alive connection, Ta does not),
+#: status, bytes, retries (%rc, "+" prefix when redispatched), concurrency and queues, request line.
+ACCESS_LOG_FORMAT = ("%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt/%Ta %ST %B %rc "
                      "%ac/%fc/%bc/%sc %sq/%bq %{+Q}r")
 
 

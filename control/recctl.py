@@ -191,6 +191,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"metrics {ep['metrics']}  route {d.get('route', '')}")
     console.print(f"mode {d.get('mode', '')}  actives wanted {d.get('active_target', 0)}  "
                   f"shedding {'[red]yes[/red]' if d.get('shedding') else 'no'}")
+    console.print(_limits_line(d))
     t = Table("id", "role", "state", "pid", "grpc", "http", "weight", "in flight", "limit", "restarts", "models",
               "detail")
     for i in d["instances"]:
@@ -305,6 +306,34 @@ def cmd_scale(args: argparse.Namespace) -> int:
         console.print(f"{len(actives)} actives: {', '.join(actives)} (wanted {d.get('active_target', 0)})")
     ch.close()
     return 0
+
+
+def cmd_limits(args: argparse.Namespace) -> int:
+    """Show the knee the in-flight limits come from, or set a measured one (the limits follow at once)."""
+    from recserve.control.proto import control_pb2 as pb
+
+    stub, ch = _stub(args)
+    try:
+        if args.knee_rps is None:
+            resp = stub.GetStatus(pb.GetStatusRequest(events=1), timeout=args.timeout)
+        else:
+            resp = stub.SetKnee(pb.SetKneeRequest(knee_rps=args.knee_rps), metadata=_auth(args), timeout=args.timeout)
+    finally:
+        ch.close()
+    d = _status_dict(resp)
+    if args.json:
+        print(json.dumps({k: d.get(k) for k in ("knee_rps", "knee_source", "host_limit")}
+                         | {"limits": {i["id"]: i.get("limit", 0) for i in d["instances"]}}, indent=2))
+        return 0
+    console.print(_limits_line(d))
+    for i in d["instances"]:
+        console.print(f"  {i['id']} ({i['role']}): limit {i.get('limit', 0)}, in flight {i.get('in_flight', 0)}")
+    return 0
+
+
+def _limits_line(d: dict) -> str:
+    return (f"knee {d.get('knee_rps', 0):g} rps ({d.get('knee_source', '')}): host limit {d.get('host_limit', 0)} "
+            f"in flight, shared by the servers taking traffic")
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -457,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("id")
     sc = add("scale", cmd_scale, "active-active: set the number of active instances")
     sc.add_argument("--active", type=int, required=True, help="actives to keep (1..slots)")
+    lm = add("limits", cmd_limits, "show the knee the in-flight limits come from, or set a measured one")
+    lm.add_argument("--knee-rps", type=float, help="requests/s the host serves within the SLO p99 (for example "
+                    "the drills' fresh ladder); limits = knee x SLO, shared by the servers taking traffic")
     inst = sub.add_parser("instances", help="add or remove instances")
     isub = inst.add_subparsers(dest="action", required=True)
     ia = isub.add_parser("add", help="start a new instance")

@@ -20,7 +20,7 @@ never shed.
 For the drills and operators (read-only): ``load()`` (in flight, queued, limit, served per slot, from HAProxy's
 ``show stat``), ``shedding()`` / ``shed_total()``, ``pool_slots()``, ``current_route()``, ``decisions`` (the
 adaptive controller's last word per slot) and the access log at ``proxy.config.access_log_path`` (one line per
-request: id, ``Tq/Tw/Tc/Tr/Tt``, status, retries, backend/server; copy-truncated to ``access.log.1`` past
+request: id, ``Tq/Tw/Tc/Tr/Tt/Ta``, status, retries, backend/server; copy-truncated to ``access.log.1`` past
 ``ACCESS_LOG_MAX_BYTES``). Faults against HAProxy itself (kill it, stop it) are the drills'; ``ensure_running``
 brings it back with ``restore()``.
 
@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.control import accesslog
 from recserve.control.admission import AdaptiveLimit, IntervalSample, LimitConfig, initial_limit
 from recserve.control.fallback import FallbackConfig, FallbackError, FallbackServer
 from recserve.control.frontdoor import FrontDoorConfig
@@ -57,9 +58,12 @@ from recserve.control.state import State
 from recserve.control.stats import percentile
 
 MODES = ("active-active", "primary-standby")
+#: ``RouterConfig.knee_source`` of a knee set at runtime.
+KNEE_SET_BY = "set by recctl limits (a measured knee)"
 #: SQL condition on the state store's kv table matching every key the Router owns (a backup restored on a new
-#: host drops them: its HAProxy starts empty and the Router rebuilds them).
-ROUTER_KEYS_SQL = ("key IN ('route', 'pool', 'router_mode') OR key LIKE 'weight:%' OR key LIKE 'limit:%'")
+#: host drops them: its HAProxy starts empty and the Router rebuilds them; a knee measured there is not this
+#: host's).
+ROUTER_KEYS_SQL = ("key IN ('route', 'pool', 'router_mode', 'knee') OR key LIKE 'weight:%' OR key LIKE 'limit:%'")
 #: Used when neither --knee-rps nor a perf report gives the knee: about half of the ~1,000 rps measured on a
 #: quiet 2-core host (issue 9), so a busy CI host is not overfilled either.
 DEFAULT_KNEE_RPS = 500.0
@@ -133,6 +137,8 @@ class RouterConfig:
     #: The client frontends' rules: bind address, TLS, allow-list, size limits, timeouts (control/frontdoor.py).
     frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
     knee_source: str = field(default="", init=False)
+    #: Who set ``knee_rps`` when it was not the command line (``Router.set_knee``).
+    knee_set_by: str = field(default="", init=False)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -156,7 +162,7 @@ class RouterConfig:
 
     def knee(self) -> float:
         if self.knee_rps > 0:
-            self.knee_source = "configured (--knee-rps)"
+            self.knee_source = self.knee_set_by or "configured (--knee-rps)"
             return self.knee_rps
         knee, self.knee_source = default_knee_rps()
         return knee
@@ -231,6 +237,11 @@ class Router:
                         f"{self.proxy.config.timeout_server_ms} ms ({how})")
             fresh = True
         self.state.put("router_mode", self.config.mode)
+        stored = self.state.get("knee", "") or ""
+        if stored and not self.config.knee_rps:  # set by ``recctl limits`` before a control-plane restart
+            self.config.knee_rps, self.config.knee_set_by = float(stored), KNEE_SET_BY
+        elif self.config.knee_rps:  # the command line's knee wins over an earlier ``recctl limits``
+            self.state.put("knee", "")
         self.ensure_fallback(force_bind=fresh)
         return fresh
 
@@ -399,6 +410,19 @@ class Router:
         return self.state.get("route", "") or ""
 
     # ================================================================== limits
+    def set_knee(self, knee_rps: float) -> None:
+        """A measured knee replaces the configured one: the host limit and every fixed per-server limit follow
+        at once (the adaptive controller keeps its own), and it outlives a control-plane restart (state key
+        ``knee``) unless that restart names ``--knee-rps``."""
+        if not 1 <= knee_rps <= 1_000_000:
+            raise RouterError(f"knee_rps must be within 1..1000000 requests/s, got {knee_rps:g}", "INVALID_ARGUMENT")
+        with self._lock:
+            self.config.knee_rps, self.config.knee_set_by = float(knee_rps), KNEE_SET_BY
+            self.state.put("knee", f"{knee_rps:g}")
+            self.apply_limits()
+        self._event("limits", f"knee set to {knee_rps:g} rps: host limit {self.config.host_limit()} in flight, "
+                    f"{self.slot_limit()} per server")
+
     def traffic_slots(self) -> int:
         """How many servers the current route sends requests to: the pool's members, the primary of a
         ``first`` route, the slots with a canary weight above 0 on the ``split`` route."""
@@ -488,29 +512,16 @@ class Router:
     def interval_samples(self) -> tuple[dict[int, float | None], dict[int, int]]:
         """Per slot, from the access log lines written since the last call: p99 of the server response time
         (``Tr``, seconds) and the count of 503 answers (Triton's queue-full)."""
-        path = self.proxy.config.access_log_path
+        entries, self._log_offset = accesslog.read_from(self.proxy.config.access_log_path, self._log_offset)
         lat: dict[int, list[float]] = {}
         full: dict[int, int] = {}
-        try:
-            with open(path, "rb") as f:
-                f.seek(self._log_offset if self._log_offset <= path.stat().st_size else 0)
-                data = f.read(8 << 20)
-                self._log_offset = f.tell()
-        except OSError:
-            return {}, {}
-        for line in data.decode(errors="replace").splitlines():
-            parts = line.split()
-            if len(parts) < 7 or "/s" not in parts[4]:
+        for e in entries:
+            if e.slot is None:
                 continue
-            try:
-                slot = int(parts[4].rsplit("/s", 1)[1])
-                tr = int(parts[5].split("/")[3])
-            except (ValueError, IndexError):
-                continue
-            if tr >= 0:
-                lat.setdefault(slot, []).append(tr / 1000)
-            if parts[6] == "503":
-                full[slot] = full.get(slot, 0) + 1
+            if e.tr >= 0:
+                lat.setdefault(e.slot, []).append(e.tr / 1000)
+            if e.status == 503:
+                full[e.slot] = full.get(e.slot, 0) + 1
         p99 = {s: percentile(v, 99) for s, v in lat.items()}  # the project's one percentile rule
         return p99, full
 

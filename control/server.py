@@ -39,6 +39,7 @@ from recserve.control.metrics import ControlMetrics
 from recserve.control.proto import control_pb2 as pb
 from recserve.control.proto import control_pb2_grpc as pbg
 from recserve.control.rollout import RolloutManager
+from recserve.control.router import RouterError
 from recserve.control.snapshots import RepositoryError, SnapshotStore, list_versions
 from recserve.control.targets import FleetCollector, remembered_port
 from recserve.control.tls import TlsConfigError, is_loopback, server_tls
@@ -96,7 +97,7 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
     def _call(self, context: grpc.ServicerContext, fn, *args):
         try:
             return fn(*args)
-        except FleetError as exc:
+        except (FleetError, RouterError) as exc:
             context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
         except RepositoryError as exc:
             code = grpc.StatusCode.NOT_FOUND if str(exc).startswith("unknown") else grpc.StatusCode.FAILED_PRECONDITION
@@ -119,7 +120,8 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
         return pb.FleetStatus(endpoints=pb.Endpoints(**self.endpoints), instances=[instance_pb(d) for d in
                               st["instances"]], desired=_versions(st["desired"]), health=st["health"],
                               warnings=st["warnings"], active_rollout=active, events=events, route=st["route"],
-                              mode=st["mode"], active_target=st["active_target"], shedding=st["shedding"])
+                              mode=st["mode"], active_target=st["active_target"], shedding=st["shedding"],
+                              knee_rps=st["knee_rps"], knee_source=st["knee_source"], host_limit=st["host_limit"])
 
     def AddInstance(self, request, context):
         self._auth(context)
@@ -137,6 +139,12 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
         self._auth(context)
         self._ready(context)
         self._call(context, self.fleet.scale, request.active)
+        return self.GetStatus(pb.GetStatusRequest(), context)
+
+    def SetKnee(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        self._call(context, self.fleet.router.set_knee, request.knee_rps)
         return self.GetStatus(pb.GetStatusRequest(), context)
 
     def DrainInstance(self, request, context):

@@ -9,8 +9,10 @@ timers come from its access log (the Router writes it); the client's own lag fro
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 
+from recserve.control.accesslog import AccessEntry
 from recserve.control.promtext import fetch, model_sums
 from recserve.control.stats import percentile
 
@@ -59,6 +61,42 @@ def triton_steps(before: Mapping[str, Mapping[str, Mapping[str, float]]],
             "mean_batch": round(n / t["nv_inference_exec_count"], 2) if t["nv_inference_exec_count"] else None,
             "instances_counted": counted[model],
         }
+    return out
+
+
+def route_kind(e: AccessEntry) -> str:
+    """Where HAProxy sent a request: an instance, the degraded-answer server, its own refusal (admission), or
+    nowhere (the front door's 403s and other replies written in the frontend)."""
+    if e.backend.endswith("_fallback"):  # no server: the wait for a fallback slot ran out (the refusal)
+        return "refused after waiting" if e.server == "<NOSRV>" else "degraded"
+    if e.backend.endswith("_shed"):
+        return "refused"
+    return "instances" if e.backend.startswith("be_") else "front door"
+
+
+def haproxy_timers(entries: Sequence[AccessEntry], t_from: float, t_to: float) -> dict[str, dict]:
+    """Per route kind, over the requests HAProxy accepted in [t_from, t_to): how many, p50/p99 of the time
+    waiting for a server slot (Tw), the server's answer (Tr) and the request's active time in HAProxy (Ta:
+    received to answered, without the connection's idle time before it), requests retried and redispatched,
+    and the statuses other than 200 (issue 9, section 1: HAProxy's share of the time)."""
+    groups: dict[str, list[AccessEntry]] = {}
+    for e in entries:
+        if t_from <= e.accepted < t_to:
+            groups.setdefault(route_kind(e), []).append(e)
+    out = {}
+    for kind in ("instances", "degraded", "refused after waiting", "refused", "front door"):
+        es = groups.get(kind)
+        if not es:
+            continue
+        row: dict = {"requests": len(es)}
+        for name in ("tw", "tr", "ta"):
+            vals = [getattr(e, name) for e in es if getattr(e, name) >= 0]
+            row[f"{name}_p50_ms"] = _r(percentile(vals, 50))
+            row[f"{name}_p99_ms"] = _r(percentile(vals, 99))
+        row["retried"] = sum(e.retries > 0 for e in es)
+        row["redispatched"] = sum(e.redispatched for e in es)
+        row["statuses"] = {str(k): n for k, n in sorted(Counter(e.status for e in es if e.status != 200).items())}
+        out[kind] = row
     return out
 
 

@@ -131,6 +131,10 @@ class FleetAPI:
         """``recctl scale --active N``: scale-out returns once the new actives serve, scale-in once drained."""
         return _to_dict(self.call("Scale", self.pb.ScaleRequest(active=active), timeout_s=timeout_s))
 
+    def set_knee(self, knee_rps: float) -> dict:
+        """``recctl limits --knee-rps``: the fleet's in-flight limits follow this knee at once."""
+        return _to_dict(self.call("SetKnee", self.pb.SetKneeRequest(knee_rps=knee_rps)))
+
     def rollover(self, model: str, version: int, strategy: str, steps: list[int], bake_s: float,
                  timeout_s: float = 300.0) -> list[dict]:
         """Stream a rollover to its end; returns every progress event (a broken stream raises)."""

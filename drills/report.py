@@ -64,7 +64,8 @@ HEADER = ["drill", "verdict", "RTO", "failed/total", "p99 ms before/during/after
 
 def breakdown_lines(d: dict) -> list[str]:
     """Served / degraded / shed / failed apart (a degraded answer never counts as good), the control plane's
-    reactions, the client's own lag, and Triton's queue and compute per ensemble step over the drill."""
+    reactions, the client's own lag, Triton's queue and compute per ensemble step over the drill, and HAProxy's
+    timers per route during the fault."""
     out = []
     if d.get("served_requests") is not None:
         out.append(f"- requests: {d.get('served_requests')} served, {d.get('degraded_answers')} degraded, "
@@ -86,6 +87,17 @@ def breakdown_lines(d: dict) -> list[str]:
         out += [f"  | {m} | {v['requests']} | {v['failures']} | {_fmt(v['queue_ms'])} | {_fmt(v['compute_ms'])} | "
                 f"{_fmt(v['mean_batch'])} |" for m, v in steps.items()]
         out.append("")
+    timers = d.get("haproxy_timers") or {}
+    if timers:
+        out += ["  HAProxy's own timers during the fault (overload: its hold phase), from its access log: where a "
+                "request went, its wait for a server slot (Tw), the server's answer (Tr) and its active time in "
+                "HAProxy (Ta); the client's figures add the load generator's own delays.", "",
+                "  | routed to | requests | Tw p99 ms | Tr p50 / p99 ms | Ta p50 / p99 ms | retried (redispatched) "
+                "| statuses other than 200 |", "  |---|---|---|---|---|---|---|"]
+        out += [f"  | {k} | {v['requests']} | {_fmt(v['tw_p99_ms'])} | {_fmt(v['tr_p50_ms'])} / {_fmt(v['tr_p99_ms'])} "
+                f"| {_fmt(v['ta_p50_ms'])} / {_fmt(v['ta_p99_ms'])} | {v['retried']} ({v['redispatched']}) | "
+                f"{', '.join(f'{s}: {n}' for s, n in v['statuses'].items()) or '-'} |" for k, v in timers.items()]
+        out.append("")
     return out
 
 
@@ -102,6 +114,11 @@ def knee_lines(knee: dict | None) -> list[str]:
     out = [f"- knee: {_fmt(knee.get('capacity_rps'), ' rps')}; {knee.get('source', '')}; the fleet settled "
            f"{_fmt(knee.get('settled_after_s'), ' s')} after the ladder (restarts it caused: "
            f"{knee.get('restarts_during', {})})"]
+    lim = knee.get("limits") or {}
+    if lim:
+        out.append(f"- the fleet's in-flight limits: host limit {_fmt(lim.get('host_limit'))} (knee "
+                   f"{_fmt(lim.get('knee_rps'), ' rps')} x SLO, shared by the servers taking traffic); that knee: "
+                   f"{lim.get('source') or '?'}")
     ladder = [r for r in knee.get("ladder") or [] if "offered_rps" in r]
     if ladder:
         out += ["", "  | offered rps | sent | failed | served rps | p99 ms | client CPU | rung |",

@@ -13,6 +13,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from recserve.control import accesslog
+from recserve.control.accesslog import AccessEntry
 from recserve.drills import alerts, breakdown
 from recserve.drills import timeline as tl
 from recserve.drills.background import BackgroundLoad, start_background
@@ -93,6 +95,7 @@ class DrillRun:
         self.spec, self.s, self.log = spec, session, log
         self.journal = Journal(spec.name)
         self.records: list[Record] = []
+        self.access_entries: list[AccessEntry] = []  # HAProxy's log lines written during the load
         self.faults = [FAULTS[a.fault] for a in spec.method]
         self.ctx = Context(session.fleet, spec, self.journal, session.repository, session.workdir,
                            control=session.control)
@@ -214,7 +217,8 @@ class DrillRun:
             after = restart_counts(fleet.status(events=1))
             self.ctx.figures["knee"] = {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder,
                                         "settled_after_s": None if resettled is None else round(resettled, 2),
-                                        "restarts_during": {k: after.get(k, 0) - v for k, v in restarts.items()}}
+                                        "restarts_during": {k: after.get(k, 0) - v for k, v in restarts.items()},
+                                        "limits": self._limits_from_knee(fleet)}
             self.journal.add("capacity", "probe", "succeeded" if self.ctx.capacity_rps else "failed",
                              {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder})
             if not self.ctx.capacity_rps:
@@ -239,12 +243,15 @@ class DrillRun:
             if spec.load.background:
                 bg = start_background(spec.load.background, url, cases, spec.load.duration_s,
                                       self.ctx.capacity_rps, self.s.workdir / spec.name, self.s.stats_headers)
+            log_offset = accesslog.size(self.s.access_log) if self.s.access_log else 0
             probe.start()
             self._run_method(probe)
         finally:
             if probe is not None:
                 probe.stop()
                 self.records = probe.join(30)
+                if self.s.access_log:
+                    self.access_entries, _ = accesslog.read_from(self.s.access_log, log_offset)
                 if metrics_before is not None:
                     self.ctx.figures["triton_steps"] = breakdown.triton_steps(
                         metrics_before, breakdown.scrape(self._metrics_urls()))
@@ -325,6 +332,8 @@ class DrillRun:
         }
         fig.update(self._control_plane_reactions(t0))
         fig["client_lag"] = breakdown.client_lag([r.lag_ms for r in recs])
+        hold_from = f_start + next((a.params["ramp_s"] for a in spec.method if a.fault == "overload"), 0.0)
+        fig["haproxy_timers"] = breakdown.haproxy_timers(self.access_entries, hold_from, f_end)
         b, d = ph["before"]["p99_ms"], ph["during"]["p99_ms"]
         fig["p99_during_ratio"] = round(d / b, 3) if b and d else None
         target = self.ctx.figures.get("target")
@@ -367,6 +376,14 @@ class DrillRun:
         fig["seconds"] = tl.per_second(recs, t0, t_end)
         fig["marks"] = self._marks(t0, f_start, f_end)
         return fig
+
+    def _limits_from_knee(self, fleet) -> dict:
+        """A private fleet's in-flight limits are set from the knee just measured (``recctl limits``), so its
+        admission matches the load the drill sizes by it; a fleet the run did not start keeps its own, and the
+        report says which knee those came from."""
+        st = fleet.set_knee(self.ctx.capacity_rps) if self.ctx.capacity_rps and self.s.private else fleet.status(1)
+        return {"knee_rps": st.get("knee_rps"), "source": st.get("knee_source", ""),
+                "host_limit": st.get("host_limit")}
 
     def _wait_alerts_quiet(self) -> None:
         """An expected alert already firing cannot be timed: wait (bounded) until Prometheus holds none of them.

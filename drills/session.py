@@ -37,6 +37,13 @@ class FleetHandle:
     fixture_models: bool = False
     #: The fleet's admin key (statistics through the front door, for the background perf_analyzer).
     admin_key: str | None = None
+    #: HAProxy's access log when the fleet's runtime root is known here (its timers go into the report).
+    access_log: Path | None = None
+
+    @property
+    def private(self) -> bool:
+        """This run started the fleet (and stops it): its settings are the drills' to change."""
+        return isinstance(self.control, ControlPlaneProcess)
 
     @property
     def stats_headers(self) -> dict[str, str]:
@@ -229,7 +236,8 @@ class FleetOwner:
                     adopted = AdoptedControlPlane(RUNTIME, repo, endpoints)
                 self.log(f"using the running fleet: control {control}, clients {endpoints['grpc']}")
                 self.session = FleetHandle(fleet, repo, endpoints["grpc"], control=adopted,
-                                           admin_key=read_admin_key(RUNTIME))
+                                           admin_key=read_admin_key(RUNTIME),
+                                           access_log=RUNTIME / "haproxy" / "access.log" if adopted else None)
                 self.session.monitor = self._start_monitor(RUNTIME)
                 return self.session
         self.tmp = Path(tempfile.mkdtemp(prefix="recserve-drills-"))
@@ -254,7 +262,8 @@ class FleetOwner:
         fleet = FleetAPI(self.started.address, read_token(self.started.root))
         self.session = FleetHandle(fleet, repo, f"127.0.0.1:{self.started.ports['grpc']}", control=self.started,
                                workdir=self.tmp / "work", fixture_models=self.fixture_models,
-                               admin_key=read_admin_key(self.started.root))
+                               admin_key=read_admin_key(self.started.root),
+                               access_log=self.started.root / "haproxy" / "access.log")
         self.session.workdir.mkdir(parents=True, exist_ok=True)
         self.session.monitor = self._start_monitor(self.started.root)
         return self.session

@@ -210,3 +210,13 @@ def test_a_shed_burst_waits_briefly_for_a_degraded_answer_then_is_refused_in_the
         assert waited[0] == refusal and waited[1] >= 0.25, waited  # its wait ran out: the refusal, not a 503
     else:
         assert waited[0] == "served", waited  # the fallback's slot freed in time: the degraded answer
+    # HAProxy's own account of it, read back the way the drills' report reads it (control/accesslog.py)
+    from recserve.control.accesslog import read_from
+    from recserve.drills.breakdown import haproxy_timers
+
+    timers = haproxy_timers(read_from(tmp_path / "access.log", 0)[0], 0, float("inf"))
+    assert timers["instances"]["requests"] == 1 and timers["refused"]["requests"] == 1, timers
+    assert timers["refused"]["ta_p99_ms"] < 50, timers  # refused at once (Tt would add the channel's idle time)
+    waited_kind = "refused after waiting" if wait_ms == 300 else "degraded"
+    assert timers["degraded"]["requests"] == (1 if wait_ms == 300 else 2), timers
+    assert timers[waited_kind]["tw_p99_ms"] >= 250, timers  # the waiting one's time in the fallback's queue

@@ -6,6 +6,7 @@ deterministic verdict: a lost request, a wrong answer, inconsistent versions, no
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -57,6 +58,11 @@ def test_smoke_drills_run_report_and_clean_up(tmp_path, capsys):
     assert by_name["crash"]["orphaned_stubs"] == 0, "the killed server's backend stubs outlived its restart"
     assert by_name["crash"]["shm_growth"] == 0, "the killed server's /dev/shm regions outlived its replacement"
     assert by_name["bad-rollover"]["rolled_back"] is True, by_name["bad-rollover"]["reason"]
+    # the private fleet's in-flight limits come from the knee this session measured (knee x SLO 50 ms)
+    knee = by_name["overload"]["knee"]
+    assert knee["limits"]["knee_rps"] == knee["capacity_rps"], knee["limits"]
+    assert knee["limits"]["host_limit"] == max(2, math.ceil(knee["capacity_rps"] * 0.05)), knee["limits"]
+    assert "recctl limits" in knee["limits"]["source"], knee["limits"]
     assert all(d["versions_consistent"] is True for d in report["drills"])
     crash = by_name["crash"]
     assert crash["detection_ms"] is not None, "control plane never marked the killed instance"

@@ -108,6 +108,56 @@ def test_a_router_that_adopted_a_running_haproxy_keeps_its_server_states_in_the_
     assert not first.proxy.is_alive()
 
 
+def test_a_measured_knee_sets_the_limits_at_once_shared_by_the_servers_the_route_sends_to(tmp_path):
+    """``recctl limits --knee-rps`` (Router.set_knee): every fixed per-server limit follows the new knee x SLO
+    at once, shared by the servers taking traffic (pool members; one primary; canary weights > 0); a bad knee is
+    refused by name; the knee outlives a control-plane restart unless that restart names ``--knee-rps``."""
+    from recserve.control.procs import free_port
+    from recserve.control.router import KNEE_SET_BY, Router
+    from recserve.control.state import InstanceRecord, State
+
+    def limits(router: Router) -> dict[int, int]:
+        return {s: ld.limit for s, ld in router.load().items() if s in (0, 1)}  # slot 2: never bound
+
+    cfg = RouterConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=3,
+                       fallback=False, knee_rps=400, slo_p99_ms=50)
+    state = State(tmp_path / "state.db")
+    for iid, slot in (("t1", 0), ("t2", 1)):
+        state.save_instance(InstanceRecord(id=iid, slot=slot, role="active", state="healthy", grpc_port=1111 + slot,
+                                           http_port=2222 + slot, metrics_port=0, workdir="w"))
+    router = Router(cfg, state)
+    router.start()
+    try:
+        for slot in (0, 1):
+            router.bind(slot, 1111 + slot, 2222 + slot)
+        router.set_pool({0, 1})
+        router.route("pool")
+        assert limits(router) == {0: 10, 1: 10}  # 400 rps x 50 ms = 20 in flight, two members
+        router.set_knee(800)
+        assert cfg.host_limit() == 40 and limits(router) == {0: 20, 1: 20}
+        assert cfg.knee() == 800 and cfg.knee_source == KNEE_SET_BY
+        router.route("first", 0)  # primary-standby / blue-green: the primary takes the whole host limit
+        assert limits(router)[0] == 40
+        router.set_weight(0, 80)
+        router.set_weight(1, 20)
+        router.route("split")  # a canary: both weighted servers share it
+        assert limits(router) == {0: 20, 1: 20}
+        with pytest.raises(RouterError) as bad:
+            router.set_knee(0)
+        assert "knee_rps must be within" in str(bad.value) and bad.value.code == "INVALID_ARGUMENT"
+        assert cfg.knee() == 800
+        restarted = Router(RouterConfig(workdir=cfg.workdir, grpc_port=cfg.grpc_port, http_port=cfg.http_port,
+                                        slots=3, fallback=False), state)
+        restarted.start()  # adopts the running HAProxy; no --knee-rps: the measured knee stays
+        assert restarted.config.knee() == 800 and restarted.config.knee_source == KNEE_SET_BY
+        named = Router(RouterConfig(workdir=cfg.workdir, grpc_port=cfg.grpc_port, http_port=cfg.http_port,
+                                    slots=3, fallback=False, knee_rps=300), state)
+        named.start()  # --knee-rps on the command line wins, and forgets the stored one
+        assert named.config.knee() == 300 and state.get("knee", "") == ""
+    finally:
+        router.stop()
+
+
 # ---------------------------------------------------------------------------------------------- the fleet
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
@@ -200,7 +250,7 @@ def test_active_active_spreads_requests_across_both_actives(fleet):
     log = (fleet.root / "haproxy" / "access.log").read_text().splitlines()
     line = next(ln for ln in reversed(log) if "be_grpc_pool/" in ln)
     timers = line.split()[5].split("/")
-    assert len(timers) == 5 and all(t.lstrip("-").isdigit() for t in timers), line  # Tq/Tw/Tc/Tr/Tt
+    assert len(timers) == 6 and all(t.lstrip("-").isdigit() for t in timers), line  # Tq/Tw/Tc/Tr/Tt/Ta
 
 
 def test_overload_is_answered_at_once_by_degraded_answers_or_refusals_never_timeouts(fleet):
@@ -309,6 +359,26 @@ def test_a_killed_haproxy_comes_back_with_the_pool_limits_and_fallback_restored(
         time.sleep(2)
     kinds = load.kinds()
     assert kinds["ok"] and kinds["degraded"] and not {k for k in kinds if "UNAVAILABLE" in k or "DEADLINE" in k}
+
+
+def test_recctl_limits_applies_a_measured_knee_to_the_running_fleet(fleet):
+    """``recctl limits --knee-rps N`` on the running fleet: the actives' limits follow knee x SLO at once,
+    status shows where the knee came from; a bad knee is refused by name and changes nothing."""
+    import json
+
+    shown = json.loads(fleet.recctl("limits", "--json").stdout)
+    assert shown["knee_rps"] == 40 and shown["host_limit"] == 2, shown  # --knee-rps 40 x 50 ms
+    try:
+        set_ = json.loads(fleet.recctl("limits", "--knee-rps", "160", "--json").stdout)
+        assert set_["knee_rps"] == 160 and set_["host_limit"] == 8 and "recctl limits" in set_["knee_source"]
+        actives = {i["id"] for i in fleet.status()["instances"] if i["in_pool"]}
+        assert {set_["limits"][i] for i in actives} == {4}, set_  # 8 shared by the two pool members
+        bad = fleet.recctl("limits", "--knee-rps", "0", check=False)
+        assert bad.returncode != 0 and "knee_rps must be within" in bad.stdout + bad.stderr, bad
+        assert json.loads(fleet.recctl("limits", "--json").stdout)["knee_rps"] == 160
+    finally:
+        fleet.recctl("limits", "--knee-rps", "40")
+    assert {i["limit"] for i in fleet.status()["instances"] if i["in_pool"]} == {2}
 
 
 def test_fleet_down_stops_the_fallback_too(fleet):
