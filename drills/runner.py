@@ -336,6 +336,7 @@ class DrillRun:
         fig["haproxy_timers"] = breakdown.haproxy_timers(self.access_entries, hold_from, f_end)
         b, d = ph["before"]["p99_ms"], ph["during"]["p99_ms"]
         fig["p99_during_ratio"] = round(d / b, 3) if b and d else None
+        fig["p99_during_ms"] = d
         target = self.ctx.figures.get("target")
         fig["detection_ms"] = self.ctx.figures.get("detection_ms") or (
             self._detection_ms(f_start, target) if target else None)

@@ -135,6 +135,7 @@ class Expect:
     rto_ms_max: float | None = None
     detection_ms_max: float | None = None
     p99_during_ratio_max: float | None = None
+    p99_during_ms_max: float | None = None
     goodput_ratio_min: float | None = None
     rejected_p99_ms_max: float | None = None
     accepted_p99_ms_max: float | None = None
@@ -347,7 +348,8 @@ def _expect(c: _Checker, raw: Any) -> Expect:
     path = "expect"
     ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max", "orphaned_stubs_max",
             "shm_growth_max", "failed_unshed_max", "restarts_max", "probes_shed_max"}
-    floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "goodput_ratio_min", "rejected_p99_ms_max",
+    floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "p99_during_ms_max", "goodput_ratio_min",
+              "rejected_p99_ms_max",
               "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max", "rpo_s_max"}
     bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired",
              "restored_exact", "answers_same", "attacks_refused"}

@@ -19,6 +19,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "rto_ms_max": ("rto_ms", "<="),
     "detection_ms_max": ("detection_ms", "<="),
     "p99_during_ratio_max": ("p99_during_ratio", "<="),
+    "p99_during_ms_max": ("p99_during_ms", "<="),
     "goodput_ratio_min": ("goodput_ratio", ">="),
     "rejected_p99_ms_max": ("rejected_p99_ms", "<="),
     "accepted_p99_ms_max": ("accepted_p99_ms", "<="),

@@ -51,12 +51,14 @@ def test_busy_is_told_from_hung_and_broken():
 def test_router_config_refuses_bad_values_and_derives_timeouts(tmp_path):
     for kw, words in ((dict(mode="round-robin"), "mode must be one of"), (dict(knee_rps=-1), "knee_rps must be"),
                       (dict(slo_p99_ms=0), "slo_p99_ms must be"), (dict(min_limit=5, max_limit=2), "min_limit"),
-                      (dict(fallback_maxconn=0), "fallback_maxconn must be")):
+                      (dict(fallback_maxconn=0), "fallback_maxconn must be"),
+                      (dict(fallback_queue=-1), "fallback_queue must be within")):
         with pytest.raises(RouterError) as exc:
             RouterConfig(workdir=tmp_path, **kw).validate()
         assert words in str(exc.value) and exc.value.code == "INVALID_ARGUMENT"
     c = RouterConfig(workdir=tmp_path, knee_rps=1000, slo_p99_ms=50)
     assert c.timeout_server_ms() == 200 and c.host_limit() == 50  # 4 x SLO; knee x SLO (Little's law)
+    assert c.fallback_wait_ms() == 100 and c.haproxy_config().fallback_timeout_queue_ms == 100  # 2 x SLO
     assert RouterConfig(workdir=tmp_path, slo_p99_ms=1000).timeout_server_ms() == 1000
     assert c.haproxy_config().retries == 1 and c.haproxy_config().timeout_server_ms == 200
 
