@@ -41,14 +41,12 @@ RECONNECT_BACKOFF_MS = {"grpc.initial_reconnect_backoff_ms": 100, "grpc.min_reco
                         "grpc.max_reconnect_backoff_ms": 1000}
 
 
-def grpc_channel_args(service_config: dict | None = RETRY_SERVICE_CONFIG) -> list[tuple[str, object]]:
-    """Channel options for ``tritonclient.grpc.InferenceServerClient(url, channel_args=...)`` or
-    ``grpc.insecure_channel(url, options=...)``: tritonclient's own defaults (its ``channel_args`` replaces them)
-    plus the service config; ``None`` = no retry policy (for health probes, which must see the first failure)."""
+def tritonclient_channel_args() -> list[tuple[str, object]]:
+    """The channel options tritonclient's gRPC clients use when given none (message sizes, keepalive)."""
     from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 
     ka = KeepAliveOptions()
-    args: list[tuple[str, object]] = [
+    return [
         ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
         ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
         ("grpc.keepalive_time_ms", ka.keepalive_time_ms),
@@ -56,6 +54,13 @@ def grpc_channel_args(service_config: dict | None = RETRY_SERVICE_CONFIG) -> lis
         ("grpc.keepalive_permit_without_calls", ka.keepalive_permit_without_calls),
         ("grpc.http2.max_pings_without_data", ka.http2_max_pings_without_data),
     ]
+
+
+def grpc_channel_args(service_config: dict | None = RETRY_SERVICE_CONFIG) -> list[tuple[str, object]]:
+    """Channel options for ``tritonclient.grpc.InferenceServerClient(url, channel_args=...)`` or
+    ``grpc.insecure_channel(url, options=...)``: tritonclient's own defaults (its ``channel_args`` replaces them)
+    plus the service config; ``None`` = no retry policy (for health probes, which must see the first failure)."""
+    args = tritonclient_channel_args()
     if service_config is None:
         return args + [("grpc.enable_retries", 0)]
     return args + list(RECONNECT_BACKOFF_MS.items()) + [("grpc.enable_retries", 1),
