@@ -34,6 +34,21 @@ PROTOS = ("grpc", "http")
 _PLACEHOLDER_PORT = 9
 
 
+@dataclass
+class InitialRouting:
+    """What a (re)started HAProxy serves from its first accepted connection, written into its config: the
+    instances that take traffic (slot -> gRPC and HTTP ports), the pool's members, per-slot limits and canary
+    weights, and the degraded-answer server. Servers in the config start UP; bound at runtime they would wait
+    in maintenance, then for their health checks' ``rise``, and a client reconnecting after a HAProxy restart
+    would be refused meanwhile (proxy-crash drill). The Router's ``restore()`` still runs after the start."""
+
+    slots: dict[int, tuple[int, int]] = field(default_factory=dict)
+    pool: set[int] = field(default_factory=set)
+    limits: dict[int, int] = field(default_factory=dict)
+    weights: dict[int, int] = field(default_factory=dict)
+    fallback: tuple[int, int] | None = None
+
+
 class HAProxyError(RuntimeError):
     """HAProxy could not start, or a runtime API command was refused (the message quotes HAProxy)."""
 
@@ -76,6 +91,8 @@ class HAProxyConfig:
     timeout_queue_ms: int = 50
     #: Access log (timers Tq/Tw/Tc/Tr/Tt/Ta, retries, unique request id) to ``access.log`` in the workdir.
     access_log: bool = True
+    #: Routing written into the config at start (a restart); None: every slot starts unbound, in maintenance.
+    initial: InitialRouting | None = None
 
     def validate(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -178,14 +195,15 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
     for k in range(c.slots):
         # ``balance first``: be_conn_free also counts the standbys listed after the primary (normal servers, so
         # that a retry can be redispatched to one), and a full primary would overflow onto them: the pool is
-        # full when the primary is up and has no free slot.
+        # full when the primary is up and has no free slot. Up as its health check says (``chk``): srv_is_up
+        # of a tracking server is true whatever the tracked one's state (only maintenance counts).
         be = first_backend(proto, k)
         out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
-                   f"{{ srv_is_up({be}/s{k}) }} {{ srv_conn_free({be}/s{k}) le 0 }}")
+                   f"{{ srv_is_up(chk/s{k}) }} {{ srv_conn_free({be}/s{k}) le 0 }}")
     fb = fallback_backend(proto)
     out += ["  acl pool_full var(txn.full) -m bool",
             f"  acl fallback_free be_conn_free({fb}) gt 0",
-            f"  acl fallback_up srv_is_up({fb}/fb)",
+            f"  acl fallback_up srv_is_up({fallback_backend('grpc')}/fb)",  # the HTTP one tracks it
             f"  acl fallback_queue_room queue({fb}) lt {c.fallback_queue}",
             f"  use_backend {fb} if pool_full fallback_free || pool_full fallback_up fallback_queue_room",
             f"  use_backend {shed_backend(proto)} if pool_full",
@@ -194,8 +212,9 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
 
 
 def overloaded_reply(proto: str) -> bytes:
-    """The refusal as a raw HTTP response (HAProxy ``errorfile``), for the 503 HAProxy writes when a shed
-    request's wait for a fallback slot runs out: the same words and codes as ``refusal_lines``."""
+    """The refusal as a raw HTTP response (HAProxy ``errorfile``): admission's refusal (``refusal_lines``) and the
+    503 HAProxy writes when a shed request's wait for a fallback slot runs out. HTTP: KServe v2's error body
+    (``{"error": ...}``), so HTTP clients such as tritonclient show the words."""
     if proto == "grpc":
         head = ["HTTP/1.1 200 OK", "content-type: application/grpc", "grpc-status: 8",
                 f"grpc-message: {OVERLOADED}", "content-length: 0"]
@@ -211,20 +230,26 @@ def errorfile_path(c: HAProxyConfig, proto: str) -> Path:
     return c.workdir / f"overloaded-{proto}.http"
 
 
-def refusal_lines(proto: str) -> list[str]:
-    """The refusal backend's one rule: HTTP 429 (``OVERLOADED``) or a gRPC Trailers-Only RESOURCE_EXHAUSTED."""
-    if proto == "grpc":
-        return [f'  http-request return status 200 hdr content-type application/grpc hdr grpc-status 8 '
-                f'hdr grpc-message "{OVERLOADED}"']
-    # KServe v2's error body ({"error": ...}), so HTTP clients such as tritonclient show the words
-    return [f'  http-request return status 429 content-type application/json hdr retry-after 1 '
-            f'string "{{\\"error\\":\\"{OVERLOADED}\\"}}"']
+def refusal_lines(c: HAProxyConfig, proto: str) -> list[str]:
+    """The refusal backend's one rule: HTTP 429 (``OVERLOADED``) or a gRPC Trailers-Only RESOURCE_EXHAUSTED, the
+    response ``overloaded_reply`` writes. From a file because HAProxy drops a ``content-type`` of a reply with no
+    body, and gRPC clients other than grpc-core's Python (Go, Java) take a reply without ``application/grpc``
+    for a malformed one (UNKNOWN) instead of reading its grpc-status."""
+    return [f"  http-request return errorfile {errorfile_path(c, proto)}"]
 
 
 def render_config(c: HAProxyConfig) -> str:
     """The whole haproxy.cfg text for ``c``."""
     c.validate()
     ph = f"127.0.0.1:{_PLACEHOLDER_PORT}"
+    init = c.initial or InitialRouting()
+
+    def addr(slot: int, proto: str) -> str:
+        ports = init.slots.get(slot)
+        return f"127.0.0.1:{ports[0] if proto == 'grpc' else ports[1]}" if ports else ph
+
+    def lim(slot: int) -> str:
+        return f"maxconn {init.limits.get(slot, c.maxconn)}"
     out = [
         "# generated by recserve control plane (control/haproxy.py); edits are overwritten at fleet-up",
         "global",
@@ -253,11 +278,10 @@ def render_config(c: HAProxyConfig) -> str:
     ]
     chk = f"check check-proto h1 inter {c.check_inter_ms}ms fall {c.check_fall} rise {c.check_rise}"
     for s in range(c.slots):
-        out.append(f"  server s{s} {ph} {chk} disabled")
+        out.append(f"  server s{s} {addr(s, 'http')} {chk}" + ("" if s in init.slots else " disabled"))
     for proto in PROTOS:
         bind_port = c.grpc_port if proto == "grpc" else c.http_port
         srv_proto = " proto h2" if proto == "grpc" else ""
-        lim = f"maxconn {c.maxconn}"
         backends = ([first_backend(proto, k) for k in range(c.slots)]
                     + [split_backend(proto), pool_backend(proto)])
         out += [
@@ -278,22 +302,27 @@ def render_config(c: HAProxyConfig) -> str:
             order = [k] + [s for s in range(c.slots) if s != k]
             out += ["", f"backend {first_backend(proto, k)}", "  balance first", retry]
             for i, s in enumerate(order):
-                out.append(f"  server s{s} {ph}{srv_proto} track chk/s{s} id {i + 1} {lim}")
+                out.append(f"  server s{s} {addr(s, proto)}{srv_proto} track chk/s{s} id {i + 1} {lim(s)}")
         out += ["", f"backend {split_backend(proto)}", "  balance roundrobin", retry]
         for s in range(c.slots):
-            out.append(f"  server s{s} {ph}{srv_proto} track chk/s{s} weight 0 {lim}")
+            out.append(f"  server s{s} {addr(s, proto)}{srv_proto} track chk/s{s} weight {init.weights.get(s, 0)} "
+                       f"{lim(s)}")
         out += ["", f"backend {pool_backend(proto)}", "  balance leastconn", retry]
         for s in range(c.slots):
-            out.append(f"  server s{s} {ph}{srv_proto} track chk/s{s} {lim}")
+            out.append(f"  server s{s} {addr(s, proto)}{srv_proto} track chk/s{s} {lim(s)}"
+                       + ("" if s in init.pool or s not in init.slots else " disabled"))
+        fb = init.fallback
+        fb_addr = f"127.0.0.1:{fb[0] if proto == 'grpc' else fb[1]}" if fb else ph
         fb_check = (f"check check-proto h1 inter {c.check_inter_ms * 2}ms fall {c.check_fall} "
-                    f"rise {c.check_rise} disabled" if proto == "grpc" else f"track {fallback_backend('grpc')}/fb")
+                    f"rise {c.check_rise}" + (f" port {fb[1]}" if fb else " disabled")
+                    if proto == "grpc" else f"track {fallback_backend('grpc')}/fb")
         chk_lines = (["  option httpchk GET /v2/health/ready", "  http-check expect status 200"]
                      if proto == "grpc" else [])
         out += ["", f"backend {fallback_backend(proto)}", "  retry-on conn-failure empty-response", *chk_lines,
                 f"  timeout queue {c.fallback_timeout_queue_ms}ms",
                 f"  errorfile 503 {errorfile_path(c, proto)}",
-                f"  server fb {ph}{srv_proto} maxconn {c.fallback_maxconn} {fb_check}"]
-        out += ["", f"backend {shed_backend(proto)}", *refusal_lines(proto)]
+                f"  server fb {fb_addr}{srv_proto} maxconn {c.fallback_maxconn} {fb_check}"]
+        out += ["", f"backend {shed_backend(proto)}", *refusal_lines(c, proto)]
     if c.metrics_port:  # Prometheus scrapes the data path as clients see it (Debian's 2.6 has the exporter)
         out += ["", "frontend fe_metrics", f"  bind {c.host}:{c.metrics_port}", "  no log",
                 "  http-request use-service prometheus-exporter if { path /metrics }",

@@ -48,6 +48,7 @@ from recserve.control.haproxy import (
     HAProxy,
     HAProxyConfig,
     HAProxyError,
+    InitialRouting,
     first_backend,
     pool_backend,
     shed_backends,
@@ -260,6 +261,7 @@ class Router:
                 try:
                     self.proxy.process = None
                     self.proxy._pid = None
+                    self.proxy.config.initial = self.initial_routing()  # serving from its first connection
                     self.proxy.start()
                     self.ensure_fallback(force_bind=True)
                     self.restore()
@@ -313,6 +315,19 @@ class Router:
             self.fallback.stop()
             self.fallback = None
         _kill_fallback(self.config.workdir / "fallback.pid")
+
+    def initial_routing(self) -> InitialRouting:
+        """The routing a restarted HAProxy's config starts with, from the state store: what ``restore()`` would
+        set first (healthy instances, the pool, limits, weights) and the running degraded-answer server. Drained
+        instances and canaries start out of traffic; ``restore()`` then sets them."""
+        recs = [r for r in self.state.instances()
+                if r.grpc_port and r.state == "healthy" and r.role != "canary"]
+        fb = self.fallback if self.fallback is not None and self.fallback.is_alive() else None
+        limits = {r.slot: int(v) for r in recs if (v := self.state.get(f"limit:{r.slot}", "") or "")}
+        weights = {r.slot: int(self.state.get(f"weight:{r.id}", "0") or 0) for r in recs}
+        return InitialRouting(slots={r.slot: (r.grpc_port, r.http_port) for r in recs},
+                              pool=self.pool_slots() & {r.slot for r in recs}, limits=limits, weights=weights,
+                              fallback=(fb.config.grpc_port, fb.config.http_port) if fb else None)
 
     def restore(self) -> None:
         """After a HAProxy (re)start: slots, states, pool, limits, weights and route from the state store."""

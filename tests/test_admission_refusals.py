@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from recserve.control.haproxy import OVERLOADED, HAProxy, HAProxyConfig
+from recserve.control.haproxy import OVERLOADED, HAProxy, HAProxyConfig, InitialRouting
 from recserve.control.triton import free_port
 
 HOLD_S = 0.8
@@ -220,3 +220,46 @@ def test_a_shed_burst_waits_briefly_for_a_degraded_answer_then_is_refused_in_the
     waited_kind = "refused after waiting" if wait_ms == 300 else "degraded"
     assert timers["degraded"]["requests"] == (1 if wait_ms == 300 else 2), timers
     assert timers[waited_kind]["tw_p99_ms"] >= 250, timers  # the waiting one's time in the fallback's queue
+
+
+def test_a_restarted_haproxy_serves_its_first_request_from_the_routing_in_its_config(tmp_path):
+    """A HAProxy started again after a crash must not refuse the clients reconnecting at once while its
+    runtime state is rebuilt: the Router writes the routing into the config (``InitialRouting``), so the
+    first request right after start is served, with no runtime command and no health-check ``rise`` to wait
+    for (bound at runtime, the slot sits in maintenance until then: the request is refused)."""
+    http = ThreadingHTTPServer(("127.0.0.1", free_port()), _SlowHTTP)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    g = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_SlowGRPC(), g)
+    g_port = g.add_insecure_port(f"127.0.0.1:{free_port()}")
+    g.start()
+    outcomes = {}
+    try:
+        for baked in (False, True):
+            workdir = tmp_path / str(baked)
+            workdir.mkdir()
+            (workdir / "routes.map").write_text("grpc be_grpc_pool\nhttp be_http_pool\n")  # the route outlives it
+            init = InitialRouting(slots={0: (g_port, http.server_address[1])}, pool={0}, limits={0: 4})
+            h = HAProxy(HAProxyConfig(workdir=workdir, grpc_port=free_port(), http_port=free_port(), slots=2,
+                                      timeout_server_ms=3000, initial=init if baked else None))
+            h.start()
+            try:
+                channel = grpc.insecure_channel(f"127.0.0.1:{h.config.grpc_port}")
+                try:
+                    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                    stub.ModelInfer(service_pb2.ModelInferRequest(model_name="recommend"), timeout=10)
+                    outcomes[baked] = "served"
+                except grpc.RpcError as exc:
+                    outcomes[baked] = exc.code().name
+                finally:
+                    channel.close()
+                if baked:
+                    assert h.servers()["be_grpc_pool/s0"]["srv_op_state"] == "2"
+                    assert {r["slim"] for r in h.stat() if r["svname"] == "s0" and r["pxname"].startswith("be_")} \
+                        == {"4"}
+            finally:
+                h.stop()
+    finally:
+        g.stop(0)
+        http.shutdown()
+    assert outcomes == {False: "RESOURCE_EXHAUSTED", True: "served"}, outcomes

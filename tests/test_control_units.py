@@ -46,7 +46,7 @@ def test_haproxy_config_has_the_verified_settings(tmp_path):
 def test_haproxy_config_admits_fast_and_retries_once(tmp_path):
     """Issue 9: every traffic server has an in-flight limit; a full pool is refused before it queues (degraded
     answers first, then 429 / gRPC RESOURCE_EXHAUSTED); one retry, redispatched, never on 503; access log."""
-    from recserve.control.haproxy import OVERLOADED, pool_backend
+    from recserve.control.haproxy import OVERLOADED, overloaded_reply, pool_backend
 
     text = render_config(HAProxyConfig(workdir=tmp_path, slots=2, maxconn=7, fallback_maxconn=3))
     lines = [ln.strip() for ln in text.splitlines()]
@@ -61,14 +61,21 @@ def test_haproxy_config_admits_fast_and_retries_once(tmp_path):
     assert "use_backend be_grpc_fallback if pool_full fallback_free || pool_full fallback_up fallback_queue_room" \
         in lines and "use_backend be_grpc_shed if pool_full" in lines
     # primary-standby: a full primary is a full pool (its standbys count in be_conn_free, see admission_lines)
-    assert "{ srv_is_up(be_grpc_first_1/s1) } { srv_conn_free(be_grpc_first_1/s1) le 0 }" in text
+    assert "{ srv_is_up(chk/s1) } { srv_conn_free(be_grpc_first_1/s1) le 0 }" in text
     # a shed request waits at most fallback_timeout_queue_ms for a degraded answer, then gets the refusal
     fb = text[text.index("\nbackend be_grpc_fallback"):].split("\n\n")[0]
     assert "timeout queue 100ms" in fb and f"errorfile 503 {tmp_path}/overloaded-grpc.http" in fb
     shed = text[text.index("\nbackend be_grpc_shed"):].split("\n\n")[0]
-    assert "grpc-status 8" in shed and f'grpc-message "{OVERLOADED}"' in shed and "server " not in shed
+    assert f"http-request return errorfile {tmp_path}/overloaded-grpc.http" in shed and "server " not in shed
     shed_http = text[text.index("\nbackend be_http_shed"):].split("\n\n")[0]
-    assert "http-request return status 429" in shed_http and OVERLOADED in shed_http
+    assert f"http-request return errorfile {tmp_path}/overloaded-http.http" in shed_http
+    # the replies themselves: a Trailers-Only RESOURCE_EXHAUSTED with its content-type (HAProxy drops the
+    # content-type of a body-less ``return``, and gRPC clients in Go or Java then see UNKNOWN), HTTP 429
+    grpc_reply = overloaded_reply("grpc").decode()
+    assert grpc_reply.startswith("HTTP/1.1 200 OK\r\n") and "content-type: application/grpc\r\n" in grpc_reply
+    assert "grpc-status: 8\r\n" in grpc_reply and f"grpc-message: {OVERLOADED}\r\n" in grpc_reply
+    http_reply = overloaded_reply("http").decode()
+    assert http_reply.startswith("HTTP/1.1 429 ") and http_reply.endswith(f'{{"error":"{OVERLOADED}"}}')
     assert "maxconn 3" in next(ln for ln in lines if ln.startswith("server fb") and "check" in ln)
     fe = text[text.index("frontend fe_grpc"):text.index("backend be_grpc_first_0")]
     # the front door's own refusals (403) come before admission; admission before the normal route
