@@ -53,41 +53,50 @@ class _SlowGRPC(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 
 @contextmanager
-def _stand_in_proxy(workdir, slots: int, route: str, fallback_timeout_queue_ms: int = 0):
-    """HAProxy with ``slots`` slots, each bound to the one stand-in instance (limit 1 per server), routed to
-    ``route`` (``pool`` or ``first``: slot 0 first); with ``fallback_timeout_queue_ms`` the stand-in is the
-    degraded-answer server too (limit 1, a queue of 1 that long), else there is none."""
+def _stand_in():
+    """The stand-in instance: gRPC and HTTP servers that hold each inference for ``HOLD_S`` (their ports)."""
     http = ThreadingHTTPServer(("127.0.0.1", free_port()), _SlowHTTP)
     threading.Thread(target=http.serve_forever, daemon=True).start()
     g = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_SlowGRPC(), g)
     g_port = g.add_insecure_port(f"127.0.0.1:{free_port()}")
     g.start()
-    h = HAProxy(HAProxyConfig(workdir=workdir, grpc_port=free_port(), http_port=free_port(), slots=slots,
-                              maxconn=1, timeout_server_ms=3000, fallback_maxconn=1, fallback_queue=1,
-                              fallback_timeout_queue_ms=fallback_timeout_queue_ms or 100))
     try:
-        h.start()
-        for slot in range(slots):
-            h.bind_slot(slot, g_port, http.server_address[1])
-            h.set_state(slot, "ready")
-        if fallback_timeout_queue_ms:
-            h.bind_fallback(g_port, http.server_address[1])
-        h.route(route, 0)
-
-        def up() -> bool:
-            rows = h.servers()
-            return all(h.slot_up(s) for s in range(slots)) and (
-                not fallback_timeout_queue_ms or rows["be_grpc_fallback/fb"]["srv_op_state"] == "2")
-
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not up():
-            time.sleep(0.1)  # health checks (rise 2 x 200 ms)
-        yield h
+        yield g_port, http.server_address[1]
     finally:
-        h.stop()
         g.stop(0)
         http.shutdown()
+
+
+@contextmanager
+def _stand_in_proxy(workdir, slots: int, route: str, fallback_timeout_queue_ms: int = 0):
+    """HAProxy with ``slots`` slots, each bound to the one stand-in instance (limit 1 per server), routed to
+    ``route`` (``pool`` or ``first``: slot 0 first); with ``fallback_timeout_queue_ms`` the stand-in is the
+    degraded-answer server too (limit 1, a queue of 1 that long), else there is none."""
+    with _stand_in() as (g_port, http_port):
+        h = HAProxy(HAProxyConfig(workdir=workdir, grpc_port=free_port(), http_port=free_port(), slots=slots,
+                                  maxconn=1, timeout_server_ms=3000, fallback_maxconn=1, fallback_queue=1,
+                                  fallback_timeout_queue_ms=fallback_timeout_queue_ms or 100))
+        try:
+            h.start()
+            for slot in range(slots):
+                h.bind_slot(slot, g_port, http_port)
+                h.set_state(slot, "ready")
+            if fallback_timeout_queue_ms:
+                h.bind_fallback(g_port, http_port)
+            h.route(route, 0)
+
+            def up() -> bool:
+                rows = h.servers()
+                return all(h.slot_up(s) for s in range(slots)) and (
+                    not fallback_timeout_queue_ms or rows["be_grpc_fallback/fb"]["srv_op_state"] == "2")
+
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not up():
+                time.sleep(0.1)  # health checks (rise 2 x 200 ms)
+            yield h
+        finally:
+            h.stop()
 
 
 @pytest.fixture
@@ -227,19 +236,13 @@ def test_a_restarted_haproxy_serves_its_first_request_from_the_routing_in_its_co
     runtime state is rebuilt: the Router writes the routing into the config (``InitialRouting``), so the
     first request right after start is served, with no runtime command and no health-check ``rise`` to wait
     for (bound at runtime, the slot sits in maintenance until then: the request is refused)."""
-    http = ThreadingHTTPServer(("127.0.0.1", free_port()), _SlowHTTP)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-    g = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_SlowGRPC(), g)
-    g_port = g.add_insecure_port(f"127.0.0.1:{free_port()}")
-    g.start()
     outcomes = {}
-    try:
+    with _stand_in() as (g_port, http_port):
         for baked in (False, True):
             workdir = tmp_path / str(baked)
             workdir.mkdir()
             (workdir / "routes.map").write_text("grpc be_grpc_pool\nhttp be_http_pool\n")  # the route outlives it
-            init = InitialRouting(slots={0: (g_port, http.server_address[1])}, pool={0}, limits={0: 4})
+            init = InitialRouting(slots={0: (g_port, http_port)}, pool={0}, limits={0: 4})
             h = HAProxy(HAProxyConfig(workdir=workdir, grpc_port=free_port(), http_port=free_port(), slots=2,
                                       timeout_server_ms=3000, initial=init if baked else None))
             h.start()
@@ -259,7 +262,4 @@ def test_a_restarted_haproxy_serves_its_first_request_from_the_routing_in_its_co
                         == {"4"}
             finally:
                 h.stop()
-    finally:
-        g.stop(0)
-        http.shutdown()
     assert outcomes == {False: "RESOURCE_EXHAUSTED", True: "served"}, outcomes
