@@ -1,8 +1,9 @@
 """HAProxy's access log (``control.haproxy.ACCESS_LOG_FORMAT``), read back: one parser for the Router's adaptive
 limits and the drills' "where the time goes" breakdown, so both read the same fields the same way.
 
-A line: ``%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt/%Ta %ST %B %rc %ac/%fc/%bc/%sc %sq/%bq "request"``
-(logs written before ``Ta`` was added have five timers: their ``ta`` is ``tt``). HAProxy writes -1 for a timer
+A line: ``%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt/%Ta %ST %B %rc %tsc %ac/%fc/%bc/%sc %sq/%bq "request"``
+(logs written before ``Ta`` and ``%tsc`` were added have five timers and no termination state: their ``ta`` is
+``tt``, their ``termination`` empty). HAProxy writes -1 for a timer
 that never started (``Tr`` of a request refused before any server, ``Tw`` of one that never queued); those stay
 -1 here and are left out of the percentiles. ``Tq`` and ``Tt`` include the idle time before a request on a
 kept-alive connection (an HTTP/2 channel between two calls); ``Ta``, the request's active time, does not.
@@ -34,6 +35,9 @@ class AccessEntry:
     status: int
     retries: int
     redispatched: bool
+    #: HAProxy's termination state (``%tsc``): "----" for a normal end; e.g. "sQ--" a server-side timeout while
+    #: queued for a slot, "SC--" the server refused the connection, "PR--" refused by a rule (the front door).
+    termination: str = ""
 
     @property
     def slot(self) -> int | None:
@@ -61,7 +65,8 @@ def parse(line: str) -> AccessEntry | None:
         retries = int(rc.lstrip("+"))
     except ValueError:
         return None
-    return AccessEntry(accepted, backend, server, tq, tw, tc, tr, tt, ta, status, retries, rc.startswith("+"))
+    term = parts[9] if len(parts) > 9 and len(parts[9]) == 4 and "/" not in parts[9] else ""
+    return AccessEntry(accepted, backend, server, tq, tw, tc, tr, tt, ta, status, retries, rc.startswith("+"), term)
 
 
 def read_from(path: Path, offset: int) -> tuple[list[AccessEntry], int]:

@@ -174,8 +174,9 @@ def shed_backends() -> list[str]:
 OVERLOADED = "overloaded, retry later"
 #: Access log line: request id, client, timers (Tq request, Tw queue, Tc connect, Tr server response, Tt total,
 #: Ta active, all ms: Tq and Tt include the idle time before a request on a kept-alive connection, Ta does not),
-#: status, bytes, retries (%rc, "+" prefix when redispatched), concurrency and queues, request line.
-ACCESS_LOG_FORMAT = ("%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt/%Ta %ST %B %rc "
+#: status, bytes, retries (%rc, "+" prefix when redispatched), termination state (%tsc: who ended the request and
+#: in which phase, e.g. "sQ--" = a server-side timeout while queued), concurrency and queues, request line.
+ACCESS_LOG_FORMAT = ("%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt/%Ta %ST %B %rc %tsc "
                      "%ac/%fc/%bc/%sc %sq/%bq %{+Q}r")
 
 

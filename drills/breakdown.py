@@ -95,7 +95,9 @@ def haproxy_timers(entries: Sequence[AccessEntry], t_from: float, t_to: float) -
             row[f"{name}_p99_ms"] = _r(percentile(vals, 99))
         row["retried"] = sum(e.retries > 0 for e in es)
         row["redispatched"] = sum(e.redispatched for e in es)
-        row["statuses"] = {str(k): n for k, n in sorted(Counter(e.status for e in es if e.status != 200).items())}
+        # with the termination state where HAProxy ended it (e.g. "503 sQ": timed out queued for a server slot)
+        row["statuses"] = {k: n for k, n in sorted(Counter(
+            f"{e.status} {e.termination[:2]}".strip() for e in es if e.status != 200).items())}
         out[kind] = row
     return out
 

@@ -91,7 +91,9 @@ def breakdown_lines(d: dict) -> list[str]:
     if timers:
         out += ["  HAProxy's own timers during the fault (overload: its hold phase), from its access log: where a "
                 "request went, its wait for a server slot (Tw), the server's answer (Tr) and its active time in "
-                "HAProxy (Ta); the client's figures add the load generator's own delays.", "",
+                "HAProxy (Ta); statuses with HAProxy's termination state (sQ: timed out while queued for a server "
+                "slot; SC: the server refused the connection; PR: refused by a rule); the client's figures add the "
+                "load generator's own delays.", "",
                 "  | routed to | requests | Tw p99 ms | Tr p50 / p99 ms | Ta p50 / p99 ms | retried (redispatched) "
                 "| statuses other than 200 |", "  |---|---|---|---|---|---|---|"]
         out += [f"  | {k} | {v['requests']} | {_fmt(v['tw_p99_ms'])} | {_fmt(v['tr_p50_ms'])} / {_fmt(v['tr_p99_ms'])} "

@@ -41,9 +41,9 @@ def test_haproxy_timers_per_route_from_the_access_log(tmp_path):
     from recserve.control.accesslog import read_from
     from recserve.drills.breakdown import haproxy_timers
 
-    def line(sec: int, backend: str, timers: str, status: int, rc: str = "0") -> str:
+    def line(sec: int, backend: str, timers: str, status: int, rc: str = "0", tsc: str = "") -> str:
         return (f"id 127.0.0.1:1 [01/Dec/2026:15:16:{sec:02d}.500] fe_grpc {backend} {timers} {status} 484 {rc} "
-                f'1/1/1/1 0/0 "POST /inference.GRPCInferenceService/ModelInfer HTTP/2.0"\n')
+                + (f"{tsc} " if tsc else "") + '1/1/1/1 0/0 "POST /inference.GRPCInferenceService/ModelInfer"\n')
 
     log = tmp_path / "access.log"
     partial = "id 127.0.0.1:1 [01/Dec/2026:15:16:09.900] fe_grpc be_grp"
@@ -51,9 +51,10 @@ def test_haproxy_timers_per_route_from_the_access_log(tmp_path):
                    + line(2, "be_grpc_fallback/fb", "0/80/0/2/82/82", 200)
                    + line(2, "be_grpc_shed/<NOSRV>", "300/-1/-1/-1/300/0", 200)
                    + line(3, "fe_grpc/<NOSRV>", "0/-1/-1/-1/0/0", 403) + line(9, "be_grpc_pool/s0", "0/0/0/1/1/1", 200)
-                   + line(4, "be_grpc_fallback/<NOSRV>", "0/100/-1/-1/100/100", 503) + partial)
+                   + line(4, "be_grpc_fallback/<NOSRV>", "0/100/-1/-1/100/100", 503, tsc="sQ--") + partial)
     entries, offset = read_from(log, 0)
     assert len(entries) == 7 and offset == log.stat().st_size - len(partial)
+    assert entries[6].termination == "sQ--" and entries[0].termination == ""  # older lines: no %tsc
     assert entries[1].slot == 1 and entries[1].retries == 1 and entries[1].redispatched and entries[2].slot is None
     t0 = datetime(2026, 12, 1, 15, 16, 0).timestamp()
     timers = haproxy_timers(entries, t0, t0 + 5)  # the line at :09 is outside
@@ -63,6 +64,6 @@ def test_haproxy_timers_per_route_from_the_access_log(tmp_path):
     assert timers["refused"]["tr_p99_ms"] is None and timers["front door"]["statuses"] == {"403": 1}
     assert timers["refused"]["ta_p99_ms"] == 0  # Ta, not Tt: the 300 ms idle before it is not HAProxy's time
     assert timers["refused after waiting"] == {**timers["refused after waiting"], "requests": 1, "tw_p99_ms": 100,
-                                               "statuses": {"503": 1}}
+                                               "statuses": {"503 sQ": 1}}
     more, _ = read_from(log.parent / "missing.log", 0)
     assert more == []
