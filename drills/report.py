@@ -104,6 +104,8 @@ def breakdown_lines(d: dict) -> list[str]:
 
 
 def _rung(r: dict) -> str:
+    if r.get("warmup"):
+        return "warm-up (not judged)"
     kind = "bisect" if r.get("refined") else ""
     return " ".join(k for k in (kind, "repeat" if r.get("repeated") else "") if k)
 
