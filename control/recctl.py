@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recserve.control import backup_cli
+from recserve.control.fleet_config import FleetConfig
 from recserve.control.keys import SecretFileError
 from recserve.control.monitor import read_endpoints
 from recserve.control.procs import pid_alive
@@ -449,9 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(0: reports/perf/latest, else 500)")
     up.add_argument("--slo-p99-ms", type=float, default=50.0, help="p99 target of admitted requests")
     up.add_argument("--no-fallback", action="store_true", help="no degraded answers: shed = 429/RESOURCE_EXHAUSTED")
-    up.add_argument("--fallback-maxconn", type=int, default=32, help="in-flight limit of the degraded answers")
-    up.add_argument("--fallback-queue", type=int, default=64, help="shed requests that may wait (2 x SLO at "
-                    "most) for a degraded answer in a burst; 0: refuse at once")
+    up.add_argument("--fallback-maxconn", type=int, default=FleetConfig.fallback_maxconn,
+                    help="in-flight limit of the degraded answers")
+    up.add_argument("--fallback-queue", type=int, default=FleetConfig.fallback_queue,
+                    help="shed requests that may wait (2 x SLO at most) for a degraded answer in a burst; 0: refuse "
+                    "at once")
     up.add_argument("--timeout-server-ms", type=int, default=0, help="HAProxy timeout server (0: from the SLO)")
     up.add_argument("--adaptive-limits", action="store_true", help="AIMD controller moves the limits")
     up.add_argument("--tls-cert", help="PEM server certificate: the control API speaks TLS")

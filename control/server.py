@@ -268,10 +268,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-p99-ms", type=float, default=50.0, help="p99 target of admitted requests")
     p.add_argument("--no-fallback", action="store_true", help="shed requests get 429/RESOURCE_EXHAUSTED, "
                    "never degraded answers")
-    p.add_argument("--fallback-maxconn", type=int, default=32, help="in-flight limit of the degraded-answer "
-                   "server; beyond it shed requests get 429/RESOURCE_EXHAUSTED")
-    p.add_argument("--fallback-queue", type=int, default=64, help="shed requests that may wait up to 2 x SLO "
-                   "for a degraded answer when the fallback is full (a burst); 0: refuse at once")
+    p.add_argument("--fallback-maxconn", type=int, default=FleetConfig.fallback_maxconn,
+                   help="in-flight limit of the degraded-answer server; beyond it shed requests get "
+                   "429/RESOURCE_EXHAUSTED")
+    p.add_argument("--fallback-queue", type=int, default=FleetConfig.fallback_queue,
+                   help="shed requests that may wait up to 2 x SLO for a degraded answer when the fallback is full "
+                   "(a burst); 0: refuse at once")
     p.add_argument("--timeout-server-ms", type=int, default=0, help="HAProxy timeout server (0: 4 x SLO "
                    "within 100..1000 ms); raise it where the latency tail is far fatter than the SLO")
     p.add_argument("--adaptive-limits", action="store_true", help="let the AIMD controller move the limits")
