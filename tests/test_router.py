@@ -160,6 +160,36 @@ def test_a_measured_knee_sets_the_limits_at_once_shared_by_the_servers_the_route
         router.stop()
 
 
+def test_a_rollout_pauses_its_traffic_steps_while_the_pool_sheds_and_gives_up_after_the_bound(tmp_path):
+    """Issue 9: rollouts pause while the pool is shedding (before shifting more traffic), resume when it
+    stops, and roll back when it sheds past the bound (a unit on the real state store and metrics; the
+    fleet is a stand-in whose shedding is scripted)."""
+    from recserve.control.metrics import ControlMetrics
+    from recserve.control.rollout import GateFailure, RolloutManager
+    from recserve.control.state import RolloutRecord, State
+
+    class Pool:
+        def __init__(self, shedding: list[bool]):
+            self.state, self.metrics, self.script = State(tmp_path / f"{len(shedding)}.db"), ControlMetrics(), shedding
+
+        def shedding(self) -> bool:
+            return self.script.pop(0) if self.script else False
+
+    pool = Pool([True, True, True, False])
+    manager = RolloutManager(pool)
+    rec = RolloutRecord("r1", "ranker", 1, 2, "canary", [50, 100], 1.0, {}, "shift", "running", time.time())
+    pool.state.save_rollout(rec)
+    manager._wait_not_shedding(rec)
+    assert [e["message"] for e in pool.state.rollout_events("r1")] == [
+        "paused: the pool is shedding load", "resumed: the pool no longer sheds"]
+    endless = Pool([True] * 1000)
+    manager = RolloutManager(endless)
+    endless.state.save_rollout(rec)
+    with pytest.raises(GateFailure) as gave_up:
+        manager._wait_not_shedding(rec, max_wait_s=0.3)
+    assert gave_up.value.gate == "shedding" and "kept shedding" in str(gave_up.value)
+
+
 # ---------------------------------------------------------------------------------------------- the fleet
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
