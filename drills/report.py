@@ -80,6 +80,13 @@ def breakdown_lines(d: dict) -> list[str]:
     if lag.get("p99_ms") is not None:
         out.append(f"- load generator lag behind its schedule: p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms, "
                    f"max {lag['max_ms']} ms")
+    failures = d.get("failures") or []
+    if failures:
+        out += ["", "  | failed requests: status | message | count | first at s (after the fault) | its latency ms |",
+                "  |---|---|---|---|---|"]
+        out += [f"  | {f['status']} | {f['detail'].replace('|', '/') or '-'} | {f['count']} | {f['first_at_s']} "
+                f"({f['first_after_fault_s']}) | {f['first_latency_ms']} |" for f in failures]
+        out.append("")
     steps = d.get("triton_steps") or {}
     if steps:
         out += ["", "  | Triton step | requests | failures | queue ms/req | compute ms/req | mean batch |",

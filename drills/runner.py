@@ -329,6 +329,7 @@ class DrillRun:
             "throughput_rps": {k: v["throughput_rps"] for k, v in ph.items()},
             "phases": ph, "settled_after_s": None if settle_s is None else round(settle_s, 2),
             "statuses": dict(Counter(r.status for r in recs)),
+            "failures": tl.failure_samples(recs, t0, f_start),
         }
         fig.update(self._control_plane_reactions(t0))
         fig["client_lag"] = breakdown.client_lag([r.lag_ms for r in recs])

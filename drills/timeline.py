@@ -144,6 +144,21 @@ def failed_or_wrong_after(records: Sequence[Record], t: float) -> int:
     return sum(1 for r in records if r.t_send >= t and (not r.ok or r.matched is False))
 
 
+def failure_samples(records: Sequence[Record], t0: float, fault_t: float, limit: int = 8) -> list[dict]:
+    """Failed requests grouped by status and message, the most frequent first, each with the send time of its
+    first occurrence (s from the drill's start and from the fault) and its latency: a failure count alone
+    does not say whether a request was refused, timed out or hit a missing model version."""
+    groups: dict[tuple[str, str], dict] = {}
+    for r in sorted(records, key=lambda r: r.t_send):
+        if r.ok:
+            continue
+        g = groups.setdefault((r.status, r.detail[:160]), {
+            "status": r.status, "detail": r.detail[:160], "count": 0, "first_at_s": _r(r.t_send - t0),
+            "first_after_fault_s": _r(r.t_send - fault_t), "first_latency_ms": _r(r.latency_ms)})
+        g["count"] += 1
+    return sorted(groups.values(), key=lambda g: -g["count"])[:limit]
+
+
 def error_budget_used(failed: int, total: int, error_rate_max: float) -> float | None:
     """Share of the allowed failures that was spent; None when the budget is zero but was exceeded."""
     allowed = error_rate_max * total

@@ -79,6 +79,11 @@ def test_summary_rows_and_markdown():
     md = markdown(drills, {"run": "r1", "host": "h"})
     assert "| crash | PASS | 400 ms | 0/320 | 12.5 / 240 / 13.0 |" in md
     assert "missed: `failed_requests` measured 2, target <= 0, by 2" in md
+    failing = result("hang", False, served_requests=318, failures=[
+        {"status": "INTERNAL", "detail": "failed to find the requested model version", "count": 2,
+         "first_at_s": 7.25, "first_after_fault_s": 1.25, "first_latency_ms": 3.1}])
+    assert ("| INTERNAL | failed to find the requested model version | 2 | 7.25 (1.25) | 3.1 |"
+            in markdown([failing], {"run": "r1", "host": "h"}))
     assert console_table(drills).row_count == 3
 
 

@@ -50,9 +50,11 @@ def test_smoke_drills_run_report_and_clean_up(tmp_path, capsys):
     by_name = {d["name"]: d for d in report["drills"]}
     for d in report["drills"]:
         missed = [c for c in d["checks"] if c["deterministic"] and not c["ok"]]
-        # the background row says only True/False: its perf_analyzer summary (exit code, first error) says why
+        # the background row says only True/False: its perf_analyzer summary (exit code, first error) says why;
+        # the probe's failures by status and message, and HAProxy's statuses, say what failed
         assert not missed, (d["name"], missed, (d.get("background") or {}).get("summary"),
-                            (d.get("background") or {}).get("errors"))
+                            (d.get("background") or {}).get("errors"), d.get("failures"),
+                            {k: v["statuses"] for k, v in (d.get("haproxy_timers") or {}).items()})
     for name in ("crash", "hang"):
         assert by_name[name]["failed_requests"] == 0 and by_name[name]["wrong_answers"] == 0, by_name[name]["reason"]
     assert by_name["crash"]["orphaned_stubs"] == 0, "the killed server's backend stubs outlived its restart"

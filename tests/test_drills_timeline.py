@@ -10,6 +10,7 @@ from recserve.drills.timeline import (
     abort_reason,
     error_budget_used,
     failed_or_wrong_after,
+    failure_samples,
     per_second,
     phases,
     rto_ms,
@@ -176,3 +177,16 @@ def test_rto_at_peak_is_back_to_the_before_level_with_shedding_allowed():
     assert rto_vs_before_ms(before + wrong + _peak(6, 10), 5.0, SLO, good_rps, end_t=10.0) == 1000.0
     assert rto_vs_before_ms(before, 5.0, SLO, 0.0, end_t=10.0) is None  # nothing good before: undefined
 
+
+
+def test_failure_samples_group_by_status_and_message_most_frequent_first():
+    recs = every(0, 2) + [
+        Record(1, "recommend", 3.0, 2000.0, "DEADLINE_EXCEEDED", None, "Deadline Exceeded"),
+        Record(2, "recommend", 4.5, 3.0, "INTERNAL", None, "failed to find the requested model version"),
+        Record(3, "recommend", 4.0, 2.0, "INTERNAL", None, "failed to find the requested model version"),
+    ]
+    got = failure_samples(recs, t0=0.0, fault_t=2.5)
+    assert [(g["status"], g["count"]) for g in got] == [("INTERNAL", 2), ("DEADLINE_EXCEEDED", 1)]
+    assert got[0]["first_at_s"] == 4.0 and got[0]["first_after_fault_s"] == 1.5 and got[0]["first_latency_ms"] == 2.0
+    assert got[0]["detail"] == "failed to find the requested model version"
+    assert failure_samples(every(0, 2), 0.0, 1.0) == []
