@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recserve.control.frontdoor import FrontDoorConfig
+from recserve.control.haproxy import FALLBACK_MAXCONN, FALLBACK_QUEUE
 from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
@@ -54,9 +55,9 @@ class FleetConfig:
     #: Start the degraded-answer fallback server for shed requests.
     fallback: bool = True
     #: In-flight limit of the fallback server's backend (beyond it: 429 / RESOURCE_EXHAUSTED).
-    fallback_maxconn: int = 32
+    fallback_maxconn: int = FALLBACK_MAXCONN
     #: Shed requests that may wait (up to 2 x SLO) for a fallback slot before the refusal (0: none wait).
-    fallback_queue: int = 64
+    fallback_queue: int = FALLBACK_QUEUE
     #: Let the AIMD controller move the per-server limits (off: the fixed limit).
     adaptive_limits: bool = False
     #: HAProxy ``timeout server`` override (0: derived from the SLO, see control/router.py).

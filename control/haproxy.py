@@ -53,6 +53,13 @@ class HAProxyError(RuntimeError):
     """HAProxy could not start, or a runtime API command was refused (the message quotes HAProxy)."""
 
 
+#: Defaults of the degraded-answer backend, one place for HAProxyConfig, RouterConfig and FleetConfig: 32 in
+#: flight (the fallback server's own concurrency is twice that), 64 more waiting; measured in proxy-crash at 0.7x
+#: the knee: no queue 91 refused in the reconnect burst, 32 places and 25 ms 42, 64 places and 100 ms none.
+FALLBACK_MAXCONN = 32
+FALLBACK_QUEUE = 64
+
+
 @dataclass
 class HAProxyConfig:
     """Typed settings of the generated config; validated before anything is written."""
@@ -79,10 +86,10 @@ class HAProxyConfig:
     #: at runtime with ``set maxconn server``.
     maxconn: int = 64
     #: In-flight limit of the degraded-answer fallback server (its own backend).
-    fallback_maxconn: int = 64
+    fallback_maxconn: int = FALLBACK_MAXCONN
     #: Shed requests that may wait for a free fallback slot (a burst, such as every client reconnecting at once
     #: after a HAProxy restart, gets degraded answers rather than refusals); beyond it: the refusal at once.
-    fallback_queue: int = 64
+    fallback_queue: int = FALLBACK_QUEUE
     #: Longest such wait; then HAProxy's 503 is rewritten into the refusal (``overloaded_reply``), never a
     #: 503, which gRPC clients would see as UNAVAILABLE and retry.
     fallback_timeout_queue_ms: int = 100

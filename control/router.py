@@ -44,6 +44,8 @@ from recserve.control.admission import AdaptiveLimit, IntervalSample, LimitConfi
 from recserve.control.fallback import FallbackConfig, FallbackError, FallbackServer
 from recserve.control.frontdoor import FrontDoorConfig
 from recserve.control.haproxy import (
+    FALLBACK_MAXCONN,
+    FALLBACK_QUEUE,
     PROTOS,
     HAProxy,
     HAProxyConfig,
@@ -126,9 +128,9 @@ class RouterConfig:
     max_limit: int = 64
     #: Start the degraded-answer fallback server and route shed requests to it.
     fallback: bool = True
-    fallback_maxconn: int = 32
+    fallback_maxconn: int = FALLBACK_MAXCONN
     #: Shed requests that may wait for a fallback slot, at most ``fallback_wait_ms()``; 0 = refuse at once.
-    fallback_queue: int = 64
+    fallback_queue: int = FALLBACK_QUEUE
     fallback_repository: Path | None = None
     #: Let the AIMD controller (control/admission.py) move each limit; off = the fixed limit.
     adaptive: bool = False
