@@ -472,6 +472,12 @@ class DrillRun:
             base.update(passed=None if status == "skipped" else False, reason=reason, checks=[])
             return base
         passed, checks, why = evaluate(spec.expect, base)
+        not_injected = [a for a in self.journal.actions if a.kind == "method" and a.status == "failed"]
+        if not_injected:  # a drill whose fault never happened proves nothing, whatever its figures say
+            errors = "; ".join(f"{a.name}: {a.detail.get('error', '?')}" for a in not_injected)
+            checks = [{"expectation": "fault_injected", "figure": "fault_injected", "target": "== True",
+                       "measured": False, "deterministic": True, "ok": False, "missed_by": errors[:300]}, *checks]
+            passed, why = False, f"fault not injected ({errors[:300]}); {why}"
         if spec.alerts:
             rows = alerts.checks(base.get("alerts") or [alerts.match(a, [], 0.0) for a in spec.alerts])
             missed = [r for r in rows if not r["ok"]]

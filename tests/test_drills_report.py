@@ -147,3 +147,26 @@ def test_no_rejection_meets_the_rejection_latency_target_but_accepted_p99_is_che
     ok, rows, reason = evaluate(expect, {"rejected_requests": 0, "rejected_p99_ms": None, "accepted_p99_ms": 546.0})
     assert not ok and rows[0]["ok"] and rows[0]["measured"] == "no request was rejected"
     assert "accepted_p99_ms 546.0 vs <= 250" in reason
+
+
+def test_a_drill_whose_fault_was_not_injected_fails_whatever_its_figures(tmp_path):
+    """A rollover the control plane refused (say, the pool was shedding) leaves a clean timeline: without this
+    check the drill passed although nothing was tested."""
+    from types import SimpleNamespace
+
+    from recserve.drills.runner import DrillRun
+    from recserve.drills.spec import SPECS_DIR, load_file
+
+    spec = load_file(SPECS_DIR / "rollover-under-load.yaml")
+    run = DrillRun(spec, SimpleNamespace(fleet=None, repository=tmp_path, workdir=tmp_path, control=None),
+                   log=lambda *_: None)
+    clean = {"failed_requests": 0, "total_requests": 900, "wrong_answers": 0, "p99_during_ratio": 1.0,
+             "background_clean": True, "versions_consistent": True}
+    assert run._result(dict(clean), status="completed")["passed"] is True
+    with pytest.raises(RuntimeError), run.journal.action("rollover-under-load", "method"):
+        raise RuntimeError("control plane Rollover: UNAVAILABLE: the pool is shedding load")
+    got = run._result(dict(clean), status="completed")
+    assert got["passed"] is False and "fault not injected" in got["reason"]
+    row = got["checks"][0]
+    assert row["figure"] == "fault_injected" and row["deterministic"] and not row["ok"]
+    assert "the pool is shedding load" in row["missed_by"]
