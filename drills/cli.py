@@ -53,6 +53,10 @@ def select(names: list[str]) -> list[DrillSpec]:
     unknown = [n for n in names if n not in specs]
     if unknown:
         raise SpecError("drills", "names", f"unknown drill(s) {unknown} (known: {', '.join(sorted(specs))})")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # a run keeps one journal, plot and request log per drill name
+        raise SpecError("drills", "names", f"drill(s) {twice} named more than once: a run reports each drill once; "
+                        "run the command again to repeat one")
     return [specs[n] for n in names] if names else list(specs.values())
 
 

@@ -33,6 +33,8 @@ from recserve.drills.lost_host import LostHost
 from recserve.drills.spec import Action, DrillSpec
 
 FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
+#: Longest wait for a shedding pool before a rollover drill gives up (the control plane refuses to start then).
+SHED_WAIT_S = 10.0
 
 
 @dataclass
@@ -318,10 +320,20 @@ class Rollover(Fault):
         p = action.params
         ctx.figures.setdefault("desired_before", ctx.fleet.desired())
         version = release_copy(ctx, p["model"]) if p["version"] == "latest" else int(p["version"])
-        events = ctx.fleet.rollover(p["model"], version, p["strategy"], p["steps"], p["bake_s"])
+        t = attempt = time.monotonic()
+        while True:  # the control plane refuses to start a rollout while the pool sheds: wait for the peak to pass
+            try:
+                events = ctx.fleet.rollover(p["model"], version, p["strategy"], p["steps"], p["bake_s"])
+                break
+            except FleetError as exc:
+                if "UNAVAILABLE" not in str(exc) or time.monotonic() - t > SHED_WAIT_S:
+                    raise
+                time.sleep(0.5)
+                attempt = time.monotonic()
         final = events[-1] if events else {}
         ctx.figures["rollout_status"] = final.get("status")
         return {"model": p["model"], "version": version, "status": final.get("status"),
+                "waited_for_the_pool_to_stop_shedding_s": round(attempt - t, 2),
                 "events": [{k: e.get(k) for k in ("phase", "weight", "status", "ts_unix", "message")} for e in events]}
 
     def rollback(self, ctx: Context) -> dict:

@@ -34,6 +34,13 @@ def test_unknown_drill_is_refused_before_any_fleet_starts():
     assert "starting a private fleet" not in p.stdout
 
 
+def test_a_drill_named_twice_is_refused_before_any_fleet_starts():
+    p = drills("run", "crash", "hang", "crash")
+    assert p.returncode == 2
+    assert "drill(s) ['crash'] named more than once" in p.stdout
+    assert "starting a private fleet" not in p.stdout
+
+
 def test_validate_names_the_broken_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\ntargets: [recommend]\nload: {duration_s: 10, probe_rps: 5}\n"
