@@ -227,8 +227,9 @@ class InstanceLifecycle:
                     self.router.set_pool(self.router.pool_slots() - {rec.slot})
                     out = True
                     self.state.event("rollover", f"{iid} out of rotation while it loads {only or 'all'}", iid)
-            taking = (rec.slot in self.router.pool_slots() if self.config.mode == "active-active"
-                      else rec.role == "primary")
+            # Taking traffic on the route in force: during a canary rollout's promote phase the old primary is
+            # still a pool member but has weight 0, while the canary alone serves every request.
+            taking = rec.slot in self.router.serving_slots()
             serving_nice = self.config.instance_nice
             # never slow down one that clients wait on
             self.renice(rec, serving_nice if taking or not can_raise_priority() else 19)

@@ -444,16 +444,20 @@ class Router:
         self._event("limits", f"knee set to {knee_rps:g} rps: host limit {self.config.host_limit()} in flight, "
                     f"{self.slot_limit()} per server")
 
-    def traffic_slots(self) -> int:
-        """How many servers the current route sends requests to: the pool's members, the primary of a
-        ``first`` route, the slots with a canary weight above 0 on the ``split`` route."""
+    def serving_slots(self) -> set[int]:
+        """The slots the current route sends requests to: the pool's members, the primary of a ``first`` route,
+        the slots with a canary weight above 0 on the ``split`` route (active-active before a route is set: the
+        pool's members)."""
         route = self.current_route()
         if route == "split":
-            weights = [self.state.get(f"weight:{r.id}", "0") or "0" for r in self.state.instances()]
-            return max(1, sum(int(w) > 0 for w in weights))
+            return {r.slot for r in self.state.instances() if int(self.state.get(f"weight:{r.id}", "0") or 0) > 0}
         if route.startswith("first:"):
-            return 1
-        return max(1, len(self.pool_slots())) if self.mode == "active-active" else 1
+            return {int(route.split(":")[1])}
+        return self.pool_slots() if self.mode == "active-active" else set()
+
+    def traffic_slots(self) -> int:
+        """How many servers share the host's limit: those the current route sends requests to (at least 1)."""
+        return max(1, len(self.serving_slots()))
 
     def slot_limit(self) -> int:
         """Per-server limit: the host's limit shared by the servers taking traffic (on one host extra

@@ -7,6 +7,8 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
+from unittest import mock
 
 import pytest
 
@@ -324,3 +326,46 @@ def test_bake_without_expected_answers_fails_the_golden_gate():
     with pytest.raises(GateFailure) as exc:
         rm._bake(rec, "t2", Gates(), 10.0, ref_iid="t1")
     assert exc.value.gate == "golden" and "the reference failed" in str(exc.value)
+
+
+def test_reload_of_an_instance_the_route_sends_nothing_to_loads_at_nice_19():
+    """The promote phase of a canary rollover reloads the old primary while the canary alone serves (its weight is
+    0, but it is still a pool member): loading it at the serving priority took the CPU from the one instance every
+    request waited on. An instance taking traffic keeps its priority while it loads."""
+    from types import SimpleNamespace
+
+    from recserve.control.instances import InstanceLifecycle
+    from recserve.control.state import InstanceRecord
+
+    class Lifecycle(InstanceLifecycle):
+        def __init__(self, serving: set[int]):
+            self.recs = {iid: InstanceRecord(id=iid, slot=slot, role=role, state="healthy", pid=slot + 1,
+                                             grpc_port=0, http_port=0, metrics_port=0, workdir="w")
+                         for iid, slot, role in (("t1", 0, "standby"), ("t2", 1, "primary"))}
+            self.state = SimpleNamespace(update_instance=lambda iid, **kw: None, instance=self.recs.get,
+                                         instances=lambda: list(self.recs.values()), event=lambda *a, **kw: None)
+            self.router = SimpleNamespace(pool_slots=lambda: {0}, serving_slots=lambda: serving,
+                                          set_pool=lambda slots: None)
+            self.config = SimpleNamespace(mode="active-active", instance_nice=5)
+            self.lock, self.busy, self.fails, self.last_probe = threading.Lock(), set(), {}, {}
+            self.nices: list[int] = []
+
+        def renice(self, rec, nice):
+            self.nices.append(nice)
+
+        def _server(self, rec):
+            return None
+
+        def load_versions(self, server, versions, only=None):
+            self.nices.append("loaded")
+
+        def settle(self, iid, timeout_s=30.0):
+            return SimpleNamespace(ok=True)
+
+    idle = Lifecycle(serving={1})  # split route: t2 (the canary) at weight 100, t1 at 0
+    with mock.patch("recserve.control.instances.can_raise_priority", return_value=True):
+        idle.reload("t1", {"ranker": [2]}, only=["ranker"])
+        assert idle.nices == [19, "loaded", 5]
+        serving = Lifecycle(serving={0, 1})
+        serving.reload("t1", {"ranker": [2]}, only=["ranker"])
+        assert serving.nices == [5, "loaded"]

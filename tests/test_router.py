@@ -138,12 +138,16 @@ def test_a_measured_knee_sets_the_limits_at_once_shared_by_the_servers_the_route
         router.set_knee(800)
         assert cfg.host_limit() == 40 and limits(router) == {0: 20, 1: 20}
         assert cfg.knee() == 800 and cfg.knee_source == KNEE_SET_BY
+        assert router.serving_slots() == {0, 1}
         router.route("first", 0)  # primary-standby / blue-green: the primary takes the whole host limit
-        assert limits(router)[0] == 40
+        assert limits(router)[0] == 40 and router.serving_slots() == {0}
         router.set_weight(0, 80)
         router.set_weight(1, 20)
         router.route("split")  # a canary: both weighted servers share it
-        assert limits(router) == {0: 20, 1: 20}
+        assert limits(router) == {0: 20, 1: 20} and router.serving_slots() == {0, 1}
+        router.set_weight(0, 0)  # the canary at 100%: the old primary is still a pool member but serves nothing
+        assert router.serving_slots() == {1} and limits(router)[1] == 40
+        router.set_weight(0, 80)
         with pytest.raises(RouterError) as bad:
             router.set_knee(0)
         assert "knee_rps must be within" in str(bad.value) and bad.value.code == "INVALID_ARGUMENT"
