@@ -31,6 +31,7 @@ try on another instance, so a hung instance costs at most ~4 x SLO + one normal 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -88,9 +89,19 @@ class RouterError(RuntimeError):
 
 def default_knee_rps(model: str = "recommend", report: Path = PERF_REPORT) -> tuple[float, str]:
     """The knee (rps per host) and where it came from: the perf suite's latest capacity, else the default."""
+    try:
+        mtime = report.stat().st_mtime_ns
+    except OSError:
+        mtime = None
+    return _knee_from_report(model, report, mtime)
+
+
+@functools.lru_cache(maxsize=8)
+def _knee_from_report(model: str, report: Path, mtime: int | None) -> tuple[float, str]:
+    """Read once per version of the report (by mtime): every route or weight change asks for the limits."""
     from recserve.drills.capacity import from_perf_report  # one reader of the perf report's capacity
 
-    cap = from_perf_report(model, report)
+    cap = from_perf_report(model, report) if mtime is not None else None
     if cap and cap > 0:
         return cap, f"perf report {report}"
     return DEFAULT_KNEE_RPS, "conservative default (no perf report)"

@@ -369,3 +369,24 @@ def test_reload_of_an_instance_the_route_sends_nothing_to_loads_at_nice_19():
         serving = Lifecycle(serving={0, 1})
         serving.reload("t1", {"ranker": [2]}, only=["ranker"])
         assert serving.nices == [5, "loaded"]
+
+
+def test_the_knee_from_the_perf_report_is_read_once_per_version_of_the_report(tmp_path):
+    """Every route or weight change asks for the limits, hence the knee: the report is parsed again only when
+    it changed (a new perf run), and a missing report gives the conservative default."""
+    import os
+
+    from recserve.control.router import DEFAULT_KNEE_RPS, default_knee_rps
+    from recserve.drills import capacity
+
+    report = tmp_path / "report.json"
+    assert default_knee_rps("recommend", report) == (DEFAULT_KNEE_RPS, "conservative default (no perf report)")
+    report.write_text(json.dumps({"capacity_rps": {"recommend": 640}}))
+    with mock.patch("recserve.drills.capacity.from_perf_report", wraps=capacity.from_perf_report) as read:
+        assert default_knee_rps("recommend", report)[0] == 640
+        assert default_knee_rps("recommend", report)[0] == 640
+        assert read.call_count == 1
+        report.write_text(json.dumps({"capacity_rps": {"recommend": 700}}))
+        st = report.stat()
+        os.utime(report, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new run, even within one tick
+        assert default_knee_rps("recommend", report)[0] == 700 and read.call_count == 2
