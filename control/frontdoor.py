@@ -5,7 +5,8 @@ client frontend gets (``frontdoor_lines``); ``control/haproxy.py`` renders them 
 
 * **Allow-list**, not a deny-list: clients reach inference, health and model metadata/config. Anything else is
   answered by HAProxy itself, before a byte reaches Triton: HTTP 403 with a text body, gRPC ``PERMISSION_DENIED``
-  (a Trailers-Only reply: HTTP 200, ``grpc-status: 7``), each naming the refused path. Model statistics pass only
+  (a Trailers-Only reply: HTTP 200, ``content-type: application/grpc``, ``grpc-status: 7``), each naming the
+  refused path. Model statistics pass only
   with the fleet's admin key in the request (``admin-key`` / ``triton-grpc-protocol-admin-key``), matched against
   the key file itself (``-f``), so no copy of the secret lands in haproxy.cfg.
 * **Bounded bodies** (sizes below, derived from the served contract): HTTP with a Content-Length over the limit
@@ -197,9 +198,17 @@ def bind_line(c: FrontDoorConfig, proto: str, port: int, workdir: Path) -> str:
 
 
 def _grpc_reply(status: int, message: str) -> str:
-    """A gRPC Trailers-Only reply (HAProxy 2.6 cannot send trailers; grpc-status in the headers is valid)."""
-    return (f'http-request return status 200 hdr content-type application/grpc hdr grpc-status {status} '
-            f'hdr grpc-message "{message}"')
+    """A gRPC Trailers-Only reply (HAProxy 2.6 cannot send trailers; grpc-status in the headers is valid). Its
+    content-type comes from ``GRPC_CONTENT_TYPE_RULE``: HAProxy drops that header from a body-less ``return``."""
+    return f'http-request return status 200 hdr grpc-status {status} hdr grpc-message "{message}"'
+
+
+#: Every gRPC reply HAProxy writes itself without a content-type gets ``application/grpc``: grpc-go and grpc-java
+#: read a reply without it as malformed (HAProxy 2.6 drops the header from a body-less ``http-request return``,
+#: ``hdr content-type`` included; ``http-after-response`` applies to its own replies too). Triton's replies and
+#: the refusal errorfiles carry it already, so the rule leaves them alone.
+GRPC_CONTENT_TYPE_RULE = ("  http-after-response set-header content-type application/grpc if "
+                          "{ res.hdr(grpc-status) -m found } !{ res.hdr(content-type) -m found }")
 
 
 def frontdoor_lines(c: FrontDoorConfig, proto: str, port: int, workdir: Path) -> list[str]:
@@ -227,6 +236,7 @@ def frontdoor_lines(c: FrontDoorConfig, proto: str, port: int, workdir: Path) ->
             f"  http-request wait-for-body time {_ms(c.timeout_http_request_s)}",
             "  " + _grpc_reply(8, f"recserve front door: request body over the {limit} byte limit")
             + f" if {{ req.body_len gt {limit} }}",
+            GRPC_CONTENT_TYPE_RULE,
         ]
         return out
     limit = c.max_http_body
