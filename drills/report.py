@@ -62,6 +62,14 @@ def summary_rows(drills: Sequence[dict]) -> list[list[str]]:
 HEADER = ["drill", "verdict", "RTO", "failed/total", "p99 ms before/during/after"]
 
 
+def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """An indented markdown table (a blank line before and after, so it renders inside a drill's list)."""
+    def line(cells: Sequence[object]) -> str:
+        return "  | " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+    return ["", line(columns), "  |" + "---|" * len(columns), *(line(r) for r in rows), ""]
+
+
 def breakdown_lines(d: dict) -> list[str]:
     """Served / degraded / shed / failed apart (a degraded answer never counts as good), the control plane's
     reactions, the client's own lag, Triton's queue and compute per ensemble step over the drill, and HAProxy's
@@ -82,31 +90,27 @@ def breakdown_lines(d: dict) -> list[str]:
                    f"max {lag['max_ms']} ms")
     failures = d.get("failures") or []
     if failures:
-        out += ["", "  | failed requests: status | message | count | first at s (after the fault) | its latency ms |",
-                "  |---|---|---|---|---|"]
-        out += [f"  | {f['status']} | {f['detail'].replace('|', '/') or '-'} | {f['count']} | {f['first_at_s']} "
-                f"({f['first_after_fault_s']}) | {f['first_latency_ms']} |" for f in failures]
-        out.append("")
+        out += table(["failed requests: status", "message", "count", "first at s (after the fault)",
+                      "its latency ms"],
+                     [[f["status"], f["detail"] or "-", f["count"], f"{f['first_at_s']} ({f['first_after_fault_s']})",
+                       f["first_latency_ms"]] for f in failures])
     steps = d.get("triton_steps") or {}
     if steps:
-        out += ["", "  | Triton step | requests | failures | queue ms/req | compute ms/req | mean batch |",
-                "  |---|---|---|---|---|---|"]
-        out += [f"  | {m} | {v['requests']} | {v['failures']} | {_fmt(v['queue_ms'])} | {_fmt(v['compute_ms'])} | "
-                f"{_fmt(v['mean_batch'])} |" for m, v in steps.items()]
-        out.append("")
+        out += table(["Triton step", "requests", "failures", "queue ms/req", "compute ms/req", "mean batch"],
+                     [[m, v["requests"], v["failures"], _fmt(v["queue_ms"]), _fmt(v["compute_ms"]),
+                       _fmt(v["mean_batch"])] for m, v in steps.items()])
     timers = d.get("haproxy_timers") or {}
     if timers:
         out += ["  HAProxy's own timers during the fault (overload: its hold phase), from its access log: where a "
                 "request went, its wait for a server slot (Tw), the server's answer (Tr) and its active time in "
                 "HAProxy (Ta); statuses with HAProxy's termination state (sQ: timed out while queued for a server "
                 "slot; SC: the server refused the connection; PR: refused by a rule); the client's figures add the "
-                "load generator's own delays.", "",
-                "  | routed to | requests | Tw p99 ms | Tr p50 / p99 ms | Ta p50 / p99 ms | retried (redispatched) "
-                "| statuses other than 200 |", "  |---|---|---|---|---|---|---|"]
-        out += [f"  | {k} | {v['requests']} | {_fmt(v['tw_p99_ms'])} | {_fmt(v['tr_p50_ms'])} / {_fmt(v['tr_p99_ms'])} "
-                f"| {_fmt(v['ta_p50_ms'])} / {_fmt(v['ta_p99_ms'])} | {v['retried']} ({v['redispatched']}) | "
-                f"{', '.join(f'{s}: {n}' for s, n in v['statuses'].items()) or '-'} |" for k, v in timers.items()]
-        out.append("")
+                "load generator's own delays."]
+        out += table(["routed to", "requests", "Tw p99 ms", "Tr p50 / p99 ms", "Ta p50 / p99 ms",
+                      "retried (redispatched)", "statuses other than 200"],
+                     [[k, v["requests"], _fmt(v["tw_p99_ms"]), f"{_fmt(v['tr_p50_ms'])} / {_fmt(v['tr_p99_ms'])}",
+                       f"{_fmt(v['ta_p50_ms'])} / {_fmt(v['ta_p99_ms'])}", f"{v['retried']} ({v['redispatched']})",
+                       ", ".join(f"{s}: {n}" for s, n in v["statuses"].items()) or "-"] for k, v in timers.items()])
     return out
 
 
@@ -132,11 +136,9 @@ def knee_lines(knee: dict | None) -> list[str]:
                    f"{lim.get('source') or '?'}")
     ladder = [r for r in knee.get("ladder") or [] if "offered_rps" in r]
     if ladder:
-        out += ["", "  | offered rps | sent | failed | served rps | p99 ms | client CPU | rung |",
-                "  |---|---|---|---|---|---|---|"]
-        out += [f"  | {r['offered_rps']} | {r['sent']} | {r['failed']} | {r['achieved_rps']} | {_fmt(r['p99_ms'])} | "
-                f"{r.get('client_cpu', 0):.2f} | {_rung(r)} |" for r in ladder]
-        out.append("")
+        out += table(["offered rps", "sent", "failed", "served rps", "p99 ms", "client CPU", "rung"],
+                     [[r["offered_rps"], r["sent"], r["failed"], r["achieved_rps"], _fmt(r["p99_ms"]),
+                       f"{r.get('client_cpu', 0):.2f}", _rung(r)] for r in ladder])
     return out
 
 
