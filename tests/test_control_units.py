@@ -207,6 +207,8 @@ def test_gates_defaults_validation_and_p99():
     assert p99([]) == 0.0
     assert p99(list(range(1, 101))) == 99
     assert p99([5.0]) == 5.0
+    assert p99([10.0] * 30 + [560.0]) == 10.0  # one held probe does not decide the gate
+    assert p99([10.0] * 30 + [560.0, 540.0]) == 540.0  # two slow ones do
 
 
 def test_recctl_help_lists_every_command():
