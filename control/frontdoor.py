@@ -6,9 +6,11 @@ client frontend gets (``frontdoor_lines``); ``control/haproxy.py`` renders them 
 * **Allow-list**, not a deny-list: clients reach inference, health and model metadata/config. Anything else is
   answered by HAProxy itself, before a byte reaches Triton: HTTP 403 with a text body, gRPC ``PERMISSION_DENIED``
   (a Trailers-Only reply: HTTP 200, ``content-type: application/grpc``, ``grpc-status: 7``), each naming the
-  refused path. Model statistics pass only
-  with the fleet's admin key in the request (``admin-key`` / ``triton-grpc-protocol-admin-key``), matched against
-  the key file itself (``-f``), so no copy of the secret lands in haproxy.cfg.
+  refused path. gRPC refusals wait for the request's body first (bounded like every body): a reply written
+  before the upload ended was reset by HAProxy 2.6 along with the rest of the stream, reply included. Model
+  statistics pass only with the fleet's admin key in the request (``admin-key`` /
+  ``triton-grpc-protocol-admin-key``), matched against the key file itself (``-f``), so no copy of the secret lands
+  in haproxy.cfg.
 * **Bounded bodies** (sizes below, derived from the served contract): HTTP with a Content-Length over the limit
   gets 413 at once (no body read); a chunked HTTP body is awaited until one byte past the limit (``wait-for-body
   ... at-least limit+1``) and gets 413. gRPC bodies carry no Content-Length: the frontend awaits the whole body or a
@@ -231,9 +233,11 @@ def frontdoor_lines(c: FrontDoorConfig, proto: str, port: int, workdir: Path) ->
                 f"  acl fd_stats path {GRPC_SERVICE}{GRPC_STATISTICS}"]
         out.append(f"  acl fd_key req.hdr({ADMIN_HEADER_GRPC}){key}" if key else "  acl fd_key always_false")
         out += [
+            # the body first, then the refusals: a reply written at header time raced the client's upload and
+            # HAProxy 2.6 reset the stream without it (curl: CANCEL, no headers, in 17-19 of 30 tries)
+            f"  http-request wait-for-body time {_ms(c.timeout_http_request_s)}",
             "  " + _grpc_reply(7, f"recserve front door: %[path] is not allowed ({ALLOWED_TEXT}; statistics need "
                                   "the admin key)") + " if !fd_allowed !fd_stats or fd_stats !fd_key",
-            f"  http-request wait-for-body time {_ms(c.timeout_http_request_s)}",
             "  " + _grpc_reply(8, f"recserve front door: request body over the {limit} byte limit")
             + f" if {{ req.body_len gt {limit} }}",
             GRPC_CONTENT_TYPE_RULE,
