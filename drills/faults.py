@@ -326,7 +326,7 @@ class Rollover(Fault):
                 events = ctx.fleet.rollover(p["model"], version, p["strategy"], p["steps"], p["bake_s"])
                 break
             except FleetError as exc:
-                if "UNAVAILABLE" not in str(exc) or time.monotonic() - t > SHED_WAIT_S:
+                if exc.code != "UNAVAILABLE" or time.monotonic() - t > SHED_WAIT_S:
                     raise
                 time.sleep(0.5)
                 attempt = time.monotonic()

@@ -24,7 +24,17 @@ RUNTIME = Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve"))
 
 
 class FleetError(RuntimeError):
-    """No fleet reachable, or a control-plane call failed (the message quotes it)."""
+    """No fleet reachable, or a control-plane call failed (the message quotes it; ``code`` is its gRPC status
+    name, empty when no call failed)."""
+
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def from_rpc(cls, method: str, exc) -> FleetError:
+        """A failed control-plane call, with the status the control plane answered."""
+        return cls(f"control plane {method}: {exc.code().name}: {exc.details()}", exc.code().name)
 
 
 def _stubs():
@@ -85,7 +95,7 @@ class FleetAPI:
         try:
             return getattr(self.stub, method)(request, metadata=self._meta(), timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as exc:
-            raise FleetError(f"control plane {method}: {exc.code().name}: {exc.details()}") from exc
+            raise FleetError.from_rpc(method, exc) from exc
 
     # ------------------------------------------------------------------ reading
     def status(self, events: int = 100) -> dict:
@@ -147,7 +157,7 @@ class FleetAPI:
             for ev in self.stub.Rollover(req, metadata=self._meta(), timeout=timeout_s):
                 events.append(_to_dict(ev))
         except grpc.RpcError as exc:
-            raise FleetError(f"control plane Rollover: {exc.code().name}: {exc.details()}") from exc
+            raise FleetError.from_rpc("Rollover", exc) from exc
         return events
 
     def rollback(self, model: str) -> dict:

@@ -188,3 +188,40 @@ def test_background_exit_is_a_failed_request_unless_every_error_is_not_about_req
     assert not judge(1, "")["not_requests"]  # a non-zero exit with nothing said: counted as a failure
     assert not judge(1, "error: something else entirely\n")["not_requests"]
     assert not judge(0, unstable)["not_requests"]  # exit 0 needs no excuse
+
+
+def test_rollover_fault_waits_for_a_shedding_pool_and_gives_up_on_any_other_refusal(tmp_path, monkeypatch):
+    """The control plane refuses to start a rollout while the pool sheds (UNAVAILABLE): the drill waits for the
+    peak to pass, bounded, and says how long; any other refusal ends the injection at once (the drill then fails
+    its fault_injected check)."""
+    from types import SimpleNamespace
+
+    from recserve.drills import faults
+    from recserve.drills.fleet import FleetError
+    from recserve.drills.spec import Action
+
+    class Fleet:
+        def __init__(self, refusals: list[str]):
+            self.refusals, self.calls = refusals, 0
+
+        def desired(self):
+            return {"ranker": [1]}
+
+        def rollover(self, model, version, strategy, steps, bake_s):
+            self.calls += 1
+            if self.refusals:
+                code = self.refusals.pop(0)
+                raise FleetError(f"control plane Rollover: {code}: refused", code)
+            return [{"phase": "done", "status": "succeeded", "ts_unix": 1.0}]
+
+    monkeypatch.setattr(faults.time, "sleep", lambda s: None)
+    action = Action(fault="rollover-under-load", at_s=1.0, params={"model": "ranker", "version": 2,
+                    "strategy": "canary", "steps": [100], "bake_s": 0})
+    shedding = Fleet(["UNAVAILABLE", "UNAVAILABLE"])
+    got = faults.Rollover().inject(SimpleNamespace(fleet=shedding, figures={}), action)
+    assert got["status"] == "succeeded" and shedding.calls == 3
+    assert got["waited_for_the_pool_to_stop_shedding_s"] >= 0
+    other = Fleet(["FAILED_PRECONDITION"])
+    with pytest.raises(FleetError) as exc:
+        faults.Rollover().inject(SimpleNamespace(fleet=other, figures={}), action)
+    assert exc.value.code == "FAILED_PRECONDITION" and other.calls == 1
