@@ -23,6 +23,7 @@ from recserve.control.instances import InstanceLifecycle
 from recserve.control.keys import read_secret
 from recserve.control.membership import Membership
 from recserve.control.metrics import ControlMetrics
+from recserve.control.progress import Progress
 from recserve.control.router import Router, RouterConfig
 from recserve.control.state import State
 from recserve.control.supervision import Supervision
@@ -59,6 +60,7 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
         self.lock = threading.RLock()
         self.busy: set[str] = set()  # instances being (re)started or reloaded: health results ignored
         self.fails: dict[str, int] = {}
+        self.progress = Progress()  # busy or hung: executions while requests wait (supervision)
         self.last_probe: dict[str, Probe] = {}
         self.canary_broken: dict[str, str] = {}
         self._restart_count: dict[str, list[float]] = {}

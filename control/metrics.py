@@ -50,6 +50,9 @@ class ControlMetrics:
         # Admission (control/router.py): limits, load and shedding as HAProxy counts them.
         self.busy_probes = Counter("recserve_busy_probes", "failed deep checks judged busy (saturated, at its "
                                    "limit, live), not broken", ["instance"], registry=r)
+        self.probes_shed = Counter("recserve_probes_shed", "deep checks whose golden inference ran out of time or "
+                                   "met a full queue (load kept the probe from its answer), busy or not",
+                                   ["instance"], registry=r)
         self.server_limit = Gauge("recserve_server_inflight_limit", "in-flight limit (HAProxy maxconn) per slot",
                                   ["slot"], registry=r)
         self.server_inflight = Gauge("recserve_server_inflight", "requests in flight per slot (HAProxy scur)",

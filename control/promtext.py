@@ -32,6 +32,15 @@ def model_sums(text: str, names: Iterable[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def total(text: str, name: str) -> float:
+    """One family's samples summed over every label (a counter's ``<name>_total``); 0 when it has none yet."""
+    out = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            out += sum(float(s.value) for s in family.samples if s.name in (name, name + "_total"))
+    return out
+
+
 def fetch(url: str, timeout_s: float) -> str | None:
     """The text of a /metrics endpoint; None when it cannot be reached (callers say what that means)."""
     try:

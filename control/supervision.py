@@ -6,12 +6,20 @@ from __future__ import annotations
 import threading
 import time
 
+from recserve.control import promtext
 from recserve.control.haproxy import HAProxyError
 from recserve.control.health import Probe
+from recserve.control.progress import sample
 from recserve.control.state import InstanceRecord
 
 #: Failed-probe reasons that mean "too much work", not "wrong": a deadline passed or Triton's queue was full.
 BUSY_SIGNS = ("deadline", "timed out", "timeout", "exceeds maximum queue size", "resource_exhausted")
+
+
+def shed_probe(probe: Probe) -> bool:
+    """The golden inference ran out of time or met a full queue: load, not a wrong answer, kept it from an answer
+    (counted as ``recserve_probes_shed``: health probes must never be shed, whatever the verdict on the instance)."""
+    return not probe.ok and probe.stage == "golden" and any(s in probe.reason.lower() for s in BUSY_SIGNS)
 
 
 def classify(probe: Probe, at_limit: bool) -> str:
@@ -24,8 +32,7 @@ def classify(probe: Probe, at_limit: bool) -> str:
     """
     if probe.ok:
         return "ok"
-    slow = probe.stage == "golden" and any(s in probe.reason.lower() for s in BUSY_SIGNS)
-    return "busy" if slow and at_limit and not probe.fatal else "failing"
+    return "busy" if shed_probe(probe) and at_limit and not probe.fatal else "failing"
 
 
 class Supervision:
@@ -79,6 +86,12 @@ class Supervision:
         except Exception:  # HAProxy restarting: the next tick reads again
             pass
 
+    def _stalled(self, rec: InstanceRecord) -> str | None:
+        """Why ``rec`` is hung (requests pending, no execution across two checks), or None (it progresses, or its
+        metrics cannot be read: then busy stands, as before)."""
+        text = promtext.fetch(f"http://127.0.0.1:{rec.metrics_port}/metrics", 0.3) if rec.metrics_port else None
+        return None if text is None else self.progress.observe(rec.id, sample(text, time.time()))
+
     def _at_limit(self, slot: int) -> bool:
         try:
             ld = self.router.load().get(slot)
@@ -96,6 +109,7 @@ class Supervision:
         self.metrics.set_role(iid, rec.role)
         if probe.ok:
             self.fails[iid] = 0
+            self.progress.reset(iid)
             self.metrics.instance_healthy.labels(iid).set(1)
             if rec.state != "healthy" and rec.state not in ("drained", "restarting", "starting", "loading"):
                 self.state.update_instance(iid, state="healthy", detail="")
@@ -103,10 +117,18 @@ class Supervision:
             return
         if rec.state in ("broken", "restarting", "starting", "loading"):
             return
+        if shed_probe(probe):
+            self.metrics.probes_shed.labels(iid).inc()
         at_limit = self._at_limit(rec.slot)
         if classify(probe, at_limit) == "busy":
-            self.fails[iid] = 0  # saturated but correct: never marked broken, never restarted
-            self.metrics.busy_probes.labels(iid).inc()
+            stalled = self._stalled(rec)
+            if stalled is None:
+                self.fails[iid] = 0  # saturated but correct: never marked broken, never restarted
+                self.metrics.busy_probes.labels(iid).inc()
+                return
+            # live and at its limit, but executing nothing while requests wait: hung, not busy (second witness)
+            probe.reason += f"; hung, not busy: {stalled}"
+            self.mark_broken(rec, probe)
             return
         self.fails[iid] = self.fails.get(iid, 0) + 1
         if not probe.fatal and self.fails[iid] < self.config.fail_threshold:

@@ -431,3 +431,46 @@ def test_fleet_down_stops_the_fallback_too(fleet):
         time.sleep(0.1)
     else:
         raise AssertionError(f"fallback pid {pid} still running after recctl down")
+
+
+def _metrics(executions: dict[str, int], pending: dict[str, int]) -> str:
+    """Triton's /metrics text for the two series the progress signal reads."""
+    lines = ["# TYPE nv_inference_exec_count counter", "# TYPE nv_inference_pending_request_count gauge"]
+    lines += [f'nv_inference_exec_count{{model="{m}",version="1"}} {n}' for m, n in executions.items()]
+    lines += [f'nv_inference_pending_request_count{{model="{m}",version="1"}} {n}' for m, n in pending.items()]
+    return "\n".join(lines) + "\n"
+
+
+def test_hung_is_told_from_busy_by_progress_while_requests_wait():
+    """At its limit and timing out, a busy instance still executes; a hung one (health answering, inference never
+    returning) has a model with requests pending and a flat execution count across two checks >= 1 s apart."""
+    from recserve.control.progress import Progress, sample
+
+    p = Progress(min_flat_s=1.0)
+    busy = [({"ranker": 100 + 40 * k, "recommend": 90 + 40 * k}, {"ranker": 12, "recommend": 30}) for k in range(4)]
+    for k, (ex, pend) in enumerate(busy):
+        assert p.observe("t1", sample(_metrics(ex, pend), 10.0 + 1.3 * k)) is None
+    hung = ({"ranker": 500, "recommend_pre": 700}, {"ranker": 16, "recommend": 40})
+    assert p.observe("t2", sample(_metrics(*hung), 20.0)) is None  # first sample of the stretch
+    assert p.observe("t2", sample(_metrics(*hung), 20.6)) is None  # flat, but shorter than one check's timeout
+    why = p.observe("t2", sample(_metrics({"ranker": 500, "recommend_pre": 760}, hung[1]), 21.3))
+    assert why is not None and "ranker (16 pending)" in why and "1.3s" in why  # other models' progress is no alibi
+    p.reset("t2")  # it answered a check: the stretch is over
+    assert p.observe("t2", sample(_metrics(*hung), 22.0)) is None
+    idle = ({"ranker": 500}, {"ranker": 0})  # nothing waiting: flat is idle, not hung
+    assert p.observe("t3", sample(_metrics(*idle), 0.0)) is None
+    assert p.observe("t3", sample(_metrics(*idle), 5.0)) is None
+
+
+def test_a_deep_check_that_load_kept_from_its_answer_is_a_shed_probe_busy_or_not():
+    """recserve_probes_shed counts every timed-out or queue-full golden inference, also those judged failing (not at
+    the limit): the drills' probes_shed read only 'detected' events that named a full queue and missed the rest."""
+    from recserve.control.supervision import shed_probe
+
+    timed_out = Probe(False, "golden", "golden inference failed: [StatusCode.DEADLINE_EXCEEDED] Deadline Exceeded", 0)
+    full = Probe(False, "golden", "golden inference failed: Exceeds maximum queue size", 0)
+    assert shed_probe(timed_out) and shed_probe(full)
+    assert classify(timed_out, at_limit=False) == "failing"  # not busy, and still a shed probe
+    for p in (Probe(False, "golden", "wrong answer: recommend item_ids differ", 0),
+              Probe(False, "live", "no answer on the HTTP port (hung or not listening)", 0), Probe(True, "ok", "", 0)):
+        assert not shed_probe(p), p

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 #: Drills set this (never set in normal serving): a file named after the model inside it switches on a
-#: fault ("fail": every request errors, "wrong": answers are scrambled) - the honest stand-in for a GPU
-#: that fell off the bus while the process stays alive.
+#: fault ("fail": every request errors, "wrong": answers are scrambled, "hang": execution blocks while the
+#: file says so, as a hung GPU kernel does, and Triton's health endpoints keep answering) - the honest
+#: stand-in for a GPU that fell off the bus or hung while the process stays alive.
 FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
+#: The longest a "hang" holds one execution (bounded, so a forgotten switch cannot hold a server for ever).
+HANG_MAX_S = 300.0
 
 
 def _param(config: dict, key: str, default: str) -> str:
@@ -65,6 +69,11 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         fault = self._fault()
+        if fault == "hang":
+            until = time.monotonic() + HANG_MAX_S
+            while fault == "hang" and time.monotonic() < until:
+                time.sleep(0.05)
+                fault = self._fault()
         if fault == "fail":
             err = pb_utils.TritonError(f"model '{self.name}': device failure (injected by a drill)")
             return [pb_utils.InferenceResponse(error=err) for _ in requests]
