@@ -64,10 +64,19 @@ def done(rows: list[dict]) -> bool:
                                                      r["time_to_resolve_s"] is not None) for r in rows)
 
 
-def checks(rows: list[dict]) -> list[dict]:
-    """Verdict rows in the shape of drills.verdict.check: unmeasured (never paged) fails."""
+def checks(rows: list[dict], monitored: bool = True) -> list[dict]:
+    """Verdict rows in the shape of drills.verdict.check: unmeasured (never paged) fails.
+
+    How fast an alert arrived is a timing on shared cores (not deterministic); whether it arrived at all, within
+    the runner's longer wait (``wait_s``), is: an alert that never fired is a broken rule or a broken
+    pipeline on any machine. Without a monitoring stack nothing could arrive, so only the timing rows exist."""
     out = []
     for r in rows:
+        if monitored:
+            fired = r["time_to_alert_s"] is not None
+            out.append({"expectation": f"alerts.{r['alert']}.fired", "figure": f"fired[{r['alert']}]",
+                        "target": "== True", "measured": fired, "ok": fired, "deterministic": True,
+                        "missed_by": None if fired else f"never received within {wait_s(r):.0f}s of the fault"})
         pairs = [("within_s", "time_to_alert_s", r["within_s"])]
         if r["resolve_within_s"] is not None:
             pairs.append(("resolve_within_s", "time_to_resolve_s", r["resolve_within_s"]))
@@ -81,6 +90,12 @@ def checks(rows: list[dict]) -> list[dict]:
                         "target": f"<= {target}", "measured": measured, "ok": ok, "missed_by": missed,
                         "deterministic": False})  # a timing on shared cores (drills/verdict.py DETERMINISTIC)
     return out
+
+
+def wait_s(row: dict) -> float:
+    """How long after the fault the runner waits for an alert: past its goal, so a late alert is a timing miss and
+    only one that never came fails the ``fired`` row."""
+    return max(row.get("resolve_within_s") or 0.0, 2.0 * row["within_s"] + 10.0)
 
 
 def marks(rows: list[dict], t0: float) -> list[tuple[float, str]]:

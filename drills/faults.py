@@ -332,6 +332,7 @@ class Rollover(Fault):
                 attempt = time.monotonic()
         final = events[-1] if events else {}
         ctx.figures["rollout_status"] = final.get("status")
+        ctx.figures["rollout_succeeded"] = final.get("status") == "succeeded"  # rolled back by a gate: not a pass
         return {"model": p["model"], "version": version, "status": final.get("status"),
                 "waited_for_the_pool_to_stop_shedding_s": round(attempt - t, 2),
                 "events": [{k: e.get(k) for k in ("phase", "weight", "status", "ts_unix", "message")} for e in events]}
@@ -347,6 +348,12 @@ class BadRollover(Fault):
                   "created by the drill; the control plane's gates must roll it back")
 
     def inject(self, ctx: Context, action: Action) -> dict:
+        """Roll the wrong version out and read the outcome from the control plane's record of THIS rollout.
+
+        A rollover the control plane would not start (the pool sheds, another rollout runs, not ready, a broken
+        stream) raises: the fault was not injected and the drill fails on ``fault_injected``. Rolled back means
+        the record for this version says ``rolled_back`` with the gate that fired; the canary answered wrongly
+        when asked directly (``bad_version_live``) is the proof that there was something to roll back."""
         p = action.params
         ctx.figures.setdefault("desired_before", ctx.fleet.desired())
         version = release_copy(ctx, p["model"], wrong=True)
@@ -355,22 +362,26 @@ class BadRollover(Fault):
         def roll() -> None:
             try:
                 box["events"] = ctx.fleet.rollover(p["model"], version, "canary", p["steps"], p["bake_s"])
-            except FleetError as exc:  # refusing the version outright is also a safe outcome; recorded as such
-                box["events"] = [{"status": "refused", "message": str(exc)}]
+            except FleetError as exc:
+                box["error"] = exc
 
         t = threading.Thread(target=roll, daemon=True)
         t.start()
         canary = _watch_canary(ctx, t)
         t.join(5)
-        events = box.get("events") or [{"status": "unknown"}]
+        if "error" in box:
+            raise box["error"]
+        events = box.get("events") or []
         rollout = ctx.fleet.rollout(p["model"])
-        ctx.figures["rolled_back"] = rollout.get("status") in ("rolled_back", "refused") or \
-            events[-1].get("status") in ("rolled_back", "refused")
-        ctx.figures["failed_gate"] = rollout.get("failed_gate")
+        this = int(rollout.get("to_version") or 0) == version
+        gate = rollout.get("failed_gate")
+        ctx.figures["rolled_back"] = this and rollout.get("status") == "rolled_back" and bool(gate)
+        ctx.figures["failed_gate"] = rollout.get("failed_gate") if this else None
         ctx.figures["canary_direct"] = canary
+        ctx.figures["bad_version_live"] = canary["differs"] > 0
         return {"model": p["model"], "version": version, "canary_direct": canary,
-                "rollout": {k: rollout.get(k) for k in ("id", "status", "failed_gate", "failed_value", "threshold",
-                                                         "canary")},
+                "rollout": {k: rollout.get(k) for k in ("id", "to_version", "status", "failed_gate", "failed_value",
+                                                         "threshold", "canary")},
                 "events": [{k: e.get(k) for k in ("phase", "weight", "status", "ts_unix", "message")} for e in events]}
 
     def rollback(self, ctx: Context) -> dict:

@@ -80,8 +80,8 @@ def breakdown_lines(d: dict) -> list[str]:
                    f"{d.get('shed_requests')} shed, {d.get('failed_unshed')} failed otherwise "
                    f"(of {d.get('total_requests')})")
     if d.get("restarts") is not None:
-        out.append(f"- control plane: {d['restarts']} restarts, {d.get('probes_shed')} health probes shed by a "
-                   "full queue during the drill")
+        out.append(f"- control plane: {d['restarts']} restarts, {d.get('probes_shed')} health probes shed "
+                   "(timed out or met a full queue) during the drill")
     if d.get("proxy_restart_gap_s") is not None:
         out.append(f"- HAProxy restart gap (kill to accepting connections): {d['proxy_restart_gap_s']} s")
     lag = d.get("client_lag") or {}

@@ -61,6 +61,24 @@ def answers(fleet: FleetAPI, cases: list[Case]) -> tuple[dict[str, set[tuple[int
     return out, notes
 
 
+def reference_answers(repository, desired: dict[str, list[int]],
+                      cases: list[Case]) -> tuple[dict[str, set[tuple[int, ...]]], str]:
+    """The right answer of each case's model for exactly ``desired``, from the golden reference the control plane's
+    deep checks use (``control.golden``: ``build.reference`` in-process, or answers recorded for these versions),
+    never from the fleet. ``({}, why)`` when no reference can give them: wrong answers are then unmeasured."""
+    from recserve.control.golden import Golden
+
+    golden = Golden(repository)
+    exp = golden.expected(desired)
+    if exp is None:
+        return {}, golden.problem(desired) or "no expected answers"
+    models = {c.model for c in cases}
+    missing = models - set(exp.answers)
+    if missing:
+        return {}, f"the reference has no answer for {sorted(missing)}"
+    return {m: {tuple(exp.answers[m].item_ids)} for m in models}, ""
+
+
 def restart_counts(status: dict) -> dict[str, int]:
     """Instance id -> restarts so far, from one ``recctl status`` document (differences give a drill's restarts)."""
     return {i["id"]: i.get("restarts", 0) for i in status.get("instances", [])}
@@ -203,8 +221,9 @@ class DrillRun:
         cpu_before = self.s.monitor.cpu_seconds() if self.s.monitor else {}
         wall_before = time.time()
         cases = cases_for(spec)
-        before_answers, notes = answers(fleet, cases)
-        self.ctx.figures["desired_before"] = fleet.desired()
+        desired_before = fleet.desired()
+        _, notes = answers(fleet, cases)  # the instances' own answers: only to report disagreements
+        self.ctx.figures["desired_before"] = desired_before
         if any(a.fault == "overload" for a in spec.method) or spec.load.probe_x_knee or (
                 spec.load.background and spec.load.background.rate_x_capacity):
             restarts = restart_counts(fleet.status(events=1))
@@ -237,6 +256,7 @@ class DrillRun:
                     url = f.prepare(self.ctx) or url
                     entry.detail["endpoint"] = url
             self.ctx.figures["restarts_before"] = restart_counts(fleet.status(events=1))
+            self.ctx.figures["probes_shed_before"] = self._probes_shed()
             metrics_before = breakdown.scrape(self._metrics_urls())
             probe = OpenLoopProbe(url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
                                   max_requests=int(spec.load.duration_s * 4000), retry_policy=spec.load.client_retry)
@@ -263,17 +283,23 @@ class DrillRun:
                 except Exception as exc:
                     self.log(f"  teardown of {f.name} failed: {exc}")
         settle_s = settle(fleet)
-        after_answers, more = answers(fleet, cases)
-        # Right answers are the fleet's answers before the fault. Drill-made versions are byte-identical
-        # re-releases (same answers) or deliberately wrong; only a rollover to a real new version may change
-        # them, so only then do the answers after recovery count as right too.
-        acceptable = {m: set(v) for m, v in before_answers.items()}
+        _, more = answers(fleet, cases)
+        # Right answers come from the golden reference for the versions desired before the fault; only a rollover
+        # to a real new version (not a drill-made copy) makes the new version's reference answers right too.
+        # Drill-made copies are byte-identical re-releases (same answers) or deliberately wrong.
+        acceptable, problem = reference_answers(self.s.repository, desired_before, cases)
         if any(a.fault == "rollover-under-load" and a.params["version"] != "latest" for a in spec.method):
-            for m, v in after_answers.items():
+            more_right, problem_after = reference_answers(self.s.repository, fleet.desired(), cases)
+            for m, v in more_right.items():
                 acceptable.setdefault(m, set()).update(v)
+            problem = problem or problem_after
         self.records = rematch(self.records, acceptable)
         figures = self._figures(probe.t0 or self.journal.started_at, bg_result, settle_s)
         figures["answers_notes"] = notes + more
+        if problem:  # nothing to judge answers against: unmeasured, which fails wrong_answers_max (never passes)
+            figures["wrong_answers"] = None
+            figures["answers_notes"].append(f"wrong answers not judged: {problem}")
+        figures["answers_source"] = "golden reference (control.golden)" if not problem else None
         if spec.alerts:
             figures.update(self._alert_figures(probe.t0 or self.journal.started_at, figures))
         if self.s.monitor is not None:
@@ -287,21 +313,33 @@ class DrillRun:
     def _metrics_urls(self) -> dict[str, str]:
         return {i.id: f"http://127.0.0.1:{i.metrics_port}/metrics" for i in self.s.fleet.instances() if i.metrics_port}
 
-    def _control_plane_reactions(self, t0: float) -> dict:
-        """Restarts during the drill and deep checks lost to a full Triton queue ("probes shed"): a saturated but
-        correct fleet must show neither (issue 9); after a fault, restarts of the faulted instance are expected."""
+    def _control_plane_reactions(self) -> dict:
+        """Restarts during the drill, and deep checks that load kept from their answer ("probes shed": a timeout
+        or a full Triton queue, judged busy or not, from the control plane's ``recserve_probes_shed``): a
+        saturated but correct fleet must show neither (issue 9); after a fault, restarts of the faulted instance
+        are expected."""
         before = self.ctx.figures.get("restarts_before")
         if before is None:
             return {}
         try:
-            st = self.s.fleet.status(events=200)
+            st = self.s.fleet.status(events=1)
         except Exception as exc:  # the fleet's API is the measurement here; say so instead of guessing
             return {"restarts": None, "probes_shed": None, "reactions_error": str(exc)[:200]}
         now = restart_counts(st)
-        events = [e for e in st.get("events", []) if float(e.get("ts_unix", 0)) >= t0]
-        shed = [e for e in events if e.get("kind") == "detected" and "queue size" in e.get("message", "")]
+        shed_before, shed_now = self.ctx.figures.get("probes_shed_before"), self._probes_shed()
         return {"restarts": sum(max(0, now.get(k, 0) - v) for k, v in before.items()),
-                "probes_shed": len(shed)}
+                "probes_shed": None if shed_before is None or shed_now is None else round(shed_now - shed_before)}
+
+    def _probes_shed(self) -> float | None:
+        """The control plane's count of shed deep checks so far; None when its metrics cannot be read."""
+        from recserve.control import promtext
+
+        try:
+            url = self.s.fleet.status(events=1)["endpoints"]["metrics"]
+        except Exception:
+            return None
+        text = promtext.fetch(url, 2.0) if url else None
+        return None if text is None else promtext.total(text, "recserve_probes_shed")
 
     def _figures(self, t0: float, bg: dict | None, settle_s: float | None) -> dict:
         spec, ss, recs = self.spec, self.spec.steady_state, self.records
@@ -314,7 +352,7 @@ class DrillRun:
         failed = sum(not r.ok for r in recs)
         wrong = sum(r.ok and r.matched is False for r in recs)
         degraded = sum(r.ok and r.degraded for r in recs)
-        shed = sum(r.status in tl.SHED_STATUSES for r in recs)
+        shed = sum(tl.is_shed(r) for r in recs)
         fig: dict[str, Any] = {
             "fault_at_s": round(f_start - t0, 3), "fault_end_s": round(f_end - t0, 3),
             "rto_ms": self._rto_ms(recs, f_start, t_end, ph["before"]),
@@ -331,7 +369,7 @@ class DrillRun:
             "statuses": dict(Counter(r.status for r in recs)),
             "failures": tl.failure_samples(recs, t0, f_start),
         }
-        fig.update(self._control_plane_reactions(t0))
+        fig.update(self._control_plane_reactions())
         fig["client_lag"] = breakdown.client_lag([r.lag_ms for r in recs])
         hold_from = f_start + next((a.params["ramp_s"] for a in spec.method if a.fault == "overload"), 0.0)
         fig["haproxy_timers"] = breakdown.haproxy_timers(self.access_entries, hold_from, f_end)
@@ -364,7 +402,8 @@ class DrillRun:
         for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
                     "orphaned_stubs", "shm_growth", "proxy_restart_gap_s", "triton_steps", "restored_exact",
                     "answers_same", "rpo_s", "rpo_lost", "rebuild", "knee", "attacks_refused", "attacks",
-                    "instances_alive", "alerts_quiet_after_s"):
+                    "instances_alive", "alerts_quiet_after_s", "bad_version_live", "rollout_status",
+                    "rollout_succeeded"):
             if key in self.ctx.figures:
                 fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)
@@ -372,7 +411,8 @@ class DrillRun:
             why = f"fleet not settled {SETTLE_TIMEOUT_S:.0f}s after the drill: {why}"
         fig["versions_consistent"], fig["versions_detail"] = ok, why
         if bg is not None:
-            bg["covered_fault"] = bg["ended_at"] >= f_end
+            # its exit code speaks for the fault only when it sent requests from before the fault to after its end
+            bg["covered_fault"] = bg["started_at"] <= f_start and bg["ended_at"] >= f_end
             fig["background"] = bg
             fig["background_clean"] = bg["no_failed_request"] and bg["covered_fault"]
         fig["seconds"] = tl.per_second(recs, t0, t_end)
@@ -430,7 +470,7 @@ class DrillRun:
             rows = [alerts.match(a, [], fault_t) | {"note": "no monitoring stack: prometheus/alertmanager missing"}
                     for a in self.spec.alerts]
             return {"alerts": rows}
-        deadline = fault_t + max(a.resolve_within_s or a.within_s for a in self.spec.alerts) + 2.0
+        deadline = fault_t + max(alerts.wait_s(alerts.match(a, [], fault_t)) for a in self.spec.alerts) + 2.0
         while True:
             rows = [alerts.match(a, mon.notifications(), fault_t) for a in self.spec.alerts]
             if alerts.done(rows) or time.time() > deadline:
@@ -479,7 +519,8 @@ class DrillRun:
                        "measured": False, "deterministic": True, "ok": False, "missed_by": errors[:300]}, *checks]
             passed, why = False, f"fault not injected ({errors[:300]}); {why}"
         if spec.alerts:
-            rows = alerts.checks(base.get("alerts") or [alerts.match(a, [], 0.0) for a in spec.alerts])
+            rows = alerts.checks(base.get("alerts") or [alerts.match(a, [], 0.0) for a in spec.alerts],
+                                 monitored=self.s.monitor is not None)
             missed = [r for r in rows if not r["ok"]]
             checks, passed = checks + rows, passed and not missed
             if missed:

@@ -59,7 +59,7 @@ FAULT_PARAMS: dict[str, dict[str, tuple[type | tuple[type, ...], bool, Any]]] = 
 WINDOWED = {"gpu-hang", "gpu-lost", "overload", "network-partition"}
 TARGETS = {"primary", "standby"}
 ENSEMBLES = {"recommend", "search"}
-CHOICES = {("gpu-hang", "then"): {"cont", "kill"}, ("gpu-lost", "mode"): {"fail", "wrong"},
+CHOICES = {("gpu-hang", "then"): {"cont", "kill"}, ("gpu-lost", "mode"): {"fail", "wrong", "hang"},
            ("rollover-under-load", "strategy"): {"canary", "blue-green"}}
 
 
@@ -146,6 +146,12 @@ class Expect:
     background_clean: bool | None = None
     instances_alive: bool | None = None
     rolled_back: bool | None = None
+    #: the canary, asked directly while the rollout ran, answered differently from the primary (bad-rollover)
+    bad_version_live: bool | None = None
+    #: the rollover drill's own rollout ended ``succeeded`` (a canary the gates rolled back is a failed drill)
+    rollout_succeeded: bool | None = None
+    #: answers from the degraded-answer server (served, never good): none where the fleet has capacity left
+    degraded_answers_max: int | None = None
     repaired: bool | None = None
     restored_exact: bool | None = None
     answers_same: bool | None = None
@@ -153,7 +159,7 @@ class Expect:
     orphaned_stubs_max: int | None = None
     #: /dev/shm regions the fleet holds after recovery minus before the fault (a killed server's are removed)
     shm_growth_max: int | None = None
-    #: failed requests other than fast refusals (shed: RESOURCE_EXHAUSTED / UNAVAILABLE) over the whole drill
+    #: failed requests other than admission's refusals (RESOURCE_EXHAUSTED "overloaded, retry later") over the drill
     failed_unshed_max: int | None = None
     #: instance restarts during the drill (a saturated but correct fleet is never restarted)
     restarts_max: int | None = None
@@ -347,12 +353,12 @@ def _action(c: _Checker, raw: Any, path: str) -> Action:
 def _expect(c: _Checker, raw: Any) -> Expect:
     path = "expect"
     ints = {"failed_requests_max", "wrong_answers_max", "bad_after_detection_max", "orphaned_stubs_max",
-            "shm_growth_max", "failed_unshed_max", "restarts_max", "probes_shed_max"}
+            "shm_growth_max", "failed_unshed_max", "restarts_max", "probes_shed_max", "degraded_answers_max"}
     floats = {"rto_ms_max", "detection_ms_max", "p99_during_ratio_max", "p99_during_ms_max", "goodput_ratio_min",
               "rejected_p99_ms_max",
               "accepted_p99_ms_max", "recover_within_s", "rejoin_within_s", "bad_share_max", "rpo_s_max"}
-    bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "repaired",
-             "restored_exact", "answers_same", "attacks_refused"}
+    bools = {"versions_consistent", "background_clean", "instances_alive", "rolled_back", "bad_version_live",
+             "rollout_succeeded", "repaired", "restored_exact", "answers_same", "attacks_refused"}
     d = c.mapping(raw, path, ints | floats | bools)
     if not d:
         raise c.fail(path, "at least one expectation is needed to decide pass or fail")

@@ -8,7 +8,10 @@ Definitions (also written into report.md):
 - RTO = time from the fault to the start of the first full second (a sliding 1 s window, by send
   time) in which every probe request is good; 0 when no request ever went bad;
 - percentiles are nearest-rank (control/stats.py) over the latencies of successful requests;
-- *rejected* (shed) requests are those answered UNAVAILABLE or RESOURCE_EXHAUSTED by the server.
+- *rejected* (shed) requests are the front door's own refusals: RESOURCE_EXHAUSTED (gRPC) with admission's
+  message (``control.haproxy.OVERLOADED``). Any other UNAVAILABLE or RESOURCE_EXHAUSTED (an instance that
+  vanished, a refused connection, Triton's full queue, a request timeout) is a failure: admitted traffic
+  cannot fill Triton's queues, so only admission may refuse.
 """
 
 from __future__ import annotations
@@ -16,10 +19,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from recserve.control.haproxy import OVERLOADED
 from recserve.control.stats import percentile
 from recserve.drills.probe import Record
 
-SHED_STATUSES = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+#: The status of admission's refusal; shed only together with its message (``is_shed``).
+SHED_STATUS = "RESOURCE_EXHAUSTED"
+
+
+def is_shed(r: Record) -> bool:
+    """Refused by the front door's admission (the only shedding): RESOURCE_EXHAUSTED naming ``OVERLOADED``."""
+    return r.status == SHED_STATUS and OVERLOADED in r.detail
 
 
 def is_good(r: Record, slo_ms: float) -> bool:
@@ -82,7 +92,7 @@ def window_stats(records: Sequence[Record], t_from: float, t_to: float, slo_ms: 
     rs = [r for r in records if t_from <= r.t_send < t_to]
     span = max(t_to - t_from, 1e-9)
     ok = [r for r in rs if r.ok]
-    shed = [r for r in rs if r.status in SHED_STATUSES]
+    shed = [r for r in rs if is_shed(r)]
     degraded = [r for r in ok if r.degraded]
     wrong = [r for r in ok if r.matched is False]
     good = [r for r in rs if is_good(r, slo_ms)]

@@ -30,6 +30,9 @@ CHECKS: dict[str, tuple[str, str]] = {
     "background_clean": ("background_clean", "=="),
     "instances_alive": ("instances_alive", "=="),
     "rolled_back": ("rolled_back", "=="),
+    "bad_version_live": ("bad_version_live", "=="),
+    "rollout_succeeded": ("rollout_succeeded", "=="),
+    "degraded_answers_max": ("degraded_answers", "<="),
     "repaired": ("repaired", "=="),
     "restored_exact": ("restored_exact", "=="),
     "answers_same": ("answers_same", "=="),
@@ -46,7 +49,8 @@ CHECKS: dict[str, tuple[str, str]] = {
 #: inconsistent versions, a missing rollback or a leaked process is a defect on any machine. CI fails on these
 #: (tests/test_drills_smoke.py); the timing ones (RTO, p99 ratios, goodput) are figures for the report.
 DETERMINISTIC = frozenset({"failed_requests_max", "wrong_answers_max", "versions_consistent", "background_clean",
-                           "instances_alive", "rolled_back", "repaired", "orphaned_stubs_max",
+                           "instances_alive", "rolled_back", "bad_version_live", "rollout_succeeded",
+                           "degraded_answers_max", "repaired", "orphaned_stubs_max",
                            "shm_growth_max", "failed_unshed_max", "restarts_max", "probes_shed_max",
                            "attacks_refused"})
 

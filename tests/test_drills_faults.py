@@ -188,6 +188,24 @@ def test_background_exit_is_a_failed_request_unless_every_error_is_not_about_req
     assert not judge(1, "")["not_requests"]  # a non-zero exit with nothing said: counted as a failure
     assert not judge(1, "error: something else entirely\n")["not_requests"]
     assert not judge(0, unstable)["not_requests"]  # exit 0 needs no excuse
+    # only the unloaded version's statistics call is excused, not any line that mentions statistics
+    assert not judge(99, "error: failed to get model statistics: socket closed\n")["not_requests"]
+    assert not judge(99, stats + "error: statistics unavailable\n")["not_requests"]
+
+
+def test_background_exit_time_is_when_perf_analyzer_exited_not_when_the_drill_asked(tmp_path):
+    """``covered_fault`` compares the exit time with the fault's end: it must be the process's own exit time,
+    recorded as it happens, not the time ``finish()`` was called after the drill (then it always 'covered')."""
+    from recserve.drills.background import BackgroundLoad
+
+    log = tmp_path / "perf_analyzer.log"
+    log.write_text("")
+    t0 = time.time()
+    load = BackgroundLoad(subprocess.Popen(["sleep", "0.2"]), ["sleep", "0.2"], log, t0).watch()
+    time.sleep(1.5)
+    got = load.finish(timeout_s=5)
+    assert got["exit_code"] == 0
+    assert got["ended_at"] - t0 < 1.0, got["ended_at"] - t0
 
 
 def test_rollover_fault_waits_for_a_shedding_pool_and_gives_up_on_any_other_refusal(tmp_path, monkeypatch):
@@ -214,13 +232,22 @@ def test_rollover_fault_waits_for_a_shedding_pool_and_gives_up_on_any_other_refu
                 raise FleetError(f"control plane Rollover: {code}: refused", code)
             return [{"phase": "done", "status": "succeeded", "ts_unix": 1.0}]
 
-    monkeypatch.setattr(faults.time, "sleep", lambda s: None)
+    class Clock:  # time advances only by the fault's own sleeps: the wait it reports is exactly theirs
+        now = 100.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, s: float) -> None:
+            self.now += s
+
+    monkeypatch.setattr(faults, "time", Clock())
     action = Action(fault="rollover-under-load", at_s=1.0, params={"model": "ranker", "version": 2,
                     "strategy": "canary", "steps": [100], "bake_s": 0})
     shedding = Fleet(["UNAVAILABLE", "UNAVAILABLE"])
     got = faults.Rollover().inject(SimpleNamespace(fleet=shedding, figures={}), action)
     assert got["status"] == "succeeded" and shedding.calls == 3
-    assert got["waited_for_the_pool_to_stop_shedding_s"] >= 0
+    assert got["waited_for_the_pool_to_stop_shedding_s"] == 1.0  # two refusals, 0.5 s apart
     other = Fleet(["FAILED_PRECONDITION"])
     with pytest.raises(FleetError) as exc:
         faults.Rollover().inject(SimpleNamespace(fleet=other, figures={}), action)

@@ -161,7 +161,7 @@ def test_a_drill_whose_fault_was_not_injected_fails_whatever_its_figures(tmp_pat
     run = DrillRun(spec, SimpleNamespace(fleet=None, repository=tmp_path, workdir=tmp_path, control=None),
                    log=lambda *_: None)
     clean = {"failed_requests": 0, "total_requests": 900, "wrong_answers": 0, "p99_during_ratio": 1.0,
-             "background_clean": True, "versions_consistent": True}
+             "background_clean": True, "versions_consistent": True, "rollout_succeeded": True}
     assert run._result(dict(clean), status="completed")["passed"] is True
     with pytest.raises(RuntimeError), run.journal.action("rollover-under-load", "method"):
         raise RuntimeError("control plane Rollover: UNAVAILABLE: the pool is shedding load")

@@ -16,7 +16,8 @@ ISSUE_DRILLS = {"crash", "hang", "gpu-lost", "overload", "rollover-under-load", 
                 "wrong-answer",  # issue 12
                 "proxy-crash", "overload-4x", "flash-crowd", "crash-at-peak",  # issue 9
                 "security",  # issue 10
-                "scale-out-in"}  # issue 9
+                "scale-out-in",  # issue 9
+                "hang-live"}  # a hung server that still answers health
 
 
 def base() -> dict:

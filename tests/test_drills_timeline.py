@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from recserve.control.haproxy import OVERLOADED
 from recserve.control.stats import percentile
 from recserve.drills.probe import Record
 from recserve.drills.timeline import (
@@ -11,6 +12,7 @@ from recserve.drills.timeline import (
     error_budget_used,
     failed_or_wrong_after,
     failure_samples,
+    is_shed,
     per_second,
     phases,
     rto_ms,
@@ -22,8 +24,13 @@ from recserve.drills.timeline import (
 SLO = 100.0
 
 
-def rec(t: float, status: str = "OK", lat: float = 10.0, matched: bool | None = True, seq: int = 0) -> Record:
-    return Record(seq, "recommend", t, lat, status, matched if status == "OK" else None)
+def rec(t: float, status: str = "OK", lat: float = 10.0, matched: bool | None = True, seq: int = 0,
+        detail: str = "") -> Record:
+    return Record(seq, "recommend", t, lat, status, matched if status == "OK" else None, detail)
+
+
+#: admission's refusal as the probe records it (tritonclient's text of the gRPC error)
+REFUSED = {"status": "RESOURCE_EXHAUSTED", "detail": f"[StatusCode.RESOURCE_EXHAUSTED] {OVERLOADED}"}
 
 
 def every(t_from: float, t_to: float, step: float = 0.1, **kw) -> list[Record]:
@@ -80,7 +87,7 @@ def test_requests_sent_before_the_fault_do_not_move_rto():
 
 
 def test_window_stats_counts_and_overload_figures():
-    records = (every(0, 1, lat=20.0) + every(1, 2, step=0.05, status="UNAVAILABLE", lat=2.0)
+    records = (every(0, 1, lat=20.0) + every(1, 2, step=0.05, lat=2.0, **REFUSED)
                + [rec(1.5, lat=300.0), rec(1.6, matched=False)])
     s = window_stats(records, 1.0, 2.0, SLO)
     assert s["total"] == 22 and s["ok"] == 2 and s["failed"] == 20 and s["rejected"] == 20 and s["wrong"] == 1
@@ -157,7 +164,7 @@ def test_fault_window_follows_the_actions_that_really_ran():
 def _peak(t_from: float, t_to: float, shed_every: int = 4, **kw) -> list[Record]:
     """Above the knee: every ``shed_every``-th request is refused fast (RESOURCE_EXHAUSTED), the rest answered."""
     out = every(t_from, t_to, step=0.01, **kw)
-    return [rec(r.t_send, status="RESOURCE_EXHAUSTED") if i % shed_every == 0 else r for i, r in enumerate(out)]
+    return [rec(r.t_send, **REFUSED) if i % shed_every == 0 else r for i, r in enumerate(out)]
 
 
 def test_rto_at_peak_is_back_to_the_before_level_with_shedding_allowed():
@@ -190,3 +197,18 @@ def test_failure_samples_group_by_status_and_message_most_frequent_first():
     assert got[0]["first_at_s"] == 4.0 and got[0]["first_after_fault_s"] == 1.5 and got[0]["first_latency_ms"] == 2.0
     assert got[0]["detail"] == "failed to find the requested model version"
     assert failure_samples(every(0, 2), 0.0, 1.0) == []
+
+
+def test_only_admissions_refusal_is_shed_every_other_refusal_is_a_failure():
+    """Shed = the front door's own RESOURCE_EXHAUSTED naming OVERLOADED. An instance that vanished, a refused
+    connection, Triton's full queue, a request timeout or another RESOURCE_EXHAUSTED (the body limit) fail."""
+    others = [("UNAVAILABLE", "[StatusCode.UNAVAILABLE] Socket closed"),
+              ("UNAVAILABLE", "[StatusCode.UNAVAILABLE] failed to connect to all addresses"),
+              ("UNAVAILABLE", "[StatusCode.UNAVAILABLE] Exceeds maximum queue size"),
+              ("UNAVAILABLE", "[StatusCode.UNAVAILABLE] Request timeout expired"),
+              ("RESOURCE_EXHAUSTED", "[StatusCode.RESOURCE_EXHAUSTED] request body over 92276 bytes")]
+    recs = [rec(1.0 + i * 0.1, status=st, detail=d) for i, (st, d) in enumerate(others)]
+    recs += [rec(2.0, **REFUSED), rec(2.1)]
+    w = window_stats(recs, 0.0, 3.0, SLO)
+    assert w["rejected"] == 1 and w["failed"] == 6 and w["failed_unshed"] == 5
+    assert [is_shed(r) for r in recs] == [False] * 5 + [True, False]
