@@ -74,9 +74,25 @@ def judge(name: str, got: dict | None, rule: Rule) -> Verdict:
 
 
 def compare(report: dict, baseline: dict) -> list[Verdict]:
-    """One verdict per baseline ratio and per baseline capacity figure."""
-    out = [judge(name, report.get("ratios", {}).get(name), Rule.parse(name, raw))
-           for name, raw in baseline.get("ratios", {}).items()]
+    """One verdict per baseline ratio, per GPU-only ratio, per ratio the report holds beyond those (measured but
+    unjudged fails), per capacity ladder (no rate within the SLO fails), per baseline capacity figure, and one for
+    the points that failed (perf_analyzer errors): nothing the suite measured passes unjudged."""
+    ratios = report.get("ratios", {})
+    rules = baseline.get("ratios", {})
+    gpu_only = baseline.get("gpu_only", {})
+    out = [judge(name, ratios.get(name), Rule.parse(name, raw)) for name, raw in rules.items()]
+    for name, raw in gpu_only.items():
+        if name in ratios:
+            out.append(judge_gpu_only(name, ratios[name], float(raw["value_min"])))
+    for name in sorted(set(ratios) - set(rules) - set(gpu_only)):
+        out.append(Verdict(name, False, f"{name}: measured, but {BASELINE.name} has no rule for it (add one under "
+                           "'ratios' or 'gpu_only')"))
+    for target, cap in sorted(report.get("capacity", {}).items()):
+        name = f"capacity[{target}]"
+        ok = bool(cap.get("capacity_rps"))
+        out.append(Verdict(name, ok, f"{name}: {cap.get('capacity_rps')} rps within the {report.get('slo_ms')} ms "
+                           f"SLO ({cap.get('reason', '')})" if ok else f"{name}: no rate met the SLO "
+                           f"({cap.get('reason', 'no reason recorded')})"))
     for model, spec in baseline.get("capacity_rps", {}).items():
         got = report.get("capacity_rps", {}).get(model)
         base = float(spec["baseline"])
@@ -88,7 +104,23 @@ def compare(report: dict, baseline: dict) -> list[Verdict]:
             word = "ok" if got >= allowed else "below"
             out.append(Verdict(name, got >= allowed,
                                f"{name}: {got:g} {word} (baseline {base:g}, allowed >= {allowed:.0f})"))
+    errors = report.get("errors") or []
+    out.append(Verdict("points", not errors, "points: every measured point succeeded" if not errors else
+                       f"points: {len(errors)} failed; first: {errors[0]}"))
     return out
+
+
+def judge_gpu_only(name: str, got: dict, value_min: float) -> Verdict:
+    """A ratio only a GPU host can measure: a skip that names the missing GPU/TensorRT passes (said as a skip);
+    any other skip, or a measured value under ``value_min``, fails."""
+    why = got.get("skipped")
+    if why:
+        gpu = any(w in why for w in ("GPU", "TensorRT", "tensorrt", "_trt"))
+        return Verdict(name, gpu, f"{name}: skipped ({why})" + ("" if gpu else ": not a missing GPU, so a failure"))
+    value = got.get("value")
+    if value is None:
+        return Verdict(name, False, f"{name}: no value (a side of the comparison failed)")
+    return Verdict(name, value >= value_min, f"{name}: {value:.3f} (floor {value_min})")
 
 
 def resolve_report(path: Path | None) -> Path:

@@ -79,7 +79,9 @@ def test_tiny_sweep_writes_a_complete_report(tmp_path):
     assert any(r["variant"] == "no_dynamic_batching" for r in ok)
     assert doc["inprocess"][0]["batch_size"] == 4
 
-    assert "search" in doc["capacity"] and doc["capacity_rps"]["search"] >= 0
+    # a ladder that found no rate within the SLO says why (perf-check fails it); its figure is never negative
+    cap = doc["capacity"]["search"]
+    assert cap["capacity_rps"] > 0 or "failed" in cap["reason"], cap
     assert any("no_such_model" in e for e in doc["errors"])  # bad target reported, the rest still ran
 
     md = (out / "report.md").read_text()

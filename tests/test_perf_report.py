@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 
@@ -161,6 +162,8 @@ def test_malformed_rule_is_refused_naming_the_field():
 def test_check_capacity_regression_and_cli_exit_codes(tmp_path, capsys):
     d = served(0.7)
     d["capacity_rps"]["recommend"] = 100.0
+    del d["ratios"]["haproxy_vs_direct"], d["ratios"]["trt_vs_onnx"]  # judged by the test above
+    d["errors"] = []
     (tmp_path / "report.json").write_text(json.dumps(d))
     (tmp_path / "base.json").write_text(json.dumps(BASELINE))
     args = Namespace(report=tmp_path, baseline=tmp_path / "base.json")
@@ -175,9 +178,36 @@ def test_shipped_baseline_is_well_formed():
     base = json.loads(check.BASELINE.read_text())
     rules = {name: check.Rule.parse(name, raw) for name, raw in base["ratios"].items()}
     assert {"served_vs_inprocess", "haproxy_vs_direct", "dynamic_batching_gain"} <= set(rules)
+    # every ratio a shipped suite can ask for has a rule or is declared GPU-only
+    from recserve.perf.suite import load
+
+    suites = Path(check.__file__).parent / "suites"
+    asked = {name for f in suites.glob("*.yaml") for name in load(f).ratios}
+    assert asked <= set(rules) | set(base["gpu_only"]), asked - set(rules) - set(base["gpu_only"])
     import inspect
 
     from recserve.perf import figures
 
     written = inspect.getsource(figures)
     assert all(f'"{r.ceiling}"' in written for r in rules.values())
+
+
+def test_check_judges_everything_the_report_holds_not_only_the_baseline_ratios():
+    """A measured ratio without a rule, a GPU-only ratio skipped for another reason, a capacity ladder where no
+    rate met the SLO, and failed points all fail perf-check; a GPU-only ratio skipped for want of a GPU passes."""
+    base = dict(BASELINE, gpu_only={"trt_vs_onnx": {"value_min": 1.0}})
+    by = {v.name: v for v in check.compare(doc(), base)}
+    assert by["trt_vs_onnx"].ok and "skipped (no NVIDIA GPU" in by["trt_vs_onnx"].message
+    assert not by["haproxy_vs_direct"].ok and "has no rule" in by["haproxy_vs_direct"].message
+    assert not by["points"].ok and "1 failed; first: recommend [committed" in by["points"].message
+    assert by["capacity[recommend]"].ok
+    d = doc()
+    d["ratios"]["trt_vs_onnx"] = {"value": None, "skipped": "model 'ranker' is not loadable here"}
+    d["capacity"]["recommend"].update(capacity_rps=0.0, reason="the lowest rate measured already failed")
+    d["errors"] = []
+    by = {v.name: v for v in check.compare(d, base)}
+    assert not by["trt_vs_onnx"].ok and "not a missing GPU" in by["trt_vs_onnx"].message
+    assert not by["capacity[recommend]"].ok and "no rate met the SLO" in by["capacity[recommend]"].message
+    assert by["points"].ok
+    d["ratios"]["trt_vs_onnx"] = {"value": 0.8}
+    assert not {v.name: v for v in check.compare(d, base)}["trt_vs_onnx"].ok
