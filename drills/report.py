@@ -52,14 +52,16 @@ def summary_rows(drills: Sequence[dict]) -> list[list[str]]:
     for d in drills:
         verdict = _verdict(d)
         p99 = d.get("p99_ms") or {}
+        tail = d.get("tail") or {}
         rows.append([d["name"], verdict, _fmt(d.get("rto_ms"), " ms"),
                      f"{d.get('failed_requests', 0)}/{d.get('total_requests', 0)}"
                      + (f" ({d['wrong_answers']} wrong)" if d.get("wrong_answers") else ""),
-                     " / ".join(_fmt(p99.get(k)) for k in ("before", "during", "after"))])
+                     " / ".join(_fmt(p99.get(k)) for k in ("before", "during", "after")),
+                     f"{_fmt(tail.get('p999_ms'))} / {tail.get('over_4x_slo', '-')}"])
     return rows
 
 
-HEADER = ["drill", "verdict", "RTO", "failed/total", "p99 ms before/during/after"]
+HEADER = ["drill", "verdict", "RTO", "failed/total", "p99 ms before/during/after", "p99.9 ms / over 4x SLO"]
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:

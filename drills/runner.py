@@ -364,6 +364,7 @@ class DrillRun:
             "error_budget_used": tl.error_budget_used(failed, len(recs), ss.error_rate_max),
             "p50_ms": {k: v["p50_ms"] for k, v in ph.items()},
             "p99_ms": {k: v["p99_ms"] for k, v in ph.items()},
+            "tail": _tail(tl.window_stats(recs, t0, t_end, ss.slo_p99_ms), ss.slo_p99_ms),
             "throughput_rps": {k: v["throughput_rps"] for k, v in ph.items()},
             "phases": ph, "settled_after_s": None if settle_s is None else round(settle_s, 2),
             "statuses": dict(Counter(r.status for r in recs)),
@@ -532,6 +533,12 @@ class DrillRun:
             passed, why = False, f"aborted: {self.abort_reason}; {why}"
         base.update(passed=passed, checks=checks, reason=why, deviated=self.journal.deviated)
         return base
+
+
+def _tail(whole: dict, slo_ms: float) -> dict:
+    """p99.9 of the whole drill's answers and the requests slower than 4x its SLO (issue 22: report the tail)."""
+    return {"p999_ms": whole["p999_ms"], "over_4x_slo": whole["over_4x_slo"],
+            "limit_ms": tl.TAIL_SLO_FACTOR * slo_ms, "requests": whole["total"]}
 
 
 def monitoring_cost(before: dict, after: dict, wall_s: float) -> dict:

@@ -61,6 +61,9 @@ def rto_ms(records: Sequence[Record], fault_t: float, slo_ms: float, end_t: floa
     return None
 
 
+#: The tail that p99 hides: requests slower than this many times the SLO are counted (``over_4x_slo``).
+TAIL_SLO_FACTOR = 4.0
+
 #: With ``steady_state.rto: before``: the share of the before-phase's good answers per second a window must reach.
 RTO_GOOD_SHARE = 0.9
 
@@ -110,6 +113,9 @@ def window_stats(records: Sequence[Record], t_from: float, t_to: float, slo_ms: 
         "error_rate": round((len(rs) - len(ok)) / len(rs), 4) if rs else 0.0,
         "p50_ms": _r(percentile(lat, 50)),
         "p99_ms": _r(percentile(lat, 99)),
+        "p999_ms": _r(percentile(lat, 99.9)),
+        # the tail beyond p99: requests (answered or not) that took longer than 4x the SLO
+        "over_4x_slo": sum(r.latency_ms > TAIL_SLO_FACTOR * slo_ms for r in rs),
         "throughput_rps": round(len(ok) / span, 2),
         "goodput_rps": round(len(good) / span, 2),
         "shed_rate": round(len(shed) / len(rs), 4) if rs else 0.0,

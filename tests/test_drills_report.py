@@ -72,12 +72,14 @@ def test_summary_rows_and_markdown():
                                checks=[{"ok": False, "figure": "failed_requests", "measured": 2, "target": "<= 0",
                                         "missed_by": "2"}]),
               result("network-partition", False, status="skipped")]
+    drills[0]["tail"] = {"p999_ms": 512.3, "over_4x_slo": 2, "limit_ms": 1000.0, "requests": 320}
     rows = summary_rows(drills)
-    assert rows[0] == ["crash", "PASS", "400 ms", "0/320", "12.5 / 240 / 13.0"]
+    assert rows[0] == ["crash", "PASS", "400 ms", "0/320", "12.5 / 240 / 13.0", "512 / 2"]
+    assert rows[1][5] == "- / -"  # no tail figures: said, not invented
     assert rows[1][1] == "FAIL" and rows[1][2] == "-" and rows[2][1] == "SKIP"
     assert summary_rows([result(wrong_answers=7)])[0][3] == "0/320 (7 wrong)"
     md = markdown(drills, {"run": "r1", "host": "h"})
-    assert "| crash | PASS | 400 ms | 0/320 | 12.5 / 240 / 13.0 |" in md
+    assert "| crash | PASS | 400 ms | 0/320 | 12.5 / 240 / 13.0 | 512 / 2 |" in md
     assert "missed: `failed_requests` measured 2, target <= 0, by 2" in md
     failing = result("hang", False, served_requests=318, failures=[
         {"status": "INTERNAL", "detail": "failed to find the requested model version", "count": 2,

@@ -212,3 +212,14 @@ def test_only_admissions_refusal_is_shed_every_other_refusal_is_a_failure():
     w = window_stats(recs, 0.0, 3.0, SLO)
     assert w["rejected"] == 1 and w["failed"] == 6 and w["failed_unshed"] == 5
     assert [is_shed(r) for r in recs] == [False] * 5 + [True, False]
+
+
+def test_the_tail_beyond_p99_is_reported_p999_and_requests_over_4x_the_slo():
+    """Issue 22: p99 hides the ~500 ms holds when they are rarer than 1 in 100; p99.9 and the count over 4x the
+    SLO show them (a failed request that took long counts too)."""
+    recs = every(0, 100, step=0.05, lat=10.0)  # 2000 answers at 10 ms
+    recs[100] = rec(recs[100].t_send, lat=510.0)
+    recs[900] = rec(recs[900].t_send, lat=505.0)
+    recs[1500] = rec(recs[1500].t_send, status="DEADLINE_EXCEEDED", lat=2000.0)
+    w = window_stats(recs, 0.0, 100.0, SLO)
+    assert w["p99_ms"] == 10.0 and w["p999_ms"] == 505.0 and w["over_4x_slo"] == 3
