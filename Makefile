@@ -65,12 +65,15 @@ clean-runtime:  ## remove runtime state (.recserve/)
 	rm -rf .recserve
 
 # ---- drills (drills/): disaster-recovery drills against a real fleet; reports in reports/drills/latest
-.PHONY: drills drill-smoke drill
+.PHONY: drills drill-smoke drill drill-controls
 drills: models  ## run every drill spec (drills/specs/*.yaml); summary table + reports/drills/latest
 	$(PY) -m recserve.drills run
 
 drill-smoke: models  ## crash, hang, overload, rollover-under-load, bad-rollover (CI); prints the summary table
 	$(PY) -m recserve.drills smoke
+
+drill-controls: models  ## negative controls: crash, bad-rollover, overload, hang against fleets broken on purpose; exit 0 only when each fails for its named reason
+	$(PY) -m recserve.drills controls
 
 drill: models  ## one drill: make drill NAME=crash (list: python -m recserve.drills list)
 	@test -n "$(NAME)" || { echo "usage: make drill NAME=<drill>   (names: $(PY) -m recserve.drills list)"; exit 2; }

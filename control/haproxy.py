@@ -28,6 +28,7 @@ from pathlib import Path
 
 from recserve.control.frontdoor import FrontDoorConfig, FrontDoorError, frontdoor_lines, global_lines, prepare_files
 from recserve.control.procs import kill_group, pid_alive, port_in_use, port_listening
+from recserve.control.testswitch import broken
 
 PROTOS = ("grpc", "http")
 #: Placeholder address of an unused slot (never contacted: unused slots are in maintenance).
@@ -187,6 +188,11 @@ ACCESS_LOG_FORMAT = ("%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt/%Ta %ST %B
                      "%ac/%fc/%bc/%sc %sq/%bq %{+Q}r")
 
 
+def retry_defaults(c: HAProxyConfig) -> list[str]:
+    """At most ``c.retries`` retries, redispatched to another server (test switch ``no-retries``: none)."""
+    return ["  retries 0"] if broken("no-retries") else [f"  retries {c.retries}", "  option redispatch 1"]
+
+
 def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[str]:
     """Refuse at once when the routed backend has no free in-flight slot (``be_conn_free``; for a ``first``
     backend, its primary's), never queue.
@@ -197,6 +203,8 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
     session count is the number of refusals. Goes AFTER the front door's rules.
     """
     out = [f"  http-request set-var(txn.route) str({proto}),map({c.map_path},{first_backend(proto, 0)})"]
+    if broken("no-admission"):  # test switch: nothing is refused; a full server queues in HAProxy instead
+        return [*out, "  use_backend %[var(txn.route)]"]
     for be in backends:
         out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
                    f"{{ be_conn_free({be}) le 0 }}")
@@ -274,8 +282,7 @@ def render_config(c: HAProxyConfig) -> str:
         f"  timeout server {c.timeout_server_ms}ms",
         f"  timeout check {c.timeout_check_ms}ms",
         f"  timeout queue {c.timeout_queue_ms}ms",
-        f"  retries {c.retries}",
-        "  option redispatch 1",
+        *retry_defaults(c),
         "",
         "backend chk",
         # Liveness, not readiness: with strict readiness Triton answers 400 on /v2/health/ready while an old
@@ -305,17 +312,17 @@ def render_config(c: HAProxyConfig) -> str:
         out += admission_lines(c, proto, backends)
         out.append(f"  default_backend {first_backend(proto, 0)}")
         # No 503 here: Triton's own queue-full answer is 503, and retrying an overload multiplies it.
-        retry = "  retry-on conn-failure empty-response response-timeout"
+        retry = [] if broken("no-retries") else ["  retry-on conn-failure empty-response response-timeout"]
         for k in range(c.slots):
             order = [k] + [s for s in range(c.slots) if s != k]
-            out += ["", f"backend {first_backend(proto, k)}", "  balance first", retry]
+            out += ["", f"backend {first_backend(proto, k)}", "  balance first", *retry]
             for i, s in enumerate(order):
                 out.append(f"  server s{s} {addr(s, proto)}{srv_proto} track chk/s{s} id {i + 1} {lim(s)}")
-        out += ["", f"backend {split_backend(proto)}", "  balance roundrobin", retry]
+        out += ["", f"backend {split_backend(proto)}", "  balance roundrobin", *retry]
         for s in range(c.slots):
             out.append(f"  server s{s} {addr(s, proto)}{srv_proto} track chk/s{s} weight {init.weights.get(s, 0)} "
                        f"{lim(s)}")
-        out += ["", f"backend {pool_backend(proto)}", "  balance leastconn", retry]
+        out += ["", f"backend {pool_backend(proto)}", "  balance leastconn", *retry]
         for s in range(c.slots):
             out.append(f"  server s{s} {addr(s, proto)}{srv_proto} track chk/s{s} {lim(s)}"
                        + ("" if s in init.pool or s not in init.slots else " disabled"))

@@ -20,6 +20,7 @@ from recserve.control.pool import ServingPool
 from recserve.control.snapshots import verify_version, versions_on_disk
 from recserve.control.state import RolloutRecord
 from recserve.control.stats import percentile
+from recserve.control.testswitch import broken
 
 PHASES = ("validate", "baseline", "load", "shift", "bake", "promote", "rollback", "done")
 STRATEGIES = ("canary", "blue-green")
@@ -234,9 +235,10 @@ class RolloutManager:
             self._emit(rec, "load", f"{cand.id} serves {rec.model} {rec.to_version}; golden answers agree "
                        f"{overlap:.0%} with {prim.id}", gates={"answer_overlap": overlap})
             if overlap < g.min_answer_overlap:
-                raise GateFailure("answer_overlap", overlap, g.min_answer_overlap,
-                                  f"the new version's golden answers share only {overlap:.0%} of their top items "
-                                  f"with the current version's (minimum {g.min_answer_overlap:.0%})")
+                self._gate_failed(rec, GateFailure(
+                    "answer_overlap", overlap, g.min_answer_overlap,
+                    f"the new version's golden answers share only {overlap:.0%} of their top items with the "
+                    f"current version's (minimum {g.min_answer_overlap:.0%})"))
             if rec.strategy == "canary":
                 f.traffic.set_weight(prim.slot, 100)
                 f.traffic.set_weight(cand.slot, 0)
@@ -366,20 +368,26 @@ class RolloutManager:
                     "requests": total, "failed": bad + d_bad}
             for k, v in vals.items():
                 f.metrics.gate_value.labels(rec.model, k).set(v)
-            if (bad + d_bad) >= 3 or (total >= 20 and err > g.max_error_rate):
-                if err > g.max_error_rate:
-                    raise GateFailure("error_rate", err, g.max_error_rate,
-                                      f"error rate {err:.3%} > {g.max_error_rate:.3%} ({bad + d_bad}/{total:.0f})")
+            if ((bad + d_bad) >= 3 or (total >= 20 and err > g.max_error_rate)) and err > g.max_error_rate \
+                    and not broken("no-gates"):
+                raise GateFailure("error_rate", err, g.max_error_rate,
+                                  f"error rate {err:.3%} > {g.max_error_rate:.3%} ({bad + d_bad}/{total:.0f})")
             if time.monotonic() >= end:
                 break
         if err > g.max_error_rate and total > 0:
-            raise GateFailure("error_rate", err, g.max_error_rate,
-                              f"error rate {err:.3%} > {g.max_error_rate:.3%} ({bad + d_bad}/{total:.0f})")
+            self._gate_failed(rec, GateFailure("error_rate", err, g.max_error_rate, f"error rate {err:.3%} > "
+                                               f"{g.max_error_rate:.3%} ({bad + d_bad}/{total:.0f})"))
         if cur > g.min_p99_ms and ratio > g.max_p99_ratio:
-            raise GateFailure("p99_ratio", ratio, g.max_p99_ratio,
-                              f"p99 {cur:.1f} ms is {ratio:.2f}x the reference {ref:.1f} ms (baseline "
-                              f"{base_p99:.1f} ms)")
+            self._gate_failed(rec, GateFailure("p99_ratio", ratio, g.max_p99_ratio,
+                                               f"p99 {cur:.1f} ms is {ratio:.2f}x the reference {ref:.1f} ms "
+                                               f"(baseline {base_p99:.1f} ms)"))
         return vals
+
+    def _gate_failed(self, rec: RolloutRecord, failure: GateFailure) -> None:
+        """Raise ``failure`` (the rollout rolls back), unless test switch ``no-gates`` is on: then only say so."""
+        if not broken("no-gates"):
+            raise failure
+        self._emit(rec, "bake", f"TEST SWITCH no-gates: ignoring a failed gate: {failure}")
 
     def _promote(self, rec: RolloutRecord, canary: str) -> None:
         f = self.fleet

@@ -11,6 +11,7 @@ from recserve.control.haproxy import HAProxyError
 from recserve.control.health import Probe
 from recserve.control.progress import sample
 from recserve.control.state import InstanceRecord
+from recserve.control.testswitch import broken
 
 #: Failed-probe reasons that mean "too much work", not "wrong": a deadline passed or Triton's queue was full.
 BUSY_SIGNS = ("deadline", "timed out", "timeout", "exceeds maximum queue size", "resource_exhausted")
@@ -89,6 +90,8 @@ class Supervision:
     def _stalled(self, rec: InstanceRecord) -> str | None:
         """Why ``rec`` is hung (requests pending, no execution across two checks), or None (it progresses, or its
         metrics cannot be read: then busy stands, as before)."""
+        if broken("no-progress"):  # test switch: busy stands, as it did before the progress signal
+            return None
         text = promtext.fetch(f"http://127.0.0.1:{rec.metrics_port}/metrics", 0.3) if rec.metrics_port else None
         return None if text is None else self.progress.observe(rec.id, sample(text, time.time()))
 

@@ -33,9 +33,11 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("dir", type=Path, help="a run directory (reports/drills/<timestamp>/ or reports/drills/latest)")
     v = sub.add_parser("validate", help="validate spec files (default: every spec in drills/specs)")
     v.add_argument("files", nargs="*", type=Path)
-    for name, text in (("run", "run drills by name (default: all)"), ("smoke", f"run {', '.join(SMOKE)}")):
+    for name, text in (("run", "run drills by name (default: all)"), ("smoke", f"run {', '.join(SMOKE)}"),
+                       ("controls", "negative controls: each drill against a private fleet broken on purpose by a "
+                        "test switch must fail, for its named reason (default: every control)")):
         r = sub.add_parser(name, help=text)
-        if name == "run":
+        if name in ("run", "controls"):
             r.add_argument("names", nargs="*", metavar="NAME")
         r.add_argument("--control", help="control plane host:port of a running fleet (default: find one with "
                        "recctl status, else start a private one)")
@@ -45,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
         r.add_argument("--fixture-models", action="store_true", help="private fleet on small synthetic models "
                        "(for checking the drills before the training build has run)")
         r.add_argument("--reports", type=Path, default=report.REPORTS_ROOT, help="reports root (default %(default)s)")
+        if name != "controls":  # each control names the mode its fleet runs in
+            r.add_argument("--mode", choices=("active-active", "primary-standby"), help="a private fleet's mode "
+                           "(default: the control plane's, active-active)")
     return p
 
 
@@ -82,7 +87,7 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
     run_dir = report.new_run_dir(args.reports)
     try:
         with FleetOwner(args.control, args.repository, private=args.private, fixture_models=args.fixture_models,
-                        log=console.print, monitor=any(s.alerts for s in specs)) as session:
+                        log=console.print, monitor=any(s.alerts for s in specs), mode=args.mode) as session:
             meta["fleet"] = "private (started and stopped by this run)" if session.control is not None and \
                 type(session.control).__name__ == "ControlPlaneProcess" else f"running ({session.grpc_url})"
             for spec in specs:
@@ -141,11 +146,35 @@ def main(argv: list[str] | None = None) -> int:
                 load_file(f)
                 console.print(f"ok {f}")
             return 0
+        if args.command == "controls":
+            return cmd_controls(args)
         specs = select(list(SMOKE) if args.command == "smoke" else args.names)
+        if args.mode and not (args.private or args.fixture_models):
+            console.print("[red]--mode sets a private fleet's mode: add --private (a running fleet keeps "
+                          "its own)[/red]")
+            return 2
     except SpecError as exc:
         console.print(f"[red]invalid spec: {exc}[/red]")
         return 2
     return cmd_run(specs, args)
+
+
+def cmd_controls(args: argparse.Namespace) -> int:
+    """``controls``: exit 0 only when every control's drill failed for its expected reason."""
+    from recserve.drills import controls
+
+    try:
+        chosen = controls.select(args.names)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 2
+    if args.control:
+        console.print("[red]controls break a fleet on purpose: they only run on private fleets (no --control)[/red]")
+        return 2
+    reports = args.reports if args.reports != report.REPORTS_ROOT else report.REPORTS_ROOT.parent / "drill-controls"
+    ok, rows = controls.run(chosen, reports, args.repository, args.fixture_models, log=console.print)
+    console.print(controls.table(rows))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

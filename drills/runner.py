@@ -109,8 +109,12 @@ def _fault_window(spec: DrillSpec, journal: Journal, t0: float) -> tuple[float, 
 class DrillRun:
     """One drill from steady-state check to verdict."""
 
-    def __init__(self, spec: DrillSpec, session: FleetHandle, log=print):
+    def __init__(self, spec: DrillSpec, session: FleetHandle, log=print,
+                 knee: tuple[float, str] | None = None):
+        """``knee``: (rps, where it came from) measured earlier in this session, used instead of a new ladder
+        (the negative controls run on several private fleets with one knee)."""
         self.spec, self.s, self.log = spec, session, log
+        self.knee = knee
         self.journal = Journal(spec.name)
         self.records: list[Record] = []
         self.access_entries: list[AccessEntry] = []  # HAProxy's log lines written during the load
@@ -227,9 +231,12 @@ class DrillRun:
         if any(a.fault == "overload" for a in spec.method) or spec.load.probe_x_knee or (
                 spec.load.background and spec.load.background.rate_x_capacity):
             restarts = restart_counts(fleet.status(events=1))
-            self.ctx.capacity_rps, source, ladder = capacity_rps(
-                self.s.grpc_url, "recommend", KNEE_SLO_MS, self.s.workdir,
-                use_report=not self.s.fixture_models, headers=self.s.stats_headers)
+            if self.knee is not None:
+                (self.ctx.capacity_rps, source), ladder = self.knee, []
+            else:
+                self.ctx.capacity_rps, source, ladder = capacity_rps(
+                    self.s.grpc_url, "recommend", KNEE_SLO_MS, self.s.workdir,
+                    use_report=not self.s.fixture_models, headers=self.s.stats_headers)
             # The ladder overloads the fleet on purpose at its top rungs: the drill starts only once the fleet
             # has settled again, and the report says what the measurement cost (restarts it caused).
             resettled = settle(fleet) if ladder else 0.0

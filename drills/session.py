@@ -58,8 +58,10 @@ class ControlPlaneProcess:
     it; a restarted one adopts the running instances and HAProxy."""
 
     def __init__(self, root: Path, repository: Path, grpc_port: int, http_port: int, control_port: int,
-                 metrics_port: int):
+                 metrics_port: int, env: dict[str, str] | None = None, args: list[str] | None = None):
         self.root, self.repository = root, repository
+        self.env = dict(env or {})  # added to this process's environment (the drills' test switches)
+        self.args = list(args or [])  # more server flags (a control's --mode)
         self.ports = {"grpc": grpc_port, "http": http_port, "control": control_port, "metrics": metrics_port}
         self.process: subprocess.Popen | None = None
 
@@ -71,13 +73,13 @@ class ControlPlaneProcess:
         p = self.ports
         return [sys.executable, "-m", "recserve.control.server", "--root", str(self.root), "--repository",
                 str(self.repository), "--grpc-port", str(p["grpc"]), "--http-port", str(p["http"]),
-                "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"])]
+                "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"]), *self.args]
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "control-plane.log", "ab")
         self.process = subprocess.Popen(self.command(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, env=dict(os.environ))
+                                        start_new_session=True, env={**os.environ, **self.env})
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -214,8 +216,12 @@ class FleetOwner:
     """Context manager: a FleetHandle on a running fleet, or on a private one it starts and later stops."""
 
     def __init__(self, control: str | None = None, repository: Path | None = None, private: bool = False,
-                 fixture_models: bool = False, log=print, monitor: bool = False):
+                 fixture_models: bool = False, log=print, monitor: bool = False, env: dict[str, str] | None = None,
+                 mode: str | None = None):
+        """``env``: added to a private fleet's control-plane environment (the negative controls' test switches;
+        a running fleet is never changed); ``mode``: a private fleet's --mode (default: the server's)."""
         self.control, self.repository, self.private, self.log = control, repository, private, log
+        self.env, self.mode = env, mode
         self.fixture_models = fixture_models
         self.monitor = monitor  # start a 1 s Prometheus/Alertmanager/receiver for the alert expectations
         self.stack = None
@@ -250,7 +256,8 @@ class FleetOwner:
         else:
             shutil.copytree(self.repository or DEFAULT_REPOSITORY, repo, symlinks=True)
         self.started = ControlPlaneProcess(self.tmp / "runtime", repo, free_port(), free_port(), free_port(),
-                                           free_port())
+                                           free_port(), env=self.env,
+                                           args=["--mode", self.mode] if self.mode else None)
         self.log(f"starting a private fleet under {self.tmp} (control {self.started.address}) ...")
         t = time.monotonic()
         try:
