@@ -10,6 +10,7 @@ adopts them. The jobs live in one module each: versions (control/versions.py), i
 from __future__ import annotations
 
 import json
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,17 +20,22 @@ from recserve.control.client import RecClient
 from recserve.control.fleet_config import FAULT_DIR_ENV, ROLES, FleetConfig, FleetError
 from recserve.control.golden import Golden
 from recserve.control.health import HealthMonitor, Probe
+from recserve.control.hostcheck import proc_exposure_warning
 from recserve.control.instances import InstanceLifecycle
-from recserve.control.keys import read_secret
+from recserve.control.keys import read_existing_secret, read_secret
 from recserve.control.membership import Membership
 from recserve.control.metrics import ControlMetrics
+from recserve.control.procs import pid_alive
 from recserve.control.progress import Progress
 from recserve.control.router import Router, RouterConfig
 from recserve.control.state import State
 from recserve.control.supervision import Supervision
 from recserve.control.targets import TargetFiles, targets_dir
-from recserve.control.triton import TritonServer, shm_prefix, shm_usage
+from recserve.control.triton import ADMIN_KEY_FILE, STATS_KEY_FILE, TritonServer, shm_prefix, shm_usage
 from recserve.control.versions import VersionRules, model_config
+
+#: The one admin key every instance shared before each got its own (kept only for instances still running with it).
+LEGACY_ADMIN_KEY_FILE = "admin.key"
 
 __all__ = ["FAULT_DIR_ENV", "ROLES", "Fleet", "FleetConfig", "FleetError", "dumps", "model_config", "status_json"]
 
@@ -42,8 +48,15 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
         self.repository = Path(config.repository).resolve()
         self.metrics = metrics or ControlMetrics()
         self.state = State(self.root / "state.db")
-        self.admin_key = read_secret(self.root / "admin.key")
-        config.frontdoor.admin_key_file = self.root / "admin.key"  # its holders may read statistics via HAProxy
+        # Each instance has its own admin key, fresh at every start (``<workdir>/admin.key``, control/triton.py); the
+        # fleet holds only the statistics key every instance shares: it reads statistics and nothing else, so it is
+        # what perf_analyzer and the front door's statistics pass-through get.
+        self.stats_key = read_secret(self.root / STATS_KEY_FILE)
+        config.frontdoor.admin_key_file = self.root / STATS_KEY_FILE  # its holders may read statistics via HAProxy
+        self._adopt_legacy_admin_key()
+        self.host_warnings = [w for w in (proc_exposure_warning(),) if w]
+        for w in self.host_warnings:
+            self.state.event("security", w)
         config.validate()
         self.router = Router(RouterConfig(
             workdir=self.root / "haproxy", grpc_port=config.grpc_port, http_port=config.http_port,
@@ -66,6 +79,23 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
         self._restart_count: dict[str, list[float]] = {}
         self._stopping = threading.Event()
         self.monitor: HealthMonitor | None = None
+
+    def _adopt_legacy_admin_key(self) -> None:
+        """Upgrade path: instances started by a control plane before per-instance keys run with the fleet-wide
+        ``<root>/admin.key``; give each live one a copy in its workdir so adoption can reach its repository API.
+        Its next start replaces the copy with a fresh key of its own."""
+        legacy = self.root / LEGACY_ADMIN_KEY_FILE
+        key = read_existing_secret(legacy)
+        if key is None:
+            return
+        for rec in self.state.instances():
+            own = Path(rec.workdir) / ADMIN_KEY_FILE
+            if rec.pid and pid_alive(rec.pid) and not own.exists():
+                fd = os.open(str(own), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(key)
+                self.state.event("security", f"instance {rec.id} (pid {rec.pid}) still runs with the fleet-wide "
+                                 f"admin key of {legacy}; its next start gives it a key of its own", rec.id)
 
     @property
     def traffic(self) -> Router:
@@ -147,6 +177,7 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
             warnings.append("no healthy instance")
         warnings += self.golden.problems()
         health = "ok" if not warnings else ("down" if not any(r.state == "healthy" for r in recs) else "degraded")
+        warnings += self.host_warnings  # the host's hardening: said at every status, but not the fleet's health
         shm = {r.id: shm_usage(shm_prefix(Path(r.workdir), r.id)) for r in recs}
         return {"instances": recs, "loaded": loaded, "weights": weights, "desired": self.desired(),
                 "warnings": warnings, "health": health, "route": self.state.get("route", ""), "shm": shm,

@@ -19,6 +19,7 @@ from recserve.control.router import RouterError
 from recserve.control.snapshots import RepositoryError
 from recserve.control.state import InstanceRecord
 from recserve.control.triton import (
+    ADMIN_KEY_FILE,
     TritonConfig,
     TritonError,
     TritonServer,
@@ -40,7 +41,7 @@ class InstanceLifecycle:
             env = {FAULT_DIR_ENV: str(Path(rec.workdir) / "faults"), **self.config.extra_env}
             srv = TritonServer(TritonConfig(
                 model_repository=self.repository, workdir=Path(rec.workdir), http_port=rec.http_port,
-                grpc_port=rec.grpc_port, metrics_port=rec.metrics_port, models=[], admin_key=self.admin_key,
+                grpc_port=rec.grpc_port, metrics_port=rec.metrics_port, models=[], stats_key=self.stats_key,
                 startup_timeout_s=self.config.instance_start_timeout_s, extra_env=env, name=rec.id))
             self.servers[rec.id] = srv
         return srv
@@ -91,6 +92,7 @@ class InstanceLifecycle:
             except Exception:
                 pass
         (Path(rec.workdir) / "triton.pid").unlink(missing_ok=True)
+        (Path(rec.workdir) / ADMIN_KEY_FILE).unlink(missing_ok=True)  # that process's key: it opens nothing now
 
     def start_instance(self, iid: str) -> None:
         """(Re)start one instance: fresh process, exactly its versions, golden answer, then into HAProxy."""

@@ -37,6 +37,28 @@ def read_secret(path: Path) -> str:
     return path.read_text().strip()
 
 
+def new_secret(path: Path) -> str:
+    """A fresh secret in ``path`` (0600), replacing any earlier one: written to a private temporary file in the same
+    folder, then renamed over the old one, so no reader ever sees a partial key or a group-readable file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.replace(tmp, path)
+    return value
+
+
+def read_existing_secret(path: Path) -> str | None:
+    """The secret in ``path`` when the file exists (checked like ``read_secret``), else None; never creates one."""
+    if not path.exists():
+        return None
+    check_private(path)
+    return path.read_text().strip() or None
+
+
 def fingerprint(secret: str | bytes) -> str:
     """A short, non-reversible name for a secret (or a presented credential) that logs may carry."""
     data = secret.encode("utf-8", "surrogateescape") if isinstance(secret, str) else secret

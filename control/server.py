@@ -298,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:  # refused before anything starts: a token others can read, a TLS file that cannot work
         token = read_secret(root / "token")
-        if (root / "admin.key").exists():  # the Triton admin key follows the token's rule (Fleet reads it)
-            check_private(root / "admin.key")
+        for name in ("admin.key", "stats.key"):  # Triton keys follow the token's rule (the fleet-wide admin.key is
+            if (root / name).exists():          # only there for instances an older control plane started)
+                check_private(root / name)
         tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca)
         front = FrontDoorConfig(bind=args.client_bind, tls_cert=args.client_tls_cert, tls_key=args.client_tls_key,
                                 allow_plaintext=args.client_allow_plaintext, max_grpc_body=args.max_grpc_body,
@@ -332,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
                               timeout_server_ms=args.timeout_server_ms,
                               haproxy_metrics_port=args.haproxy_metrics_port
                               or remembered_port(root / "monitoring" / "haproxy.port"), frontdoor=front), metrics)
+    for w in fleet.host_warnings:  # also an event and a ``recctl status`` warning (control/hostcheck.py)
+        print(f"warning: {w}", file=sys.stderr, flush=True)
     metrics.registry.register(FleetCollector(fleet))  # series the alert rules need (control/targets.py)
     fleet.targets.set_static("control", f"127.0.0.1:{args.metrics_port}", "control")
     fleet.targets.set_static("haproxy", f"127.0.0.1:{fleet.config.haproxy_metrics_port}", "haproxy")

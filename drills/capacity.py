@@ -176,7 +176,7 @@ def capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path,
     """(capacity, where it came from, the knee ladder's rungs) at ``slo_ms``; ``use_report`` False when the
     fleet does not serve the built models. The perf report's capacity is at perf's SLO (default 50 ms): specs
     that use it should share it. ``fresh`` (the default): the knee ladder decides; the report's figure, if
-    any, only says where to start. ``headers`` go with perf_analyzer's statistics calls (admin key)."""
+    any, only says where to start. ``headers`` go with perf_analyzer's statistics calls (the statistics key)."""
     key = (grpc_url, model, slo_ms, use_report, fresh)
     if key not in _MEASURED:
         _MEASURED[key] = _capacity_rps(grpc_url, model, slo_ms, workdir, use_report, fresh, headers)

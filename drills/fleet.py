@@ -231,9 +231,11 @@ def read_token(runtime: Path = RUNTIME) -> str | None:
     return None
 
 
-def read_admin_key(runtime: Path = RUNTIME) -> str | None:
-    """The fleet's Triton admin key: HAProxy's front door lets perf_analyzer's statistics calls through with it."""
-    p = runtime / "admin.key"
+def read_stats_key(runtime: Path = RUNTIME) -> str | None:
+    """The fleet's Triton statistics key: HAProxy's front door (and each instance) lets perf_analyzer's statistics
+    calls through with it, and it opens nothing else. The admin keys are per instance and stay with the control
+    plane."""
+    p = runtime / "stats.key"
     return p.read_text().strip() if p.exists() else None
 
 

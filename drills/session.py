@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
-from recserve.drills.fleet import RUNTIME, FleetAPI, FleetError, read_admin_key, read_token, recctl_status
+from recserve.drills.fleet import RUNTIME, FleetAPI, FleetError, read_stats_key, read_token, recctl_status
 
 START_TIMEOUT_S = 300.0
 
@@ -35,8 +35,9 @@ class FleetHandle:
     control: Any = None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="recserve-drill-")))
     fixture_models: bool = False
-    #: The fleet's admin key (statistics through the front door, for the background perf_analyzer).
-    admin_key: str | None = None
+    #: The fleet's statistics key (statistics through the front door, for the background perf_analyzer; it can
+    #: read statistics and nothing else).
+    stats_key: str | None = None
     #: HAProxy's access log when the fleet's runtime root is known here (its timers go into the report).
     access_log: Path | None = None
 
@@ -50,7 +51,7 @@ class FleetHandle:
         """gRPC headers perf_analyzer needs through HAProxy's front door (it reads model statistics)."""
         from recserve.control.triton import ADMIN_HEADER_GRPC
 
-        return {ADMIN_HEADER_GRPC: self.admin_key} if self.admin_key else {}
+        return {ADMIN_HEADER_GRPC: self.stats_key} if self.stats_key else {}
 
 
 class ControlPlaneProcess:
@@ -242,7 +243,7 @@ class FleetOwner:
                     adopted = AdoptedControlPlane(RUNTIME, repo, endpoints)
                 self.log(f"using the running fleet: control {control}, clients {endpoints['grpc']}")
                 self.session = FleetHandle(fleet, repo, endpoints["grpc"], control=adopted,
-                                           admin_key=read_admin_key(RUNTIME),
+                                           stats_key=read_stats_key(RUNTIME),
                                            access_log=RUNTIME / "haproxy" / "access.log" if adopted else None)
                 self.session.monitor = self._start_monitor(RUNTIME)
                 return self.session
@@ -269,7 +270,7 @@ class FleetOwner:
         fleet = FleetAPI(self.started.address, read_token(self.started.root))
         self.session = FleetHandle(fleet, repo, f"127.0.0.1:{self.started.ports['grpc']}", control=self.started,
                                workdir=self.tmp / "work", fixture_models=self.fixture_models,
-                               admin_key=read_admin_key(self.started.root),
+                               stats_key=read_stats_key(self.started.root),
                                access_log=self.started.root / "haproxy" / "access.log")
         self.session.workdir.mkdir(parents=True, exist_ok=True)
         self.session.monitor = self._start_monitor(self.started.root)

@@ -195,7 +195,8 @@ class LoadPoint:
     #: When set, measure exactly this many requests in one window (no stability loop). On a shared 2-core
     #: host stabilisation often never converges and perf_analyzer then exits without a result.
     request_count: int | None = None
-    #: gRPC headers for every call (``-H name:value``), e.g. the admin key HAProxy's front door wants for statistics.
+    #: gRPC headers for every call (``-H name:value``), e.g. the statistics key Triton and the front door want for
+    #: model statistics (never an admin key: this command line is readable where /proc has no hidepid).
     headers: dict[str, str] = field(default_factory=dict)
 
     def command(self, csv_path: Path) -> list[str]:

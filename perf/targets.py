@@ -16,6 +16,7 @@ from pathlib import Path
 from recserve.control.triton import (
     ADMIN_HEADER_GRPC,
     REPO_ROOT,
+    STATS_KEY_FILE,
     TritonConfig,
     TritonServer,
     free_port,
@@ -35,7 +36,8 @@ class Endpoint:
     detail: str = ""
     #: HAProxy processes on the path (their CPU per request is reported apart from the server's).
     proxy_pids: list[int] = field(default_factory=list)
-    #: gRPC headers perf_analyzer sends: the admin key where HAProxy's front door guards model statistics.
+    #: gRPC headers perf_analyzer sends: the statistics key (Triton and HAProxy's front door guard model statistics;
+    #: that key opens nothing else, so it may sit on perf_analyzer's command line).
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -77,8 +79,13 @@ def start_server(repository: Path, models: list[str], workdir: Path) -> TritonSe
     return server
 
 
+def _stats_header(key: str | None) -> dict[str, str]:
+    return {ADMIN_HEADER_GRPC: key} if key else {}
+
+
 def direct(server: TritonServer) -> Endpoint:
-    return Endpoint("direct", server.grpc_url, [server.metrics_url], [server.pid] if server.pid else [])
+    return Endpoint("direct", server.grpc_url, [server.metrics_url], [server.pid] if server.pid else [],
+                    headers=_stats_header(server.stats_key))
 
 
 class LocalProxy:
@@ -89,8 +96,8 @@ class LocalProxy:
         from recserve.control.haproxy import HAProxy, HAProxyConfig
 
         self.server = server
-        # statistics pass the front door with the server's admin key (perf_analyzer reads them every window)
-        front = FrontDoorConfig(admin_key_file=server.config.workdir / "admin.key")
+        # statistics pass the front door with the server's statistics key (perf_analyzer reads them every window)
+        front = FrontDoorConfig(admin_key_file=server.config.workdir / STATS_KEY_FILE)
         self.proxy = HAProxy(HAProxyConfig(workdir=workdir, grpc_port=free_port(), http_port=free_port(), slots=1,
                                            frontdoor=front))
 
@@ -112,7 +119,7 @@ class LocalProxy:
             pids,
             "own HAProxy (control.haproxy, one slot) in front of the embedded server",
             [self.proxy.pid] if self.proxy.pid else [],
-            {ADMIN_HEADER_GRPC: c.admin_key} if c.admin_key else {},
+            _stats_header(self.server.stats_key),
         )
 
     def stop(self) -> None:
@@ -147,17 +154,17 @@ def fleet(timeout_s: float = 15.0) -> Endpoint:
         [f"http://127.0.0.1:{i['metrics_port']}/metrics" for i in instances if i.get("metrics_port")],
         [int(i["pid"]) for i in instances],
         f"fleet HAProxy {url} over {len(instances)} instance(s)",
-        headers=_fleet_admin_header(),
+        headers=_fleet_stats_header(),
     )
 
 
-def _fleet_admin_header() -> dict[str, str]:
-    """The fleet's admin key as perf_analyzer's statistics header, when this user can read it (else the front door
-    refuses statistics and the server-side columns stay empty)."""
+def _fleet_stats_header() -> dict[str, str]:
+    """The fleet's statistics key as perf_analyzer's statistics header, when this user can read it (else the front
+    door refuses statistics and the server-side columns stay empty). Never an admin key: those are per instance."""
     import os
 
     root = Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve"))
     try:
-        return {ADMIN_HEADER_GRPC: (root / "admin.key").read_text().strip()}
+        return _stats_header((root / STATS_KEY_FILE).read_text().strip())
     except OSError:
         return {}

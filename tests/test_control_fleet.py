@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from recserve.control.hostcheck import EXPOSURE
 from recserve.control.procs import pid_alive
 from recserve.control.proto import control_pb2 as pb
 from tests.fleet_fixtures import (
@@ -62,7 +63,8 @@ def test_status_reports_endpoints_roles_and_exact_versions(fleet):
         assert pid_alive(i["pid"])
         assert {m: i["models"][m] for m in st["desired"]} == st["desired"]
     assert by_role(st, "primary")[0]["weight"] == 100 and by_role(st, "standby")[0]["weight"] == 0
-    assert st["health"] == "ok" and not st["warnings"]
+    # the only warning a healthy fleet may carry is the host's: keys on command lines that /proc lets others read
+    assert st["health"] == "ok" and not [w for w in st["warnings"] if not w.startswith(EXPOSURE)], st["warnings"]
     events = fleet.stub.GetStatus(pb.GetStatusRequest(events=50)).events
     golden = [e.message for e in events if e.kind == "golden"]
     assert golden and "build.reference" in golden[-1], golden  # expectations from the build, not the servers
@@ -164,6 +166,33 @@ def test_repository_api_is_closed_to_clients(fleet):
         urllib.request.urlopen(req, timeout=5)
     assert exc.value.code == 403
     assert all_healthy_exact(fleet.status())
+
+
+def test_each_instance_has_its_own_admin_key_and_the_fleet_holds_only_the_statistics_key(fleet):
+    """No fleet-wide admin key: each instance's is its own (0600 in its workdir, where a restarted control plane
+    reads it back), on no other command line; the statistics key every instance shares opens statistics only."""
+    stats = (fleet.root / "stats.key").read_text().strip()
+    assert (fleet.root / "stats.key").stat().st_mode & 0o777 == 0o600
+    assert not (fleet.root / "admin.key").exists()
+    keys = {}
+    for i in fleet.status()["instances"]:
+        f = fleet.root / "instances" / i["id"] / "admin.key"
+        assert f.stat().st_mode & 0o777 == 0o600
+        key = keys[i["id"]] = f.read_text().strip()
+        args = Path(f"/proc/{i['pid']}/cmdline").read_bytes().split(b"\0")
+        assert [a for a in args if a.endswith(f"model-repository:admin-key={key}".encode())], i["id"]
+        assert [a for a in args if a.endswith(f"=statistics:admin-key={stats}".encode())], i["id"]
+        for key_, path, code in ((key, "/v2/repository/index", 200), (stats, "/v2/repository/index", 403),
+                                 (stats, "/v2/models/recommend/stats", 200), (key, "/v2/models/recommend/stats", 403)):
+            req = urllib.request.Request(f"http://127.0.0.1:{i['http_port']}{path}", headers={"admin-key": key_},
+                                         data=b"{}" if "repository" in path else None)
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    got = r.status
+            except urllib.error.HTTPError as exc:
+                got = exc.code
+            assert got == code, (i["id"], path, key_ == stats)
+    assert len(set(keys.values())) == len(keys) >= 2 and stats not in keys.values()
 
 
 def test_bad_arguments_get_clear_errors_and_change_nothing(fleet):

@@ -126,9 +126,10 @@ def _failures_seen(fleet: FleetProcess) -> int:
     that reached Triton would fail there: "input 'history' has N items; the limit is 1000"). Successes are not
     compared: the control plane's deep health checks add golden inferences all the time."""
     total = 0
+    key = (fleet.root / "stats.key").read_text().strip()  # each instance locks statistics behind the statistics key
     for i in fleet.status()["instances"]:
         url = f"http://127.0.0.1:{i['http_port']}/v2/models/recommend/stats"
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={ADMIN_HEADER_HTTP: key}), timeout=5) as r:
             for m in json.load(r)["model_stats"]:
                 s = m["inference_stats"]
                 total += int(s["fail"]["count"])
@@ -192,7 +193,7 @@ def test_allowed_calls_pass_over_both_protocols(fleet):
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
-    key = (fleet.root / "admin.key").read_text().strip()
+    key = (fleet.root / "stats.key").read_text().strip()
     g = grpcclient.InferenceServerClient(fleet.grpc_url)
     h = httpclient.InferenceServerClient(fleet.http_url)
     try:
@@ -202,7 +203,7 @@ def test_allowed_calls_pass_over_both_protocols(fleet):
         assert h.is_server_live() and h.is_server_ready() and h.is_model_ready("search")
         assert h.get_server_metadata()["name"] and h.get_model_metadata("search")["name"] == "search"
         assert h.get_model_config("search")["max_batch_size"] == MAX_BATCH
-        # statistics: the project's tools pass with the admin key (perf_analyzer -H), nobody else
+        # statistics: the project's tools pass with the statistics key (perf_analyzer -H), nobody else
         stats = g.get_inference_statistics("recommend", headers={ADMIN_HEADER_GRPC: key})
         assert stats.model_stats[0].name == "recommend"
         assert h.get_inference_statistics("recommend", headers={ADMIN_HEADER_HTTP: key})["model_stats"]
@@ -307,7 +308,7 @@ def test_client_ports_over_tls_serve_and_keep_the_allow_list(fleet, tmp_path):
 
     cert, key = make_cert(tmp_path / "tls")
     primary = next(i for i in fleet.status()["instances"] if i["role"] == "primary")
-    front = FrontDoorConfig(tls_cert=cert, tls_key=key, admin_key_file=fleet.root / "admin.key")
+    front = FrontDoorConfig(tls_cert=cert, tls_key=key, admin_key_file=fleet.root / "stats.key")
     proxy = HAProxy(HAProxyConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=1,
                                   frontdoor=front))
     try:
@@ -350,8 +351,8 @@ def test_the_drill_catalogue_names_every_attack_the_tests_run():
         attacks.run_catalogue(attacks.Target("x:1", "x:2"), ["nope"])
 
 
-def test_project_tools_send_the_admin_key_for_statistics_and_reports_hide_it(tmp_path):
-    """perf_analyzer reads model statistics; through the front door it needs the admin key (-H), and the drills'
+def test_project_tools_send_the_statistics_key_and_reports_hide_it(tmp_path):
+    """perf_analyzer reads model statistics; through the front door it needs the statistics key (-H), and the drills'
     background report must not print that key."""
     import subprocess
     import sys

@@ -16,6 +16,8 @@ from tritonclient.utils import InferenceServerException
 
 from recserve.control.client import RecClient
 from recserve.control.triton import (
+    ADMIN_HEADER_GRPC,
+    ADMIN_HEADER_HTTP,
     DEFAULT_REPOSITORY,
     TritonConfig,
     TritonError,
@@ -211,7 +213,7 @@ def test_admin_apis_are_locked_on_every_server_started_without_a_key(server):
     import urllib.error
     import urllib.request
 
-    assert server.config.admin_key and (server.config.workdir / "admin.key").stat().st_mode & 0o777 == 0o600
+    assert server.admin_key and (server.config.workdir / "admin.key").stat().st_mode & 0o777 == 0o600
     for path, body in (("/v2/logging", b'{"log_verbose_level": 1}'), ("/v2/trace/setting", b'{"trace_rate": "1"}'),
                        ("/v2/systemsharedmemory/region/x/register", b'{"key": "x", "offset": 0, "byte_size": 8}'),
                        ("/v2/repository/index", b"{}")):
@@ -220,6 +222,70 @@ def test_admin_apis_are_locked_on_every_server_started_without_a_key(server):
             urllib.request.urlopen(req, timeout=5)
         assert exc.value.code == 403, path
     assert server.ready()
+
+
+def _http(server, method: str, path: str, key: str | None, body: bytes | None = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(f"http://{server.http_url}{path}", data=body, method=method)
+    if key is not None:
+        req.add_header(ADMIN_HEADER_HTTP, key)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_statistics_key_reads_statistics_and_nothing_else(server):
+    """perf_analyzer's key (on its command line, so readable where /proc has no hidepid) reads model statistics and
+    cannot unload, load or list models; statistics need it (no key, or the admin key, gets 403/UNAVAILABLE)."""
+    stats, admin = server.stats_key, server.admin_key
+    assert stats and admin and stats != admin
+    assert (server.config.workdir / "stats.key").stat().st_mode & 0o777 == 0o600
+    assert _http(server, "GET", "/v2/models/search/stats", stats) == 200
+    for key in (None, admin, stats + "x"):
+        assert _http(server, "GET", "/v2/models/search/stats", key) == 403, key
+    for path in ("/v2/repository/models/search/unload", "/v2/repository/models/search/load", "/v2/repository/index"):
+        assert _http(server, "POST", path, stats, b"{}") == 403, path
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        assert g.get_inference_statistics("search", headers={ADMIN_HEADER_GRPC: stats}).model_stats[0].name == "search"
+        refused = ((lambda h: g.unload_model("search", headers=h), stats),
+                   (lambda h: g.get_model_repository_index(headers=h), stats),
+                   (lambda h: g.get_inference_statistics("search", headers=h), admin))
+        for call, key in refused:
+            with pytest.raises(InferenceServerException, match="restricted"):
+                call({ADMIN_HEADER_GRPC: key})
+    finally:
+        g.close()
+    assert server.model_ready("search") and "search" in server.loaded_versions()
+
+
+def test_admin_key_is_fresh_at_every_start_and_an_adopter_reads_it_back(tmp_path):
+    """No admin key outlives its tritonserver: each start makes a new one (0600 in the workdir, where a restarted
+    control plane adopting the running process reads it back), stop removes it, and the old key opens nothing."""
+    srv = TritonServer(TritonConfig(workdir=tmp_path, models=[], name="keys"))
+    keys, stats = [], []
+    try:
+        for _ in range(2):
+            srv.start()
+            key_file = tmp_path / "admin.key"
+            assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.read_text() == srv.admin_key
+            keys.append(srv.admin_key)
+            stats.append(srv.stats_key)
+            adopter = TritonServer(TritonConfig(workdir=tmp_path, http_port=srv.config.http_port, name="keys"))
+            assert adopter.admin_key == srv.admin_key and adopter.loaded_versions() == {}  # the repository API answers
+            if len(keys) == 2:
+                assert _http(srv, "POST", "/v2/repository/index", keys[0], b"{}") == 403  # the first start's key
+            assert _http(srv, "POST", "/v2/repository/index", srv.admin_key, b"{}") == 200
+            srv.stop()
+            assert not key_file.exists()
+    finally:
+        srv.stop()
+    assert keys[0] != keys[1], "the same admin key for two starts"
+    assert stats[0] == stats[1], "the statistics key is kept (the front door and perf_analyzer hold it)"
 
 
 def test_servable_models_skip_tensorrt_without_gpu():
