@@ -5,6 +5,7 @@ pieces that must agree (gate name, restricted APIs, HPA metric, adapter rule, op
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import yaml
@@ -145,3 +146,52 @@ def test_monitoring_rules_of_the_repository_ship_as_prometheusrules(rendered):
     for f in files:
         pr = find(rendered["cpu"], "PrometheusRule", f"recserve-{f.stem}")
         assert pr["spec"]["groups"] == yaml.safe_load(f.read_text())["groups"], f
+
+
+def _pod_specs(objs: list[dict]) -> list[tuple[str, dict]]:
+    """(kind/name, pod spec) of every object that makes pods."""
+    out = []
+    for o in objs:
+        spec = o.get("spec") or {}
+        if o["kind"] == "Pod":
+            pod = spec
+        elif o["kind"] == "CronJob":
+            pod = spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec")
+        else:
+            pod = spec.get("template", {}).get("spec") if isinstance(spec.get("template"), dict) else None
+        if pod and pod.get("containers"):
+            out.append((f"{o['kind']}/{o['metadata']['name']}", pod))
+    return out
+
+
+def _keys_on_command_lines(pod: dict) -> list[str]:
+    """Arguments of the pod's containers that carry a secret: a ``$(VAR)`` of an env var fed by a Secret, or a
+    literal ``...key=<value>``."""
+    found = []
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        secret_env = {e["name"] for e in c.get("env", []) if "secretKeyRef" in (e.get("valueFrom") or {})}
+        for arg in list(c.get("command", [])) + list(c.get("args", [])):
+            if any(f"$({name})" in arg for name in secret_env) or re.search(r"key=(?!\$\()[^\s,]+", arg):
+                found.append(f"{c['name']}: {arg}")
+    return found
+
+
+@pytest.mark.parametrize("where", ["base", *OVERLAYS])
+def test_no_pod_shares_its_process_namespace_while_a_key_is_on_a_command_line(rendered, where):
+    """Triton 2.51 takes its admin key only on its command line; a shared process namespace shows that command line
+    (/proc/<pid>/cmdline) to every other container of the pod. The hang drill's shareProcessNamespace lives in
+    overlays/drills only."""
+    objs = render(K8S_DIR / "base") if where == "base" else rendered[where]
+    specs = dict(_pod_specs(objs))
+    assert _keys_on_command_lines(specs["Deployment/recserve-triton"]), "the check must see Triton's key argument"
+    offenders = {name: _keys_on_command_lines(pod) for name, pod in specs.items()
+                 if pod.get("shareProcessNamespace") and _keys_on_command_lines(pod)}
+    assert not offenders, offenders
+
+
+def test_the_drills_overlay_shares_the_process_namespace_for_the_hang_drill():
+    objs = render(K8S_DIR / "overlays" / "drills")  # by path: "drills" alone is also the repository's drills/
+    validate(objs)
+    pod = find(objs, "Deployment", "recserve-triton")["spec"]["template"]["spec"]
+    assert pod["shareProcessNamespace"] is True  # kill -STOP through kubectl exec reaches tritonserver
+    assert _keys_on_command_lines(pod)  # which is why it is a drills-only overlay (the test above would refuse it)

@@ -40,6 +40,10 @@ drill_crash() {  # gpu-xid-crash: the process dies at once (force delete = no pr
 }
 
 drill_hang() {  # gpu-hang: the process stops answering; the operator's golden check closes the gate and deletes it
+  # SIGSTOP from kubectl exec reaches tritonserver only when it is not PID 1: the drills overlay shares the pod's
+  # process namespace (the cpu/gpu overlays do not: the admin key is on tritonserver's command line)
+  [ "$(k get deploy recserve-triton -o jsonpath='{.spec.template.spec.shareProcessNamespace}')" = true ] || {
+    echo "hang needs deploy/k8s/overlays/drills applied (kubectl apply -k deploy/k8s/overlays/drills)"; return 1; }
   probe_start 4; sleep 10
   victim=$(pods | awk '{print $1}'); echo "SIGSTOP tritonserver in $victim"; date -u +%T
   k exec "$victim" -c triton -- sh -c 'kill -STOP $(pgrep -o -x tritonserver)'
