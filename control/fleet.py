@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from recserve.control import testswitch
 from recserve.control.client import RecClient
 from recserve.control.fleet_config import FAULT_DIR_ENV, ROLES, FleetConfig, FleetError
 from recserve.control.golden import Golden
@@ -54,7 +55,7 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
         self.stats_key = read_secret(self.root / STATS_KEY_FILE)
         config.frontdoor.admin_key_file = self.root / STATS_KEY_FILE  # its holders may read statistics via HAProxy
         self._adopt_legacy_admin_key()
-        self.host_warnings = [w for w in (proc_exposure_warning(),) if w]
+        self.host_warnings = [w for w in (proc_exposure_warning(), testswitch.warning()) if w]
         for w in self.host_warnings:
             self.state.event("security", w)
         config.validate()

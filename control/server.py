@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from recserve.control import testswitch
 from recserve.control.audit import ApiGuard
 from recserve.control.backup_api import BackupApi, make_scheduler, policy_path
 from recserve.control.backup_policy import BackupError
@@ -306,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                                 allow_plaintext=args.client_allow_plaintext, max_grpc_body=args.max_grpc_body,
                                 max_http_body=args.max_http_body)
         front.validate()
+        testswitch.active()  # an unknown test switch in the environment is refused before anything starts
         if tls is None and not is_loopback(args.control_host):
             raise TlsConfigError(f"--control-host {args.control_host} is not loopback: the control API leaves this "
                                  "host only with TLS (--tls-cert/--tls-key)")
-    except (SecretFileError, TlsConfigError, FrontDoorError) as exc:
+    except (SecretFileError, TlsConfigError, FrontDoorError, testswitch.SwitchError) as exc:
         print(f"control plane not started: {exc}", file=sys.stderr)
         return 2
     (root / "control.pid").write_text(f"{os.getpid()}\n")

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from recserve.control.haproxy import HAProxyConfig, render_config
-from recserve.control.testswitch import ENV, SWITCHES, SwitchError, active, broken
+from recserve.control.testswitch import ENV, SWITCHES, SwitchError, active, broken, warning
 from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT, servable_models
 from recserve.drills.controls import CI_CONTROLS, CONTROLS, Control, judge, select
 from recserve.drills.spec import load_all
@@ -25,6 +25,10 @@ def test_switches_come_from_the_environment_only_and_unknown_names_are_refused(m
         active()
     with pytest.raises(SwitchError):
         broken("nonsense")
+    monkeypatch.setenv(ENV, "no-gates")
+    assert warning() == f"TEST SWITCHES ON ({ENV}): no-gates: this fleet is broken on purpose"
+    monkeypatch.delenv(ENV)
+    assert warning() is None
 
 
 def test_no_retries_and_no_admission_break_the_haproxy_config_and_nothing_else(tmp_path, monkeypatch):
