@@ -74,6 +74,9 @@ class Row:
     #: Requests slower than STALL_US: the ~500 ms stalls of Triton 2.51's dynamic batcher with a queue
     #: policy (see perf/README.md) show up here before they move p99.
     stalls: int = 0
+    #: p99.9 and the requests slower than the point's ``slow_ms`` (from the profile export; 0 without it)
+    p999_us: float = 0.0
+    slow: int = 0
 
     @property
     def p50_ms(self) -> float:
@@ -105,7 +108,7 @@ def parse_csv(text: str) -> list[Row]:
 STALL_US = 400_000.0
 
 
-def parse_profile(doc: dict, batch_size: int = 1) -> dict[str, float]:
+def parse_profile(doc: dict, batch_size: int = 1, slow_ms: float | None = None) -> dict[str, float]:
     """Throughput and latency percentiles from a ``--profile-export-file`` document.
 
     Why: with ``--request-count`` perf_analyzer's CSV throughput divides by whole seconds (2000 requests
@@ -137,6 +140,8 @@ def parse_profile(doc: dict, batch_size: int = 1) -> dict[str, float]:
         "requests": len(sends),
         "duration_s": span_s,
         "stalls": sum(1 for x in lats if x >= STALL_US),
+        "p999_us": pct(99.9),
+        "slow": sum(1 for x in lats if x > slow_ms * 1000.0) if slow_ms else 0,
     }
 
 
@@ -198,6 +203,8 @@ class LoadPoint:
     #: gRPC headers for every call (``-H name:value``), e.g. the statistics key Triton and the front door want for
     #: model statistics (never an admin key: this command line is readable where /proc has no hidepid).
     headers: dict[str, str] = field(default_factory=dict)
+    #: Requests slower than this are counted (``Row.slow``; the suites set 4x their SLO); None: not counted.
+    slow_ms: float | None = None
 
     def command(self, csv_path: Path) -> list[str]:
         if self.mode not in ("concurrency", "rate"):
@@ -274,6 +281,6 @@ def run(point: LoadPoint, csv_path: Path) -> Row:
     profile = csv_path.with_suffix(".profile.json")
     if not profile.exists():
         return rows[0]
-    exact = parse_profile(json.loads(profile.read_text()), point.batch_size)
+    exact = parse_profile(json.loads(profile.read_text()), point.batch_size, point.slow_ms)
     profile.unlink()  # per-request timestamps are large; the CSV and the log stay with the report
     return replace(rows[0], **exact)

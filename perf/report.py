@@ -141,14 +141,16 @@ def markdown(doc: dict, plots: list[Path]) -> str:
         "",
         "## Load points",
         "",
-        "| target | variant | via | mode | load | infer/s | p50 ms | p99 ms | server queue us | server compute us "
-        "| avg batch | peak RSS MiB (server + stubs) | CPU ms/request (server / stubs / perf_analyzer) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| target | variant | via | mode | load | infer/s | p50 ms | p99 ms | p99.9 ms | over 4x SLO | server queue us "
+        "| server compute us | avg batch | peak RSS MiB (server + stubs) | CPU ms/request (server / stubs / "
+        "perf_analyzer) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc.get("runs", []):
         if r.get("error"):
             lines.append(
-                f"| {r['target']} | {r['variant']} | {r['via']} | {r['mode']} | {r['value']:g} | error | | | | | | |"
+                f"| {r['target']} | {r['variant']} | {r['via']} | {r['mode']} | {r['value']:g} | error "
+                "| | | | | | | | |"
             )
             continue
         srv = r.get("server", {}).get(r["model"], {})
@@ -157,7 +159,8 @@ def markdown(doc: dict, plots: list[Path]) -> str:
         lines.append(
             f"| {r['target']} | {r['variant']} | {r['via']} | {r['mode']} | {r['value']:g} | "
             f"{r['infer_per_sec']:.1f} | "
-            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f}{_stalls(r)} | {_fmt(srv.get('queue_us'), 0)} | "
+            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f}{_stalls(r)} | {_fmt(r.get('p999_ms') or None, 1)} | "
+            f"{r.get('over_4x_slo', '-')} | {_fmt(srv.get('queue_us'), 0)} | "
             f"{_fmt(srv.get('compute_infer_us'), 0)} | {_fmt(srv.get('avg_batch'), 2)} | "
             f"{_fmt(rss.get('server_mib'), 0)} + {_fmt(rss.get('stubs_mib'), 0)} ({rss.get('stub_count', 0)} stubs) | "
             f"{_fmt(cpu.get('server'), 2)} / {_fmt(cpu.get('stubs'), 2)} / {_fmt(cpu.get('perf_analyzer'), 2)} |"

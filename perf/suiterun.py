@@ -42,6 +42,9 @@ class RunRecord:
     p90_ms: float = 0.0
     p95_ms: float = 0.0
     p99_ms: float = 0.0
+    #: the tail beyond p99 (issue 22): p99.9, and the requests slower than 4x the suite's SLO
+    p999_ms: float = 0.0
+    over_4x_slo: int = 0
     requests: int = 0
     stalls: int = 0
     client_queue_us: float = 0.0
@@ -147,6 +150,7 @@ class SuiteRun:
             request_count=count,
             timeout_s=max(60.0, seconds * 20),
             headers=ep.headers,
+            slow_ms=4 * self.suite.slo_ms,
         )
         before = [metrics.scrape(u) for u in ep.metrics_urls]
         sampler = metrics.RssSampler(list(ep.pids)).__enter__()  # peaks of the servers behind this endpoint
@@ -183,6 +187,7 @@ class SuiteRun:
             round(x / 1000, 3) for x in (row.p50_us, row.p90_us, row.p95_us, row.p99_us)
         )
         rec.requests, rec.stalls = row.requests, row.stalls
+        rec.p999_ms, rec.over_4x_slo = round(row.p999_us / 1000, 3), row.slow
         rec.client_queue_us, rec.client_compute_us = row.server_queue_us, row.server_compute_infer_us
         rec.server = server
         rec.rss_mib = asdict(sampler.peaks)

@@ -66,6 +66,10 @@ def test_profile_export_gives_exact_throughput_and_percentiles():
     assert got["p99_us"] == pytest.approx(lat_us[-1]) and got["p50_us"] == pytest.approx(lat_us[5])
     assert got["p50_us"] <= got["p90_us"] <= got["p99_us"]
     assert analyzer.parse_profile(doc, batch_size=8)["infer_per_sec"] == pytest.approx(8 * got["infer_per_sec"])
+    # the tail beyond p99: p99.9, and the requests slower than the point's slow_ms (the suites pass 4x the SLO)
+    assert got["p999_us"] == pytest.approx(lat_us[-1]) and got["slow"] == 0  # no slow_ms: not counted
+    cut_ms = lat_us[8] / 1000
+    assert analyzer.parse_profile(doc, slow_ms=cut_ms)["slow"] == sum(x > lat_us[8] for x in lat_us) == 3
 
 
 def test_profile_without_completed_requests_is_an_error():
