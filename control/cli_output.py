@@ -15,7 +15,7 @@ code  meaning
 2     usage: an unknown command or flag, a bad value (named at parse time), a value the control plane
       refused as invalid (INVALID_ARGUMENT)
 3     the control plane cannot be reached: no control plane at the address, a failed TLS handshake, no
-      usable kubeconfig or no answer from the Kubernetes API
+      token file in --root (no fleet there), no usable kubeconfig or no answer from the Kubernetes API
 ====  ====================================================================================================
 
 :func:`classify` is the one place that turns an exception into a code and a one-line message; commands raise
@@ -44,8 +44,8 @@ EXIT_CODES_HELP = """exit codes:
   1  the operation failed or its verdict is negative (a rolled-back or failed rollout, a backup that failed
      verification, a refused call, a fleet that did not come up)
   2  usage: unknown command or flag, a bad value (named), a value the control plane refused as invalid
-  3  the control plane cannot be reached (no control plane at the address, TLS handshake failed, no usable
-     kubeconfig, Kubernetes API not answering)
+  3  the control plane cannot be reached (no control plane at the address, TLS handshake failed, no token
+     file in --root, no usable kubeconfig, Kubernetes API not answering)
 
 output: -o json|yaml prints one document on stdout and nothing else there; errors, warnings and progress
 (every --wait, rollover's stream) go to stderr."""

@@ -16,7 +16,7 @@ code  meaning
 2     usage: an unknown command or flag, a bad value (named at parse time), a value the control plane
       refused as invalid (INVALID_ARGUMENT)
 3     the control plane cannot be reached: no control plane at the address, a failed TLS handshake, no
-      usable kubeconfig or no answer from the Kubernetes API
+      token file in --root (no fleet there), no usable kubeconfig or no answer from the Kubernetes API
 ====  ====================================================================================================
 """
 

@@ -583,3 +583,61 @@ def test_dry_runs_against_a_real_fleet_change_nothing(tmp_path_factory):
         up = json.loads(f.recctl("up", "--repository", str(f.repository), "-o", "json").stdout)
         assert up["already_up"] is True and up["pid"] == f.control_pid()
         assert state() == before
+
+
+# ---------------------------------------------------------------------------------------------- a real Kubernetes API
+def test_k8s_commands_through_a_real_api_client(tmp_path, capsys):
+    """kmock's in-memory Kubernetes API (no pods, no operator: this test plays the operator by patching the
+    ModelRollout's status): --wait prints each change on stderr and the final object on stdout; a refused create
+    is 1; a kubeconfig whose API does not answer is 3."""
+    import threading
+
+    pytest.importorskip("kmock")
+    from recserve.control.kube.api import GROUP, ROLLOUTS, VERSION
+    from tests.kube_fixtures import NAMESPACE, KubeEmulator
+
+    def kubeconfig(url: str) -> str:
+        path = tmp_path / f"kubeconfig-{url.rsplit(':', 1)[-1]}"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emu",
+            "clusters": [{"name": "emu", "cluster": {"server": url}}], "users": [{"name": "u", "user": {"token": "t"}}],
+            "contexts": [{"name": "emu", "context": {"cluster": "emu", "user": "u", "namespace": NAMESPACE}}]}))
+        return str(path)
+
+    emu = KubeEmulator().start()
+    try:
+        k8s = ["k8s", "--kubeconfig", kubeconfig(emu.url), "-n", NAMESPACE]
+
+        def operator() -> None:  # waits for the CR, then moves it through shift -> bake -> RolledBack
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    emu.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, ROLLOUTS, "r9")
+                    break
+                except Exception:  # noqa: BLE001 (404 until recctl created it)
+                    time.sleep(0.05)
+            for st in ({"result": "Running", "phase": "shift", "history": [{"weight": 50}],
+                        "gates": {"p99_ratio": 1.0}},
+                       {"result": "RolledBack", "phase": "done", "failedGate": "p99_ratio", "message": "p99 x4"}):
+                time.sleep(0.4)
+                emu.custom.patch_namespaced_custom_object_status(GROUP, VERSION, NAMESPACE, ROLLOUTS, "r9",
+                                                                 {"status": st})
+
+        op = threading.Thread(target=operator, daemon=True)
+        op.start()
+        rc = recctl.main(k8s + ["rollover", "ranker", "--version", "9", "--steps", "50,100", "--name", "r9", "--wait",
+                                "--poll", "0.1", "-o", "json"])
+        op.join(10)
+        got = capsys.readouterr()
+        assert rc == 1 and json.loads(got.out)["status"]["result"] == "RolledBack", got
+        assert "shift" in got.err and " 50%" in got.err and "p99_ratio=1" in got.err and "RolledBack" in got.err
+        rc = recctl.main(k8s + ["rollover", "ranker", "--version", "9", "--name", "r9"])  # the name is taken
+        got = capsys.readouterr()
+        assert rc == 1 and got.out == "" and "409" in got.err, got
+        assert recctl.main(k8s + ["rollouts", "-o", "yaml"]) == 0
+        assert [r["name"] for r in yaml.safe_load(capsys.readouterr().out)] == ["r9"]
+    finally:
+        emu.stop()
+    rc = recctl.main(["k8s", "--kubeconfig", kubeconfig(f"http://127.0.0.1:{free_port()}"), "rollouts", "-o", "json"])
+    got = capsys.readouterr()
+    assert rc == 3 and got.out == "" and "does not answer" in got.err, got
