@@ -298,6 +298,7 @@ class BackupManager:
         self.last_attempt = 0.0
         self.last_verified: float | None = None  # created time of the newest verified backup
         if metrics is not None:
+            metrics.backup_policy_start.set(self.clock())  # before max_age: never a promise without its start
             metrics.backup_max_age.set(policy.max_age_s)
 
     def refresh_metrics(self) -> BackupRecord | None:

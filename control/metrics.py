@@ -46,6 +46,10 @@ class ControlMetrics:
                                        registry=r)
         self.backup_max_age = Gauge("recserve_backup_max_age_seconds", "policy: schedule interval plus slack "
                                     "(0: no backup policy)", registry=r)
+        # With no verified backup known (0 above: a fresh target, or before the target was read at start), the
+        # stale-backup alert counts the age from here, not from 1970.
+        self.backup_policy_start = Gauge("recserve_backup_policy_start_timestamp_seconds", "unix time this "
+                                         "control plane took its backup policy on (0: no backup policy)", registry=r)
 
         # Admission (control/router.py): limits, load and shedding as HAProxy counts them.
         self.busy_probes = Counter("recserve_busy_probes", "failed deep checks judged busy (saturated, at its "

@@ -4,7 +4,7 @@
 on change): one target per Triton instance, labelled with the control plane's instance id, plus the control
 plane's and HAProxy's exporters. ``FleetCollector`` exports, at scrape time, series computed from the state
 database and the last deep checks (so they are never stale after an instance is removed or the control plane
-restarts): instance states, healthy standbys, golden mismatches, the last rollout's end per model.
+restarts): instance states, healthy standbys, the serving mode, golden mismatches, the last rollout's end per model.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class FleetCollector:
         self.fleet = fleet
 
     def collect(self):
+        from recserve.control.router import MODES  # the control plane has it loaded; `recctl status` need not
+
         f = self.fleet
         recs = f.state.instances()
         state = GaugeMetricFamily("recserve_instance_state", "1 for the instance's current role and state "
@@ -81,6 +83,13 @@ class FleetCollector:
                                 value=len(healthy))
         yield GaugeMetricFamily("recserve_fleet_healthy_standbys", "healthy instances in the standby role",
                                 value=sum(1 for r in healthy if r.role == "standby"))
+        # Alerts that only mean something in one mode select on it: active-active has no standby by design,
+        # so RecserveNoHealthyStandby reads recserve_fleet_mode{mode="primary-standby"} == 1.
+        mode = GaugeMetricFamily("recserve_fleet_mode", "1 for the fleet's serving mode (recctl up --mode), 0 for "
+                                 "the others", labels=["mode"])
+        for m in MODES:
+            mode.add_metric([m], 1 if m == f.config.mode else 0)
+        yield mode
         last = GaugeMetricFamily("recserve_rollout_last_finished_timestamp_seconds",
                                  "unix time the model's latest rollout ended, labelled with how it ended",
                                  labels=["model", "status"])

@@ -137,14 +137,35 @@ def test_fleet_collector_reports_states_golden_mismatch_and_rollbacks():
         state=SimpleNamespace(instances=lambda: recs, latest_rollout=lambda m: SimpleNamespace(
             status="rolled_back", finished=123.0) if m == "ranker" else None),
         last_probe={"t1": SimpleNamespace(ok=False, stage="golden", reason="wrong answer: recommend differs")},
-        versioned_models=lambda: ["ranker", "retrieval"])
+        versioned_models=lambda: ["ranker", "retrieval"], config=SimpleNamespace(mode="primary-standby"))
     fams = {f.name: f for f in FleetCollector(fleet).collect()}
     samples = lambda n: {tuple(sorted(s.labels.items())): s.value for s in fams[n].samples}  # noqa: E731
     assert samples("recserve_instance_golden_mismatch") == {(("instance", "t1"),): 1, (("instance", "t2"),): 0}
     assert samples("recserve_instance_state")[(("instance", "t1"), ("role", "primary"), ("state", "broken"))] == 1
     assert samples("recserve_fleet_healthy_standbys") == {(): 1}
+    # the serving mode, which RecserveNoHealthyStandby selects on (active-active has no standby by design)
+    assert samples("recserve_fleet_mode") == {(("mode", "primary-standby"),): 1, (("mode", "active-active"),): 0}
     assert samples("recserve_rollout_last_finished_timestamp_seconds") == {
         (("model", "ranker"), ("status", "rolled_back")): 123.0}
+
+
+def test_backup_policy_start_is_exported_with_the_policy(tmp_path):
+    """RecserveBackupStale counts the age from the policy's start while no verified backup is known (last
+    success 0): exported from the moment the policy's max age is, so a starting control plane is never stale."""
+    from recserve.control.backup import BackupManager
+    from recserve.control.backup_policy import load_policy
+    from recserve.control.metrics import ControlMetrics
+
+    metrics = ControlMetrics()
+    value = metrics.registry.get_sample_value
+    assert value("recserve_backup_policy_start_timestamp_seconds") == value("recserve_backup_max_age_seconds") == 0
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(json.dumps({"target": {"path": str(tmp_path / "offhost")}}))
+    policy = load_policy(policy_file, tmp_path / "runtime", tmp_path / "repo")
+    BackupManager(policy, tmp_path / "repo", tmp_path / "runtime" / "state.db", metrics, clock=lambda: 1234.5)
+    assert value("recserve_backup_policy_start_timestamp_seconds") == 1234.5
+    assert value("recserve_backup_max_age_seconds") == policy.max_age_s > 0
+    assert value("recserve_backup_last_success_timestamp_seconds") == 0  # none known yet: not stale for that
 
 
 def test_webhook_receiver_records_notifications_and_stops_cleanly(tmp_path):
