@@ -359,7 +359,7 @@ def test_control_api_speaks_tls_only(fleet):
             pbg.ControlPlaneStub(channel).GetStatus(pb.GetStatusRequest(), timeout=3)
         assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
     r = fleet.recctl("--ca", str(stranger), "status", check=False)
-    assert r.returncode == 2 and "TLS handshake with the control plane" in " ".join(r.stdout.split()), r.stdout
+    assert r.returncode == 3 and "TLS handshake with the control plane" in " ".join(r.stderr.split()), r.stderr
     assert _snapshot(fleet) == before
     _serves(fleet)
 

@@ -226,7 +226,8 @@ def test_recctl_without_a_control_plane_says_so(tmp_path):
     port = free_port()
     r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "--root", str(tmp_path), "--control",
                         f"127.0.0.1:{port}", "--timeout", "3", "status"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and ("no control plane" in r.stdout or "UNAVAILABLE" in r.stdout)
+    # exit 3 (cannot reach the control plane), said on stderr, nothing on stdout (recctl's exit-code table)
+    assert r.returncode == 3 and "no control plane" in r.stderr and r.stdout == "", (r.returncode, r.stderr)
 
 
 class _FakeFleet:

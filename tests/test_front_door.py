@@ -87,7 +87,7 @@ def test_recctl_up_refuses_a_public_client_bind_without_tls(tmp_path):
     r = f.recctl("up", "--repository", str(DEFAULT_REPOSITORY), "--grpc-port", str(f.ports["grpc"]), "--http-port",
                  str(f.ports["http"]), "--control-port", str(f.ports["control"]), "--client-bind", "0.0.0.0",
                  check=False, timeout=120)
-    out = " ".join(r.stdout.split())
+    out = " ".join(r.stderr.split())
     assert r.returncode == 1 and "--client-bind 0.0.0.0 is not loopback" in out and "--client-tls-cert" in out, out
     assert not (tmp_path / "root" / "haproxy").exists() and not (tmp_path / "root" / "instances").exists()
     assert FrontDoorConfig(bind="0.0.0.0").dial_host() == "127.0.0.1"

@@ -54,4 +54,4 @@ def test_recctl_k8s_refuses_a_missing_kubeconfig_in_one_line(tmp_path, capsys):
     from recserve.control.recctl import main
 
     assert main(["k8s", "--kubeconfig", str(tmp_path / "nope"), "rollouts"]) == 2
-    assert "kubeconfig" in capsys.readouterr().out
+    assert "kubeconfig" in capsys.readouterr().err
