@@ -915,7 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _target_options(p: argparse.ArgumentParser) -> None:
-    """``--from TARGET`` (checked at parse time) and ``--endpoint-url``, as backup_cli.target_options has them."""
+    """``--from TARGET`` (checked at parse time) and ``--endpoint-url``."""
 
     def target(text: str) -> str:
         from recserve.control.backup_targets import TargetError, parse_target
