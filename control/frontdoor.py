@@ -11,13 +11,23 @@ client frontend gets (``frontdoor_lines``); ``control/haproxy.py`` renders them 
   statistics pass only with the fleet's admin key in the request (``admin-key`` /
   ``triton-grpc-protocol-admin-key``), matched against the key file itself (``-f``), so no copy of the secret lands
   in haproxy.cfg.
-* **Bounded bodies** (sizes below, derived from the served contract): HTTP with a Content-Length over the limit
-  gets 413 at once (no body read); a chunked HTTP body is awaited until one byte past the limit (``wait-for-body
-  ... at-least limit+1``) and gets 413. gRPC bodies carry no Content-Length: the frontend awaits the whole body or a
-  full buffer (``tune.bufsize`` holds the largest limit + 16 KiB) and answers ``RESOURCE_EXHAUSTED`` naming the limit
-  when ``req.body_len`` is over it. A body larger than the buffer is answered before its upload ends, and HAProxy
-  2.6 then resets the stream (RST_STREAM CANCEL): gRPC clients see CANCELLED for those. Refusals are not 5xx, so
-  neither HAProxy nor a client retry policy retries them.
+* **Bounded bodies** (sizes below, derived from the served contract): HTTP with a Content-Length over the limit, or
+  a chunked body awaited until one byte past it (``wait-for-body ... at-least limit+1``), gets 413 naming the limit;
+  gRPC bodies carry no Content-Length: the frontend awaits the whole body or a full buffer (``tune.bufsize`` holds the
+  largest limit + 16 KiB) and answers ``RESOURCE_EXHAUSTED`` naming the limit when ``req.body_len`` is over it.
+  Refusals are not 5xx, so neither HAProxy nor a client retry policy retries them.
+* **Refusals reach clients whole** (docs/oversized-requests.md): HAProxy 2.6's ``http-request return`` aborts the
+  request it answers, so a refusal written while the client was still uploading never reached it (HTTP/1.1: the
+  connection closed under tritonclient, which reported a broken pipe instead of the 413; HTTP/2: RST_STREAM CANCEL,
+  which gRPC clients reported as CANCELLED instead of the status). The refusals of requests that may still be
+  uploading (gRPC: all of the front door's; HTTP: over the size limit) are therefore written by a small Lua service
+  (``REFUSE_LUA``, an HAProxy applet): HAProxy then ends the request normally, discarding the rest of the body as it
+  arrives, and the client reads the refusal whenever it reads (clients that read while they send, gRPC's and curl,
+  stop their upload at once). Nothing is kept: a refused upload holds HAProxy's usual buffers, never its body; at
+  most ``refusal_slots`` such refusals per frontend at once (a stick-table counts them until their uploads end),
+  beyond that the refusal is written by ``http-request return`` as before; an upload that stalls is cut by
+  ``timeout client``. An HTTP client that sends ``Expect: 100-continue`` (curl does, over 1 MiB) gets the 413 before
+  it sends a byte of the body.
 * **Slow and idle clients**: ``timeout http-request`` covers headers and the awaited body, ``timeout
   http-keep-alive`` and ``timeout client`` bound idle connections, ``maxconn`` bounds each frontend.
 * **Exposure**: the bind address (loopback by default; anything else only with TLS unless explicitly allowed) and
@@ -62,6 +72,12 @@ HTTP_MAX_BODY = DOOR_BATCH_HTTP * (HISTORY_LIMIT + 1) * JSON_INT64_CHARS + FRAMI
 HEADER_RESERVE = 16 * 1024
 #: tune.bufsize from which HAProxy 2.6 costs more CPU per request (glibc's default mmap threshold, 128 KiB).
 CHEAP_BUFSIZE = 128 * 1024
+#: Refusals written by the refusal service at once, per client frontend (each counts until its client's upload
+#: ends; HAProxy discards what still arrives, ~1.4 ms of its CPU per MB over gRPC, measured); more are written by
+#: ``http-request return``, whose answer a client still uploading may not read (docs/oversized-requests.md).
+REFUSAL_SLOTS = 32
+#: The refusal service's Lua heap limit (tune.lua.maxmem, MB); it keeps nothing between requests.
+LUA_MAXMEM_MB = 16
 
 # ------------------------------------------------------------------ the allow-list
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
@@ -108,6 +124,8 @@ class FrontDoorConfig:
     maxconn: int = 2000
     #: The fleet's admin key file: its holder may read statistics through HAProxy; None = statistics refused.
     admin_key_file: Path | None = None
+    #: Refusals of still-uploading requests written by the refusal service at once, per client frontend.
+    refusal_slots: int = REFUSAL_SLOTS
 
     def validate(self) -> None:
         try:
@@ -135,7 +153,7 @@ class FrontDoorConfig:
             raise FrontDoorError(f"--client-bind {self.bind} is not loopback: client ports leave this host only with "
                                  "TLS (--client-tls-cert/--client-tls-key), or say --client-allow-plaintext "
                                  "(a private network you trust)")
-        for name in ("max_grpc_body", "max_http_body", "maxconn"):
+        for name in ("max_grpc_body", "max_http_body", "maxconn", "refusal_slots"):
             if getattr(self, name) < 1:
                 raise FrontDoorError(f"front door: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("timeout_http_request_s", "timeout_keep_alive_s", "timeout_client_s"):
@@ -171,8 +189,41 @@ def pem_path(workdir: Path) -> Path:
     return Path(workdir) / "client-tls.pem"
 
 
+def lua_path(workdir: Path) -> Path:
+    return Path(workdir) / "frontdoor.lua"
+
+
+#: The refusal services (``http-request use-service lua.recserve_refuse_<proto>``). The frontend's rules put the
+#: refusal in transaction variables (``txn.fd_code``: the gRPC status or the HTTP status; ``txn.fd_msg``); the service
+#: answers at once, without reading the body: gRPC as a Trailers-Only reply (HTTP 200, content-type
+#: application/grpc, grpc-status, grpc-message; one HEADERS frame with END_STREAM), HTTP with KServe v2's JSON error
+#: body (tritonclient shows its words; a text body reached its users as "Parse error at offset 0"). Unlike
+#: ``http-request return``, an applet's answer leaves the request to end normally: HAProxy discards the rest of the
+#: body as it arrives instead of resetting the stream or closing the connection under the upload.
+REFUSE_LUA = """-- generated by recserve (control/frontdoor.py): the front door's refusals of requests still uploading
+core.register_service("recserve_refuse_grpc", "http", function(applet)
+  applet:set_status(200)
+  applet:add_header("content-type", "application/grpc")
+  applet:add_header("grpc-status", tostring(applet:get_var("txn.fd_code")))
+  applet:add_header("grpc-message", applet:get_var("txn.fd_msg"))
+  applet:start_response()
+end)
+
+core.register_service("recserve_refuse_http", "http", function(applet)
+  local body = '{"error":"' .. applet:get_var("txn.fd_msg") .. '"}'
+  applet:set_status(applet:get_var("txn.fd_code"))
+  applet:add_header("content-type", "application/json")
+  applet:add_header("content-length", tostring(#body))
+  applet:start_response()
+  applet:send(body)
+end)
+"""
+
+
 def prepare_files(c: FrontDoorConfig, workdir: Path) -> None:
-    """Write the certificate and key as the one 0600 PEM file HAProxy's ``crt`` reads (nothing without TLS)."""
+    """Write the refusal services (``REFUSE_LUA``) and, with TLS, the certificate and key as the one 0600 PEM file
+    HAProxy's ``crt`` reads."""
+    lua_path(workdir).write_text(REFUSE_LUA)
     path = pem_path(workdir)
     if not c.tls:
         path.unlink(missing_ok=True)
@@ -184,9 +235,10 @@ def prepare_files(c: FrontDoorConfig, workdir: Path) -> None:
     os.chmod(path, 0o600)
 
 
-def global_lines(c: FrontDoorConfig) -> list[str]:
-    """Lines of HAProxy's ``global`` section the front door needs (buffers that can hold the largest body)."""
-    return [f"  tune.bufsize {c.bufsize()}"]
+def global_lines(c: FrontDoorConfig, workdir: Path) -> list[str]:
+    """Lines of HAProxy's ``global`` section the front door needs: buffers that can hold the largest body, and the
+    refusal services (``prepare_files`` writes them)."""
+    return [f"  tune.bufsize {c.bufsize()}", f"  tune.lua.maxmem {LUA_MAXMEM_MB}", f"  lua-load {lua_path(workdir)}"]
 
 
 def bind_line(c: FrontDoorConfig, proto: str, port: int, workdir: Path) -> str:
@@ -199,18 +251,25 @@ def bind_line(c: FrontDoorConfig, proto: str, port: int, workdir: Path) -> str:
     return line
 
 
-def _grpc_reply(status: int, message: str) -> str:
-    """A gRPC Trailers-Only reply (HAProxy 2.6 cannot send trailers; grpc-status in the headers is valid). Its
-    content-type comes from ``GRPC_CONTENT_TYPE_RULE``: HAProxy drops that header from a body-less ``return``."""
-    return f'http-request return status 200 hdr grpc-status {status} hdr grpc-message "{message}"'
-
-
 #: Every gRPC reply HAProxy writes itself without a content-type gets ``application/grpc``: grpc-go and grpc-java
 #: read a reply without it as malformed (HAProxy 2.6 drops the header from a body-less ``http-request return``,
-#: ``hdr content-type`` included; ``http-after-response`` applies to its own replies too). Triton's replies and
-#: the refusal errorfiles carry it already, so the rule leaves them alone.
+#: ``hdr content-type`` included; ``http-after-response`` applies to its own replies too). Triton's replies, the
+#: refusal service's and the refusal errorfiles carry it already, so the rule leaves them alone.
 GRPC_CONTENT_TYPE_RULE = ("  http-after-response set-header content-type application/grpc if "
                           "{ res.hdr(grpc-status) -m found } !{ res.hdr(content-type) -m found }")
+#: The refusal the frontend's rules chose (``txn.fd_code``: a gRPC status, or an HTTP status).
+REFUSED = "{ var(txn.fd_code) -m found }"
+
+
+def _refuse_lines(c: FrontDoorConfig, proto: str, at_once: str) -> list[str]:
+    """Answer the refusal in ``txn.fd_code``/``txn.fd_msg``: by the refusal service while one of ``refusal_slots`` is
+    free (a stick-table's ``conn_cur`` counts the refused requests whose uploads have not ended; HAProxy decrements it
+    when a request ends, however it ends), else with ``at_once`` (an ``http-request return``)."""
+    return [
+        f"  http-request track-sc2 int(0) if {REFUSED}",
+        f"  http-request use-service lua.recserve_refuse_{proto} if {REFUSED} {{ sc2_conn_cur le {c.refusal_slots} }}",
+        f"  http-request return {at_once} if {REFUSED}",
+    ]
 
 
 def frontdoor_lines(c: FrontDoorConfig, proto: str, port: int, workdir: Path) -> list[str]:
@@ -224,6 +283,8 @@ def frontdoor_lines(c: FrontDoorConfig, proto: str, port: int, workdir: Path) ->
         f"  timeout http-request {_ms(c.timeout_http_request_s)}",
         f"  timeout http-keep-alive {_ms(c.timeout_keep_alive_s)}",
         f"  timeout client {_ms(c.timeout_client_s)}",
+        # the refusals whose uploads go on (_refuse_lines)
+        "  stick-table type integer size 1 store conn_cur",
     ]
     key = f" -m str -f {Path(c.admin_key_file).resolve()}" if c.admin_key_file else None
     if proto == "grpc":
@@ -233,13 +294,18 @@ def frontdoor_lines(c: FrontDoorConfig, proto: str, port: int, workdir: Path) ->
                 f"  acl fd_stats path {GRPC_SERVICE}{GRPC_STATISTICS}"]
         out.append(f"  acl fd_key req.hdr({ADMIN_HEADER_GRPC}){key}" if key else "  acl fd_key always_false")
         out += [
-            # the body first, then the refusals: a reply written at header time raced the client's upload and
-            # HAProxy 2.6 reset the stream without it (curl: CANCEL, no headers, in 17-19 of 30 tries)
+            # the body first (or a full buffer), then the refusals, written by the refusal service: HAProxy's own
+            # `return` reset a stream still uploading (RST_STREAM CANCEL) and the reply with it (curl: CANCEL, no
+            # headers, in 17-19 of 30 tries at header time; every 16 MB request after a full buffer)
             f"  http-request wait-for-body time {_ms(c.timeout_http_request_s)}",
-            "  " + _grpc_reply(7, f"recserve front door: %[path] is not allowed ({ALLOWED_TEXT}; statistics need "
-                                  "the admin key)") + " if !fd_allowed !fd_stats or fd_stats !fd_key",
-            "  " + _grpc_reply(8, f"recserve front door: request body over the {limit} byte limit")
-            + f" if {{ req.body_len gt {limit} }}",
+            "  http-request set-var(txn.fd_code) int(7) if !fd_allowed !fd_stats or fd_stats !fd_key",
+            f'  http-request set-var-fmt(txn.fd_msg) "recserve front door: %[path] is not allowed ({ALLOWED_TEXT}; '
+            f'statistics need the admin key)" if {REFUSED}',
+            f"  http-request set-var(txn.fd_code) int(8) if !{REFUSED} {{ req.body_len gt {limit} }}",
+            f'  http-request set-var-fmt(txn.fd_msg) "recserve front door: request body over the {limit} byte limit"'
+            " if { var(txn.fd_code) -m int 8 }",
+            *_refuse_lines(c, proto, "status 200 hdr grpc-status %[var(txn.fd_code)] hdr grpc-message "
+                                     '"%[var(txn.fd_msg)]"'),
             GRPC_CONTENT_TYPE_RULE,
         ]
         return out
@@ -249,6 +315,10 @@ def frontdoor_lines(c: FrontDoorConfig, proto: str, port: int, workdir: Path) ->
             f"  acl fd_stats path_reg {' '.join(HTTP_STATISTICS)}"]
     out.append(f"  acl fd_key req.hdr({ADMIN_HEADER_HTTP}){key}" if key else "  acl fd_key always_false")
     text = "content-type text/plain lf-string"
+    too_big = f"recserve front door: request body over the {limit} byte limit"
+    # KServe v2's error body: tritonclient shows its words (a text body read as "Parse error at offset 0")
+    json_413 = f'status 413 content-type application/json lf-string "{{\\"error\\":\\"{too_big}\\"}}"'
+    declared_over = f"{{ req.hdr(content-length) -m int gt {limit} }}"
     out += [
         f'  http-request return status 403 {text} "recserve front door: %[method] %[path] is not allowed: '
         f'statistics need the admin key\\n" if fd_stats !fd_key',
@@ -257,10 +327,12 @@ def frontdoor_lines(c: FrontDoorConfig, proto: str, port: int, workdir: Path) ->
         f'  http-request return status 405 {text} "recserve front door: %[method] %[path] is not allowed: '
         'inference takes POST, health and metadata take GET\\n"'
         " if fd_infer !METH_POST or fd_read !METH_GET or fd_stats !METH_GET",
-        f'  http-request return status 413 {text} "recserve front door: request body over the {limit} byte '
-        f'limit\\n" if {{ req.hdr(content-length) -m int gt {limit} }}',
-        f"  http-request wait-for-body time {_ms(c.timeout_http_request_s)} at-least {limit + 1}",
-        f'  http-request return status 413 {text} "recserve front door: request body over the {limit} byte '
-        f'limit\\n" if {{ req.body_len gt {limit} }}',
+        # a client waiting for "100 Continue" has sent no body: refused at once, it sends none
+        f"  http-request return {json_413} if {declared_over} {{ req.hdr(expect) -m str -i 100-continue }}",
+        f"  http-request set-var(txn.fd_code) int(413) if {declared_over}",
+        f"  http-request wait-for-body time {_ms(c.timeout_http_request_s)} at-least {limit + 1} if !{REFUSED}",
+        f"  http-request set-var(txn.fd_code) int(413) if {{ req.body_len gt {limit} }}",
+        f'  http-request set-var-fmt(txn.fd_msg) "{too_big}" if {REFUSED}',
+        *_refuse_lines(c, proto, json_413),
     ]
     return out

@@ -272,7 +272,7 @@ def render_config(c: HAProxyConfig) -> str:
         f"  stats socket {c.socket_path} mode 600 level admin",
         f"  pidfile {c.pid_path}",
         "  log stderr format short local0 warning",
-        *global_lines(c.frontdoor),
+        *global_lines(c.frontdoor, c.workdir),
         "",
         "defaults",
         "  mode http",

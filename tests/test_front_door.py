@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,6 +93,41 @@ def test_recctl_up_refuses_a_public_client_bind_without_tls(tmp_path):
     assert not (tmp_path / "root" / "haproxy").exists() and not (tmp_path / "root" / "instances").exists()
     assert FrontDoorConfig(bind="0.0.0.0").dial_host() == "127.0.0.1"
     assert FrontDoorConfig(bind="10.1.2.3").dial_host() == "10.1.2.3"
+
+
+def test_refusals_of_uploads_are_written_by_the_refusal_service(tmp_path):
+    """No fleet: the rendered config passes ``haproxy -c`` without a warning with the Lua refusal services loaded;
+    the front door's refusals of requests that may still be uploading (gRPC: all; HTTP: over the size limit) go
+    through them, HAProxy's own ``return`` only when every refusal slot is taken or (HTTP) the client waits for
+    "100 Continue" and so sends no body; ``refusal_slots`` is validated like every setting."""
+    import shutil
+    import subprocess
+
+    from recserve.control.frontdoor import REFUSE_LUA, lua_path, prepare_files
+    from recserve.control.haproxy import HAProxyConfig, errorfile_path, overloaded_reply, render_config
+
+    c = HAProxyConfig(workdir=tmp_path, grpc_port=free_port(), http_port=free_port(), slots=1)
+    prepare_files(c.frontdoor, tmp_path)
+    for proto in ("grpc", "http"):
+        errorfile_path(c, proto).write_bytes(overloaded_reply(proto))
+    c.map_path.write_text("grpc be_grpc_first_0\nhttp be_http_first_0\n")
+    c.config_path.write_text(render_config(c))
+    check = subprocess.run([shutil.which("haproxy"), "-c", "-f", str(c.config_path)], capture_output=True, text=True)
+    assert check.returncode == 0 and "WARNING" not in check.stdout + check.stderr, check.stdout + check.stderr
+    assert f"  lua-load {lua_path(tmp_path)}" in c.config_path.read_text()
+    assert lua_path(tmp_path).read_text() == REFUSE_LUA
+
+    grpc = frontdoor_lines(FrontDoorConfig(), "grpc", 9000, tmp_path)
+    http = frontdoor_lines(FrontDoorConfig(), "http", 9001, tmp_path)
+    assert any("use-service lua.recserve_refuse_grpc" in ln and "sc2_conn_cur le 32" in ln for ln in grpc)
+    assert any("use-service lua.recserve_refuse_http" in ln and "sc2_conn_cur le 32" in ln for ln in http)
+    returns = [ln for ln in grpc if "http-request return" in ln]
+    assert len(returns) == 1 and returns[0].endswith("if { var(txn.fd_code) -m found }"), returns  # slots full
+    over = [ln for ln in http if "http-request return status 413" in ln]
+    assert len(over) == 2 and "100-continue" in over[0] and over[1].endswith("if { var(txn.fd_code) -m found }")
+    assert all(f"over the {HTTP_MAX_BODY} byte limit" in ln and "application/json" in ln for ln in over)
+    with pytest.raises(FrontDoorError, match="refusal_slots must be >= 1"):
+        FrontDoorConfig(refusal_slots=0).validate()
 
 
 # ============================================================================ a real fleet through HAProxy
@@ -264,13 +300,232 @@ def test_oversized_bodies_get_their_status_in_milliseconds_and_never_reach_an_in
     failed = _failures_seen(fleet)
     outcomes = {o.attack: o for o in _run(fleet, target, "oversized-http") + _run(fleet, target, "oversized-grpc")}
     assert _failures_seen(fleet) == failed  # no oversized body reached an instance
-    for name in ("oversized-http-declared", "oversized-http-chunked"):
+    for name in ("oversized-http-declared", "oversized-http-chunked", "oversized-http-16MiB"):
         assert outcomes[name].status == "HTTP 413", outcomes[name].line()
         assert f"over the {HTTP_MAX_BODY} byte limit" in outcomes[name].message
-    small = outcomes["oversized-grpc-over-limit"]
-    assert small.status == "gRPC RESOURCE_EXHAUSTED" and f"over the {GRPC_MAX_BODY} byte limit" in small.message
+    for name in ("oversized-grpc-over-limit", "oversized-grpc-16MB"):  # the 16 MB one read CANCELLED before
+        o = outcomes[name]
+        assert o.status == "gRPC RESOURCE_EXHAUSTED" and f"over the {GRPC_MAX_BODY} byte limit" in o.message, o.line()
     # figures, not asserts (shared cores): the refusal takes milliseconds, not HAProxy's 1 s server timeout
     print("refusal times (ms): " + ", ".join(f"{k} {o.seconds * 1000:.0f}" for k, o in outcomes.items()))
+
+
+def _haproxy_worker_peak_rss(fleet: FleetProcess) -> int:
+    """Peak resident memory (bytes) of the fleet's HAProxy worker (``-W``: the master's child)."""
+    import psutil
+
+    master = int((fleet.root / "haproxy" / "haproxy.pid").read_text().split()[0])
+    peaks = []
+    for worker in psutil.Process(master).children():
+        with open(f"/proc/{worker.pid}/status") as f:
+            peaks += [int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:")]
+    return max(peaks)
+
+
+#: Uploads far over the limits (16 MiB / 16 MB) that are still going on when the front door refuses them. With
+#: HAProxy's ``http-request return`` every one of these read a broken pipe (tritonclient HTTP, from 4 MiB up) or
+#: CANCELLED / curl exit 92 with no headers (gRPC, from 1 MB up): docs/oversized-requests.md.
+UPLOAD = 16 * 2**20
+UPLOAD_TRIES = 5
+
+
+def test_oversized_uploads_read_the_refusal_naming_the_limit_every_time(fleet, tmp_path):
+    """tritonclient HTTP (binary and JSON bodies), tritonclient gRPC, curl over HTTP/1.1 (with and without
+    ``Expect: 100-continue``) and curl over h2 with gRPC framing: each try reads HTTP 413 / RESOURCE_EXHAUSTED
+    naming the limit (gRPC: with content-type application/grpc), no instance sees a byte, and HAProxy does not keep
+    the bodies (its peak memory grows by less than one of them)."""
+    import subprocess
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    http_limit, grpc_limit = f"over the {HTTP_MAX_BODY} byte limit", f"over the {GRPC_MAX_BODY} byte limit"
+    failed, before, peak = _failures_seen(fleet), _snapshot(fleet), _haproxy_worker_peak_rss(fleet)
+    seen: dict[str, list[str]] = {}
+
+    def tritonclient_call(name: str, mod, url: str, data: np.ndarray, **kw) -> None:
+        client = mod.InferenceServerClient(url)
+        try:
+            b = mod.InferInput("history", list(data.shape), "INT64")
+            b.set_data_from_numpy(data, **kw)
+            client.infer("recommend", [b])
+            seen.setdefault(name, []).append("OK (not refused)")
+        except InferenceServerException as exc:
+            seen.setdefault(name, []).append(f"{exc.status()} {exc.message()}")
+        except OSError as exc:  # what tritonclient HTTP read before: BrokenPipeError
+            seen.setdefault(name, []).append(f"{type(exc).__name__} {exc}")
+        finally:
+            client.close()
+
+    def curl(name: str, *args: str) -> None:
+        (tmp_path / "out").unlink(missing_ok=True)
+        p = subprocess.run(["curl", "-sS", "--max-time", "30", "-D", "-", "-o", str(tmp_path / "out"), "-w",
+                            "upload=%{size_upload}\n", *args], capture_output=True, text=True, timeout=60)
+        head = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in p.stdout.splitlines()
+                                                              if ":" in ln)}
+        out = (tmp_path / "out").read_text(errors="replace") if (tmp_path / "out").exists() else ""
+        status = p.stdout.split(" ", 2)[1] if p.stdout.startswith("HTTP/") else "-"
+        seen.setdefault(name, []).append(f"exit {p.returncode} status {status} grpc-status {head.get('grpc-status')} "
+                                         f"content-type {head.get('content-type')} {head.get('grpc-message', '')}"
+                                         f"{out} {p.stdout.strip().splitlines()[-1]} {p.stderr.strip()}")
+
+    body = tmp_path / "body.json"
+    body.write_bytes(b"[" + b"1," * (UPLOAD // 2 - 1) + b"]")
+    framed = tmp_path / "body.grpc"
+    framed.write_bytes(b"\0" + UPLOAD.to_bytes(4, "big") + bytes(UPLOAD))
+    http_url = f"http://{fleet.http_url}/v2/models/recommend/infer"
+    grpc_url = f"http://{fleet.grpc_url}/inference.GRPCInferenceService/ModelInfer"
+    zeros = np.zeros((1, UPLOAD // 8), dtype=np.int64)
+    for _ in range(UPLOAD_TRIES):
+        tritonclient_call("tritonclient-http-binary", httpclient, fleet.http_url, zeros, binary_data=True)
+        tritonclient_call("tritonclient-grpc", grpcclient, fleet.grpc_url, zeros)
+        curl("curl-http", "-H", "Expect:", "-H", "content-type: application/json", "--data-binary", f"@{body}",
+             http_url)
+        curl("curl-http-expect-100", "-H", "content-type: application/json", "--data-binary", f"@{body}", http_url)
+        curl("curl-h2-grpc", "--http2-prior-knowledge", "-H", "content-type: application/grpc", "-H", "te: trailers",
+             "--data-binary", f"@{framed}", grpc_url)
+    # the issue's own client: a JSON body tritonclient builds (4 MiB: a 16 MiB one takes it ~2 s to build)
+    tritonclient_call("tritonclient-http-json", httpclient, fleet.http_url,
+                      np.full((1, 4 * 2**20 // 9), 12345678, dtype=np.int64), binary_data=False)
+    for name, answers in seen.items():
+        print(name, answers[0])
+
+    for name in ("tritonclient-http-binary", "tritonclient-http-json"):
+        assert all(a == f"413 recserve front door: request body {http_limit}" for a in seen[name]), seen[name]
+    assert all(a == f"StatusCode.RESOURCE_EXHAUSTED recserve front door: request body {grpc_limit}"
+               for a in seen["tritonclient-grpc"]), seen["tritonclient-grpc"]
+    for name in ("curl-http", "curl-http-expect-100"):
+        assert all(a.startswith("exit 0 status 413 ") and "content-type application/json" in a and http_limit in a
+                   for a in seen[name]), seen[name]
+    # a client that announces its body and waits for "100 Continue" is refused before it sends any of it
+    assert all("upload=0" in a for a in seen["curl-http-expect-100"]), seen["curl-http-expect-100"]
+    assert all(a.startswith("exit 0 status 200 grpc-status 8 content-type application/grpc ") and grpc_limit in a
+               for a in seen["curl-h2-grpc"]), seen["curl-h2-grpc"]
+
+    assert _failures_seen(fleet) == failed and _snapshot(fleet) == before  # nothing reached or changed an instance
+    assert _haproxy_worker_peak_rss(fleet) - peak < UPLOAD, "HAProxy kept a refused body"
+    _serves(fleet)
+
+
+def test_refused_uploads_in_flight_are_bounded_by_the_refusal_slots(fleet):
+    """A client that opens many oversized uploads and keeps them going holds at most ``refusal_slots`` of them in
+    the refusal service (counted by HAProxy until each upload ends); the others are refused at once all the same.
+    Every one is answered 413 while its upload is still going on, and the count returns to 0 when they end."""
+    import socket
+
+    from recserve.control.frontdoor import REFUSAL_SLOTS
+
+    def in_flight() -> int:
+        with socket.socket(socket.AF_UNIX) as u:
+            u.connect(str(fleet.root / "haproxy" / "haproxy.sock"))
+            u.sendall(b"show table fe_http\n")
+            text = b"".join(iter(lambda: u.recv(65536), b"")).decode()
+        rows = [ln for ln in text.splitlines() if "conn_cur=" in ln]
+        return int(rows[0].split("conn_cur=")[1].split()[0]) if rows else 0
+
+    count = REFUSAL_SLOTS + 8
+    socks = [attacks._connect(fleet.http_url) for _ in range(count)]
+    try:
+        for s in socks:
+            s.sendall(b"POST /v2/models/recommend/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+                      + b"x" * 200_000)
+        codes = [attacks._read_status(s, 10)[0] for s in socks]  # read while 800,000 bytes of each are unsent
+        held = in_flight()
+        assert codes == [413] * count, codes
+        assert held == REFUSAL_SLOTS, held
+        for i, s in enumerate(socks):  # half end their uploads, half give up
+            if i % 2:
+                try:
+                    s.sendall(b"x" * 800_000)
+                except OSError:  # one of those refused at once: HAProxy closed the connection after the 413
+                    pass
+            else:
+                s.close()
+    finally:
+        for s in socks:
+            s.close()
+    import time
+
+    deadline = time.monotonic() + 10
+    while in_flight() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert in_flight() == 0
+    _serves(fleet)
+
+
+#: A grpc-go client (Debian's golang-google-grpc-dev, GOPATH mode): one ModelInfer whose request message is N raw
+#: bytes; prints the status code and message. grpc-go is the strict reader of Trailers-Only replies.
+GRPC_GO_CLIENT = """package main
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"strconv"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/status"
+)
+
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v interface{}) ([]byte, error)      { return *(v.(*[]byte)), nil }
+func (rawCodec) Unmarshal(data []byte, v interface{}) error { *(v.(*[]byte)) = data; return nil }
+func (rawCodec) Name() string                               { return "proto" }
+
+func main() {
+	n, _ := strconv.Atoi(os.Args[2])
+	conn, err := grpc.Dial(os.Args[1], grpc.WithInsecure(),
+		grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{}), grpc.MaxCallSendMsgSize(math.MaxInt32)))
+	if err != nil {
+		fmt.Println("dial:", err)
+		os.Exit(2)
+	}
+	defer conn.Close()
+	req, resp := make([]byte, n), []byte{}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	st := status.Convert(conn.Invoke(ctx, "/inference.GRPCInferenceService/"+os.Args[3], &req, &resp))
+	fmt.Printf("%s: %s\\n", st.Code(), st.Message())
+}
+"""
+GOPATH = "/usr/share/gocode"
+
+
+def test_grpc_go_reads_the_front_doors_refusals(fleet, tmp_path):
+    """grpc-go (the client that needs ``content-type: application/grpc``) reads the refusals the refusal service
+    writes: a 16 MB upload and one just over the limit get RESOURCE_EXHAUSTED naming the limit, a refused method
+    PERMISSION_DENIED naming the path. Needs Debian's golang-go and golang-google-grpc-dev (skipped without)."""
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("go") is None or not Path(GOPATH, "src/google.golang.org/grpc").is_dir():
+        pytest.skip("grpc-go needs Debian's golang-go and golang-google-grpc-dev")
+    (tmp_path / "main.go").write_text(GRPC_GO_CLIENT)
+    env = {**os.environ, "GO111MODULE": "off", "GOPATH": GOPATH, "GOFLAGS": ""}
+    built = subprocess.run(["go", "build", "-o", str(tmp_path / "client"), str(tmp_path / "main.go")], env=env,
+                           timeout=300, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+
+    def call(size: int, method: str = "ModelInfer") -> str:
+        p = subprocess.run([str(tmp_path / "client"), fleet.grpc_url, str(size), method], capture_output=True,
+                           text=True, timeout=60)
+        return p.stdout.strip() or p.stderr.strip()
+
+    failed = _failures_seen(fleet)
+    limit = f"ResourceExhausted: recserve front door: request body over the {GRPC_MAX_BODY} byte limit"
+    for _ in range(UPLOAD_TRIES):
+        assert call(UPLOAD) == limit
+        assert call(GRPC_MAX_BODY + 100) == limit
+        denied = call(5, "RepositoryIndex")
+        assert denied.startswith("PermissionDenied: recserve front door: /inference.GRPCInferenceService/"
+                                 "RepositoryIndex is not allowed"), denied
+    assert _failures_seen(fleet) == failed
+    _serves(fleet)
 
 
 def test_malformed_bodies_are_refused_by_the_instance_which_keeps_serving(fleet, target):
