@@ -1,4 +1,5 @@
-"""Writes a run's report: report.json (the record), report.md (summary + plots), PNG plots.
+"""Writes a run's report: report.json (the record), report.md (summary + plots), report.html (the same with the
+plots inline, one file a browser opens), PNG plots.
 
 Kept separate from the runner so a partial document (a run that failed half way) renders the same way
 and the tests can render recorded documents without a server.
@@ -10,7 +11,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from recserve.control import reportdir
+from recserve.control import htmlpage, reportdir
+from recserve.control.htmlpage import bullets, inline, tag
 from recserve.control.reportdir import link_latest as link_latest  # re-exported for perf callers
 
 REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports" / "perf"
@@ -94,25 +96,16 @@ def _stalls(run: dict) -> str:
     return f" ({n} over 400 ms)" if n else ""
 
 
-def markdown(doc: dict, plots: list[Path]) -> str:
-    """report.md: ratios, capacity, per-point table, errors, plots."""
-    v = doc.get("versions", {})
-    lines = [
-        f"# recserve perf report: suite `{doc.get('suite')}`",
-        "",
-        f"Started {doc.get('started')} - finished {doc.get('finished')} ({doc.get('wall_s', '?')} s). "
-        f"Triton {v.get('server', '?')}, tritonclient/perf_analyzer {v.get('client', '?')}, "
-        f"onnxruntime {v.get('onnxruntime', '?')}, {v.get('host', {}).get('cpus', '?')} CPUs. "
-        f"SLO p99 <= {doc.get('slo_ms')} ms. Payloads: {doc.get('payloads', {}).get('source', '?')}.",
-        "",
-        "## Ratios (measured side by side in this run)",
-        "",
-        "| ratio | value | target | detail |",
-        "|---|---|---|---|",
-    ]
+Table = tuple[list[str], list[list[str]], list[str | None]]  # columns, rows, a class per row (bad, warn, good)
+
+
+def ratios_table(doc: dict) -> Table:
+    """Each ratio with its value, target (ok / MISSED) and the figures behind it."""
+    rows, classes = [], []
     for name, r in doc.get("ratios", {}).items():
         if r.get("skipped"):
-            lines.append(f"| {name} | skipped | | {r['skipped']} |")
+            rows.append([name, "skipped", "", r["skipped"]])
+            classes.append("warn")
             continue
         detail = ", ".join(
             f"{k}={_fmt(x, 1 if k.endswith('per_sec') else 3)}"
@@ -124,86 +117,102 @@ def markdown(doc: dict, plots: list[Path]) -> str:
         )
         ok = r.get("meets_target")
         tgt = f">= {r['target']}" + (" ok" if ok else " MISSED" if ok is False else "") if r.get("target") else ""
-        lines.append(f"| {name} | {_fmt(r.get('value'))} | {tgt} | {detail} |")
-    lines += [
-        "",
-        "## Capacity (highest request rate with p99 under the SLO)",
-        "",
-        "| target | model | via | capacity_rps | p99 at capacity (ms) | why it stops |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, c in doc.get("capacity", {}).items():
-        lines.append(
-            f"| {name} | {c['model']} | {c['via']} | {_fmt(c['capacity_rps'], 0)} | "
-            f"{_fmt(c.get('p99_ms_at_capacity'), 1)} | {c['reason']}{_retried(c)} |"
-        )
-    lines += [
-        "",
-        "## Load points",
-        "",
-        "| target | variant | via | mode | load | infer/s | p50 ms | p99 ms | p99.9 ms | over 4x SLO | server queue us "
-        "| server compute us | avg batch | peak RSS MiB (server + stubs) | CPU ms/request (server / stubs / "
-        "perf_analyzer) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        rows.append([name, _fmt(r.get("value")), tgt, detail])
+        classes.append("bad" if ok is False else None)
+    return ["ratio", "value", "target", "detail"], rows, classes
+
+
+def capacity_table(doc: dict) -> Table:
+    rows = [[name, c["model"], c["via"], _fmt(c["capacity_rps"], 0), _fmt(c.get("p99_ms_at_capacity"), 1),
+             f"{c['reason']}{_retried(c)}"] for name, c in doc.get("capacity", {}).items()]
+    return (["target", "model", "via", "capacity_rps", "p99 at capacity (ms)", "why it stops"], rows,
+            [None] * len(rows))
+
+
+POINT_COLUMNS = ["target", "variant", "via", "mode", "load", "infer/s", "p50 ms", "p99 ms", "p99.9 ms", "over 4x SLO",
+                 "server queue us", "server compute us", "avg batch", "peak RSS MiB (server + stubs)",
+                 "CPU ms/request (server / stubs / perf_analyzer)"]
+
+
+def points_table(doc: dict) -> Table:
+    """One row per load point; a failed point says error (its message is under Errors)."""
+    rows, classes = [], []
     for r in doc.get("runs", []):
+        head = [r["target"], r["variant"], r["via"], r["mode"], f"{r['value']:g}"]
         if r.get("error"):
-            lines.append(
-                f"| {r['target']} | {r['variant']} | {r['via']} | {r['mode']} | {r['value']:g} | error "
-                "| | | | | | | | |"
-            )
+            rows.append(head + ["error"] + [""] * (len(POINT_COLUMNS) - len(head) - 1))
+            classes.append("bad")
             continue
         srv = r.get("server", {}).get(r["model"], {})
         rss = r.get("rss_mib", {})
         cpu = r.get("cpu_ms_per_request", {})
-        lines.append(
-            f"| {r['target']} | {r['variant']} | {r['via']} | {r['mode']} | {r['value']:g} | "
-            f"{r['infer_per_sec']:.1f} | "
-            f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f}{_stalls(r)} | {_fmt(r.get('p999_ms') or None, 1)} | "
-            f"{r.get('over_4x_slo', '-')} | {_fmt(srv.get('queue_us'), 0)} | "
-            f"{_fmt(srv.get('compute_infer_us'), 0)} | {_fmt(srv.get('avg_batch'), 2)} | "
-            f"{_fmt(rss.get('server_mib'), 0)} + {_fmt(rss.get('stubs_mib'), 0)} ({rss.get('stub_count', 0)} stubs) | "
-            f"{_fmt(cpu.get('server'), 2)} / {_fmt(cpu.get('stubs'), 2)} / {_fmt(cpu.get('perf_analyzer'), 2)} |"
-        )
+        rows.append(head + [
+            f"{r['infer_per_sec']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}{_stalls(r)}",
+            _fmt(r.get("p999_ms") or None, 1), str(r.get("over_4x_slo", "-")), _fmt(srv.get("queue_us"), 0),
+            _fmt(srv.get("compute_infer_us"), 0), _fmt(srv.get("avg_batch"), 2),
+            f"{_fmt(rss.get('server_mib'), 0)} + {_fmt(rss.get('stubs_mib'), 0)} ({rss.get('stub_count', 0)} stubs)",
+            f"{_fmt(cpu.get('server'), 2)} / {_fmt(cpu.get('stubs'), 2)} / {_fmt(cpu.get('perf_analyzer'), 2)}"])
+        classes.append("warn" if r.get("stalls") or r.get("over_4x_slo") else None)
+    return POINT_COLUMNS, rows, classes
+
+
+def tune_table(tune: dict) -> Table:
+    best = (tune.get("best") or {}).get("candidate")
+    rows = [[r["candidate"], _fmt(r.get("infer_per_sec"), 1), _fmt(r.get("p99_ms"), 1), _fmt(r.get("concurrency")),
+             _fmt(r.get("saturation"), 1), _fmt(r.get("stalls")),
+             _fmt((r.get("confirm") or {}).get("infer_per_sec"), 1), _fmt(r.get("score"), 1)]
+            for r in tune["results"]]
+    return (["candidate", "infer/s (best under SLO)", "p99 ms", "at concurrency", "saturation infer/s", "stalls",
+             "re-measured infer/s", "score"], rows,
+            ["good" if r["candidate"] == best else None for r in tune["results"]])
+
+
+def inprocess_table(doc: dict) -> Table:
+    rows = [[r["model"], str(r["batch_size"]), f"{r['threads']} x {r.get('workers', 1)}",
+             f"{r['infer_per_sec']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
+            for r in doc.get("inprocess") or []]
+    return ["model", "batch", "threads x sessions", "infer/s", "p50 ms", "p99 ms"], rows, [None] * len(rows)
+
+
+def _md(tab: Table) -> list[str]:
+    columns, rows, _ = tab
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+def _intro(doc: dict) -> str:
+    v = doc.get("versions", {})
+    return (f"Started {doc.get('started')} - finished {doc.get('finished')} ({doc.get('wall_s', '?')} s). "
+            f"Triton {v.get('server', '?')}, tritonclient/perf_analyzer {v.get('client', '?')}, "
+            f"onnxruntime {v.get('onnxruntime', '?')}, {v.get('host', {}).get('cpus', '?')} CPUs. "
+            f"SLO p99 <= {doc.get('slo_ms')} ms. Payloads: {doc.get('payloads', {}).get('source', '?')}.")
+
+
+def _tune_title(tune: dict) -> str:
+    win = (tune.get("best") or {}).get("candidate", "none met the SLO")
+    return f"Tuning `{tune['model']}` (best under p99 {tune['slo_ms']} ms: **{win}**)"
+
+
+#: The lists after the tables: (title, key of doc).
+LISTS = [("Skipped", "skipped"), ("Transient failures (the point passed when re-measured)", "transient_failures"),
+         ("Errors (partial results above)", "errors")]
+
+
+def markdown(doc: dict, plots: list[Path]) -> str:
+    """report.md: ratios, capacity, per-point table, errors, plots."""
+    lines = [f"# recserve perf report: suite `{doc.get('suite')}`", "", _intro(doc), "",
+             "## Ratios (measured side by side in this run)", "", *_md(ratios_table(doc)), "",
+             "## Capacity (highest request rate with p99 under the SLO)", "", *_md(capacity_table(doc)), "",
+             "## Load points", "", *_md(points_table(doc))]
     tune = doc.get("tune")
     if tune:
-        win = (tune.get("best") or {}).get("candidate", "none met the SLO")
-        lines += [
-            "",
-            f"## Tuning `{tune['model']}` (best under p99 {tune['slo_ms']} ms: **{win}**)",
-            "",
-            "| candidate | infer/s (best under SLO) | p99 ms | at concurrency | saturation infer/s | stalls "
-            "| re-measured infer/s | score |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in tune["results"]:
-            lines.append(
-                f"| {r['candidate']} | {_fmt(r.get('infer_per_sec'), 1)} | {_fmt(r.get('p99_ms'), 1)} | "
-                f"{_fmt(r.get('concurrency'))} | {_fmt(r.get('saturation'), 1)} | {_fmt(r.get('stalls'))} | "
-                f"{_fmt((r.get('confirm') or {}).get('infer_per_sec'), 1)} | {_fmt(r.get('score'), 1)} |"
-            )
-        lines += ["", "Proposed `config.pbtxt` (not applied) is next to this report."]
+        lines += ["", f"## {_tune_title(tune)}", "", *_md(tune_table(tune)),
+                  "", "Proposed `config.pbtxt` (not applied) is next to this report."]
     if doc.get("inprocess"):
-        lines += [
-            "",
-            "## In-process onnxruntime reference",
-            "",
-            "| model | batch | threads x sessions | infer/s | p50 ms | p99 ms |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in doc["inprocess"]:
-            lines.append(
-                f"| {r['model']} | {r['batch_size']} | {r['threads']} x {r.get('workers', 1)} | "
-                f"{r['infer_per_sec']:.1f} | "
-                f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
-            )
-    if doc.get("skipped"):
-        lines += ["", "## Skipped", ""] + [f"- {s}" for s in doc["skipped"]]
-    if doc.get("transient_failures"):
-        lines += ["", "## Transient failures (the point passed when re-measured)", ""]
-        lines += [f"- {e}" for e in doc["transient_failures"]]
-    if doc.get("errors"):
-        lines += ["", "## Errors (partial results above)", ""] + [f"- {e}" for e in doc["errors"]]
+        lines += ["", "## In-process onnxruntime reference", "", *_md(inprocess_table(doc))]
+    for title, key in LISTS:
+        if doc.get(key):
+            lines += ["", f"## {title}", ""] + [f"- {e}" for e in doc[key]]
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "## How to read this", "", *READING_NOTES, ""]
@@ -211,8 +220,38 @@ def markdown(doc: dict, plots: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def html(doc: dict, plots: list[Path]) -> str:
+    """report.html: what report.md says, missed ratios and failed points highlighted, the plots inline; one static
+    page with nothing outside it (control/htmlpage.py)."""
+
+    def section(title: str, tab: Table) -> list[object]:
+        return [tag("h2", inline(title)), htmlpage.table(*tab)]
+
+    parts: list[object] = [tag("h1", inline(f"recserve perf report: suite `{doc.get('suite')}`")),
+                           tag("p", _intro(doc)),
+                           *section("Ratios (measured side by side in this run)", ratios_table(doc)),
+                           *section("Capacity (highest request rate with p99 under the SLO)", capacity_table(doc)),
+                           *section("Load points", points_table(doc))]
+    tune = doc.get("tune")
+    if tune:
+        parts += [*section(_tune_title(tune).replace("**", ""), tune_table(tune)),
+                  tag("p", inline("Proposed `config.pbtxt` (not applied) is next to this report."))]
+    if doc.get("inprocess"):
+        parts += section("In-process onnxruntime reference", inprocess_table(doc))
+    for title, key in LISTS:
+        if doc.get(key):
+            parts += [tag("h2", title), bullets(doc[key], "warnings" if key == "errors" else None)]
+    if plots:
+        parts += [tag("h2", "Plots"), *(htmlpage.image(p, f"{p.stem}: throughput vs latency") for p in plots)]
+    parts += [tag("h2", "How to read this"), bullets(n.removeprefix("- ") for n in READING_NOTES),
+              tag("p", inline("Raw perf_analyzer CSVs and logs: `csv/`; payloads: `inputs/`; server log: `server/` "
+                              "(next to this page)."), "note")]
+    return htmlpage.page(f"recserve perf {doc.get('suite')} {doc.get('started', '')}", parts)
+
+
 def write(doc: dict, out_dir: Path) -> dict[str, Path]:
-    """Write report.json, PNG plots and report.md into ``out_dir``; plotting errors never lose the JSON."""
+    """Write report.json, PNG plots, report.md and report.html into ``out_dir``; plotting errors never lose the
+    JSON."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json"}
     paths["json"].write_text(json.dumps(doc, indent=2, default=str))
@@ -223,4 +262,6 @@ def write(doc: dict, out_dir: Path) -> dict[str, Path]:
         plots = []
     paths["md"] = out_dir / "report.md"
     paths["md"].write_text(markdown(doc, plots))
+    paths["html"] = out_dir / "report.html"
+    paths["html"].write_text(html(doc, plots), encoding="utf-8")
     return paths
