@@ -13,7 +13,7 @@ BACKUP_POLICY ?= deploy/backup-policy.yaml
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
 
-setup: $(STAMP) monitoring-debs  ## create .venv with pinned dependencies, install Debian packages (haproxy, libb64-0d, prometheus, prometheus-alertmanager)
+setup: $(STAMP) monitoring-debs browser-debs  ## create .venv with pinned dependencies, install Debian packages (haproxy, libb64-0d, prometheus, prometheus-alertmanager, chromium)
 
 .PHONY: monitoring-debs
 monitoring-debs:  # checked on every setup (not only when pyproject.toml changes): promtool/amtool tests need them
@@ -21,6 +21,13 @@ monitoring-debs:  # checked on every setup (not only when pyproject.toml changes
 	  echo "setup: installing Debian packages prometheus prometheus-alertmanager (no recommends: no system daemons)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    prometheus prometheus-alertmanager >/dev/null; }
+
+.PHONY: browser-debs
+browser-debs:  # checked on every setup: tests/test_report_html.py opens report.html in headless Chromium (skips without it)
+	@command -v chromium >/dev/null || { \
+	  echo "setup: installing Debian package chromium (headless, for the HTML report tests; no recommends)"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium >/dev/null; } || echo "setup: chromium could not be installed: the HTML report tests will skip"; }
 
 $(STAMP): pyproject.toml
 	@command -v haproxy >/dev/null && dpkg -s libb64-0d >/dev/null 2>&1 || { \
