@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
                                 "declarative fault drills against a real fleet and report RTO, failed requests, p99.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the drill specs")
-    rp = sub.add_parser("report", help="re-render report.json, report.md and the PNGs of a run from its journals")
+    rp = sub.add_parser("report", help="re-render report.json, report.md, report.html and the PNGs of a run from its "
+                        "journals")
     rp.add_argument("dir", type=Path, help="a run directory (reports/drills/<timestamp>/ or reports/drills/latest)")
     v = sub.add_parser("validate", help="validate spec files (default: every spec in drills/specs)")
     v.add_argument("files", nargs="*", type=Path)
@@ -112,7 +113,7 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
             return 3
     paths = report.write(run_dir, results, journals, records, meta)
     console.print(report.console_table(results))
-    console.print(f"report: {paths['md']} (json: {paths['json']}, latest: {paths['latest']})")
+    console.print(f"report: {paths['md']} (html: {paths['html']}, json: {paths['json']}, latest: {paths['latest']})")
     return 0 if all(r["passed"] is not False for r in results) and len(results) == len(specs) else 1
 
 
@@ -124,7 +125,7 @@ def cmd_report(run_dir: Path) -> int:
         console.print(f"[red]cannot render {run_dir}: {exc}[/red]")
         return 2
     console.print(report.console_table(paths["drills"]))
-    console.print(f"report: {paths['md']} (json: {paths['json']})")
+    console.print(f"report: {paths['md']} (html: {paths['html']}, json: {paths['json']})")
     return 0 if all(d["passed"] is not False for d in paths["drills"]) else 1
 
 

@@ -24,7 +24,7 @@ def _run(args: argparse.Namespace) -> int:
     out = report.new_run_dir(args.reports)
     doc = runner.run_suite(suite, out, args.repository.resolve(), args.data)
     report.link_latest(out)
-    print(f"report: {out}/report.md")
+    print(f"report: {out}/report.md (html: {out}/report.html)")
     for name, r in doc["ratios"].items():
         print(f"  {name:<22} {r.get('value') if r.get('value') is not None else r.get('skipped', 'n/a')}")
     for model, cap in doc["capacity_rps"].items():
