@@ -171,6 +171,16 @@ def add_dry_run(p: argparse.ArgumentParser) -> None:
                    help="print what would be done (in the -o format) and change nothing")
 
 
+def add_command(sub, name: str, fn, help_: str, changes: bool = False) -> argparse.ArgumentParser:
+    """One subcommand as every recctl command is made: ``-o``, ``--dry-run`` when it ``changes`` state, its function."""
+    sp = sub.add_parser(name, help=help_, description=help_)
+    add_output_flags(sp)
+    if changes:
+        add_dry_run(sp)
+    sp.set_defaults(fn=fn)
+    return sp
+
+
 def dry_run_doc(action: str, **what: Any) -> dict:
     return {"dry_run": True, "action": action, **what}
 

@@ -5,19 +5,8 @@ stdout and nothing else there; errors, warnings and progress go to stderr. Comma
 ``--dry-run`` (print what would be done, change nothing). ``recctl completion bash|zsh`` prints a completion
 script; ``recctl --version`` the versions.
 
-Exit codes (control/cli_output.py maps every error to one, in one place):
-
-====  ====================================================================================================
-code  meaning
-====  ====================================================================================================
-0     ok
-1     the operation failed, or its verdict is negative: a rolled-back or failed rollout, a backup that
-      failed verification, a refused call (permission, precondition, not found), a fleet that did not come up
-2     usage: an unknown command or flag, a bad value (named at parse time), a value the control plane
-      refused as invalid (INVALID_ARGUMENT)
-3     the control plane cannot be reached: no control plane at the address, a failed TLS handshake, no
-      token file in --root (no fleet there), no usable kubeconfig or no answer from the Kubernetes API
-====  ====================================================================================================
+Exit codes: the table in control/cli_output.py (also at the end of ``recctl --help``), which maps every error to
+one code in one place.
 """
 
 from __future__ import annotations
@@ -48,6 +37,7 @@ from recserve.control.cli_output import (
     Parser,
     Unreachable,
     UsageError,
+    add_command,
     add_dry_run,
     add_output_flags,
     classify,
@@ -800,12 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn, help_: str, changes: bool = False) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
-        add_output_flags(sp)
-        if changes:
-            add_dry_run(sp)
-        sp.set_defaults(fn=fn)
-        return sp
+        return add_command(sub, name, fn, help_, changes)
 
     up = add("up", cmd_up, "start the fleet in the background (no-op when it is up)", changes=True)
     down = add("down", cmd_down, "stop the control plane, instances and HAProxy of this root", changes=True)

@@ -20,8 +20,7 @@ from recserve.control.cli_output import (
     OperationFailed,
     Output,
     UsageError,
-    add_dry_run,
-    add_output_flags,
+    add_command,
     dry_run_doc,
     existing_file,
     float_range,
@@ -176,12 +175,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ks = k.add_subparsers(dest="k8s_command", required=True, metavar="COMMAND")
 
     def add(name: str, fn, help_: str, changes: bool = False) -> argparse.ArgumentParser:
-        sp = ks.add_parser(name, help=help_, description=help_)
-        add_output_flags(sp)
-        if changes:
-            add_dry_run(sp)
-        sp.set_defaults(fn=fn)
-        return sp
+        return add_command(ks, name, fn, help_, changes)
 
     add("status", cmd_status, "the fleet's pods, golden-ok gates and desired versions")
     add("rollouts", cmd_rollouts, "ModelRollouts with phase, result and failed gate")
