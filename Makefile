@@ -8,7 +8,7 @@ PORT_GRPC    ?= 8001
 PORT_METRICS ?= 8002
 BACKUP_POLICY ?= deploy/backup-policy.yaml
 
-.PHONY: help setup models build-engines serve demo test test-fast lint proto clean-runtime
+.PHONY: help setup models build-engines serve demo test test-fast lint proto clean-runtime docs
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -64,6 +64,9 @@ demo: models  ## the whole story on one machine
 
 test: models  ## the test suite (real tritonserver, no GPU needed)
 	$(PY) -m pytest -q -rs
+
+docs: setup  ## regenerate docs/cli.md (recctl's command reference) from recctl's argparse parser
+	$(PY) -m recserve.control.clidoc
 
 lint:  setup ## ruff
 	$(VENV)/bin/ruff check .
