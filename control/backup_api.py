@@ -52,7 +52,7 @@ class BackupApi:
     def _need_policy(self, context: grpc.ServicerContext) -> BackupScheduler:
         if self.backups is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no backup policy: start the control plane with "
-                          f"--backup-policy FILE (or ${POLICY_ENV}); see README 'Backup and recovery'")
+                          f"--backup-policy FILE (or ${POLICY_ENV}); see docs/operations.md 'Backup and recovery'")
         return self.backups
 
     def GetBackupPolicy(self, request, context):

@@ -20,7 +20,7 @@ class BackupError(RuntimeError):
 
 @dataclass(frozen=True)
 class BackupPolicy:
-    """The backup policy file (YAML); see ``deploy/backup-policy.yaml`` and README "Backup and recovery"."""
+    """The backup policy file (YAML); see ``deploy/backup-policy.yaml`` and docs/operations.md "Backup and recovery"."""
 
     target: TargetSpec
     every_s: float

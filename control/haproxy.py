@@ -77,7 +77,8 @@ class HAProxyConfig:
     timeout_server_ms: int = 1000
     timeout_check_ms: int = 150
     timeout_client_s: int = 30
-    #: At most one retry, and ``option redispatch`` sends it to ANOTHER server (see README "Retries").
+    #: At most one retry, and ``option redispatch`` sends it to ANOTHER server (docs/peak-traffic.md "Retries and
+    #: timeouts").
     retries: int = 1
     #: HAProxy's built-in Prometheus exporter on this port (GET /metrics); 0 = no exporter.
     metrics_port: int = 0

@@ -834,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-http-body", type=int_range(0), default=0, help="largest HTTP request body in bytes "
                     "(default: batch 4 of 1000-item histories as JSON, 92,276)")
     up.add_argument("--backup-policy", type=existing_file, default=os.environ.get("RECSERVE_BACKUP_POLICY"),
-                    help="backup policy file (README 'Backup and recovery'); none: no scheduled backups")
+                    help="backup policy file (docs/operations.md 'Backup and recovery'); none: no scheduled backups")
     st = add("status", cmd_status, "fleet, instances, versions, warnings")
     st.add_argument("--events", type=int_range(0, 1000), default=10, help="recent events to show")
     ro = add("rollover", cmd_rollover, "roll a model to a new version with metric gates (progress on stderr; "

@@ -193,7 +193,7 @@ class RouterConfig:
         100 ms and 64 places no request was refused, with 25 ms and 32 places 42 were: the degraded-answer
         server, CPU-starved at nice 10 behind the burst, answered in 37 ms at the median). Under a lasting
         overload the refusals that follow such a wait take that long: the price of serving a degraded answer
-        whenever one can be had (README "Admission")."""
+        whenever one can be had (docs/peak-traffic.md "Admission")."""
         return int(min(1000, max(20, 2 * self.slo_p99_ms)))
 
     def host_limit(self) -> int:

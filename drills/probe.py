@@ -154,7 +154,7 @@ class OpenLoopProbe:
         self.duration_s, self.timeout_s = duration_s, timeout_s
         self.max_requests, self.max_in_flight = max_requests, max_in_flight
         #: True: the channel carries the documented client retry policy (control.client.RETRY_SERVICE_CONFIG),
-        #: as a client following the README would; False: every failure is seen as it happens.
+        #: as a client following docs/peak-traffic.md would; False: every failure is seen as it happens.
         self.retry_policy = retry_policy
         if not 1 <= connections <= 64:
             raise ValueError(f"connections must be 1..64, got {connections}")

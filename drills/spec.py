@@ -87,7 +87,7 @@ class Load:
     background: BackgroundSpec | None = None
     #: the probe's rate as a multiple of the knee measured in the drill session (instead of probe_rps)
     probe_x_knee: float | None = None
-    #: the probe's channel carries the documented client retry policy (README "Client retry policy")
+    #: the probe's channel carries the documented client retry policy (docs/peak-traffic.md "Client retry policy")
     client_retry: bool = False
 
 

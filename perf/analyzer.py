@@ -72,7 +72,7 @@ class Row:
     requests: int = 0
     duration_s: float = 0.0
     #: Requests slower than STALL_US: the ~500 ms stalls of Triton 2.51's dynamic batcher with a queue
-    #: policy (see perf/README.md) show up here before they move p99.
+    #: policy (see docs/performance.md) show up here before they move p99.
     stalls: int = 0
     #: p99.9 and the requests slower than the point's ``slow_ms`` (from the profile export; 0 without it)
     p999_us: float = 0.0

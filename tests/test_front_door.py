@@ -48,7 +48,7 @@ def test_limits_follow_the_served_contract():
     assert re.search(r'name: "exclude", data_type: TYPE_INT64, dims: \[ (\d+) \]', pre).group(1) == str(HISTORY_LIMIT)
     assert TENSOR_BYTES == 64 * 1000 * 8
     # the default limits hold batch 8 (gRPC varints) / 4 (JSON text) of full histories, and the buffer that holds
-    # them stays under the size from which HAProxy's CPU per request steps up (README "Bounded requests")
+    # them stays under the size from which HAProxy's CPU per request steps up (docs/security.md "Bounded requests")
     assert GRPC_MAX_BODY >= 8 * 1001 * 10 and HTTP_MAX_BODY >= 4 * 1001 * 21
     assert HTTP_MAX_BODY + 1 < FrontDoorConfig().bufsize() < CHEAP_BUFSIZE  # the limit is seen crossed in the buffer
     big = FrontDoorConfig(max_grpc_body=MAX_BATCH * 1001 * 10 + 8192)  # the contract's largest, raised by flag
