@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 #: gRPC service config for recserve clients (docs/peak-traffic.md "Client retry policy"). Retry only UNAVAILABLE (no
-#: connection, a proxy restarting, an instance gone): at most 4 attempts with 100-500 ms jittered backoff, and wait for the
-#: connection (``waitForReady``) instead of failing at once while the proxy is down, so a HAProxy restart (the
+#: connection, a proxy restarting, an instance gone): at most 4 attempts with 100-500 ms jittered backoff, and wait
+#: for the connection (``waitForReady``) instead of failing at once while the proxy is down, so a HAProxy restart (the
 #: proxy-crash drill: ~0.2 s to accept connections again) costs latency, not errors. Never RESOURCE_EXHAUSTED:
 #: that is the front door shedding load, and retrying it would multiply an overload. The retryThrottling token
 #: bucket (per target, per process) stops retries when many calls fail: every failed attempt costs 1 token, every
