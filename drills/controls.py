@@ -4,8 +4,10 @@ A verdict that passes when the thing it guards did not happen is worse than none
 control: a private fleet whose control plane runs with a test-only switch (``control/testswitch.py``,
 environment only) chosen so that the drill's verdict must flip, and the expectation that must then fail. A
 control passes only when the drill failed on that expectation; a drill that still passes, or fails for another
-reason alone, fails its control. Controls whose switches cannot affect each other's drills share one fleet; the
-knee is measured once (on the first fleet that needs it) and reused, so every control loads the same rate.
+reason alone, fails its control. Controls whose switches cannot affect each other's drills share one fleet. The
+knee is measured once, on an unbroken private fleet, before the first control that sizes its load by it: a broken
+fleet cannot be trusted to measure it (without HAProxy's retries, one of Triton's ~500 ms holds is a failed request
+and the ladder finds no rate at all), and every control then loads the same rate.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ def run(controls: list[Control], reports: Path | None, repository: Path | None, 
     results, journals, records = [], {}, {}
     knee: tuple[float, str] | None = None
     run_dir = report.new_run_dir(reports) if reports else None
+    if any(needs_knee(specs[c.drill]) for c in controls):
+        knee = measure_knee(repository, fixture_models, log)
+        if knee is None:
+            return False, [_row(c, False, "the knee could not be measured on an unbroken fleet") for c in controls]
     for number in dict.fromkeys(c.fleet for c in controls):
         group = [c for c in controls if c.fleet == number]
         switches = ",".join(dict.fromkeys(c.switch for c in group))
@@ -100,9 +106,6 @@ def run(controls: list[Control], reports: Path | None, repository: Path | None, 
                     result = drill.run()
                 except Exception as exc:  # a broken control must not hide the others
                     result = drill._result({}, status="failed", reason=f"{type(exc).__name__}: {exc}")
-                k = (result.get("knee") or {}).get("capacity_rps")
-                if knee is None and k:
-                    knee = (k, f"measured by the control '{c.name}' on fleet {number} of this session")
                 ok, why = judge(c, result)
                 rows.append(_row(c, ok, why, result))
                 result = dict(result, name=f"control-{c.name}", control={"switch": c.switch,
@@ -113,6 +116,25 @@ def run(controls: list[Control], reports: Path | None, repository: Path | None, 
     if run_dir is not None and results:
         report.write(run_dir, results, journals, records, {"controls": rows})
     return bool(rows) and all(r["ok"] for r in rows) and len(rows) == len(controls), rows
+
+
+def needs_knee(spec) -> bool:
+    """Whether a drill sizes its load by the knee (the runner measures it for these)."""
+    return any(a.fault == "overload" for a in spec.method) or bool(spec.load.probe_x_knee) or bool(
+        spec.load.background and spec.load.background.rate_x_capacity)
+
+
+def measure_knee(repository: Path | None, fixture_models: bool, log=print) -> tuple[float, str] | None:
+    """The knee (rps, source) of an unbroken private fleet, by the drills' own ladder; None when none was found."""
+    from recserve.drills.capacity import KNEE_SLO_MS, capacity_rps
+    from recserve.drills.session import FleetOwner
+
+    log("knee: measured on an unbroken private fleet first (a broken one cannot be trusted to measure it)")
+    with FleetOwner(private=True, repository=repository, fixture_models=fixture_models, log=log) as session:
+        knee, source, _ = capacity_rps(session.grpc_url, "recommend", KNEE_SLO_MS, session.workdir,
+                                       use_report=not fixture_models, headers=session.stats_headers)
+    log(f"knee: {knee} rps ({source})")
+    return (knee, f"{source}; on an unbroken private fleet before the controls") if knee else None
 
 
 def _row(c: Control, ok: bool, why: str, result: dict | None = None) -> dict:
