@@ -28,9 +28,6 @@ from recserve.control.triton import (
     shm_prefix,
 )
 
-#: Triton priority of the golden probes: every composing model has ``priority_levels: 2`` with level 1 for them.
-PROBE_PRIORITY = 1
-
 
 class InstanceLifecycle:
     """Mixin of ``Fleet``: needs ``config``, ``state``, ``router``, ``servers``, ``clients``, ``busy``..."""
@@ -52,9 +49,10 @@ class InstanceLifecycle:
         if c is None or getattr(c, "_port", None) != rec.grpc_port:
             from recserve.control.health import INFER_TIMEOUT_S
 
-            # priority 1: the composing models' own probe queue (model_repository configs, issue 9)
-            c = RecClient(f"127.0.0.1:{rec.grpc_port}", timeout_s=INFER_TIMEOUT_S, retry_policy=None,
-                          priority=PROBE_PRIORITY)
+            # no priority: the composing models have no priority levels (they would bring back Triton 2.51's
+            # ~500 ms holds, perf/holds.py); probes go to instance ports directly and wait behind at most the
+            # instance's in-flight limit of client requests, which admission keeps
+            c = RecClient(f"127.0.0.1:{rec.grpc_port}", timeout_s=INFER_TIMEOUT_S, retry_policy=None)
             c._port = rec.grpc_port
             self.clients[iid] = c
         return c

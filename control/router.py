@@ -135,7 +135,8 @@ class RouterConfig:
     #: p99 latency target of admitted requests.
     slo_p99_ms: float = 50.0
     min_limit: int = 2
-    #: At most the composing models' ``max_queue_size`` (64): admitted requests can never fill Triton's queues.
+    #: At most 64 requests in flight per instance: Triton's queues (unbounded in the shipped configs, whose queue
+    #: policies brought back the ~500 ms holds, perf/holds.py) hold at most this many client requests.
     max_limit: int = 64
     #: Start the degraded-answer fallback server and route shed requests to it.
     fallback: bool = True

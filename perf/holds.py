@@ -9,10 +9,11 @@ without notifying that condition variable, so a request queued while every insta
 default queue policy has no timeout, no timeout override and no queue size (``PriorityQueue`` in
 scheduler_utils.cc). Variants here:
 
-- ``committed``: the repository as shipped (priority levels 2, bounded queues with 1 s REJECT timeouts);
-- ``no-timeout``: the same with every queue policy's ``default_timeout_microseconds: 0`` and no override (the lead
-  of Triton issue 8870): prefetching stays off, because priority levels alone turn it off;
-- ``plain``: no priority levels and no queue policies on any composing model (prefetching on).
+- ``committed``: the repository as shipped: no priority levels and no queue policies (prefetching on);
+- ``queue-policy``: what the repository shipped before: every composing model with two priority levels (the
+  control plane's probes at 1, a queue of 8), a bounded default queue (64) and 1 s REJECT timeouts;
+- ``no-timeout``: ``queue-policy`` with every ``default_timeout_microseconds: 0`` and no override (the lead of
+  Triton issue 8870): prefetching stays off, because priority levels alone turn it off.
 
 Each variant gets its own private fleet (control plane, 2 instances, HAProxy) on a copy of the repository, and the
 open-loop probe sends the golden requests either to ONE instance's gRPC port directly (``--via direct``: a hold shows
@@ -42,7 +43,7 @@ from pathlib import Path
 from recserve.control.stats import percentile
 from recserve.control.triton import DEFAULT_REPOSITORY
 
-VARIANTS = ("committed", "no-timeout", "plain")
+VARIANTS = ("committed", "queue-policy", "no-timeout")
 #: A hold at the client: direct, its ~500 ms show whole; through HAProxy they are cut at its 200 ms server timeout.
 HOLD_MS = {"direct": 300.0, "haproxy": 180.0}
 
@@ -62,18 +63,15 @@ def variant_repository(src: Path, dst: Path, variant: str) -> list[str]:
         if not cfg.HasField("dynamic_batching"):
             continue
         db = cfg.dynamic_batching
-        if variant == "no-timeout":
-            policies = [db.default_queue_policy, *db.priority_queue_policy.values()]
-            for p in policies:
-                p.default_timeout_microseconds = 0
-                p.allow_timeout_override = False
-        elif variant == "plain":
-            db.priority_levels = 0
-            db.default_priority_level = 0
-            db.ClearField("priority_queue_policy")
-            db.ClearField("default_queue_policy")
-        else:
+        if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS)})")
+        timeout_us = 1_000_000 if variant == "queue-policy" else 0
+        db.priority_levels, db.default_priority_level = 2, 2
+        for policy, size in ((db.priority_queue_policy[1], 8), (db.default_queue_policy, 64)):
+            policy.timeout_action = model_config_pb2.ModelQueuePolicy.REJECT
+            policy.default_timeout_microseconds = timeout_us
+            policy.allow_timeout_override = bool(timeout_us)
+            policy.max_queue_size = size
         cfg_path.write_text(text_format.MessageToString(cfg))
         changed.append(cfg.name)
     return changed

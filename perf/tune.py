@@ -40,8 +40,8 @@ FULL_GRID = {
     "instances": (1, 2),
     "delay_us": (0, 500, 2000),
     "preferred": ((), (4, 8), (8, 16)),
-    # The committed default_queue_policy bounds the queue (overload shedding the drills rely on); pass
-    # --try-without-queue-policy to also measure candidates without it.
+    # A model's own default_queue_policy is kept (the shipped models have none: with one, Triton 2.51 holds requests
+    # ~500 ms, perf/holds.py); pass --try-without-queue-policy to also measure candidates without it.
     "queue_policy": (True,),
 }
 QUICK_GRID = {"instances": (1, 2), "delay_us": (500,), "preferred": ((8, 16),), "queue_policy": (True,)}
