@@ -438,8 +438,8 @@ def test_a_token_file_others_can_read_keeps_the_control_plane_down_and_the_fleet
     token.chmod(0o644)
     try:
         r = fleet.up(check=False)
-        out = " ".join(r.stdout.split())  # rich wraps long lines
-        assert r.returncode == 1 and f"secret file {token} has mode 0644" in out, r.stdout
+        out = " ".join(r.stderr.split())  # recctl's errors are on stderr (rich wraps long lines)
+        assert r.returncode == 1 and f"secret file {token} has mode 0644" in out, r.stderr
         assert not port_in_use(fleet.ports["control"])
         assert all(pid_alive(i[3]) for i in before)
         _serves(fleet)
