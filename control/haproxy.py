@@ -336,7 +336,11 @@ def render_config(c: HAProxyConfig) -> str:
                      if proto == "grpc" else [])
         out += ["", f"backend {fallback_backend(proto)}", "  retry-on conn-failure empty-response", *chk_lines,
                 f"  timeout queue {c.fallback_timeout_queue_ms}ms",
+                # a shed request whose degraded answer did not come (no slot in time: 503; the degraded-answer
+                # server itself slower than the server timeout under the burst: 504) gets admission's refusal,
+                # never a 5xx that gRPC clients read as UNAVAILABLE and retry
                 f"  errorfile 503 {errorfile_path(c, proto)}",
+                f"  errorfile 504 {errorfile_path(c, proto)}",
                 f"  server fb {fb_addr}{srv_proto} maxconn {c.fallback_maxconn} {fb_check}"]
         out += ["", f"backend {shed_backend(proto)}", *refusal_lines(c, proto)]
     if c.metrics_port:  # Prometheus scrapes the data path as clients see it (Debian's 2.6 has the exporter)

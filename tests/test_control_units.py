@@ -67,6 +67,8 @@ def test_haproxy_config_admits_fast_and_retries_once(tmp_path):
     # a shed request waits at most fallback_timeout_queue_ms for a degraded answer, then gets the refusal
     fb = text[text.index("\nbackend be_grpc_fallback"):].split("\n\n")[0]
     assert "timeout queue 100ms" in fb and f"errorfile 503 {tmp_path}/overloaded-grpc.http" in fb
+    # the degraded-answer server too slow under a burst (HAProxy's 504) is the same refusal, not UNAVAILABLE
+    assert f"errorfile 504 {tmp_path}/overloaded-grpc.http" in fb
     shed = text[text.index("\nbackend be_grpc_shed"):].split("\n\n")[0]
     assert f"http-request return errorfile {tmp_path}/overloaded-grpc.http" in shed and "server " not in shed
     shed_http = text[text.index("\nbackend be_http_shed"):].split("\n\n")[0]
