@@ -45,6 +45,10 @@ def test_best_is_the_fastest_candidate_under_the_slo():
 
 def test_proposed_config_changes_only_scheduling():
     text = (DEFAULT_REPOSITORY / "ranker" / "config.pbtxt").read_text()
+    # a model with a bounded queue (the shipped ones have none, docs/holds.md): tune keeps it unless asked
+    bounded = "dynamic_batching {\n  default_queue_policy { max_queue_size: 64 }\n"
+    text = text.replace("dynamic_batching {\n", bounded, 1)
+    assert "max_queue_size: 64" in text
     c = tune.Candidate(instances=1, delay_us=2000, preferred=(4, 8))
     out = tune.proposed_pbtxt(text, c)
     assert "instance_group [ { count: 1, kind: KIND_CPU } ]" in out
