@@ -334,8 +334,10 @@ class DrillRun:
             return {"restarts": None, "probes_shed": None, "reactions_error": str(exc)[:200]}
         now = restart_counts(st)
         shed_before, shed_now = self.ctx.figures.get("probes_shed_before"), self._probes_shed()
+        # a control plane restarted during the drill starts its counter again: then the count is unmeasured
+        shed = None if shed_before is None or shed_now is None or shed_now < shed_before else shed_now - shed_before
         return {"restarts": sum(max(0, now.get(k, 0) - v) for k, v in before.items()),
-                "probes_shed": None if shed_before is None or shed_now is None else round(shed_now - shed_before)}
+                "probes_shed": None if shed is None else round(shed)}
 
     def _probes_shed(self) -> float | None:
         """The control plane's count of shed deep checks so far; None when its metrics cannot be read."""
