@@ -92,7 +92,7 @@ class Supervision:
         metrics cannot be read: then busy stands, as before)."""
         if broken("no-progress"):  # test switch: busy stands, as it did before the progress signal
             return None
-        text = promtext.fetch(f"http://127.0.0.1:{rec.metrics_port}/metrics", 0.3) if rec.metrics_port else None
+        text = promtext.fetch(self.metrics_url(rec.id), 0.3) if rec.metrics_port else None
         return None if text is None else self.progress.observe(rec.id, sample(text, time.time()))
 
     def _at_limit(self, slot: int) -> bool:

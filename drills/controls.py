@@ -84,7 +84,7 @@ def run(controls: list[Control], reports: Path | None, repository: Path | None, 
     results, journals, records = [], {}, {}
     knee: tuple[float, str] | None = None
     run_dir = report.new_run_dir(reports) if reports else None
-    if any(needs_knee(specs[c.drill]) for c in controls):
+    if any(specs[c.drill].sized_by_knee for c in controls):
         knee = measure_knee(repository, fixture_models, log)
         if knee is None:
             return False, [_row(c, False, "the knee could not be measured on an unbroken fleet") for c in controls]
@@ -116,12 +116,6 @@ def run(controls: list[Control], reports: Path | None, repository: Path | None, 
     if run_dir is not None and results:
         report.write(run_dir, results, journals, records, {"controls": rows})
     return bool(rows) and all(r["ok"] for r in rows) and len(rows) == len(controls), rows
-
-
-def needs_knee(spec) -> bool:
-    """Whether a drill sizes its load by the knee (the runner measures it for these)."""
-    return any(a.fault == "overload" for a in spec.method) or bool(spec.load.probe_x_knee) or bool(
-        spec.load.background and spec.load.background.rate_x_capacity)
 
 
 def measure_knee(repository: Path | None, fixture_models: bool, log=print) -> tuple[float, str] | None:

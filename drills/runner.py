@@ -228,8 +228,7 @@ class DrillRun:
         desired_before = fleet.desired()
         _, notes = answers(fleet, cases)  # the instances' own answers: only to report disagreements
         self.ctx.figures["desired_before"] = desired_before
-        if any(a.fault == "overload" for a in spec.method) or spec.load.probe_x_knee or (
-                spec.load.background and spec.load.background.rate_x_capacity):
+        if spec.sized_by_knee:
             restarts = restart_counts(fleet.status(events=1))
             if self.knee is not None:
                 (self.ctx.capacity_rps, source), ladder = self.knee, []

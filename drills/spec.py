@@ -199,6 +199,13 @@ class DrillSpec:
     def fault_end_s(self) -> float:
         return max(a.end_s for a in self.method)
 
+    @property
+    def sized_by_knee(self) -> bool:
+        """The drill's load is a multiple of the knee (an overload fault, ``probe_x_knee``, ``rate_x_capacity``)."""
+        bg = self.load.background
+        return any(a.fault == "overload" for a in self.method) or bool(self.load.probe_x_knee) or bool(
+            bg and bg.rate_x_capacity)
+
 
 # ------------------------------------------------------------------ checking helpers
 class _Checker:

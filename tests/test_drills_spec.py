@@ -41,6 +41,8 @@ def test_every_committed_spec_is_valid_and_covers_the_issue():
     specs = load_all()
     assert set(specs) == ISSUE_DRILLS
     assert {a.fault for s in specs.values() for a in s.method} == set(FAULT_PARAMS)
+    assert all(specs[n].sized_by_knee for n in ("crash", "hang", "hang-live", "overload", "rollover-under-load"))
+    assert not specs["bad-rollover"].sized_by_knee  # a fixed 20 rps: the controls measure no knee for it alone
     for s in specs.values():
         assert s.fault_start_s >= s.steady_state.before_s
         assert s.fault_end_s + s.steady_state.after_s <= s.load.duration_s
