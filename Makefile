@@ -42,9 +42,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 proto: ## generate gRPC code for the control plane API
-	@if ls control/proto/*.proto >/dev/null 2>&1; then \
-	  $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. control/proto/*.proto && \
-	  sed -i 's/^from control\.proto import/from recserve.control.proto import/' control/proto/*_pb2_grpc.py; fi
+	@if ls control/api/proto/*.proto >/dev/null 2>&1; then \
+	  $(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. control/api/proto/*.proto && \
+	  sed -i 's/^from control\.api\.proto import/from recserve.control.api.proto import/' control/api/proto/*_pb2_grpc.py; fi
 
 models: setup  ## build model versions only if none exist yet
 	@if ls model_repository/retrieval/[0-9]*/model.onnx >/dev/null 2>&1 && \
@@ -66,7 +66,7 @@ test: models  ## the test suite (real tritonserver, no GPU needed)
 	$(PY) -m pytest -q -rs
 
 docs: setup  ## regenerate docs/cli.md (recctl's command reference) from recctl's argparse parser
-	$(PY) -m recserve.control.clidoc
+	$(PY) -m recserve.control.api.clidoc
 
 lint:  setup ## ruff
 	$(VENV)/bin/ruff check .
@@ -108,11 +108,11 @@ perf-check: models  ## judge reports/perf/latest ratios against their CPU ceilin
 
 .PHONY: fleet-up fleet-down
 fleet-up: models  ## control plane + active-active Triton pool + HAProxy + degraded-answer server in the background (gRPC :8001, HTTP :8000); idempotent; MONITOR=1 also runs monitor-up
-	$(PY) -m recserve.control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP) --backup-policy $(BACKUP_POLICY)
+	$(PY) -m recserve.control.api.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP) --backup-policy $(BACKUP_POLICY)
 	@if [ "$(MONITOR)" = 1 ]; then $(MAKE) --no-print-directory monitor-up; fi
 
 fleet-down: setup  ## stop what fleet-up started (control plane, instances, HAProxy) and nothing else
-	$(PY) -m recserve.control.recctl down
+	$(PY) -m recserve.control.api.recctl down
 
 # ---- TensorRT (GPU hosts; untested on a GPU until a user's run passes) ----
 .PHONY: gpu-check
@@ -122,7 +122,7 @@ gpu-check: setup  ## TensorRT path on one GPU (needs pip install -e '.[gpu]'): e
 # ---- monitoring (deploy/monitoring): Prometheus + Alertmanager + webhook receiver on loopback, files in .recserve/monitoring
 .PHONY: monitor-up monitor-down
 monitor-up: setup  ## Prometheus :9090, Alertmanager :9093, alert receiver :9095 scraping the fleet (make fleet-up MONITOR=1 does both)
-	$(PY) -m recserve.control.monitor up
+	$(PY) -m recserve.control.monitoring.stack up
 
 monitor-down: setup  ## stop what monitor-up started
-	$(PY) -m recserve.control.monitor down
+	$(PY) -m recserve.control.monitoring.stack down

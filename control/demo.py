@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recserve.control.client import RecClient, Result
-from recserve.control.triton import REPO_ROOT
+from recserve.control.runtime.triton import REPO_ROOT
 
 CATALOG = REPO_ROOT / "artifacts" / "data" / "catalog.csv"
 console = Console()
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-drills", action="store_true", help="only bring the fleet up, ask it, bring it down")
     args = p.parse_args(argv)
     py = sys.executable
-    recctl = [py, "-m", "recserve.control.recctl"]
+    recctl = [py, "-m", "recserve.control.api.recctl"]
     t0 = time.monotonic()
     drill_code = 0
     step("1/4 fleet up: control plane, two active tritonservers, HAProxy, degraded-answer server")

@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT, TritonConfig, TritonError, TritonServer
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT, TritonConfig, TritonError, TritonServer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -239,7 +239,7 @@ def oversized_grpc(target: Target) -> list[Outcome]:
     refusal is written; it read CANCELLED (RST_STREAM) while HAProxy wrote it with ``http-request return``, and reads
     the status since the refusal service writes it (docs/oversized-requests.md). Neither reaches an instance;
     neither status is retried (control/client.py retries UNAVAILABLE only)."""
-    from recserve.control.frontdoor import GRPC_MAX_BODY
+    from recserve.control.routing.frontdoor import GRPC_MAX_BODY
 
     small, huge = _recommend_inputs((GRPC_MAX_BODY + 4096) // 8), _recommend_inputs(2_000_000)
     return [
@@ -376,9 +376,9 @@ def bad_bearer_token(target: Target) -> list[Outcome]:
     """A mutating control call with a wrong token (tests/test_control_api.py covers every token shape)."""
     import grpc
 
-    from recserve.control.proto import control_pb2 as pb
-    from recserve.control.proto import control_pb2_grpc as pbg
-    from recserve.control.tls import control_channel
+    from recserve.control.api.proto import control_pb2 as pb
+    from recserve.control.api.proto import control_pb2_grpc as pbg
+    from recserve.control.api.tls import control_channel
 
     def run() -> tuple[bool, str, str]:
         with control_channel(target.control, target.control_ca is not None, target.control_ca) as ch:

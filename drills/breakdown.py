@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-from recserve.control.accesslog import AccessEntry
-from recserve.control.promtext import fetch, model_sums
+from recserve.control.monitoring.promtext import fetch, model_sums
+from recserve.control.routing.accesslog import AccessEntry
 from recserve.control.stats import percentile
 
 COUNTERS = ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_queue_duration_us",

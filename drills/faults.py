@@ -249,7 +249,7 @@ def _next_version(repository: Path, model: str) -> int:
 def release_copy(ctx: Context, model: str, wrong: bool = False) -> int:
     """A new version of ``model``: a byte-identical re-release of the desired one, or (``wrong``) the same
     graph with its float outputs negated, so rankings come out reversed. Its manifest is written fresh."""
-    from recserve.control.snapshots import write_manifest
+    from recserve.control.state.snapshots import write_manifest
 
     src_v = max(ctx.fleet.desired()[model])
     new_v = _next_version(ctx.repository, model)
@@ -593,7 +593,7 @@ class ProxyCrash(Fault):
         except ProcessLookupError:
             _signal(pid, signal.SIGKILL)
         # The restart gap: from the kill to a new HAProxy process accepting client connections again.
-        from recserve.control.procs import pid_alive, port_listening
+        from recserve.control.runtime.procs import pid_alive, port_listening
 
         deadline = t_kill + 60
         while time.time() < deadline:
@@ -609,7 +609,7 @@ class ProxyCrash(Fault):
         pid = ctx.figures.get("proxy_pid")
         if pid is None:
             return {}
-        from recserve.control.procs import pid_alive
+        from recserve.control.runtime.procs import pid_alive
 
         waited = ctx.fleet.wait("HAProxy back", lambda: (self._pid(ctx) or pid) != pid and
                                 pid_alive(self._pid(ctx) or 0), timeout_s=60)

@@ -79,7 +79,7 @@ def make_repository(src: Path, dest: Path, version: int = 1) -> Path:
     """Copy ``src`` (configs, Python models) to ``dest`` and add version ``version`` of each ONNX model."""
     import onnx
 
-    from recserve.control.snapshots import write_manifest
+    from recserve.control.state.snapshots import write_manifest
 
     shutil.copytree(src, dest, symlinks=True)
     for seed, name in enumerate(("retrieval", "ranker", "search_model")):

@@ -39,9 +39,9 @@ class FleetError(RuntimeError):
 
 def _stubs():
     try:
-        from recserve.control.proto import control_pb2, control_pb2_grpc
+        from recserve.control.api.proto import control_pb2, control_pb2_grpc
     except ImportError as exc:  # generated at build time
-        raise FleetError("control/proto/*_pb2.py missing: run 'make setup' (it generates them)") from exc
+        raise FleetError("control/api/proto/*_pb2.py missing: run 'make setup' (it generates them)") from exc
     return control_pb2, control_pb2_grpc
 
 
@@ -242,7 +242,7 @@ def read_stats_key(runtime: Path = RUNTIME) -> str | None:
 def recctl_status(timeout_s: float = 20.0) -> dict | None:
     """``recctl status --json`` (the documented way to find a running fleet); None when none answers."""
     try:
-        p = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "status", "--json"], cwd=REPO_ROOT,
+        p = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "status", "--json"], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
     except subprocess.TimeoutExpired:
         return None

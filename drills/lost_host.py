@@ -28,15 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recserve.control.snapshots import MANIFEST, write_manifest
-from recserve.control.triton import REPO_ROOT, free_port
+from recserve.control.runtime.triton import REPO_ROOT, free_port
+from recserve.control.state.snapshots import MANIFEST, write_manifest
 from recserve.drills.fleet import FleetAPI, FleetError, read_token
 
 UP_TIMEOUT_S = 300.0
 
 
 def _recctl(root: Path, *args: str, timeout_s: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "recserve.control.recctl", "--root", str(root), *args]
+    cmd = [sys.executable, "-m", "recserve.control.api.recctl", "--root", str(root), *args]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
                           env=dict(os.environ))
 

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from recserve.control.triton import TritonConfig, TritonServer, free_port
+from recserve.control.runtime.triton import TritonConfig, TritonServer, free_port
 
 
 def ip(*args: str, netns: str | None = None) -> subprocess.CompletedProcess:

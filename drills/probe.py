@@ -34,10 +34,10 @@ class Case:
 
 
 def golden_cases() -> list[Case]:
-    """The control plane's deep-check pair (``control.golden`` owns the golden requests: the build's
+    """The control plane's deep-check pair (``control.fleet.golden`` owns the golden requests: the build's
     ``artifacts/golden.json``, or its one built-in set when no build wrote it)."""
-    from recserve.control.golden import golden_json_path, load_requests
-    from recserve.control.triton import DEFAULT_REPOSITORY
+    from recserve.control.fleet.golden import golden_json_path, load_requests
+    from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 
     reqs = load_requests(golden_json_path(DEFAULT_REPOSITORY))
     r, s = reqs["recommend"], reqs["search"]

@@ -13,8 +13,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from recserve.control import accesslog
-from recserve.control.accesslog import AccessEntry
+from recserve.control.routing import accesslog
+from recserve.control.routing.accesslog import AccessEntry
 from recserve.drills import alerts, breakdown
 from recserve.drills import timeline as tl
 from recserve.drills.background import BackgroundLoad, start_background
@@ -64,9 +64,9 @@ def answers(fleet: FleetAPI, cases: list[Case]) -> tuple[dict[str, set[tuple[int
 def reference_answers(repository, desired: dict[str, list[int]],
                       cases: list[Case]) -> tuple[dict[str, set[tuple[int, ...]]], str]:
     """The right answer of each case's model for exactly ``desired``, from the golden reference the control plane's
-    deep checks use (``control.golden``: ``build.reference`` in-process, or answers recorded for these versions),
+    deep checks use (``control.fleet.golden``: ``build.reference`` in-process, or answers recorded for these versions),
     never from the fleet. ``({}, why)`` when no reference can give them: wrong answers are then unmeasured."""
-    from recserve.control.golden import Golden
+    from recserve.control.fleet.golden import Golden
 
     golden = Golden(repository)
     exp = golden.expected(desired)
@@ -305,7 +305,7 @@ class DrillRun:
         if problem:  # nothing to judge answers against: unmeasured, which fails wrong_answers_max (never passes)
             figures["wrong_answers"] = None
             figures["answers_notes"].append(f"wrong answers not judged: {problem}")
-        figures["answers_source"] = "golden reference (control.golden)" if not problem else None
+        figures["answers_source"] = "golden reference (control.fleet.golden)" if not problem else None
         if spec.alerts:
             figures.update(self._alert_figures(probe.t0 or self.journal.started_at, figures))
         if self.s.monitor is not None:
@@ -340,7 +340,7 @@ class DrillRun:
 
     def _probes_shed(self) -> float | None:
         """The control plane's count of shed deep checks so far; None when its metrics cannot be read."""
-        from recserve.control import promtext
+        from recserve.control.monitoring import promtext
 
         try:
             url = self.s.fleet.status(events=1)["endpoints"]["metrics"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
 from recserve.drills.fleet import RUNTIME, FleetAPI, FleetError, read_stats_key, read_token, recctl_status
 
 START_TIMEOUT_S = 300.0
@@ -49,13 +49,13 @@ class FleetHandle:
     @property
     def stats_headers(self) -> dict[str, str]:
         """gRPC headers perf_analyzer needs through HAProxy's front door (it reads model statistics)."""
-        from recserve.control.triton import ADMIN_HEADER_GRPC
+        from recserve.control.runtime.triton import ADMIN_HEADER_GRPC
 
         return {ADMIN_HEADER_GRPC: self.stats_key} if self.stats_key else {}
 
 
 class ControlPlaneProcess:
-    """The control plane as its own process (``python -m recserve.control.server``), so a drill can SIGKILL and restart
+    """The control plane as its own process (``python -m recserve.control.api.server``), so a drill can SIGKILL and restart
     it; a restarted one adopts the running instances and HAProxy."""
 
     def __init__(self, root: Path, repository: Path, grpc_port: int, http_port: int, control_port: int,
@@ -72,7 +72,7 @@ class ControlPlaneProcess:
 
     def command(self) -> list[str]:
         p = self.ports
-        return [sys.executable, "-m", "recserve.control.server", "--root", str(self.root), "--repository",
+        return [sys.executable, "-m", "recserve.control.api.server", "--root", str(self.root), "--repository",
                 str(self.repository), "--grpc-port", str(p["grpc"]), "--http-port", str(p["http"]),
                 "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"]), *self.args]
 
@@ -130,7 +130,7 @@ class ControlPlaneProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        from recserve.control.triton import remove_shm_regions, shm_prefix
+        from recserve.control.runtime.triton import remove_shm_regions, shm_prefix
 
         for inst in (self.root / "instances").glob("*"):  # the killed servers' stub IPC regions in /dev/shm
             if inst.is_dir():
@@ -159,7 +159,7 @@ class AdoptedControlPlane:
 
     def alive(self) -> bool:
         pid = self.pid()
-        return pid is not None and Path(f"/proc/{pid}").exists() and "control.server" in _cmdline(pid)
+        return pid is not None and Path(f"/proc/{pid}").exists() and "control.api.server" in _cmdline(pid)
 
     def kill(self) -> int | None:
         pid = self.pid()
@@ -167,13 +167,13 @@ class AdoptedControlPlane:
             return None
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and "control.server" in _cmdline(pid) and time.monotonic() < deadline:
+        while Path(f"/proc/{pid}").exists() and "control.api.server" in _cmdline(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         return pid
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         p = self.ports
-        cmd = [sys.executable, "-m", "recserve.control.recctl", "--root", str(self.root), "up", "--repository",
+        cmd = [sys.executable, "-m", "recserve.control.api.recctl", "--root", str(self.root), "up", "--repository",
                str(self.repository), "--grpc-port", str(p["grpc"]), "--http-port", str(p["http"]),
                "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"])]
         done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
@@ -280,8 +280,8 @@ class FleetOwner:
         """Prometheus + Alertmanager + receiver at 1 s intervals over the fleet's file_sd targets (own dir)."""
         if not self.monitor:
             return None
-        from recserve.control.monitor import MonitorConfig, MonitorStack, missing_binaries
-        from recserve.control.promstack import MonitorError
+        from recserve.control.monitoring.stack import MonitorConfig, MonitorStack, missing_binaries
+        from recserve.control.runtime.promstack import MonitorError
 
         missing = missing_binaries()
         if missing:

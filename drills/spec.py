@@ -384,7 +384,7 @@ def _alerts(c: _Checker, raw: Any) -> tuple[AlertExpect, ...]:
         return ()
     if not isinstance(raw, list) or not raw:
         raise c.fail("spec.alerts", "must be a non-empty list of {alert, within_s[, resolve_within_s]}")
-    from recserve.control.monconfig import alert_names
+    from recserve.control.monitoring.config import alert_names
 
     known = alert_names()
     out = []

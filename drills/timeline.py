@@ -9,7 +9,7 @@ Definitions (also written into report.md):
   time) in which every probe request is good; 0 when no request ever went bad;
 - percentiles are nearest-rank (control/stats.py) over the latencies of successful requests;
 - *rejected* (shed) requests are the front door's own refusals: RESOURCE_EXHAUSTED (gRPC) with admission's
-  message (``control.haproxy.OVERLOADED``). Any other UNAVAILABLE or RESOURCE_EXHAUSTED (an instance that
+  message (``control.routing.haproxy.OVERLOADED``). Any other UNAVAILABLE or RESOURCE_EXHAUSTED (an instance that
   vanished, a refused connection, Triton's full queue, a request timeout) is a failure: admitted traffic
   cannot fill Triton's queues, so only admission may refuse.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from recserve.control.haproxy import OVERLOADED
+from recserve.control.routing.haproxy import OVERLOADED
 from recserve.control.stats import percentile
 from recserve.drills.probe import Record
 

@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from recserve.control.triton import DEFAULT_REPOSITORY
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 
 
 def _run(args: argparse.Namespace) -> int:

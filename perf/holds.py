@@ -40,8 +40,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 from recserve.control.stats import percentile
-from recserve.control.triton import DEFAULT_REPOSITORY
 
 VARIANTS = ("committed", "queue-policy", "no-timeout")
 #: A hold at the client: direct, its ~500 ms show whole; through HAProxy they are cut at its 200 ms server timeout.
@@ -80,7 +80,7 @@ def variant_repository(src: Path, dst: Path, variant: str) -> list[str]:
 def measure(variant: str, rps: float, seconds: float, slo_ms: float, via: str = "direct", busy: int = 0,
             log=print) -> dict:
     """One private fleet on ``variant``'s repository; the probe at ``rps`` to one instance or through HAProxy."""
-    from recserve.control import accesslog
+    from recserve.control.routing import accesslog
     from recserve.drills.probe import OpenLoopProbe, constant, golden_cases
     from recserve.drills.session import FleetOwner
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from recserve.control import promtext
+from recserve.control.monitoring import promtext
 
 COUNTERS = (
     "nv_inference_request_success",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict
 
-from recserve.control.triton import TritonServer
+from recserve.control.runtime.triton import TritonServer
 from recserve.perf import figures, inprocess
 from recserve.perf.console import console
 from recserve.perf.suite import RatioSpec

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from recserve.control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, top_level_models
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, top_level_models
 from recserve.perf import inputs, ratios, report
 from recserve.perf.console import console
 from recserve.perf.suite import Suite

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from recserve.control.triton import DEFAULT_REPOSITORY, TritonError, TritonServer
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, TritonError, TritonServer
 from recserve.perf import analyzer, figures, inputs, metrics
 from recserve.perf.console import console
 from recserve.perf.suite import RatioSpec, Suite, Target

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recserve.control.triton import (
+from recserve.control.runtime.triton import (
     ADMIN_HEADER_GRPC,
     REPO_ROOT,
     STATS_KEY_FILE,
@@ -89,11 +89,11 @@ def direct(server: TritonServer) -> Endpoint:
 
 
 class LocalProxy:
-    """control.haproxy's HAProxy with one slot bound to our server: the fleet's data path, minus the fleet."""
+    """control.routing.haproxy's HAProxy with one slot bound to our server: the fleet's data path, minus the fleet."""
 
     def __init__(self, server: TritonServer, workdir: Path):
-        from recserve.control.frontdoor import FrontDoorConfig
-        from recserve.control.haproxy import HAProxy, HAProxyConfig
+        from recserve.control.routing.frontdoor import FrontDoorConfig
+        from recserve.control.routing.haproxy import HAProxy, HAProxyConfig
 
         self.server = server
         # statistics pass the front door with the server's statistics key (perf_analyzer reads them every window)
@@ -117,7 +117,7 @@ class LocalProxy:
             f"127.0.0.1:{self.proxy.config.grpc_port}",
             [self.server.metrics_url],
             pids,
-            "own HAProxy (control.haproxy, one slot) in front of the embedded server",
+            "own HAProxy (control.routing.haproxy, one slot) in front of the embedded server",
             [self.proxy.pid] if self.proxy.pid else [],
             _stats_header(self.server.stats_key),
         )
@@ -128,7 +128,7 @@ class LocalProxy:
 
 def fleet(timeout_s: float = 15.0) -> Endpoint:
     """The running fleet's HAProxy gRPC endpoint from ``recctl status --json``; Unavailable when none runs."""
-    cmd = [sys.executable, "-m", "recserve.control.recctl", "status", "--json"]
+    cmd = [sys.executable, "-m", "recserve.control.api.recctl", "status", "--json"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=str(REPO_ROOT))
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from recserve.control.triton import DEFAULT_REPOSITORY, TritonError
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, TritonError
 from recserve.perf import figures, report
 from recserve.perf.console import console
 from recserve.perf.suite import Suite

@@ -11,5 +11,5 @@ repository root first on sys.path PyPA's ``build`` package still wins: ``python 
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
-if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "control" / "triton.py").is_file():  # a checkout, not a wheel
+if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "control" / "api" / "server.py").is_file():  # a checkout
     __path__.append(str(_ROOT))

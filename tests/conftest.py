@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recserve.control.triton import DEFAULT_REPOSITORY, TritonConfig, TritonServer
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, TritonConfig, TritonServer
 
 
 @pytest.fixture(scope="session")

@@ -125,7 +125,7 @@ def make_version(repository, model: str, mode: str = "copy", base: int | None = 
     import onnx
     from onnx import TensorProto, helper
 
-    from recserve.control.snapshots import write_manifest
+    from recserve.control.state.snapshots import write_manifest
 
     mdir = Path(repository) / model
     versions = sorted(int(p.name) for p in mdir.iterdir() if p.is_dir() and p.name.isdigit())
@@ -184,8 +184,8 @@ def fleet_repository(dest, source=None):
     import shutil
     from pathlib import Path
 
-    from recserve.control.snapshots import MANIFEST, write_manifest
-    from recserve.control.triton import DEFAULT_REPOSITORY
+    from recserve.control.runtime.triton import DEFAULT_REPOSITORY
+    from recserve.control.state.snapshots import MANIFEST, write_manifest
 
     source = Path(source or DEFAULT_REPOSITORY)
     dest = Path(dest)
@@ -262,7 +262,7 @@ class FleetProcess:
     def __init__(self, root, repository, instances: int = 2, up_args: tuple[str, ...] = (), ca=None):
         from pathlib import Path
 
-        from recserve.control.triton import free_port
+        from recserve.control.runtime.triton import free_port
 
         self.root = Path(root)
         self.repository = Path(repository)
@@ -278,7 +278,7 @@ class FleetProcess:
         import subprocess
         import sys
 
-        cmd = [sys.executable, "-m", "recserve.control.recctl", "--root", str(self.root), *args]
+        cmd = [sys.executable, "-m", "recserve.control.api.recctl", "--root", str(self.root), *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}")
@@ -345,8 +345,8 @@ class FleetProcess:
 
     @property
     def stub(self):
-        from recserve.control.proto import control_pb2_grpc as pbg
-        from recserve.control.tls import control_channel
+        from recserve.control.api.proto import control_pb2_grpc as pbg
+        from recserve.control.api.tls import control_channel
 
         if self._stub is None:
             self._channel = control_channel(f"127.0.0.1:{self.ports['control']}", self.ca is not None, self.ca)

@@ -18,7 +18,7 @@ from pathlib import Path
 import kmock
 from kubernetes import client
 
-from recserve.control.triton import TritonConfig, TritonServer
+from recserve.control.runtime.triton import TritonConfig, TritonServer
 
 NAMESPACE = "recserve"
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 
-from recserve.control.admission import AdaptiveLimit, IntervalSample, LimitConfig, initial_limit
+from recserve.control.routing.admission import AdaptiveLimit, IntervalSample, LimitConfig, initial_limit
 
 SLO = 0.050
 BASE_P99 = 0.020  # flat part of the curve, well under the SLO

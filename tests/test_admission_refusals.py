@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from recserve.control.haproxy import OVERLOADED, HAProxy, HAProxyConfig, InitialRouting
-from recserve.control.triton import free_port
+from recserve.control.routing.haproxy import OVERLOADED, HAProxy, HAProxyConfig, InitialRouting
+from recserve.control.runtime.triton import free_port
 
 HOLD_S = 0.8
 
@@ -219,8 +219,8 @@ def test_a_shed_burst_waits_briefly_for_a_degraded_answer_then_is_refused_in_the
         assert waited[0] == refusal and waited[1] >= 0.25, waited  # its wait ran out: the refusal, not a 503
     else:
         assert waited[0] == "served", waited  # the fallback's slot freed in time: the degraded answer
-    # HAProxy's own account of it, read back the way the drills' report reads it (control/accesslog.py)
-    from recserve.control.accesslog import read_from
+    # HAProxy's own account of it, read back the way the drills' report reads it (control/routing/accesslog.py)
+    from recserve.control.routing.accesslog import read_from
     from recserve.drills.breakdown import haproxy_timers
 
     timers = haproxy_timers(read_from(tmp_path / "access.log", 0)[0], 0, float("inf"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from recserve.control.backup import (
+from recserve.control.backup.manager import (
     DAY_S,
     BackupManager,
     BackupRecord,
@@ -22,11 +22,11 @@ from recserve.control.backup import (
     select_keep,
     verify,
 )
-from recserve.control.backup_policy import BackupError, load_policy
-from recserve.control.backup_targets import PathStore, TargetSpec
-from recserve.control.metrics import ControlMetrics
-from recserve.control.snapshots import write_manifest
-from recserve.control.state import RolloutRecord, State
+from recserve.control.backup.policy import BackupError, load_policy
+from recserve.control.backup.targets import PathStore, TargetSpec
+from recserve.control.monitoring.metrics import ControlMetrics
+from recserve.control.state.snapshots import write_manifest
+from recserve.control.state.store import RolloutRecord, State
 
 
 class FakeClock:
@@ -248,7 +248,7 @@ def test_state_copy_is_consistent_while_writers_write(tmp_path):
 # ---------------------------------------------------------------------------------------------- restore
 def test_restore_rebuilds_a_clean_root_and_repository_without_membership(env, tmp_path):
     repo, root, state, policy = env
-    from recserve.control.state import InstanceRecord
+    from recserve.control.state.store import InstanceRecord
 
     state.save_instance(InstanceRecord(id="t1", slot=0, role="primary", state="healthy", grpc_port=1, http_port=2,
                                        metrics_port=3, workdir=str(root / "instances/t1"), pid=4242))
@@ -280,11 +280,11 @@ def test_control_plane_refuses_to_start_with_a_target_inside_its_runtime_root(tm
     import subprocess
     import sys
 
-    from recserve.control.triton import free_port
+    from recserve.control.runtime.triton import free_port
 
     root = tmp_path / "runtime"
     policy = write_policy(tmp_path / "p.yaml", root / "backups")
-    r = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(root), "--repository",
+    r = subprocess.run([sys.executable, "-m", "recserve.control.api.server", "--root", str(root), "--repository",
                         str(make_repo(tmp_path / "repo")), "--grpc-port", str(free_port()), "--http-port",
                         str(free_port()), "--control-port", str(free_port()), "--metrics-port", str(free_port()),
                         "--backup-policy", str(policy)], capture_output=True, text=True, timeout=60,
@@ -295,7 +295,7 @@ def test_control_plane_refuses_to_start_with_a_target_inside_its_runtime_root(tm
 
 
 def test_scheduler_backs_up_at_start_and_after_a_successful_rollover_only(env, tmp_path):
-    from recserve.control.backup_scheduler import BackupScheduler
+    from recserve.control.backup.scheduler import BackupScheduler
 
     repo, root, state, policy = env
     mgr = BackupManager(policy, repo, root / "state.db", ControlMetrics())

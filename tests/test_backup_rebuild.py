@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
+from recserve.control.api.proto import control_pb2 as pb
 from recserve.control.client import RecClient
-from recserve.control.proto import control_pb2 as pb
 from tests.fleet_fixtures import FleetProcess, all_healthy_exact, fleet_repository, make_version
 
 pytestmark = pytest.mark.timeout(900)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from recserve.control.backup import BackupManager, list_backups
-from recserve.control.backup_policy import load_policy
-from recserve.control.backup_targets import open_store
-from recserve.control.metrics import ControlMetrics
-from recserve.control.state import State
-from recserve.control.triton import free_port
+from recserve.control.backup.manager import BackupManager, list_backups
+from recserve.control.backup.policy import load_policy
+from recserve.control.backup.targets import open_store
+from recserve.control.monitoring.metrics import ControlMetrics
+from recserve.control.runtime.triton import free_port
+from recserve.control.state.store import State
 from tests.test_backup import make_repo
 
 pytest.importorskip("boto3")
@@ -102,7 +102,7 @@ def test_backup_verify_prune_and_restore_through_the_s3_api(tmp_path, s3):
     digest = recs[-1].files["ranker/2/model.onnx"]
     good = store.get_bytes(f"objects/{digest[:2]}/{digest}")
     store.put_bytes(f"objects/{digest[:2]}/{digest}", good[:-1] + bytes([good[-1] ^ 1]))
-    from recserve.control.backup import verify
+    from recserve.control.backup.manager import verify
 
     bad = verify(store, recs[-1])
     assert bad.verified is False and "ranker/2/model.onnx" in bad.problem
@@ -112,7 +112,7 @@ def test_backup_verify_prune_and_restore_through_the_s3_api(tmp_path, s3):
 
     # a new machine: the real CLI, no control plane, straight from the bucket
     new = tmp_path / "new"
-    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "restore", "--from", "s3://recserve-bk/fleet-a",
+    r = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "restore", "--from", "s3://recserve-bk/fleet-a",
                         "--endpoint-url", s3.url, "--root", str(new / "runtime"), "--repository", str(new / "repo"),
                         "--json"], capture_output=True, text=True, timeout=120, env={**os.environ,
                                                                                      "PYTHONPATH": os.getcwd()})

@@ -23,14 +23,14 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from recserve.control.audit import ApiGuard
+from recserve.control.api.audit import ApiGuard
+from recserve.control.api.proto import control_pb2 as pb
+from recserve.control.api.proto import control_pb2_grpc as pbg
+from recserve.control.api.tls import TlsConfigError, control_channel, server_tls
 from recserve.control.keys import SecretFileError, check_private, fingerprint, read_secret
-from recserve.control.procs import pid_alive
-from recserve.control.proto import control_pb2 as pb
-from recserve.control.proto import control_pb2_grpc as pbg
-from recserve.control.state import State
-from recserve.control.tls import TlsConfigError, control_channel, server_tls
-from recserve.control.triton import free_port, port_in_use
+from recserve.control.runtime.procs import pid_alive
+from recserve.control.runtime.triton import free_port, port_in_use
+from recserve.control.state.store import State
 from tests.fleet_fixtures import FleetProcess, all_healthy_exact, running_fleet
 
 pytestmark = pytest.mark.timeout(600)
@@ -294,7 +294,7 @@ def test_tls_settings_are_checked_before_anything_starts(tmp_path):
 def _server_refuses(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     root = tmp_path / "root"
     port = free_port()
-    r = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(root),
+    r = subprocess.run([sys.executable, "-m", "recserve.control.api.server", "--root", str(root),
                         "--control-port", str(port),
                         "--grpc-port", str(free_port()), "--http-port", str(free_port()),
                         "--metrics-port", str(free_port()), *flags],

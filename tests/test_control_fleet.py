@@ -19,9 +19,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from recserve.control.hostcheck import EXPOSURE
-from recserve.control.procs import pid_alive
-from recserve.control.proto import control_pb2 as pb
+from recserve.control.api.proto import control_pb2 as pb
+from recserve.control.runtime.hostcheck import EXPOSURE
+from recserve.control.runtime.procs import pid_alive
 from tests.fleet_fixtures import (
     BAD_USER_FROM,
     FleetProcess,
@@ -86,7 +86,7 @@ def test_second_fleet_up_does_not_start_a_second_fleet(fleet):
     import subprocess
     import sys
 
-    direct = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(fleet.root), "--repository",
+    direct = subprocess.run([sys.executable, "-m", "recserve.control.api.server", "--root", str(fleet.root), "--repository",
                              str(fleet.repository), "--control-port", str(fleet.ports["control"])],
                             capture_output=True, text=True, timeout=60)
     assert direct.returncode == 3 and "already running" in direct.stderr
@@ -275,7 +275,7 @@ def test_primary_failure_costs_no_request_and_returns_as_standby(fleet, sig):
     assert old["pid"] != primary["pid"] and old["restarts"] >= 1
     # loaded at nice 19 (out of rotation), serving at the fleet's instance nice: tritonserver and every backend
     # stub of its group, like the instance that never restarted
-    from recserve.control.fleet_config import FleetConfig
+    from recserve.control.fleet.config import FleetConfig
     from recserve.drills.faults import group_members
 
     for iid in (primary["id"], standby["id"]):
@@ -632,7 +632,7 @@ def test_admin_apis_are_refused_through_haproxy_and_directly_and_the_instance_ke
     import tritonclient.http as httpclient
 
     from recserve.control.client import RecClient
-    from recserve.control.triton import shm_prefix
+    from recserve.control.runtime.triton import shm_prefix
 
     before = fleet.status()
     primary = by_role(before, "primary")[0]
@@ -673,7 +673,7 @@ def test_admin_apis_are_refused_through_haproxy_and_directly_and_the_instance_ke
 
 def test_a_sigkilled_instance_leaves_no_shm_regions_behind(fleet):
     """Issue 8: a SIGKILLed server leaves its stubs' /dev/shm regions; the fleet removes exactly that instance's."""
-    from recserve.control.triton import shm_usage
+    from recserve.control.runtime.triton import shm_usage
 
     before = fleet.status()
     standby = by_role(before, "standby")[0]
@@ -684,14 +684,14 @@ def test_a_sigkilled_instance_leaves_no_shm_regions_behind(fleet):
                       ["pid"] != standby["pid"], what="the killed standby back")
     assert back["shm"]["regions"] == prefix_regions, (before["shm"], back["shm"])
     for i in back["instances"]:
-        from recserve.control.triton import shm_prefix
+        from recserve.control.runtime.triton import shm_prefix
 
         assert shm_usage(shm_prefix(fleet.root / "instances" / i["id"], i["id"]))[0] == i["shm_regions"]
 
 
 # ---------------------------------------------------------------------------------------------- last: down
 def test_fleet_down_leaves_no_process_or_port_behind(fleet):
-    from recserve.control.triton import shm_prefix, shm_regions
+    from recserve.control.runtime.triton import shm_prefix, shm_regions
 
     pids = fleet.all_pids()
     st = fleet.status()
@@ -702,7 +702,7 @@ def test_fleet_down_leaves_no_process_or_port_behind(fleet):
     r = fleet.recctl("down", "--repository", str(fleet.repository))
     assert "fleet down" in r.stdout
     time.sleep(0.5)
-    from recserve.control.triton import port_in_use
+    from recserve.control.runtime.triton import port_in_use
 
     assert not [p for p in pids if pid_alive(p)]
     assert not [p for p in ports if port_in_use(p)]

@@ -12,11 +12,11 @@ from unittest import mock
 
 import pytest
 
-from recserve.control.haproxy import HAProxy, HAProxyConfig, HAProxyError, render_config
-from recserve.control.rollout import Gates, p99
-from recserve.control.snapshots import RepositoryError, SnapshotStore, verify_version, write_manifest
-from recserve.control.state import InstanceRecord, RolloutRecord, State
-from recserve.control.triton import free_port
+from recserve.control.rollout.manager import Gates, p99
+from recserve.control.routing.haproxy import HAProxy, HAProxyConfig, HAProxyError, render_config
+from recserve.control.runtime.triton import free_port
+from recserve.control.state.snapshots import RepositoryError, SnapshotStore, verify_version, write_manifest
+from recserve.control.state.store import InstanceRecord, RolloutRecord, State
 
 
 def test_haproxy_config_validation_names_field_and_rule(tmp_path):
@@ -38,7 +38,7 @@ def test_haproxy_config_has_the_verified_settings(tmp_path):
     assert "balance first" in text and "balance roundrobin" in text
     assert "retry-on conn-failure empty-response response-timeout" in text
     assert "option redispatch 1" in text and "check-proto h1" in text
-    # the client frontends carry the front door's allow-list (control/frontdoor.py; tests/test_front_door.py)
+    # the client frontends carry the front door's allow-list (control/routing/frontdoor.py; tests/test_front_door.py)
     assert text.count("acl fd_allowed path /inference.GRPCInferenceService/ServerLive") == 1
     assert text.count("acl fd_infer path_reg") == 1
     assert text.count("track chk/s") == 2 * (2 + 1 + 1) * 2  # 2 protocols x (2 first + split + pool) x 2 slots
@@ -48,7 +48,7 @@ def test_haproxy_config_has_the_verified_settings(tmp_path):
 def test_haproxy_config_admits_fast_and_retries_once(tmp_path):
     """Issue 9: every traffic server has an in-flight limit; a full pool is refused before it queues (degraded
     answers first, then 429 / gRPC RESOURCE_EXHAUSTED); one retry, redispatched, never on 503; access log."""
-    from recserve.control.haproxy import OVERLOADED, overloaded_reply, pool_backend
+    from recserve.control.routing.haproxy import OVERLOADED, overloaded_reply, pool_backend
 
     text = render_config(HAProxyConfig(workdir=tmp_path, slots=2, maxconn=7, fallback_maxconn=3))
     lines = [ln.strip() for ln in text.splitlines()]
@@ -214,19 +214,19 @@ def test_gates_defaults_validation_and_p99():
 
 
 def test_recctl_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "--help"], capture_output=True,
                          text=True).stdout
     for cmd in ("status", "rollover", "rollback", "promote", "drain", "instances", "snapshot", "snapshots",
                 "restore", "up", "down"):
         assert cmd in out
-    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "rollover", "retrieval"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "rollover", "retrieval"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "--version" in r.stderr
 
 
 def test_recctl_without_a_control_plane_says_so(tmp_path):
     port = free_port()
-    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "--root", str(tmp_path), "--control",
+    r = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "--root", str(tmp_path), "--control",
                         f"127.0.0.1:{port}", "--timeout", "3", "status"], capture_output=True, text=True, timeout=60)
     # exit 3 (cannot reach the control plane), said on stderr, nothing on stdout (recctl's exit-code table)
     assert r.returncode == 3 and "no control plane" in r.stderr and r.stdout == "", (r.returncode, r.stderr)
@@ -238,7 +238,7 @@ class _FakeFleet:
     def __init__(self, client):
         from types import SimpleNamespace
 
-        from recserve.control.metrics import ControlMetrics
+        from recserve.control.monitoring.metrics import ControlMetrics
 
         self.metrics = ControlMetrics()
         self.canary_broken: dict[str, str] = {}
@@ -279,7 +279,7 @@ class _Client:
 
 
 def _bake(client, gates: Gates, base_p99_ms: float, bake_s: float = 1.0, ref=None):
-    from recserve.control.rollout import RolloutManager
+    from recserve.control.rollout.manager import RolloutManager
 
     rm = RolloutManager.__new__(RolloutManager)
     rm.fleet, rm.probe_interval_s, rm._abort = _FakeFleet(client), 0.01, {}
@@ -292,7 +292,7 @@ def _bake(client, gates: Gates, base_p99_ms: float, bake_s: float = 1.0, ref=Non
 
 
 def test_p99_gate_fails_a_slow_canary_and_records_the_value():
-    from recserve.control.rollout import GateFailure
+    from recserve.control.rollout.manager import GateFailure
 
     with pytest.raises(GateFailure) as exc:
         _bake(_Client(delay_s=0.05), Gates(max_p99_ratio=3.0, min_p99_ms=20.0), base_p99_ms=10.0)
@@ -300,7 +300,7 @@ def test_p99_gate_fails_a_slow_canary_and_records_the_value():
 
 
 def test_error_rate_gate_fails_fast_and_green_canary_passes():
-    from recserve.control.rollout import GateFailure
+    from recserve.control.rollout.manager import GateFailure
 
     failing = _Client(fail=True)
     with pytest.raises(GateFailure) as exc:
@@ -319,7 +319,7 @@ def test_error_rate_gate_fails_fast_and_green_canary_passes():
 
 def test_bake_without_expected_answers_fails_the_golden_gate():
     """No expectation (reference broken, no recorded fallback) is a red gate, never a pass on the canary's word."""
-    from recserve.control.rollout import GateFailure, RolloutManager
+    from recserve.control.rollout.manager import GateFailure, RolloutManager
 
     rm = RolloutManager.__new__(RolloutManager)
     rm.fleet, rm.probe_interval_s, rm._abort = _FakeFleet(_Client()), 0.01, {}
@@ -339,8 +339,8 @@ def test_reload_of_an_instance_the_route_sends_nothing_to_loads_at_nice_19():
     request waited on. An instance taking traffic keeps its priority while it loads."""
     from types import SimpleNamespace
 
-    from recserve.control.instances import InstanceLifecycle
-    from recserve.control.state import InstanceRecord
+    from recserve.control.fleet.instances import InstanceLifecycle
+    from recserve.control.state.store import InstanceRecord
 
     class Lifecycle(InstanceLifecycle):
         def __init__(self, serving: set[int]):
@@ -368,7 +368,7 @@ def test_reload_of_an_instance_the_route_sends_nothing_to_loads_at_nice_19():
             return SimpleNamespace(ok=True)
 
     idle = Lifecycle(serving={1})  # split route: t2 (the canary) at weight 100, t1 at 0
-    with mock.patch("recserve.control.instances.can_raise_priority", return_value=True):
+    with mock.patch("recserve.control.fleet.instances.can_raise_priority", return_value=True):
         idle.reload("t1", {"ranker": [2]}, only=["ranker"])
         assert idle.nices == [19, "loaded", 5]
         serving = Lifecycle(serving={0, 1})
@@ -381,7 +381,7 @@ def test_the_knee_from_the_perf_report_is_read_once_per_version_of_the_report(tm
     it changed (a new perf run), and a missing report gives the conservative default."""
     import os
 
-    from recserve.control.router import DEFAULT_KNEE_RPS, default_knee_rps
+    from recserve.control.routing.router import DEFAULT_KNEE_RPS, default_knee_rps
     from recserve.drills import capacity
 
     report = tmp_path / "report.json"

@@ -5,7 +5,7 @@ Convention, on the line just before a fenced block (blank lines between are allo
 - ``<!-- test -->`` on a ``bash`` or ``python`` block: it runs here, from the repository root, with ``.venv/bin``
   first on PATH, and must exit 0. Only examples that need no fleet, cluster or GPU (they start nothing lasting).
 - ``<!-- test: drill spec -->`` / ``<!-- test: backup policy -->`` on a ``yaml`` block: it is validated by the loader
-  that reads such files (``recserve.drills.spec.load_file`` / ``recserve.control.backup_policy.load_policy``);
+  that reads such files (``recserve.drills.spec.load_file`` / ``recserve.control.backup.policy.load_policy``);
   ``<!-- test: retry service config -->`` on a ``json`` block: it equals ``RETRY_SERVICE_CONFIG``.
 - ``<!-- not run: why -->``: an example that needs a fleet, a cluster, a GPU or minutes. It is still checked: Python
   compiles and its ``recserve`` imports resolve; shell passes ``bash -n``, every ``recctl`` command parses with
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-from recserve.control.triton import REPO_ROOT
+from recserve.control.runtime.triton import REPO_ROOT
 
 DOCS = REPO_ROOT / "docs"
 PAGES = [REPO_ROOT / "README.md", REPO_ROOT / "deploy" / "README.md", REPO_ROOT / "drills" / "README.md",
@@ -178,7 +178,7 @@ def test_relative_links_resolve(page):
 
 
 def test_cli_reference_is_current():
-    from recserve.control.clidoc import CLI_MD, render
+    from recserve.control.api.clidoc import CLI_MD, render
 
     assert CLI_MD.exists() and CLI_MD.read_text() == render(), "docs/cli.md is stale: run `make docs`"
 
@@ -206,7 +206,7 @@ def test_example_file_validates(ex, tmp_path):
         f.write_text(ex.code)
         load_file(f)
     elif kind == "backup policy":
-        from recserve.control.backup_policy import load_policy
+        from recserve.control.backup.policy import load_policy
 
         f = tmp_path / "policy.yaml"
         f.write_text(ex.code)
@@ -250,7 +250,7 @@ def _python_problems(code: str) -> list[str]:
 
 def _relaxed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """recctl's parser with file and directory arguments that need not exist here (the docs name example files)."""
-    from recserve.control.cli_output import existing_dir, existing_file
+    from recserve.control.api.cli_output import existing_dir, existing_file
 
     for action in parser._actions:
         if action.type in (existing_file, existing_dir):
@@ -263,7 +263,7 @@ def _relaxed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 @cache
 def _recctl_parser() -> argparse.ArgumentParser:
-    from recserve.control.recctl import build_parser
+    from recserve.control.api.recctl import build_parser
 
     return _relaxed(build_parser())
 

@@ -34,11 +34,11 @@ def test_client_lag_percentiles():
 
 
 def test_haproxy_timers_per_route_from_the_access_log(tmp_path):
-    """The access log read back (control/accesslog.py, shared with the Router's adaptive limits): a line still
+    """The access log read back (control/routing/accesslog.py, shared with the Router's adaptive limits): a line still
     being written is left for the next read; -1 timers (never started) stay out of the percentiles."""
     from datetime import datetime
 
-    from recserve.control.accesslog import read_from
+    from recserve.control.routing.accesslog import read_from
     from recserve.drills.breakdown import haproxy_timers
 
     def line(sec: int, backend: str, timers: str, status: int, rc: str = "0", tsc: str = "") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from recserve.control.triton import REPO_ROOT
+from recserve.control.runtime.triton import REPO_ROOT
 
 
 def drills(*args: str) -> subprocess.CompletedProcess:

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from recserve.control.haproxy import HAProxyConfig, render_config
+from recserve.control.routing.haproxy import HAProxyConfig, render_config
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT, servable_models
 from recserve.control.testswitch import ENV, SWITCHES, SwitchError, active, broken, warning
-from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT, servable_models
 from recserve.drills.controls import CI_CONTROLS, CONTROLS, Control, judge, select
 from recserve.drills.spec import load_all
 

@@ -15,7 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from recserve.control.triton import DEFAULT_REPOSITORY
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 from recserve.drills.faults import FAULTS, NetworkPartition, _negate_outputs, fault_dir_of, process_state
 from recserve.drills.fixture_models import make_repository
 from recserve.drills.spec import FAULT_PARAMS

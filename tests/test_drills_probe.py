@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from recserve.control.triton import free_port
+from recserve.control.runtime.triton import free_port
 from recserve.drills.probe import Case, OpenLoopProbe, check_loopback, schedule, status_name
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recserve.control.haproxy import OVERLOADED
+from recserve.control.routing.haproxy import OVERLOADED
 from recserve.control.stats import percentile
 from recserve.drills.probe import Record
 from recserve.drills.timeline import (

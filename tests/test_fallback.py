@@ -20,8 +20,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from recserve.control.client import RecClient
-from recserve.control.fallback import DATA_DIR, FallbackConfig, FallbackError, FallbackServer
-from recserve.control.procs import port_in_use
+from recserve.control.runtime.fallback import DATA_DIR, FallbackConfig, FallbackError, FallbackServer
+from recserve.control.runtime.procs import port_in_use
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_the_fallback_runs_below_the_instances_cpu_priority(fallback):
     """Degraded answers get the CPU full answers leave: nice 10, the instances serve at nice 5 (FleetConfig)."""
     import os
 
-    from recserve.control.fleet_config import FleetConfig
+    from recserve.control.fleet.config import FleetConfig
 
     assert os.getpriority(os.PRIO_PROCESS, fallback.pid) == fallback.config.nice == 10 > FleetConfig().instance_nice
 
@@ -314,8 +314,8 @@ def test_haproxy_serves_it_as_just_another_backend(fallback, tmp_path):
     fallback: tritonclient through the proxy gets degraded answers and the same refusals."""
     import time
 
-    from recserve.control.haproxy import HAProxy, HAProxyConfig
-    from recserve.control.procs import free_port
+    from recserve.control.routing.haproxy import HAProxy, HAProxyConfig
+    from recserve.control.runtime.procs import free_port
 
     proxy = HAProxy(HAProxyConfig(workdir=tmp_path, grpc_port=free_port(), http_port=free_port(), slots=1))
     proxy.start()

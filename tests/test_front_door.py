@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recserve.control.frontdoor import (
+from recserve.control.routing.frontdoor import (
     CHEAP_BUFSIZE,
     GRPC_MAX_BODY,
     HISTORY_LIMIT,
@@ -28,7 +28,7 @@ from recserve.control.frontdoor import (
     FrontDoorError,
     frontdoor_lines,
 )
-from recserve.control.triton import ADMIN_HEADER_GRPC, ADMIN_HEADER_HTTP, DEFAULT_REPOSITORY, free_port
+from recserve.control.runtime.triton import ADMIN_HEADER_GRPC, ADMIN_HEADER_HTTP, DEFAULT_REPOSITORY, free_port
 from recserve.drills import attacks
 from tests.fleet_fixtures import FleetProcess, running_fleet
 from tests.test_control_api import make_cert
@@ -103,8 +103,8 @@ def test_refusals_of_uploads_are_written_by_the_refusal_service(tmp_path):
     import shutil
     import subprocess
 
-    from recserve.control.frontdoor import REFUSE_LUA, lua_path, prepare_files
-    from recserve.control.haproxy import HAProxyConfig, errorfile_path, overloaded_reply, render_config
+    from recserve.control.routing.frontdoor import REFUSE_LUA, lua_path, prepare_files
+    from recserve.control.routing.haproxy import HAProxyConfig, errorfile_path, overloaded_reply, render_config
 
     c = HAProxyConfig(workdir=tmp_path, grpc_port=free_port(), http_port=free_port(), slots=1)
     prepare_files(c.frontdoor, tmp_path)
@@ -414,7 +414,7 @@ def test_refused_uploads_in_flight_are_bounded_by_the_refusal_slots(fleet):
     Every one is answered 413 while its upload is still going on, and the count returns to 0 when they end."""
     import socket
 
-    from recserve.control.frontdoor import REFUSAL_SLOTS
+    from recserve.control.routing.frontdoor import REFUSAL_SLOTS
 
     def in_flight() -> int:
         with socket.socket(socket.AF_UNIX) as u:
@@ -559,7 +559,7 @@ def test_client_ports_over_tls_serve_and_keep_the_allow_list(fleet, tmp_path):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from recserve.control.haproxy import HAProxy, HAProxyConfig
+    from recserve.control.routing.haproxy import HAProxy, HAProxyConfig
 
     cert, key = make_cert(tmp_path / "tls")
     primary = next(i for i in fleet.status()["instances"] if i["role"] == "primary")

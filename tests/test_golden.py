@@ -16,7 +16,7 @@ import pytest
 
 from recserve.build.reference import MODELS, Reference, latest_versions, record_expectations
 from recserve.control.client import RecClient, Result
-from recserve.control.golden import (
+from recserve.control.fleet.golden import (
     SOURCE_NONE,
     SOURCE_RECORDED,
     SOURCE_REFERENCE,
@@ -24,9 +24,9 @@ from recserve.control.golden import (
     golden_json_path,
     load_request_set,
 )
-from recserve.control.health import deep_check, ready_versions
-from recserve.control.metrics import ControlMetrics
-from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.fleet.health import deep_check, ready_versions
+from recserve.control.monitoring.metrics import ControlMetrics
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 LATEST = {m: [v] for m, v in latest_versions(DEFAULT_REPOSITORY).items()}
 
@@ -64,8 +64,8 @@ def test_control_plane_computes_expectations_without_torch(tmp_path):
     code = textwrap.dedent(f"""
         import json, sys
         sys.modules["torch"] = None  # any 'import torch' now raises ImportError
-        import recserve.control.server, recserve.control.fleet  # the control plane's whole import graph
-        from recserve.control.golden import Golden
+        import recserve.control.api.server, recserve.control.fleet.fleet  # the control plane's whole import graph
+        from recserve.control.fleet.golden import Golden
         g = Golden({str(DEFAULT_REPOSITORY)!r}, golden_json={str(recorded)!r})
         exp = g.expected({LATEST!r})
         assert not [m for m in sys.modules if m.split(".")[0] == "torch" and sys.modules[m] is not None]
@@ -140,7 +140,7 @@ def test_broken_reference_falls_back_loudly_to_build_time_answers(served, tmp_pa
 
 def test_broken_reference_is_a_status_warning(tmp_path):
     """``recctl status`` prints the fleet's warnings: the golden problem is one of them (no process started)."""
-    from recserve.control.fleet import Fleet, FleetConfig
+    from recserve.control.fleet.fleet import Fleet, FleetConfig
 
     fleet = Fleet(FleetConfig(root=tmp_path / "runtime", repository=DEFAULT_REPOSITORY))
     try:

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from recserve.build import trt as trt_mod
-from recserve.control.triton import REPO_ROOT, tensorrt_available
+from recserve.control.runtime.triton import REPO_ROOT, tensorrt_available
 
 GPU_CHECK = REPO_ROOT / "tools" / "gpu-check"
 HAVE_TRT = trt_mod.availability()[0]
@@ -43,7 +43,7 @@ def test_without_gpu_or_tensorrt_it_stops_with_one_clear_line(tmp_path):
 @pytest.mark.skipif(HAVE_TRT, reason="this host has TensorRT and a GPU")
 def test_no_tensorrt_models_are_servable_here_and_torch_is_not_asked():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from recserve.control.triton import tensorrt_available\nprint(tensorrt_available())")
+            "from recserve.control.runtime.triton import tensorrt_available\nprint(tensorrt_available())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
     assert tensorrt_available() is False and trt_mod.cuda_gpus() == []
@@ -76,7 +76,7 @@ def test_a_failed_engine_is_a_problem_not_a_skip(monkeypatch, tmp_path):
 def test_tensorrt_shim_refuses_to_load_with_a_clear_reason(tmp_path):
     """The real shim in a real tritonserver: without TensorRT a *_trt model fails to load and says why (the
     instance group is moved to CPU here, else Triton refuses KIND_GPU before the shim runs)."""
-    from recserve.control.triton import TritonConfig, TritonError, TritonServer
+    from recserve.control.runtime.triton import TritonConfig, TritonError, TritonServer
 
     repo = tmp_path / "repo"
     (repo / "ranker_trt" / "1").mkdir(parents=True)

@@ -1,5 +1,5 @@
-"""The /proc exposure check (control/hostcheck.py): keys on command lines are readable by every local user unless /proc
-hides other users' processes. Fake mounts and cgroup files only; no process is started."""
+"""The /proc exposure check (control/runtime/hostcheck.py): keys on command lines are readable by every local user
+unless /proc hides other users' processes. Fake mounts and cgroup files only; no process is started."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from recserve.control import hostcheck
-from recserve.control.hostcheck import EXPOSURE, proc_exposure_warning, proc_hidepid, systemd_unit
+from recserve.control.runtime import hostcheck
+from recserve.control.runtime.hostcheck import EXPOSURE, proc_exposure_warning, proc_hidepid, systemd_unit
 
 PLAIN = "sysfs /sys sysfs rw,nosuid 0 0\nproc /proc proc rw,nosuid,nodev,noexec,relatime 0 0\n"
 HIDDEN = "proc /proc proc rw,nosuid,nodev,noexec,relatime,hidepid=invisible 0 0\n"
@@ -94,10 +94,10 @@ def test_unit_protect_proc_without_systemctl_is_unknown(monkeypatch):
 def test_the_warning_reaches_fleet_status_without_degrading_health(tmp_path, monkeypatch):
     """Said where operators look (``recctl status`` warnings, an event at start) but not the fleet's health: the
     host's hardening is not a serving problem. No process is started."""
-    from recserve.control import fleet as fleet_mod
-    from recserve.control.fleet import Fleet, FleetConfig
-    from recserve.control.state import InstanceRecord
-    from recserve.control.triton import DEFAULT_REPOSITORY
+    from recserve.control.fleet import fleet as fleet_mod
+    from recserve.control.fleet.fleet import Fleet, FleetConfig
+    from recserve.control.runtime.triton import DEFAULT_REPOSITORY
+    from recserve.control.state.store import InstanceRecord
 
     mounts = _file(tmp_path, "mounts", PLAIN)
     monkeypatch.setattr(fleet_mod, "proc_exposure_warning", lambda: proc_exposure_warning(mounts, env={}))

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 
-from recserve.control.fleet import Fleet, FleetConfig
+from recserve.control.fleet.fleet import Fleet, FleetConfig
 from recserve.control.keys import read_secret
-from recserve.control.state import InstanceRecord, State
-from recserve.control.triton import DEFAULT_REPOSITORY, TritonConfig, TritonServer
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, TritonConfig, TritonServer
+from recserve.control.state.store import InstanceRecord, State
 
 
 def test_instances_running_with_the_old_fleet_key_stay_reachable_for_adoption(tmp_path):

@@ -17,7 +17,7 @@ import yaml
 from recserve.control.kube.api import GATE, GROUP, VERSION
 from recserve.control.kube.manifests import find, render
 from recserve.control.kube.operator import Operator, OperatorConfig
-from recserve.control.triton import TritonConfig, TritonServer
+from recserve.control.runtime.triton import TritonConfig, TritonServer
 from tests.fleet_fixtures import fleet_repository, make_version
 from tests.kube_fixtures import NAMESPACE, DeploymentController, KubeEmulator
 
@@ -127,8 +127,8 @@ def test_new_pods_get_the_desired_versions_before_their_gate_opens(cluster):
 
 
 def test_both_drivers_provide_the_pool_interface_the_rollouts_use(cluster, tmp_path):
-    from recserve.control.fleet import Fleet, FleetConfig
-    from recserve.control.pool import ServingPool
+    from recserve.control.fleet.fleet import Fleet, FleetConfig
+    from recserve.control.fleet.pool import ServingPool
 
     assert isinstance(cluster.op.pool, ServingPool)
     fleet = Fleet(FleetConfig(root=tmp_path / "fleet", repository=cluster.repo))  # starts no process
@@ -189,7 +189,7 @@ def test_modelrollout_with_wrong_answers_is_rolled_back_for_real(cluster):
 
 
 def test_recctl_reads_rollouts_and_aborts_one_through_a_kubeconfig(cluster, tmp_path, capsys):
-    from recserve.control.recctl import main
+    from recserve.control.api.recctl import main
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({

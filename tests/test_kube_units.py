@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from recserve.control.kube.pool import PodEndpoint, ServiceTraffic, pod_endpoint
-from recserve.control.state import InstanceRecord, State
+from recserve.control.state.store import InstanceRecord, State
 
 
 def _pod(**over) -> dict:
@@ -51,7 +51,7 @@ def test_service_traffic_admits_every_pod_unless_a_split_or_maintenance_says_oth
 
 
 def test_recctl_k8s_refuses_a_missing_kubeconfig_in_one_line(tmp_path, capsys):
-    from recserve.control.recctl import main
+    from recserve.control.api.recctl import main
 
     assert main(["k8s", "--kubeconfig", str(tmp_path / "nope"), "rollouts"]) == 2
     assert "kubeconfig" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tomllib
 
-from recserve.control.triton import REPO_ROOT
+from recserve.control.runtime.triton import REPO_ROOT
 
 FOLDERS = ("build", "control", "perf", "drills")
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recserve.control.monconfig import DEPLOY_DIR
-from recserve.control.monitor import MonitorConfig, MonitorStack, missing_binaries
+from recserve.control.monitoring.config import DEPLOY_DIR
+from recserve.control.monitoring.stack import MonitorConfig, MonitorStack, missing_binaries
 from tests.fleet_fixtures import FleetProcess, LoadClient, all_healthy_exact, fleet_repository
 
 pytestmark = [pytest.mark.timeout(600),
@@ -89,7 +89,7 @@ class Monitored:
         """Stops the stack and the fleet; fails when a monitoring process outlives ``down``."""
         if self.mode is None:
             return
-        from recserve.control.procs import pid_alive
+        from recserve.control.runtime.procs import pid_alive
 
         pids = [p.pid for p in self.stack.procs]
         try:

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from recserve.control.alertsink import read_notifications
-from recserve.control.monconfig import (
+from recserve.control.monitoring.alertsink import read_notifications
+from recserve.control.monitoring.config import (
     DEPLOY_DIR,
     alert_names,
     render_alertmanager,
@@ -22,8 +22,8 @@ from recserve.control.monconfig import (
     rule_files,
     write_yaml,
 )
-from recserve.control.promstack import AlertReceiver, ProcConfig, binary
-from recserve.control.targets import FleetCollector, TargetFiles
+from recserve.control.monitoring.targets import FleetCollector, TargetFiles
+from recserve.control.runtime.promstack import AlertReceiver, ProcConfig, binary
 
 PROMTOOL, AMTOOL = binary("promtool"), binary("amtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: 'make setup' installs prometheus")
@@ -152,9 +152,9 @@ def test_fleet_collector_reports_states_golden_mismatch_and_rollbacks():
 def test_backup_policy_start_is_exported_with_the_policy(tmp_path):
     """RecserveBackupStale counts the age from the policy's start while no verified backup is known (last
     success 0): exported from the moment the policy's max age is, so a starting control plane is never stale."""
-    from recserve.control.backup import BackupManager
-    from recserve.control.backup_policy import load_policy
-    from recserve.control.metrics import ControlMetrics
+    from recserve.control.backup.manager import BackupManager
+    from recserve.control.backup.policy import load_policy
+    from recserve.control.monitoring.metrics import ControlMetrics
 
     metrics = ControlMetrics()
     value = metrics.registry.get_sample_value
@@ -188,7 +188,7 @@ def test_webhook_receiver_records_notifications_and_stops_cleanly(tmp_path):
         pid = rx.pid
         rx.stop()
     assert not rx.is_alive() and not rx.pid_path.exists()
-    assert not (pid and __import__("recserve.control.procs").control.procs.pid_alive(pid))
+    assert not (pid and __import__("recserve.control.runtime.procs").control.procs.pid_alive(pid))
 
 
 @pytest.mark.skipif(PROMTOOL is None or AMTOOL is None, reason="prometheus/alertmanager missing: 'make setup'")
@@ -196,12 +196,12 @@ def test_monitor_up_twice_adopts_and_down_stops_exactly_its_processes(tmp_path):
     """What make monitor-up / monitor-down do, in separate processes (pid files, command lines naming the root)."""
     import sys
 
-    from recserve.control.monitor import read_endpoints
-    from recserve.control.procs import pid_alive
+    from recserve.control.monitoring.stack import read_endpoints
+    from recserve.control.runtime.procs import pid_alive
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "recserve.control.monitor", "--root", str(tmp_path), *args],
-                              capture_output=True, text=True, timeout=120)
+        cmd = [sys.executable, "-m", "recserve.control.monitoring.stack", "--root", str(tmp_path), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
     ports = ["--prometheus-port", "0", "--alertmanager-port", "0", "--receiver-port", "0"]
     try:

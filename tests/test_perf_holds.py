@@ -6,7 +6,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from recserve.control.triton import DEFAULT_REPOSITORY
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 from recserve.perf.holds import variant_repository
 
 BATCHED = {"ranker", "retrieval", "search_model", "recommend_pre", "recommend_post", "search_pre"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from recserve.control.triton import DEFAULT_REPOSITORY, servable_models
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, servable_models
 from recserve.perf import runner, suite
 
 SUITE = """

@@ -70,12 +70,12 @@ def test_tree_cpu_reads_this_process():
 
 
 def test_rollout_gates_and_perf_read_triton_metrics_with_one_parser(tmp_path):
-    """control.metrics.triton_request_counts (rollout gates) reads the same recorded scrape through the same
+    """control.monitoring.metrics.triton_request_counts (rollout gates) reads the same recorded scrape through the same
     prometheus_client parser as perf; an unreachable endpoint is None, not zero."""
     import http.server
     import threading
 
-    from recserve.control.metrics import triton_request_counts
+    from recserve.control.monitoring.metrics import triton_request_counts
 
     body = (DATA / "metrics.txt").read_bytes()
 

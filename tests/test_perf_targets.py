@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from recserve.control.triton import DEFAULT_REPOSITORY
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 from recserve.perf import targets
 
 STATUS = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recserve.control.triton import DEFAULT_REPOSITORY
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 from recserve.perf import tune
 
 COMMITTED = {

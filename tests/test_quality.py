@@ -15,7 +15,7 @@ import pytest
 
 from recserve.build.reference import Reference
 from recserve.control.client import RecClient
-from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 DATA = REPO_ROOT / "artifacts" / "data"
 GOLDEN = REPO_ROOT / "artifacts" / "golden.json"

@@ -19,11 +19,11 @@ import time
 import pytest
 import yaml
 
-from recserve.control import recctl
-from recserve.control.cli_output import FORMATS
+from recserve.control.api import recctl
+from recserve.control.api.cli_output import FORMATS
+from recserve.control.api.proto import control_pb2 as pb
 from recserve.control.kube import ctl
-from recserve.control.proto import control_pb2 as pb
-from recserve.control.triton import free_port
+from recserve.control.runtime.triton import free_port
 
 MUTATING = {"AddInstance", "RemoveInstance", "DrainInstance", "PromoteInstance", "Scale", "SetKnee", "Rollover",
             "Rollback", "CreateSnapshot", "RestoreSnapshot", "RunBackup"}
@@ -349,7 +349,7 @@ def test_k8s_rollover_wait_streams_each_change_and_ends_with_the_verdict(cli, mo
 
 # ---------------------------------------------------------------------------------------------- exit codes
 def test_status_without_a_control_plane_is_one_stderr_line_and_exit_3(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "--root", str(tmp_path), "--control",
+    r = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "--root", str(tmp_path), "--control",
                         f"127.0.0.1:{free_port()}", "--timeout", "5", "status", "-o", "json"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 3, r
@@ -459,18 +459,18 @@ def test_down_and_up_dry_run_leave_processes_and_files_alone(tmp_path, capsys, m
         fresh = tmp_path / "fresh"
         rc = recctl.main(["--root", str(fresh), "up", "--dry-run", "-o", "yaml"])
         doc = yaml.safe_load(capsys.readouterr().out)
-        assert rc == 0 and "recserve.control.server" in doc["command"] and not fresh.exists()
+        assert rc == 0 and "recserve.control.api.server" in doc["command"] and not fresh.exists()
     finally:
         sleeper.kill()
         sleeper.wait()
 
 
 def test_restore_from_a_target_dry_run_writes_nothing(tmp_path, capsys):
-    from recserve.control.backup import BackupManager
-    from recserve.control.backup_policy import load_policy
-    from recserve.control.metrics import ControlMetrics
-    from recserve.control.snapshots import write_manifest
-    from recserve.control.state import State
+    from recserve.control.backup.manager import BackupManager
+    from recserve.control.backup.policy import load_policy
+    from recserve.control.monitoring.metrics import ControlMetrics
+    from recserve.control.state.snapshots import write_manifest
+    from recserve.control.state.store import State
 
     repo, root, target = tmp_path / "repo", tmp_path / "runtime", tmp_path / "offhost"
     for v in (1, 2):
@@ -508,7 +508,7 @@ def test_help_documents_the_exit_codes(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for line in ("0 ok", "1 the operation failed", "2 usage", "3 the control plane cannot be reached"):
         assert line in out
-    from recserve.control import cli_output
+    from recserve.control.api import cli_output
 
     for line in ("0     ok", "2     usage", "3     the control plane cannot be reached"):
         assert line in cli_output.__doc__  # the one table; recctl's docstring points to it

@@ -247,8 +247,8 @@ def test_perf_report_html_renders_in_chromium(tmp_path):
 # ---------------------------------------------------------------------------------------------- recctl status
 def status_doc() -> dict:
     """What ``recctl status -o json`` prints: recctl's own conversion of a FleetStatus, plus monitoring."""
-    from recserve.control.proto import control_pb2 as pb
-    from recserve.control.recctl import _status_dict
+    from recserve.control.api.proto import control_pb2 as pb
+    from recserve.control.api.recctl import _status_dict
 
     st = pb.FleetStatus(
         endpoints=pb.Endpoints(grpc="127.0.0.1:8001", http="127.0.0.1:8000", control="127.0.0.1:50051",
@@ -269,8 +269,8 @@ def status_doc() -> dict:
 
 
 def test_status_page_from_recctl_json_renders_in_chromium(tmp_path):
-    """recctl status -o json | python -m recserve.control.statushtml > status.html, opened in Chromium."""
-    out = subprocess.run([sys.executable, "-m", "recserve.control.statushtml"], input=json.dumps(status_doc()),
+    """recctl status -o json | python -m recserve.control.api.statushtml > status.html, opened in Chromium."""
+    out = subprocess.run([sys.executable, "-m", "recserve.control.api.statushtml"], input=json.dumps(status_doc()),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert_self_contained(out.stdout)
@@ -292,6 +292,6 @@ def test_status_page_from_recctl_json_renders_in_chromium(tmp_path):
 
 
 def test_statushtml_refuses_what_is_not_a_status_document(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "recserve.control.statushtml"], input='{"drills": []}',
+    out = subprocess.run([sys.executable, "-m", "recserve.control.api.statushtml"], input='{"drills": []}',
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not a `recctl status -o json` document" in out.stderr and not out.stdout

@@ -21,12 +21,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from recserve.control.haproxy import OVERLOADED
-from recserve.control.health import Probe
-from recserve.control.metrics import triton_request_counts
-from recserve.control.proto import control_pb2 as pb
-from recserve.control.router import RouterConfig, RouterError
-from recserve.control.supervision import classify
+from recserve.control.api.proto import control_pb2 as pb
+from recserve.control.fleet.health import Probe
+from recserve.control.fleet.supervision import classify
+from recserve.control.monitoring.metrics import triton_request_counts
+from recserve.control.routing.haproxy import OVERLOADED
+from recserve.control.routing.router import RouterConfig, RouterError
 from tests.fleet_fixtures import make_version, running_fleet
 
 pytestmark = pytest.mark.timeout(600)
@@ -64,8 +64,8 @@ def test_router_config_refuses_bad_values_and_derives_timeouts(tmp_path):
 
 
 def test_adaptive_controller_reads_per_server_p99_and_queue_full_from_the_access_log(tmp_path):
-    from recserve.control.router import Router
-    from recserve.control.state import State
+    from recserve.control.routing.router import Router
+    from recserve.control.state.store import State
 
     router = Router(RouterConfig(workdir=tmp_path, fallback=False), State(tmp_path / "state.db"))
     line = ('id 127.0.0.1:1 [01/Dec/2026:15:16:34.302] fe_grpc be_grpc_pool/s{slot} 0/0/0/{tr}/{tr} {st} 484 0 '
@@ -85,9 +85,9 @@ def test_adaptive_controller_reads_per_server_p99_and_queue_full_from_the_access
 def test_a_router_that_adopted_a_running_haproxy_keeps_its_server_states_in_the_pool(tmp_path):
     """After a control-plane restart the new Router did not set the states itself: set_pool reads them from
     HAProxy, so a standby promoted into the pool serves and a drained slot stays drained (real HAProxy)."""
-    from recserve.control.procs import free_port
-    from recserve.control.router import Router
-    from recserve.control.state import State
+    from recserve.control.routing.router import Router
+    from recserve.control.runtime.procs import free_port
+    from recserve.control.state.store import State
 
     cfg = RouterConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=3,
                        fallback=False, knee_rps=100)
@@ -114,9 +114,9 @@ def test_a_measured_knee_sets_the_limits_at_once_shared_by_the_servers_the_route
     """``recctl limits --knee-rps`` (Router.set_knee): every fixed per-server limit follows the new knee x SLO
     at once, shared by the servers taking traffic (pool members; one primary; canary weights > 0); a bad knee is
     refused by name; the knee outlives a control-plane restart unless that restart names ``--knee-rps``."""
-    from recserve.control.procs import free_port
-    from recserve.control.router import KNEE_SET_BY, Router
-    from recserve.control.state import InstanceRecord, State
+    from recserve.control.routing.router import KNEE_SET_BY, Router
+    from recserve.control.runtime.procs import free_port
+    from recserve.control.state.store import InstanceRecord, State
 
     def limits(router: Router) -> dict[int, int]:
         return {s: ld.limit for s, ld in router.load().items() if s in (0, 1)}  # slot 2: never bound
@@ -168,9 +168,9 @@ def test_a_rollout_pauses_its_traffic_steps_while_the_pool_sheds_and_gives_up_af
     """Issue 9: rollouts pause while the pool is shedding (before shifting more traffic), resume when it
     stops, and roll back when it sheds past the bound (a unit on the real state store and metrics; the
     fleet is a stand-in whose shedding is scripted)."""
-    from recserve.control.metrics import ControlMetrics
-    from recserve.control.rollout import GateFailure, RolloutManager
-    from recserve.control.state import RolloutRecord, State
+    from recserve.control.monitoring.metrics import ControlMetrics
+    from recserve.control.rollout.manager import GateFailure, RolloutManager
+    from recserve.control.state.store import RolloutRecord, State
 
     class Pool:
         def __init__(self, shedding: list[bool]):
@@ -444,7 +444,7 @@ def _metrics(executions: dict[str, int], pending: dict[str, int]) -> str:
 def test_hung_is_told_from_busy_by_progress_while_requests_wait():
     """At its limit and timing out, a busy instance still executes; a hung one (health answering, inference never
     returning) has a model with requests pending and a flat execution count across two checks >= 1 s apart."""
-    from recserve.control.progress import Progress, sample
+    from recserve.control.fleet.progress import Progress, sample
 
     p = Progress(min_flat_s=1.0)
     busy = [({"ranker": 100 + 40 * k, "recommend": 90 + 40 * k}, {"ranker": 12, "recommend": 30}) for k in range(4)]
@@ -465,7 +465,7 @@ def test_hung_is_told_from_busy_by_progress_while_requests_wait():
 def test_a_deep_check_that_load_kept_from_its_answer_is_a_shed_probe_busy_or_not():
     """recserve_probes_shed counts every timed-out or queue-full golden inference, also those judged failing (not at
     the limit): the drills' probes_shed read only 'detected' events that named a full queue and missed the rest."""
-    from recserve.control.supervision import shed_probe
+    from recserve.control.fleet.supervision import shed_probe
 
     timed_out = Probe(False, "golden", "golden inference failed: [StatusCode.DEADLINE_EXCEEDED] Deadline Exceeded", 0)
     full = Probe(False, "golden", "golden inference failed: Exceeds maximum queue size", 0)

@@ -15,7 +15,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from recserve.control.client import RecClient
-from recserve.control.triton import (
+from recserve.control.runtime.triton import (
     ADMIN_HEADER_GRPC,
     ADMIN_HEADER_HTTP,
     DEFAULT_REPOSITORY,
@@ -186,7 +186,7 @@ def test_a_killed_server_s_shm_regions_go_with_the_next_stop_or_start(tmp_path):
     import os
     import signal
 
-    from recserve.control.procs import kill_group
+    from recserve.control.runtime.procs import kill_group
     from recserve.drills.faults import group_members
 
     srv = TritonServer(TritonConfig(workdir=tmp_path, models=["search"], nice=19))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from recserve.build.manifest import verify_manifest
-from recserve.control.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 MODELS = ("retrieval", "ranker", "search_model")
 

@@ -128,8 +128,8 @@ def step_serve_parity(ctx: Ctx) -> dict:
     import tempfile
 
     from recserve.control.client import RecClient
-    from recserve.control.golden import ask, golden_json_path, load_request_set
-    from recserve.control.triton import TritonConfig, TritonServer
+    from recserve.control.fleet.golden import ask, golden_json_path, load_request_set
+    from recserve.control.runtime.triton import TritonConfig, TritonServer
 
     workdir = Path(tempfile.mkdtemp(prefix="recserve-gpu-check-"))
     server = TritonServer(TritonConfig(model_repository=ctx.repository, workdir=workdir,

@@ -2,7 +2,7 @@
 
 It reads and writes the same objects ``kubectl get recservefleets,modelrollouts`` shows; starting a rollout is
 creating a ModelRollout, aborting one (rollback) is deleting it. The kubernetes client is imported lazily so
-recctl runs without the deploy extra. Output, ``--dry-run`` and exit codes are recctl's (control/cli_output.py):
+recctl runs without the deploy extra. Output, ``--dry-run`` and exit codes are recctl's (control/api/cli_output.py):
 errors reach recctl's main, which maps them (no kubeconfig or no API answer: 3; a refused call: 1).
 """
 
@@ -14,7 +14,7 @@ import time
 from rich.markup import escape
 from rich.table import Table
 
-from recserve.control.cli_output import (
+from recserve.control.api.cli_output import (
     FAILED,
     OK,
     OperationFailed,

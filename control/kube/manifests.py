@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from recserve.control.triton import REPO_ROOT
+from recserve.control.runtime.triton import REPO_ROOT
 
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
 OVERLAYS = ("cpu", "gpu")

@@ -3,7 +3,7 @@
 It reads one ``RecServeFleet``, discovers its Triton pods by label, loads the exact desired versions on a new pod
 through its repository API, deep-checks every pod (live, versions, golden inference) and opens the pod's
 ``recserve.io/golden-ok`` readiness gate only while the pod answers right; a pod that keeps failing is deleted so
-its Deployment replaces it. ``ModelRollout`` objects run through ``control.rollout.RolloutManager``, the same
+its Deployment replaces it. ``ModelRollout`` objects run through ``control.rollout.manager.RolloutManager``, the same
 canary, gates and rollback as the local fleet, over ``KubePool``; progress and the decision with its numbers go
 to the CR's status and to Kubernetes Events.
 
@@ -23,18 +23,18 @@ from pathlib import Path
 
 from kubernetes.client.exceptions import ApiException
 
-from recserve.control.fleet import FleetError
-from recserve.control.health import HealthMonitor, Probe
+from recserve.control.fleet.fleet import FleetError
+from recserve.control.fleet.health import HealthMonitor, Probe
 from recserve.control.kube.api import GATE, KubeApi, api_client, now
 from recserve.control.kube.pool import KubePool, pod_endpoint
-from recserve.control.rollout import RolloutManager
-from recserve.control.state import RolloutRecord
+from recserve.control.rollout.manager import RolloutManager
+from recserve.control.state.store import RolloutRecord
 
 log = logging.getLogger("recserve.operator")
 
 #: ModelRollout.status.result for each rollout journal status.
 RESULTS = {"running": "Running", "succeeded": "Succeeded", "rolled_back": "RolledBack"}
-#: CR gate names (camelCase) -> control.rollout.Gates fields.
+#: CR gate names (camelCase) -> control.rollout.manager.Gates fields.
 GATE_FIELDS = {"maxErrorRate": "max_error_rate", "maxP99Ratio": "max_p99_ratio", "minP99Ms": "min_p99_ms",
                "minAnswerOverlap": "min_answer_overlap"}
 HISTORY = 30

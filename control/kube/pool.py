@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recserve.control.client import RecClient
-from recserve.control.fleet import Fleet, FleetError, model_config
-from recserve.control.golden import Golden
-from recserve.control.health import INFER_TIMEOUT_S, Probe, deep_check, ready_versions
-from recserve.control.metrics import ControlMetrics
-from recserve.control.state import InstanceRecord, State
-from recserve.control.triton import TritonConfig, TritonServer
+from recserve.control.fleet.fleet import Fleet, FleetError, model_config
+from recserve.control.fleet.golden import Golden
+from recserve.control.fleet.health import INFER_TIMEOUT_S, Probe, deep_check, ready_versions
+from recserve.control.monitoring.metrics import ControlMetrics
+from recserve.control.runtime.triton import TritonConfig, TritonServer
+from recserve.control.state.store import InstanceRecord, State
 
 #: How long one model load through a pod's repository API may take.
 LOAD_TIMEOUT_S = 300.0

@@ -14,8 +14,8 @@ COPY drills ./drills
 COPY artifacts ./artifacts
 # protoc first (its output goes into the wheel), with the import rewrite `make proto` does
 RUN pip install --no-cache-dir grpcio-tools==1.62.3 \
- && python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. control/proto/*.proto \
- && sed -i 's/^from control\.proto import/from recserve.control.proto import/' control/proto/*_pb2_grpc.py \
+ && python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. control/api/proto/*.proto \
+ && sed -i 's/^from control\.proto import/from recserve.control.api.proto import/' control/api/proto/*_pb2_grpc.py \
  && pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu '.[deploy]'
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "recserve.control.kube.operator"]

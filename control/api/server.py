@@ -1,0 +1,394 @@
+"""The control-plane process: ``python -m recserve.control.api.server``.
+
+Serves ``recserve.control.v1.ControlPlane`` (plus grpc.health.v1 and reflection), supervises the fleet, and
+exports Prometheus metrics. One per runtime root (an exclusive lock on ``<root>/control.lock``); it leaves
+HAProxy and the instances running when it exits or dies, and adopts them when it starts again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recserve.control import testswitch
+from recserve.control.api.audit import ApiGuard
+from recserve.control.api.proto import control_pb2 as pb
+from recserve.control.api.proto import control_pb2_grpc as pbg
+from recserve.control.api.tls import TlsConfigError, is_loopback, server_tls
+from recserve.control.backup.api import BackupApi, make_scheduler, policy_path
+from recserve.control.backup.policy import BackupError
+from recserve.control.fleet.fleet import Fleet, FleetConfig, FleetError, status_json
+from recserve.control.keys import SecretFileError, check_private, read_secret
+from recserve.control.monitoring.metrics import ControlMetrics
+from recserve.control.monitoring.targets import FleetCollector, remembered_port
+from recserve.control.rollout.manager import RolloutManager
+from recserve.control.routing.frontdoor import (
+    DOOR_BATCH_GRPC,
+    DOOR_BATCH_HTTP,
+    GRPC_MAX_BODY,
+    HTTP_MAX_BODY,
+    FrontDoorConfig,
+    FrontDoorError,
+)
+from recserve.control.routing.router import RouterError
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.state.snapshots import RepositoryError, SnapshotStore, list_versions
+
+SERVICE = "recserve.control.v1.ControlPlane"
+
+
+def _versions(d: dict[str, list[int]]) -> dict[str, pb.Versions]:
+    return {k: pb.Versions(versions=v) for k, v in d.items()}
+
+
+def instance_pb(d: dict) -> pb.Instance:
+    return pb.Instance(id=d["id"], role=d["role"], state=d["state"], pid=d["pid"] or 0, grpc_port=d["grpc_port"],
+                       http_port=d["http_port"], metrics_port=d["metrics_port"], weight=d["weight"],
+                       models=_versions(d["models"]), detail=d["detail"], restarts=d["restarts"],
+                       last_healthy_unix=d["last_healthy_unix"], slot=d["slot"],
+                       shm_regions=d["shm_regions"], shm_bytes=d["shm_bytes"], in_pool=d["in_pool"],
+                       in_flight=d["in_flight"], queued=d["queued"], limit=d["limit"],
+                       limit_decision=d["limit_decision"])
+
+
+def rollout_pb(r, events: list[dict]) -> pb.Rollout:
+    return pb.Rollout(
+        id=r.id, model=r.model, from_version=r.from_version, to_version=r.to_version, strategy=r.strategy,
+        phase=r.phase, status=r.status, failed_gate=r.failed_gate, failed_value=r.failed_value, threshold=r.threshold,
+        started_unix=r.started, finished_unix=r.finished, canary=r.canary,
+        events=[event_pb(r.id, e) for e in events])
+
+
+def event_pb(rid: str, e: dict) -> pb.RolloutEvent:
+    return pb.RolloutEvent(rollout_id=rid, phase=e["phase"], message=e["message"], weight=e["weight"],
+                           gates=e["gates"], status=e["status"], done=e["status"] != "running", ts_unix=e["ts"])
+
+
+class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
+    def __init__(self, fleet: Fleet, rollouts: RolloutManager, snapshots: SnapshotStore, guard: ApiGuard,
+                 endpoints: dict[str, str]):
+        self.fleet = fleet
+        self.rollouts = rollouts
+        self.snapshots = snapshots
+        self.guard = guard
+        self.endpoints = endpoints
+        self.ready = threading.Event()
+
+    # ------------------------------------------------------------------ helpers
+    def _auth(self, context: grpc.ServicerContext) -> None:
+        """Every mutating RPC calls this first: constant-time token check; the call is then audited (audit.py)."""
+        self.guard.authorize(context)
+
+    def _ready(self, context: grpc.ServicerContext) -> None:
+        if not self.ready.is_set():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "control plane is still bringing the fleet up")
+
+    def _call(self, context: grpc.ServicerContext, fn, *args):
+        try:
+            return fn(*args)
+        except (FleetError, RouterError) as exc:
+            context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+        except RepositoryError as exc:
+            code = grpc.StatusCode.NOT_FOUND if str(exc).startswith("unknown") else grpc.StatusCode.FAILED_PRECONDITION
+            context.abort(code, str(exc))
+
+    def _instance(self, iid: str) -> pb.Instance:
+        st = status_json(self.fleet, self.endpoints)
+        for d in st["instances"]:
+            if d["id"] == iid:
+                return instance_pb(d)
+        return pb.Instance(id=iid, state="removed")
+
+    # ------------------------------------------------------------------ fleet
+    def GetStatus(self, request, context):
+        st = status_json(self.fleet, self.endpoints)
+        running = self.fleet.state.running_rollouts()
+        active = rollout_pb(running[0], []) if running else None
+        events = [pb.Event(ts_unix=e["ts"], kind=e["kind"], instance=e["instance"], message=e["message"])
+                  for e in self.fleet.state.events(request.events or 20)]
+        return pb.FleetStatus(endpoints=pb.Endpoints(**self.endpoints), instances=[instance_pb(d) for d in
+                              st["instances"]], desired=_versions(st["desired"]), health=st["health"],
+                              warnings=st["warnings"], active_rollout=active, events=events, route=st["route"],
+                              mode=st["mode"], active_target=st["active_target"], shedding=st["shedding"],
+                              knee_rps=st["knee_rps"], knee_source=st["knee_source"], host_limit=st["host_limit"])
+
+    def AddInstance(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        rec = self._call(context, self.fleet.add_instance, request.role or "standby")
+        return self._instance(rec.id)
+
+    def RemoveInstance(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        rec = self._call(context, self.fleet.remove_instance, request.id)
+        return pb.Instance(id=rec.id, role=rec.role, state="removed", slot=rec.slot)
+
+    def Scale(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        self._call(context, self.fleet.scale, request.active)
+        return self.GetStatus(pb.GetStatusRequest(), context)
+
+    def SetKnee(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        self._call(context, self.fleet.router.set_knee, request.knee_rps)
+        return self.GetStatus(pb.GetStatusRequest(), context)
+
+    def DrainInstance(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        rec = self._call(context, self.fleet.drain, request.id)
+        return self._instance(rec.id)
+
+    def PromoteInstance(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        rec = self._call(context, self.fleet.promote, request.id)
+        return self._instance(rec.id)
+
+    # ------------------------------------------------------------------ models
+    def ListVersions(self, request, context):
+        f = self.fleet
+        if request.model not in f.model_closure():
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}: the fleet serves "
+                          f"{f.model_closure()}")
+        desired = f.desired().get(request.model, [])
+        infos = self._call(context, list_versions, f.repository, request.model)
+        return pb.ListVersionsResponse(model=request.model, versions=[
+            pb.VersionInfo(version=i.version, verified=i.verified, problem=i.problem, desired=i.version in desired,
+                           files=i.files, built_at=i.built_at, metrics_json=json.dumps(i.metrics, default=str))
+            for i in infos])
+
+    def Rollover(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        gates = {"max_error_rate": request.gates.max_error_rate, "max_p99_ratio": request.gates.max_p99_ratio,
+                 "min_p99_ms": request.gates.min_p99_ms, "min_answer_overlap": request.gates.min_answer_overlap}
+        bake = request.bake_seconds if request.HasField("bake_seconds") else 5.0
+        rid = self._call(context, self.rollouts.start, request.model, int(request.version),
+                         request.strategy or "canary", list(request.steps), bake, gates)
+        seq = 0
+        while True:
+            for e in self.fleet.state.rollout_events(rid, seq):
+                seq = e["seq"]
+                yield event_pb(rid, e)
+            r = self.fleet.state.rollout(rid)
+            if r.status != "running" and not self.fleet.state.rollout_events(rid, seq):
+                return
+            if not context.is_active():
+                return  # the client went away; the rollout carries on
+            time.sleep(0.2)
+
+    def GetRollout(self, request, context):
+        st = self.fleet.state
+        r = st.rollout(request.id) if request.id else st.latest_rollout(request.model or None)
+        if r is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no rollout {request.id or 'for ' + (request.model or 'any')}")
+        return rollout_pb(r, st.rollout_events(r.id))
+
+    def Rollback(self, request, context):
+        self._auth(context)
+        self._ready(context)
+        r = self._call(context, self.rollouts.rollback, request.model)
+        return rollout_pb(r, self.fleet.state.rollout_events(r.id))
+
+    # ------------------------------------------------------------------ snapshots
+    def CreateSnapshot(self, request, context):
+        self._auth(context)
+        s = self._call(context, self.snapshots.create, request.note)
+        self.fleet.state.event("snapshot", f"snapshot {s.id}: {len(s.files)} files")
+        return _snapshot_pb(s)
+
+    def ListSnapshots(self, request, context):
+        return pb.ListSnapshotsResponse(snapshots=[_snapshot_pb(s) for s in self.snapshots.list()])
+
+    def RestoreSnapshot(self, request, context):
+        self._auth(context)
+        restored, verified, repaired = self._call(context, self.snapshots.restore, request.id)
+        self.fleet.state.event("restore", f"snapshot {request.id}: {restored} files rewritten")
+        return pb.RestoreSnapshotResponse(id=request.id, restored_files=restored, verified_files=verified,
+                                          repaired=repaired)
+
+
+def _snapshot_pb(s) -> pb.Snapshot:
+    return pb.Snapshot(id=s.id, created_unix=s.created, files=len(s.files), bytes=s.bytes,
+                       models=_versions(s.models()), note=s.note)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m recserve.control.api.server", description=__doc__.splitlines()[0])
+    p.add_argument("--root", type=Path, default=Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve")))
+    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    p.add_argument("--grpc-port", type=int, default=8001, help="HAProxy gRPC port for clients")
+    p.add_argument("--http-port", type=int, default=8000, help="HAProxy HTTP port for clients")
+    p.add_argument("--control-port", type=int, default=50051)
+    p.add_argument("--control-host", default="127.0.0.1", help="control API bind address; anything but loopback "
+                   "needs --tls-cert/--tls-key")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate: the control API speaks TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert (mode 0600)")
+    p.add_argument("--tls-ca", type=Path, default=None, help="CA that clients should trust (default: --tls-cert, "
+                   "for a self-signed certificate); written to endpoints.json for recctl")
+    p.add_argument("--metrics-port", type=int, default=9108)
+    p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--backup-root", type=Path, default=None, help="snapshots of the model repository "
+                   "(default <root>/backups)")
+    p.add_argument("--health-interval", type=float, default=0.3)
+    p.add_argument("--backup-policy", type=Path, default=None, help="backup policy file (default "
+                   "$RECSERVE_BACKUP_POLICY; none: no scheduled backups)")
+    p.add_argument("--client-bind", default="127.0.0.1", help="address HAProxy's client ports bind (anything but "
+                   "loopback needs --client-tls-cert/--client-tls-key or --client-allow-plaintext)")
+    p.add_argument("--client-tls-cert", type=Path, default=None, help="PEM certificate: client ports speak TLS")
+    p.add_argument("--client-tls-key", type=Path, default=None, help="PEM private key of --client-tls-cert (0600)")
+    p.add_argument("--client-allow-plaintext", action="store_true", help="allow a non-loopback --client-bind "
+                   "without TLS (a private network you trust)")
+    p.add_argument("--max-grpc-body", type=int, default=GRPC_MAX_BODY, help="largest gRPC request body in bytes "
+                   f"(default {GRPC_MAX_BODY}: batch {DOOR_BATCH_GRPC} of 1000-item histories; above ~110 KB "
+                   "HAProxy's buffers grow and cost more CPU per request)")
+    p.add_argument("--max-http-body", type=int, default=HTTP_MAX_BODY, help="largest HTTP request body in bytes "
+                   f"(default {HTTP_MAX_BODY}: batch {DOOR_BATCH_HTTP} of 1000-item histories as JSON)")
+    p.add_argument("--mode", choices=("active-active", "primary-standby"), default="active-active",
+                   help="active-active: --active instances behind leastconn, the rest hot standbys; "
+                   "primary-standby: one primary, standbys take over")
+    p.add_argument("--active", type=int, default=2, help="actives in active-active mode at first start")
+    p.add_argument("--knee-rps", type=float, default=0.0, help="the host's knee (rps with p99 under the SLO); "
+                   "per-server limits = knee x SLO / actives (0: reports/perf/latest, else 500)")
+    p.add_argument("--slo-p99-ms", type=float, default=50.0, help="p99 target of admitted requests")
+    p.add_argument("--no-fallback", action="store_true", help="shed requests get 429/RESOURCE_EXHAUSTED, "
+                   "never degraded answers")
+    p.add_argument("--fallback-maxconn", type=int, default=FleetConfig.fallback_maxconn,
+                   help="in-flight limit of the degraded-answer server; beyond it shed requests get "
+                   "429/RESOURCE_EXHAUSTED")
+    p.add_argument("--fallback-queue", type=int, default=FleetConfig.fallback_queue,
+                   help="shed requests that may wait up to 2 x SLO for a degraded answer when the fallback is full "
+                   "(a burst); 0: refuse at once")
+    p.add_argument("--timeout-server-ms", type=int, default=0, help="HAProxy timeout server (0: 4 x SLO "
+                   "within 100..1000 ms); raise it where the latency tail is far fatter than the SLO")
+    p.add_argument("--adaptive-limits", action="store_true", help="let the AIMD controller move the limits")
+    p.add_argument("--haproxy-metrics-port", type=int, default=0, help="HAProxy's Prometheus exporter "
+                   "(0: a free port, remembered in <root>/monitoring/haproxy.port)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = open(root / "control.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = (root / "control.pid").read_text().strip() if (root / "control.pid").exists() else "?"
+        print(f"control plane already running for {root} (pid {pid}); not starting a second one", file=sys.stderr)
+        return 3
+    if args.instances < 1:
+        print(f"--instances must be >= 1, got {args.instances}", file=sys.stderr)
+        return 2
+    try:  # refused before anything starts: a token others can read, a TLS file that cannot work
+        token = read_secret(root / "token")
+        for name in ("admin.key", "stats.key"):  # Triton keys follow the token's rule (the fleet-wide admin.key is
+            if (root / name).exists():          # only there for instances an older control plane started)
+                check_private(root / name)
+        tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca)
+        front = FrontDoorConfig(bind=args.client_bind, tls_cert=args.client_tls_cert, tls_key=args.client_tls_key,
+                                allow_plaintext=args.client_allow_plaintext, max_grpc_body=args.max_grpc_body,
+                                max_http_body=args.max_http_body)
+        front.validate()
+        testswitch.active()  # an unknown test switch in the environment is refused before anything starts
+        if tls is None and not is_loopback(args.control_host):
+            raise TlsConfigError(f"--control-host {args.control_host} is not loopback: the control API leaves this "
+                                 "host only with TLS (--tls-cert/--tls-key)")
+    except (SecretFileError, TlsConfigError, FrontDoorError, testswitch.SwitchError) as exc:
+        print(f"control plane not started: {exc}", file=sys.stderr)
+        return 2
+    (root / "control.pid").write_text(f"{os.getpid()}\n")
+    host = front.dial_host()
+    endpoints = {"grpc": f"{host}:{args.grpc_port}", "http": f"{host}:{args.http_port}",
+                 "control": f"{args.control_host}:{args.control_port}",
+                 "metrics": f"http://127.0.0.1:{args.metrics_port}/metrics"}
+    tls_info = {"control_tls": True, "control_ca": str(tls.ca)} if tls else {}
+    if front.tls:  # the client ports speak only TLS: local tools (drills, perf) need plaintext loopback ports
+        tls_info["client_tls"] = True
+    (root / "endpoints.json").write_text(json.dumps({**endpoints, **tls_info}, indent=2))
+
+    metrics = ControlMetrics()
+    fleet = Fleet(FleetConfig(root=root, repository=args.repository, grpc_port=args.grpc_port,
+                              http_port=args.http_port, instances=args.instances,
+                              health_interval_s=args.health_interval, mode=args.mode,
+                              active=min(args.active, args.instances), knee_rps=args.knee_rps,
+                              slo_p99_ms=args.slo_p99_ms, fallback=not args.no_fallback,
+                              adaptive_limits=args.adaptive_limits, fallback_maxconn=args.fallback_maxconn,
+                              fallback_queue=args.fallback_queue,
+                              timeout_server_ms=args.timeout_server_ms,
+                              haproxy_metrics_port=args.haproxy_metrics_port
+                              or remembered_port(root / "monitoring" / "haproxy.port"), frontdoor=front), metrics)
+    for w in fleet.host_warnings:  # also an event and a ``recctl status`` warning (control/runtime/hostcheck.py)
+        print(f"warning: {w}", file=sys.stderr, flush=True)
+    metrics.registry.register(FleetCollector(fleet))  # series the alert rules need (control/monitoring/targets.py)
+    fleet.targets.set_static("control", f"127.0.0.1:{args.metrics_port}", "control")
+    fleet.targets.set_static("haproxy", f"127.0.0.1:{fleet.config.haproxy_metrics_port}", "haproxy")
+    rollouts = RolloutManager(fleet)
+    store = SnapshotStore(fleet.repository, args.backup_root or root / "backups")
+    guard = ApiGuard(token, root / "token", record=lambda message: fleet.state.event("audit", message))
+    servicer = ControlPlane(fleet, rollouts, store, guard, endpoints)
+    try:
+        backups = make_scheduler(policy_path(args.backup_policy), root, fleet.repository, metrics, fleet.state.event)
+    except BackupError as exc:
+        print(f"backup policy refused: {exc}", file=sys.stderr)
+        return 2
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), interceptors=[guard])
+    pbg.add_ControlPlaneServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"{args.control_host}:{args.control_port}"
+    if (server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)) == 0:
+        print(f"control port {args.control_port} is already in use", file=sys.stderr)
+        return 2
+    server.start()
+    metrics.serve(args.metrics_port)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        fleet.up(recover=rollouts.recover_records)
+    except Exception as exc:
+        print(f"fleet did not come up: {exc}", file=sys.stderr)
+        fleet.state.event("up-failed", str(exc)[:500])
+        server.stop(0)
+        return 1
+    if backups is not None:
+        rollouts.listeners.append(backups.on_rollout_finished)
+        servicer.backups = backups.start()
+    servicer.ready.set()
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(f"control plane ready: {json.dumps(endpoints)}", flush=True)
+    stop.wait()
+    if backups is not None:
+        backups.stop()
+    fleet.detach()  # the data path keeps serving; `recctl down` stops it
+    server.stop(2)
+    (root / "control.pid").unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Backups: policy, targets, the manager that writes, verifies, prunes and restores, and its thread and API."""

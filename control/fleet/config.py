@@ -1,0 +1,80 @@
+"""The fleet's settings and its error type (shared by every fleet module, so none imports another's class)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recserve.control.routing.frontdoor import FrontDoorConfig
+from recserve.control.routing.haproxy import FALLBACK_MAXCONN, FALLBACK_QUEUE
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
+
+FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
+ROLES = ("active", "primary", "standby", "canary")
+
+
+class FleetError(RuntimeError):
+    """A fleet operation was refused or failed; ``code`` names the gRPC status to answer with."""
+
+    def __init__(self, message: str, code: str = "FAILED_PRECONDITION"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class FleetConfig:
+    root: Path = REPO_ROOT / ".recserve"
+    repository: Path = DEFAULT_REPOSITORY
+    grpc_port: int = 8001
+    http_port: int = 8000
+    instances: int = 2
+    slots: int = 4
+    #: Top-level models to serve; None = every servable ensemble (recommend, search; *_trt on GPU hosts).
+    models: list[str] | None = None
+    health_interval_s: float = 0.3
+    #: Consecutive failed deep checks before an instance is marked broken (1 for fatal failures).
+    fail_threshold: int = 2
+    restart_backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+    instance_start_timeout_s: float = 180.0
+    #: CPU niceness of a serving instance (0..19). Above 0 so that, when the instances saturate the host, HAProxy
+    #: (which refuses the excess in microseconds) and the control plane's health checks still get the CPU at once:
+    #: measured in the overload drill, 2 cores, 2x the knee: rejection p99 43 ms with all at 0. Loading instances
+    #: (out of rotation) run at 19; the degraded-answer server at ``FallbackConfig.nice``, below them.
+    instance_nice: int = 5
+    extra_env: dict[str, str] = field(default_factory=dict)
+    #: HAProxy's Prometheus exporter port (0 = none).
+    haproxy_metrics_port: int = 0
+    #: ``active-active`` (actives behind ``balance leastconn``, the rest hot standbys) or ``primary-standby``.
+    mode: str = "active-active"
+    #: Active instances in active-active mode on first start (``recctl scale --active N`` changes it later).
+    active: int = 2
+    #: The host's knee in requests/s (per-server limits derive from it); 0 = the latest perf report or default.
+    knee_rps: float = 0.0
+    #: p99 target of admitted requests: sets the in-flight limits and HAProxy's ``timeout server``.
+    slo_p99_ms: float = 50.0
+    #: Start the degraded-answer fallback server for shed requests.
+    fallback: bool = True
+    #: In-flight limit of the fallback server's backend (beyond it: 429 / RESOURCE_EXHAUSTED).
+    fallback_maxconn: int = FALLBACK_MAXCONN
+    #: Shed requests that may wait (up to 2 x SLO) for a fallback slot before the refusal (0: none wait).
+    fallback_queue: int = FALLBACK_QUEUE
+    #: Let the AIMD controller move the per-server limits (off: the fixed limit).
+    adaptive_limits: bool = False
+    #: HAProxy ``timeout server`` override (0: derived from the SLO, see control/routing/router.py).
+    timeout_server_ms: int = 0
+    #: Client front door: bind address, TLS, limits (control/routing/frontdoor.py); its admin key file is the fleet's.
+    frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
+
+    def validate(self) -> None:
+        """FleetError naming the field and the rule."""
+        if self.mode not in ("active-active", "primary-standby"):
+            raise FleetError(f"mode must be 'active-active' or 'primary-standby', got {self.mode!r}",
+                             "INVALID_ARGUMENT")
+        if not 0 <= self.instance_nice <= 19:
+            raise FleetError(f"instance_nice must be 0..19, got {self.instance_nice}", "INVALID_ARGUMENT")
+        if not 1 <= self.instances <= self.slots:
+            raise FleetError(f"instances must be within 1..slots ({self.slots}), got {self.instances}",
+                             "INVALID_ARGUMENT")
+        if self.mode == "active-active" and not 1 <= self.active <= self.instances:
+            raise FleetError(f"active must be within 1..instances ({self.instances}), got {self.active}",
+                             "INVALID_ARGUMENT")

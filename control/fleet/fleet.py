@@ -1,0 +1,250 @@
+"""The fleet: Triton instances (real tritonserver processes) behind one Router (HAProxy), supervised by deep health.
+
+The fleet owns membership, roles and the exact versions each instance serves; every change is written to the
+state database first, then applied. Routing is the Router's (control/routing/router.py). Instances and HAProxy run in
+their own sessions with pid files, so a control plane that dies leaves the data path serving, and the next one
+adopts them. The jobs live in one module each: versions (control/fleet/versions.py), instance processes
+(control/fleet/instances.py), health reactions (control/fleet/supervision.py), membership and roles
+(control/fleet/membership.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from recserve.control import testswitch
+from recserve.control.client import RecClient
+from recserve.control.fleet.config import FAULT_DIR_ENV, ROLES, FleetConfig, FleetError
+from recserve.control.fleet.golden import Golden
+from recserve.control.fleet.health import HealthMonitor, Probe
+from recserve.control.fleet.instances import InstanceLifecycle
+from recserve.control.fleet.membership import Membership
+from recserve.control.fleet.progress import Progress
+from recserve.control.fleet.supervision import Supervision
+from recserve.control.fleet.versions import VersionRules, model_config
+from recserve.control.keys import read_existing_secret, read_secret
+from recserve.control.monitoring.metrics import ControlMetrics
+from recserve.control.monitoring.targets import TargetFiles, targets_dir
+from recserve.control.routing.router import Router, RouterConfig
+from recserve.control.runtime.hostcheck import proc_exposure_warning
+from recserve.control.runtime.procs import pid_alive
+from recserve.control.runtime.triton import ADMIN_KEY_FILE, STATS_KEY_FILE, TritonServer, shm_prefix, shm_usage
+from recserve.control.state.store import State
+
+#: The one admin key every instance shared before each got its own (kept only for instances still running with it).
+LEGACY_ADMIN_KEY_FILE = "admin.key"
+
+__all__ = ["FAULT_DIR_ENV", "ROLES", "Fleet", "FleetConfig", "FleetError", "dumps", "model_config", "status_json"]
+
+
+class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
+    def __init__(self, config: FleetConfig, metrics: ControlMetrics | None = None):
+        self.config = config
+        self.root = Path(config.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.repository = Path(config.repository).resolve()
+        self.metrics = metrics or ControlMetrics()
+        self.state = State(self.root / "state.db")
+        # Each instance has its own admin key, fresh at every start (``<workdir>/admin.key``,
+        # control/runtime/triton.py); the fleet holds only the statistics key every instance shares: it reads
+        # statistics and nothing else, so it is what perf_analyzer and the front door's statistics pass-through get.
+        self.stats_key = read_secret(self.root / STATS_KEY_FILE)
+        config.frontdoor.admin_key_file = self.root / STATS_KEY_FILE  # its holders may read statistics via HAProxy
+        self._adopt_legacy_admin_key()
+        self.host_warnings = [w for w in (proc_exposure_warning(), testswitch.warning()) if w]
+        for w in self.host_warnings:
+            self.state.event("security", w)
+        config.validate()
+        self.router = Router(RouterConfig(
+            workdir=self.root / "haproxy", grpc_port=config.grpc_port, http_port=config.http_port,
+            slots=config.slots, metrics_port=config.haproxy_metrics_port, mode=config.mode,
+            knee_rps=config.knee_rps, slo_p99_ms=config.slo_p99_ms, fallback=config.fallback,
+            fallback_maxconn=config.fallback_maxconn, fallback_queue=config.fallback_queue,
+            timeout_server_ms_override=config.timeout_server_ms,
+            fallback_repository=self.repository, adaptive=config.adaptive_limits, frontdoor=config.frontdoor),
+            self.state)
+        self.targets = TargetFiles(targets_dir(self.root))  # Prometheus file_sd: one target per instance
+        self.golden = Golden(self.repository, metrics=self.metrics, event=lambda msg: self.state.event("golden", msg))
+        self.servers: dict[str, TritonServer] = {}
+        self.clients: dict[str, RecClient] = {}
+        self.lock = threading.RLock()
+        self.busy: set[str] = set()  # instances being (re)started or reloaded: health results ignored
+        self.fails: dict[str, int] = {}
+        self.progress = Progress()  # busy or hung: executions while requests wait (supervision)
+        self.last_probe: dict[str, Probe] = {}
+        self.canary_broken: dict[str, str] = {}
+        self._restart_count: dict[str, list[float]] = {}
+        self._stopping = threading.Event()
+        self.monitor: HealthMonitor | None = None
+
+    def _adopt_legacy_admin_key(self) -> None:
+        """Upgrade path: instances started by a control plane before per-instance keys run with the fleet-wide
+        ``<root>/admin.key``; give each live one a copy in its workdir so adoption can reach its repository API.
+        Its next start replaces the copy with a fresh key of its own."""
+        legacy = self.root / LEGACY_ADMIN_KEY_FILE
+        key = read_existing_secret(legacy)
+        if key is None:
+            return
+        for rec in self.state.instances():
+            own = Path(rec.workdir) / ADMIN_KEY_FILE
+            if rec.pid and pid_alive(rec.pid) and not own.exists():
+                fd = os.open(str(own), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(key)
+                self.state.event("security", f"instance {rec.id} (pid {rec.pid}) still runs with the fleet-wide "
+                                 f"admin key of {legacy}; its next start gives it a key of its own", rec.id)
+
+    @property
+    def traffic(self) -> Router:
+        """Who routes clients (the ``ServingPool`` protocol's name for it): the Router."""
+        return self.router
+
+    def up(self, recover: Callable[[], None] | None = None) -> None:
+        """Adopt or start HAProxy and every instance in the state; create the default fleet on first run.
+
+        ``recover`` runs before adoption: it settles interrupted rollouts so the records say what to serve.
+        """
+        fresh_proxy = self.router.start()
+        if not self.state.desired():
+            for m, v in self.initial_desired().items():
+                self.state.set_desired(m, v)
+        if recover is not None:
+            recover()
+        recs = self.state.instances()
+        if not recs:
+            actives = self.config.active if self.config.mode == "active-active" else 1
+            self.state.put("active_target", str(actives))
+            for i in range(self.config.instances):
+                self.new_instance("primary" if i == 0 else ("active" if i < actives else "standby"))
+            recs = self.state.instances()
+        to_start = []
+        for rec in recs:
+            if self._adopt(rec, fresh_proxy):
+                continue
+            to_start.append(rec.id)
+        with ThreadPoolExecutor(max_workers=max(1, len(to_start))) as pool:
+            futures = {iid: pool.submit(self._start_with_retry, iid, 2) for iid in to_start}
+        errors = {iid: f.exception() for iid, f in futures.items() if f.exception()}
+        self.ensure_primary()
+        for iid, exc in errors.items():
+            self.state.event("start-failed", str(exc), iid)
+            self.schedule_restart(iid, f"start failed: {exc}")
+        if len(errors) == len(recs):
+            raise FleetError(f"no instance could start: {errors}", "UNAVAILABLE")
+        exp = self.golden.expected(self.desired())
+        self.state.event("golden", f"expected answers for the desired versions come from "
+                         f"{exp.source if exp else 'nowhere yet'}")
+        self.monitor = HealthMonitor(self.monitored_ids, self.check, self.on_probe,
+                                     self.config.health_interval_s).start()
+
+    def status(self) -> dict:
+        recs = self.state.instances()
+        loaded: dict[str, dict[str, list[int]]] = {}
+        for r in recs:
+            srv = self.servers.get(r.id)
+            if srv is not None and r.state in ("healthy", "drained", "broken"):
+                from recserve.control.fleet.health import ready_versions
+
+                loaded[r.id] = ready_versions(srv, timeout=0.5) or {}
+        route = self.state.get("route", "") or ""
+        pool = self.router.pool_slots()
+        weights = {}
+        for r in recs:
+            if route == "split":
+                weights[r.id] = int(self.state.get(f"weight:{r.id}", "0") or 0)
+            elif route == "pool":  # leastconn over the pool members: an equal share each
+                weights[r.id] = round(100 / len(pool)) if r.slot in pool else 0
+            else:  # balance first: the instance in the routed slot takes everything
+                weights[r.id] = 100 if route == f"first:{r.slot}" else 0
+        try:
+            load = self.router.load()
+            shedding = self.router.shedding()
+        except Exception:  # HAProxy down: the supervisor restarts it; status still answers
+            load, shedding = {}, False
+        warnings = []
+        serving = [r for r in recs if r.state == "healthy" and r.role != "canary"]
+        if self.config.mode == "primary-standby":
+            if not any(r.role == "standby" and r.state == "healthy" for r in recs):
+                warnings.append("no healthy standby: a primary failure would interrupt serving")
+        elif len(serving) < 2:
+            warnings.append("fewer than two healthy instances: one more failure would interrupt serving")
+        if shedding:
+            warnings.append("shedding: the pool is at its in-flight limit (degraded answers / overloaded replies)")
+        if not any(r.state == "healthy" for r in recs):
+            warnings.append("no healthy instance")
+        warnings += self.golden.problems()
+        health = "ok" if not warnings else ("down" if not any(r.state == "healthy" for r in recs) else "degraded")
+        warnings += self.host_warnings  # the host's hardening: said at every status, but not the fleet's health
+        shm = {r.id: shm_usage(shm_prefix(Path(r.workdir), r.id)) for r in recs}
+        return {"instances": recs, "loaded": loaded, "weights": weights, "desired": self.desired(),
+                "warnings": warnings, "health": health, "route": self.state.get("route", ""), "shm": shm,
+                "load": {r.id: load.get(r.slot) for r in recs}, "pool": pool, "mode": self.config.mode,
+                "active_target": self.active_target(), "shedding": shedding,
+                "knee_rps": self.router.config.knee(), "knee_source": self.router.config.knee_source,
+                "host_limit": self.router.config.host_limit(),
+                "decisions": {r.id: self.router.decisions.get(r.slot, "") for r in recs}}
+
+    def stop_monitor(self) -> None:
+        self._stopping.set()
+        if self.monitor:
+            self.monitor.stop()
+
+    def down(self) -> None:
+        """Stop every instance and HAProxy this fleet started (by pid), and forget the membership."""
+        self.stop_monitor()
+        for rec in self.state.instances():
+            self._kill(rec)
+            self.state.delete_instance(rec.id)
+        self.router.stop()
+        self.state.event("down", "fleet stopped")
+
+    def detach(self) -> None:
+        """Leave the data path running (control plane exit/restart)."""
+        self.stop_monitor()
+        for c in self.clients.values():
+            try:
+                c.close()
+            except Exception:
+                pass
+
+
+def status_json(fleet: Fleet, endpoints: dict[str, str]) -> dict:
+    """The ``recctl status --json`` document."""
+    st = fleet.status()
+    return {
+        "endpoints": endpoints,
+        "health": st["health"],
+        "warnings": st["warnings"],
+        "route": st["route"],
+        "mode": st["mode"],
+        "active_target": st["active_target"],
+        "shedding": st["shedding"],
+        "knee_rps": st["knee_rps"],
+        "knee_source": st["knee_source"],
+        "host_limit": st["host_limit"],
+        "desired": st["desired"],
+        "instances": [
+            {"id": r.id, "role": r.role, "state": r.state, "pid": r.pid, "grpc_port": r.grpc_port,
+             "http_port": r.http_port, "metrics_port": r.metrics_port, "weight": st["weights"].get(r.id, 0),
+             "models": st["loaded"].get(r.id, {}), "detail": r.detail, "restarts": r.restarts, "slot": r.slot,
+             "last_healthy_unix": r.last_healthy, "shm_regions": st["shm"][r.id][0], "shm_bytes": st["shm"][r.id][1],
+             "in_pool": r.slot in st["pool"], "in_flight": _load(st, r.id, "in_flight"),
+             "queued": _load(st, r.id, "queued"), "limit": _load(st, r.id, "limit"),
+             "limit_decision": st["decisions"].get(r.id, "")}
+            for r in st["instances"]
+        ],
+    }
+
+
+def _load(st: dict, iid: str, field: str) -> int:
+    ld = st["load"].get(iid)
+    return int(getattr(ld, field)) if ld is not None else 0
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

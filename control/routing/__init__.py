@@ -1,0 +1,1 @@
+"""Client routing: the Router, HAProxy (config generator, runtime API, typed stats), the front door, admission."""

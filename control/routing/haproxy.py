@@ -1,0 +1,586 @@
+"""HAProxy in front of the Triton fleet: one class owns one haproxy process, its generated config and its
+runtime API, so every routing change after start is a runtime command, never a reload.
+
+Layout (see ``shared/notes/runtime.md`` for why each setting is there):
+
+* A fixed number of server *slots* per backend (instances are bound to slots at runtime with
+  ``set server ... addr``); unused slots sit in maintenance.
+* ``be_<proto>_first_<k>`` (``balance first``): slot ``k`` listed first, the others after it as normal servers, so
+  all traffic goes to the primary in slot ``k`` and HAProxy retries/redispatches to the standby when it dies.
+  Promoting another slot = pointing the route map at another ``first`` backend.
+* ``be_<proto>_split`` (``balance roundrobin``): per-server weights for canary traffic shifting.
+* ``chk``: the only servers with health checks; every other server ``track``s its slot there, so one
+  ``set server chk/sN state maint`` takes an instance out of every backend at once.
+* The frontends pick the backend through a map file (``set map``); what clients may send, how big and where they
+  connect is the front door's (``control/routing/frontdoor.py``: an allow-list, size limits, bind address, TLS).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recserve.control.routing.frontdoor import (
+    FrontDoorConfig,
+    FrontDoorError,
+    frontdoor_lines,
+    global_lines,
+    prepare_files,
+)
+from recserve.control.runtime.procs import kill_group, pid_alive, port_in_use, port_listening
+from recserve.control.testswitch import broken
+
+PROTOS = ("grpc", "http")
+#: Placeholder address of an unused slot (never contacted: unused slots are in maintenance).
+_PLACEHOLDER_PORT = 9
+
+
+@dataclass
+class InitialRouting:
+    """What a (re)started HAProxy serves from its first accepted connection, written into its config: the
+    instances that take traffic (slot -> gRPC and HTTP ports), the pool's members, per-slot limits and canary
+    weights, and the degraded-answer server. Servers in the config start UP; bound at runtime they would wait
+    in maintenance, then for their health checks' ``rise``, and a client reconnecting after a HAProxy restart
+    would be refused meanwhile (proxy-crash drill). The Router's ``restore()`` still runs after the start."""
+
+    slots: dict[int, tuple[int, int]] = field(default_factory=dict)
+    pool: set[int] = field(default_factory=set)
+    limits: dict[int, int] = field(default_factory=dict)
+    weights: dict[int, int] = field(default_factory=dict)
+    fallback: tuple[int, int] | None = None
+
+
+class HAProxyError(RuntimeError):
+    """HAProxy could not start, or a runtime API command was refused (the message quotes HAProxy)."""
+
+
+#: Defaults of the degraded-answer backend, one place for HAProxyConfig, RouterConfig and FleetConfig: 32 in
+#: flight (the fallback server's own concurrency is twice that), 64 more waiting; measured in proxy-crash at 0.7x
+#: the knee: no queue 91 refused in the reconnect burst, 32 places and 25 ms 42, 64 places and 100 ms none.
+FALLBACK_MAXCONN = 32
+FALLBACK_QUEUE = 64
+
+
+@dataclass
+class HAProxyConfig:
+    """Typed settings of the generated config; validated before anything is written."""
+
+    workdir: Path
+    grpc_port: int = 8001
+    http_port: int = 8000
+    host: str = "127.0.0.1"
+    slots: int = 4
+    check_inter_ms: int = 200
+    check_fall: int = 2
+    check_rise: int = 2
+    timeout_connect_ms: int = 200
+    timeout_server_ms: int = 1000
+    timeout_check_ms: int = 150
+    timeout_client_s: int = 30
+    #: At most one retry, and ``option redispatch`` sends it to ANOTHER server (docs/peak-traffic.md "Retries and
+    #: timeouts").
+    retries: int = 1
+    #: HAProxy's built-in Prometheus exporter on this port (GET /metrics); 0 = no exporter.
+    metrics_port: int = 0
+    #: The client frontends' rules: bind address, TLS, allow-list, size limits, timeouts (control/routing/frontdoor.py).
+    frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
+    #: Per-server in-flight limit at start (``maxconn``; for h2 servers it counts streams); the Router moves it
+    #: at runtime with ``set maxconn server``.
+    maxconn: int = 64
+    #: In-flight limit of the degraded-answer fallback server (its own backend).
+    fallback_maxconn: int = FALLBACK_MAXCONN
+    #: Shed requests that may wait for a free fallback slot (a burst, such as every client reconnecting at once
+    #: after a HAProxy restart, gets degraded answers rather than refusals); beyond it: the refusal at once.
+    fallback_queue: int = FALLBACK_QUEUE
+    #: Longest such wait; then HAProxy's 503 is rewritten into the refusal (``overloaded_reply``), never a
+    #: 503, which gRPC clients would see as UNAVAILABLE and retry.
+    fallback_timeout_queue_ms: int = 100
+    #: Longest wait for a free server slot once admitted; the admission ACL refuses before a request queues, so
+    #: this only bounds the race between the ACL and the dispatch.
+    timeout_queue_ms: int = 50
+    #: Access log (timers Tq/Tw/Tc/Tr/Tt/Ta, retries, unique request id) to ``access.log`` in the workdir.
+    access_log: bool = True
+    #: Routing written into the config at start (a restart); None: every slot starts unbound, in maintenance.
+    initial: InitialRouting | None = None
+
+    def validate(self) -> None:
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            if not 1 <= port <= 65535:
+                raise HAProxyError(f"haproxy config: {name} must be 1..65535, got {port}")
+        try:
+            self.frontdoor.validate()
+        except FrontDoorError as exc:
+            raise HAProxyError(str(exc)) from None
+        if self.grpc_port == self.http_port:
+            raise HAProxyError(f"haproxy config: grpc_port and http_port must differ, both are {self.grpc_port}")
+        if not 1 <= self.slots <= 16:
+            raise HAProxyError(f"haproxy config: slots must be 1..16, got {self.slots}")
+        for name in ("check_inter_ms", "check_fall", "check_rise", "timeout_connect_ms", "timeout_server_ms",
+                     "timeout_check_ms", "timeout_client_s", "retries", "maxconn", "fallback_maxconn",
+                     "timeout_queue_ms", "fallback_timeout_queue_ms"):
+            if getattr(self, name) <= 0:
+                raise HAProxyError(f"haproxy config: {name} must be > 0, got {getattr(self, name)}")
+        if self.fallback_queue < 0:
+            raise HAProxyError(f"haproxy config: fallback_queue must be >= 0, got {self.fallback_queue}")
+        if self.timeout_check_ms >= self.check_inter_ms:
+            raise HAProxyError(
+                f"haproxy config: timeout_check_ms ({self.timeout_check_ms}) must be below check_inter_ms "
+                f"({self.check_inter_ms})"
+            )
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "haproxy.cfg"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "haproxy.sock"
+
+    @property
+    def map_path(self) -> Path:
+        return self.workdir / "routes.map"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.workdir / "haproxy.pid"
+
+    @property
+    def access_log_path(self) -> Path:
+        return self.workdir / "access.log"
+
+
+def first_backend(proto: str, slot: int) -> str:
+    return f"be_{proto}_first_{slot}"
+
+
+def split_backend(proto: str) -> str:
+    return f"be_{proto}_split"
+
+
+def pool_backend(proto: str) -> str:
+    """``balance leastconn`` over the active instances (active-active mode)."""
+    return f"be_{proto}_pool"
+
+
+def fallback_backend(proto: str) -> str:
+    """The degraded-answer server (control/fallback/app.py): where shed requests go while it has room."""
+    return f"be_{proto}_fallback"
+
+
+def shed_backend(proto: str) -> str:
+    """Server-less backend that writes admission's refusal; its session count is exactly the refusals (the
+    frontend's ``intercepted`` counter also counts the front door's 403s, which are not load)."""
+    return f"be_{proto}_shed"
+
+
+def shed_backends() -> list[str]:
+    """Where shed requests are counted: the degraded-answer and the refusal backends of both protocols."""
+    return [b(p) for p in PROTOS for b in (fallback_backend, shed_backend)]
+
+
+#: What a shed client reads: HTTP 429's body, and the grpc-message of gRPC's RESOURCE_EXHAUSTED.
+OVERLOADED = "overloaded, retry later"
+#: Access log line: request id, client, timers (Tq request, Tw queue, Tc connect, Tr server response, Tt total,
+#: Ta active, all ms: Tq and Tt include the idle time before a request on a kept-alive connection, Ta does not),
+#: status, bytes, retries (%rc, "+" prefix when redispatched), termination state (%tsc: who ended the request and
+#: in which phase, e.g. "sQ--" = a server-side timeout while queued), concurrency and queues, request line.
+ACCESS_LOG_FORMAT = ("%ID %ci:%cp [%tr] %ft %b/%s %Tq/%Tw/%Tc/%Tr/%Tt/%Ta %ST %B %rc %tsc "
+                     "%ac/%fc/%bc/%sc %sq/%bq %{+Q}r")
+
+
+def retry_defaults(c: HAProxyConfig) -> list[str]:
+    """At most ``c.retries`` retries, redispatched to another server (test switch ``no-retries``: none)."""
+    return ["  retries 0"] if broken("no-retries") else [f"  retries {c.retries}", "  option redispatch 1"]
+
+
+def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[str]:
+    """Refuse at once when the routed backend has no free in-flight slot (``be_conn_free``; for a ``first``
+    backend, its primary's), never queue.
+
+    Order: the degraded-answer backend while it has room, then HAProxy's own reply: HTTP 429 (``OVERLOADED``)
+    or, for gRPC, a Trailers-Only RESOURCE_EXHAUSTED (status 8), which client retry policies do not retry
+    (a 503 would reach gRPC clients as UNAVAILABLE and be retried), written by ``shed_backend`` so that its
+    session count is the number of refusals. Goes AFTER the front door's rules.
+    """
+    out = [f"  http-request set-var(txn.route) str({proto}),map({c.map_path},{first_backend(proto, 0)})"]
+    if broken("no-admission"):  # test switch: nothing is refused; a full server queues in HAProxy instead
+        return [*out, "  use_backend %[var(txn.route)]"]
+    for be in backends:
+        out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
+                   f"{{ be_conn_free({be}) le 0 }}")
+    for k in range(c.slots):
+        # ``balance first``: be_conn_free also counts the standbys listed after the primary (normal servers, so
+        # that a retry can be redispatched to one), and a full primary would overflow onto them: the pool is
+        # full when the primary is up and has no free slot. Up as its health check says (``chk``): srv_is_up
+        # of a tracking server is true whatever the tracked one's state (only maintenance counts).
+        be = first_backend(proto, k)
+        out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
+                   f"{{ srv_is_up(chk/s{k}) }} {{ srv_conn_free({be}/s{k}) le 0 }}")
+    fb = fallback_backend(proto)
+    out += ["  acl pool_full var(txn.full) -m bool",
+            f"  acl fallback_free be_conn_free({fb}) gt 0",
+            f"  acl fallback_up srv_is_up({fallback_backend('grpc')}/fb)",  # the HTTP one tracks it
+            f"  acl fallback_queue_room queue({fb}) lt {c.fallback_queue}",
+            f"  use_backend {fb} if pool_full fallback_free || pool_full fallback_up fallback_queue_room",
+            f"  use_backend {shed_backend(proto)} if pool_full",
+            "  use_backend %[var(txn.route)]"]
+    return out
+
+
+def overloaded_reply(proto: str) -> bytes:
+    """The refusal as a raw HTTP response (HAProxy ``errorfile``): admission's refusal (``refusal_lines``) and the
+    503 HAProxy writes when a shed request's wait for a fallback slot runs out. HTTP: KServe v2's error body
+    (``{"error": ...}``), so HTTP clients such as tritonclient show the words."""
+    if proto == "grpc":
+        head = ["HTTP/1.1 200 OK", "content-type: application/grpc", "grpc-status: 8",
+                f"grpc-message: {OVERLOADED}", "content-length: 0"]
+        body = b""
+    else:
+        body = f'{{"error":"{OVERLOADED}"}}'.encode()
+        head = ["HTTP/1.1 429 Too Many Requests", "content-type: application/json", "retry-after: 1",
+                f"content-length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def errorfile_path(c: HAProxyConfig, proto: str) -> Path:
+    return c.workdir / f"overloaded-{proto}.http"
+
+
+def refusal_lines(c: HAProxyConfig, proto: str) -> list[str]:
+    """The refusal backend's one rule: HTTP 429 (``OVERLOADED``) or a gRPC Trailers-Only RESOURCE_EXHAUSTED, the
+    response ``overloaded_reply`` writes. From a file because HAProxy drops a ``content-type`` of a reply with no
+    body, and gRPC clients other than grpc-core's Python (Go, Java) take a reply without ``application/grpc``
+    for a malformed one (UNKNOWN) instead of reading its grpc-status."""
+    return [f"  http-request return errorfile {errorfile_path(c, proto)}"]
+
+
+def render_config(c: HAProxyConfig) -> str:
+    """The whole haproxy.cfg text for ``c``."""
+    c.validate()
+    ph = f"127.0.0.1:{_PLACEHOLDER_PORT}"
+    init = c.initial or InitialRouting()
+
+    def addr(slot: int, proto: str) -> str:
+        ports = init.slots.get(slot)
+        return f"127.0.0.1:{ports[0] if proto == 'grpc' else ports[1]}" if ports else ph
+
+    def lim(slot: int) -> str:
+        return f"maxconn {init.limits.get(slot, c.maxconn)}"
+    out = [
+        "# generated by recserve control plane (control/routing/haproxy.py); edits are overwritten at fleet-up",
+        "global",
+        f"  stats socket {c.socket_path} mode 600 level admin",
+        f"  pidfile {c.pid_path}",
+        "  log stderr format short local0 warning",
+        *global_lines(c.frontdoor, c.workdir),
+        "",
+        "defaults",
+        "  mode http",
+        "  log global",
+        f"  timeout connect {c.timeout_connect_ms}ms",
+        f"  timeout client {c.timeout_client_s}s",
+        f"  timeout server {c.timeout_server_ms}ms",
+        f"  timeout check {c.timeout_check_ms}ms",
+        f"  timeout queue {c.timeout_queue_ms}ms",
+        *retry_defaults(c),
+        "",
+        "backend chk",
+        # Liveness, not readiness: with strict readiness Triton answers 400 on /v2/health/ready while an old
+        # version unloads (~2 s) and for good after any failed load, which would take a serving instance out.
+        # Crash and hang show on /live as fast; model-level health is the control plane's deep check (maint).
+        "  option httpchk GET /v2/health/live",
+        "  http-check expect status 200",
+    ]
+    chk = f"check check-proto h1 inter {c.check_inter_ms}ms fall {c.check_fall} rise {c.check_rise}"
+    for s in range(c.slots):
+        out.append(f"  server s{s} {addr(s, 'http')} {chk}" + ("" if s in init.slots else " disabled"))
+    for proto in PROTOS:
+        bind_port = c.grpc_port if proto == "grpc" else c.http_port
+        srv_proto = " proto h2" if proto == "grpc" else ""
+        backends = ([first_backend(proto, k) for k in range(c.slots)]
+                    + [split_backend(proto), pool_backend(proto)])
+        out += [
+            "",
+            f"frontend fe_{proto}",
+            # Allow-list, size limits, timeouts, bind address and TLS: control/routing/frontdoor.py. A 403 reaches gRPC
+            # clients as PERMISSION_DENIED, which no retry policy retries, and never costs an instance a parse.
+            *frontdoor_lines(c.frontdoor, proto, bind_port, c.workdir),
+        ]
+        if c.access_log:
+            out += ["  no log", "  log stdout format raw local0 info", "  unique-id-format %[uuid()]",
+                    f'  log-format "{ACCESS_LOG_FORMAT}"']
+        out += admission_lines(c, proto, backends)
+        out.append(f"  default_backend {first_backend(proto, 0)}")
+        # No 503 here: Triton's own queue-full answer is 503, and retrying an overload multiplies it.
+        retry = [] if broken("no-retries") else ["  retry-on conn-failure empty-response response-timeout"]
+        for k in range(c.slots):
+            order = [k] + [s for s in range(c.slots) if s != k]
+            out += ["", f"backend {first_backend(proto, k)}", "  balance first", *retry]
+            for i, s in enumerate(order):
+                out.append(f"  server s{s} {addr(s, proto)}{srv_proto} track chk/s{s} id {i + 1} {lim(s)}")
+        out += ["", f"backend {split_backend(proto)}", "  balance roundrobin", *retry]
+        for s in range(c.slots):
+            out.append(f"  server s{s} {addr(s, proto)}{srv_proto} track chk/s{s} weight {init.weights.get(s, 0)} "
+                       f"{lim(s)}")
+        out += ["", f"backend {pool_backend(proto)}", "  balance leastconn", *retry]
+        for s in range(c.slots):
+            out.append(f"  server s{s} {addr(s, proto)}{srv_proto} track chk/s{s} {lim(s)}"
+                       + ("" if s in init.pool or s not in init.slots else " disabled"))
+        fb = init.fallback
+        fb_addr = f"127.0.0.1:{fb[0] if proto == 'grpc' else fb[1]}" if fb else ph
+        fb_check = (f"check check-proto h1 inter {c.check_inter_ms * 2}ms fall {c.check_fall} "
+                    f"rise {c.check_rise}" + (f" port {fb[1]}" if fb else " disabled")
+                    if proto == "grpc" else f"track {fallback_backend('grpc')}/fb")
+        chk_lines = (["  option httpchk GET /v2/health/ready", "  http-check expect status 200"]
+                     if proto == "grpc" else [])
+        out += ["", f"backend {fallback_backend(proto)}", "  retry-on conn-failure empty-response", *chk_lines,
+                f"  timeout queue {c.fallback_timeout_queue_ms}ms",
+                # a shed request whose degraded answer did not come (no slot in time: 503; the degraded-answer
+                # server itself slower than the server timeout under the burst: 504) gets admission's refusal,
+                # never a 5xx that gRPC clients read as UNAVAILABLE and retry
+                f"  errorfile 503 {errorfile_path(c, proto)}",
+                f"  errorfile 504 {errorfile_path(c, proto)}",
+                f"  server fb {fb_addr}{srv_proto} maxconn {c.fallback_maxconn} {fb_check}"]
+        out += ["", f"backend {shed_backend(proto)}", *refusal_lines(c, proto)]
+    if c.metrics_port:  # Prometheus scrapes the data path as clients see it (Debian's 2.6 has the exporter)
+        out += ["", "frontend fe_metrics", f"  bind {c.host}:{c.metrics_port}", "  no log",
+                "  http-request use-service prometheus-exporter if { path /metrics }",
+                "  http-request deny deny_status 404"]
+    return "\n".join(out) + "\n"
+
+
+class HAProxy:
+    """Owns one haproxy process (or adopts a running one through its pid file) and its stats socket."""
+
+    def __init__(self, config: HAProxyConfig):
+        self.config = config
+        self.process: subprocess.Popen | None = None
+        self._pid: int | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def pid(self) -> int | None:
+        if self.process is not None:
+            return self.process.pid
+        return self._pid
+
+    def is_alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        return self._pid is not None and pid_alive(self._pid)
+
+    def adopt(self) -> bool:
+        """Attach to a haproxy started earlier (pid file + answering socket); True when adopted."""
+        try:
+            pid = int(self.config.pid_path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        if not pid_alive(pid):
+            return False
+        self._pid = pid
+        try:
+            self.command("show info")
+        except HAProxyError:
+            self._pid = None
+            return False
+        return True
+
+    def start(self, timeout_s: float = 10.0) -> HAProxy:
+        c = self.config
+        binary = shutil.which("haproxy")
+        if binary is None:
+            raise HAProxyError("haproxy not found on PATH: run 'make setup' (installs Debian's haproxy)")
+        for name in ("grpc_port", "http_port"):
+            if port_in_use(getattr(c, name), c.frontdoor.bind):
+                port = getattr(c, name)
+                raise HAProxyError(f"haproxy: {name.replace('_', ' ')} {port} is already in use on {c.frontdoor.bind}")
+        c.workdir.mkdir(parents=True, exist_ok=True)
+        prepare_files(c.frontdoor, c.workdir)
+        for proto in PROTOS:
+            errorfile_path(c, proto).write_bytes(overloaded_reply(proto))
+        c.config_path.write_text(render_config(c))
+        if not c.map_path.exists():
+            c.map_path.write_text(f"grpc {first_backend('grpc', 0)}\nhttp {first_backend('http', 0)}\n")
+        check = subprocess.run([binary, "-c", "-f", str(c.config_path)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise HAProxyError(f"haproxy rejected {c.config_path}: {check.stdout}{check.stderr}")
+        log = open(c.workdir / "haproxy.log", "ab")
+        access = open(c.access_log_path, "ab")  # the frontends log to stdout (one line per request)
+        self.process = subprocess.Popen(
+            [binary, "-W", "-db", "-f", str(c.config_path)],
+            stdout=access, stderr=log, start_new_session=True,
+        )
+        log.close()
+        access.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                raise HAProxyError(f"haproxy exited at start (code {code}); see {c.workdir}/haproxy.log")
+            if c.socket_path.exists() and port_listening(c.grpc_port, c.frontdoor.bind):
+                try:
+                    self.command("show info")
+                    return self
+                except HAProxyError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise HAProxyError(f"haproxy not ready after {timeout_s}s; see {c.workdir}/haproxy.log")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        kill_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self._alive(pid):
+            time.sleep(0.05)
+        kill_group(pid, signal.SIGKILL)
+        if self.process is not None:
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.process = None
+        self._pid = None
+        for p in (self.config.socket_path, self.config.pid_path):
+            p.unlink(missing_ok=True)
+
+    def _alive(self, pid: int) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        return pid_alive(pid)
+
+    # ------------------------------------------------------------------ runtime API
+    def command(self, cmd: str, timeout_s: float = 2.0, check: bool = True) -> str:
+        """Send one runtime API command over the stats socket; raise on HAProxy's error answers (``check``:
+        off for tables, whose column names contain words such as "errors")."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout_s)
+                s.connect(str(self.config.socket_path))
+                s.sendall(cmd.encode() + b"\n")
+                chunks = []
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    chunks.append(data)
+        except OSError as exc:
+            raise HAProxyError(f"haproxy runtime API '{cmd}': {exc}") from exc
+        text = b"".join(chunks).decode(errors="replace")
+        low = text.lower()
+        if check and any(w in low for w in ("unknown command", "no such", "require", "invalid", "not found", "error")):
+            raise HAProxyError(f"haproxy refused '{cmd}': {text.strip()}")
+        return text
+
+    def _all_backends(self) -> list[str]:
+        firsts = [first_backend(p, k) for p in PROTOS for k in range(self.config.slots)]
+        return firsts + [split_backend(p) for p in PROTOS] + [pool_backend(p) for p in PROTOS]
+
+    def bind_slot(self, slot: int, grpc_port: int, http_port: int) -> None:
+        """Point ``slot`` at an instance's ports in every backend (still in maintenance until ``set_state``)."""
+        self._check_slot(slot)
+        self.command(f"set server chk/s{slot} addr 127.0.0.1 port {http_port}")
+        self.command(f"set server chk/s{slot} check-port {http_port}")
+        for be in self._all_backends():
+            port = grpc_port if be.startswith("be_grpc") else http_port
+            self.command(f"set server {be}/s{slot} addr 127.0.0.1 port {port}")
+
+    def set_state(self, slot: int, state: str, pool_state: str | None = None) -> None:
+        """``ready``, ``drain`` or ``maint`` for the instance in ``slot`` (every backend follows via track);
+        ``pool_state`` overrides it in the active-active pool backends (an instance out of the pool)."""
+        self._check_slot(slot)
+        for st in (state, pool_state or state):
+            if st not in ("ready", "drain", "maint"):
+                raise HAProxyError(f"server state must be ready, drain or maint, got {st!r}")
+        self.command(f"set server chk/s{slot} state {state}")
+        # Trackers inherit maint/drain from chk only partly; set them explicitly so every backend agrees.
+        for be in self._all_backends():
+            st = (pool_state or state) if be.endswith("_pool") else state
+            self.command(f"set server {be}/s{slot} state {st}")
+
+    def set_maxconn(self, slot: int, limit: int) -> None:
+        """The in-flight limit of ``slot`` in every traffic backend (h2: concurrent streams)."""
+        self._check_slot(slot)
+        if not 1 <= limit <= 100000:
+            raise HAProxyError(f"maxconn must be 1..100000, got {limit}")
+        for be in self._all_backends():
+            self.command(f"set maxconn server {be}/s{slot} {limit}")
+
+    def bind_fallback(self, grpc_port: int, http_port: int) -> None:
+        """Point the degraded-answer backends at the fallback server and enable its health check."""
+        self.command(f"set server {fallback_backend('grpc')}/fb addr 127.0.0.1 port {grpc_port}")
+        self.command(f"set server {fallback_backend('grpc')}/fb check-port {http_port}")
+        self.command(f"set server {fallback_backend('http')}/fb addr 127.0.0.1 port {http_port}")
+        for p in PROTOS:
+            self.command(f"set server {fallback_backend(p)}/fb state ready")
+
+    def stat(self) -> list[dict[str, str]]:
+        """``show stat`` rows (pxname, svname, scur, qcur, slim, stot, status, ...), one per proxy/server."""
+        text = self.command("show stat", check=False)
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if not lines or not lines[0].startswith("# "):
+            return []
+        header = lines[0][2:].split(",")
+        return [dict(zip(header, ln.split(","), strict=False)) for ln in lines[1:]]
+
+    def set_weight(self, slot: int, weight: int) -> None:
+        """Weight of ``slot`` in the split (canary) backends, 0..256."""
+        self._check_slot(slot)
+        if not 0 <= weight <= 256:
+            raise HAProxyError(f"weight must be 0..256, got {weight}")
+        for p in PROTOS:
+            self.command(f"set server {split_backend(p)}/s{slot} weight {weight}")
+
+    def route(self, backend_kind: str, slot: int = 0) -> None:
+        """Send clients to ``first`` (primary in ``slot``), ``split`` (weights) or ``pool`` (leastconn)."""
+        if backend_kind not in ("first", "split", "pool"):
+            raise HAProxyError(f"route must be 'first', 'split' or 'pool', got {backend_kind!r}")
+        lines = []
+        for p in PROTOS:
+            be = {"split": split_backend(p), "pool": pool_backend(p)}.get(backend_kind) or first_backend(p, slot)
+            self.command(f"set map {self.config.map_path} {p} {be}")
+            lines.append(f"{p} {be}")
+        tmp = self.config.map_path.with_suffix(".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.config.map_path)
+
+    def current_route(self) -> str:
+        text = self.command(f"show map {self.config.map_path}")
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] == "grpc":
+                return parts[2]
+        return first_backend("grpc", 0)
+
+    def servers(self) -> dict[str, dict[str, str]]:
+        """``backend/server`` -> fields of ``show servers state`` (operational and admin state, weight...)."""
+        text = self.command("show servers state")
+        header = None
+        out: dict[str, dict[str, str]] = {}
+        for ln in text.splitlines():
+            if ln.startswith("# be_id"):
+                header = ln[2:].split()
+                continue
+            if header and ln and ln[0].isdigit():
+                row = dict(zip(header, ln.split(), strict=False))
+                out[f"{row['be_name']}/{row['srv_name']}"] = row
+        return out
+
+    def slot_up(self, slot: int) -> bool:
+        """HAProxy's own view of the slot's health check (operational state 2 = running)."""
+        row = self.servers().get(f"chk/s{slot}")
+        return bool(row) and row.get("srv_op_state") == "2"
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.config.slots:
+            raise HAProxyError(f"slot must be 0..{self.config.slots - 1}, got {slot}")
+

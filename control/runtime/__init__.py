@@ -1,0 +1,1 @@
+"""Processes recserve runs: tritonserver, the degraded-answer server, Prometheus/Alertmanager, host checks."""

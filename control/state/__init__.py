@@ -1,0 +1,1 @@
+"""Durable state: the SQLite store (desired versions, membership, rollout journal, events) and repository snapshots."""
