@@ -108,11 +108,11 @@ perf-check: models  ## judge reports/perf/latest ratios against their CPU ceilin
 
 .PHONY: fleet-up fleet-down
 fleet-up: models  ## control plane + active-active Triton pool + HAProxy + degraded-answer server in the background (gRPC :8001, HTTP :8000); idempotent; MONITOR=1 also runs monitor-up
-	$(PY) -m recserve.control.api.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP) --backup-policy $(BACKUP_POLICY)
+	$(PY) -m recserve.control.recctl up --grpc-port $(PORT_GRPC) --http-port $(PORT_HTTP) --backup-policy $(BACKUP_POLICY)
 	@if [ "$(MONITOR)" = 1 ]; then $(MAKE) --no-print-directory monitor-up; fi
 
 fleet-down: setup  ## stop what fleet-up started (control plane, instances, HAProxy) and nothing else
-	$(PY) -m recserve.control.api.recctl down
+	$(PY) -m recserve.control.recctl down
 
 # ---- TensorRT (GPU hosts; untested on a GPU until a user's run passes) ----
 .PHONY: gpu-check

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-drills", action="store_true", help="only bring the fleet up, ask it, bring it down")
     args = p.parse_args(argv)
     py = sys.executable
-    recctl = [py, "-m", "recserve.control.api.recctl"]
+    recctl = [py, "-m", "recserve.control.recctl"]
     t0 = time.monotonic()
     drill_code = 0
     step("1/4 fleet up: control plane, two active tritonservers, HAProxy, degraded-answer server")

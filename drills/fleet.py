@@ -242,7 +242,7 @@ def read_stats_key(runtime: Path = RUNTIME) -> str | None:
 def recctl_status(timeout_s: float = 20.0) -> dict | None:
     """``recctl status --json`` (the documented way to find a running fleet); None when none answers."""
     try:
-        p = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "status", "--json"], cwd=REPO_ROOT,
+        p = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "status", "--json"], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
     except subprocess.TimeoutExpired:
         return None

@@ -36,7 +36,7 @@ UP_TIMEOUT_S = 300.0
 
 
 def _recctl(root: Path, *args: str, timeout_s: float = UP_TIMEOUT_S) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "recserve.control.api.recctl", "--root", str(root), *args]
+    cmd = [sys.executable, "-m", "recserve.control.recctl", "--root", str(root), *args]
     return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
                           env=dict(os.environ))
 

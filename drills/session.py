@@ -55,7 +55,7 @@ class FleetHandle:
 
 
 class ControlPlaneProcess:
-    """The control plane as its own process (``python -m recserve.control.api.server``), so a drill can SIGKILL and restart
+    """The control plane as its own process (``python -m recserve.control.server``), so a drill can SIGKILL and restart
     it; a restarted one adopts the running instances and HAProxy."""
 
     def __init__(self, root: Path, repository: Path, grpc_port: int, http_port: int, control_port: int,
@@ -72,7 +72,7 @@ class ControlPlaneProcess:
 
     def command(self) -> list[str]:
         p = self.ports
-        return [sys.executable, "-m", "recserve.control.api.server", "--root", str(self.root), "--repository",
+        return [sys.executable, "-m", "recserve.control.server", "--root", str(self.root), "--repository",
                 str(self.repository), "--grpc-port", str(p["grpc"]), "--http-port", str(p["http"]),
                 "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"]), *self.args]
 
@@ -159,7 +159,7 @@ class AdoptedControlPlane:
 
     def alive(self) -> bool:
         pid = self.pid()
-        return pid is not None and Path(f"/proc/{pid}").exists() and "control.api.server" in _cmdline(pid)
+        return pid is not None and Path(f"/proc/{pid}").exists() and "control.server" in _cmdline(pid)
 
     def kill(self) -> int | None:
         pid = self.pid()
@@ -167,13 +167,13 @@ class AdoptedControlPlane:
             return None
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and "control.api.server" in _cmdline(pid) and time.monotonic() < deadline:
+        while Path(f"/proc/{pid}").exists() and "control.server" in _cmdline(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         return pid
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         p = self.ports
-        cmd = [sys.executable, "-m", "recserve.control.api.recctl", "--root", str(self.root), "up", "--repository",
+        cmd = [sys.executable, "-m", "recserve.control.recctl", "--root", str(self.root), "up", "--repository",
                str(self.repository), "--grpc-port", str(p["grpc"]), "--http-port", str(p["http"]),
                "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"])]
         done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)

@@ -128,7 +128,7 @@ class LocalProxy:
 
 def fleet(timeout_s: float = 15.0) -> Endpoint:
     """The running fleet's HAProxy gRPC endpoint from ``recctl status --json``; Unavailable when none runs."""
-    cmd = [sys.executable, "-m", "recserve.control.api.recctl", "status", "--json"]
+    cmd = [sys.executable, "-m", "recserve.control.recctl", "status", "--json"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=str(REPO_ROOT))
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -278,7 +278,7 @@ class FleetProcess:
         import subprocess
         import sys
 
-        cmd = [sys.executable, "-m", "recserve.control.api.recctl", "--root", str(self.root), *args]
+        cmd = [sys.executable, "-m", "recserve.control.recctl", "--root", str(self.root), *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {r.returncode}: {r.stdout[-2000:]} {r.stderr[-2000:]}")

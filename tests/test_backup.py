@@ -284,7 +284,7 @@ def test_control_plane_refuses_to_start_with_a_target_inside_its_runtime_root(tm
 
     root = tmp_path / "runtime"
     policy = write_policy(tmp_path / "p.yaml", root / "backups")
-    r = subprocess.run([sys.executable, "-m", "recserve.control.api.server", "--root", str(root), "--repository",
+    r = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(root), "--repository",
                         str(make_repo(tmp_path / "repo")), "--grpc-port", str(free_port()), "--http-port",
                         str(free_port()), "--control-port", str(free_port()), "--metrics-port", str(free_port()),
                         "--backup-policy", str(policy)], capture_output=True, text=True, timeout=60,

@@ -112,7 +112,7 @@ def test_backup_verify_prune_and_restore_through_the_s3_api(tmp_path, s3):
 
     # a new machine: the real CLI, no control plane, straight from the bucket
     new = tmp_path / "new"
-    r = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "restore", "--from", "s3://recserve-bk/fleet-a",
+    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "restore", "--from", "s3://recserve-bk/fleet-a",
                         "--endpoint-url", s3.url, "--root", str(new / "runtime"), "--repository", str(new / "repo"),
                         "--json"], capture_output=True, text=True, timeout=120, env={**os.environ,
                                                                                      "PYTHONPATH": os.getcwd()})

@@ -294,7 +294,7 @@ def test_tls_settings_are_checked_before_anything_starts(tmp_path):
 def _server_refuses(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     root = tmp_path / "root"
     port = free_port()
-    r = subprocess.run([sys.executable, "-m", "recserve.control.api.server", "--root", str(root),
+    r = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(root),
                         "--control-port", str(port),
                         "--grpc-port", str(free_port()), "--http-port", str(free_port()),
                         "--metrics-port", str(free_port()), *flags],

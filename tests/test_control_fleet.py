@@ -86,7 +86,7 @@ def test_second_fleet_up_does_not_start_a_second_fleet(fleet):
     import subprocess
     import sys
 
-    direct = subprocess.run([sys.executable, "-m", "recserve.control.api.server", "--root", str(fleet.root), "--repository",
+    direct = subprocess.run([sys.executable, "-m", "recserve.control.server", "--root", str(fleet.root), "--repository",
                              str(fleet.repository), "--control-port", str(fleet.ports["control"])],
                             capture_output=True, text=True, timeout=60)
     assert direct.returncode == 3 and "already running" in direct.stderr

@@ -214,19 +214,19 @@ def test_gates_defaults_validation_and_p99():
 
 
 def test_recctl_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "--help"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "--help"], capture_output=True,
                          text=True).stdout
     for cmd in ("status", "rollover", "rollback", "promote", "drain", "instances", "snapshot", "snapshots",
                 "restore", "up", "down"):
         assert cmd in out
-    r = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "rollover", "retrieval"], capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "rollover", "retrieval"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "--version" in r.stderr
 
 
 def test_recctl_without_a_control_plane_says_so(tmp_path):
     port = free_port()
-    r = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "--root", str(tmp_path), "--control",
+    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "--root", str(tmp_path), "--control",
                         f"127.0.0.1:{port}", "--timeout", "3", "status"], capture_output=True, text=True, timeout=60)
     # exit 3 (cannot reach the control plane), said on stderr, nothing on stdout (recctl's exit-code table)
     assert r.returncode == 3 and "no control plane" in r.stderr and r.stdout == "", (r.returncode, r.stderr)

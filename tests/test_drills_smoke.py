@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def _tritonservers_of(marker: str) -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [ln for ln in out.splitlines() if marker in ln and ("tritonserver" in ln or "haproxy" in ln
-                                                               or "control.api.server" in ln)]
+                                                               or "control.server" in ln)]
 
 
 def test_smoke_drills_run_report_and_clean_up(tmp_path, capsys):

@@ -349,7 +349,7 @@ def test_k8s_rollover_wait_streams_each_change_and_ends_with_the_verdict(cli, mo
 
 # ---------------------------------------------------------------------------------------------- exit codes
 def test_status_without_a_control_plane_is_one_stderr_line_and_exit_3(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "recserve.control.api.recctl", "--root", str(tmp_path), "--control",
+    r = subprocess.run([sys.executable, "-m", "recserve.control.recctl", "--root", str(tmp_path), "--control",
                         f"127.0.0.1:{free_port()}", "--timeout", "5", "status", "-o", "json"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 3, r
@@ -459,7 +459,7 @@ def test_down_and_up_dry_run_leave_processes_and_files_alone(tmp_path, capsys, m
         fresh = tmp_path / "fresh"
         rc = recctl.main(["--root", str(fresh), "up", "--dry-run", "-o", "yaml"])
         doc = yaml.safe_load(capsys.readouterr().out)
-        assert rc == 0 and "recserve.control.api.server" in doc["command"] and not fresh.exists()
+        assert rc == 0 and "recserve.control.server" in doc["command"] and not fresh.exists()
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -141,7 +141,7 @@ def _instance(d: dict, iid: str) -> dict:
 
 # ---------------------------------------------------------------------- commands
 def _up_command(args: argparse.Namespace, root: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "recserve.control.api.server", "--root", str(root), "--repository",
+    cmd = [sys.executable, "-m", "recserve.control.server", "--root", str(root), "--repository",
            str(Path(args.repository).resolve()),
            "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
            "--control-port", str(args.control_port), "--metrics-port", str(args.metrics_port),

@@ -1,4 +1,4 @@
-"""The control-plane process: ``python -m recserve.control.api.server``.
+"""The control-plane process: ``python -m recserve.control.server``.
 
 Serves ``recserve.control.v1.ControlPlane`` (plus grpc.health.v1 and reflection), supervises the fleet, and
 exports Prometheus metrics. One per runtime root (an exclusive lock on ``<root>/control.lock``); it leaves
@@ -230,7 +230,7 @@ def _snapshot_pb(s) -> pb.Snapshot:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m recserve.control.api.server", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m recserve.control.server", description=__doc__.splitlines()[0])
     p.add_argument("--root", type=Path, default=Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve")))
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     p.add_argument("--grpc-port", type=int, default=8001, help="HAProxy gRPC port for clients")

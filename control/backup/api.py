@@ -1,4 +1,4 @@
-"""The backup part of the control plane's gRPC API, and its wiring into ``python -m recserve.control.api.server``.
+"""The backup part of the control plane's gRPC API, and its wiring into ``python -m recserve.control.server``.
 
 Why a mixin of its own: the servicer in control/api/server.py stays small and other work on it merges cleanly;
 the backup RPCs only need ``self.backups`` (a BackupScheduler, or None without a policy) and ``self._auth``.
