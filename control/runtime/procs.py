@@ -24,6 +24,16 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def cmdline(pid: int) -> str:
+    """The command line of ``pid``, arguments joined by spaces; "" when it is gone or unreadable. The one check
+    that a pid from a pid file is still the process we think (its command line names our root, binary or config)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def can_raise_priority() -> bool:
     """Whether this process may lower a niceness it raised (root, or RLIMIT_NICE up to nice 0). Without that, an
     instance loaded at nice 19 would stay there once it serves, so callers leave it at 0."""
