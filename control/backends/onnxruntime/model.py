@@ -50,6 +50,8 @@ class TritonPythonModel:
         # the other model instances need (matters only with intra_op_thread_count > 1).
         opts.add_session_config_entry("session.intra_op.allow_spinning", _param(self.config, "allow_spinning", "0"))
         self.session = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+        # 0: the config's dims are the full shapes; requests are never concatenated nor split by a batch dimension
+        self.batched = int(self.config.get("max_batch_size", 0)) > 0
         self.input_names = [i["name"] for i in self.config["input"]]
         self.output_names = [o["name"] for o in self.config["output"]]
         graph_inputs = {i.name for i in self.session.get_inputs()}
@@ -80,6 +82,8 @@ class TritonPythonModel:
         feeds_per_request = [
             {n: pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in self.input_names} for r in requests
         ]
+        if not self.batched:  # a model without a batch dimension: one session run per request, outputs whole
+            return [self._run_alone(feeds, fault) for feeds in feeds_per_request]
         sizes = [f[self.input_names[0]].shape[0] for f in feeds_per_request]
         try:
             if len(requests) == 1:
@@ -100,3 +104,14 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
+
+    def _run_alone(self, feeds: dict, fault: str | None):
+        try:
+            outputs = self.session.run(self.output_names, feeds)
+        except Exception as exc:  # as in execute: answer this request, keep serving
+            err = pb_utils.TritonError(f"model '{self.name}': {exc}", pb_utils.TritonError.INVALID_ARG)
+            return pb_utils.InferenceResponse(error=err)
+        if fault == "wrong":
+            outputs = [np.flip(o, axis=-1).copy() for o in outputs]
+        tensors = [pb_utils.Tensor(n, o) for n, o in zip(self.output_names, outputs, strict=True)]
+        return pb_utils.InferenceResponse(output_tensors=tensors)
