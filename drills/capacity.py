@@ -10,42 +10,23 @@ report's figure, when there is one, only picks where the ladder starts.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from recserve.perf import report_reader
+from recserve.perf.report_reader import PERF_REPORT
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The knee is always taken at the fleet's admission SLO (the Router's default p99 target, perf's SLO), whatever
 #: SLO a drill judges its RTO by: the fleet sizes its in-flight limits from that knee, so "0.7x the knee" is
 #: below what admission lets through, and every drill of a session shares one ladder.
 KNEE_SLO_MS = 50.0
-PERF_REPORT = REPO_ROOT / "reports" / "perf" / "latest" / "report.json"
 
 
 def from_perf_report(model: str, path: Path = PERF_REPORT) -> float | None:
-    """``capacity_rps`` of ``model`` wherever the perf report keeps it (a mapping, or per target)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    found: list[float] = []
-
-    def walk(node, under_model: bool = False) -> None:
-        if isinstance(node, dict):
-            cap = node.get("capacity_rps")
-            if isinstance(cap, dict) and isinstance(cap.get(model), int | float):
-                found.append(float(cap[model]))
-            elif isinstance(cap, int | float) and (under_model or model in str(node.get("target", ""))):
-                found.append(float(cap))
-            for k, v in node.items():
-                walk(v, under_model or k == model)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v, under_model)
-
-    walk(data)
-    return found[0] if found else None
+    """``capacity_rps`` of ``model`` in the perf report (perf's reader, recserve.perf.report_reader)."""
+    return report_reader.capacity_rps(model, path)
 
 
 def measure(grpc_url: str, model: str, slo_ms: float, workdir: Path,

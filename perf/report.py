@@ -14,8 +14,7 @@ from pathlib import Path
 from recserve.control import htmlpage, reportdir
 from recserve.control.htmlpage import bullets, inline, tag
 from recserve.control.reportdir import link_latest as link_latest  # re-exported for perf callers
-
-REPORTS_DIR = Path(__file__).resolve().parent.parent / "reports" / "perf"
+from recserve.perf.report_reader import REPORTS_DIR as REPORTS_DIR  # one definition, beside the reader
 
 
 def new_run_dir(root: Path = REPORTS_DIR) -> Path:

@@ -382,12 +382,12 @@ def test_the_knee_from_the_perf_report_is_read_once_per_version_of_the_report(tm
     import os
 
     from recserve.control.routing.router import DEFAULT_KNEE_RPS, default_knee_rps
-    from recserve.drills import capacity
+    from recserve.perf import report_reader
 
     report = tmp_path / "report.json"
     assert default_knee_rps("recommend", report) == (DEFAULT_KNEE_RPS, "conservative default (no perf report)")
     report.write_text(json.dumps({"capacity_rps": {"recommend": 640}}))
-    with mock.patch("recserve.drills.capacity.from_perf_report", wraps=capacity.from_perf_report) as read:
+    with mock.patch("recserve.perf.report_reader.capacity_rps", wraps=report_reader.capacity_rps) as read:
         assert default_knee_rps("recommend", report)[0] == 640
         assert default_knee_rps("recommend", report)[0] == 640
         assert read.call_count == 1

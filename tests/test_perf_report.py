@@ -82,6 +82,21 @@ def test_write_produces_json_markdown_and_plots(tmp_path):
     assert pngs[0].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_published_reader_finds_the_capacity_the_report_wrote(tmp_path):
+    """perf/report_reader.py is how the control plane (its default knee) and the drills (where their knee ladder
+    starts) read a run's capacity: what ``report.write`` records, it finds; no report or no figure is None."""
+    from recserve.drills.capacity import from_perf_report
+    from recserve.perf.report_reader import REPORTS_DIR, capacity_rps
+
+    assert report.REPORTS_DIR == REPORTS_DIR  # one definition of where the runs go
+    path = report.write(doc(), tmp_path)["json"]
+    assert capacity_rps("recommend", path) == 300.0 == from_perf_report("recommend", path)
+    per_target = tmp_path / "per_target.json"
+    per_target.write_text(json.dumps({"results": [{"target": "recommend@direct", "capacity_rps": 250}]}))
+    assert capacity_rps("recommend", per_target) == 250.0
+    assert capacity_rps("ranker", path) is None and capacity_rps("recommend", tmp_path / "missing.json") is None
+
+
 def test_curves_leave_out_failed_points():
     (curve,) = report.curves(doc()).values()
     assert [r["value"] for r in curve] == [1, 4]

@@ -60,6 +60,7 @@ from recserve.control.runtime.fallback import FallbackConfig, FallbackError, Fal
 from recserve.control.runtime.procs import kill_group, pid_alive
 from recserve.control.state.store import State
 from recserve.control.stats import percentile
+from recserve.perf import report_reader
 
 MODES = ("active-active", "primary-standby")
 #: ``RouterConfig.knee_source`` of a knee set at runtime.
@@ -71,7 +72,6 @@ ROUTER_KEYS_SQL = ("key IN ('route', 'pool', 'router_mode', 'knee') OR key LIKE 
 #: Used when neither --knee-rps nor a perf report gives the knee: about half of the ~1,000 rps measured on a
 #: quiet 2-core host (issue 9), so a busy CI host is not overfilled either.
 DEFAULT_KNEE_RPS = 500.0
-PERF_REPORT = Path(__file__).resolve().parents[2] / "reports" / "perf" / "latest" / "report.json"
 #: How long after the last shed request the pool still counts as shedding (rollouts wait that long).
 SHED_WINDOW_S = 2.0
 #: The access log is copied to ``access.log.1`` and truncated beyond this size (about 250 bytes a request: 64 MiB
@@ -87,7 +87,7 @@ class RouterError(RuntimeError):
         self.code = code
 
 
-def default_knee_rps(model: str = "recommend", report: Path = PERF_REPORT) -> tuple[float, str]:
+def default_knee_rps(model: str = "recommend", report: Path = report_reader.PERF_REPORT) -> tuple[float, str]:
     """The knee (rps per host) and where it came from: the perf suite's latest capacity, else the default."""
     try:
         mtime = report.stat().st_mtime_ns
@@ -99,9 +99,7 @@ def default_knee_rps(model: str = "recommend", report: Path = PERF_REPORT) -> tu
 @functools.lru_cache(maxsize=8)
 def _knee_from_report(model: str, report: Path, mtime: int | None) -> tuple[float, str]:
     """Read once per version of the report (by mtime): every route or weight change asks for the limits."""
-    from recserve.drills.capacity import from_perf_report  # one reader of the perf report's capacity
-
-    cap = from_perf_report(model, report) if mtime is not None else None
+    cap = report_reader.capacity_rps(model, report) if mtime is not None else None
     if cap and cap > 0:
         return cap, f"perf report {report}"
     return DEFAULT_KNEE_RPS, "conservative default (no perf report)"
