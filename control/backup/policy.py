@@ -12,10 +12,17 @@ from pathlib import Path
 import yaml
 
 from recserve.control.backup.targets import TargetError, TargetSpec, parse_target, refuse_inside
+from recserve.control.errors import ErrorCode, RecserveError
 
 
-class BackupError(RuntimeError):
-    """A backup, verification or restore that could not be done (the message says which step and why)."""
+class BackupError(RecserveError, RuntimeError):
+    """A backup, verification or restore that could not be done (the message says which step and why).
+
+    UNAVAILABLE by default: what fails a backup the API was asked for is mostly the target or the disk, and a
+    retry may succeed; a bad policy file never reaches the API (the control plane refuses to start with it).
+    """
+
+    default_code = ErrorCode.UNAVAILABLE
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.control.errors import RecserveError
 from recserve.control.routing.frontdoor import FrontDoorConfig
 from recserve.control.routing.haproxy import FALLBACK_MAXCONN, FALLBACK_QUEUE
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
@@ -13,12 +14,8 @@ FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
 ROLES = ("active", "primary", "standby", "canary")
 
 
-class FleetError(RuntimeError):
-    """A fleet operation was refused or failed; ``code`` names the gRPC status to answer with."""
-
-    def __init__(self, message: str, code: str = "FAILED_PRECONDITION"):
-        super().__init__(message)
-        self.code = code
+class FleetError(RecserveError, RuntimeError):
+    """A fleet operation was refused or failed; ``code`` (control/errors.py) says which kind."""
 
 
 @dataclass

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.control.errors import RecserveError
 from recserve.control.routing import accesslog
 from recserve.control.routing.admission import AdaptiveLimit, IntervalSample, LimitConfig, initial_limit
 from recserve.control.routing.frontdoor import FrontDoorConfig
@@ -79,12 +80,8 @@ SHED_WINDOW_S = 2.0
 ACCESS_LOG_MAX_BYTES = 64 << 20
 
 
-class RouterError(RuntimeError):
-    """A routing request was refused; ``code`` names the gRPC status."""
-
-    def __init__(self, message: str, code: str = "FAILED_PRECONDITION"):
-        super().__init__(message)
-        self.code = code
+class RouterError(RecserveError, RuntimeError):
+    """A routing request was refused; ``code`` (control/errors.py) says which kind."""
 
 
 def default_knee_rps(model: str = "recommend", report: Path = report_reader.PERF_REPORT) -> tuple[float, str]:

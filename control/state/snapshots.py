@@ -19,11 +19,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.control.errors import ErrorCode, RecserveError
+
 MANIFEST = "manifest.json"
 
 
-class RepositoryError(ValueError):
-    """Unknown model or version, or a version whose files do not match their manifest."""
+class RepositoryError(RecserveError, ValueError):
+    """Unknown model, version or snapshot (raised with ``ErrorCode.NOT_FOUND``), or files that do not match their
+    manifest or snapshot (FAILED_PRECONDITION, the default)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -62,7 +65,7 @@ class VersionInfo:
 def versions_on_disk(repository: Path, model: str) -> list[int]:
     d = repository / model
     if not (d / "config.pbtxt").exists():
-        raise RepositoryError(f"unknown model {model!r}: no {d}/config.pbtxt")
+        raise RepositoryError(f"unknown model {model!r}: no {d}/config.pbtxt", ErrorCode.NOT_FOUND)
     return sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit())
 
 
@@ -75,7 +78,7 @@ def verify_version(repository: Path, model: str, version: int) -> VersionInfo:
     """Check every manifest-listed file's sha256; ``verified`` False with the reason otherwise."""
     if version not in versions_on_disk(repository, model):
         raise RepositoryError(f"unknown version {version} of model {model!r} (on disk: "
-                              f"{versions_on_disk(repository, model)})")
+                              f"{versions_on_disk(repository, model)})", ErrorCode.NOT_FOUND)
     vdir = repository / model / str(version)
     info = VersionInfo(model, version, vdir, verified=False)
     mpath = vdir / MANIFEST
@@ -188,7 +191,7 @@ class SnapshotStore:
         p = self.root / "snapshots" / f"{snap_id}.json"
         if not snap_id or "/" in snap_id or not p.exists():
             known = [s.id for s in self.list()]
-            raise RepositoryError(f"unknown snapshot {snap_id!r} (known: {known[-5:]})")
+            raise RepositoryError(f"unknown snapshot {snap_id!r} (known: {known[-5:]})", ErrorCode.NOT_FOUND)
         return Snapshot(**json.loads(p.read_text()))
 
     def restore(self, snap_id: str) -> tuple[int, int, list[str]]:
