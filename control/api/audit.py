@@ -22,6 +22,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import text_format
 
+from recserve.control.api import errors
+from recserve.control.errors import ErrorCode
 from recserve.control.keys import fingerprint
 
 #: Longest request text kept in an audit event (requests are small; a huge note is cut, never logged whole).
@@ -63,11 +65,11 @@ class ApiGuard(grpc.ServerInterceptor):
         with self._lock:
             call = self._calls.get(id(context))
         if call is None:  # fail closed: a mutating call that could not be audited does not run
-            context.abort(grpc.StatusCode.INTERNAL, "this call bypassed the audit interceptor (the server was "
+            errors.refuse(context, ErrorCode.INTERNAL, "this call bypassed the audit interceptor (the server was "
                           "built without interceptors=[guard]); refused")
         call.audited, call.caller = True, caller
         if not ok:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+            errors.refuse(context, ErrorCode.UNAUTHENTICATED,
                           f"{why}; mutating calls need metadata 'authorization: Bearer <token>' with the token "
                           f"from {self.token_file}")
 
@@ -155,7 +157,7 @@ class ApiGuard(grpc.ServerInterceptor):
     @staticmethod
     def _refuse_malformed(name: str, request, context: grpc.ServicerContext) -> None:
         if isinstance(request, _Malformed):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+            errors.refuse(context, ErrorCode.INVALID_ARGUMENT,
                           f"the request bytes are not a valid {name} request message ({request.error})")
 
     def _end(self, call: _Call, context: grpc.ServicerContext, exc: BaseException | None) -> None:

@@ -23,13 +23,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recserve.control import testswitch
+from recserve.control.api import errors
 from recserve.control.api.audit import ApiGuard
 from recserve.control.api.proto import control_pb2 as pb
 from recserve.control.api.proto import control_pb2_grpc as pbg
 from recserve.control.api.tls import TlsConfigError, is_loopback, server_tls
 from recserve.control.backup.api import BackupApi, make_scheduler, policy_path
 from recserve.control.backup.policy import BackupError
-from recserve.control.fleet.fleet import Fleet, FleetConfig, FleetError, status_json
+from recserve.control.errors import ErrorCode
+from recserve.control.fleet.fleet import Fleet, FleetConfig, status_json
 from recserve.control.keys import SecretFileError, check_private, read_secret
 from recserve.control.monitoring.metrics import ControlMetrics
 from recserve.control.monitoring.targets import FleetCollector, remembered_port
@@ -42,9 +44,8 @@ from recserve.control.routing.frontdoor import (
     FrontDoorConfig,
     FrontDoorError,
 )
-from recserve.control.routing.router import RouterError
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
-from recserve.control.state.snapshots import RepositoryError, SnapshotStore, list_versions
+from recserve.control.state.snapshots import SnapshotStore, list_versions
 
 SERVICE = "recserve.control.v1.ControlPlane"
 
@@ -93,16 +94,11 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
 
     def _ready(self, context: grpc.ServicerContext) -> None:
         if not self.ready.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "control plane is still bringing the fleet up")
+            errors.refuse(context, ErrorCode.UNAVAILABLE, "control plane is still bringing the fleet up")
 
     def _call(self, context: grpc.ServicerContext, fn, *args):
-        try:
-            return fn(*args)
-        except (FleetError, RouterError) as exc:
-            context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
-        except RepositoryError as exc:
-            code = grpc.StatusCode.NOT_FOUND if str(exc).startswith("unknown") else grpc.StatusCode.FAILED_PRECONDITION
-            context.abort(code, str(exc))
+        """``fn(*args)``; a RecserveError from it answers with its code's status (control/api/errors.py)."""
+        return errors.call(context, fn, *args)
 
     def _instance(self, iid: str) -> pb.Instance:
         st = status_json(self.fleet, self.endpoints)
@@ -163,9 +159,9 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
     # ------------------------------------------------------------------ models
     def ListVersions(self, request, context):
         f = self.fleet
-        if request.model not in f.model_closure():
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}: the fleet serves "
-                          f"{f.model_closure()}")
+        served = self._call(context, f.model_closure)
+        if request.model not in served:
+            errors.refuse(context, ErrorCode.NOT_FOUND, f"unknown model {request.model!r}: the fleet serves {served}")
         desired = f.desired().get(request.model, [])
         infos = self._call(context, list_versions, f.repository, request.model)
         return pb.ListVersionsResponse(model=request.model, versions=[
@@ -197,7 +193,8 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
         st = self.fleet.state
         r = st.rollout(request.id) if request.id else st.latest_rollout(request.model or None)
         if r is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no rollout {request.id or 'for ' + (request.model or 'any')}")
+            errors.refuse(context, ErrorCode.NOT_FOUND,
+                          f"no rollout {request.id or 'for ' + (request.model or 'any')}")
         return rollout_pb(r, st.rollout_events(r.id))
 
     def Rollback(self, request, context):

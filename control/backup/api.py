@@ -11,10 +11,12 @@ from pathlib import Path
 
 import grpc
 
+from recserve.control.api import errors
 from recserve.control.api.proto import control_pb2 as pb
 from recserve.control.backup.manager import BackupManager, BackupRecord, list_backups
 from recserve.control.backup.policy import BackupError, load_policy
 from recserve.control.backup.scheduler import BackupScheduler
+from recserve.control.errors import ErrorCode
 
 POLICY_ENV = "RECSERVE_BACKUP_POLICY"
 
@@ -51,7 +53,7 @@ class BackupApi:
 
     def _need_policy(self, context: grpc.ServicerContext) -> BackupScheduler:
         if self.backups is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no backup policy: start the control plane with "
+            errors.refuse(context, ErrorCode.FAILED_PRECONDITION, "no backup policy: start the control plane with "
                           f"--backup-policy FILE (or ${POLICY_ENV}); see docs/operations.md 'Backup and recovery'")
         return self.backups
 
@@ -70,7 +72,7 @@ class BackupApi:
         try:
             rec = sched.manager.run("manual" + (f": {request.note}" if request.note else ""))
         except BackupError as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"backup failed: {exc}")
+            errors.abort(context, BackupError(f"backup failed: {exc}", exc.code))
         return backup_pb(rec)
 
     def ListBackups(self, request, context):
@@ -78,5 +80,6 @@ class BackupApi:
         try:
             backups = list_backups(sched.manager.store)
         except Exception as exc:  # an unreachable target is an answer, not a crash
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"backup target {sched.manager.store.describe()}: {exc}")
+            errors.abort(context, BackupError(f"backup target {sched.manager.store.describe()}: {exc}",
+                                              ErrorCode.UNAVAILABLE))
         return pb.ListBackupsResponse(target=sched.manager.store.describe(), backups=[backup_pb(b) for b in backups])
