@@ -142,6 +142,18 @@ class RecClient:
             inputs.append(self._input("user_id", np.asarray([[user_id]], dtype=np.int64), "INT64"))
         return self._infer("search", inputs)
 
+    def infer(self, model: str, inputs: dict[str, np.ndarray], datatypes: dict[str, str],
+              outputs: list[str]) -> dict[str, np.ndarray]:
+        """Any model: ``inputs`` by name (with the batch dimension when the model batches), ``datatypes`` their
+        KServe names; returns the named ``outputs``. Used where a serving spec names the models."""
+        tensors = [self._input(n, np.asarray(a), datatypes[n]) for n, a in inputs.items()]
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        if self.priority:
+            kwargs["priority"] = self.priority
+        r = self._client.infer(model + self.suffix, tensors,
+                               outputs=[self._mod.InferRequestedOutput(n) for n in outputs], **kwargs)
+        return {n: r.as_numpy(n) for n in outputs}
+
     def close(self) -> None:
         self._client.close()
 

@@ -35,6 +35,8 @@ from recserve.control.state.snapshots import write_manifest
 TABLE_ROWS = 50
 DENSE, SPARSE, EMB, TOP_K, TOKENS = 8, 4, 8, 10, 6
 VARIANTS = ("base", "perturbed", "reversed")
+#: The one model ``add_version`` writes perturbed and reversed variants of (a step of the ``rank_page`` ensemble).
+VARIED_MODEL = "ctr_ranker"
 OPSET, IR_VERSION = 17, 8
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -344,8 +346,8 @@ def similar_graph() -> onnx.GraphProto:
 
 # ---------------------------------------------------------------------------------------------- writing
 def _write_files(vdir: Path, model: str, variant: str) -> None:
-    if variant != "base" and model != "ctr_ranker":
-        raise ValueError(f"variant {variant!r} exists for ctr_ranker only")
+    if variant != "base" and model != VARIED_MODEL:
+        raise ValueError(f"variant {variant!r} exists for {VARIED_MODEL} only")
     if model == "features":
         _save(features_graph(), vdir / "model.onnx")
     elif model == "ctr_ranker":

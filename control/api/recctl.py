@@ -163,6 +163,8 @@ def _up_command(args: argparse.Namespace, root: Path) -> list[str]:
             cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
     if args.backup_policy:
         cmd += ["--backup-policy", str(Path(args.backup_policy).resolve())]
+    if args.spec:
+        cmd += ["--spec", str(Path(args.spec).resolve())]
     return cmd
 
 
@@ -185,6 +187,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     for flag in ("tls_key", "client_tls_key"):  # refuse a readable key before anything starts
         if getattr(args, flag):
             check_private(Path(getattr(args, flag)))
+    if args.spec:  # a bad spec is refused before anything starts, naming the file and the field
+        from recserve.control.spec.repository import RepositoryReadError
+        from recserve.control.spec.spec import SpecError, load_spec
+
+        try:
+            spec = load_spec(Path(args.spec), Path(args.repository) if args.repository else None)
+        except (SpecError, RepositoryReadError) as exc:
+            raise UsageError(f"--spec: {exc}") from None
+        args.repository = args.repository or spec.repository
+    args.repository = args.repository or REPO_ROOT / "model_repository"
     cmd = _up_command(args, root)
     if args.dry_run:
         out.emit(dry_run_doc("up", **doc, command=cmd, would="start the control plane, HAProxy and "
@@ -794,8 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = add("up", cmd_up, "start the fleet in the background (no-op when it is up)", changes=True)
     down = add("down", cmd_down, "stop the control plane, instances and HAProxy of this root", changes=True)
-    up.add_argument("--repository", type=existing_dir, default=REPO_ROOT / "model_repository",
-                    help="model repository to serve")
+    up.add_argument("--repository", type=existing_dir, default=None,
+                    help="model repository to serve (default: the --spec's repository, else model_repository/)")
     down.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository",
                       help="model repository of the fleet")
     up.add_argument("--grpc-port", type=port, default=int(os.environ.get("PORT_GRPC", 8001)))
@@ -833,6 +845,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: batch 8 of 1000-item histories, 88,272; larger limits cost HAProxy CPU)")
     up.add_argument("--max-http-body", type=int_range(0), default=0, help="largest HTTP request body in bytes "
                     "(default: batch 4 of 1000-item histories as JSON, 92,276)")
+    up.add_argument("--spec", type=existing_file, default=os.environ.get("SPEC") or None,
+                    help="serving spec (recctl init writes one): the models it names are served and golden-checked "
+                    "by its rules (default: the demo's recommend/search)")
     up.add_argument("--backup-policy", type=existing_file, default=os.environ.get("RECSERVE_BACKUP_POLICY"),
                     help="backup policy file (docs/operations.md 'Backup and recovery'); none: no scheduled backups")
     st = add("status", cmd_status, "fleet, instances, versions, warnings")
@@ -889,6 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
     bk.add_argument("--check", metavar="FILE", help="policy: validate a policy file offline")
     bk.add_argument("--note", default="", help="now: a note kept with the backup")
     _target_options(bk)
+    from recserve.control.api.spec_cli import add_commands as add_spec_commands
+
+    add_spec_commands(add)
     from recserve.control.kube.ctl import add_parser as add_k8s
 
     add_k8s(sub)

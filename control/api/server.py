@@ -31,6 +31,7 @@ from recserve.control.api.tls import TlsConfigError, is_loopback, server_tls
 from recserve.control.backup.api import BackupApi, make_scheduler, policy_path
 from recserve.control.backup.policy import BackupError
 from recserve.control.errors import ErrorCode
+from recserve.control.fallback.contract import CONTRACT_MODELS
 from recserve.control.fleet.fleet import Fleet, FleetConfig, status_json
 from recserve.control.keys import SecretFileError, check_private, read_secret
 from recserve.control.monitoring.metrics import ControlMetrics
@@ -45,6 +46,8 @@ from recserve.control.routing.frontdoor import (
     FrontDoorError,
 )
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.spec.repository import RepositoryReadError
+from recserve.control.spec.spec import SpecError, load_spec
 from recserve.control.state.snapshots import SnapshotStore, list_versions
 
 SERVICE = "recserve.control.v1.ControlPlane"
@@ -277,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adaptive-limits", action="store_true", help="let the AIMD controller move the limits")
     p.add_argument("--haproxy-metrics-port", type=int, default=0, help="HAProxy's Prometheus exporter "
                    "(0: a free port, remembered in <root>/monitoring/haproxy.port)")
+    p.add_argument("--spec", type=Path, default=None, help="serving spec (recctl init writes one): its models are "
+                   "served and golden-checked by its rules (default: the demo's recommend/search)")
     return p.parse_args(argv)
 
 
@@ -305,10 +310,12 @@ def main(argv: list[str] | None = None) -> int:
                                 max_http_body=args.max_http_body)
         front.validate()
         testswitch.active()  # an unknown test switch in the environment is refused before anything starts
+        spec = load_spec(args.spec, args.repository) if args.spec is not None else None
         if tls is None and not is_loopback(args.control_host):
             raise TlsConfigError(f"--control-host {args.control_host} is not loopback: the control API leaves this "
                                  "host only with TLS (--tls-cert/--tls-key)")
-    except (SecretFileError, TlsConfigError, FrontDoorError, testswitch.SwitchError) as exc:
+    except (SecretFileError, TlsConfigError, FrontDoorError, testswitch.SwitchError, SpecError,
+            RepositoryReadError) as exc:
         print(f"control plane not started: {exc}", file=sys.stderr)
         return 2
     (root / "control.pid").write_text(f"{os.getpid()}\n")
@@ -321,12 +328,18 @@ def main(argv: list[str] | None = None) -> int:
         tls_info["client_tls"] = True
     (root / "endpoints.json").write_text(json.dumps({**endpoints, **tls_info}, indent=2))
 
+    degraded_ok = spec is None or set(spec.models) <= set(CONTRACT_MODELS)
+    if not degraded_ok and not args.no_fallback:  # said, not silent: shed requests of these models get 429
+        print(f"note: no degraded answers for {sorted(set(spec.models) - set(CONTRACT_MODELS))} (the degraded-answer "
+              "server knows only the demo's models): shed requests get RESOURCE_EXHAUSTED", file=sys.stderr,
+              flush=True)
     metrics = ControlMetrics()
     fleet = Fleet(FleetConfig(root=root, repository=args.repository, grpc_port=args.grpc_port,
                               http_port=args.http_port, instances=args.instances,
                               health_interval_s=args.health_interval, mode=args.mode,
                               active=min(args.active, args.instances), knee_rps=args.knee_rps,
-                              slo_p99_ms=args.slo_p99_ms, fallback=not args.no_fallback,
+                              slo_p99_ms=args.slo_p99_ms, fallback=not args.no_fallback and degraded_ok,
+                              spec=args.spec,
                               adaptive_limits=args.adaptive_limits, fallback_maxconn=args.fallback_maxconn,
                               fallback_queue=args.fallback_queue,
                               timeout_server_ms=args.timeout_server_ms,

@@ -28,6 +28,9 @@ class FleetConfig:
     slots: int = 4
     #: Top-level models to serve; None = every servable ensemble (recommend, search; *_trt on GPU hosts).
     models: list[str] | None = None
+    #: The serving spec (control/spec/spec.py): its models are served and golden-checked by its rules; None = the
+    #: demo's recommend/search golden checks (control/fleet/golden.py).
+    spec: Path | None = None
     health_interval_s: float = 0.3
     #: Consecutive failed deep checks before an instance is marked broken (1 for fatal failures).
     fail_threshold: int = 2

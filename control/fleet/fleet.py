@@ -25,6 +25,7 @@ from recserve.control.fleet.health import HealthMonitor, Probe
 from recserve.control.fleet.instances import InstanceLifecycle
 from recserve.control.fleet.membership import Membership
 from recserve.control.fleet.progress import Progress
+from recserve.control.fleet.spec_golden import SpecGolden
 from recserve.control.fleet.supervision import Supervision
 from recserve.control.fleet.versions import VersionRules, model_config
 from recserve.control.keys import read_existing_secret, read_secret
@@ -34,6 +35,7 @@ from recserve.control.routing.router import Router, RouterConfig
 from recserve.control.runtime.hostcheck import proc_exposure_warning
 from recserve.control.runtime.procs import pid_alive
 from recserve.control.runtime.triton import ADMIN_KEY_FILE, STATS_KEY_FILE, TritonServer, shm_prefix, shm_usage
+from recserve.control.spec.spec import load_spec
 from recserve.control.state.store import State
 
 #: The one admin key every instance shared before each got its own (kept only for instances still running with it).
@@ -69,7 +71,15 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
             fallback_repository=self.repository, adaptive=config.adaptive_limits, frontdoor=config.frontdoor),
             self.state)
         self.targets = TargetFiles(targets_dir(self.root))  # Prometheus file_sd: one target per instance
-        self.golden = Golden(self.repository, metrics=self.metrics, event=lambda msg: self.state.event("golden", msg))
+        self.spec = load_spec(config.spec, self.repository) if config.spec is not None else None
+        if self.spec is not None:
+            if config.models is None:
+                config.models = self.spec.model_names()
+            self.golden = SpecGolden(self.spec, metrics=self.metrics,
+                                     event=lambda msg: self.state.event("golden", msg))
+        else:
+            self.golden = Golden(self.repository, metrics=self.metrics,
+                                 event=lambda msg: self.state.event("golden", msg))
         self.servers: dict[str, TritonServer] = {}
         self.clients: dict[str, RecClient] = {}
         self.lock = threading.RLock()

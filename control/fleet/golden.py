@@ -197,13 +197,32 @@ class Golden:
             return _Entry(Expected(answers, SOURCE_REFERENCE), "", time.time())
         except Exception as exc:  # noqa: BLE001 - any failure of the reference is reported, never swallowed
             problem = f"the reference failed: {type(exc).__name__}: {str(exc)[:300]}"
-        try:
-            recorded, why = recorded_answers(self.path, latest)
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-            recorded, why = None, f"{self.path} unreadable: {type(exc).__name__}: {exc}"
+        recorded, why = self.recorded(latest)
         if recorded is not None:
             return _Entry(Expected(recorded, SOURCE_RECORDED), problem, time.time())
         return _Entry(None, f"{problem}; no fallback: {why}", time.time())
+
+    def recorded(self, latest: Mapping[str, int]) -> tuple[dict | None, str]:
+        """(answers, why not) recorded ahead of time for exactly ``latest``: the documented fallback."""
+        try:
+            return recorded_answers(self.path, latest)
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            return None, f"{self.path} unreadable: {type(exc).__name__}: {exc}"
+
+    def ask(self, client: RecClient, requests: dict[str, dict]) -> dict[str, Result]:
+        """The instance's answers to ``requests`` (one of ``request_set``)."""
+        return ask(client, requests)
+
+    def drift(self, pairs: list[tuple[dict[str, Result], dict[str, Result]]], default_min: float
+              ) -> dict[str, tuple[float, float]]:
+        """Per model, (agreement, minimum) of a new version's answers with the serving one's over ``pairs`` of
+        (old, new) answers to the golden requests: the mean share of top items in common."""
+        shares: dict[str, list[float]] = {}
+        for old, new in pairs:
+            for m in old:
+                a, b = set(old[m].item_ids), set(new[m].item_ids)
+                shares.setdefault(m, []).append(len(a & b) / max(1, len(a)))
+        return {m: (sum(v) / len(v), default_min) for m, v in shares.items()}
 
     def _report(self, versions: Mapping[str, list[int]], before: _Entry | None, now: _Entry) -> None:
         src = now.expected.source if now.expected else SOURCE_NONE

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from recserve.control.client import RecClient
-from recserve.control.fleet.golden import Golden, ask
+from recserve.control.fleet.golden import Golden
 from recserve.control.runtime.triton import TritonError, TritonServer
 
 #: How long one HTTP health call may take before the instance counts as hung.
@@ -68,7 +68,7 @@ def deep_check(server: TritonServer, alive: bool, versions: dict[str, list[int]]
     if wrong:
         return fail("versions", f"serving {wrong}, must serve { {m: versions[m] for m in wrong} }")
     try:
-        got = ask(client, golden.requests)
+        got = golden.ask(client, golden.requests)
     except Exception as exc:  # tritonclient raises its own exception types
         return fail("golden", f"golden inference failed: {str(exc)[:200]}")
     exp = golden.expected(versions)

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from recserve.control.fleet.fleet import FleetError
-from recserve.control.fleet.golden import ask
 from recserve.control.fleet.pool import ServingPool
 from recserve.control.monitoring.metrics import triton_request_counts
 from recserve.control.state.snapshots import verify_version, versions_on_disk
@@ -231,14 +230,15 @@ class RolloutManager:
                 f.reload(cand.id, new_versions, only=[rec.model])
             except Exception as exc:
                 raise GateFailure("load", 1, 0, f"{cand.id} could not serve the new version: {exc}") from exc
-            overlap = self._answer_overlap(prim.id, cand.id)
+            model, overlap, minimum = self._answer_overlap(prim.id, cand.id, g.min_answer_overlap)
             self._emit(rec, "load", f"{cand.id} serves {rec.model} {rec.to_version}; golden answers agree "
-                       f"{overlap:.0%} with {prim.id}", gates={"answer_overlap": overlap})
-            if overlap < g.min_answer_overlap:
+                       f"{overlap:.0%} with {prim.id}" + (f" ({model}, the least)" if model else ""),
+                       gates={"answer_overlap": overlap})
+            if overlap < minimum:
                 self._gate_failed(rec, GateFailure(
-                    "answer_overlap", overlap, g.min_answer_overlap,
-                    f"the new version's golden answers share only {overlap:.0%} of their top items with the "
-                    f"current version's (minimum {g.min_answer_overlap:.0%})"))
+                    "answer_overlap", overlap, minimum,
+                    f"the new version's golden answers of {model} agree only {overlap:.0%} with the current "
+                    f"version's (minimum {minimum:.0%})"))
             if rec.strategy == "canary":
                 f.traffic.set_weight(prim.slot, 100)
                 f.traffic.set_weight(cand.slot, 0)
@@ -289,20 +289,22 @@ class RolloutManager:
         if ev is not None and ev.is_set():
             raise GateFailure("operator", 1, 0, "rollback requested by the operator")
 
-    def _answer_overlap(self, ref_iid: str, new_iid: str) -> float:
-        """Worst, over the ensembles, mean top-k overlap of ``new_iid``'s answers with ``ref_iid``'s."""
+    def _answer_overlap(self, ref_iid: str, new_iid: str, default_min: float) -> tuple[str, float, float]:
+        """(model, agreement, its minimum) of the model whose golden answers on ``new_iid`` agree least with
+        ``ref_iid``'s, measured by the golden checker (its drift rule per model; ``default_min`` where it has none)."""
         f = self.fleet
-        per_model: dict[str, list[float]] = {}
+        pairs = []
         for reqs in f.golden.request_set:
             try:
-                old, new = ask(f.client(ref_iid), reqs), ask(f.client(new_iid), reqs)
+                pairs.append((f.golden.ask(f.client(ref_iid), reqs), f.golden.ask(f.client(new_iid), reqs)))
             except Exception as exc:  # tritonclient's own exception types
                 raise GateFailure("golden", 1, 0, f"golden request failed during the answer comparison: "
                                   f"{str(exc)[:200]}") from exc
-            for model in old:
-                a, b = set(old[model].item_ids), set(new[model].item_ids)
-                per_model.setdefault(model, []).append(len(a & b) / max(1, len(a)))
-        return min((sum(v) / len(v) for v in per_model.values()), default=1.0)
+        drift = f.golden.drift(pairs, default_min)
+        if not drift:
+            return "", 1.0, default_min
+        model = min(drift, key=lambda m: drift[m][0] - drift[m][1])
+        return model, *drift[model]
 
     @staticmethod
     def _fmt(vals: dict) -> str:
@@ -317,7 +319,7 @@ class RolloutManager:
         while time.monotonic() < end:
             t0 = time.monotonic()
             try:
-                got = ask(client, f.golden.requests)
+                got = f.golden.ask(client, f.golden.requests)
                 ok = not f.golden.compare(got, expected)
             except Exception:
                 ok = False

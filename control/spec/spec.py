@@ -43,7 +43,6 @@ DEGRADED_PROVIDERS = ("popular_items", "lexical_search")
 #: Fields this recserve checks but does not act on yet: refused by name rather than silently ignored.
 NOT_READ_YET = {
     "degraded": "the degraded-answer server still answers only the demo's recommend/search",
-    "gates": "rollout gates still read the demo's fixed gates (control/rollout/manager.py)",
     "priority": "the probe priority is not applied through a load-time config override yet",
     "maxBatch": "the front door's batch limit still comes from recctl up --max-batch",
 }
@@ -289,6 +288,10 @@ def _output_rule(at: _At, raw: Any, tensor: TensorInfo, outputs: tuple[TensorInf
 
 def _gates(at: _At, raw: Any, info: ModelInfo, slo: float) -> Gates:
     raw = _mapping(at, raw or {}, {"drift", "p99Ms", "errorRateMax"})
+    for key in ("p99Ms", "errorRateMax"):
+        if key in raw:
+            raise (at / key).fail("not read by this recserve yet (the rollout's p99 and error-rate gates come from "
+                                  "the rollover request: recctl rollover); remove it rather than trust it")
     drift = None
     if raw.get("drift") is not None:
         d = _mapping(at / "drift", raw["drift"], {"output", "compare", "min", "k"}, {"output", "compare", "min"})

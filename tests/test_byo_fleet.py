@@ -1,0 +1,116 @@
+"""A repository recserve has never seen, through the product as a user drives it: recctl init -> spec validate ->
+up --spec (healthy on golden checks) -> answers through the front door -> a canary of a slightly changed version
+(promoted) and of one with reversed scores (rolled back by the drift gate) -> down with nothing left running.
+
+The repository is written at test time by tests/byo_repository.py; nothing below names its models: they are read
+from the spec that ``recctl init`` wrote. Real tritonserver, HAProxy, control plane and recctl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from byo_repository import VARIED_MODEL, add_version, make_repository  # noqa: E402
+from fleet_fixtures import FleetProcess  # noqa: E402
+
+from recserve.control.client import RecClient  # noqa: E402
+from recserve.control.fleet.spec_golden import batched, unbatched  # noqa: E402
+from recserve.control.runtime.procs import cmdline, port_in_use  # noqa: E402
+from recserve.control.runtime.triton import shm_regions  # noqa: E402
+from recserve.control.spec.compare import compare_answer  # noqa: E402
+from recserve.control.spec.spec import load_spec  # noqa: E402
+
+
+def _pids_naming(text: str) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and text in cmdline(int(p.name))]
+
+
+@pytest.fixture(scope="module")
+def byo(tmp_path_factory):
+    base = tmp_path_factory.mktemp("byo")
+    repo = make_repository(base / "repo")
+    fleet = FleetProcess(base / "root", repo, instances=2)
+    yield base, repo, fleet
+    fleet.close()
+
+
+def test_init_writes_a_spec_that_validates_and_a_bad_spec_starts_nothing(byo):
+    base, repo, fleet = byo
+    r = fleet.recctl("init", "--repository", str(repo), "--out", str(base / "spec.yaml"), "-o", "json")
+    doc = json.loads(r.stdout)
+    assert doc["models"], doc
+    v = json.loads(fleet.recctl("spec", "validate", str(base / "spec.yaml"), "-o", "json").stdout)
+    assert set(v["models"]) == set(doc["models"])
+    bad = yaml.safe_load((base / "spec.yaml").read_text())
+    first = next(iter(bad["models"]))
+    bad["models"][first]["outputs"] = {"no_such_output": {"compare": "exact"}}
+    (base / "bad.yaml").write_text(yaml.safe_dump(bad))
+    p = fleet.ports
+    r = fleet.recctl("up", "--spec", str(base / "bad.yaml"), "--grpc-port", str(p["grpc"]), "--http-port",
+                     str(p["http"]), "--control-port", str(p["control"]), "--metrics-port", str(p["metrics"]),
+                     check=False)
+    assert r.returncode == 2, r.stderr
+    assert f"models.{first}.outputs.no_such_output" in r.stderr and "unknown field" in r.stderr
+    assert not (fleet.root / "control.pid").exists() and not port_in_use(p["grpc"])
+
+
+def test_the_fleet_serves_the_spec_models_golden_checked_and_answers_through_the_front_door(byo):
+    base, repo, fleet = byo
+    fleet.up_args = ("--spec", str(base / "spec.yaml"))
+    fleet.up()
+    spec = load_spec(base / "spec.yaml")
+    st = fleet.wait(lambda s: sum(i["state"] == "healthy" for i in s["instances"]) == 2, what="2 healthy")
+    for inst in st["instances"]:
+        assert set(spec.models) <= set(inst["models"]), inst
+    client = RecClient(fleet.grpc_url, retry_policy=None)
+    try:
+        for name, m in spec.models.items():
+            g = m.golden[0]
+            types = {t.name: t.datatype for t in m.info.inputs}
+            got = unbatched(m, client.infer(name, batched(m, g.inputs), types, list(m.outputs)))
+            assert compare_answer(m.outputs, got, g.expected) == {}, name
+    finally:
+        client.close()
+
+
+def _rollover(fleet: FleetProcess, model: str, version: int):
+    return fleet.recctl("rollover", model, "--version", str(version), "--steps", "50,100", "--bake", "2", "-o",
+                        "json", check=False, timeout=600)
+
+
+def test_a_slightly_changed_version_is_promoted_and_reversed_scores_are_rolled_back_by_the_drift_gate(byo):
+    base, repo, fleet = byo
+    spec = load_spec(base / "spec.yaml")
+    gated = [n for n, m in spec.models.items() if m.gates.drift is not None]
+    assert gated, "init proposes a drift gate for models with scores"
+    # the model whose versions change is the fixture's own choice (the one it can write variants of); it must be a
+    # step behind a drift-gated model for this test to mean anything
+    step = VARIED_MODEL
+    assert any(step in spec.models[n].steps for n in gated), (step, gated)
+    ok = _rollover(fleet, step, add_version(repo, step, "perturbed"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["status"] == "succeeded"
+    bad = _rollover(fleet, step, add_version(repo, step, "reversed"))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    doc = json.loads(bad.stdout)
+    assert doc["status"] == "rolled_back" and doc["failed_gate"] == "answer_overlap", doc
+
+
+def test_down_leaves_nothing_running(byo):
+    base, repo, fleet = byo
+    pids = fleet.all_pids()
+    prefixes = [p.name for p in (fleet.root / "instances").iterdir()]
+    fleet.recctl("down")
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}") and str(fleet.root) in cmdline(p)]
+    assert not _pids_naming(str(fleet.root))
+    assert not any(port_in_use(p) for p in fleet.ports.values())
+    from recserve.control.runtime.triton import shm_prefix
+
+    assert not [r for name in prefixes for r in shm_regions(shm_prefix(fleet.root / "instances" / name, name))]
