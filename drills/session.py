@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recserve.control.runtime.process import ManagedProcess, ProcessError
+from recserve.control.runtime.procs import cmdline
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
 from recserve.drills.fleet import RUNTIME, FleetAPI, FleetError, read_stats_key, read_token, recctl_status
 
@@ -64,7 +66,12 @@ class ControlPlaneProcess:
         self.env = dict(env or {})  # added to this process's environment (the drills' test switches)
         self.args = list(args or [])  # more server flags (a control's --mode)
         self.ports = {"grpc": grpc_port, "http": http_port, "control": control_port, "metrics": metrics_port}
-        self.process: subprocess.Popen | None = None
+        self._proc: ManagedProcess | None = None
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The control-plane process of the last ``start()``."""
+        return self._proc.popen if self._proc is not None else None
 
     @property
     def address(self) -> str:
@@ -78,49 +85,41 @@ class ControlPlaneProcess:
 
     def start(self, timeout_s: float = START_TIMEOUT_S) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        log = open(self.root / "control-plane.log", "ab")
-        self.process = subprocess.Popen(self.command(), cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                        start_new_session=True, env={**os.environ, **self.env})
-        log.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise FleetError(f"control plane exited with {self.process.returncode}: {self.log_tail()}")
-            fleet = FleetAPI(self.address, read_token(self.root))
-            try:
-                st = fleet.status(events=1)
-                if st.get("instances") and all(i.get("state") == "healthy" for i in st["instances"]):
-                    return
-            except FleetError:
-                pass
-            finally:
-                fleet.close()
-            time.sleep(0.5)
-        raise FleetError(f"control plane not ready after {timeout_s:.0f}s: {self.log_tail()}")
+        self._proc = ManagedProcess("control plane", self.command(), env={**os.environ, **self.env}, cwd=REPO_ROOT,
+                                    log_path=self.root / "control-plane.log", stop_timeout_s=30).start()
+        try:
+            self._proc.wait_ready(self._fleet_healthy, timeout_s, interval_s=0.5, detail=lambda: self.log_tail(),
+                                  stop=False)
+        except ProcessError as exc:
+            if exc.timed_out:
+                raise FleetError(f"control plane not ready after {timeout_s:.0f}s: {exc.detail}") from None
+            raise FleetError(f"control plane exited with {exc.code}: {exc.detail}") from None
+
+    def _fleet_healthy(self) -> bool:
+        fleet = FleetAPI(self.address, read_token(self.root))
+        try:
+            st = fleet.status(events=1)
+            return bool(st.get("instances")) and all(i.get("state") == "healthy" for i in st["instances"])
+        except FleetError:
+            return False
+        finally:
+            fleet.close()
 
     def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self._proc is not None and self._proc.alive()
 
     def kill(self) -> int | None:
         """SIGKILL of the control-plane process only (its fleet keeps running): the drill's fault."""
         if not self.alive():
             return None
-        pid = self.process.pid
-        os.kill(pid, signal.SIGKILL)
-        self.process.wait(10)
-        return pid
+        return self._proc.kill(group=False)
 
     def stop_everything(self) -> None:
         """Control plane first (it detaches, leaving the data path), then every instance and HAProxy it
         started under our private root - found by pid file and killed only if its command line names that
         root, so a reused pid can never hit someone else's process."""
-        if self.alive():
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self._proc is not None:
+            self._proc.stop()  # SIGTERM, up to 30 s, then SIGKILL
         for _ in range(3):
             if not kill_owned(self.root, self.root.parent):
                 break
@@ -159,7 +158,7 @@ class AdoptedControlPlane:
 
     def alive(self) -> bool:
         pid = self.pid()
-        return pid is not None and Path(f"/proc/{pid}").exists() and "control.server" in _cmdline(pid)
+        return pid is not None and Path(f"/proc/{pid}").exists() and "control.server" in cmdline(pid)
 
     def kill(self) -> int | None:
         pid = self.pid()
@@ -167,7 +166,7 @@ class AdoptedControlPlane:
             return None
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while Path(f"/proc/{pid}").exists() and "control.server" in _cmdline(pid) and time.monotonic() < deadline:
+        while Path(f"/proc/{pid}").exists() and "control.server" in cmdline(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         return pid
 
@@ -181,18 +180,11 @@ class AdoptedControlPlane:
             raise FleetError(f"recctl up failed ({done.returncode}): {(done.stdout + done.stderr)[-500:]}")
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def processes_mentioning(marker: Path) -> list[int]:
     """Pids whose command line names ``marker`` (our private temp root: nobody else's process does)."""
     me = os.getpid()
     return [int(d.name) for d in Path("/proc").iterdir()
-            if d.name.isdigit() and int(d.name) != me and str(marker) in _cmdline(int(d.name))]
+            if d.name.isdigit() and int(d.name) != me and str(marker) in cmdline(int(d.name))]
 
 
 def kill_owned(root: Path, marker: Path) -> list[int]:
@@ -203,7 +195,7 @@ def kill_owned(root: Path, marker: Path) -> list[int]:
             pid = int(pidfile.read_text().split()[0])
         except (ValueError, IndexError, OSError):
             continue
-        if pid > 1 and str(marker) in _cmdline(pid):
+        if pid > 1 and str(marker) in cmdline(pid):
             for kill in (os.killpg, os.kill):
                 try:
                     kill(pid, signal.SIGKILL)

@@ -188,7 +188,7 @@ def test_webhook_receiver_records_notifications_and_stops_cleanly(tmp_path):
         pid = rx.pid
         rx.stop()
     assert not rx.is_alive() and not rx.pid_path.exists()
-    assert not (pid and __import__("recserve.control.runtime.procs").control.procs.pid_alive(pid))
+    assert not (pid and __import__("recserve.control.runtime.procs").control.runtime.procs.pid_alive(pid))
 
 
 @pytest.mark.skipif(PROMTOOL is None or AMTOOL is None, reason="prometheus/alertmanager missing: 'make setup'")

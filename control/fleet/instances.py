@@ -63,19 +63,14 @@ class InstanceLifecycle:
 
     def alive(self, rec: InstanceRecord) -> bool:
         srv = self.servers.get(rec.id)
-        if srv is not None and srv.process is not None:
-            return srv.process.poll() is None
+        if srv is not None and srv.process is not None:  # started by this control plane
+            return srv.is_alive()
         return pid_alive(rec.pid)
 
     def _kill(self, rec: InstanceRecord) -> None:
         srv = self.servers.get(rec.id)
         if srv is not None and srv.process is not None:
-            kill_group(srv.process.pid)
-            try:
-                srv.process.wait(10)
-            except Exception:
-                pass
-            srv.stop(timeout_s=1)
+            srv.kill()
         elif rec.pid:
             kill_group(rec.pid)
             deadline = time.monotonic() + 10

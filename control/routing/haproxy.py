@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +31,8 @@ from recserve.control.routing.frontdoor import (
     global_lines,
     prepare_files,
 )
-from recserve.control.runtime.procs import kill_group, pid_alive, port_in_use, port_listening
+from recserve.control.runtime.process import ManagedProcess, ProcessError
+from recserve.control.runtime.procs import port_in_use, port_listening
 from recserve.control.testswitch import broken
 
 PROTOS = ("grpc", "http")
@@ -361,36 +360,46 @@ class HAProxy:
 
     def __init__(self, config: HAProxyConfig):
         self.config = config
-        self.process: subprocess.Popen | None = None
-        self._pid: int | None = None
+        self._proc = self._managed()
+
+    def _managed(self) -> ManagedProcess:
+        """The haproxy process: frontends log requests to stdout (the access log), haproxy itself to stderr; it
+        writes its own pid file (``pidfile`` in its config); an adopted pid must be running this config."""
+        c = self.config
+        return ManagedProcess("haproxy", log_path=c.workdir / "haproxy.log", stdout_path=c.access_log_path,
+                              pid_path=c.pid_path, marker=str(c.config_path))
 
     # ------------------------------------------------------------------ lifecycle
     @property
+    def process(self) -> subprocess.Popen | None:
+        """The haproxy process this object started (None when adopted or not running)."""
+        return self._proc.popen
+
+    @property
     def pid(self) -> int | None:
-        if self.process is not None:
-            return self.process.pid
-        return self._pid
+        return self._proc.pid
 
     def is_alive(self) -> bool:
-        if self.process is not None:
-            return self.process.poll() is None
-        return self._pid is not None and pid_alive(self._pid)
+        return self._proc.alive()
 
     def adopt(self) -> bool:
-        """Attach to a haproxy started earlier (pid file + answering socket); True when adopted."""
-        try:
-            pid = int(self.config.pid_path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+        """Attach to a haproxy started earlier (pid file + its command line naming our config + answering
+        socket); True when adopted."""
+        if not self._proc.adopt():
             return False
-        if not pid_alive(pid):
-            return False
-        self._pid = pid
         try:
             self.command("show info")
         except HAProxyError:
-            self._pid = None
+            self._proc.forget()
             return False
         return True
+
+    def forget(self) -> None:
+        """Drop the handle on a haproxy that is gone (reaping it when it was ours) so ``start()`` begins afresh:
+        what the Router's supervision does before it starts a dead HAProxy again."""
+        if self.is_alive():
+            raise HAProxyError(f"haproxy (pid {self.pid}) is still running: stop it, do not forget it")
+        self._proc.forget()
 
     def start(self, timeout_s: float = 10.0) -> HAProxy:
         c = self.config
@@ -411,52 +420,37 @@ class HAProxy:
         check = subprocess.run([binary, "-c", "-f", str(c.config_path)], capture_output=True, text=True)
         if check.returncode != 0:
             raise HAProxyError(f"haproxy rejected {c.config_path}: {check.stdout}{check.stderr}")
-        log = open(c.workdir / "haproxy.log", "ab")
-        access = open(c.access_log_path, "ab")  # the frontends log to stdout (one line per request)
-        self.process = subprocess.Popen(
-            [binary, "-W", "-db", "-f", str(c.config_path)],
-            stdout=access, stderr=log, start_new_session=True,
-        )
-        log.close()
-        access.close()
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                raise HAProxyError(f"haproxy exited at start (code {code}); see {c.workdir}/haproxy.log")
-            if c.socket_path.exists() and port_listening(c.grpc_port, c.frontdoor.bind):
-                try:
-                    self.command("show info")
-                    return self
-                except HAProxyError:
-                    pass
-            time.sleep(0.05)
-        self.stop()
-        raise HAProxyError(f"haproxy not ready after {timeout_s}s; see {c.workdir}/haproxy.log")
+        self._proc = self._managed()
+        self._proc.argv = [binary, "-W", "-db", "-f", str(c.config_path)]
+        self._proc.start()
+        try:
+            self._proc.wait_ready(self._answers, timeout_s, interval_s=0.05, stop=False)
+        except ProcessError as exc:
+            if exc.timed_out:
+                self.stop()
+                raise HAProxyError(f"haproxy not ready after {timeout_s}s; see {c.workdir}/haproxy.log") from None
+            raise HAProxyError(f"haproxy exited at start (code {exc.code}); see {c.workdir}/haproxy.log") from None
+        return self
+
+    def _answers(self) -> bool:
+        """Listening on the client port and answering on the stats socket."""
+        c = self.config
+        if not (c.socket_path.exists() and port_listening(c.grpc_port, c.frontdoor.bind)):
+            return False
+        try:
+            self.command("show info")
+            return True
+        except HAProxyError:
+            return False
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        pid = self.pid
-        if pid is None:
+        """SIGTERM haproxy's process group, SIGKILL after ``timeout_s``; removes its socket and pid file."""
+        if self._proc.pid is None:
             return
-        kill_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self._alive(pid):
-            time.sleep(0.05)
-        kill_group(pid, signal.SIGKILL)
-        if self.process is not None:
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
-        self.process = None
-        self._pid = None
+        self._proc.stop(timeout_s, kill_wait_s=5)
+        self._proc.forget()
         for p in (self.config.socket_path, self.config.pid_path):
             p.unlink(missing_ok=True)
-
-    def _alive(self, pid: int) -> bool:
-        if self.process is not None:
-            return self.process.poll() is None
-        return pid_alive(pid)
 
     # ------------------------------------------------------------------ runtime API
     def command(self, cmd: str, timeout_s: float = 2.0, check: bool = True) -> str:

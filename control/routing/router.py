@@ -58,7 +58,7 @@ from recserve.control.routing.haproxy import (
     split_backend,
 )
 from recserve.control.runtime.fallback import FallbackConfig, FallbackError, FallbackServer
-from recserve.control.runtime.procs import kill_group, pid_alive
+from recserve.control.runtime.procs import cmdline, kill_group, pid_alive
 from recserve.control.state.store import State
 from recserve.control.stats import percentile
 from recserve.perf import report_reader
@@ -102,17 +102,24 @@ def _knee_from_report(model: str, report: Path, mtime: int | None) -> tuple[floa
     return DEFAULT_KNEE_RPS, "conservative default (no perf report)"
 
 
-def _kill_fallback(pid_file: Path) -> None:
-    """Stop the fallback server named by ``pid_file`` when that pid still runs control/fallback/app.py."""
+def _fallback_pid(pid_file: Path) -> int | None:
+    """The pid ``pid_file`` names when it still runs control/fallback/app.py, else None."""
     try:
         pid = int(pid_file.read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError, IndexError):
-        pid_file.unlink(missing_ok=True)
-        return
+        return None
     # recserve.control.fallback.app, or recserve.control.fallback_app before control/ had subpackages (a fleet
     # started by the previous layout is still stopped by this one)
-    if pid_alive(pid) and (b"recserve.control.fallback.app" in cmdline or b"fallback_app" in cmdline):
+    line = cmdline(pid)
+    if pid_alive(pid) and ("recserve.control.fallback.app" in line or "fallback_app" in line):
+        return pid
+    return None
+
+
+def _kill_fallback(pid_file: Path) -> None:
+    """Stop the fallback server named by ``pid_file`` when that pid still runs control/fallback/app.py."""
+    pid = _fallback_pid(pid_file)
+    if pid is not None:
         kill_group(pid)
     pid_file.unlink(missing_ok=True)
 
@@ -270,8 +277,7 @@ class Router:
             if not self.proxy.is_alive():
                 self._event("haproxy", "haproxy is gone: starting it again")
                 try:
-                    self.proxy.process = None
-                    self.proxy._pid = None
+                    self.proxy.forget()
                     self.proxy.config.initial = self.initial_routing()  # serving from its first connection
                     self.proxy.start()
                     self.ensure_fallback(force_bind=True)

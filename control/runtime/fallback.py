@@ -10,16 +10,15 @@ SIGKILL of its group).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from recserve.control.runtime.procs import free_port, kill_group, port_in_use, port_listening
+from recserve.control.runtime.process import ManagedProcess, ProcessError
+from recserve.control.runtime.procs import free_port, port_in_use, port_listening
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 __all__ = ["FallbackConfig", "FallbackError", "FallbackServer"]
@@ -77,8 +76,12 @@ class FallbackServer:
 
     def __init__(self, config: FallbackConfig):
         self.config = config
-        self.process: subprocess.Popen | None = None
-        self._log_file = None
+        self._proc: ManagedProcess | None = None  # the process of this object's last start()
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The server process this object started (None before ``start()``)."""
+        return self._proc.popen if self._proc is not None else None
 
     @property
     def log_path(self) -> Path:
@@ -94,10 +97,10 @@ class FallbackServer:
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process else None
+        return self._proc.pid if self._proc is not None else None
 
     def is_alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self._proc is not None and self._proc.alive()
 
     def command(self) -> list[str]:
         c = self.config
@@ -131,18 +134,9 @@ class FallbackServer:
         env = dict(os.environ)
         # This checkout's control/ package, whatever the caller's working directory.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-        self._log_file = open(self.log_path, "ab")
-        cmd = self.command()
-        if c.nice:  # coreutils nice execs the server: same pid, priority set before any thread starts
-            cmd = ["nice", "-n", str(c.nice), *cmd]
-        self.process = subprocess.Popen(
-            cmd,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(c.workdir),
-            start_new_session=True,
-        )
+        # nice (coreutils) execs the server: same pid, priority set before any thread starts
+        self._proc = ManagedProcess(c.name, self.command(), env=env, cwd=c.workdir, nice=c.nice,
+                                    log_path=self.log_path, stop_timeout_s=c.stop_timeout_s).start()
         if wait:
             self.wait_ready()
         return self
@@ -158,42 +152,24 @@ class FallbackServer:
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until ready; stop it and raise with its log tail otherwise."""
-        timeout_s = timeout_s or self.config.startup_timeout_s
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.is_alive():
-                code = self.process.returncode if self.process else None
-                self.stop()
-                raise FallbackError(f"{self.config.name} exited during start (code {code}): {self.log_tail()}")
-            if self.ready():
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise FallbackError(f"{self.config.name} not ready after {timeout_s:.0f}s: {self.log_tail()}")
+        if self._proc is None:
+            raise FallbackError(f"{self.config.name}: not started")
+        try:
+            self._proc.wait_ready(self.ready, timeout_s or self.config.startup_timeout_s, interval_s=0.1,
+                                  detail=self.log_tail)
+        except ProcessError as exc:
+            raise FallbackError(str(exc)) from None
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """SIGTERM its process group, SIGKILL after the timeout; returns the exit code."""
-        if self.process is None:
+        if self._proc is None:
             return None
-        code = self.process.poll()
-        if code is None:
-            kill_group(self.process.pid, signal.SIGTERM)
-            try:
-                code = self.process.wait(timeout_s or self.config.stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                kill_group(self.process.pid, signal.SIGKILL)
-                code = self.process.wait(10)
-        if self._log_file:
-            self._log_file.close()
-            self._log_file = None
-        return code
+        return self._proc.stop(timeout_s or self.config.stop_timeout_s)
 
     def log_tail(self, lines: int = 8) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return " | ".join(ln.strip() for ln in text[-lines:]) + f" (log: {self.log_path})"
+        if self._proc is None:
+            return ManagedProcess(self.config.name, log_path=self.log_path).log_tail(lines)
+        return self._proc.log_tail(lines)
 
     def __enter__(self) -> FallbackServer:
         return self.start() if not self.is_alive() else self

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from recserve.control.runtime.procs import free_port, kill_group, pid_alive, port_in_use
+from recserve.control.runtime.process import ManagedProcess, ProcessError
+from recserve.control.runtime.procs import free_port, port_in_use
 from recserve.control.runtime.triton import REPO_ROOT
 
 
@@ -30,13 +29,6 @@ class MonitorError(RuntimeError):
 def binary(name: str) -> str | None:
     """Path of a Debian monitoring binary, or None (``make setup`` installs them)."""
     return shutil.which(name)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 @dataclass
@@ -58,8 +50,14 @@ class BackgroundProcess:
 
     def __init__(self, config: ProcConfig):
         self.config = config
-        self.process: subprocess.Popen | None = None
-        self._pid: int | None = None
+        # an adopted pid counts only while its command line names our workdir (a reused pid is never ours)
+        self._proc = ManagedProcess(self.name, log_path=self.log_path, pid_path=self.pid_path,
+                                    marker=str(config.workdir), stop_timeout_s=config.stop_timeout_s)
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The process this object started (None when adopted or not started)."""
+        return self._proc.popen
 
     @property
     def log_path(self) -> Path:
@@ -75,7 +73,7 @@ class BackgroundProcess:
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process else self._pid
+        return self._proc.pid
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -87,9 +85,7 @@ class BackgroundProcess:
         return None
 
     def is_alive(self) -> bool:
-        if self.process is not None:
-            return self.process.poll() is None
-        return self._pid is not None and pid_alive(self._pid) and str(self.config.workdir) in _cmdline(self._pid)
+        return self._proc.alive()
 
     def ready(self) -> bool:
         try:
@@ -101,11 +97,11 @@ class BackgroundProcess:
     def adopt(self) -> bool:
         """Take over a running process from an earlier start (pid file + command line naming our workdir)."""
         try:
-            pid, port = (int(x) for x in self.pid_path.read_text().split()[:2])
-        except (OSError, ValueError):
+            pid, port = (int(x) for x in self._proc.read_pid_file()[:2])
+        except ValueError:
             return False
-        self._pid, self.config.port = pid, port
-        return self.is_alive()
+        self.config.port = port
+        return self._proc.adopt(pid)
 
     def start(self, wait: bool = True) -> BackgroundProcess:
         c = self.config
@@ -117,46 +113,27 @@ class BackgroundProcess:
             raise MonitorError(f"{self.name}: port {c.port} is already in use on {c.host}")
         c.workdir.mkdir(parents=True, exist_ok=True)
         self.prepare()
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=str(c.workdir),
-                                            env=self.environment(), start_new_session=True)
-        self.pid_path.write_text(f"{self.process.pid} {c.port}\n")
+        self._proc.argv, self._proc.cwd = self.command(), c.workdir
+        env = self.environment()
+        self._proc.env = dict(env) if env is not None else None
+        self._proc.start()
+        self._proc.write_pid_file(c.port)
         if wait:
             self.wait_ready()
         return self
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.config.startup_timeout_s
-        while time.monotonic() < deadline:
-            if not self.is_alive():
-                raise MonitorError(f"{self.name} exited during start: {self.log_tail()}")
-            if self.ready():
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise MonitorError(f"{self.name} not ready after {self.config.startup_timeout_s:.0f}s: {self.log_tail()}")
+        try:
+            self._proc.wait_ready(self.ready, self.config.startup_timeout_s, interval_s=0.2, stop=False)
+        except ProcessError as exc:
+            if exc.timed_out:
+                self.stop()
+                raise MonitorError(str(exc)) from None
+            raise MonitorError(f"{self.name} exited during start: {exc.detail}") from None
 
     def stop(self) -> None:
         """SIGTERM the process group, SIGKILL after the timeout; removes the pid file."""
-        pid = self.pid
-        if pid is not None and self.is_alive():
-            kill_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + self.config.stop_timeout_s
-            while self.is_alive() and time.monotonic() < deadline:
-                if self.process is not None:
-                    try:
-                        self.process.wait(0.1)
-                    except subprocess.TimeoutExpired:
-                        pass
-                else:
-                    time.sleep(0.1)
-            if self.is_alive():
-                kill_group(pid, signal.SIGKILL)
-        if self.process is not None:
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        self._proc.stop(self.config.stop_timeout_s, kill_wait_s=5)
         self.pid_path.unlink(missing_ok=True)
 
     def cpu_seconds(self) -> float | None:
@@ -169,10 +146,7 @@ class BackgroundProcess:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log_tail(self, n: int = 8) -> str:
-        try:
-            return " | ".join(self.log_path.read_text(errors="replace").splitlines()[-n:]) + f" (log: {self.log_path})"
-        except OSError:
-            return "(no log)"
+        return self._proc.log_tail(n)
 
 
 class Prometheus(BackgroundProcess):
