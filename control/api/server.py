@@ -285,6 +285,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _stop_failed_up(fleet: Fleet, server: grpc.Server, root: Path) -> int:
+    """A bring-up that failed stops everything it started or adopted (instances, HAProxy, the fallback server)
+    and says so, so the next ``recctl up`` finds the fleet's ports free; returns the exit code (1)."""
+    try:
+        stopped = fleet.stop_processes()
+        what = ", ".join(stopped) if stopped else "nothing was running"
+        fleet.state.event("up-failed", f"stopped what the bring-up started: {what}"[:500])
+        print(f"stopped what the bring-up started: {what}", file=sys.stderr, flush=True)
+    except Exception as exc:  # say it: the next ``recctl up`` may find ports taken (``recctl down`` stops them)
+        print(f"stopping what the bring-up started failed: {exc}; run 'recctl down'", file=sys.stderr, flush=True)
+    server.stop(0)
+    (root / "control.pid").unlink(missing_ok=True)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = args.root.resolve()
@@ -380,10 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fleet.up(recover=rollouts.recover_records)
     except Exception as exc:
-        print(f"fleet did not come up: {exc}", file=sys.stderr)
+        print(f"fleet did not come up: {exc}", file=sys.stderr, flush=True)
         fleet.state.event("up-failed", str(exc)[:500])
-        server.stop(0)
-        return 1
+        return _stop_failed_up(fleet, server, root)
     if backups is not None:
         rollouts.listeners.append(backups.on_rollout_finished)
         servicer.backups = backups.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -140,12 +141,13 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
         with ThreadPoolExecutor(max_workers=max(1, len(to_start))) as pool:
             futures = {iid: pool.submit(self._start_with_retry, iid, 2) for iid in to_start}
         errors = {iid: f.exception() for iid, f in futures.items() if f.exception()}
-        self.ensure_primary()
         for iid, exc in errors.items():
             self.state.event("start-failed", str(exc), iid)
-            self.schedule_restart(iid, f"start failed: {exc}")
-        if len(errors) == len(recs):
+        if len(errors) == len(recs):  # no restarts scheduled: the caller stops what was started (stop_processes)
             raise FleetError(f"no instance could start: {errors}", "UNAVAILABLE")
+        self.ensure_primary()
+        for iid, exc in errors.items():
+            self.schedule_restart(iid, f"start failed: {exc}")
         exp = self.golden.expected(self.desired())
         self.state.event("golden", f"expected answers for the desired versions come from "
                          f"{exp.source if exp else 'nowhere yet'}")
@@ -212,6 +214,27 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
             self.state.delete_instance(rec.id)
         self.router.stop()
         self.state.event("down", "fleet stopped")
+
+    def stop_processes(self, busy_wait_s: float = 60.0) -> list[str]:
+        """Stop every process of this fleet (each instance's tritonserver, HAProxy, the degraded-answer server),
+        whether this control plane started or adopted it, keeping the fleet's records: what a bring-up that
+        failed does before the control plane exits, so nothing holds the fleet's ports for the next ``up``.
+        Returns what was stopped, one ``"<what> (pid N)"`` each."""
+        self.stop_monitor()  # no health reaction and no restart from here on
+        deadline = time.monotonic() + busy_wait_s
+        while self.busy and time.monotonic() < deadline:  # a restart in progress finishes first, then is stopped
+            time.sleep(0.1)
+        stopped = []
+        for rec in self.state.instances():
+            srv = self.servers.get(rec.id)
+            if self.alive(rec):
+                stopped.append(f"instance {rec.id} (pid {srv.pid if srv is not None and srv.pid else rec.pid})")
+            self._kill(rec)
+            self.state.update_instance(rec.id, pid=0, state="broken", detail="stopped: the fleet did not come up")
+            self.metrics.instance_healthy.labels(rec.id).set(0)
+        stopped += self.router.stop_processes()
+        self.detach()
+        return stopped
 
     def detach(self) -> None:
         """Leave the data path running (control plane exit/restart)."""

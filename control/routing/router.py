@@ -319,12 +319,24 @@ class Router:
         self._event("fallback", f"degraded-answer server pid {self.fallback.pid} on grpc {cfg.grpc_port}")
 
     def stop(self) -> None:
-        if not self.proxy.pid:
-            self.proxy.adopt()
-        self.proxy.stop()
-        self.stop_fallback()
+        self.stop_processes()
         for key in ("route", "pool"):
             self.state.put(key, "")
+
+    def stop_processes(self) -> list[str]:
+        """Stop HAProxy (ours, or the one its pid file names) and the fallback server, leaving the routing in the
+        state store as it is; returns what was running, one ``"<what> (pid N)"`` each."""
+        if not self.proxy.pid:
+            self.proxy.adopt()
+        stopped = [f"haproxy (pid {self.proxy.pid})"] if self.proxy.is_alive() else []
+        self.proxy.stop()
+        fb = self.fallback
+        if fb is not None and fb.is_alive():
+            stopped.append(f"fallback server (pid {fb.pid})")
+        elif (pid := _fallback_pid(self.config.workdir / "fallback.pid")) is not None:
+            stopped.append(f"fallback server (pid {pid})")
+        self.stop_fallback()
+        return stopped
 
     def stop_fallback(self) -> None:
         """Stop the fallback server: ours, or one an earlier control plane left (by its pid file)."""
