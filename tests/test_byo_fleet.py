@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from byo_repository import VARIED_MODEL, add_version, make_repository  # noqa: E402
-from fleet_fixtures import FleetProcess  # noqa: E402
-
-from recserve.control.client import RecClient  # noqa: E402
-from recserve.control.fleet.spec_golden import batched, unbatched  # noqa: E402
-from recserve.control.runtime.procs import cmdline, port_in_use  # noqa: E402
-from recserve.control.runtime.triton import shm_regions  # noqa: E402
-from recserve.control.spec.compare import compare_answer  # noqa: E402
-from recserve.control.spec.spec import load_spec  # noqa: E402
+from recserve.control.client import RecClient
+from recserve.control.fleet.spec_golden import batched, unbatched
+from recserve.control.runtime.procs import cmdline, port_in_use
+from recserve.control.runtime.triton import shm_regions
+from recserve.control.spec.compare import compare_answer
+from recserve.control.spec.spec import load_spec
+from tests.byo_repository import VARIED_MODEL, add_version, make_repository
+from tests.fleet_fixtures import FleetProcess
 
 
 def _pids_naming(text: str) -> list[int]:

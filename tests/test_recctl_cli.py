@@ -24,6 +24,8 @@ from recserve.control.api.cli_output import FORMATS
 from recserve.control.api.proto import control_pb2 as pb
 from recserve.control.kube import ctl
 from recserve.control.runtime.triton import free_port
+from recserve.control.spec.init import init_spec
+from tests.byo_repository import make_repository
 
 MUTATING = {"AddInstance", "RemoveInstance", "DrainInstance", "PromoteInstance", "Scale", "SetKnee", "Rollover",
             "Rollback", "CreateSnapshot", "RestoreSnapshot", "RunBackup"}
@@ -173,8 +175,17 @@ class FakeKube:
                            "instances": [{"pod": "p1", "role": "active", "state": "healthy", "goldenOk": True}]}}
 
 
+@pytest.fixture(scope="module")
+def byo_spec(tmp_path_factory) -> tuple:
+    """A user's repository and the spec recctl init wrote for it (``init``, ``spec validate``), once per module."""
+    base = tmp_path_factory.mktemp("byo")
+    byo = make_repository(base / "repo")
+    init_spec(byo, base / "spec" / "spec.yaml", n_requests=2)
+    return byo, base / "spec" / "spec.yaml"
+
+
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(tmp_path, monkeypatch, byo_spec):
     """A runtime root with a token, a fake control plane, a fake cluster, and `run(argv) -> (rc, out, err)`."""
     root = tmp_path / "root"
     root.mkdir()
@@ -199,8 +210,9 @@ def env(tmp_path, monkeypatch):
         return kube[-1]
 
     monkeypatch.setattr(ctl, "_api", api)
+    byo, byospec = byo_spec
     env = argparse.Namespace(root=root, uproot=uproot, repo=repo, target=target, policy=policy, plane=plane,
-                             kube=kube, tmp=tmp_path)
+                             kube=kube, tmp=tmp_path, byo=byo, byospec=byospec)
 
     def run(argv: list[str]) -> tuple[int, str, str]:
         argv = argv if argv[:1] == ["--root"] else ["--root", "{root}", *argv]
@@ -240,6 +252,8 @@ SAMPLES: dict[str, list[list[str]]] = {
     "restore": [["restore", "s1"], ["restore", "s1", "--dry-run"]],
     "backup": [["backup", "policy"], ["backup", "policy", "--check", "{policy}"], ["backup", "now"],
                ["backup", "now", "--dry-run"], ["backup", "list"], ["backup", "list", "--from", "{target}"]],
+    "init": [["init", "--repository", "{byo}", "--out", "{tmp}/s/spec.yaml", "--force", "--requests", "2"]],
+    "spec": [["spec", "validate", "{byospec}"]],
     "k8s status": [["k8s", "status"]],
     "k8s rollouts": [["k8s", "rollouts"]],
     "k8s rollover": [["k8s", "rollover", "ranker", "--version", "3", "--name", "r3"],
@@ -281,9 +295,13 @@ def _required(p: argparse.ArgumentParser) -> list[str]:
     argv: list[str] = []
     for a in p._actions:
         if a.option_strings and a.required:
-            argv += [a.option_strings[-1], "3"]
+            value = {"existing_dir": os.path.dirname(__file__), "existing_file": __file__}.get(
+                getattr(a.type, "__name__", ""), "3")
+            argv += [a.option_strings[-1], value]
         elif not a.option_strings and a.nargs is None and a.dest != "help":
-            argv.append(str(a.choices[0]) if a.choices else "ranker")
+            path = {"existing_dir": os.path.dirname(__file__), "existing_file": __file__}.get(
+                getattr(a.type, "__name__", ""))
+            argv.append(str(a.choices[0]) if a.choices else path or "ranker")
     return argv
 
 
