@@ -52,6 +52,7 @@ models: setup  ## build model versions only if none exist yet
 	    ls model_repository/search_model/[0-9]*/model.onnx >/dev/null 2>&1; then \
 	  echo "models: built versions present (make build-engines adds a new one)"; \
 	else $(PY) -m recserve.build.pipeline; fi
+	@test -f artifacts/golden/recommend.json || $(PY) -m recserve.build.spec_golden  # specs/demo.yaml's golden files
 
 build-engines: setup  ## train, export ONNX (+TensorRT on GPU hosts), write NEW model versions with manifests
 	$(PY) -m recserve.build.pipeline

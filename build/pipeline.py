@@ -35,6 +35,7 @@ from recserve.build import data as data_mod  # noqa: E402
 from recserve.build import export as export_mod  # noqa: E402
 from recserve.build import manifest as manifest_mod  # noqa: E402
 from recserve.build import reference as reference_mod  # noqa: E402
+from recserve.build import spec_golden  # noqa: E402
 from recserve.build import trt as trt_mod  # noqa: E402
 from recserve.build.models import EXCLUDE_LEN, HISTORY_LEN, RankerGraph, RetrievalGraph, SearchGraph  # noqa: E402
 from recserve.build.train import (  # noqa: E402
@@ -418,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     # the control plane's documented fallback when its reference cannot run (torch-free: build/reference.py)
     golden["expected"] = reference_mod.record_expectations(golden, reference_mod.Reference.latest(args.repository))
     (work / "golden.json").write_text(json.dumps(golden, indent=1) + "\n")
+    spec_golden.write(work / "golden.json", work / "golden")  # the demo spec's golden files (specs/demo.yaml)
     shutil.rmtree(stage, ignore_errors=True)
     summary(tr, parities, written, work / "golden.json", time.perf_counter() - t0)
     if trt_failures:
