@@ -14,15 +14,37 @@ def _run(args: argparse.Namespace) -> int:
     from recserve.perf import report, runner
     from recserve.perf.suite import SuiteError, load
 
+    spec = None
     try:
-        suite = load(args.suite)
+        if args.spec is not None:
+            from recserve.control.spec.spec import SpecError, load_spec
+            from recserve.perf import specsuite
+
+            try:
+                spec = load_spec(args.spec, args.repository)
+            except SpecError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            models = [m for m in (args.models or "").split(",") if m] or None
+            suite = specsuite.expand(specsuite.template_for(args.suite), spec, models)
+        else:
+            if args.models:
+                print("error: --models picks models of a serving spec: give --spec too", file=sys.stderr)
+                return 2
+            suite = load(args.suite)
+            if suite.for_spec:
+                raise SuiteError(f"{suite.path}: a suite for a serving spec: give --spec SPEC")
     except SuiteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.slo_ms:
-        suite = type(suite)(**{**suite.__dict__, "slo_ms": args.slo_ms})
+    if args.slo_ms:  # one SLO for every model, a spec's own included
+        suite = type(suite)(**{**suite.__dict__, "slo_ms": args.slo_ms, "model_slo_ms": {}})
+    repository = spec.repository if spec is not None else (args.repository or DEFAULT_REPOSITORY).resolve()
     out = report.new_run_dir(args.reports)
-    doc = runner.run_suite(suite, out, args.repository.resolve(), args.data)
+    if spec is not None:
+        print(f"serving spec {spec.path}: {', '.join(dict.fromkeys(t.model for t in suite.targets))} "
+              f"from {repository}")
+    doc = runner.run_suite(suite, out, repository, args.data, spec)
     report.link_latest(out)
     print(f"report: {out}/report.md (html: {out}/report.html)")
     for name, r in doc["ratios"].items():
@@ -62,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     _sigterm_as_interrupt()
     p = argparse.ArgumentParser(prog="python -m recserve.perf", description=__doc__)
     p.add_argument(
-        "--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository (default: %(default)s)"
+        "--repository", type=Path, default=None,
+        help=f"model repository (default: the spec's with --spec, else {DEFAULT_REPOSITORY})",
     )
     p.add_argument(
         "--data", type=Path, default=inputs.DEFAULT_DATA, help="events.csv/catalog.csv dir (default: %(default)s)"
@@ -71,7 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a suite (perf/suites/<name>.yaml or a path)")
     r.add_argument("suite", nargs="?", default="full")
-    r.add_argument("--slo-ms", type=float, default=None, help="p99 SLO for capacity (default: the suite's)")
+    r.add_argument("--slo-ms", type=float, default=None,
+                   help="p99 SLO for capacity (default: the suite's; with --spec, each model's sloP99Ms)")
+    r.add_argument("--spec", type=Path, default=None,
+                   help="measure a serving spec's models (recctl init writes one): the suite's spec- template "
+                        "(smoke -> perf/suites/spec-smoke.yaml), inputs from the spec's golden requests")
+    r.add_argument("--models", default=None, help="with --spec: only these spec models (comma-separated)")
     r.set_defaults(func=_run)
     t = sub.add_parser("tune", help="search instance count / queue delay / preferred batch sizes for one model")
     t.add_argument("model")

@@ -77,6 +77,8 @@ def compare(report: dict, baseline: dict) -> list[Verdict]:
     """One verdict per baseline ratio, per GPU-only ratio, per ratio the report holds beyond those (measured but
     unjudged fails), per capacity ladder (no rate within the SLO fails), per baseline capacity figure, and one for
     the points that failed (perf_analyzer errors): nothing the suite measured passes unjudged."""
+    if report.get("spec"):
+        return compare_spec(report)
     ratios = report.get("ratios", {})
     rules = baseline.get("ratios", {})
     gpu_only = baseline.get("gpu_only", {})
@@ -104,6 +106,33 @@ def compare(report: dict, baseline: dict) -> list[Verdict]:
             word = "ok" if got >= allowed else "below"
             out.append(Verdict(name, got >= allowed,
                                f"{name}: {got:g} {word} (baseline {base:g}, allowed >= {allowed:.0f})"))
+    errors = report.get("errors") or []
+    out.append(Verdict("points", not errors, "points: every measured point succeeded" if not errors else
+                       f"points: {len(errors)} failed; first: {errors[0]}"))
+    return out
+
+
+def compare_spec(report: dict) -> list[Verdict]:
+    """A run for a serving spec: the baseline's ratios and capacities are the demo's, so they are not judged (each
+    says so on its own line); every spec model needs a knee within its own SLO, and every point must have passed."""
+    out = []
+    for name, r in sorted(report.get("ratios", {}).items()):
+        if r.get("skipped"):
+            out.append(Verdict(name, True, f"{name}: not judged for a spec run ({r['skipped']})"))
+        else:
+            out.append(Verdict(name, False, f"{name}: measured in a spec run, where no floor applies"))
+    caps = report.get("capacity", {})
+    for target, cap in sorted(caps.items()):
+        name = f"capacity[{target}]"
+        ok = bool(cap.get("capacity_rps"))
+        out.append(Verdict(name, ok, f"{name}: {cap.get('capacity_rps')} rps within {cap.get('slo_ms')} ms p99 "
+                           f"({cap.get('reason', '')})" if ok else f"{name}: no rate met the {cap.get('slo_ms')} ms "
+                           f"SLO ({cap.get('reason', 'no reason recorded')})"))
+    for model in report["spec"].get("models", {}):
+        name = f"capacity_rps[{model}]"
+        got = report.get("capacity_rps", {}).get(model)
+        out.append(Verdict(name, bool(got), f"{name}: {got:g} rps (spec {report['spec']['path']})" if got else
+                           f"{name}: the report holds no capacity for spec model {model}"))
     errors = report.get("errors") or []
     out.append(Verdict("points", not errors, "points: every measured point succeeded" if not errors else
                        f"points: {len(errors)} failed; first: {errors[0]}"))

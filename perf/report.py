@@ -166,6 +166,36 @@ def tune_table(tune: dict) -> Table:
             ["good" if r["candidate"] == best else None for r in tune["results"]])
 
 
+def spec_table(doc: dict) -> Table:
+    """A spec run: per spec model its SLO, batching, inputs and the knee found directly and through the front door."""
+    spec = doc.get("spec") or {}
+    per_model = (doc.get("payloads") or {}).get("models") or {}
+    rows, classes = [], []
+    for m, info in spec.get("models", {}).items():
+        caps = {c["via"]: c for c in doc.get("capacity", {}).values() if c.get("model") == m}
+        direct, front = caps.get("direct"), caps.get("haproxy")
+        p = per_model.get(m, {})
+        inputs = f"{p.get('golden_rows', '?')} golden" + (f" + {p['generated_rows']} from rules"
+                                                        if p.get("generated_rows") else "")
+        batching = "none (batch 1)" if info.get("max_batch_size") == 0 else f"max {info.get('max_batch_size')}"
+        rows.append([m, _fmt(info.get("slo_p99_ms"), 1), batching, inputs,
+                     _fmt(direct["capacity_rps"], 0) if direct else "not measured",
+                     _fmt(direct.get("p99_ms_at_capacity"), 1) if direct else "n/a",
+                     _fmt(front["capacity_rps"], 0) if front else "no ladder",
+                     direct["reason"] if direct else "no capacity ladder ran (see Errors)"])
+        classes.append("bad" if not direct or not direct.get("capacity_rps") else None)
+    return (["model", "SLO p99 ms", "batching", "inputs", "capacity_rps (the knee, direct)", "p99 at knee (ms)",
+             "capacity_rps (front door)", "why it stops"], rows, classes)
+
+
+def _spec_lines(doc: dict) -> list[str]:
+    spec = doc.get("spec")
+    if not spec:
+        return []
+    return [f"Serving spec `{spec['path']}`, repository `{spec['repository']}`: each model judged against its own "
+            "`sloP99Ms`; inputs are its golden requests (data only). The demo's ratios are skipped (see Ratios)."]
+
+
 def inprocess_table(doc: dict) -> Table:
     rows = [[r["model"], str(r["batch_size"]), f"{r['threads']} x {r.get('workers', 1)}",
              f"{r['infer_per_sec']:.1f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"]
@@ -199,8 +229,10 @@ LISTS = [("Skipped", "skipped"), ("Transient failures (the point passed when re-
 
 def markdown(doc: dict, plots: list[Path]) -> str:
     """report.md: ratios, capacity, per-point table, errors, plots."""
-    lines = [f"# recserve perf report: suite `{doc.get('suite')}`", "", _intro(doc), "",
-             "## Ratios (measured side by side in this run)", "", *_md(ratios_table(doc)), "",
+    lines = [f"# recserve perf report: suite `{doc.get('suite')}`", "", _intro(doc), ""]
+    if doc.get("spec"):
+        lines += ["## Serving spec: capacity per model", "", *_spec_lines(doc), "", *_md(spec_table(doc)), ""]
+    lines += ["## Ratios (measured side by side in this run)", "", *_md(ratios_table(doc)), "",
              "## Capacity (highest request rate with p99 under the SLO)", "", *_md(capacity_table(doc)), "",
              "## Load points", "", *_md(points_table(doc))]
     tune = doc.get("tune")
@@ -228,6 +260,9 @@ def html(doc: dict, plots: list[Path]) -> str:
 
     parts: list[object] = [tag("h1", inline(f"recserve perf report: suite `{doc.get('suite')}`")),
                            tag("p", _intro(doc)),
+                           *([tag("h2", "Serving spec: capacity per model"),
+                              *(tag("p", inline(x)) for x in _spec_lines(doc)),
+                              htmlpage.table(*spec_table(doc))] if doc.get("spec") else []),
                            *section("Ratios (measured side by side in this run)", ratios_table(doc)),
                            *section("Capacity (highest request rate with p99 under the SLO)", capacity_table(doc)),
                            *section("Load points", points_table(doc))]

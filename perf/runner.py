@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, top_level_models
+from recserve.control.spec.spec import ServingSpec
 from recserve.perf import inputs, ratios, report
 from recserve.perf.console import console
 from recserve.perf.suite import Suite
@@ -18,11 +19,24 @@ from recserve.perf.targets import Endpoint, LocalProxy, Unavailable, check_model
 
 
 def run_suite(
-    suite: Suite, out_dir: Path, repository: Path = DEFAULT_REPOSITORY, data_dir: Path = inputs.DEFAULT_DATA
+    suite: Suite,
+    out_dir: Path,
+    repository: Path = DEFAULT_REPOSITORY,
+    data_dir: Path = inputs.DEFAULT_DATA,
+    spec: ServingSpec | None = None,
 ) -> dict:
-    """Run ``suite`` and write the report into ``out_dir``; returns report.json's document."""
+    """Run ``suite`` and write the report into ``out_dir``; returns report.json's document.
+
+    ``spec``: a run for a serving spec (``suite`` expanded by perf/specsuite.expand): inputs from the spec's golden
+    requests, and the demo's ratios reported as skipped, each with its reason."""
     out_dir.mkdir(parents=True, exist_ok=True)
     s = SuiteRun(suite, out_dir, repository, data_dir)
+    if spec is not None:
+        from recserve.perf import specsuite
+
+        s.spec = specsuite.describe(spec, list(dict.fromkeys(t.model for t in suite.targets)))
+        for name, why in specsuite.DEMO_RATIOS.items():
+            s.skip_ratio(name, why)
     server: TritonServer | None = None
     proxy: LocalProxy | None = None
     t0 = time.monotonic()
@@ -34,7 +48,10 @@ def run_suite(
             console.print(f"[yellow]{why}[/]")
         if not loadable:
             raise Unavailable("nothing to measure: " + "; ".join(skipped.values()))
-        s.prepare_payloads(loadable)
+        if spec is not None:
+            s.prepare_spec_payloads(spec, loadable)
+        else:
+            s.prepare_payloads(loadable)
         console.print(f"[bold]starting tritonserver[/] with {', '.join(top_level_models(repository, loadable))}")
         server = start_server(repository, loadable, out_dir / "server")
         ep = direct(server)

@@ -13,6 +13,8 @@ import yaml
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 VIAS = ("direct", "haproxy", "fleet")
+#: In a suite for a serving spec (``for_spec: true``), the model of a template target: every model of the spec.
+EVERY_SPEC_MODEL = "*"
 
 
 class SuiteError(ValueError):
@@ -54,6 +56,14 @@ class Suite:
     targets: tuple[Target, ...] = ()
     ratios: dict[str, RatioSpec] = field(default_factory=dict)
     inprocess_seconds: float = 3.0
+    #: A template for a serving spec (perf/specsuite.py expands it: its targets' model is ``*``, every spec model).
+    for_spec: bool = False
+    #: Per-model p99 SLO (a spec's ``sloP99Ms``); models not named here are judged by ``slo_ms``.
+    model_slo_ms: dict[str, float] = field(default_factory=dict)
+
+    def slo_for(self, model: str) -> float:
+        """The p99 SLO ``model``'s points and capacity are judged by."""
+        return self.model_slo_ms.get(model, self.slo_ms)
 
     def models(self) -> list[str]:
         """Every model the suite sends requests to (what the embedded server must load)."""
@@ -73,6 +83,7 @@ _SUITE_KEYS = {
     "targets",
     "ratios",
     "inprocess_seconds",
+    "for_spec",
 }
 _TARGET_KEYS = {"name", "model", "via", "batch_size", "concurrency", "rate", "capacity"}
 _RATIO_KEYS = {"model", "batch_size", "concurrency", "rounds"}
@@ -104,13 +115,18 @@ def _list(path: Path, where: str, value: object, kind: type, minimum: float) -> 
     return tuple(_num(path, f"{where}[{i}]", v, kind, minimum) for i, v in enumerate(value))
 
 
-def _target(path: Path, i: int, raw: object) -> Target:
+def _target(path: Path, i: int, raw: object, for_spec: bool = False) -> Target:
     where = f"targets[{i}]"
     if not isinstance(raw, dict):
         raise SuiteError(f"{_where(path, where)}: expected a mapping, got {raw!r}")
     _unknown(path, where, raw, _TARGET_KEYS)
     if not isinstance(raw.get("model"), str) or not raw["model"]:
         raise SuiteError(f"{_where(path, where + '.model')}: required (a model or ensemble name)")
+    if for_spec != (raw["model"] == EVERY_SPEC_MODEL):
+        rule = (f"a suite for a serving spec (for_spec: true) measures every spec model: model must be "
+                f"'{EVERY_SPEC_MODEL}'" if for_spec else
+                f"'{EVERY_SPEC_MODEL}' (every spec model) is only for a suite with for_spec: true")
+        raise SuiteError(f"{_where(path, where + '.model')}: {rule}, got {raw['model']!r}")
     via = raw.get("via", "direct")
     if via not in VIAS:
         raise SuiteError(f"{_where(path, where + '.via')}: must be one of {VIAS}, got {via!r}")
@@ -160,7 +176,15 @@ def parse(raw: object, path: Path) -> Suite:
         raise SuiteError(f"{_where(path, 'ratios')}: expected a mapping")
     if not targets and not ratios:
         raise SuiteError(f"{path}: nothing to measure (no 'targets' and no 'ratios')")
-    parsed = [_target(path, i, t) for i, t in enumerate(targets)]
+    for_spec = raw.get("for_spec", False)
+    if not isinstance(for_spec, bool):
+        raise SuiteError(f"{_where(path, 'for_spec')}: expected true or false, got {for_spec!r}")
+    if for_spec and ratios:
+        raise SuiteError(f"{_where(path, 'ratios')}: the ratios measure the demo's models; a suite for a serving "
+                         "spec has none")
+    if for_spec and not targets:
+        raise SuiteError(f"{_where(path, 'targets')}: a suite for a serving spec needs target templates")
+    parsed = [_target(path, i, t, for_spec) for i, t in enumerate(targets)]
     names = [t.name for t in parsed]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -175,6 +199,7 @@ def parse(raw: object, path: Path) -> Suite:
         inprocess_seconds=float(_num(path, "inprocess_seconds", raw.get("inprocess_seconds", 3.0), float, 0.2)),
         targets=tuple(parsed),
         ratios={k: _ratio(path, k, v) for k, v in ratios.items()},
+        for_spec=for_spec,
     )
 
 

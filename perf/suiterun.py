@@ -91,6 +91,8 @@ class SuiteRun:
     _files: dict[str, Path] = field(default_factory=dict)
     #: payload rows per model (what perf_analyzer sends; the in-process reference runs the same rows)
     rows: dict[str, list] = field(default_factory=dict)
+    #: A run for a serving spec: the report's ``spec`` entry (perf/specsuite.describe); None for the demo's suites.
+    spec: dict | None = None
 
     # ------------------------------------------------------------------ payloads
     def prepare_payloads(self, models: list[str]) -> None:
@@ -114,6 +116,23 @@ class SuiteRun:
             if recipe == "recommend":
                 self.payloads["recommend_history_length"] = inputs.history_lengths(rows)
         self.payloads["rows_per_model"] = self.suite.payload_rows
+
+    def prepare_spec_payloads(self, spec, models: list[str]) -> None:
+        """perf_analyzer --input-data JSON per spec model from its golden requests (data only; more from its
+        confirmed input rules when the golden requests are few)."""
+        from recserve.perf import specsuite
+
+        self.payloads["source"] = f"serving spec {spec.path} (golden requests, data only)"
+        per_model = {}
+        for m in models:
+            try:
+                self.rows[m], per_model[m] = specsuite.payloads(spec.models[m], self.out_dir / "inputs" / f"{m}.json",
+                                                                self.suite.payload_rows)
+            except ValueError as exc:
+                self.errors.append(f"no perf inputs for spec model '{m}': {exc}")
+                continue
+            self._files[m] = Path(per_model[m]["file"])
+        self.payloads["models"] = per_model
 
     # ------------------------------------------------------------------ one load point
     def measure(
@@ -150,7 +169,7 @@ class SuiteRun:
             request_count=count,
             timeout_s=max(60.0, seconds * 20),
             headers=ep.headers,
-            slow_ms=4 * self.suite.slo_ms,
+            slow_ms=4 * self.suite.slo_for(model),
         )
         before = [metrics.scrape(u) for u in ep.metrics_urls]
         sampler = metrics.RssSampler(list(ep.pids)).__enter__()  # peaks of the servers behind this endpoint
@@ -228,7 +247,7 @@ class SuiteRun:
                 else:
                     self.transient.append(f"{where} (passed when re-measured): {first}")
             out.append(rec)
-            if rec.error or rec.p99_ms > SWEEP_CUTOFF * self.suite.slo_ms:
+            if rec.error or rec.p99_ms > SWEEP_CUTOFF * self.suite.slo_for(model):
                 break
         return [r for r in out if not r.error]
 
@@ -259,7 +278,7 @@ class SuiteRun:
             if self._violates(rec, r * t.batch_size):
                 break  # past capacity: higher rates only add queueing
         for _ in range(DESCEND_STEPS):  # the lowest rate failed: walk down instead of reporting 0
-            if not rate_rows or not self._violates_row(rate_rows[0], t.batch_size):
+            if not rate_rows or not self._violates_row(rate_rows[0], t.batch_size, t.model):
                 break
             r = max(1.0, round((rate_rows[0].request_rate or 2.0) / 2))
             if r >= (rate_rows[0].request_rate or 0):
@@ -273,7 +292,7 @@ class SuiteRun:
         if rate_rows:
             cap = figures.capacity(
                 [analyzer.Row(**{**asdict(x), "infer_per_sec": x.infer_per_sec / t.batch_size}) for x in rate_rows],
-                self.suite.slo_ms,
+                self.suite.slo_for(t.model),
             )
             entry = {"model": t.model, "via": t.via, **asdict(cap), "retried_rates": retried}
             if refused and cap.first_violation_rps is None:
@@ -282,11 +301,11 @@ class SuiteRun:
             self.capacity[t.name] = entry
 
     def _violates(self, rec: RunRecord, offered_ips: float) -> bool:
-        return rec.p99_ms > self.suite.slo_ms or rec.infer_per_sec < figures.KEEP_UP * offered_ips
+        return rec.p99_ms > self.suite.slo_for(rec.model) or rec.infer_per_sec < figures.KEEP_UP * offered_ips
 
-    def _violates_row(self, row: analyzer.Row, batch_size: int) -> bool:
+    def _violates_row(self, row: analyzer.Row, batch_size: int, model: str) -> bool:
         offered = (row.request_rate or 0.0) * batch_size
-        return row.p99_ms > self.suite.slo_ms or row.infer_per_sec < figures.KEEP_UP * offered
+        return row.p99_ms > self.suite.slo_for(model) or row.infer_per_sec < figures.KEEP_UP * offered
 
     # ------------------------------------------------------------------ ratio bookkeeping
     def record_ratio(self, name: str, value: float | None, target: float | None, spec: RatioSpec, detail: dict) -> None:
@@ -340,7 +359,9 @@ class SuiteRun:
         for c in self.capacity.values():
             if c["via"] == "direct" and c["model"] not in cap_by_model:
                 cap_by_model[c["model"]] = c["capacity_rps"]
+        extra = {} if self.spec is None else {"spec": self.spec}
         return {
+            **extra,
             "suite": self.suite.name,
             "suite_file": str(self.suite.path),
             "started": self.started,
