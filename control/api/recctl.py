@@ -195,6 +195,13 @@ def cmd_up(args: argparse.Namespace) -> int:
             spec = load_spec(Path(args.spec), Path(args.repository) if args.repository else None)
         except (SpecError, RepositoryReadError) as exc:
             raise UsageError(f"--spec: {exc}") from None
+        if not (args.max_grpc_body and args.max_http_body):  # the front door's limits come from the spec
+            from recserve.control.routing.frontdoor import FrontDoorError, spec_body_limits
+
+            try:
+                spec_body_limits(spec)
+            except FrontDoorError as exc:
+                raise UsageError(f"--spec: {exc}") from None
         args.repository = args.repository or spec.repository
     args.repository = args.repository or REPO_ROOT / "model_repository"
     cmd = _up_command(args, root)
@@ -842,9 +849,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--client-allow-plaintext", action="store_true",
                     help="allow a non-loopback --client-bind without TLS")
     up.add_argument("--max-grpc-body", type=int_range(0), default=0, help="largest gRPC request body in bytes "
-                    "(default: batch 8 of 1000-item histories, 88,272; larger limits cost HAProxy CPU)")
+                    "(default: with --spec, its models' largest request at their maxBatch; else batch 8 of "
+                    "1000-item histories, 88,272; larger limits cost HAProxy CPU)")
     up.add_argument("--max-http-body", type=int_range(0), default=0, help="largest HTTP request body in bytes "
-                    "(default: batch 4 of 1000-item histories as JSON, 92,276)")
+                    "(default: with --spec, its models' largest request as JSON at their maxBatch; else batch 4 "
+                    "of 1000-item histories as JSON, 92,276)")
     up.add_argument("--spec", type=existing_file, default=os.environ.get("SPEC") or None,
                     help="serving spec (recctl init writes one): the models it names are served and golden-checked "
                     "by its rules (default: the demo's recommend/search)")

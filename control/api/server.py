@@ -44,6 +44,8 @@ from recserve.control.routing.frontdoor import (
     HTTP_MAX_BODY,
     FrontDoorConfig,
     FrontDoorError,
+    SpecLimits,
+    spec_body_limits,
 )
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
 from recserve.control.spec.repository import RepositoryReadError
@@ -255,11 +257,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--client-tls-key", type=Path, default=None, help="PEM private key of --client-tls-cert (0600)")
     p.add_argument("--client-allow-plaintext", action="store_true", help="allow a non-loopback --client-bind "
                    "without TLS (a private network you trust)")
-    p.add_argument("--max-grpc-body", type=int, default=GRPC_MAX_BODY, help="largest gRPC request body in bytes "
-                   f"(default {GRPC_MAX_BODY}: batch {DOOR_BATCH_GRPC} of 1000-item histories; above ~110 KB "
-                   "HAProxy's buffers grow and cost more CPU per request)")
-    p.add_argument("--max-http-body", type=int, default=HTTP_MAX_BODY, help="largest HTTP request body in bytes "
-                   f"(default {HTTP_MAX_BODY}: batch {DOOR_BATCH_HTTP} of 1000-item histories as JSON)")
+    p.add_argument("--max-grpc-body", type=int, default=None, help="largest gRPC request body in bytes "
+                   f"(default: with --spec, its models' largest request at their maxBatch; else {GRPC_MAX_BODY}: "
+                   f"batch {DOOR_BATCH_GRPC} of 1000-item histories; above ~110 KB HAProxy's buffers grow and cost "
+                   "more CPU per request)")
+    p.add_argument("--max-http-body", type=int, default=None, help="largest HTTP request body in bytes "
+                   f"(default: with --spec, its models' largest request as JSON at their maxBatch; else "
+                   f"{HTTP_MAX_BODY}: batch {DOOR_BATCH_HTTP} of 1000-item histories as JSON)")
     p.add_argument("--mode", choices=("active-active", "primary-standby"), default="active-active",
                    help="active-active: --active instances behind leastconn, the rest hot standbys; "
                    "primary-standby: one primary, standbys take over")
@@ -300,6 +304,24 @@ def _stop_failed_up(fleet: Fleet, server: grpc.Server, root: Path) -> int:
     return 1
 
 
+def front_door(args: argparse.Namespace, spec) -> tuple[FrontDoorConfig, SpecLimits | None]:
+    """The client front door's settings, validated. Body limits: ``--max-grpc-body``/``--max-http-body`` when
+    given; else, with a serving spec, its models' largest requests (``spec_body_limits``, returned too: what it
+    assumed is in its warnings); else the demo's contract (``GRPC_MAX_BODY``/``HTTP_MAX_BODY``)."""
+    limits = None
+    grpc_body, http_body = args.max_grpc_body, args.max_http_body
+    if spec is not None and (grpc_body is None or http_body is None):
+        limits = spec_body_limits(spec)
+        grpc_body = limits.grpc if grpc_body is None else grpc_body
+        http_body = limits.http if http_body is None else http_body
+    front = FrontDoorConfig(bind=args.client_bind, tls_cert=args.client_tls_cert, tls_key=args.client_tls_key,
+                            allow_plaintext=args.client_allow_plaintext,
+                            max_grpc_body=GRPC_MAX_BODY if grpc_body is None else grpc_body,
+                            max_http_body=HTTP_MAX_BODY if http_body is None else http_body)
+    front.validate()
+    return front, limits
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = args.root.resolve()
@@ -320,12 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             if (root / name).exists():          # only there for instances an older control plane started)
                 check_private(root / name)
         tls = server_tls(args.tls_cert, args.tls_key, args.tls_ca)
-        front = FrontDoorConfig(bind=args.client_bind, tls_cert=args.client_tls_cert, tls_key=args.client_tls_key,
-                                allow_plaintext=args.client_allow_plaintext, max_grpc_body=args.max_grpc_body,
-                                max_http_body=args.max_http_body)
-        front.validate()
         testswitch.active()  # an unknown test switch in the environment is refused before anything starts
         spec = load_spec(args.spec, args.repository) if args.spec is not None else None
+        front, limits = front_door(args, spec)
         if tls is None and not is_loopback(args.control_host):
             raise TlsConfigError(f"--control-host {args.control_host} is not loopback: the control API leaves this "
                                  "host only with TLS (--tls-cert/--tls-key)")
@@ -362,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
                               or remembered_port(root / "monitoring" / "haproxy.port"), frontdoor=front), metrics)
     for w in fleet.host_warnings:  # also an event and a ``recctl status`` warning (control/runtime/hostcheck.py)
         print(f"warning: {w}", file=sys.stderr, flush=True)
+    if limits is not None:  # the spec's request sizes: what the front door admits, and what it had to assume
+        fleet.state.event("frontdoor", f"body limits from the spec: gRPC {front.max_grpc_body:,} bytes, HTTP "
+                          f"{front.max_http_body:,} bytes (computed: {limits.describe()})"[:500])
+        for w in limits.warnings:
+            print(f"warning: {w}", file=sys.stderr, flush=True)
+            fleet.state.event("frontdoor", w[:500])
     metrics.registry.register(FleetCollector(fleet))  # series the alert rules need (control/monitoring/targets.py)
     fleet.targets.set_static("control", f"127.0.0.1:{args.metrics_port}", "control")
     fleet.targets.set_static("haproxy", f"127.0.0.1:{fleet.config.haproxy_metrics_port}", "haproxy")

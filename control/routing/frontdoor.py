@@ -11,11 +11,12 @@ client frontend gets (``frontdoor_lines``); ``control/routing/haproxy.py`` rende
   statistics pass only with the fleet's admin key in the request (``admin-key`` /
   ``triton-grpc-protocol-admin-key``), matched against the key file itself (``-f``), so no copy of the secret lands
   in haproxy.cfg.
-* **Bounded bodies** (sizes below, derived from the served contract): HTTP with a Content-Length over the limit, or
-  a chunked body awaited until one byte past it (``wait-for-body ... at-least limit+1``), gets 413 naming the limit;
-  gRPC bodies carry no Content-Length: the frontend awaits the whole body or a full buffer (``tune.bufsize`` holds the
-  largest limit + 16 KiB) and answers ``RESOURCE_EXHAUSTED`` naming the limit when ``req.body_len`` is over it.
-  Refusals are not 5xx, so neither HAProxy nor a client retry policy retries them.
+* **Bounded bodies** (sizes below, derived from the served contract, or from a serving spec's models:
+  ``spec_body_limits``): HTTP with a Content-Length over the limit, or a chunked body awaited until one byte past
+  it (``wait-for-body ... at-least limit+1``), gets 413 naming the limit; gRPC bodies carry no Content-Length: the
+  frontend awaits the whole body or a full buffer (``tune.bufsize`` holds the largest limit + 16 KiB) and answers
+  ``RESOURCE_EXHAUSTED`` naming the limit when ``req.body_len`` is over it. Refusals are not 5xx, so neither
+  HAProxy nor a client retry policy retries them.
 * **Refusals reach clients whole** (docs/oversized-requests.md): HAProxy 2.6's ``http-request return`` aborts the
   request it answers, so a refusal written while the client was still uploading never reached it (HTTP/1.1: the
   connection closed under tritonclient, which reported a broken pipe instead of the 413; HTTP/2: RST_STREAM CANCEL,
@@ -78,6 +79,110 @@ CHEAP_BUFSIZE = 128 * 1024
 REFUSAL_SLOTS = 32
 #: The refusal service's Lua heap limit (tune.lua.maxmem, MB); it keeps nothing between requests.
 LUA_MAXMEM_MB = 16
+
+# ------------------------------------------------------------------ the request sizes of a serving spec's models
+#: With a serving spec (``recctl up --spec``) the limits are computed from its client-facing models instead
+#: (``spec_body_limits``): each model's largest request at its ``max_batch``, the largest over models, plus
+#: ``FRAMING_HEADROOM``. Bytes per element as a client may legitimately encode it over gRPC: raw_input_contents
+#: carries the datatype's own size, the typed ``*_contents`` fields varints (int32/int64/uint64: up to 10 bytes,
+#: a negative int32 too; uint32: up to 5), floats and bools fixed sizes; FP16 goes raw only.
+GRPC_ELEMENT_BYTES = {"BOOL": 1, "UINT8": 5, "UINT16": 5, "UINT32": 5, "UINT64": 10, "INT8": 10, "INT16": 10,
+                      "INT32": 10, "INT64": 10, "FP16": 2, "FP32": 4, "FP64": 8}
+#: The same over HTTP/JSON: the widest value as text plus a separator ("false,"; "-2147483648,"; floats as the
+#: shortest round-trip text of a double, "-2.2250738585072014e-308," = 25). The binary tensor extension is smaller.
+JSON_ELEMENT_CHARS = {"BOOL": 6, "UINT8": 4, "UINT16": 6, "UINT32": 11, "UINT64": 21, "INT8": 5, "INT16": 7,
+                      "INT32": 12, "INT64": JSON_INT64_CHARS, "FP16": 25, "FP32": 25, "FP64": 25}
+#: A BYTES element's bound when the spec has none (the spec has no size field for strings): this many bytes, or the
+#: longest element of the input's values, sample file or golden requests when that is longer. Said in a warning.
+DEFAULT_BYTES_ELEMENT = 1024
+#: BYTES over gRPC: a 4-byte length prefix in raw_input_contents, or a tag and a varint length (<= 6 bytes) in
+#: ``bytes_contents``. Over JSON each byte may be escaped as ``\u00XX`` (6 characters), plus quotes and separator.
+BYTES_GRPC_OVERHEAD = 6
+BYTES_JSON_CHARS_PER_BYTE = 6
+BYTES_JSON_OVERHEAD = 3
+
+
+@dataclass(frozen=True)
+class SpecLimits:
+    """The body limits a serving spec's models need: ``grpc``/``http`` in bytes (framing included), which model
+    at which batch sets each, and what the front door had to assume (``warnings``)."""
+
+    grpc: int
+    http: int
+    grpc_model: str
+    http_model: str
+    batches: dict[str, int]
+    warnings: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (f"gRPC {self.grpc:,} bytes ({self.grpc_model} at batch {self.batches[self.grpc_model]}), "
+                f"HTTP {self.http:,} bytes ({self.http_model} at batch {self.batches[self.http_model]}, as JSON)")
+
+
+def _bytes_bound(spec, name: str, model, tensor) -> tuple[int, str]:
+    """A BYTES input's bound per element, and the warning that says where it came from."""
+    rule = model.inputs.get(tensor.name)
+    seen = 0
+    if rule is not None and rule.values is not None:
+        seen = max(len(str(v).encode()) for v in rule.values)
+    if rule is not None and rule.file is not None:
+        seen = max([seen, *(len(ln.encode()) for ln in Path(rule.file).read_text().splitlines())])
+    for g in model.golden:
+        arr = g.inputs.get(tensor.name)
+        if arr is not None:
+            seen = max([seen, *(len(v if isinstance(v, bytes) else str(v).encode()) for v in arr.reshape(-1))])
+    bound = max(DEFAULT_BYTES_ELEMENT, seen)
+    source = (f"the default {DEFAULT_BYTES_ELEMENT}" if bound == DEFAULT_BYTES_ELEMENT
+              else "the longest of its values and golden requests")
+    return bound, (f"{spec.path}: models.{name}.inputs.{tensor.name}: BYTES, and a spec cannot bound strings: the "
+                   f"front door admits up to {bound} bytes per element ({source}; longest seen {seen}); clients "
+                   "sending longer strings need recctl up --max-grpc-body/--max-http-body")
+
+
+def spec_body_limits(spec) -> SpecLimits:
+    """The largest request body each client-facing model of ``spec`` (a ``ServingSpec``) can legitimately send at its
+    ``max_batch``, over gRPC and HTTP/JSON, the largest over models plus ``FRAMING_HEADROOM``. A variable dimension
+    (-1) is bounded by its input rule's ``length`` high bound; without one it is refused (``FrontDoorError`` naming
+    the spec field), since an unbounded input cannot be given a size limit."""
+    grpc_best: tuple[int, str] = (0, "")
+    http_best: tuple[int, str] = (0, "")
+    warnings: list[str] = []
+    batches: dict[str, int] = {}
+    for name, m in spec.models.items():
+        batch = int(m.max_batch)
+        batches[name] = batch
+        grpc_bytes = http_bytes = 0
+        for t in m.info.inputs:
+            rule = m.inputs.get(t.name)
+            if -1 in t.dims and (rule is None or rule.length is None):
+                raise FrontDoorError(
+                    f"{spec.path}: models.{name}.inputs.{t.name}: dims {list(t.dims)} have a variable dimension and "
+                    "the spec gives no length: add length: [low, high] (high: the most elements a client sends) so "
+                    "the front door can bound request bodies, or give recctl up --max-grpc-body and --max-http-body")
+            elements = batch
+            for d in t.dims:
+                elements *= rule.length[1] if d == -1 else d
+            if t.datatype == "BYTES":
+                bound, warning = _bytes_bound(spec, name, m, t)
+                warnings.append(warning)
+                grpc_bytes += elements * (bound + BYTES_GRPC_OVERHEAD)
+                http_bytes += elements * (bound * BYTES_JSON_CHARS_PER_BYTE + BYTES_JSON_OVERHEAD)
+            else:
+                grpc_bytes += elements * GRPC_ELEMENT_BYTES[t.datatype]
+                http_bytes += elements * JSON_ELEMENT_CHARS[t.datatype]
+        grpc_best = max(grpc_best, (grpc_bytes, name), key=lambda x: x[0])
+        http_best = max(http_best, (http_bytes, name), key=lambda x: x[0])
+    limits = SpecLimits(grpc_best[0] + FRAMING_HEADROOM, http_best[0] + FRAMING_HEADROOM, grpc_best[1],
+                        http_best[1], batches, tuple(warnings))
+    need = FrontDoorConfig(max_grpc_body=limits.grpc, max_http_body=limits.http).bufsize()
+    if need > CHEAP_BUFSIZE:
+        warnings.append(f"{spec.path}: the front door's limits ({limits.describe()}) make HAProxy's tune.bufsize "
+                        f"{need:,} bytes, over {CHEAP_BUFSIZE:,}: the buffer is global (every buffer HAProxy "
+                        "allocates, a few per in-flight request), and HAProxy's CPU per request steps up above it "
+                        "(docs/security.md, 'Bounded requests'); smaller batches or bounds keep it cheaper")
+        limits = SpecLimits(limits.grpc, limits.http, limits.grpc_model, limits.http_model, batches, tuple(warnings))
+    return limits
+
 
 # ------------------------------------------------------------------ the allow-list
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
