@@ -53,8 +53,6 @@ CLIENT_SURFACE = {
     "recserve.control.fleet.golden": "the golden requests and their reference answers",
     "recserve.control.fleet.spec_golden": "the golden requests of a serving spec and their reference answers",
     "recserve.control.spec": "the serving spec (read-only description of the user's models) and its reference",
-    "recserve.control.spec.spec": "the serving spec, read only: a user's models, SLOs, golden requests, input rules",
-    "recserve.control.spec.repository": "a repository's configs read as data (datatypes of the spec's tensors)",
     "recserve.control.state.snapshots": "the model-version manifest format (MANIFEST, write_manifest) only",
 }
 
