@@ -77,18 +77,23 @@ clean-runtime:  ## remove runtime state (.recserve/)
 
 # ---- drills (drills/): disaster-recovery drills against a real fleet; reports in reports/drills/latest
 .PHONY: drills drill-smoke drill drill-controls
-drills: models  ## run every drill spec (drills/specs/*.yaml); summary table + reports/drills/latest
-	$(PY) -m recserve.drills run
+# SPEC=<serving spec>: the drills guard a user's repository (recctl init writes the spec); the demo's models are
+# then not needed (not built). ROLL_MODEL=<model>: the model the rollover drills roll (default: from the spec).
+DRILL_SPEC = $(if $(SPEC),--spec $(SPEC))$(if $(ROLL_MODEL), --roll-model $(ROLL_MODEL))
+DRILL_DEPS = $(if $(SPEC),setup,models)
 
-drill-smoke: models  ## crash, hang, overload, rollover-under-load, bad-rollover (CI); prints the summary table
-	$(PY) -m recserve.drills smoke
+drills: $(DRILL_DEPS)  ## run every drill spec (drills/specs/*.yaml); summary table + reports/drills/latest (SPEC=: a user's repository)
+	$(PY) -m recserve.drills run $(DRILL_SPEC)
+
+drill-smoke: $(DRILL_DEPS)  ## crash, hang, overload, rollover-under-load, bad-rollover (CI); prints the summary table (SPEC=: a user's repository)
+	$(PY) -m recserve.drills smoke $(DRILL_SPEC)
 
 drill-controls: models  ## negative controls: crash, bad-rollover, overload, hang against fleets broken on purpose; exit 0 only when each fails for its named reason
 	$(PY) -m recserve.drills controls
 
-drill: models  ## one drill: make drill NAME=crash (list: python -m recserve.drills list)
+drill: $(DRILL_DEPS)  ## one drill: make drill NAME=crash (list: python -m recserve.drills list; SPEC=: a user's repository)
 	@test -n "$(NAME)" || { echo "usage: make drill NAME=<drill>   (names: $(PY) -m recserve.drills list)"; exit 2; }
-	$(PY) -m recserve.drills run $(NAME)
+	$(PY) -m recserve.drills run $(NAME) $(DRILL_SPEC)
 
 # ---- perf (perf/): perf_analyzer suites, ratios, capacity, tuning, regression check ----
 .PHONY: perf perf-smoke perf-tune perf-check

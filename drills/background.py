@@ -102,13 +102,21 @@ class BackgroundLoad:
 
 
 def start_background(spec: BackgroundSpec, grpc_url: str, cases: list[Case], duration_s: float,
-                     capacity: float | None, workdir: Path, headers: dict[str, str] | None = None) -> BackgroundLoad:
-    """Start perf_analyzer for about ``duration_s`` (three measurement windows, stability not required)."""
+                     capacity: float | None, workdir: Path, headers: dict[str, str] | None = None,
+                     serving=None) -> BackgroundLoad:
+    """Start perf_analyzer for about ``duration_s`` (three measurement windows, stability not required).
+    ``serving``: a serving spec; then ``spec.model`` is one of its models and perf_analyzer sends that model's
+    golden requests (a data-only copy of its golden file: recserve judges answers itself, by the spec's rules)."""
     from recserve.perf.analyzer import binary, environment
 
     check_loopback(grpc_url)
     workdir.mkdir(parents=True, exist_ok=True)
-    data = input_data(cases, spec.model, workdir / "perf_input.json")
+    if serving is not None:
+        from recserve.drills.serving import data_only
+
+        data = data_only(serving, spec.model, workdir / "perf_input.json")
+    else:
+        data = input_data(cases, spec.model, workdir / "perf_input.json")
     window_ms = max(1000, math.floor((duration_s - 2) * 1000 / 3))  # it adds ~2 s of its own
     cmd = [str(binary()), "-m", spec.model, "-u", grpc_url, "-i", "grpc", "--input-data", str(data),
            "--measurement-interval", str(window_ms), "--stability-percentage", "1000", "--max-trials", "3",

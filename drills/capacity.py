@@ -94,7 +94,7 @@ class Step:
 
 def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.0, factor: float = 1.3,
                 step_s: float = 3.0, max_steps: int = 14, max_rps: float = 5000.0,
-                refine: int = 2, warm_s: float = 15.0) -> tuple[float, list[Step]]:
+                refine: int = 2, warm_s: float = 15.0, cases: list | None = None) -> tuple[float, list[Step]]:
     """(knee, ladder): offered rates rise by ``factor`` from ``start_rps`` until a rung misses the SLO twice in
     a row (a shared 2-core host has hiccups: a miss counts only when the same rate misses again); then ``refine``
     rungs bisect (geometrically) between the last rate that passed and the one that missed, because every goal
@@ -104,11 +104,14 @@ def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.
     First ``warm_s`` seconds at ``start_rps``, shown but not judged: a fleet that just started answers some
     requests ~0.5 s late in its first seconds (Triton 2.51; measured at 50 rps on a fresh fleet: 6 such
     requests in the first 12 s, 3 in the 28 s after), and two of them in one 3 s rung read as a missed SLO
-    at 50 rps: a clean-clone CI run measured no knee at all that way."""
+    at 50 rps: a clean-clone CI run measured no knee at all that way.
+
+    ``cases``: the requests the ladder sends (a serving spec's golden requests); default the demo's golden
+    request of ``model``."""
     from recserve.drills.probe import OpenLoopProbe, constant, golden_cases
     from recserve.drills.timeline import window_stats
 
-    cases = [c for c in golden_cases() if c.model == model]
+    cases = cases if cases is not None else [c for c in golden_cases() if c.model == model]
     ladder: list[Step] = []
 
     def measure(rate: float, seconds: float, again: bool, refining: bool, warmup: bool = False) -> Step:
@@ -152,15 +155,17 @@ def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.
 
 
 def capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path,
-                 use_report: bool = True, fresh: bool = True, headers: dict[str, str] | None = None
-                 ) -> tuple[float | None, str, list[dict]]:
+                 use_report: bool = True, fresh: bool = True, headers: dict[str, str] | None = None,
+                 cases: list | None = None) -> tuple[float | None, str, list[dict]]:
     """(capacity, where it came from, the knee ladder's rungs) at ``slo_ms``; ``use_report`` False when the
     fleet does not serve the built models. The perf report's capacity is at perf's SLO (default 50 ms): specs
     that use it should share it. ``fresh`` (the default): the knee ladder decides; the report's figure, if
-    any, only says where to start. ``headers`` go with perf_analyzer's statistics calls (the statistics key)."""
+    any, only says where to start. ``headers`` go with perf_analyzer's statistics calls (the statistics key).
+    ``cases``: what the ladder sends instead of the demo's golden request of ``model`` (a serving spec's; then
+    ``model`` is only the label the knee is kept under, and only the fresh ladder can measure it)."""
     key = (grpc_url, model, slo_ms, use_report, fresh)
     if key not in _MEASURED:
-        _MEASURED[key] = _capacity_rps(grpc_url, model, slo_ms, workdir, use_report, fresh, headers)
+        _MEASURED[key] = _capacity_rps(grpc_url, model, slo_ms, workdir, use_report, fresh, headers, cases)
     return _MEASURED[key]
 
 
@@ -170,17 +175,20 @@ _MEASURED: dict[tuple, tuple[float | None, str, list[dict]]] = {}
 
 
 def _capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path, use_report: bool,
-                  fresh: bool, headers: dict[str, str] | None) -> tuple[float | None, str, list[dict]]:
+                  fresh: bool, headers: dict[str, str] | None, cases: list | None = None
+                  ) -> tuple[float | None, str, list[dict]]:
     hint = from_perf_report(model) if use_report else None
     if fresh:
         start = max(20.0, 0.5 * hint) if hint else 50.0
-        knee, ladder = knee_ladder(grpc_url, model, slo_ms, start_rps=start)
+        knee, ladder = knee_ladder(grpc_url, model, slo_ms, start_rps=start, cases=cases)
         rows = [asdict(s) for s in ladder]
         if not knee:
             return None, f"no offered rate from {start:.0f} rps kept every request under {slo_ms:.0f} ms", rows
         return knee, (f"knee measured fresh by the drill: open-loop ladder through the front door with the "
                       f"error-tolerant probe, highest rate with 0 failed, p99 <= {slo_ms:.0f} ms and >= 95% of the "
                       f"offer served (a miss counts when it repeats)"), rows
+    if cases is not None:
+        return None, "only the fresh ladder measures the knee of a serving spec's requests", []
     cap = hint
     if cap:
         return cap, f"perf report {PERF_REPORT.resolve()}", []

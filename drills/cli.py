@@ -49,6 +49,12 @@ def parser() -> argparse.ArgumentParser:
                        "(for checking the drills before the training build has run)")
         r.add_argument("--reports", type=Path, default=report.REPORTS_ROOT, help="reports root (default %(default)s)")
         if name != "controls":  # each control names the mode its fleet runs in
+            r.add_argument("--spec", type=Path, help="serving spec of a user's repository (recctl init writes one): "
+                           "a private fleet serves a copy of its repository with --spec (a running fleet must "
+                           "serve its models); the probe and perf_analyzer send its golden requests, answers are "
+                           "judged by its rules against the reference, rolling drills roll one of its models")
+            r.add_argument("--roll-model", metavar="MODEL", help="with --spec: the model the rollover drills roll "
+                           "(default: the spec's first ONNX step behind a drift-gated model)")
             r.add_argument("--mode", choices=("active-active", "primary-standby"), help="a private fleet's mode "
                            "(default: the control plane's, active-active)")
     return p
@@ -85,10 +91,13 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
     results, journals, records = [], {}, {}
     meta = {"models": "synthetic fixture models (drills/fixture_models.py)" if args.fixture_models
             else str(args.repository or "model_repository (built)"), "fleet": "not found"}
+    if args.spec:
+        meta["models"] = f"serving spec {args.spec}" + (f" on {args.repository}" if args.repository else "")
     run_dir = report.new_run_dir(args.reports)
     try:
         with FleetOwner(args.control, args.repository, private=args.private, fixture_models=args.fixture_models,
-                        log=console.print, monitor=any(s.alerts for s in specs), mode=args.mode) as session:
+                        log=console.print, monitor=any(s.alerts for s in specs), mode=args.mode,
+                        spec=args.spec, roll_model=args.roll_model) as session:
             meta["fleet"] = "private (started and stopped by this run)" if session.control is not None and \
                 type(session.control).__name__ == "ControlPlaneProcess" else f"running ({session.grpc_url})"
             for spec in specs:
@@ -150,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "controls":
             return cmd_controls(args)
         specs = select(list(SMOKE) if args.command == "smoke" else args.names)
+        if args.roll_model and not args.spec:
+            console.print("[red]--roll-model names a model of a serving spec: add --spec (the demo's drills name "
+                          "their model in drills/specs)[/red]")
+            return 2
+        if args.spec and args.fixture_models:
+            console.print("[red]--spec and --fixture-models: the fixture models are the demo's; give one[/red]")
+            return 2
         if args.mode and not (args.private or args.fixture_models):
             console.print("[red]--mode sets a private fleet's mode: add --private (a running fleet keeps "
                           "its own)[/red]")

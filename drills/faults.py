@@ -50,6 +50,8 @@ class Context:
     capacity_rps: float | None = None
     figures: dict[str, Any] = field(default_factory=dict)
     created_versions: list[tuple[str, int]] = field(default_factory=list)
+    #: the serving spec (control/spec) when the drills guard a user's repository; None for the demo
+    serving: Any = None
 
 
 class Fault:
@@ -356,7 +358,11 @@ class BadRollover(Fault):
         when asked directly (``bad_version_live``) is the proof that there was something to roll back."""
         p = action.params
         ctx.figures.setdefault("desired_before", ctx.fleet.desired())
-        version = release_copy(ctx, p["model"], wrong=True)
+        made = {}
+        if ctx.serving is not None:
+            version, made = spec_bad_copy(ctx, p["model"])
+        else:
+            version = release_copy(ctx, p["model"], wrong=True)
         box: dict[str, Any] = {}
 
         def roll() -> None:
@@ -379,7 +385,7 @@ class BadRollover(Fault):
         ctx.figures["failed_gate"] = rollout.get("failed_gate") if this else None
         ctx.figures["canary_direct"] = canary
         ctx.figures["bad_version_live"] = canary["differs"] > 0
-        return {"model": p["model"], "version": version, "canary_direct": canary,
+        return {"model": p["model"], "version": version, "canary_direct": canary, **made,
                 "rollout": {k: rollout.get(k) for k in ("id", "to_version", "status", "failed_gate", "failed_value",
                                                          "threshold", "canary")},
                 "events": [{k: e.get(k) for k in ("phase", "weight", "status", "ts_unix", "message")} for e in events]}
@@ -388,13 +394,41 @@ class BadRollover(Fault):
         return restore_desired(ctx, ctx.spec.method[0].params["model"])
 
 
+def spec_bad_copy(ctx: Context, model: str) -> tuple[int, dict]:
+    """A serving spec's bad version: a wrong copy of the desired version of ONNX step ``model`` that the spec's
+    own gates must roll back (drills/bad_version.py); registered as a version this drill created."""
+    from recserve.drills.bad_version import write_bad_version
+
+    desired = ctx.fleet.desired()
+    src_v, new_v = max(desired[model]), _next_version(ctx.repository, model)
+    ctx.created_versions.append((model, new_v))
+    made = write_bad_version(ctx.serving, model, src_v, new_v, desired, note=f"drill {ctx.spec.name}")
+    return new_v, {"bad_version": made}
+
+
+def _ask_spec(ctx: Context, port: int) -> dict:
+    """The first golden request of every target model of a serving spec, asked of one instance directly."""
+    from recserve.control.client import RecClient
+    from recserve.drills.serving import ask
+
+    with RecClient(f"127.0.0.1:{port}", timeout_s=2.0, retry_policy=None) as c:
+        return {m: ask(c, ctx.serving, m) for m in ctx.spec.targets}
+
+
+def _spec_differs(ctx: Context, got: dict, baseline: dict) -> bool:
+    from recserve.drills.serving import differs
+
+    return any(differs(ctx.serving, m, got[m], baseline[m]) for m in baseline)
+
+
 def _watch_canary(ctx: Context, rollout: threading.Thread, timeout_s: float = 180.0) -> dict:
     """While the rollout runs, ask the canary instance directly (not through HAProxy) for the golden
-    recommendation: proof that the bad version really was live, independent of what clients happened to see."""
+    recommendation (a serving spec's: the first golden request of each target model, compared by the spec's
+    rules): proof that the bad version really was live, independent of what clients happened to see."""
     from recserve.control.client import RecClient
     from recserve.drills.probe import golden_cases
 
-    case = next(c for c in golden_cases() if c.model == "recommend")
+    case = next(c for c in golden_cases() if c.model == "recommend") if ctx.serving is None else None
     baseline = None
     seen = {"asked": 0, "differs": 0, "errors": 0, "canary": None}
     deadline = time.monotonic() + timeout_s
@@ -406,17 +440,22 @@ def _watch_canary(ctx: Context, rollout: threading.Thread, timeout_s: float = 18
             continue
         if baseline is None:
             prim = next((i for i in insts if i.role == "primary"), None)
-            if prim:
+            if prim and ctx.serving is not None:
+                baseline = _ask_spec(ctx, prim.grpc_port)
+            elif prim:
                 with RecClient(f"127.0.0.1:{prim.grpc_port}", timeout_s=2.0) as c:
                     baseline = c.recommend(case.user_id or 0, list(case.history)).item_ids
         can = next((i for i in insts if i.role == "canary" and i.state == "healthy"), None)
         if can and baseline is not None:
             seen["canary"] = can.id
             try:
-                with RecClient(f"127.0.0.1:{can.grpc_port}", timeout_s=2.0) as c:
-                    got = c.recommend(case.user_id or 0, list(case.history)).item_ids
+                if ctx.serving is not None:
+                    differs = _spec_differs(ctx, _ask_spec(ctx, can.grpc_port), baseline)
+                else:
+                    with RecClient(f"127.0.0.1:{can.grpc_port}", timeout_s=2.0) as c:
+                        differs = c.recommend(case.user_id or 0, list(case.history)).item_ids != baseline
                 seen["asked"] += 1
-                seen["differs"] += got != baseline
+                seen["differs"] += differs
             except Exception:
                 seen["errors"] += 1
         time.sleep(0.2)

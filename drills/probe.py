@@ -14,7 +14,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -61,13 +62,17 @@ class Record:
     degraded: bool = False
     #: how late the probe sent it against its open-loop schedule (the load generator's own lag)
     lag_ms: float = 0.0
+    #: a serving spec's golden request: its index among the model's golden requests (drills/serving.py)
+    golden: int | None = None
+    #: a serving spec's answer (output name -> array), judged after the drill; not written to requests.jsonl
+    answer: Any = field(default=None, compare=False, repr=False)
 
     @property
     def ok(self) -> bool:
         return self.status == OK
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "answer"}
 
 
 def check_loopback(url: str) -> None:
@@ -93,14 +98,18 @@ def status_name(exc: BaseException) -> str:
     return type(exc).__name__.upper()
 
 
-def _inputs(case: Case):
+def _inputs(case):
     import tritonclient.grpc as g
+
+    from recserve.drills.serving import SpecCase
 
     def tensor(name: str, array: np.ndarray, dtype: str):
         t = g.InferInput(name, list(array.shape), dtype)
         t.set_data_from_numpy(array)
         return t
 
+    if isinstance(case, SpecCase):  # a serving spec's golden request: the tensors RecClient.infer would send
+        return [tensor(n, np.asarray(a), case.datatypes[n]) for n, a in case.inputs.items()]
     if case.model == "recommend":
         hist = np.asarray([list(case.history) or [0]], dtype=np.int64)
         return [tensor("user_id", np.asarray([[case.user_id or 0]], dtype=np.int64), "INT64"),
@@ -172,21 +181,29 @@ class OpenLoopProbe:
         t_send = time.time()
         start = time.perf_counter()
         status, matched, detail, items, degraded = OK, None, "", None, False
+        spec_case = getattr(case, "outputs", None) is not None
+        answer, golden = None, getattr(case, "index", None)
         try:
             from recserve.control.client import is_degraded
 
-            outputs = [g.InferRequestedOutput("item_ids")]
+            names = list(case.outputs) if spec_case else ["item_ids"]
+            outputs = [g.InferRequestedOutput(n) for n in names]
             result = await client.infer(case.model, inputs, outputs=outputs, client_timeout=self.timeout_s)
-            items = tuple(int(x) for x in result.as_numpy("item_ids")[0].tolist())
             degraded = is_degraded(result)
-            if case.expected is not None and not degraded:
-                matched = items == case.expected
+            if spec_case:  # judged after the drill against the reference (drills/serving.SpecJudge)
+                answer = {n: result.as_numpy(n) for n in names}
+                batched = case.spec_batched
+                answer = {n: a[0] for n, a in answer.items()} if batched else answer
+            else:
+                items = tuple(int(x) for x in result.as_numpy("item_ids")[0].tolist())
+                if case.expected is not None and not degraded:
+                    matched = items == case.expected
         except Exception as exc:  # every failure is data here, never a crash of the probe
-            status, detail, items = status_name(exc), str(exc)[:200], None
+            status, detail, items, answer = status_name(exc), str(exc)[:200], None, None
         finally:
             sem.release()
         rec = Record(seq, case.model, t_send, (time.perf_counter() - start) * 1000.0, status, matched, detail, items,
-                     degraded, round(lag_ms, 3))
+                     degraded, round(lag_ms, 3), golden, answer)
         with self._lock:
             self.records.append(rec)
 

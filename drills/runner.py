@@ -113,6 +113,14 @@ class DrillRun:
                  knee: tuple[float, str] | None = None):
         """``knee``: (rps, where it came from) measured earlier in this session, used instead of a new ladder
         (the negative controls run on several private fleets with one knee)."""
+        serving = getattr(session, "spec", None)
+        self.refused: str | None = None
+        if serving is not None:  # a user's repository: targets, background model and rolled model from its spec
+            from recserve.drills import serving as sv
+
+            self.refused = sv.refusal(spec, serving, session.roll_model, session.roll_why)
+            spec = sv.adapt(spec, serving, session.roll_model)
+        self.serving = serving
         self.spec, self.s, self.log = spec, session, log
         self.knee = knee
         self.journal = Journal(spec.name)
@@ -120,12 +128,14 @@ class DrillRun:
         self.access_entries: list[AccessEntry] = []  # HAProxy's log lines written during the load
         self.faults = [FAULTS[a.fault] for a in spec.method]
         self.ctx = Context(session.fleet, spec, self.journal, session.repository, session.workdir,
-                           control=session.control)
+                           control=session.control, serving=serving)
         self.injected: list[int] = []
         self.abort_reason: str | None = None
 
     # ------------------------------------------------------------------ phases
     def _skip_reason(self) -> str | None:
+        if self.refused:
+            return self.refused
         for f in dict.fromkeys(self.faults):
             why = f.check(self.ctx)
             if why:
@@ -224,18 +234,21 @@ class DrillRun:
                                 f"(status: {fleet.status(events=5)})")
         cpu_before = self.s.monitor.cpu_seconds() if self.s.monitor else {}
         wall_before = time.time()
-        cases = cases_for(spec)
+        cases = self._cases()
         desired_before = fleet.desired()
-        _, notes = answers(fleet, cases)  # the instances' own answers: only to report disagreements
+        notes = self._answer_notes(cases)  # the instances' own answers: only to report disagreements
         self.ctx.figures["desired_before"] = desired_before
         if spec.sized_by_knee:
             restarts = restart_counts(fleet.status(events=1))
             if self.knee is not None:
                 (self.ctx.capacity_rps, source), ladder = self.knee, []
             else:
+                # the demo's knee is recommend's; a serving spec's is the mix of its models' golden requests
+                label = "recommend" if self.serving is None else "spec:" + "+".join(self.serving.models)
                 self.ctx.capacity_rps, source, ladder = capacity_rps(
-                    self.s.grpc_url, "recommend", KNEE_SLO_MS, self.s.workdir,
-                    use_report=not self.s.fixture_models, headers=self.s.stats_headers)
+                    self.s.grpc_url, label, KNEE_SLO_MS, self.s.workdir,
+                    use_report=not self.s.fixture_models and self.serving is None, headers=self.s.stats_headers,
+                    cases=None if self.serving is None else self._cases(list(self.serving.models)))
             # The ladder overloads the fleet on purpose at its top rungs: the drill starts only once the fleet
             # has settled again, and the report says what the measurement cost (restarts it caused).
             resettled = settle(fleet) if ladder else 0.0
@@ -268,7 +281,8 @@ class DrillRun:
                                   max_requests=int(spec.load.duration_s * 4000), retry_policy=spec.load.client_retry)
             if spec.load.background:
                 bg = start_background(spec.load.background, url, cases, spec.load.duration_s,
-                                      self.ctx.capacity_rps, self.s.workdir / spec.name, self.s.stats_headers)
+                                      self.ctx.capacity_rps, self.s.workdir / spec.name, self.s.stats_headers,
+                                      serving=self.serving)
             log_offset = accesslog.size(self.s.access_log) if self.s.access_log else 0
             probe.start()
             self._run_method(probe)
@@ -289,7 +303,10 @@ class DrillRun:
                 except Exception as exc:
                     self.log(f"  teardown of {f.name} failed: {exc}")
         settle_s = settle(fleet)
-        _, more = answers(fleet, cases)
+        more = self._answer_notes(cases)
+        if self.serving is not None:
+            return self._finish_serving(spec, fleet, probe, bg_result, settle_s, desired_before, notes + more,
+                                        cpu_before, wall_before)
         # Right answers come from the golden reference for the versions desired before the fault; only a rollover
         # to a real new version (not a drill-made copy) makes the new version's reference answers right too.
         # Drill-made copies are byte-identical re-releases (same answers) or deliberately wrong.
@@ -306,7 +323,10 @@ class DrillRun:
             figures["wrong_answers"] = None
             figures["answers_notes"].append(f"wrong answers not judged: {problem}")
         figures["answers_source"] = "golden reference (control.fleet.golden)" if not problem else None
-        if spec.alerts:
+        return self._complete(figures, cpu_before, wall_before, probe)
+
+    def _complete(self, figures: dict, cpu_before: dict, wall_before: float, probe) -> dict:
+        if self.spec.alerts:
             figures.update(self._alert_figures(probe.t0 or self.journal.started_at, figures))
         if self.s.monitor is not None:
             figures["monitoring_cost"] = monitoring_cost(cpu_before, self.s.monitor.cpu_seconds(),
@@ -315,6 +335,50 @@ class DrillRun:
         result = self._result(figures, status=status)
         self.journal.finish(status, result["reason"])
         return result
+
+    # ------------------------------------------------------------------ a serving spec's models
+    def _cases(self, models: list[str] | None = None) -> list:
+        """What the probe sends: the demo's golden pair, or every golden request of the spec's target models."""
+        if self.serving is None:
+            return cases_for(self.spec)
+        from recserve.drills.serving import cases
+
+        return cases(self.serving, models or list(self.spec.targets))
+
+    def _answer_notes(self, cases: list) -> list[str]:
+        if self.serving is None:
+            return answers(self.s.fleet, cases)[1]
+        from recserve.drills.serving import instance_answers
+
+        return instance_answers(self.s.fleet, self.serving, list(self.spec.targets))[1]
+
+    def _finish_serving(self, spec: DrillSpec, fleet: FleetAPI, probe, bg_result, settle_s, desired_before: dict,
+                        notes: list[str], cpu_before: dict, wall_before: float) -> dict:
+        """Judge a serving spec's answers: right means passing, under the spec's rules, the reference's answer
+        for the versions desired before the fault (and, after a rollover to a real new version, for the versions
+        desired now); never the fleet's own answers."""
+        from recserve.drills.serving import SpecJudge
+
+        judge = SpecJudge(self.serving)
+        models = list(spec.targets)
+        exp, problem = judge.expected(desired_before, models)
+        sets = [exp]
+        if any(a.fault == "rollover-under-load" and a.params["version"] != "latest" for a in spec.method):
+            more, problem_after = judge.expected(fleet.desired(), models)
+            sets.append(more)
+            problem = problem or problem_after
+        if not problem:
+            self.records = judge.rematch(self.records, sets)
+        figures = self._figures(probe.t0 or self.journal.started_at, bg_result, settle_s)
+        figures["answers_notes"] = notes
+        if problem:  # nothing to judge answers against: unmeasured, which fails wrong_answers_max (never passes)
+            figures["wrong_answers"] = None
+            figures["answers_notes"].append(f"wrong answers not judged: {problem}")
+        figures["answers_source"] = (f"reference outside Triton by the serving spec's rules ({self.serving.path})"
+                                     if not problem else None)
+        figures["serving_spec"] = {"spec": str(self.serving.path), "targets": models,
+                                   "roll_model": self.s.roll_model, "roll_model_why": self.s.roll_why}
+        return self._complete(figures, cpu_before, wall_before, probe)
 
     def _metrics_urls(self) -> dict[str, str]:
         return {i.id: f"http://127.0.0.1:{i.metrics_port}/metrics" for i in self.s.fleet.instances() if i.metrics_port}

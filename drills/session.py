@@ -42,6 +42,13 @@ class FleetHandle:
     stats_key: str | None = None
     #: HAProxy's access log when the fleet's runtime root is known here (its timers go into the report).
     access_log: Path | None = None
+    #: The serving spec (control/spec/spec.py) of a user's repository, read against ``repository``: the drills
+    #: send, judge and roll its models (drills/serving.py). None: the demo's recommend/search.
+    spec: Any = None
+    #: The model the rolling faults roll with a spec (``--roll-model`` or the spec's first ONNX step), and why;
+    #: None with the reason when there is none.
+    roll_model: str | None = None
+    roll_why: str = ""
 
     @property
     def private(self) -> bool:
@@ -210,9 +217,15 @@ class FleetOwner:
 
     def __init__(self, control: str | None = None, repository: Path | None = None, private: bool = False,
                  fixture_models: bool = False, log=print, monitor: bool = False, env: dict[str, str] | None = None,
-                 mode: str | None = None):
+                 mode: str | None = None, spec: Path | None = None, roll_model: str | None = None):
         """``env``: added to a private fleet's control-plane environment (the negative controls' test switches;
-        a running fleet is never changed); ``mode``: a private fleet's --mode (default: the server's)."""
+        a running fleet is never changed); ``mode``: a private fleet's --mode (default: the server's);
+        ``spec``: a serving spec: a private fleet serves a copy of its repository with ``--spec`` (a running
+        fleet must already serve its models); ``roll_model``: the model rolling faults roll (default: the spec's
+        first ONNX step)."""
+        if spec is not None and fixture_models:
+            raise FleetError("--spec and --fixture-models: the fixture models are the demo's; give one of them")
+        self.spec_path, self.roll_model = (Path(spec).resolve() if spec else None), roll_model
         self.control, self.repository, self.private, self.log = control, repository, private, log
         self.env, self.mode = env, mode
         self.fixture_models = fixture_models
@@ -230,6 +243,17 @@ class FleetOwner:
                 fleet = FleetAPI(control, read_token())
                 endpoints = fleet.status(events=1)["endpoints"]
                 repo = self.repository or DEFAULT_REPOSITORY
+                serving, why = None, ""
+                if self.spec_path is not None:
+                    serving = self._load_spec(self.repository)
+                    repo = serving.repository
+                    why = self._not_serving(fleet, serving)
+                    if why and self.control:
+                        raise FleetError(why)
+                if serving is not None and why:  # a running fleet of other models is left alone
+                    fleet.close()
+                    self.log(f"not using the running fleet: {why}; starting a private one")
+                    return self._private()
                 adopted = None
                 if endpoints.get("control") == control and (RUNTIME / "control.pid").exists():
                     adopted = AdoptedControlPlane(RUNTIME, repo, endpoints)
@@ -237,8 +261,13 @@ class FleetOwner:
                 self.session = FleetHandle(fleet, repo, endpoints["grpc"], control=adopted,
                                            stats_key=read_stats_key(RUNTIME),
                                            access_log=RUNTIME / "haproxy" / "access.log" if adopted else None)
+                self._attach_spec(serving)
                 self.session.monitor = self._start_monitor(RUNTIME)
                 return self.session
+        return self._private()
+
+    def _private(self) -> FleetHandle:
+        source = self._load_spec(self.repository).repository if self.spec_path is not None else None
         self.tmp = Path(tempfile.mkdtemp(prefix="recserve-drills-"))
         repo = self.tmp / "model_repository"
         if self.fixture_models:
@@ -246,11 +275,18 @@ class FleetOwner:
 
             make_repository(self.repository or DEFAULT_REPOSITORY, repo)
             self.log("models: synthetic fixture models (drills/fixture_models.py), not the trained build")
-        else:
+        serving = None
+        if source is not None:  # the spec's repository (or --repository), copied: drills add versions
+            shutil.copytree(source, repo, symlinks=True)
+            serving = self._load_spec(repo)
+            self.log(f"serving spec {self.spec_path}: models {', '.join(serving.models)} (repository {source}, "
+                     "copied)")
+        elif not self.fixture_models:
             shutil.copytree(self.repository or DEFAULT_REPOSITORY, repo, symlinks=True)
+        args = ["--mode", self.mode] if self.mode else []
+        args += ["--spec", str(self.spec_path)] if serving is not None else []
         self.started = ControlPlaneProcess(self.tmp / "runtime", repo, free_port(), free_port(), free_port(),
-                                           free_port(), env=self.env,
-                                           args=["--mode", self.mode] if self.mode else None)
+                                           free_port(), env=self.env, args=args or None)
         self.log(f"starting a private fleet under {self.tmp} (control {self.started.address}) ...")
         t = time.monotonic()
         try:
@@ -265,8 +301,40 @@ class FleetOwner:
                                stats_key=read_stats_key(self.started.root),
                                access_log=self.started.root / "haproxy" / "access.log")
         self.session.workdir.mkdir(parents=True, exist_ok=True)
+        self._attach_spec(serving)
         self.session.monitor = self._start_monitor(self.started.root)
         return self.session
+
+    def _load_spec(self, repository: Path | None):
+        """The serving spec read against ``repository`` (None: the spec's own); a bad one is a FleetError that
+        names the file and the field, before anything starts."""
+        from recserve.control.spec.repository import RepositoryReadError
+        from recserve.control.spec.spec import SpecError, load_spec
+
+        try:
+            return load_spec(self.spec_path, Path(repository) if repository else None)
+        except (SpecError, RepositoryReadError) as exc:
+            raise FleetError(f"--spec: {exc}") from None
+
+    @staticmethod
+    def _not_serving(fleet: FleetAPI, serving) -> str:
+        """Why a running fleet cannot be drilled with the spec ('' when it can): it must serve the spec's models
+        (started with recctl up --spec)."""
+        for inst in fleet.instances():
+            missing = sorted(set(serving.models) - set(inst.models))
+            if missing:
+                return (f"the running fleet's instance {inst.id} does not serve {missing} of {serving.path} "
+                        f"(start it with 'recctl up --spec {serving.path}')")
+        return ""
+
+    def _attach_spec(self, serving) -> None:
+        if serving is None:
+            return
+        from recserve.drills.serving import roll_model
+
+        self.session.spec = serving
+        self.session.roll_model, self.session.roll_why = roll_model(serving, self.roll_model)
+        self.log(f"rolling faults roll: {self.session.roll_model or 'nothing'} ({self.session.roll_why})")
 
     def _start_monitor(self, root: Path):
         """Prometheus + Alertmanager + receiver at 1 s intervals over the fleet's file_sd targets (own dir)."""
