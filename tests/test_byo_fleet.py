@@ -16,10 +16,9 @@ import pytest
 import yaml
 
 from recserve.control.client import RecClient
-from recserve.control.fleet.spec_golden import batched, unbatched
 from recserve.control.runtime.procs import cmdline, port_in_use
 from recserve.control.runtime.triton import shm_regions
-from recserve.control.spec.compare import compare_answer
+from recserve.control.spec.compare import batched, compare_answer, unbatched
 from recserve.control.spec.spec import load_spec
 from tests.byo_repository import VARIED_MODEL, add_version, make_repository
 from tests.fleet_fixtures import FleetProcess

@@ -25,7 +25,7 @@ from recserve.control.api.proto import control_pb2 as pb
 from recserve.control.kube import ctl
 from recserve.control.runtime.triton import free_port
 from recserve.control.spec.init import init_spec
-from tests.byo_repository import make_repository
+from tests.byo_repository import VARIED_MODEL, _save, ctr_graph, make_repository
 
 MUTATING = {"AddInstance", "RemoveInstance", "DrainInstance", "PromoteInstance", "Scale", "SetKnee", "Rollover",
             "Rollback", "CreateSnapshot", "RestoreSnapshot", "RunBackup"}
@@ -181,6 +181,7 @@ def byo_spec(tmp_path_factory) -> tuple:
     base = tmp_path_factory.mktemp("byo")
     byo = make_repository(base / "repo")
     init_spec(byo, base / "spec" / "spec.yaml", n_requests=2)
+    _save(ctr_graph("perturbed"), base / "new.onnx")
     return byo, base / "spec" / "spec.yaml"
 
 
@@ -254,6 +255,8 @@ SAMPLES: dict[str, list[list[str]]] = {
                ["backup", "now", "--dry-run"], ["backup", "list"], ["backup", "list", "--from", "{target}"]],
     "init": [["init", "--repository", "{byo}", "--out", "{tmp}/s/spec.yaml", "--force", "--requests", "2"]],
     "spec": [["spec", "validate", "{byospec}"]],
+    "release": [["release", VARIED_MODEL, "--onnx", "{byospec.parent.parent}/new.onnx", "--spec", "{byospec}",
+                 "--dry-run"]],
     "k8s status": [["k8s", "status"]],
     "k8s rollouts": [["k8s", "rollouts"]],
     "k8s rollover": [["k8s", "rollover", "ranker", "--version", "3", "--name", "r3"],

@@ -16,19 +16,8 @@ import numpy as np
 
 from recserve.control.client import RecClient
 from recserve.control.fleet.golden import SOURCE_RECORDED, SOURCE_REFERENCE, Expected, Golden, _Entry
-from recserve.control.spec.compare import compare_answer
-from recserve.control.spec.spec import ModelSpec, ServingSpec
-
-Answer = dict[str, np.ndarray]
-
-
-def batched(spec: ModelSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Golden tensors (no batch dimension) as one request: a batch of 1 when the model batches."""
-    return {k: np.asarray(v)[None, ...] for k, v in arrays.items()} if spec.info.max_batch_size > 0 else dict(arrays)
-
-
-def unbatched(spec: ModelSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v)[0] for k, v in arrays.items()} if spec.info.max_batch_size > 0 else dict(arrays)
+from recserve.control.spec.compare import Answer, batched, compare_answer, drift_of, unbatched
+from recserve.control.spec.spec import ServingSpec
 
 
 class SpecGolden(Golden):
@@ -117,31 +106,7 @@ class SpecGolden(Golden):
 
     def drift(self, pairs: list[tuple[dict[str, Answer], dict[str, Answer]]], default_min: float
               ) -> dict[str, tuple[float, float]]:
-        """Per model, (agreement, minimum) of a new version's golden answers with the serving version's: the
-        spec's drift gate (score correlation, or top-k overlap, over all golden requests) where it names one,
-        else the share of golden requests whose new answer passes the old one under the comparison rules."""
-        out = {}
-        for name, m in self.spec.models.items():
-            d = m.gates.drift
-            if d is None:
-                ok = [not compare_answer(m.outputs, new[name], old[name]) for old, new in pairs]
-                out[name] = (sum(ok) / max(1, len(ok)), default_min)
-            elif d.compare == "correlation":
-                a = np.concatenate([np.asarray(old[name][d.output], dtype=np.float64).reshape(-1) for old, _ in pairs])
-                b = np.concatenate([np.asarray(new[name][d.output], dtype=np.float64).reshape(-1) for _, new in pairs])
-                out[name] = (correlation(a, b), d.min)
-            else:
-                shares = []
-                for old, new in pairs:
-                    a = set(np.asarray(old[name][d.output]).reshape(-1)[:d.k].tolist())
-                    b = set(np.asarray(new[name][d.output]).reshape(-1)[:d.k].tolist())
-                    shares.append(len(a & b) / max(1, len(a)))
-                out[name] = (sum(shares) / max(1, len(shares)), d.min)
-        return out
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation; two constant series count as agreeing only when they are equal."""
-    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
-        return 1.0 if np.allclose(a, b) else 0.0
-    return float(np.corrcoef(a, b)[0, 1])
+        """Per model, (agreement, minimum) of a new version's golden answers with the serving version's over
+        ``pairs`` of (old, new) answers: ``drift_of`` for each model of the spec."""
+        return {name: drift_of(m, [(old[name], new[name]) for old, new in pairs], default_min)
+                for name, m in self.spec.models.items()}

@@ -6,9 +6,13 @@ tolerance-judged outputs). A mismatch says which output, which rule and by how m
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
-from recserve.control.spec.spec import OutputRule
+from recserve.control.spec.spec import ModelSpec, OutputRule
+
+Answer = dict[str, np.ndarray]
 
 
 def _flat(a: np.ndarray) -> np.ndarray:
@@ -69,3 +73,39 @@ def compare_answer(rules: dict[str, OutputRule], served: dict[str, np.ndarray],
         if why:
             out[name] = why
     return out
+
+
+def batched(spec: ModelSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Golden tensors (no batch dimension) as one request: a batch of 1 when the model batches."""
+    return {k: np.asarray(v)[None, ...] for k, v in arrays.items()} if spec.info.max_batch_size > 0 else dict(arrays)
+
+
+def unbatched(spec: ModelSpec, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[0] for k, v in arrays.items()} if spec.info.max_batch_size > 0 else dict(arrays)
+
+
+def drift_of(m: ModelSpec, pairs: list[tuple[Answer, Answer]], default_min: float) -> tuple[float, float]:
+    """(agreement, minimum) of one model's new answers with its old ones: the spec's drift gate (score
+    correlation, or top-k overlap, over all the requests) where it names one, else the share of requests whose
+    new answer passes the old one under the comparison rules (minimum ``default_min``)."""
+    d = m.gates.drift
+    if d is None:
+        ok = [not compare_answer(m.outputs, new, old) for old, new in pairs]
+        return sum(ok) / max(1, len(ok)), default_min
+    if d.compare == "correlation":
+        a = np.concatenate([np.asarray(old[d.output], dtype=np.float64).reshape(-1) for old, _ in pairs])
+        b = np.concatenate([np.asarray(new[d.output], dtype=np.float64).reshape(-1) for _, new in pairs])
+        return correlation(a, b), d.min
+    shares = []
+    for old, new in pairs:
+        a = set(np.asarray(old[d.output]).reshape(-1)[:d.k].tolist())
+        b = set(np.asarray(new[d.output]).reshape(-1)[:d.k].tolist())
+        shares.append(len(a & b) / max(1, len(a)))
+    return sum(shares) / max(1, len(shares)), d.min
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; two constant series count as agreeing only when they are equal."""
+    if a.size < 2 or np.std(a) == 0 or np.std(b) == 0:
+        return 1.0 if np.allclose(a, b) else 0.0
+    return float(np.corrcoef(a, b)[0, 1])
