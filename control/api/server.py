@@ -34,6 +34,7 @@ from recserve.control.errors import ErrorCode
 from recserve.control.fallback.contract import CONTRACT_MODELS
 from recserve.control.fleet.fleet import Fleet, FleetConfig, status_json
 from recserve.control.keys import SecretFileError, check_private, read_secret
+from recserve.control.monitoring.config import publish_models
 from recserve.control.monitoring.metrics import ControlMetrics
 from recserve.control.monitoring.targets import FleetCollector, remembered_port
 from recserve.control.rollout.manager import RolloutManager
@@ -361,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     if front.tls:  # the client ports speak only TLS: local tools (drills, perf) need plaintext loopback ports
         tls_info["client_tls"] = True
     (root / "endpoints.json").write_text(json.dumps({**endpoints, **tls_info}, indent=2))
+    # the models `make monitor-up`'s runtime rules and dashboard select (none: the committed ones, the demo's)
+    try:
+        publish_models(root, spec.model_names() if spec is not None else None, spec.path if spec is not None else None)
+    except ValueError as exc:  # a name PromQL cannot select (the front door refuses it too): said, not fatal
+        print(f"warning: monitoring rules keep the demo's models: {exc}", file=sys.stderr, flush=True)
 
     degraded_ok = spec is None or set(spec.models) <= set(CONTRACT_MODELS)
     if not degraded_ok and not args.no_fallback:  # said, not silent: shed requests of these models get 429

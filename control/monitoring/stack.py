@@ -15,7 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recserve.control.monitoring.alertsink import read_notifications
-from recserve.control.monitoring.config import DEPLOY_DIR, render_alertmanager, render_prometheus, write_yaml
+from recserve.control.monitoring.config import (
+    DASHBOARD,
+    DEPLOY_DIR,
+    published_models,
+    render_alertmanager,
+    render_dashboard,
+    render_prometheus,
+    write_runtime_rules,
+    write_yaml,
+)
 from recserve.control.monitoring.targets import targets_dir
 from recserve.control.runtime.promstack import Alertmanager, AlertReceiver, MonitorError, ProcConfig, Prometheus, binary
 from recserve.control.runtime.triton import REPO_ROOT
@@ -88,13 +97,31 @@ class MonitorStack:
                 self.prometheus.config.port = self._port(self.prometheus)
                 write_yaml(self.prometheus.config.workdir / "prometheus.yml",
                            render_prometheus(targets_dir(c.root), f"127.0.0.1:{self.alertmanager.config.port}",
-                                             c.fast, c.deploy_dir))
+                                             c.fast, c.deploy_dir, self.runtime_rules()))
                 self.prometheus.start()
         except BaseException:
             self.down()
             raise
         self.endpoints_path.write_text(json.dumps(self.endpoints(), indent=2))
         return self.endpoints()
+
+    def runtime_rules(self) -> list[Path] | None:
+        """For a fleet that published its models (a spec fleet: ``<root>/monitoring/models.json``), rule files and a
+        dashboard selecting those models, written under the stack's dir; None: the committed ones (the demo's)."""
+        c = self.config
+        rules_dir, dashboard = self.prometheus.config.workdir / "rules", c.dir / DASHBOARD
+        try:
+            models = published_models(c.root)
+        except ValueError as exc:
+            raise MonitorError(str(exc)) from None
+        if models is None:
+            for f in rules_dir.glob("*.yml"):  # a spec fleet's leftovers: never read by this Prometheus
+                f.unlink()
+            dashboard.unlink(missing_ok=True)
+            return None
+        dashboard.parent.mkdir(parents=True, exist_ok=True)
+        dashboard.write_text(json.dumps(render_dashboard(models, c.deploy_dir), indent=2) + "\n")
+        return write_runtime_rules(rules_dir, models, c.deploy_dir)
 
     @staticmethod
     def _port(proc) -> int:
