@@ -99,17 +99,22 @@ drill: $(DRILL_DEPS)  ## one drill: make drill NAME=crash (list: python -m recse
 .PHONY: perf perf-smoke perf-tune perf-check
 PERF_SUITE ?= full
 MODEL      ?= ranker
+# SPEC=spec.yaml: measure a serving spec's models (recctl init writes one) with perf/suites/spec-<suite>.yaml;
+# the demo's models are then neither built nor needed.
+SPEC       ?=
+PERF_DEPS  := $(if $(SPEC),setup,models)
+PERF_SPEC  := $(if $(SPEC), --spec $(SPEC),)
 
-perf: models  ## full perf suite (perf/suites/$(PERF_SUITE).yaml) -> reports/perf/<timestamp>/ + reports/perf/latest
-	$(PY) -m recserve.perf run $(PERF_SUITE)
+perf: $(PERF_DEPS)  ## full perf suite (perf/suites/$(PERF_SUITE).yaml) -> reports/perf/<timestamp>/ + reports/perf/latest; SPEC=spec.yaml for a user's repository
+	$(PY) -m recserve.perf run $(PERF_SUITE)$(PERF_SPEC)
 
-perf-smoke: models  ## short perf suite, under 3 minutes on 2 cores (CI)
-	$(PY) -m recserve.perf run smoke
+perf-smoke: $(PERF_DEPS)  ## short perf suite, under 3 minutes on 2 cores (CI); SPEC=spec.yaml for a user's repository
+	$(PY) -m recserve.perf run smoke$(PERF_SPEC)
 
 perf-tune: models  ## search instances/queue delay/preferred batch for MODEL=ranker; proposes a config, never edits it
 	$(PY) -m recserve.perf tune $(MODEL)
 
-perf-check: models  ## judge reports/perf/latest ratios against their CPU ceilings (perf/baseline.json); CI
+perf-check: $(PERF_DEPS)  ## judge reports/perf/latest ratios against their CPU ceilings (perf/baseline.json); CI
 	$(PY) -m recserve.perf check
 
 .PHONY: fleet-up fleet-down

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rich.markup import escape
+
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, TritonError, TritonServer, top_level_models
 from recserve.control.spec.spec import ServingSpec
 from recserve.perf import inputs, ratios, report
@@ -45,7 +47,7 @@ def run_suite(
         loadable, skipped = check_models(repository, wanted)
         for why in skipped.values():
             (s.skipped if "skipped" in why else s.errors).append(why)
-            console.print(f"[yellow]{why}[/]")
+            console.print(f"[yellow]{escape(why)}[/]")
         if not loadable:
             raise Unavailable("nothing to measure: " + "; ".join(skipped.values()))
         if spec is not None:
@@ -80,7 +82,7 @@ def run_suite(
             if e is None:
                 why = f"target '{t.name}' skipped: {fleet_why if t.via == 'fleet' else proxy_why}"
                 s.skipped.append(why)
-                console.print(f"[yellow]{why}[/]")
+                console.print(f"[yellow]{escape(why)}[/]")
                 continue
             console.print(f"[bold cyan]target {t.name}[/] ({t.model} via {t.via}, batch {t.batch_size})")
             s.run_target(t, e)
@@ -101,7 +103,7 @@ def run_suite(
                 ratios.trt_vs_onnx(s, spec, ep, loadable, skipped)
     except (TritonError, Unavailable, inputs.InputError, OSError) as exc:
         s.errors.append(str(exc))
-        console.print(f"[red]error: {exc}[/]")
+        console.print(f"[red]error: {escape(str(exc))}[/]")
     except KeyboardInterrupt:
         s.errors.append("interrupted (Ctrl-C); partial results")
     finally:

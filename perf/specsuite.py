@@ -14,13 +14,12 @@ person confirmed (range or values, not ``guessed``), more requests are generated
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from recserve.control.spec.spec import InputRule, ModelSpec, ServingSpec
+from recserve.control.spec.spec import ModelSpec, ServingSpec
 from recserve.perf.suite import Suite, SuiteError, load
 
 #: Why each demo ratio is not measured for a spec, printed and reported (never left out silently).
@@ -81,48 +80,25 @@ def _generatable(ms: ModelSpec) -> str | None:
             return f"input {t.name} has no rule"
         if rule.guessed:
             return f"input {t.name}'s rule was guessed by recctl init (confirm it to generate requests)"
-        if rule.file is not None:
-            return f"input {t.name} takes values from a file"
     return None
 
 
-def _draw(rule: InputRule, datatype: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
-    size = math.prod(shape)
-    if rule.values is not None:
-        picked = [rule.values[int(i)] for i in rng.integers(0, len(rule.values), size)]
-        if datatype == "BYTES":
-            return np.array([str(v).encode() for v in picked], dtype=object).reshape(shape)
-        return np.array(picked).astype(_dtype(datatype)).reshape(shape)
-    lo, hi = rule.range  # type: ignore[misc]
-    if datatype.startswith(("INT", "UINT")):
-        return rng.integers(int(lo), int(hi) + 1, size).astype(_dtype(datatype)).reshape(shape)
-    return rng.uniform(lo, hi, size).astype(_dtype(datatype)).reshape(shape)
-
-
-def _dtype(datatype: str) -> str:
-    from recserve.control.spec.repository import NUMPY_OF
-
-    return NUMPY_OF[datatype]
-
-
 def rule_rows(ms: ModelSpec, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """``n`` requests drawn from the spec's input rules; shapes follow the first golden request, a variable
-    dimension's length its ``length`` rule. Call only when ``_generatable`` says None."""
-    rng = np.random.default_rng(seed)
-    first = ms.golden[0].inputs
+    """``n`` requests drawn from the spec's input rules by ``recctl init``'s own generator (a variable dimension
+    takes its ``length`` rule). Call only when ``_generatable`` says None."""
+    from recserve.control.spec.init import make_requests
+
+    by_name = {t.name: t for t in ms.info.inputs}
     out = []
-    for _ in range(n):
+    for req in make_requests(ms.info, ms.inputs, n, seed):
         row = {}
-        for t in ms.info.inputs:
-            rule = ms.inputs.get(t.name)
-            if rule is None:
-                continue  # optional input without a rule: left out, as the golden requests may
-            shape = list(first[t.name].shape) if t.name in first else [max(d, 1) for d in t.dims]
-            if rule.length is not None:
-                lo, hi = rule.length
-                k = int(rng.integers(lo, hi + 1))  # golden shapes have the config's rank (spec.read_golden)
-                shape = [k if d == -1 else s for d, s in zip(t.dims, shape, strict=True)]
-            row[t.name] = _draw(rule, t.datatype, shape, rng)
+        for name, entry in req.items():
+            t = by_name[name]
+            if t.datatype == "BYTES":
+                a = np.array([str(v).encode() for v in entry["content"]], dtype=object)
+            else:
+                a = np.array(entry["content"], dtype=t.numpy_dtype)
+            row[name] = a.reshape(entry["shape"])
         out.append(row)
     return out
 

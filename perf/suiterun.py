@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from rich.markup import escape
+
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, TritonError, TritonServer
 from recserve.perf import analyzer, figures, inputs, metrics
 from recserve.perf.console import console
@@ -181,7 +183,7 @@ class SuiteRun:
             rec.error = str(exc)
             if not probing:
                 self.errors.append(f"{target} [{variant}, {ep.via}, {mode} {value:g}]: {exc}")
-            console.print(f"  [{'yellow' if probing else 'red'}]{target} {mode} {value:g}: {exc}[/]")
+            console.print(f"  [{'yellow' if probing else 'red'}]{target} {mode} {value:g}: {escape(str(exc))}[/]")
             self.runs.append(rec)
             return rec
         sampler.__exit__(None, None, None)
