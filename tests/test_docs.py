@@ -4,7 +4,8 @@ Convention, on the line just before a fenced block (blank lines between are allo
 
 - ``<!-- test -->`` on a ``bash`` or ``python`` block: it runs here, from the repository root, with ``.venv/bin``
   first on PATH, and must exit 0. Only examples that need no fleet, cluster or GPU (they start nothing lasting).
-- ``<!-- test: drill spec -->`` / ``<!-- test: backup policy -->`` on a ``yaml`` block: it is validated by the loader
+- ``<!-- test: drill spec -->`` / ``<!-- test: backup policy -->`` / ``<!-- test: serving spec -->`` on a ``yaml``
+  block: it is validated by the loader
   that reads such files (``recserve.drills.spec.load_file`` / ``recserve.control.backup.policy.load_policy``);
   ``<!-- test: retry service config -->`` on a ``json`` block: it equals ``RETRY_SERVICE_CONFIG``.
 - ``<!-- not run: why -->``: an example that needs a fleet, a cluster, a GPU or minutes. It is still checked: Python
@@ -211,13 +212,24 @@ def test_example_file_validates(ex, tmp_path):
         f = tmp_path / "policy.yaml"
         f.write_text(ex.code)
         load_policy(f)
+    elif kind == "serving spec":  # against a generated user repository whose golden files recctl init wrote
+        from recserve.control.spec.init import init_spec
+        from recserve.control.spec.spec import load_spec
+        from tests.byo_repository import make_repository
+
+        make_repository(tmp_path / "repo")
+        init_spec(tmp_path / "repo", tmp_path / "init" / "spec.yaml", n_requests=2)
+        (tmp_path / "init" / "golden").rename(tmp_path / "golden")
+        f = tmp_path / "spec.yaml"
+        f.write_text(ex.code)
+        load_spec(f)
     elif kind == "retry service config":
         from recserve.control.client import RETRY_SERVICE_CONFIG
 
         assert json.loads(ex.code) == RETRY_SERVICE_CONFIG, "the page shows another policy than clients use"
     else:
         pytest.fail(f"{ex.where}: unknown marker 'test: {kind}' (known: drill spec, backup policy, "
-                    "retry service config)")
+                    "retry service config, serving spec)")
 
 
 # ------------------------------------------------------------------------------ examples that are only checked
