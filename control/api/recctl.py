@@ -671,9 +671,11 @@ def _restore_from(args: argparse.Namespace) -> int:
         return OK
     out = restore(_target(args), backup_id, Path(args.restore_root), Path(args.repository))
     desired = ", ".join(f"{k}:{','.join(map(str, v))}" for k, v in sorted(out["desired"].items()))
+    spec = (f"; serving spec {out['spec']} ({out['spec_files']} files)" if out["spec"] else "")
     args.out.emit(out, f"restored backup {out['id']} ({out['files']} files, {out['bytes'] / 1e6:.1f} MB, every sha256 "
-                       f"checked) into {out['repository']} and {out['root']}; desired {desired}\n"
-                       f"next: recctl --root {out['root']} up --repository {out['repository']}")
+                       f"checked) into {out['repository']} and {out['root']}; desired {desired}{spec}\n"
+                       f"next: recctl --root {out['root']} up --repository {out['repository']}"
+                       + (f" --spec {out['spec']}" if out["spec"] else ""))
     return OK
 
 

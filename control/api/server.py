@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     guard = ApiGuard(token, root / "token", record=lambda message: fleet.state.event("audit", message))
     servicer = ControlPlane(fleet, rollouts, store, guard, endpoints)
     try:
-        backups = make_scheduler(policy_path(args.backup_policy), root, fleet.repository, metrics, fleet.state.event)
+        backups = make_scheduler(policy_path(args.backup_policy), root, fleet.repository, metrics, fleet.state.event,
+                                 spec=spec.path if spec is not None else None)
     except BackupError as exc:
         print(f"backup policy refused: {exc}", file=sys.stderr)
         return 2

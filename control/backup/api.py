@@ -36,13 +36,15 @@ def policy_path(arg: Path | None) -> Path | None:
     return Path(env) if env else None
 
 
-def make_scheduler(policy_file: Path | None, root: Path, repository: Path, metrics, event) -> BackupScheduler | None:
-    """Load the policy (BackupError names the field on a bad one) and build, not start, the scheduler."""
+def make_scheduler(policy_file: Path | None, root: Path, repository: Path, metrics, event,
+                   spec: Path | None = None) -> BackupScheduler | None:
+    """Load the policy (BackupError names the field on a bad one) and build, not start, the scheduler; ``spec``:
+    a spec fleet's serving spec, backed up with the files it names."""
     if policy_file is None:
         return None
     policy = load_policy(policy_file, runtime_root=root, repository=repository)
     manager = BackupManager(policy, repository, root / "state.db", metrics,
-                            event=lambda kind, msg: event(kind, msg))
+                            event=lambda kind, msg: event(kind, msg), spec=spec)
     return BackupScheduler(manager)
 
 

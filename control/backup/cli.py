@@ -33,7 +33,7 @@ def backups_table(rows: list[dict], title: str) -> Table:
 def record_row(r: BackupRecord) -> dict:
     return {"id": r.id, "created_unix": r.created, "trigger": r.trigger, "verified": bool(r.verified),
             "verified_unix": r.verified_at, "bytes": r.bytes, "files": len(r.files), "desired": r.desired,
-            "problem": r.problem}
+            "problem": r.problem, "spec": r.spec, "spec_files": len(r.spec_files or {})}
 
 
 def pb_row(b) -> dict:

@@ -7,6 +7,11 @@ SQLite's online backup API (never a file copy of a live WAL database). Files are
 scratch directory: each object's sha256, each version's own manifest and the state copy (integrity check, its
 desired versions) are checked, and the result is written back into the backup's record.
 
+A fleet serving a spec (``recctl up --spec``) also backs up the spec file and the files it names (golden requests,
+input sample files, degraded answers), by their paths relative to the spec's directory; verification loads the
+restored spec against the restored repository, and restore puts them under ``<root>/spec/`` (or ``spec_dir``) so the
+rebuilt fleet can ``recctl up --spec`` again.
+
 Restore (``recctl restore --from TARGET``) needs no control plane: it rebuilds a repository and a runtime root
 whose state holds the desired versions, rollouts and events, without the old machine's instance membership.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import sqlite3
 import tempfile
@@ -26,7 +32,7 @@ from pathlib import Path
 
 from recserve.control.backup.policy import BackupError, BackupPolicy
 from recserve.control.backup.targets import Store, TargetError, TargetSpec, open_store, refuse_inside
-from recserve.control.routing.router import ROUTER_KEYS_SQL
+from recserve.control.routing.router import forget_routing
 from recserve.control.state.snapshots import (
     MANIFEST,
     has_manifests,
@@ -38,6 +44,8 @@ from recserve.control.state.snapshots import (
 
 DAY_S = 86400.0
 STATE_FILE = "state.db"
+#: Where restore puts a spec fleet's spec and its files, under the new runtime root (unless told otherwise).
+SPEC_DIR = "spec"
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -57,6 +65,10 @@ class BackupRecord:
     verified: bool | None = None
     verified_at: float = 0.0
     problem: str = ""
+    #: A spec fleet's serving spec: its file name and every file it names, relative to the spec's directory
+    #: (path -> sha256; the spec file is one of them). Empty for the demo.
+    spec: str = ""
+    spec_files: dict[str, str] | None = None
 
     def models(self) -> dict[str, list[int]]:
         return models_of(self.files)
@@ -148,6 +160,44 @@ def repository_files(repository: Path, keep: dict[str, set[int]]) -> list[Path]:
     return out
 
 
+def spec_files(spec_path: Path, repository: Path) -> tuple[str, dict[str, Path]]:
+    """The spec file and every file it names (golden requests, input sample files, degraded answers), each by its
+    path relative to the spec's directory: ``(spec file's relative name, {relative path: file})``. The spec must
+    load against ``repository`` (a backup of a spec that no longer loads could not bring a fleet back), and every
+    file must sit in the spec's directory tree, which is what restore rebuilds."""
+    from recserve.control.spec.repository import RepositoryReadError
+    from recserve.control.spec.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(Path(spec_path), Path(repository))
+    except (SpecError, RepositoryReadError) as exc:
+        raise BackupError(f"the fleet's spec no longer loads, so a backup of it could not bring the fleet back: "
+                          f"{exc}") from None
+    base = spec.path.parent
+    named = [spec.path]
+    for m in spec.models.values():
+        named.append(m.golden_file)
+        named += [r.file for r in m.inputs.values() if r.file is not None]
+        if m.degraded is not None and m.degraded.file is not None:
+            named.append(m.degraded.file)
+    out: dict[str, Path] = {}
+    for f in named:
+        f = Path(f).resolve()
+        if not f.is_relative_to(base):
+            raise BackupError(f"{spec.path}: {f} is outside the spec's directory {base}: a backup restores that "
+                              "directory; keep the spec's files inside it")
+        out[str(f.relative_to(base))] = f
+    return str(spec.path.relative_to(base)), out
+
+
+def _spec_dest(spec_dir: Path, rel: str) -> Path:
+    """Where a backed-up spec file goes; a path that would leave ``spec_dir`` is refused (a tampered record)."""
+    dest = (spec_dir / rel).resolve()
+    if os.path.isabs(rel) or not dest.is_relative_to(spec_dir.resolve()):
+        raise BackupError(f"spec file path {rel!r} leaves the spec directory")
+    return dest
+
+
 # ---------------------------------------------------------------------------------------------- retention
 def select_keep(backups: list[BackupRecord], now: float, keep_last: int, daily_days: int) -> set[str]:
     """Ids to keep: the last ``keep_last`` verified backups, the newest verified backup of each UTC day of the last
@@ -174,7 +224,8 @@ def prune(store: Store, policy: BackupPolicy, now: float) -> list[str]:
     removed = [b.id for b in backups if b.id not in keep]
     for bid in removed:
         store.delete(_record_key(bid))
-    live = {_object_key(d) for b in backups if b.id in keep for d in [*b.files.values(), b.state_sha256]}
+    live = {_object_key(d) for b in backups if b.id in keep
+            for d in [*b.files.values(), *(b.spec_files or {}).values(), b.state_sha256]}
     for key in store.list("objects/"):
         if key not in live:
             store.delete(key)
@@ -193,13 +244,29 @@ def _fetch(store: Store, digest: str, dest: Path) -> None:
     tmp.replace(dest)
 
 
-def materialize(store: Store, rec: BackupRecord, repository: Path, state_dest: Path) -> None:
-    """Write every file of ``rec`` under ``repository`` and its state copy to ``state_dest``; sha256 checked."""
+def materialize(store: Store, rec: BackupRecord, repository: Path, state_dest: Path,
+                spec_dir: Path | None = None) -> Path | None:
+    """Write every file of ``rec`` under ``repository``, its state copy to ``state_dest`` and, for a spec fleet's
+    backup, the spec and its files under ``spec_dir``, sha256 checked; the restored spec must load against the
+    restored repository. Returns the restored spec file (None: the backup holds none)."""
     for rel, digest in sorted(rec.files.items()):
         try:
             _fetch(store, digest, repository / rel)
         except (BackupError, TargetError) as exc:
             raise BackupError(f"backup {rec.id}: {rel}: {exc}") from exc
+    spec_path = None
+    if rec.spec:
+        if spec_dir is None:
+            raise BackupError(f"backup {rec.id} holds a serving spec: give a directory to restore it into")
+        for rel, digest in sorted((rec.spec_files or {}).items()):
+            try:
+                _fetch(store, digest, _spec_dest(spec_dir, rel))
+            except (BackupError, TargetError) as exc:
+                raise BackupError(f"backup {rec.id}: spec file {rel}: {exc}") from exc
+        spec_path = _spec_dest(spec_dir, rec.spec)
+        if rec.spec not in (rec.spec_files or {}):
+            raise BackupError(f"backup {rec.id}: the spec {rec.spec} is not among its spec files")
+        spec_files(spec_path, repository)  # loads against the restored repository, or says why not
     try:
         _fetch(store, rec.state_sha256, state_dest)
     except (BackupError, TargetError) as exc:
@@ -226,13 +293,14 @@ def materialize(store: Store, rec: BackupRecord, repository: Path, state_dest: P
                if has_manifests(repository, m) and v not in versions_on_disk(repository, m)]
     if missing:
         raise BackupError(f"backup {rec.id}: desired versions {missing} are not in the backup")
+    return spec_path
 
 
 def verify(store: Store, rec: BackupRecord, scratch_parent: Path | None = None) -> BackupRecord:
     """Restore into a scratch directory and check everything; the result is written into the record."""
     with tempfile.TemporaryDirectory(prefix="recserve-verify-", dir=scratch_parent) as tmp:
         try:
-            materialize(store, rec, Path(tmp) / "repository", Path(tmp) / STATE_FILE)
+            materialize(store, rec, Path(tmp) / "repository", Path(tmp) / STATE_FILE, Path(tmp) / SPEC_DIR)
             rec.verified, rec.problem = True, ""
         except (BackupError, TargetError, OSError) as exc:
             rec.verified, rec.problem = False, str(exc)[:500]
@@ -248,7 +316,7 @@ def sanitize_state(db_path: Path, rec: BackupRecord) -> None:
     try:
         db.execute("BEGIN IMMEDIATE")
         db.execute("DELETE FROM instances")
-        db.execute(f"DELETE FROM kv WHERE {ROUTER_KEYS_SQL}")
+        forget_routing(db)  # the Router's keys: the Router says which they are
         db.execute("INSERT INTO events(ts, kind, instance, message) VALUES(?,?,?,?)",
                    (time.time(), "restore", "", f"runtime rebuilt from backup {rec.id} (taken "
                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(rec.created))} on {rec.host or '?'})"))
@@ -257,9 +325,12 @@ def sanitize_state(db_path: Path, rec: BackupRecord) -> None:
         db.close()
 
 
-def restore(target: TargetSpec, backup_id: str | None, root: Path, repository: Path) -> dict:
-    """Rebuild a runtime root and a repository (a new machine) from a backup; refuses a root in use."""
+def restore(target: TargetSpec, backup_id: str | None, root: Path, repository: Path,
+            spec_dir: Path | None = None) -> dict:
+    """Rebuild a runtime root and a repository (a new machine) from a backup; refuses a root in use. A spec
+    fleet's spec and its files go to ``spec_dir`` (default ``<root>/spec``), refused if it holds files already."""
     root, repository = Path(root).resolve(), Path(repository).resolve()
+    spec_dir = Path(spec_dir).resolve() if spec_dir is not None else root / SPEC_DIR
     if (root / STATE_FILE).exists():
         raise BackupError(f"--root {root} already holds {STATE_FILE}: restore rebuilds a clean runtime root "
                           "(move it away, or choose an empty directory)")
@@ -271,14 +342,18 @@ def restore(target: TargetSpec, backup_id: str | None, root: Path, repository: P
     rec = get_backup(store, backup_id)
     if rec.verified is False:
         raise BackupError(f"backup {rec.id} failed its verification ({rec.problem}); choose another with --id")
+    if rec.spec and spec_dir.is_dir() and any(spec_dir.iterdir()):
+        raise BackupError(f"{spec_dir} already holds files: the backup's serving spec is restored into an empty "
+                          "directory (move them away)")
     root.mkdir(parents=True, exist_ok=True)
     repository.mkdir(parents=True, exist_ok=True)
     tmp_state = root / (STATE_FILE + ".restore")
-    materialize(store, rec, repository, tmp_state)
+    spec_path = materialize(store, rec, repository, tmp_state, spec_dir)
     sanitize_state(tmp_state, rec)
     tmp_state.replace(root / STATE_FILE)
     return {"id": rec.id, "created": rec.created, "files": len(rec.files), "bytes": rec.bytes,
-            "desired": rec.desired, "root": str(root), "repository": str(repository)}
+            "desired": rec.desired, "root": str(root), "repository": str(repository),
+            "spec": str(spec_path) if spec_path else None, "spec_files": len(rec.spec_files or {})}
 
 
 # ---------------------------------------------------------------------------------------------- backup
@@ -286,9 +361,12 @@ class BackupManager:
     """Takes, verifies and prunes backups of one fleet (one at a time); reports to metrics and the state log."""
 
     def __init__(self, policy: BackupPolicy, repository: Path, state_db: Path, metrics=None,
-                 event: Callable[[str, str], None] | None = None, clock: Callable[[], float] = time.time):
+                 event: Callable[[str, str], None] | None = None, clock: Callable[[], float] = time.time,
+                 spec: Path | None = None):
         self.policy = policy
         self.repository = Path(repository).resolve()
+        #: The fleet's serving spec (``recctl up --spec``): backed up with the files it names.
+        self.spec = Path(spec).resolve() if spec is not None else None
         self.state_db = Path(state_db)
         self.metrics = metrics
         self.event = event or (lambda kind, msg: None)
@@ -367,15 +445,28 @@ class BackupManager:
                     if has_manifests(self.repository, model) and not any(
                             r.startswith(f"{model}/{v}/{MANIFEST}") for r in files):
                         raise BackupError(f"desired version {model}/{v} has no {MANIFEST} in {self.repository}")
+            spec_name, spec_digests = "", None
+            if self.spec is not None:
+                spec_name, named = spec_files(self.spec, self.repository)
+                spec_digests = {}
+                for rel, p in sorted(named.items()):
+                    digest = sha256_file(p)
+                    if not self.store.exists(_object_key(digest)):
+                        self.store.put_file(_object_key(digest), p)
+                        uploaded += p.stat().st_size
+                    spec_digests[rel] = digest
+                    total += p.stat().st_size
             state_digest = sha256_file(state_copy)
             if not self.store.exists(_object_key(state_digest)):
                 self.store.put_file(_object_key(state_digest), state_copy)
                 uploaded += state_copy.stat().st_size
             total += state_copy.stat().st_size
-        digest = hashlib.sha256(json.dumps([files, state_digest], sort_keys=True).encode()).hexdigest()[:8]
+        held = [files, state_digest] + ([spec_digests] if spec_digests else [])
+        digest = hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()[:8]
         bid = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{digest}"
         rec = BackupRecord(id=bid, created=now, trigger=trigger, files=files, state_sha256=state_digest,
-                           desired=desired, bytes=total, uploaded_bytes=uploaded, host=socket.gethostname())
+                           desired=desired, bytes=total, uploaded_bytes=uploaded, host=socket.gethostname(),
+                           spec=spec_name, spec_files=spec_digests)
         write_record(self.store, rec)
         return rec
 
