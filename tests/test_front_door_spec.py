@@ -64,7 +64,7 @@ RECOMMEND_GOLDEN = [{"user_id": {"content": [7], "shape": [1]}, "history": {"con
 def test_the_demos_recommend_as_a_spec_gives_the_demos_grpc_limit_at_batch_8(tmp_path):
     _configs(tmp_path / "repo", DEMO)
     spec = load_spec(_spec(tmp_path, {"recommend": RECOMMEND}, {"recommend": RECOMMEND_GOLDEN}))
-    assert spec.models["recommend"].max_batch == 8  # the spec's default (maxBatch is not read yet)
+    assert spec.models["recommend"].max_batch == 8  # the spec's default
     limits = spec_body_limits(spec)
     # 8 x (1 user id + 1000 history) INT64 as varints: the demo's default, computed the demo's way
     assert limits.grpc == GRPC_MAX_BODY == 8 * 1001 * 10 + FRAMING_HEADROOM
@@ -77,6 +77,13 @@ def test_the_demos_recommend_as_a_spec_gives_the_demos_grpc_limit_at_batch_8(tmp
     big = spec_body_limits(bigger)
     assert big.grpc == 64 * 1001 * 10 + FRAMING_HEADROOM
     assert any("tune.bufsize" in w and "global" in w for w in big.warnings), big.warnings
+
+
+def test_max_batch_in_the_spec_sets_the_limit(tmp_path):
+    _configs(tmp_path / "repo", DEMO)
+    spec = load_spec(_spec(tmp_path, {"recommend": RECOMMEND | {"maxBatch": 2}}, {"recommend": RECOMMEND_GOLDEN}))
+    assert spec.models["recommend"].max_batch == 2
+    assert spec_body_limits(spec).grpc == 2 * 1001 * 10 + FRAMING_HEADROOM
 
 
 def test_a_variable_dimension_without_length_is_refused_naming_the_field(tmp_path):

@@ -44,7 +44,6 @@ DEGRADED_PROVIDERS = ("popular_items", "lexical_search")
 NOT_READ_YET = {
     "degraded": "the degraded-answer server still answers only the demo's recommend/search",
     "priority": "the probe priority is not applied through a load-time config override yet",
-    "maxBatch": "the front door's batch limit still comes from recctl up --max-batch",
 }
 DEFAULT_SLO_P99_MS = 50.0
 DEFAULT_MAX_BATCH = 8
