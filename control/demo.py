@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recserve.control.client import RecClient, Result
-from recserve.control.runtime.triton import REPO_ROOT
+from recserve.control.defaults import GRPC_PORT, HTTP_PORT, REPO_ROOT
 
 CATALOG = REPO_ROOT / "artifacts" / "data" / "catalog.csv"
 console = Console()
@@ -95,8 +95,8 @@ def verdict(report_json: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="recserve demo: fleet up, answers, smoke drills, fleet down.")
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=GRPC_PORT)
+    p.add_argument("--http-port", type=int, default=HTTP_PORT)
     p.add_argument("--skip-drills", action="store_true", help="only bring the fleet up, ask it, bring it down")
     args = p.parse_args(argv)
     py = sys.executable

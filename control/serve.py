@@ -8,15 +8,16 @@ import sys
 import threading
 from pathlib import Path
 
-from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT, TritonConfig, TritonError, TritonServer
+from recserve.control.defaults import DEFAULT_REPOSITORY, GRPC_PORT, HTTP_PORT, REPO_ROOT
+from recserve.control.runtime.triton import TritonConfig, TritonError, TritonServer
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run one embedded Triton server until Ctrl-C.")
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=HTTP_PORT)
+    p.add_argument("--grpc-port", type=int, default=GRPC_PORT)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--model", action="append", dest="models", help="load only this model (repeatable)")
     p.add_argument("--workdir", type=Path, default=REPO_ROOT / ".recserve" / "serve")

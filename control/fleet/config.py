@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.control import defaults as d
 from recserve.control.errors import RecserveError
 from recserve.control.routing.frontdoor import FrontDoorConfig
-from recserve.control.routing.haproxy import FALLBACK_MAXCONN, FALLBACK_QUEUE
-from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
 
 FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
 ROLES = ("active", "primary", "standby", "canary")
@@ -20,18 +19,18 @@ class FleetError(RecserveError, RuntimeError):
 
 @dataclass
 class FleetConfig:
-    root: Path = REPO_ROOT / ".recserve"
-    repository: Path = DEFAULT_REPOSITORY
-    grpc_port: int = 8001
-    http_port: int = 8000
-    instances: int = 2
-    slots: int = 4
+    root: Path = d.DEFAULT_ROOT
+    repository: Path = d.DEFAULT_REPOSITORY
+    grpc_port: int = d.GRPC_PORT
+    http_port: int = d.HTTP_PORT
+    instances: int = d.INSTANCES
+    slots: int = d.SLOTS
     #: Top-level models to serve; None = every servable ensemble (recommend, search; *_trt on GPU hosts).
     models: list[str] | None = None
     #: The serving spec (control/spec/spec.py): its models are served and golden-checked by its rules; None = the
     #: demo's recommend/search golden checks (control/fleet/golden.py).
     spec: Path | None = None
-    health_interval_s: float = 0.3
+    health_interval_s: float = d.HEALTH_INTERVAL_S
     #: Consecutive failed deep checks before an instance is marked broken (1 for fatal failures).
     fail_threshold: int = 2
     restart_backoff_s: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -43,31 +42,31 @@ class FleetConfig:
     instance_nice: int = 5
     extra_env: dict[str, str] = field(default_factory=dict)
     #: HAProxy's Prometheus exporter port (0 = none).
-    haproxy_metrics_port: int = 0
+    haproxy_metrics_port: int = d.HAPROXY_METRICS_PORT
     #: ``active-active`` (actives behind ``balance leastconn``, the rest hot standbys) or ``primary-standby``.
-    mode: str = "active-active"
+    mode: str = d.MODE
     #: Active instances in active-active mode on first start (``recctl scale --active N`` changes it later).
-    active: int = 2
+    active: int = d.ACTIVE
     #: The host's knee in requests/s (per-server limits derive from it); 0 = the latest perf report or default.
-    knee_rps: float = 0.0
+    knee_rps: float = d.KNEE_RPS
     #: p99 target of admitted requests: sets the in-flight limits and HAProxy's ``timeout server``.
-    slo_p99_ms: float = 50.0
+    slo_p99_ms: float = d.SLO_P99_MS
     #: Start the degraded-answer fallback server for shed requests.
     fallback: bool = True
     #: In-flight limit of the fallback server's backend (beyond it: 429 / RESOURCE_EXHAUSTED).
-    fallback_maxconn: int = FALLBACK_MAXCONN
+    fallback_maxconn: int = d.FALLBACK_MAXCONN
     #: Shed requests that may wait (up to 2 x SLO) for a fallback slot before the refusal (0: none wait).
-    fallback_queue: int = FALLBACK_QUEUE
+    fallback_queue: int = d.FALLBACK_QUEUE
     #: Let the AIMD controller move the per-server limits (off: the fixed limit).
     adaptive_limits: bool = False
     #: HAProxy ``timeout server`` override (0: derived from the SLO, see control/routing/router.py).
-    timeout_server_ms: int = 0
+    timeout_server_ms: int = d.TIMEOUT_SERVER_MS
     #: Client front door: bind address, TLS, limits (control/routing/frontdoor.py); its admin key file is the fleet's.
     frontdoor: FrontDoorConfig = field(default_factory=FrontDoorConfig)
 
     def validate(self) -> None:
         """FleetError naming the field and the rule."""
-        if self.mode not in ("active-active", "primary-standby"):
+        if self.mode not in d.MODES:
             raise FleetError(f"mode must be 'active-active' or 'primary-standby', got {self.mode!r}",
                              "INVALID_ARGUMENT")
         if not 0 <= self.instance_nice <= 19:

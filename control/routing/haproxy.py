@@ -24,6 +24,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.control.defaults import FALLBACK_MAXCONN, FALLBACK_QUEUE, GRPC_PORT, HTTP_PORT, LOOPBACK, SLOTS
 from recserve.control.routing.frontdoor import (
     FrontDoorConfig,
     FrontDoorError,
@@ -59,22 +60,15 @@ class HAProxyError(RuntimeError):
     """HAProxy could not start, or a runtime API command was refused (the message quotes HAProxy)."""
 
 
-#: Defaults of the degraded-answer backend, one place for HAProxyConfig, RouterConfig and FleetConfig: 32 in
-#: flight (the fallback server's own concurrency is twice that), 64 more waiting; measured in proxy-crash at 0.7x
-#: the knee: no queue 91 refused in the reconnect burst, 32 places and 25 ms 42, 64 places and 100 ms none.
-FALLBACK_MAXCONN = 32
-FALLBACK_QUEUE = 64
-
-
 @dataclass
 class HAProxyConfig:
     """Typed settings of the generated config; validated before anything is written."""
 
     workdir: Path
-    grpc_port: int = 8001
-    http_port: int = 8000
-    host: str = "127.0.0.1"
-    slots: int = 4
+    grpc_port: int = GRPC_PORT
+    http_port: int = HTTP_PORT
+    host: str = LOOPBACK
+    slots: int = SLOTS
     check_inter_ms: int = 200
     check_fall: int = 2
     check_rise: int = 2

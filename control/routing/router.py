@@ -34,12 +34,15 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.control.defaults import GRPC_PORT, HTTP_PORT, MODES, SLO_P99_MS, SLOTS
+from recserve.control.defaults import MODE as DEFAULT_MODE
 from recserve.control.errors import RecserveError
 from recserve.control.routing import accesslog
 from recserve.control.routing.admission import AdaptiveLimit, IntervalSample, LimitConfig, initial_limit
@@ -59,11 +62,10 @@ from recserve.control.routing.haproxy import (
 )
 from recserve.control.runtime.fallback import FallbackConfig, FallbackError, FallbackServer
 from recserve.control.runtime.procs import cmdline, kill_group, pid_alive
-from recserve.control.state.store import State
+from recserve.control.state.store import InstanceRecord, State
 from recserve.control.stats import percentile
 from recserve.perf import report_reader
 
-MODES = ("active-active", "primary-standby")
 #: ``RouterConfig.knee_source`` of a knee set at runtime.
 KNEE_SET_BY = "set by recctl limits (a measured knee)"
 #: SQL condition on the state store's kv table matching every key the Router owns (a backup restored on a new
@@ -78,6 +80,12 @@ SHED_WINDOW_S = 2.0
 #: The access log is copied to ``access.log.1`` and truncated beyond this size (about 250 bytes a request: 64 MiB
 #: is some 4 minutes at 1,000 requests/s), so a long peak cannot fill the disk.
 ACCESS_LOG_MAX_BYTES = 64 << 20
+
+
+def forget_routing(db: sqlite3.Connection) -> None:
+    """Delete every key the Router owns from a state database opened directly (a backup restored on a new host:
+    its HAProxy starts empty and the Router rebuilds them). Runs in the caller's transaction."""
+    db.execute(f"DELETE FROM kv WHERE {ROUTER_KEYS_SQL}")
 
 
 class RouterError(RecserveError, RuntimeError):
@@ -129,15 +137,15 @@ class RouterConfig:
     """Routing settings; ``validate`` names the field and the rule."""
 
     workdir: Path
-    grpc_port: int = 8001
-    http_port: int = 8000
-    slots: int = 4
+    grpc_port: int = GRPC_PORT
+    http_port: int = HTTP_PORT
+    slots: int = SLOTS
     metrics_port: int = 0
-    mode: str = "active-active"
+    mode: str = DEFAULT_MODE
     #: Knee of the host (requests/s at which p99 stays under the SLO); 0 = ``default_knee_rps()``.
     knee_rps: float = 0.0
     #: p99 latency target of admitted requests.
-    slo_p99_ms: float = 50.0
+    slo_p99_ms: float = SLO_P99_MS
     min_limit: int = 2
     #: At most 64 requests in flight per instance: Triton's queues (unbounded in the shipped configs, whose queue
     #: policies brought back the ~500 ms holds, perf/holds.py) hold at most this many client requests.
@@ -353,7 +361,7 @@ class Router:
                 if r.grpc_port and r.state == "healthy" and r.role != "canary"]
         fb = self.fallback if self.fallback is not None and self.fallback.is_alive() else None
         limits = {r.slot: int(v) for r in recs if (v := self.state.get(f"limit:{r.slot}", "") or "")}
-        weights = {r.slot: int(self.state.get(f"weight:{r.id}", "0") or 0) for r in recs}
+        weights = {r.slot: self.weight(r.id) for r in recs}
         return InitialRouting(slots={r.slot: (r.grpc_port, r.http_port) for r in recs},
                               pool=self.pool_slots() & {r.slot for r in recs}, limits=limits, weights=weights,
                               fallback=(fb.config.grpc_port, fb.config.http_port) if fb else None)
@@ -370,12 +378,12 @@ class Router:
             lim = self.state.get(f"limit:{r.slot}", "")
             if lim:
                 self.proxy.set_maxconn(r.slot, int(lim))
-        route = self.state.get("route", "") or ""
+        route = self.current_route()
         if route.startswith("first:"):
             self.route("first", int(route.split(":")[1]))
         elif route == "split":
             for r in recs:
-                self.proxy.set_weight(r.slot, int(self.state.get(f"weight:{r.id}", "0") or 0))
+                self.proxy.set_weight(r.slot, self.weight(r.id))
             self.route("split")
         elif route == "pool":
             self.route("pool")
@@ -457,6 +465,29 @@ class Router:
     def current_route(self) -> str:
         return self.state.get("route", "") or ""
 
+    def splitting(self) -> bool:
+        """The split route (canary weights) is in force: a rollout owns routing."""
+        return self.current_route() == "split"
+
+    def weight(self, iid: str) -> int:
+        """The canary weight last set for instance ``iid`` on the split backend (0 when none)."""
+        return int(self.state.get(f"weight:{iid}", "0") or 0)
+
+    def shares(self, recs: list[InstanceRecord]) -> dict[str, int]:
+        """Each instance's share of client traffic (percent) on the route in force: its canary weight on the
+        split route, an equal share of the pool, or all of it for the slot a ``first`` route sends to."""
+        route = self.current_route()
+        pool = self.pool_slots()
+        out = {}
+        for r in recs:
+            if route == "split":
+                out[r.id] = self.weight(r.id)
+            elif route == "pool":  # leastconn over the pool members: an equal share each
+                out[r.id] = round(100 / len(pool)) if r.slot in pool else 0
+            else:  # balance first: the instance in the routed slot takes everything
+                out[r.id] = 100 if route == f"first:{r.slot}" else 0
+        return out
+
     # ================================================================== limits
     def set_knee(self, knee_rps: float) -> None:
         """A measured knee replaces the configured one: the host limit and every fixed per-server limit follow
@@ -477,7 +508,7 @@ class Router:
         pool's members)."""
         route = self.current_route()
         if route == "split":
-            return {r.slot for r in self.state.instances() if int(self.state.get(f"weight:{r.id}", "0") or 0) > 0}
+            return {r.slot for r in self.state.instances() if self.weight(r.id) > 0}
         if route.startswith("first:"):
             return {int(route.split(":")[1])}
         return self.pool_slots() if self.mode == "active-active" else set()

@@ -20,14 +20,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from recserve.control.defaults import DEFAULT_REPOSITORY, REPO_ROOT
 from recserve.control.keys import SecretFileError, new_secret, read_existing_secret, read_secret
 from recserve.control.runtime.process import ManagedProcess, ProcessError
 from recserve.control.runtime.procs import free_port, port_in_use
 
-__all__ = ["TritonConfig", "TritonError", "TritonServer", "free_port", "port_in_use", "servable_models"]
+__all__ = ["DEFAULT_REPOSITORY", "REPO_ROOT", "TritonConfig", "TritonError", "TritonServer", "free_port", "port_in_use",
+           "servable_models"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
 SHIM_BACKENDS = Path(__file__).resolve().parents[1] / "backends"
 #: Header the control plane sends to Triton's locked repository API (gRPC adds the protocol prefix). The statistics
 #: key travels in the same header: Triton matches each restricted category against its own key.

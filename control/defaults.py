@@ -1,0 +1,50 @@
+"""Every default of the control plane's settings, once: the flags (control/settings.py), FleetConfig, RouterConfig
+and HAProxyConfig all take their defaults from here, so a default changes in one place.
+
+Imports nothing of recserve: any module may import it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: The repository's root (in a wheel: the recserve package folder, which holds the same layout).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: Runtime directory of a fleet (state, token, logs) when neither --root nor $RECSERVE_ROOT says.
+DEFAULT_ROOT = REPO_ROOT / ".recserve"
+#: The demo's model repository.
+DEFAULT_REPOSITORY = REPO_ROOT / "model_repository"
+
+# ---------------------------------------------------------------------------------------------- ports
+#: Clients' gRPC and HTTP ports (HAProxy's; a standalone Triton's too: Triton's own defaults).
+GRPC_PORT = 8001
+HTTP_PORT = 8000
+#: The control API (gRPC) and the control plane's Prometheus metrics.
+CONTROL_PORT = 50051
+CONTROL_METRICS_PORT = 9108
+#: HAProxy's Prometheus exporter: 0 = a free port, remembered in <root>/monitoring/haproxy.port.
+HAPROXY_METRICS_PORT = 0
+#: Loopback: the control API and the client ports leave this host only when asked (and then with TLS).
+LOOPBACK = "127.0.0.1"
+
+# ---------------------------------------------------------------------------------------------- fleet
+INSTANCES = 2
+SLOTS = 4
+MODES = ("active-active", "primary-standby")
+MODE = "active-active"
+#: Actives in active-active mode at first start.
+ACTIVE = 2
+HEALTH_INTERVAL_S = 0.3
+
+# ---------------------------------------------------------------------------------------------- routing
+#: p99 target of admitted requests (ms): sets the in-flight limits and HAProxy's ``timeout server``.
+SLO_P99_MS = 50.0
+#: The host's knee in requests/s; 0 = the latest perf report, else the built-in default.
+KNEE_RPS = 0.0
+#: HAProxy ``timeout server`` override in ms; 0 = derived from the SLO (control/routing/router.py).
+TIMEOUT_SERVER_MS = 0
+#: Defaults of the degraded-answer backend: 32 in flight (the fallback server's own concurrency is twice that), 64
+#: more waiting; measured in proxy-crash at 0.7x the knee: no queue 91 refused in the reconnect burst, 32 places
+#: and 25 ms 42, 64 places and 100 ms none.
+FALLBACK_MAXCONN = 32
+FALLBACK_QUEUE = 64
