@@ -11,7 +11,22 @@ import pytest
 import yaml
 
 from recserve.control.kube import api as kapi
-from recserve.control.kube.manifests import K8S_DIR, OVERLAYS, ManifestError, crd_schemas, find, render, validate
+from recserve.control.kube.manifests import (
+    CRDS_DIR,
+    K8S_DIR,
+    OVERLAYS,
+    ManifestError,
+    crd_schemas,
+    find,
+    pss_violations,
+    render,
+    render_crds,
+    validate,
+)
+
+#: Every kustomization a cluster may get: the overlays, the drills overlay (by path: "drills" alone is also the
+#: repository's drills/), and the base itself.
+ALL_KUSTOMIZATIONS = {**{o: o for o in OVERLAYS}, "drills": K8S_DIR / "overlays" / "drills", "base": K8S_DIR / "base"}
 
 
 @pytest.fixture(scope="module")
@@ -19,28 +34,55 @@ def rendered():
     return {o: render(o) for o in OVERLAYS}
 
 
+@pytest.fixture(scope="module")
+def crds():
+    return render_crds()
+
+
+@pytest.fixture(scope="module")
+def everything():
+    return {name: render(path) for name, path in ALL_KUSTOMIZATIONS.items()}
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_and_every_object_validates(rendered, overlay):
     rep = validate(rendered[overlay])
     assert {"Deployment/recserve-triton", "Deployment/recserve-operator", "HorizontalPodAutoscaler/recserve-triton",
             "PodDisruptionBudget/recserve-triton", "Role/recserve-operator",
-            "CustomResourceDefinition/modelrollouts.recserve.io"} <= set(rep.builtin)
+            "NetworkPolicy/recserve-triton-ingress"} <= set(rep.builtin)
     assert rep.custom == ["RecServeFleet/recserve"]
     assert {"PrometheusRule/recserve-triton", "ServiceMonitor/recserve-operator",
             "ServiceMonitor/recserve-triton"} <= set(rep.foreign)
 
 
-def test_examples_validate_against_the_crd_schema(rendered):
-    schemas = crd_schemas(rendered["cpu"])
+def test_crds_are_their_own_kustomization_applied_before_the_overlays(everything, crds):
+    """One `kubectl apply -k` of a CRD and an object of its kind fails ("ensure CRDs are installed first"): the
+    CRDs render alone from deploy/k8s/crds, validate strictly, and no overlay carries one."""
+    assert sorted(o["metadata"]["name"] for o in crds) == ["modelrollouts.recserve.io", "recservefleets.recserve.io"]
+    assert {o["kind"] for o in crds} == {"CustomResourceDefinition"}
+    rep = validate(crds, crds=[])
+    assert len(rep.builtin) == 2 and not rep.custom
+    for name, objs in everything.items():
+        assert not [o for o in objs if o["kind"] == "CustomResourceDefinition"], name
+        served = set(crd_schemas(crds))
+        assert all((o["apiVersion"], o["kind"]) in served for o in objs if o["apiVersion"].startswith("recserve.io/"))
+    # what the docs tell people to wait for is what the CRDs kustomization creates
+    text = (CRDS_DIR / "kustomization.yaml").read_text()
+    assert all(f"crd/{o['metadata']['name']}" in text for o in crds)
+    docs = (K8S_DIR.parents[1] / "docs" / "kubernetes.md").read_text()
+    assert "kubectl apply -k deploy/k8s/crds" in docs and "--for condition=established" in docs
+
+
+def test_examples_validate_against_the_crd_schema(crds):
+    schemas = crd_schemas(crds)
     examples = [d for p in sorted((K8S_DIR / "examples").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text())]
     assert examples
-    validate([o for o in rendered["cpu"] if o["kind"] == "CustomResourceDefinition"] + examples)
+    validate(examples, crds=crds)
     assert all((e["apiVersion"], e["kind"]) in schemas for e in examples)
 
 
-def test_validation_rejects_bad_objects_naming_the_field(rendered):
+def test_validation_rejects_bad_objects_naming_the_field(rendered, crds):
     objs = rendered["cpu"]
-    crds = [o for o in objs if o["kind"] == "CustomResourceDefinition"]
     bad_dep = copy.deepcopy(find(objs, "Deployment", "recserve-triton"))
     bad_dep["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["prot"] = "http"
     with pytest.raises(ManifestError, match="Deployment/recserve-triton"):
@@ -67,7 +109,7 @@ def test_triton_pod_args_probes_gate_and_shutdown(rendered):
         cats, key = arg[len(flag):].split(":", 1)
         assert set(cats.split(",")) == {"model-repository", "shared-memory", "logging", "trace"}
         assert key == "admin-key=$(TRITON_ADMIN_KEY)"
-    ref = c["env"][0]["valueFrom"]["secretKeyRef"]
+    ref = next(e for e in c["env"] if e["name"] == "TRITON_ADMIN_KEY")["valueFrom"]["secretKeyRef"]
     assert (ref["name"], ref["key"]) == (kapi.ADMIN_SECRET, kapi.ADMIN_SECRET_KEY)
     assert pod["readinessGates"] == [{"conditionType": kapi.GATE}]
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
@@ -116,8 +158,8 @@ def test_operator_is_single_recreate_and_rbac_is_namespaced_least_privilege(rend
     assert get_secret["resourceNames"] == [kapi.ADMIN_SECRET]
 
 
-def test_crds_have_status_subresource_and_printer_columns(rendered):
-    for crd in [o for o in rendered["cpu"] if o["kind"] == "CustomResourceDefinition"]:
+def test_crds_have_status_subresource_and_printer_columns(crds):
+    for crd in crds:
         (v,) = crd["spec"]["versions"]
         assert v["subresources"] == {"status": {}} and v["additionalPrinterColumns"]
         assert v["schema"]["openAPIV3Schema"]["properties"]["spec"]["required"]
@@ -150,18 +192,9 @@ def test_monitoring_rules_of_the_repository_ship_as_prometheusrules(rendered):
 
 def _pod_specs(objs: list[dict]) -> list[tuple[str, dict]]:
     """(kind/name, pod spec) of every object that makes pods."""
-    out = []
-    for o in objs:
-        spec = o.get("spec") or {}
-        if o["kind"] == "Pod":
-            pod = spec
-        elif o["kind"] == "CronJob":
-            pod = spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec")
-        else:
-            pod = spec.get("template", {}).get("spec") if isinstance(spec.get("template"), dict) else None
-        if pod and pod.get("containers"):
-            out.append((f"{o['kind']}/{o['metadata']['name']}", pod))
-    return out
+    from recserve.control.kube.manifests import pod_templates
+
+    return pod_templates(objs)
 
 
 def _keys_on_command_lines(pod: dict) -> list[str]:
@@ -195,3 +228,95 @@ def test_the_drills_overlay_shares_the_process_namespace_for_the_hang_drill():
     pod = find(objs, "Deployment", "recserve-triton")["spec"]["template"]["spec"]
     assert pod["shareProcessNamespace"] is True  # kill -STOP through kubectl exec reaches tritonserver
     assert _keys_on_command_lines(pod)  # which is why it is a drills-only overlay (the test above would refuse it)
+
+
+# ---------------------------------------------------------------------------------------- production pods
+@pytest.mark.parametrize("where", list(ALL_KUSTOMIZATIONS))
+def test_every_container_meets_the_restricted_pod_security_standard(everything, where):
+    """Every rendered container of every kustomization: runAsNonRoot, no privilege escalation, capabilities drop
+    ALL, seccomp RuntimeDefault, a read-only root filesystem, its own securityContext; the namespace enforces it."""
+    objs = everything[where]
+    specs = dict(_pod_specs(objs))
+    assert {"Deployment/recserve-triton", "Deployment/recserve-operator"} <= set(specs)
+    assert pss_violations(objs) == []
+    ns = find(objs, "Namespace", "recserve")["metadata"]["labels"]
+    assert ns["pod-security.kubernetes.io/enforce"] == "restricted"
+    for name, pod in specs.items():  # writable paths are emptyDirs, mounted where the container writes
+        for c in pod["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            vols = {v["name"]: v for v in pod.get("volumes", [])}
+            assert "emptyDir" in vols[mounts["/tmp"]], (name, c["name"])
+
+
+@pytest.mark.parametrize("plant", ["root", "escalation", "caps", "seccomp", "rw-root", "no-container-sc", "hostpath"])
+def test_the_pod_security_check_fails_on_a_planted_violation(rendered, plant):
+    objs = copy.deepcopy(rendered["cpu"])
+    dep = find(objs, "Deployment", "recserve-triton")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    if plant == "root":
+        c["securityContext"]["runAsNonRoot"] = False
+        c["securityContext"]["runAsUser"] = 0
+    elif plant == "escalation":
+        del c["securityContext"]["allowPrivilegeEscalation"]
+    elif plant == "caps":
+        c["securityContext"]["capabilities"] = {"add": ["SYS_ADMIN"]}
+    elif plant == "seccomp":
+        pod["securityContext"]["seccompProfile"] = {"type": "Unconfined"}
+    elif plant == "rw-root":
+        c["securityContext"]["readOnlyRootFilesystem"] = False
+    elif plant == "no-container-sc":
+        del c["securityContext"]
+    elif plant == "hostpath":
+        pod["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    found = pss_violations(objs)
+    assert found and all(f.startswith("Deployment/recserve-triton") for f in found), found
+
+
+def test_drill_only_settings_stay_in_the_drills_overlay(everything):
+    for where in ("base", *OVERLAYS):
+        for name, pod in _pod_specs(everything[where]):
+            assert not pod.get("shareProcessNamespace"), (where, name)
+            assert "recserve.io/role" not in str(everything[where]), where  # the drill probe's NetworkPolicy
+    assert find(everything["drills"], "NetworkPolicy", "recserve-drill-probe-to-triton")
+
+
+def test_triton_pods_spread_across_nodes_and_probes_fit_triton_load_times(rendered):
+    from recserve.control.kube.pool import LOAD_TIMEOUT_S
+
+    for o in OVERLAYS:
+        pod = find(rendered[o], "Deployment", "recserve-triton")["spec"]["template"]["spec"]
+        spread = {t["topologyKey"]: t for t in pod["topologySpreadConstraints"]}
+        host = spread["kubernetes.io/hostname"]
+        assert host["maxSkew"] == 1 and host["whenUnsatisfiable"] == "DoNotSchedule"
+        assert host["labelSelector"]["matchLabels"] == {"app.kubernetes.io/name": "recserve-triton"}
+        c = pod["containers"][0]
+        start, live, ready = c["startupProbe"], c["livenessProbe"], c["readinessProbe"]
+        # the startup probe covers loading every model (liveness and readiness wait for it)
+        assert start["periodSeconds"] * start["failureThreshold"] >= LOAD_TIMEOUT_S
+        assert live["timeoutSeconds"] > 1 and ready["timeoutSeconds"] > 1 and start["timeoutSeconds"] > 1
+        assert live["periodSeconds"] * live["failureThreshold"] >= 30  # a GC pause or a long batch is not death
+
+
+def test_no_replicas_on_a_deployment_an_hpa_owns(everything):
+    """GitOps tools and `kubectl apply` would reset the HPA's count to the manifest's at every sync."""
+    for where, objs in everything.items():
+        owned = {h["spec"]["scaleTargetRef"]["name"] for h in objs if h["kind"] == "HorizontalPodAutoscaler"}
+        assert owned, where
+        for name in owned:
+            assert "replicas" not in find(objs, "Deployment", name)["spec"], (where, name)
+
+
+def test_network_policies_let_clients_reach_only_the_front_door(rendered):
+    objs = rendered["cpu"]
+    pols = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    deny = [p for p in pols if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"]  # everything else: no ingress at all
+    frontdoor = {"app.kubernetes.io/component": "frontdoor"}
+    open_to_all = [p for p in pols if any(rule == {} or "from" not in rule for rule in p["spec"].get("ingress", []))]
+    assert [p["spec"]["podSelector"]["matchLabels"] for p in open_to_all] == [frontdoor]
+    triton = find(objs, "NetworkPolicy", "recserve-triton-ingress")["spec"]
+    sources = [f.get("podSelector", {}).get("matchLabels") for r in triton["ingress"] for f in r["from"]]
+    assert frontdoor in sources and {"app.kubernetes.io/name": "recserve-operator"} in sources
+    ports = {p["port"] for r in triton["ingress"] for p in r["ports"]}
+    assert ports == {"http", "grpc", "metrics"}  # port names the Triton container declares
