@@ -51,7 +51,6 @@ class InstanceRecord:
     workdir: str
     versions: dict[str, list[int]] = field(default_factory=dict)
     pid: int = 0
-    weight: int = 0
     restarts: int = 0
     detail: str = ""
     last_healthy: float = 0.0
@@ -226,6 +225,9 @@ class _Tx:
 
 def _instance(r: sqlite3.Row) -> InstanceRecord:
     d = dict(r)
+    # never written: a canary's traffic share is the Router's (its ``weight:<id>`` keys, ``Router.weight``); the
+    # column stays so databases and backups made before still open, and ones made now open in older releases
+    d.pop("weight", None)
     d["versions"] = {k: list(v) for k, v in json.loads(d["versions"]).items()}
     return InstanceRecord(**d)
 
