@@ -217,6 +217,9 @@ class FrontDoorConfig:
     tls_key: Path | None = None
     #: A non-loopback bind without TLS is refused unless this is set (``--client-allow-plaintext``).
     allow_plaintext: bool = False
+    #: TLS from a certificate HAProxy reads where it runs, not here (Kubernetes: a mounted ``kubernetes.io/tls``
+    #: Secret, the key beside it as ``<path>.key``, which HAProxy loads by itself): instead of tls_cert/tls_key.
+    tls_crt_path: str | None = None
     max_grpc_body: int = GRPC_MAX_BODY
     max_http_body: int = HTTP_MAX_BODY
     #: Headers plus the awaited body must arrive within this (slow clients are cut: HTTP 408).
@@ -240,7 +243,12 @@ class FrontDoorConfig:
                                  "e.g. 127.0.0.1, 10.0.0.5 or 0.0.0.0)") from None
         if (self.tls_cert is None) != (self.tls_key is None):
             raise FrontDoorError("--client-tls-cert and --client-tls-key go together (certificate and private key)")
-        if self.tls_cert is not None and self.tls_key is not None:
+        if self.tls_crt_path is not None and (self.tls_cert is not None or not self.tls_crt_path.startswith("/")):
+            raise FrontDoorError("front door: tls_crt_path is an absolute path on the HAProxy host, instead of "
+                                 "--client-tls-cert/--client-tls-key")
+        if self.tls_crt_path is not None:
+            pass
+        elif self.tls_cert is not None and self.tls_key is not None:
             for flag, path in (("--client-tls-cert", self.tls_cert), ("--client-tls-key", self.tls_key)):
                 if not Path(path).is_file():
                     raise FrontDoorError(f"{flag} {path}: no such file")
@@ -269,7 +277,7 @@ class FrontDoorConfig:
 
     @property
     def tls(self) -> bool:
-        return self.tls_cert is not None
+        return self.tls_cert is not None or self.tls_crt_path is not None
 
     def dial_host(self) -> str:
         """The address local tools dial for the client ports: the bind address, or loopback for a wildcard."""
@@ -331,7 +339,7 @@ def prepare_files(c: FrontDoorConfig, workdir: Path) -> None:
     HAProxy's ``crt`` reads."""
     lua_path(workdir).write_text(REFUSE_LUA)
     path = pem_path(workdir)
-    if not c.tls:
+    if c.tls_cert is None:
         path.unlink(missing_ok=True)
         return
     data = Path(c.tls_cert).read_bytes().rstrip(b"\n") + b"\n" + Path(c.tls_key).read_bytes()
@@ -351,7 +359,7 @@ def bind_line(c: FrontDoorConfig, proto: str, port: int, workdir: Path) -> str:
     host = f"[{c.bind.strip('[]')}]" if ":" in c.bind else c.bind
     line = f"  bind {host}:{port}"
     if c.tls:
-        line += f" ssl crt {pem_path(workdir)} alpn " + ("h2" if proto == "grpc" else "http/1.1")
+        line += f" ssl crt {c.tls_crt_path or pem_path(workdir)} alpn " + ("h2" if proto == "grpc" else "http/1.1")
     elif proto == "grpc":
         line += " proto h2"
     return line

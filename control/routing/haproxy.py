@@ -13,6 +13,13 @@ Layout (see ``shared/notes/runtime.md`` for why each setting is there):
   ``set server chk/sN state maint`` takes an instance out of every backend at once.
 * The frontends pick the backend through a map file (``set map``); what clients may send, how big and where they
   connect is the front door's (``control/routing/frontdoor.py``: an allow-list, size limits, bind address, TLS).
+
+**Cluster mode** (``HAProxyConfig.cluster``, rendered for Kubernetes by ``control/kube/frontdoor.py``): the same
+front door, admission, degraded-answer and refusal backends, access log and timeouts; instead of slots bound by a
+control plane, one ``be_<proto>_pool`` backend whose servers are a ``server-template`` filled by HAProxy's own DNS
+resolver from a headless Service that lists only Triton pods whose golden readiness gate is open (``init-addr
+none``: empty slots wait in maintenance, a pod that leaves the answer goes back there), re-resolved every check
+interval; the degraded-answer server is found the same way.
 """
 
 from __future__ import annotations
@@ -60,6 +67,57 @@ class HAProxyError(RuntimeError):
     """HAProxy could not start, or a runtime API command was refused (the message quotes HAProxy)."""
 
 
+#: A DNS name as Kubernetes writes Service FQDNs (lower case labels).
+DNS_NAME = r"^(?=.{1,253}$)([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
+
+
+@dataclass
+class ClusterMode:
+    """Where a front-door replica on Kubernetes finds its servers (``HAProxyConfig.cluster``). Names are FQDNs:
+    HAProxy's resolvers apply no search domains."""
+
+    #: The headless Service listing only Triton pods whose readiness gate is open (no publishNotReadyAddresses).
+    pods_fqdn: str
+    pod_grpc_port: int = GRPC_PORT
+    pod_http_port: int = HTTP_PORT
+    #: The degraded-answer server's headless Service; None: no degraded answers, shed requests are refused.
+    fallback_fqdn: str | None = None
+    fallback_slots: int = 2
+    fallback_grpc_port: int = GRPC_PORT
+    fallback_http_port: int = HTTP_PORT
+    #: Nameservers as ``ip:port``; empty: the pod's /etc/resolv.conf (the cluster DNS), ``parse-resolv-conf``.
+    nameservers: tuple[str, ...] = ()
+    #: Where the stats socket and the pid file go (the config directory is a read-only ConfigMap on a pod).
+    run_dir: Path | None = None
+    #: Longest soft stop (``hard-stop-after``): in-flight requests get this long after SIGUSR1, then HAProxy exits.
+    hard_stop_after_s: int = 30
+
+    def validate(self) -> None:
+        import ipaddress
+        import re
+
+        for name in ("pods_fqdn", "fallback_fqdn"):
+            v = getattr(self, name)
+            if v is not None and not re.match(DNS_NAME, v):
+                raise HAProxyError(f"haproxy cluster: {name} {v!r} is not a DNS name")
+        for name in ("pod_grpc_port", "pod_http_port", "fallback_grpc_port", "fallback_http_port"):
+            if not 1 <= getattr(self, name) <= 65535:
+                raise HAProxyError(f"haproxy cluster: {name} must be 1..65535, got {getattr(self, name)}")
+        if not 1 <= self.fallback_slots <= 16:
+            raise HAProxyError(f"haproxy cluster: fallback_slots must be 1..16, got {self.fallback_slots}")
+        if self.hard_stop_after_s < 1:
+            raise HAProxyError(f"haproxy cluster: hard_stop_after_s must be >= 1, got {self.hard_stop_after_s}")
+        for ns in self.nameservers:
+            host, _, port = ns.rpartition(":")
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+                ok = 1 <= int(port) <= 65535
+            except ValueError:
+                ok = False
+            if not ok:
+                raise HAProxyError(f"haproxy cluster: nameserver {ns!r} must be ip:port")
+
+
 @dataclass
 class HAProxyConfig:
     """Typed settings of the generated config; validated before anything is written."""
@@ -101,6 +159,8 @@ class HAProxyConfig:
     access_log: bool = True
     #: Routing written into the config at start (a restart); None: every slot starts unbound, in maintenance.
     initial: InitialRouting | None = None
+    #: Kubernetes: servers from DNS instead of slots bound at runtime (``ClusterMode``); None: one host.
+    cluster: ClusterMode | None = None
 
     def validate(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -127,14 +187,21 @@ class HAProxyConfig:
                 f"haproxy config: timeout_check_ms ({self.timeout_check_ms}) must be below check_inter_ms "
                 f"({self.check_inter_ms})"
             )
+        if self.cluster is not None:
+            self.cluster.validate()
 
     @property
     def config_path(self) -> Path:
         return self.workdir / "haproxy.cfg"
 
     @property
+    def run_dir(self) -> Path:
+        """Where HAProxy writes (stats socket, pid file): the workdir, or the cluster mode's ``run_dir``."""
+        return self.cluster.run_dir if self.cluster is not None and self.cluster.run_dir else self.workdir
+
+    @property
     def socket_path(self) -> Path:
-        return self.workdir / "haproxy.sock"
+        return self.run_dir / "haproxy.sock"
 
     @property
     def map_path(self) -> Path:
@@ -142,7 +209,7 @@ class HAProxyConfig:
 
     @property
     def pid_path(self) -> Path:
-        return self.workdir / "haproxy.pid"
+        return self.run_dir / "haproxy.pid"
 
     @property
     def access_log_path(self) -> Path:
@@ -202,13 +269,16 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
     (a 503 would reach gRPC clients as UNAVAILABLE and be retried), written by ``shed_backend`` so that its
     session count is the number of refusals. Goes AFTER the front door's rules.
     """
-    out = [f"  http-request set-var(txn.route) str({proto}),map({c.map_path},{first_backend(proto, 0)})"]
+    if c.cluster is not None:  # one route: the pool of pods the DNS answer lists
+        out = [f"  http-request set-var(txn.route) str({pool_backend(proto)})"]
+    else:
+        out = [f"  http-request set-var(txn.route) str({proto}),map({c.map_path},{first_backend(proto, 0)})"]
     if broken("no-admission"):  # test switch: nothing is refused; a full server queues in HAProxy instead
         return [*out, "  use_backend %[var(txn.route)]"]
     for be in backends:
         out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
                    f"{{ be_conn_free({be}) le 0 }}")
-    for k in range(c.slots):
+    for k in range(c.slots if c.cluster is None else 0):
         # ``balance first``: be_conn_free also counts the standbys listed after the primary (normal servers, so
         # that a retry can be redispatched to one), and a full primary would overflow onto them: the pool is
         # full when the primary is up and has no free slot. Up as its health check says (``chk``): srv_is_up
@@ -219,7 +289,8 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
     fb = fallback_backend(proto)
     out += ["  acl pool_full var(txn.full) -m bool",
             f"  acl fallback_free be_conn_free({fb}) gt 0",
-            f"  acl fallback_up srv_is_up({fallback_backend('grpc')}/fb)",  # the HTTP one tracks it
+            (f"  acl fallback_up srv_is_up({fallback_backend('grpc')}/fb)" if c.cluster is None  # HTTP tracks it
+             else f"  acl fallback_up nbsrv({fb}) gt 0"),
             f"  acl fallback_queue_room queue({fb}) lt {c.fallback_queue}",
             f"  use_backend {fb} if pool_full fallback_free || pool_full fallback_up fallback_queue_room",
             f"  use_backend {shed_backend(proto)} if pool_full",
@@ -266,13 +337,17 @@ def render_config(c: HAProxyConfig) -> str:
 
     def lim(slot: int) -> str:
         return f"maxconn {init.limits.get(slot, c.maxconn)}"
+    head = ("# generated by recserve control plane (control/routing/haproxy.py); edits are overwritten at fleet-up"
+            if c.cluster is None else
+            "# generated by python -m recserve.control.kube.frontdoor (control/routing/haproxy.py, cluster mode)")
     out = [
-        "# generated by recserve control plane (control/routing/haproxy.py); edits are overwritten at fleet-up",
+        head,
         "global",
         f"  stats socket {c.socket_path} mode 600 level admin",
         f"  pidfile {c.pid_path}",
         "  log stderr format short local0 warning",
         *global_lines(c.frontdoor, c.workdir),
+        *([] if c.cluster is None else [f"  hard-stop-after {c.cluster.hard_stop_after_s}s"]),
         "",
         "defaults",
         "  mode http",
@@ -283,6 +358,10 @@ def render_config(c: HAProxyConfig) -> str:
         f"  timeout check {c.timeout_check_ms}ms",
         f"  timeout queue {c.timeout_queue_ms}ms",
         *retry_defaults(c),
+    ]
+    if c.cluster is not None:
+        return _render_cluster(c, out)
+    out += [
         "",
         "backend chk",
         # Liveness, not readiness: with strict readiness Triton answers 400 on /v2/health/ready while an old
@@ -342,10 +421,80 @@ def render_config(c: HAProxyConfig) -> str:
                 f"  errorfile 504 {errorfile_path(c, proto)}",
                 f"  server fb {fb_addr}{srv_proto} maxconn {c.fallback_maxconn} {fb_check}"]
         out += ["", f"backend {shed_backend(proto)}", *refusal_lines(c, proto)]
-    if c.metrics_port:  # Prometheus scrapes the data path as clients see it (Debian's 2.6 has the exporter)
-        out += ["", "frontend fe_metrics", f"  bind {c.host}:{c.metrics_port}", "  no log",
-                "  http-request use-service prometheus-exporter if { path /metrics }",
-                "  http-request deny deny_status 404"]
+    out += _metrics_lines(c)
+    return "\n".join(out) + "\n"
+
+
+def _metrics_lines(c: HAProxyConfig) -> list[str]:
+    if not c.metrics_port:
+        return []
+    # Prometheus scrapes the data path as clients see it (Debian's 2.6 has the exporter); on a cluster the same
+    # frontend answers the kubelet's probes (/healthz: this HAProxy accepts; it stops listening at a soft stop)
+    health = ["  http-request return status 200 content-type text/plain string ok if { path /healthz }"]
+    return ["", "frontend fe_metrics", f"  bind {c.host}:{c.metrics_port}", "  no log",
+            *(health if c.cluster is not None else []),
+            "  http-request use-service prometheus-exporter if { path /metrics }",
+            "  http-request deny deny_status 404"]
+
+
+def _render_cluster(c: HAProxyConfig, out: list[str]) -> str:
+    """The rest of ``render_config`` in cluster mode (``c.cluster``): a ``resolvers`` section, and per protocol the
+    front door, admission and access log exactly as on one host, one pool backend whose ``c.slots`` servers come
+    from the pods' DNS answer (``server-template``, re-resolved every check interval), the degraded-answer backend
+    found the same way and the refusal backend. Each server's ``maxconn`` is this replica's share of the pod's
+    in-flight limit (``c.maxconn``, control/kube/frontdoor.py)."""
+    k = c.cluster
+    assert k is not None
+    inter = c.check_inter_ms
+    ns = ([f"  nameserver dns{i} {n}" for i, n in enumerate(k.nameservers)] if k.nameservers
+          else ["  parse-resolv-conf"])
+    out += [
+        "",
+        # A pod's address comes and goes with the headless Service's answer: re-asked every check interval (hold
+        # valid), an address that left the answer is dropped at once (hold obsolete 0s): its slot goes to
+        # maintenance, its in-flight requests finish.
+        "resolvers cluster",
+        *ns,
+        "  accepted_payload_size 8192",
+        "  resolve_retries 3",
+        f"  timeout resolve {inter}ms",
+        f"  timeout retry {inter}ms",
+        f"  hold valid {inter}ms",
+        "  hold obsolete 0s",
+        *[f"  hold {s} {inter}ms" for s in ("nx", "other", "refused", "timeout")],
+    ]
+    chk = f"check inter {inter}ms fall {c.check_fall} rise {c.check_rise}"
+    dns = "resolvers cluster init-addr none resolve-prefer ipv4"
+    for proto in PROTOS:
+        bind_port = c.grpc_port if proto == "grpc" else c.http_port
+        srv_proto = " proto h2" if proto == "grpc" else ""
+        pool = pool_backend(proto)
+        out += ["", f"frontend fe_{proto}", *frontdoor_lines(c.frontdoor, proto, bind_port, c.workdir)]
+        if c.access_log:
+            out += ["  no log", "  log stdout format raw local0 info", "  unique-id-format %[uuid()]",
+                    f'  log-format "{ACCESS_LOG_FORMAT}"']
+        out += admission_lines(c, proto, [pool])
+        out.append(f"  default_backend {pool}")
+        retry = [] if broken("no-retries") else ["  retry-on conn-failure empty-response response-timeout"]
+        port = k.pod_grpc_port if proto == "grpc" else k.pod_http_port
+        out += ["", f"backend {pool}", "  balance leastconn", *retry,
+                # liveness, as on one host: the golden gate (the DNS answer) already says the versions answer right
+                "  option httpchk GET /v2/health/live", "  http-check expect status 200",
+                f"  server-template pod {c.slots} {k.pods_fqdn}:{port}{srv_proto} {dns} maxconn {c.maxconn} "
+                f"{chk} check-proto h1 port {k.pod_http_port}"]
+        fb = fallback_backend(proto)
+        out += ["", f"backend {fb}", "  retry-on conn-failure empty-response",
+                "  option httpchk GET /v2/health/ready", "  http-check expect status 200",
+                f"  timeout queue {c.fallback_timeout_queue_ms}ms",
+                f"  errorfile 503 {errorfile_path(c, proto)}",
+                f"  errorfile 504 {errorfile_path(c, proto)}"]
+        if k.fallback_fqdn:
+            fport = k.fallback_grpc_port if proto == "grpc" else k.fallback_http_port
+            out.append(f"  server-template fb {k.fallback_slots} {k.fallback_fqdn}:{fport}{srv_proto} {dns} "
+                       f"maxconn {c.fallback_maxconn} check inter {inter * 2}ms fall {c.check_fall} "
+                       f"rise {c.check_rise} check-proto h1 port {k.fallback_http_port}")
+        out += ["", f"backend {shed_backend(proto)}", *refusal_lines(c, proto)]
+    out += _metrics_lines(c)
     return "\n".join(out) + "\n"
 
 
