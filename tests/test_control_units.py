@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -245,9 +246,13 @@ class _FakeFleet:
         self._client = client
         inst = SimpleNamespace(versions={"retrieval": [2]}, metrics_port=free_port())
         self.state = SimpleNamespace(instance=lambda iid: inst)
+        from recserve.control.fleet.golden import ask
+
+        # the golden checker's contract the rollout uses: requests, ask (the instance's answers), expected, compare
         self.golden = SimpleNamespace(requests={"recommend": {"user_id": 1, "history": [1]},
                                                 "search": {"query": "q", "user_id": None}},
-                                      expected=lambda versions: "expected answers", compare=lambda got, exp: "")
+                                      ask=ask, expected=lambda versions: "expected answers",
+                                      compare=lambda got, exp: "")
 
     def client(self, iid):
         return self._client if iid == "t2" else _Client()
@@ -339,26 +344,28 @@ def test_reload_of_an_instance_the_route_sends_nothing_to_loads_at_nice_19():
     request waited on. An instance taking traffic keeps its priority while it loads."""
     from types import SimpleNamespace
 
-    from recserve.control.fleet.instances import InstanceLifecycle
+    from recserve.control.fleet.instances import Instances
     from recserve.control.state.store import InstanceRecord
 
-    class Lifecycle(InstanceLifecycle):
+    class Lifecycle(Instances):
         def __init__(self, serving: set[int]):
             self.recs = {iid: InstanceRecord(id=iid, slot=slot, role=role, state="healthy", pid=slot + 1,
                                              grpc_port=0, http_port=0, metrics_port=0, workdir="w")
                          for iid, slot, role in (("t1", 0, "standby"), ("t2", 1, "primary"))}
-            self.state = SimpleNamespace(update_instance=lambda iid, **kw: None, instance=self.recs.get,
-                                         instances=lambda: list(self.recs.values()), event=lambda *a, **kw: None)
-            self.router = SimpleNamespace(pool_slots=lambda: {0}, serving_slots=lambda: serving,
-                                          set_pool=lambda slots: None)
-            self.config = SimpleNamespace(mode="active-active", instance_nice=5)
-            self.lock, self.busy, self.fails, self.last_probe = threading.Lock(), set(), {}, {}
+            state = SimpleNamespace(update_instance=lambda iid, **kw: None, instance=self.recs.get,
+                                    instances=lambda: list(self.recs.values()), event=lambda *a, **kw: None)
+            router = SimpleNamespace(pool_slots=lambda: {0}, serving_slots=lambda: serving,
+                                     set_pool=lambda slots: None)
+            supervisor = SimpleNamespace(hold=lambda iid: None, release=lambda iid: None,
+                                         passed=lambda iid, probe: None)
+            super().__init__(SimpleNamespace(mode="active-active", instance_nice=5), Path("root"), Path("repo"), "",
+                             state, router, None, None, None, supervisor, threading.Lock())
             self.nices: list[int] = []
 
         def renice(self, rec, nice):
             self.nices.append(nice)
 
-        def _server(self, rec):
+        def server(self, rec):
             return None
 
         def load_versions(self, server, versions, only=None):
