@@ -319,4 +319,6 @@ def test_network_policies_let_clients_reach_only_the_front_door(rendered):
     sources = [f.get("podSelector", {}).get("matchLabels") for r in triton["ingress"] for f in r["from"]]
     assert frontdoor in sources and {"app.kubernetes.io/name": "recserve-operator"} in sources
     ports = {p["port"] for r in triton["ingress"] for p in r["ports"]}
-    assert ports == {"http", "grpc", "metrics"}  # port names the Triton container declares
+    assert ports == {"http", "grpc", "metrics", "modelsync"}  # port names the Triton pod's containers declare
+    sync_from = [f for r in triton["ingress"] if {"port": "modelsync"} in r["ports"] for f in r["from"]]
+    assert sync_from == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "recserve-operator"}}}]

@@ -240,3 +240,66 @@ def test_a_pass_killed_half_way_leaves_nothing_partial(tmp_path, bucket, monkeyp
     assert "ranker/2" in res.placed and verify_version(models, "ranker", 2).verified
     no_partial(models)
     shutil.rmtree(models)
+
+
+def test_the_operator_asks_the_pods_sidecar_before_it_loads_a_version(tmp_path):
+    """``sync_pod_first`` (wrapped around KubePool.load_versions by the operator): the pod's sidecar runs a pass,
+    a version it does not hold is refused naming it and what the sidecar refused, Triton is asked only after."""
+    from recserve.control.backup.targets import PathStore
+    from recserve.control.kube.modelsync import SyncError, sync_pod_first
+
+    src = make_repo(tmp_path / "store")
+    store = PathStore(tmp_path / "bucket")
+    publish(src, store)
+    sync = ModelSync(store, tmp_path / "models")
+    server = modelsync.serve(sync, 0, host="127.0.0.1")
+    port = server.server_address[1]
+    pod = {"status": {"podIP": "127.0.0.1"}, "spec": {"containers": [
+        {"name": "triton", "ports": [{"name": "http", "containerPort": 8000}]},
+        {"name": "models-sync", "ports": [{"name": "modelsync", "containerPort": port}]}]}}
+    loads = []
+    load = sync_pod_first(lambda iid, versions, only=None: loads.append((iid, versions)),
+                          lambda: {"p1": pod, "volume-pod": {"spec": {"containers": [{"name": "triton"}]}}})
+    try:
+        load("p1", {"ranker": [1], "pre": [1]})
+        assert loads == [("p1", {"ranker": [1], "pre": [1]})]
+        assert verify_version(tmp_path / "models", "ranker", 1).verified  # the call brought it first
+        new_version(src, store, 2, b"\x02" * 4096)
+        store.put_bytes("ranker/2/model.onnx", b"\x00" * 4096)  # corrupt on the store
+        with pytest.raises(SyncError, match=r"does not hold ranker/2 \(ranker/2/model.onnx: sha256"):
+            load("p1", {"ranker": [2], "pre": [1]})
+        assert len(loads) == 1  # Triton was not asked
+        load("volume-pod", {"ranker": [2]})  # no sidecar: loaded as before
+        assert loads[-1] == ("volume-pod", {"ranker": [2]})
+    finally:
+        server.shutdown()
+
+
+def test_manifests_fill_and_sync_every_pods_repository_and_the_image_variant_renders():
+    from recserve.control.kube.manifests import K8S_DIR, find, pss_violations, render, validate
+
+    objs = render("cpu")
+    assert find(objs, "ConfigMap", "recserve-models-source")["data"]["MODELS_URL"].startswith("s3://")
+    for name, main in (("recserve-triton", "triton"), ("recserve-operator", "operator")):
+        pod = find(objs, "Deployment", name)["spec"]["template"]["spec"]
+        (fill,) = pod["initContainers"]
+        conts = {c["name"]: c for c in pod["containers"]}
+        assert list(conts)[0] == main  # the overlays patch containers/0
+        sync = conts["models-sync"]
+        assert fill["command"][-1] == "--once" and "--watch" in sync["command"]
+        for c in (fill, sync):
+            assert "--from=$(MODELS_URL)" in c["command"] and "--to=/models" in c["command"]
+            assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]  # writable: the filler
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in conts[main]["volumeMounts"]
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in vols["models"]
+    triton = find(objs, "Deployment", "recserve-triton")["spec"]["template"]["spec"]
+    assert {"name": "modelsync", "containerPort": 8090} in triton["containers"][1]["ports"]
+    assert pss_violations(objs) == []
+
+    image = render(K8S_DIR / "overlays" / "models-image")
+    validate(image)
+    for name in ("recserve-triton", "recserve-operator"):
+        pod = find(image, "Deployment", name)["spec"]["template"]["spec"]
+        assert "initContainers" not in pod and [c["name"] for c in pod["containers"]] in (["triton"], ["operator"])
+        assert {v["name"]: v for v in pod["volumes"]}["models"]["image"]["reference"] == "recserve-models:1"

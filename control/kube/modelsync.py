@@ -388,6 +388,50 @@ def serve(sync: ModelSync, port: int, host: str = "0.0.0.0") -> ThreadingHTTPSer
     return server
 
 
+def sidecar_url(pod: dict) -> str | None:
+    """``http://<pod IP>:<port>`` of a pod's models-sync sidecar (a container port named ``modelsync``)."""
+    ip = (pod.get("status") or {}).get("podIP")
+    for c in (pod.get("spec") or {}).get("containers") or []:
+        for port in c.get("ports") or []:
+            if port.get("name") == "modelsync" and ip:
+                return f"http://{ip}:{int(port['containerPort'])}"
+    return None
+
+
+def ensure_versions(url: str, versions: dict[str, list[int]], timeout_s: float = 300.0) -> None:
+    """Ask a sidecar for a pass now (``POST /sync``) and raise SyncError naming every wanted version it does not
+    hold afterwards, with what it refused (a corrupt object is why a load would fail)."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/sync", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            body = json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        raise SyncError(f"models-sync sidecar {url}: POST /sync failed: {exc}") from exc
+    held = body.get("versions") or {}
+    missing = [f"{m}/{v}" for m, vs in sorted(versions.items()) for v in vs if v not in held.get(m, [])]
+    if missing:
+        refused = "; ".join(body.get("refused") or []) or "nothing refused: not in the store?"
+        raise SyncError(f"the pod's models-sync sidecar does not hold {', '.join(missing)} ({refused})")
+
+
+def sync_pod_first(load, pods, timeout_s: float = 300.0):
+    """Wrap ``KubePool.load_versions(iid, versions, only=None)``: the pod's sidecar syncs first, and a version it
+    does not hold is refused by name before Triton is asked to load it. ``pods()`` maps pod names to Pod objects;
+    a pod without a ``modelsync`` port (a volume-based repository) is loaded as before."""
+
+    def load_versions(iid: str, versions: dict[str, list[int]], only: list[str] | None = None) -> None:
+        url = sidecar_url(pods().get(iid) or {})
+        if url is not None:
+            wanted = versions if only is None else {m: v for m, v in versions.items() if m in only}
+            ensure_versions(url, wanted, timeout_s)
+        return load(iid, versions, only=only)
+
+    return load_versions
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recserve.control.kube.modelsync", description=__doc__.splitlines()[0])
     p.add_argument("--from", dest="src", required=True, help="s3://bucket/prefix (or a directory); with "

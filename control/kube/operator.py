@@ -79,6 +79,10 @@ class Operator:
         key = self.api.admin_key()
         self.pool = KubePool(self.config.repository, self.config.workdir, key, self.spec["models"],
                              delete_pod=self._delete_pod, on_traffic=self._apply_gate)
+        # a pod's models-sync sidecar brings a version (verified) before Triton is asked to load it
+        from recserve.control.kube.modelsync import sync_pod_first
+
+        self.pool.load_versions = sync_pod_first(self.pool.load_versions, lambda: getattr(self, "_pods", {}))
         self._init_desired(fleet)
         self.rollouts = RolloutManager(self.pool)
         self.rollouts.recover_records()
