@@ -12,6 +12,7 @@ one code in one place.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import signal
@@ -41,7 +42,6 @@ from recserve.control.api.cli_output import (
     add_output_flags,
     classify,
     dry_run_doc,
-    existing_dir,
     existing_file,
     float_range,
     instance_id,
@@ -49,15 +49,15 @@ from recserve.control.api.cli_output import (
     model_name,
     nonempty,
     percent_list,
-    port,
     positive_seconds,
 )
 from recserve.control.api.tls import control_channel
 from recserve.control.backup import cli as backup_cli
+from recserve.control.defaults import CONTROL_PORT, DEFAULT_REPOSITORY, DEFAULT_ROOT, GRPC_PORT, HTTP_PORT, REPO_ROOT
 from recserve.control.fleet.config import FleetConfig
 from recserve.control.monitoring.stack import read_endpoints
 from recserve.control.runtime.procs import pid_alive
-from recserve.control.runtime.triton import REPO_ROOT
+from recserve.control.settings import RECCTL_GLOBAL, SETTINGS_FILE, Settings, add_flags, from_args
 
 #: The range the control plane accepts for ``recctl limits --knee-rps`` (control/routing/router.py, Router.set_knee).
 KNEE_RPS_RANGE = (1.0, 1_000_000.0)
@@ -75,7 +75,7 @@ def _endpoints(root: Path) -> dict:
 
 
 def _control(args: argparse.Namespace) -> str:
-    return args.control or _endpoints(_root(args)).get("control") or "127.0.0.1:50051"
+    return args.control or _endpoints(_root(args)).get("control") or f"127.0.0.1:{CONTROL_PORT}"
 
 
 def _tls(args: argparse.Namespace) -> tuple[bool, Path | None]:
@@ -140,32 +140,32 @@ def _instance(d: dict, iid: str) -> dict:
 
 
 # ---------------------------------------------------------------------- commands
-def _up_command(args: argparse.Namespace, root: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "recserve.control.server", "--root", str(root), "--repository",
-           str(Path(args.repository).resolve()),
-           "--grpc-port", str(args.grpc_port), "--http-port", str(args.http_port),
-           "--control-port", str(args.control_port), "--metrics-port", str(args.metrics_port),
-           "--instances", str(args.instances), "--mode", args.mode, "--active", str(args.active),
-           "--knee-rps", str(args.knee_rps), "--slo-p99-ms", str(args.slo_p99_ms),
-           "--fallback-maxconn", str(args.fallback_maxconn), "--fallback-queue", str(args.fallback_queue),
-           "--timeout-server-ms", str(args.timeout_server_ms)]
-    cmd += ["--no-fallback"] if args.no_fallback else []
-    cmd += ["--adaptive-limits"] if args.adaptive_limits else []
-    for flag in ("tls_cert", "tls_key", "tls_ca", "client_tls_cert", "client_tls_key"):
-        if getattr(args, flag):
-            cmd += [f"--{flag.replace('_', '-')}", str(Path(getattr(args, flag)).resolve())]
-    if args.client_bind:
-        cmd += ["--client-bind", args.client_bind]
-    if args.client_allow_plaintext:
-        cmd.append("--client-allow-plaintext")
-    for flag in ("max_grpc_body", "max_http_body"):
-        if getattr(args, flag):
-            cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-    if args.backup_policy:
-        cmd += ["--backup-policy", str(Path(args.backup_policy).resolve())]
-    if args.spec:
-        cmd += ["--spec", str(Path(args.spec).resolve())]
-    return cmd
+def _up_settings(args: argparse.Namespace, root: Path) -> Settings:
+    """The control plane's settings from ``recctl up``'s flags (the server's own, control/settings.py), with the
+    root and every path made absolute: the server runs in another directory."""
+    s = from_args(args, root=root, repository=Path(args.repository).resolve())
+    for section in (s.control, s.frontdoor, s.backup):
+        for name, value in vars(section).items():
+            if isinstance(value, Path):
+                setattr(section, name, value.resolve())
+    s.spec = s.spec.resolve() if s.spec else None
+    return s
+
+
+def _up_command(settings_file: Path) -> list[str]:
+    """The server reads the settings ``recctl up`` wrote, not a command line rebuilt from its flags."""
+    return [sys.executable, "-m", "recserve.control.server", "--settings", str(settings_file)]
+
+
+def _dial(host: str) -> str:
+    """The address a local client dials for a server bound to ``host``: loopback for a wildcard bind."""
+    try:
+        addr = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host  # a name
+    if addr.is_unspecified:
+        return "127.0.0.1" if addr.version == 4 else "[::1]"
+    return f"[{addr}]" if addr.version == 6 else str(addr)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -174,7 +174,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     out: Output = args.out
     root = _root(args)
-    address = f"127.0.0.1:{args.control_port}"
+    address = f"{_dial(args.control_host)}:{args.control_port}"
     doc = {"root": str(root), "control": address, "grpc": f"127.0.0.1:{args.grpc_port}",
            "http": f"127.0.0.1:{args.http_port}", "log": str(root / "control.log")}
     pid = _control_pid(root)
@@ -203,15 +203,19 @@ def cmd_up(args: argparse.Namespace) -> int:
             except FrontDoorError as exc:
                 raise UsageError(f"--spec: {exc}") from None
         args.repository = args.repository or spec.repository
-    args.repository = args.repository or REPO_ROOT / "model_repository"
-    cmd = _up_command(args, root)
+    args.repository = args.repository or DEFAULT_REPOSITORY
+    settings = _up_settings(args, root)
+    settings_file = root / SETTINGS_FILE
+    cmd = _up_command(settings_file)
     if args.dry_run:
-        out.emit(dry_run_doc("up", **doc, command=cmd, would="start the control plane, HAProxy and "
-                             f"{args.instances} instance(s) ({args.mode})"),
-                 f"would start: {' '.join(cmd)}\n(clients: gRPC {doc['grpc']}, HTTP {doc['http']}; control "
-                 f"{address}; logs {root})")
+        out.emit(dry_run_doc("up", **doc, command=cmd, settings=settings.to_dict(), would="write the settings to "
+                             f"{settings_file}, start the control plane, HAProxy and {args.instances} instance(s) "
+                             f"({args.mode})"),
+                 f"would write {settings_file} and start: {' '.join(cmd)}\n(clients: gRPC {doc['grpc']}, HTTP "
+                 f"{doc['http']}; control {address}; logs {root})")
         return OK
     root.mkdir(parents=True, exist_ok=True)
+    settings.write(settings_file)  # mode 0600: it may name the TLS key files
     ca_file = args.ca or args.tls_ca or args.tls_cert  # the readiness wait must trust what the server presents
     ca = Path(ca_file) if ca_file else None
     tls = args.tls or ca is not None
@@ -275,8 +279,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     ep = _endpoints(root)
     fleet = Fleet(FleetConfig(root=root, repository=Path(args.repository),
-                              grpc_port=int(ep.get("grpc", ":8001").rsplit(":", 1)[1]),
-                              http_port=int(ep.get("http", ":8000").rsplit(":", 1)[1])))
+                              grpc_port=int(ep.get("grpc", f":{GRPC_PORT}").rsplit(":", 1)[1]),
+                              http_port=int(ep.get("http", f":{HTTP_PORT}").rsplit(":", 1)[1])))
     n = len(fleet.state.instances())
     fleet.down()
     fleet.state.close()
@@ -800,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
                epilog=EXIT_CODES_HELP + "\n\nshell completion: source <(recctl completion bash)   (or zsh)",
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action=_Version, help="print recserve's version and the Triton it is built for")
-    p.add_argument("--root", default=os.environ.get("RECSERVE_ROOT", str(REPO_ROOT / ".recserve")),
+    p.add_argument("--root", default=os.environ.get("RECSERVE_ROOT", str(DEFAULT_ROOT)),
                    help="runtime directory of the fleet (state, token, logs)")
     p.add_argument("--control", type=nonempty("host:port"), default=os.environ.get("RECSERVE_CONTROL"),
                    help="control plane host:port")
@@ -815,52 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = add("up", cmd_up, "start the fleet in the background (no-op when it is up)", changes=True)
     down = add("down", cmd_down, "stop the control plane, instances and HAProxy of this root", changes=True)
-    up.add_argument("--repository", type=existing_dir, default=None,
-                    help="model repository to serve (default: the --spec's repository, else model_repository/)")
-    down.add_argument("--repository", type=Path, default=REPO_ROOT / "model_repository",
+    add_flags(up, cli=True, skip=RECCTL_GLOBAL)  # every setting of the control plane (control/settings.py)
+    down.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY,
                       help="model repository of the fleet")
-    up.add_argument("--grpc-port", type=port, default=int(os.environ.get("PORT_GRPC", 8001)))
-    up.add_argument("--http-port", type=port, default=int(os.environ.get("PORT_HTTP", 8000)))
-    up.add_argument("--control-port", type=port, default=int(os.environ.get("PORT_CONTROL", 50051)))
-    up.add_argument("--metrics-port", type=port, default=int(os.environ.get("PORT_CONTROL_METRICS", 9108)))
-    up.add_argument("--instances", type=int_range(1), default=2)
-    up.add_argument("--mode", choices=("active-active", "primary-standby"), default="active-active",
-                    help="active-active: --active instances share traffic (leastconn), the rest are hot standbys")
-    up.add_argument("--active", type=int_range(1), default=2, help="actives at first start (later: recctl scale)")
-    up.add_argument("--knee-rps", type=float_range(0, 1_000_000, "requests/s"), default=0.0,
-                    help="host knee for the in-flight limits (0: reports/perf/latest, else 500)")
-    up.add_argument("--slo-p99-ms", type=float_range(1, 10000, "ms"), default=50.0,
-                    help="p99 target of admitted requests")
-    up.add_argument("--no-fallback", action="store_true", help="no degraded answers: shed = 429/RESOURCE_EXHAUSTED")
-    up.add_argument("--fallback-maxconn", type=int_range(1), default=FleetConfig.fallback_maxconn,
-                    help="in-flight limit of the degraded answers")
-    up.add_argument("--fallback-queue", type=int_range(0, 10000), default=FleetConfig.fallback_queue,
-                    help="shed requests that may wait (2 x SLO at most) for a degraded answer in a burst; 0: refuse "
-                    "at once")
-    up.add_argument("--timeout-server-ms", type=int_range(50, 60000, "ms", zero_ok=True), default=0,
-                    help="HAProxy timeout server (0: from the SLO)")
-    up.add_argument("--adaptive-limits", action="store_true", help="AIMD controller moves the limits")
-    up.add_argument("--tls-cert", type=existing_file, help="PEM server certificate: the control API speaks TLS")
-    up.add_argument("--tls-key", type=existing_file, help="PEM private key of --tls-cert (mode 0600)")
-    up.add_argument("--tls-ca", type=existing_file,
-                    help="CA clients trust (default: --tls-cert itself, for a self-signed one)")
-    up.add_argument("--client-bind", type=nonempty("an address"),
-                    help="address of the client ports (default 127.0.0.1; others need TLS)")
-    up.add_argument("--client-tls-cert", type=existing_file, help="PEM certificate: HAProxy's client ports speak TLS")
-    up.add_argument("--client-tls-key", type=existing_file, help="PEM private key of --client-tls-cert (mode 0600)")
-    up.add_argument("--client-allow-plaintext", action="store_true",
-                    help="allow a non-loopback --client-bind without TLS")
-    up.add_argument("--max-grpc-body", type=int_range(0), default=0, help="largest gRPC request body in bytes "
-                    "(default: with --spec, its models' largest request at their maxBatch; else batch 8 of "
-                    "1000-item histories, 88,272; larger limits cost HAProxy CPU)")
-    up.add_argument("--max-http-body", type=int_range(0), default=0, help="largest HTTP request body in bytes "
-                    "(default: with --spec, its models' largest request as JSON at their maxBatch; else batch 4 "
-                    "of 1000-item histories as JSON, 92,276)")
-    up.add_argument("--spec", type=existing_file, default=os.environ.get("SPEC") or None,
-                    help="serving spec (recctl init writes one): the models it names are served and golden-checked "
-                    "by its rules (default: the demo's recommend/search)")
-    up.add_argument("--backup-policy", type=existing_file, default=os.environ.get("RECSERVE_BACKUP_POLICY"),
-                    help="backup policy file (docs/operations.md 'Backup and recovery'); none: no scheduled backups")
     st = add("status", cmd_status, "fleet, instances, versions, warnings")
     st.add_argument("--events", type=int_range(0, 1000), default=10, help="recent events to show")
     ro = add("rollover", cmd_rollover, "roll a model to a new version with metric gates (progress on stderr; "

@@ -32,15 +32,13 @@ from recserve.control.backup.api import BackupApi, make_scheduler, policy_path
 from recserve.control.backup.policy import BackupError
 from recserve.control.errors import ErrorCode
 from recserve.control.fallback.contract import CONTRACT_MODELS
-from recserve.control.fleet.fleet import Fleet, FleetConfig, status_json
+from recserve.control.fleet.fleet import Fleet, status_json
 from recserve.control.keys import SecretFileError, check_private, read_secret
 from recserve.control.monitoring.config import publish_models
 from recserve.control.monitoring.metrics import ControlMetrics
 from recserve.control.monitoring.targets import FleetCollector, remembered_port
 from recserve.control.rollout.manager import RolloutManager
 from recserve.control.routing.frontdoor import (
-    DOOR_BATCH_GRPC,
-    DOOR_BATCH_HTTP,
     GRPC_MAX_BODY,
     HTTP_MAX_BODY,
     FrontDoorConfig,
@@ -48,7 +46,15 @@ from recserve.control.routing.frontdoor import (
     SpecLimits,
     spec_body_limits,
 )
-from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.settings import (
+    SETTINGS_FILE,
+    Settings,
+    SettingsError,
+    add_flags,
+    fleet_config,
+    from_args,
+    to_args,
+)
 from recserve.control.spec.repository import RepositoryReadError
 from recserve.control.spec.spec import SpecError, load_spec
 from recserve.control.state.snapshots import SnapshotStore, list_versions
@@ -232,61 +238,25 @@ def _snapshot_pb(s) -> pb.Snapshot:
                        models=_versions(s.models()), note=s.note)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of control/settings.py (``recctl up`` takes the same ones), and ``--settings FILE``."""
     p = argparse.ArgumentParser(prog="python -m recserve.control.server", description=__doc__.splitlines()[0])
-    p.add_argument("--root", type=Path, default=Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve")))
-    p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    p.add_argument("--grpc-port", type=int, default=8001, help="HAProxy gRPC port for clients")
-    p.add_argument("--http-port", type=int, default=8000, help="HAProxy HTTP port for clients")
-    p.add_argument("--control-port", type=int, default=50051)
-    p.add_argument("--control-host", default="127.0.0.1", help="control API bind address; anything but loopback "
-                   "needs --tls-cert/--tls-key")
-    p.add_argument("--tls-cert", type=Path, default=None, help="PEM server certificate: the control API speaks TLS")
-    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert (mode 0600)")
-    p.add_argument("--tls-ca", type=Path, default=None, help="CA that clients should trust (default: --tls-cert, "
-                   "for a self-signed certificate); written to endpoints.json for recctl")
-    p.add_argument("--metrics-port", type=int, default=9108)
-    p.add_argument("--instances", type=int, default=2)
-    p.add_argument("--backup-root", type=Path, default=None, help="snapshots of the model repository "
-                   "(default <root>/backups)")
-    p.add_argument("--health-interval", type=float, default=0.3)
-    p.add_argument("--backup-policy", type=Path, default=None, help="backup policy file (default "
-                   "$RECSERVE_BACKUP_POLICY; none: no scheduled backups)")
-    p.add_argument("--client-bind", default="127.0.0.1", help="address HAProxy's client ports bind (anything but "
-                   "loopback needs --client-tls-cert/--client-tls-key or --client-allow-plaintext)")
-    p.add_argument("--client-tls-cert", type=Path, default=None, help="PEM certificate: client ports speak TLS")
-    p.add_argument("--client-tls-key", type=Path, default=None, help="PEM private key of --client-tls-cert (0600)")
-    p.add_argument("--client-allow-plaintext", action="store_true", help="allow a non-loopback --client-bind "
-                   "without TLS (a private network you trust)")
-    p.add_argument("--max-grpc-body", type=int, default=None, help="largest gRPC request body in bytes "
-                   f"(default: with --spec, its models' largest request at their maxBatch; else {GRPC_MAX_BODY}: "
-                   f"batch {DOOR_BATCH_GRPC} of 1000-item histories; above ~110 KB HAProxy's buffers grow and cost "
-                   "more CPU per request)")
-    p.add_argument("--max-http-body", type=int, default=None, help="largest HTTP request body in bytes "
-                   f"(default: with --spec, its models' largest request as JSON at their maxBatch; else "
-                   f"{HTTP_MAX_BODY}: batch {DOOR_BATCH_HTTP} of 1000-item histories as JSON)")
-    p.add_argument("--mode", choices=("active-active", "primary-standby"), default="active-active",
-                   help="active-active: --active instances behind leastconn, the rest hot standbys; "
-                   "primary-standby: one primary, standbys take over")
-    p.add_argument("--active", type=int, default=2, help="actives in active-active mode at first start")
-    p.add_argument("--knee-rps", type=float, default=0.0, help="the host's knee (rps with p99 under the SLO); "
-                   "per-server limits = knee x SLO / actives (0: reports/perf/latest, else 500)")
-    p.add_argument("--slo-p99-ms", type=float, default=50.0, help="p99 target of admitted requests")
-    p.add_argument("--no-fallback", action="store_true", help="shed requests get 429/RESOURCE_EXHAUSTED, "
-                   "never degraded answers")
-    p.add_argument("--fallback-maxconn", type=int, default=FleetConfig.fallback_maxconn,
-                   help="in-flight limit of the degraded-answer server; beyond it shed requests get "
-                   "429/RESOURCE_EXHAUSTED")
-    p.add_argument("--fallback-queue", type=int, default=FleetConfig.fallback_queue,
-                   help="shed requests that may wait up to 2 x SLO for a degraded answer when the fallback is full "
-                   "(a burst); 0: refuse at once")
-    p.add_argument("--timeout-server-ms", type=int, default=0, help="HAProxy timeout server (0: 4 x SLO "
-                   "within 100..1000 ms); raise it where the latency tail is far fatter than the SLO")
-    p.add_argument("--adaptive-limits", action="store_true", help="let the AIMD controller move the limits")
-    p.add_argument("--haproxy-metrics-port", type=int, default=0, help="HAProxy's Prometheus exporter "
-                   "(0: a free port, remembered in <root>/monitoring/haproxy.port)")
-    p.add_argument("--spec", type=Path, default=None, help="serving spec (recctl init writes one): its models are "
-                   "served and golden-checked by its rules (default: the demo's recommend/search)")
+    p.add_argument("--settings", type=Path, default=None, help="settings file (recctl up writes "
+                   f"<root>/{SETTINGS_FILE}): the defaults of every flag here")
+    add_flags(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """With ``--settings FILE`` (what ``recctl up`` writes) the file's values are the flags' defaults, and flags
+    given beside it still win."""
+    p = build_parser()
+    first, _ = p.parse_known_args(argv)
+    if first.settings is not None:
+        try:
+            p.set_defaults(**to_args(Settings.read(first.settings)))
+        except SettingsError as exc:
+            p.error(str(exc))
     return p.parse_args(argv)
 
 
@@ -374,17 +344,9 @@ def main(argv: list[str] | None = None) -> int:
               "server knows only the demo's models): shed requests get RESOURCE_EXHAUSTED", file=sys.stderr,
               flush=True)
     metrics = ControlMetrics()
-    fleet = Fleet(FleetConfig(root=root, repository=args.repository, grpc_port=args.grpc_port,
-                              http_port=args.http_port, instances=args.instances,
-                              health_interval_s=args.health_interval, mode=args.mode,
-                              active=min(args.active, args.instances), knee_rps=args.knee_rps,
-                              slo_p99_ms=args.slo_p99_ms, fallback=not args.no_fallback and degraded_ok,
-                              spec=args.spec,
-                              adaptive_limits=args.adaptive_limits, fallback_maxconn=args.fallback_maxconn,
-                              fallback_queue=args.fallback_queue,
-                              timeout_server_ms=args.timeout_server_ms,
-                              haproxy_metrics_port=args.haproxy_metrics_port
-                              or remembered_port(root / "monitoring" / "haproxy.port"), frontdoor=front), metrics)
+    fleet = Fleet(fleet_config(from_args(args, root=root), front, fallback=not args.no_fallback and degraded_ok,
+                               haproxy_metrics_port=args.haproxy_metrics_port
+                               or remembered_port(root / "monitoring" / "haproxy.port")), metrics)
     for w in fleet.host_warnings:  # also an event and a ``recctl status`` warning (control/runtime/hostcheck.py)
         print(f"warning: {w}", file=sys.stderr, flush=True)
     if limits is not None:  # the spec's request sizes: what the front door admits, and what it had to assume
