@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+
+import pytest
+
 from recserve.control.kube.pool import PodEndpoint, ServiceTraffic, pod_endpoint
 from recserve.control.state.store import InstanceRecord, State
 
@@ -55,3 +60,154 @@ def test_recctl_k8s_refuses_a_missing_kubeconfig_in_one_line(tmp_path, capsys):
 
     assert main(["k8s", "--kubeconfig", str(tmp_path / "nope"), "rollouts"]) == 2
     assert "kubeconfig" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- the operator image
+OPERATOR_REQUIREMENTS = "deploy/docker/operator-requirements.txt"
+_IMPORTS = """
+import sys, json
+for name in json.loads(sys.argv[1]):  # packages the image does not install: importing one now fails
+    sys.modules[name] = None
+before = {m.split(".")[0] for m in sys.modules}
+import recserve.control.kube.operator, recserve.control.fleet.golden, recserve.build.reference
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} - before)))
+"""
+#: In python:3.11-slim already.
+BASE_IMAGE = {"pip", "setuptools", "wheel"}
+
+
+def _closure(reqs: list[str]) -> set[str]:
+    """Distributions that installing ``reqs`` brings (their requirements, extras included), by normalized name."""
+    import importlib.metadata as md
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in reqs]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        key = name + "[" + ",".join(sorted(req.extras)) + "]"
+        if key in seen:
+            continue
+        seen.add(key)
+        seen.add(name)
+        for sub in md.requires(req.name) or []:
+            r = Requirement(sub)
+            envs = [{**default_environment(), "extra": e} for e in (sorted(req.extras) or [""])]
+            if r.marker is None or any(r.marker.evaluate(env) for env in envs):
+                todo.append(r)
+    return {s for s in seen if "[" not in s}
+
+
+def test_the_operator_runs_without_torch_from_its_declared_requirements():
+    """The operator image installs recserve with --no-deps plus operator-requirements.txt: the operator (and the
+    golden reference it runs) must import with torch blocked, and every package it loads must come from those
+    requirements, pinned at the pyproject's versions."""
+    import importlib.metadata as md
+    import json
+    import sys
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from recserve.control.runtime.triton import REPO_ROOT
+
+    lines = [ln.strip() for ln in (REPO_ROOT / OPERATOR_REQUIREMENTS).read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    declared = _closure(lines) | BASE_IMAGE
+    dists = md.packages_distributions()
+    # every installed top-level module that only undeclared packages provide (torch among them) is blocked, so
+    # an optional import (`try: import x`) of an absent package behaves as in the image
+    blocked = sorted(m for m, ds in dists.items() if m != "recserve"
+                     and not {canonicalize_name(d) for d in ds} & declared)
+    assert "torch" in blocked
+    out = subprocess.run([sys.executable, "-c", _IMPORTS, json.dumps(blocked)], capture_output=True, text=True,
+                         timeout=120, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = set(json.loads(out.stdout))
+    assert "torch" not in loaded and "onnxruntime" in loaded and "kubernetes" in loaded
+    pins = {canonicalize_name(Requirement(r).name): str(Requirement(r).specifier)
+            for r in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+            + [d for ds in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"][
+                "optional-dependencies"].values() for d in ds]}
+    for line in lines:
+        r = Requirement(line)
+        name = canonicalize_name(r.name)
+        assert name != "torch" and name in pins and str(r.specifier) == pins[name], line
+
+
+def test_the_operator_image_is_built_from_declared_inputs():
+    from recserve.control.runtime.triton import REPO_ROOT
+
+    text = (REPO_ROOT / "deploy" / "docker" / "operator.Dockerfile").read_text()
+    steps = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    copies = [ln.split()[1] for ln in steps if ln.startswith("COPY") and "--from" not in ln]
+    assert "artifacts" not in " ".join(copies) and "model_repository" not in " ".join(copies)
+    assert not [ln for ln in steps if "torch" in ln]
+    assert any(OPERATOR_REQUIREMENTS in ln for ln in steps) and any("--no-deps" in ln and ".whl" in ln for ln in steps)
+
+
+# ---------------------------------------------------------------------------------------- cluster drills can fail
+FAKE_KUBECTL = r"""#!/usr/bin/env bash
+# kubectl stand-in for cluster-drills.sh: answers what a healthy cluster would, except the checks named in
+# $FAKE_FAIL (comma-separated), which fail as a broken cluster would.
+echo "kubectl $*" >> "$FAKE_DIR/calls"
+fails() { [[ ",$FAKE_FAIL," == *",$1,"* ]]; }
+args=" $* "
+case "$args" in
+  *" apply -f - "*) cat >/dev/null; exit 0 ;;
+  *"--for=jsonpath={.status.phase}=Succeeded pod/recserve-probe"*) fails probe && exit 1; exit 0 ;;
+  *"--for=jsonpath={.status.result}="*) fails rollout && exit 1; exit 0 ;;
+  *"--for=condition=Ready"*) fails ready && exit 1; exit 0 ;;
+  *"get events"*"reason=PodDeleted"*) fails detect || echo "event/recserve-triton-a.1"; exit 0 ;;
+  *"get deploy recserve-triton"*) echo true; exit 0 ;;
+  *"get pods -l app.kubernetes.io/name=recserve-triton -o jsonpath"*) echo "recserve-triton-a recserve-triton-b" ;;
+  *"get hpa recserve-triton -o jsonpath"*)
+    n=$(cat "$FAKE_DIR/hpa" 2>/dev/null || echo 0); echo $((n + 1)) > "$FAKE_DIR/hpa"
+    if fails scale || [ "$n" -eq 0 ]; then echo 2; else echo 3; fi ;;
+  *) exit 0 ;;
+esac
+"""
+
+DRILLS = [  # (drill argv, the failure that must fail it)
+    (["crash"], "probe"), (["crash"], "ready"), (["hang"], "detect"), (["hang"], "ready"),
+    (["overload"], "scale"), (["overload"], "probe"), (["operator-crash"], "ready"), (["operator-crash"], "probe"),
+    (["bad-rollout", "3"], "rollout"), (["rollover", "3"], "probe"),
+]
+
+
+def _drill(tmp_path, argv: list[str], fail: str = "") -> subprocess.CompletedProcess:
+    from recserve.control.runtime.triton import REPO_ROOT
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "kubectl").write_text(FAKE_KUBECTL)
+    (bin_dir / "sleep").write_text("#!/bin/sh\nexit 0\n")  # the drills' waits, instant
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    (tmp_path / "hpa").unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "FAKE_FAIL": fail,
+           "DETECT_S": "1", "SCALE_S": "1"}
+    return subprocess.run(["bash", str(REPO_ROOT / "deploy" / "k8s" / "drills" / "cluster-drills.sh"), *argv],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize(("argv", "fail"), DRILLS, ids=[f"{' '.join(a)}-{f}" for a, f in DRILLS])
+def test_every_cluster_drill_verdict_decides_its_exit_code(tmp_path, argv, fail):
+    ok = _drill(tmp_path, argv)
+    assert ok.returncode == 0 and "VERDICT" in ok.stdout and ": PASS" in ok.stdout, ok.stdout + ok.stderr
+    bad = _drill(tmp_path, argv, fail)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "FAIL" in bad.stdout.splitlines()[-1], bad.stdout
+
+
+def test_the_drill_probe_meets_the_namespace_pod_security_and_policy(tmp_path):
+    _drill(tmp_path, ["crash"])
+    run = next(c for c in (tmp_path / "calls").read_text().splitlines() if " run recserve-probe" in c)
+    assert "--labels=recserve.io/role=drill-probe" in run and '"allowPrivilegeEscalation":false' in run
+    assert '"RuntimeDefault"' in run and '"drop":["ALL"]' in run
+    assert _drill(tmp_path, ["nope"]).returncode == 2
