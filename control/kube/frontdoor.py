@@ -6,9 +6,9 @@ pods that existed when each client connected (kube-proxy balances connections, n
 gets no traffic from connected clients and a full pod has nobody to refuse for it. Each front-door replica is the
 one-host front door (allow-list, size limits, admission with fast refusals, degraded answers, access log, refusal
 backends, optional TLS) with a pool backend whose servers HAProxy resolves itself from the headless Service
-``recserve-triton-ready``, which lists only pods whose golden readiness gate is open: a ``server-template`` of as
-many slots as the Triton HPA's ``maxReplicas``, re-resolved every check interval, so a new pod takes requests within
-one interval and a pod that leaves the answer gets no new ones.
+``recserve-triton-ready``, which lists only pods whose golden readiness gate is open: a ``server-template`` (written
+out, see ``control/routing/haproxy.py``) of as many slots as the Triton HPA's ``maxReplicas``, re-resolved every
+check interval, so a new pod takes requests within one interval and a pod that leaves the answer gets no new ones.
 
 Admission: a Triton pod takes ``initial_limit(knee, SLO)`` requests in flight (Little's law, the Router's rule on one
 host, control/routing/admission.py); each front-door replica admits ``pod limit // replicas`` per pod (at least 1), so

@@ -16,10 +16,10 @@ Layout (see ``shared/notes/runtime.md`` for why each setting is there):
 
 **Cluster mode** (``HAProxyConfig.cluster``, rendered for Kubernetes by ``control/kube/frontdoor.py``): the same
 front door, admission, degraded-answer and refusal backends, access log and timeouts; instead of slots bound by a
-control plane, one ``be_<proto>_pool`` backend whose servers are a ``server-template`` filled by HAProxy's own DNS
-resolver from a headless Service that lists only Triton pods whose golden readiness gate is open (``init-addr
-none``: empty slots wait in maintenance, a pod that leaves the answer goes back there), re-resolved every check
-interval; the degraded-answer server is found the same way.
+control plane, one ``be_<proto>_pool`` backend whose servers (a ``server-template``, written out) are filled by
+HAProxy's own DNS resolver from a headless Service that lists only Triton pods whose golden readiness gate is open
+(``init-addr none``: empty slots wait in maintenance, a pod that leaves the answer goes back there), re-resolved every
+check interval; the degraded-answer server is found the same way.
 """
 
 from __future__ import annotations
@@ -437,10 +437,19 @@ def _metrics_lines(c: HAProxyConfig) -> list[str]:
             "  http-request deny deny_status 404"]
 
 
+def _dns_servers(prefix: str, n: int, rest: str) -> list[str]:
+    """``server-template <prefix> <n> <rest>`` written out as ``n`` servers sharing one DNS name (HAProxy gives each
+    a different address of the answer, as it does a template's). Written out because HAProxy 2.6's template loses
+    ``check-proto`` on its servers 2..n: their HTTP/1 health checks went out as HTTP/2 to Triton's HTTP port and
+    timed out, taking every pod but the first out of a gRPC backend (tests/test_kube_frontdoor.py found it)."""
+    return [f"  server {prefix}{i} {rest}" for i in range(1, n + 1)]
+
+
 def _render_cluster(c: HAProxyConfig, out: list[str]) -> str:
     """The rest of ``render_config`` in cluster mode (``c.cluster``): a ``resolvers`` section, and per protocol the
     front door, admission and access log exactly as on one host, one pool backend whose ``c.slots`` servers come
-    from the pods' DNS answer (``server-template``, re-resolved every check interval), the degraded-answer backend
+    from the pods' DNS answer (a ``server-template`` written out:
+    ``_dns_servers``; re-resolved every check interval), the degraded-answer backend
     found the same way and the refusal backend. Each server's ``maxconn`` is this replica's share of the pod's
     in-flight limit (``c.maxconn``, control/kube/frontdoor.py)."""
     k = c.cluster
@@ -480,8 +489,8 @@ def _render_cluster(c: HAProxyConfig, out: list[str]) -> str:
         out += ["", f"backend {pool}", "  balance leastconn", *retry,
                 # liveness, as on one host: the golden gate (the DNS answer) already says the versions answer right
                 "  option httpchk GET /v2/health/live", "  http-check expect status 200",
-                f"  server-template pod {c.slots} {k.pods_fqdn}:{port}{srv_proto} {dns} maxconn {c.maxconn} "
-                f"{chk} check-proto h1 port {k.pod_http_port}"]
+                *_dns_servers("pod", c.slots, f"{k.pods_fqdn}:{port}{srv_proto} {dns} maxconn {c.maxconn} {chk} "
+                              f"check-proto h1 port {k.pod_http_port}")]
         fb = fallback_backend(proto)
         out += ["", f"backend {fb}", "  retry-on conn-failure empty-response",
                 "  option httpchk GET /v2/health/ready", "  http-check expect status 200",
@@ -490,9 +499,9 @@ def _render_cluster(c: HAProxyConfig, out: list[str]) -> str:
                 f"  errorfile 504 {errorfile_path(c, proto)}"]
         if k.fallback_fqdn:
             fport = k.fallback_grpc_port if proto == "grpc" else k.fallback_http_port
-            out.append(f"  server-template fb {k.fallback_slots} {k.fallback_fqdn}:{fport}{srv_proto} {dns} "
-                       f"maxconn {c.fallback_maxconn} check inter {inter * 2}ms fall {c.check_fall} "
-                       f"rise {c.check_rise} check-proto h1 port {k.fallback_http_port}")
+            out += _dns_servers("fb", k.fallback_slots, f"{k.fallback_fqdn}:{fport}{srv_proto} {dns} "
+                                f"maxconn {c.fallback_maxconn} check inter {inter * 2}ms fall {c.check_fall} "
+                                f"rise {c.check_rise} check-proto h1 port {k.fallback_http_port}")
         out += ["", f"backend {shed_backend(proto)}", *refusal_lines(c, proto)]
     out += _metrics_lines(c)
     return "\n".join(out) + "\n"
