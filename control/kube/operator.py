@@ -83,6 +83,9 @@ class Operator:
         from recserve.control.kube.modelsync import sync_pod_first
 
         self.pool.load_versions = sync_pod_first(self.pool.load_versions, lambda: getattr(self, "_pods", {}))
+        from recserve.control.kube.metrics import register  # the pod and rollout series the cluster rules read
+
+        register(self)
         self._init_desired(fleet)
         self.rollouts = RolloutManager(self.pool)
         self.rollouts.recover_records()

@@ -1,8 +1,20 @@
-"""Wrap Prometheus rule files (the monitoring issue's ``deploy/monitoring/rules/*.yml``) as PrometheusRules, one
-per file (the Prometheus Operator renders each into one rule file, where group names must be unique), so a
-cluster evaluates exactly the rules the one-machine stack tests with promtool.
+"""Wrap Prometheus rule files (``deploy/monitoring/rules/*.yml``) as PrometheusRules, one per file (the Prometheus
+Operator renders each into one rule file, where group names must be unique), adapted to the cluster: a cluster
+evaluates the rules the one-machine stack tests with promtool, less the ones that read series only the single-host
+control plane or HAProxy exports, with kube-prometheus severities and runbooks that say what to do on a cluster.
 
     python -m recserve.control.kube.promrule deploy/monitoring/rules/*.yml -o deploy/k8s/base/monitoring-rules.yaml
+
+What changes for the cluster (``cluster_groups``), and why:
+
+- dropped: alerts and recording rules that read series no cluster exports (``SINGLE_HOST_ONLY``: HAProxy, the
+  serving mode and standbys, the primary, failovers, backups); a group left empty is dropped;
+- rewritten: the shed rule without its HAProxy terms (``CLUSTER_EXPR``);
+- severities: ``page`` -> ``critical``, ``ticket`` -> ``warning``, ``info`` stays (what kube-prometheus-stack's
+  Alertmanager routes on);
+- annotations: ``runbook`` says what to run on a cluster (``CLUSTER_RUNBOOKS``; never ``make fleet-up``) and
+  ``runbook_url`` points at the alert's section of docs/monitoring.md (``--runbook-base`` makes it absolute);
+- ``--release NAME``: the ``release`` label kube-prometheus-stack's default ruleSelector matches.
 """
 
 from __future__ import annotations
@@ -12,9 +24,85 @@ from pathlib import Path
 
 import yaml
 
+#: Rules of the single-host files that read series only the single-host control plane or HAProxy exports.
+SINGLE_HOST_ONLY = {
+    "RecserveHAProxyDown": "HAProxy's exporter (the cluster's clients reach a Service)",
+    "RecserveNoHealthyStandby": "recserve_fleet_healthy_standbys / recserve_fleet_mode (no standby role on a cluster)",
+    "RecservePrimaryUnhealthy": "the primary's state (a Service balances over every ready pod: no primary)",
+    "RecserveFailover": "recserve_failovers_total (no failover on a cluster: a failing pod leaves the Service)",
+    "RecserveBackupStale": "the backup series (the operator runs no backups)",
+    "RecserveBackupFailing": "the backup series (the operator runs no backups)",
+    "recserve:haproxy_requests:rate1m": "HAProxy's exporter",
+    "recserve:haproxy_5xx_ratio:rate5m": "HAProxy's exporter",
+}
+#: Rules whose cluster form reads other series.
+CLUSTER_EXPR = {
+    # A pod the operator is still loading (new) or deleting is not out of service: an HPA scale-out or a replaced pod
+    # would open a ticket every time (the single host counts its own starting instances in on purpose).
+    "RecserveInstanceDown": ("max by (fleet, instance) (up{job=\"triton\"} == 0)\n"
+                             "or max by (fleet, instance)"
+                             " (recserve_instance_state{state!~\"healthy|drained|new|deleting\"} == 1)\n"),
+    # Triton's queue-full failures and REJECTED requests; the HAProxy terms of the single-host form have no series.
+    "recserve:shed:rate1m": ("sum by (fleet) (recserve:queue_full_failures:rate1m)\n"
+                             "+ sum by (fleet) (rate(nv_inference_request_failure{reason=\"REJECTED\"}[1m]))\n"),
+}
+SEVERITY = {"page": "critical", "ticket": "warning", "info": "info"}
+#: What to run on a cluster, per alert the cluster keeps (the single-host texts name recctl and make targets).
+CLUSTER_RUNBOOKS = {
+    "RecserveInstanceDown": "kubectl -n recserve get pods; "
+                            "kubectl -n recserve get events | grep -E 'GoldenFailed|PodDeleted'",
+    "RecservePoolBelowSize": "kubectl -n recserve get recservefleet recserve -o yaml (status.instances detail); "
+                             "kubectl -n recserve describe pod POD",
+    "RecserveInstanceErrors": "kubectl -n recserve logs POD -c triton; recctl k8s status",
+    "RecserveGoldenMismatch": "recctl k8s status; recctl k8s rollouts; recctl k8s rollback MODEL",
+    "RecserveGoldenReferenceDown": "kubectl -n recserve logs deploy/recserve-operator -c operator",
+    "RecserveVersionSkew": "recctl k8s status (versions); recctl k8s rollouts; recctl k8s rollback {{ $labels.model }}",
+    "RecserveRolloutRolledBack": "kubectl -n recserve get modelrollouts -o wide (failed gate and value)",
+    "RecserveControlPlaneDown": "kubectl -n recserve get pods -l app.kubernetes.io/name=recserve-operator; "
+                                "kubectl -n recserve logs deploy/recserve-operator -c operator --previous",
+    "RecserveErrorBudgetBurnFast": "recctl k8s rollouts (a bad version?); recctl k8s rollback {{ $labels.model }}",
+    "RecserveErrorBudgetBurnSlow": "recctl k8s status; kubectl -n recserve get events --sort-by=.lastTimestamp",
+    "RecserveP99OverSLO": "kubectl -n recserve describe hpa recserve-triton (at its maximum?); raise maxReplicas",
+    "RecserveLoadShedding": "kubectl -n recserve describe hpa recserve-triton (at its maximum?); raise maxReplicas",
+}
+RUNBOOK_DOC = "docs/monitoring.md"
 
-def wrap(path: Path) -> dict:
-    """One PrometheusRule ``recserve-<file stem>`` with the file's groups, unchanged."""
+
+def runbook_url(alert: str, base: str = "") -> str:
+    """``<base>docs/monitoring.md#<alert in lower case>`` (the anchor of the alert's heading there)."""
+    return f"{base}{RUNBOOK_DOC}#{alert.lower()}"
+
+
+def cluster_groups(groups: list[dict], runbook_base: str = "") -> list[dict]:
+    """The cluster's form of a rule file's groups (see the module's docstring)."""
+    out = []
+    for g in groups:
+        rules = []
+        for rule in g.get("rules") or []:
+            name = rule.get("alert") or rule.get("record")
+            if name in SINGLE_HOST_ONLY:
+                continue
+            rule = dict(rule)
+            if name in CLUSTER_EXPR:
+                rule["expr"] = CLUSTER_EXPR[name]
+            if "alert" in rule:
+                labels = dict(rule.get("labels") or {})
+                labels["severity"] = SEVERITY[labels.get("severity", "")]
+                annotations = dict(rule.get("annotations") or {})
+                if name not in CLUSTER_RUNBOOKS:
+                    raise ValueError(f"alert {name}: no cluster runbook (promrule.CLUSTER_RUNBOOKS) and not "
+                                     "single-host only (promrule.SINGLE_HOST_ONLY): say which")
+                annotations["runbook"] = CLUSTER_RUNBOOKS[name]
+                annotations["runbook_url"] = runbook_url(name, runbook_base)
+                rule["labels"], rule["annotations"] = labels, annotations
+            rules.append(rule)
+        if rules:
+            out.append({**g, "rules": rules})
+    return out
+
+
+def wrap(path: Path, runbook_base: str = "", release: str = "") -> dict:
+    """One PrometheusRule ``recserve-<file stem>`` with the cluster's form of the file's groups."""
     doc = yaml.safe_load(Path(path).read_text()) or {}
     groups = doc.get("groups")
     if not isinstance(groups, list) or not groups:
@@ -23,23 +111,27 @@ def wrap(path: Path) -> dict:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"{path}: group names repeat within the file: {dup}")
+    labels = {"app.kubernetes.io/part-of": "recserve", **({"release": release} if release else {})}
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
-            "metadata": {"name": f"recserve-{Path(path).stem}", "labels": {"app.kubernetes.io/part-of": "recserve"}},
-            "spec": {"groups": groups}}
+            "metadata": {"name": f"recserve-{Path(path).stem}", "labels": labels},
+            "spec": {"groups": cluster_groups(groups, runbook_base)}}
 
 
-def render(files: list[Path]) -> str:
+def render(files: list[Path], runbook_base: str = "", release: str = "") -> str:
     head = ("# Generated by python -m recserve.control.kube.promrule from " + " ".join(map(str, files))
             + "; regenerate.\n")
-    return head + yaml.safe_dump_all([wrap(f) for f in files], sort_keys=False)
+    return head + yaml.safe_dump_all([wrap(f, runbook_base, release) for f in files], sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m recserve.control.kube.promrule", description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("-o", "--output", type=Path, help="write here (default: stdout)")
+    p.add_argument("--runbook-base", default="", help="prefix of runbook_url, e.g. https://git.example/recserve/"
+                   "blob/main/ (default: repository-relative docs/monitoring.md#...)")
+    p.add_argument("--release", default="", help="add the label release=NAME (kube-prometheus-stack's selector)")
     a = p.parse_args(argv)
-    text = render(a.files)
+    text = render(a.files, a.runbook_base, a.release)
     if a.output:
         a.output.write_text(text)
     else:
