@@ -114,7 +114,7 @@ def test_unknown_fields_a_wrong_schema_version_and_fields_not_read_yet_are_refus
     refused(write(tmp_path, base(tmp_path) | {"slo": 50}),
             "models.recommend.slo", "unknown field")
     refused(write(tmp_path, base(tmp_path), top={"schemaVersion": 2}), "schemaVersion", "reads schemaVersion 1")
-    refused(write(tmp_path, base(tmp_path) | {"degraded": {"provider": "popular_items"}}), "models.recommend.degraded",
+    refused(write(tmp_path, base(tmp_path) | {"priority": 2}), "models.recommend.priority",
             "not read by this recserve yet")
 
 

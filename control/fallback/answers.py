@@ -62,56 +62,58 @@ class FallbackAnswers:
         self.by_word = {w: np.asarray(v, dtype=np.int64) for w, v in words.items()}
 
     # ------------------------------------------------------------------ answers
-    def _top(self, cand: np.ndarray, scores: np.ndarray, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Best TOP_N of candidates (best first, then id), minus ``exclude``, padded with popular items."""
+    def _top(
+        self, cand: np.ndarray, scores: np.ndarray, exclude: np.ndarray, n: int = TOP_N
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``n`` of candidates (best first, then id), minus ``exclude``, padded with popular items."""
         taken = np.zeros(self.n_items + 1, dtype=bool)
         taken[exclude[(exclude >= 1) & (exclude <= self.n_items)]] = True
         keep = ~taken[cand]
         cand, scores = cand[keep], scores[keep]
-        if len(cand) < TOP_N:
+        if len(cand) < n:
             taken[cand] = True
-            pad = self.popular[: TOP_N + len(exclude) + len(cand)]
-            pad = pad[~taken[pad]][: TOP_N - len(cand)]
+            pad = self.popular[: n + len(exclude) + len(cand)]
+            pad = pad[~taken[pad]][: n - len(cand)]
             cand = np.concatenate([cand, pad])
             scores = np.concatenate([scores, self.pnorm[pad]])
-        order = np.lexsort((cand, -scores))[:TOP_N]
-        ids = np.zeros(TOP_N, dtype=np.int64)
-        out = np.zeros(TOP_N, dtype=np.float32)
+        order = np.lexsort((cand, -scores))[:n]
+        ids = np.zeros(n, dtype=np.int64)
+        out = np.zeros(n, dtype=np.float32)
         ids[: len(order)], out[: len(order)] = cand[order], scores[order]
         return ids, out
 
-    def recommend(self, history: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(item_ids [B, 20], scores [B, 20]) for history rows [B, n] (0 = padding, unknown ids ignored)."""
-        rows = [self._recommend_row(np.asarray(r, dtype=np.int64).reshape(-1)) for r in history]
-        return _stack(rows)
+    def recommend(self, history: np.ndarray, n: int = TOP_N) -> tuple[np.ndarray, np.ndarray]:
+        """(item_ids [B, n], scores [B, n]) for history rows [B, h] (0 = padding, unknown ids ignored)."""
+        rows = [self._recommend_row(np.asarray(r, dtype=np.int64).reshape(-1), n) for r in history]
+        return _stack(rows, n)
 
-    def _recommend_row(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _recommend_row(self, row: np.ndarray, n: int = TOP_N) -> tuple[np.ndarray, np.ndarray]:
         items = row[row != 0]
         known = items[(items >= 1) & (items <= self.n_items)]
         if not len(known):
-            return self._top(self.popular[:0], self.pnorm[:0], items)
+            return self._top(self.popular[:0], self.pnorm[:0], items, n)
         cats, counts = np.unique(self.item_category[known], return_counts=True)
         share = counts / counts.sum()
         cand, scores = [], []
         for c, w in zip(cats.tolist(), share.tolist(), strict=True):
-            top = self.by_category.get(c, self.popular[:0])[: TOP_N + len(items)]
+            top = self.by_category.get(c, self.popular[:0])[: n + len(items)]
             cand.append(top)
             scores.append(1.0 + w * self.pnorm[top])
-        return self._top(np.concatenate(cand), np.concatenate(scores), items)
+        return self._top(np.concatenate(cand), np.concatenate(scores), items, n)
 
-    def search(self, queries: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
-        """(item_ids [B, 20], scores [B, 20]) for the words of each query."""
-        return _stack([self._search_row(words) for words in queries])
+    def search(self, queries: list[list[str]], n: int = TOP_N) -> tuple[np.ndarray, np.ndarray]:
+        """(item_ids [B, n], scores [B, n]) for the words of each query."""
+        return _stack([self._search_row(words, n) for words in queries], n)
 
-    def _search_row(self, words: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def _search_row(self, words: list[str], n: int = TOP_N) -> tuple[np.ndarray, np.ndarray]:
         hits = [self.by_word[w] for w in set(words) if w in self.by_word]
         if not hits:
-            return self._top(self.popular[:0], self.pnorm[:0], self.popular[:0])
+            return self._top(self.popular[:0], self.pnorm[:0], self.popular[:0], n)
         cand, matched = np.unique(np.concatenate(hits), return_counts=True)
-        return self._top(cand, matched + self.pnorm[cand], self.popular[:0])
+        return self._top(cand, matched + self.pnorm[cand], self.popular[:0], n)
 
 
-def _stack(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _stack(rows: list[tuple[np.ndarray, np.ndarray]], n: int = TOP_N) -> tuple[np.ndarray, np.ndarray]:
     if not rows:
-        return np.zeros((0, TOP_N), np.int64), np.zeros((0, TOP_N), np.float32)
+        return np.zeros((0, n), np.int64), np.zeros((0, n), np.float32)
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])

@@ -1,12 +1,13 @@
-"""The fallback server program: degraded ``recommend`` / ``search`` answers (and for their ``_trt`` twins) over
-Triton's KServe v2 protocols.
+"""The fallback server program: degraded ``recommend`` / ``search`` answers (and for their ``_trt`` twins), or
+with ``--spec`` the degraded answers a serving spec declares for its models, over Triton's KServe v2 protocols.
 
 Why a Triton look-alike: HAProxy sends overflow and the no-instance-left case here as to just another backend, and
 tritonclient users change nothing. It speaks gRPC ``inference.GRPCInferenceService`` (ServerLive/Ready,
 ServerMetadata, ModelReady, ModelMetadata, ModelInfer; every other call, the repository and shared-memory APIs
 included, answers UNIMPLEMENTED) and HTTP/JSON (``/v2/health/*``, ``/v2/models/<m>[/ready|/infer]`` with the
 binary-tensor extension tritonclient uses, ``/metrics``). Requests are validated by ``control/fallback/contract.py``
-(the ensembles' own rules and texts); answers come from ``control/fallback/answers.py``.
+(the ensembles' own rules and texts; a spec model's config.pbtxt); answers come from ``control/fallback/answers.py``
+(a spec model's answer file or provider: ``control/fallback/spec_answers.py``).
 
 Every answer carries the response parameter ``degraded: true`` (gRPC ``ModelInferResponse.parameters``, HTTP JSON
 ``"parameters"``), and ``recserve_fallback_requests_total{model,protocol,outcome}`` counts degraded answers and
@@ -36,32 +37,33 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
 from recserve.control.fallback.answers import Catalogue, FallbackAnswers
-from recserve.control.fallback.contract import (
-    CONTRACT_MODELS,
-    RequestError,
-    Tensor,
-    load_specs,
-    recommend_rows,
-    rules,
-    search_queries,
-    validate,
-)
+from recserve.control.fallback.contract import RequestError, Tensor, rules, validate
+from recserve.control.fallback.spec_answers import ModelAnswers, demo_models, has_rules, spec_models
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT
+from recserve.control.spec.repository import RepositoryReadError
+from recserve.control.spec.spec import SpecError, load_spec
 
 SERVER_NAME = "recserve-fallback"
 MODEL_VERSION = "1"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: Largest HTTP request body read (the largest valid request, 64 rows of 1,000-item histories as JSON, is ~1 MiB).
 MAX_BODY_BYTES = 8 << 20
+#: The refusal of a model without a degraded answer: HAProxy's own words (control/routing/haproxy.py OVERLOADED).
+OVERLOADED = "overloaded, retry later"
 
 
 class FallbackService:
     """Validation + degraded answers + counters, shared by both protocol front ends."""
 
-    def __init__(self, answers: FallbackAnswers, repository: Path = DEFAULT_REPOSITORY):
+    def __init__(
+        self, answers: FallbackAnswers | None, repository: Path = DEFAULT_REPOSITORY, models: ModelAnswers | None = None
+    ):
         self.answers = answers
         self.repository = repository
-        self.specs = load_specs(repository)
+        if models is None:  # the demo's ensembles
+            models = demo_models(lambda: answers, repository)
+        self.specs = models.specs
+        self.answerers = models.answerers
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "recserve_fallback_requests",
@@ -80,16 +82,15 @@ class FallbackService:
             spec = self.specs.get(model)
             if spec is None:
                 raise RequestError("NOT_FOUND", f"Request for unknown model: '{model}' is not found")
-            validate(spec, tensors, request_id)
-            if CONTRACT_MODELS[model] == "recommend":
-                ids, scores = self.answers.recommend(recommend_rows(tensors, self.repository, model))
-            else:
-                ids, scores = self.answers.search(search_queries(tensors, self.repository, model))
+            answer = self.answerers.get(model)
+            if answer is None:  # a spec model without ``degraded``: HAProxy's refusal, in its words
+                raise RequestError("RESOURCE_EXHAUSTED", OVERLOADED)
+            outputs = answer(tensors, validate(spec, tensors, request_id))
         except RequestError:
             self.requests.labels(model if model in self.specs else "unknown", protocol, "refused").inc()
             raise
         self.requests.labels(model, protocol, "degraded").inc()
-        return {"item_ids": ids, "scores": scores}
+        return outputs
 
 
 def decode_tensor(name: str, datatype: str, shape: list[int], raw: bytes | None, data: object) -> Tensor:
@@ -126,7 +127,11 @@ def _flat(data: object):
 
 
 # ------------------------------------------------------------------------------------------------------ gRPC
-_GRPC_CODES = {"INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT, "NOT_FOUND": grpc.StatusCode.NOT_FOUND}
+_GRPC_CODES = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
 _TYPED_FIELDS = {
     "INT64": "int64_contents",
     "INT32": "int_contents",
@@ -193,9 +198,10 @@ class GrpcFrontEnd(service_pb2_grpc.GRPCInferenceServiceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"unexpected inference output '{name}' for model '{request.model_name}'",
                 )
-            out = response.outputs.add(name=name, datatype=self.service.datatype(request.model_name, name))
+            datatype = self.service.datatype(request.model_name, name)
+            out = response.outputs.add(name=name, datatype=datatype)
             out.shape.extend(arr.shape)
-            response.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
+            response.raw_output_contents.append(raw_bytes(arr, datatype))
         return response
 
 
@@ -228,7 +234,9 @@ def http_handler(service: FallbackService) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(body)
 
         def _error(self, status: int, message: str) -> None:
-            self._send(status, json.dumps({"error": message}).encode())
+            # 429: HAProxy's own refusal, retry-after included (a spec model without a degraded answer)
+            headers = {"retry-after": "1"} if status == 429 else None
+            self._send(status, json.dumps({"error": message}).encode(), headers=headers)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             path = self.path.split("?", 1)[0]
@@ -304,17 +312,15 @@ def http_handler(service: FallbackService) -> type[BaseHTTPRequestHandler]:
                 arr = outputs.get(o["name"])
                 if arr is None:
                     return self._error(400, f"unexpected inference output '{o['name']}' for model '{model}'")
-                out = {
-                    "name": o["name"],
-                    "datatype": service.datatype(model, o["name"]),
-                    "shape": list(arr.shape),
-                }
+                datatype = service.datatype(model, o["name"])
+                out = {"name": o["name"], "datatype": datatype, "shape": list(arr.shape)}
                 if (o.get("parameters") or {}).get("binary_data"):
-                    blob = np.ascontiguousarray(arr).tobytes()
+                    blob = raw_bytes(arr, datatype)
                     out["parameters"] = {"binary_data_size": len(blob)}
                     blobs.append(blob)
                 else:
-                    out["data"] = arr.reshape(-1).tolist()
+                    flat = arr.reshape(-1).tolist()
+                    out["data"] = [v.decode("utf-8", "replace") for v in flat] if datatype == "BYTES" else flat
                 head["outputs"].append(out)
             header = json.dumps(head).encode()
             if blobs:
@@ -326,10 +332,33 @@ def http_handler(service: FallbackService) -> type[BaseHTTPRequestHandler]:
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def build_service(repository: Path, events_csv: Path, catalog_csv: Path) -> FallbackService:
-    """Everything precomputed before the first request."""
-    answers = FallbackAnswers(Catalogue.from_build(events_csv, catalog_csv), rules(repository)["tokenizer"].tokenize)
-    return FallbackService(answers, repository)
+def build_service(repository: Path, events_csv: Path, catalog_csv: Path, spec: Path | None = None) -> FallbackService:
+    """Everything precomputed before the first request. With ``spec``: the spec's models (SpecError, naming the
+    file and field, for one whose answer file does not fit its config); the build's data is read only when a
+    model's ``degraded`` names a provider."""
+    if spec is None:
+        tokenize = rules(repository)["tokenizer"].tokenize
+        return FallbackService(FallbackAnswers(Catalogue.from_build(events_csv, catalog_csv), tokenize), repository)
+    serving = load_spec(spec, repository)
+    answers = None
+    if any(m.degraded is not None and m.degraded.provider for m in serving.models.values()):
+        # the served tokenizer: the demo repository's when the spec's repository has none
+        tokenize = rules(repository if has_rules(repository) else DEFAULT_REPOSITORY)["tokenizer"].tokenize
+        answers = FallbackAnswers(Catalogue.from_build(events_csv, catalog_csv), tokenize)
+    else:
+        tokenize = str.split  # never called: no provider
+    return FallbackService(answers, repository, spec_models(serving, lambda: answers, tokenize))
+
+
+def raw_bytes(arr: np.ndarray, datatype: str) -> bytes:
+    """An output tensor as KServe's raw bytes: little-endian values, or 4-byte length-prefixed strings for BYTES."""
+    if datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(v)) + v for v in (_as_bytes(x) for x in arr.reshape(-1)))
+    return np.ascontiguousarray(arr).tobytes()
+
+
+def _as_bytes(v: object) -> bytes:
+    return v if isinstance(v, bytes) else str(v).encode()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository (contract, rules)")
     p.add_argument("--events", type=Path, default=REPO_ROOT / "artifacts" / "data" / "events.csv")
     p.add_argument("--catalog", type=Path, default=REPO_ROOT / "artifacts" / "data" / "catalog.csv")
+    p.add_argument(
+        "--spec",
+        type=Path,
+        default=None,
+        help="serving spec: answer its models as their `degraded` says (--repository is its repository)",
+    )
     p.add_argument("--workers", type=int, default=4, help="gRPC worker threads")
     p.add_argument(
         "--max-concurrent",
@@ -348,7 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         help="gRPC calls in progress or waiting for a worker; more are refused at once with RESOURCE_EXHAUSTED",
     )
     a = p.parse_args(argv)
-    service = build_service(a.repository, a.events, a.catalog)
+    try:
+        service = build_service(a.repository, a.events, a.catalog, a.spec)
+    except (SpecError, RepositoryReadError, OSError) as exc:
+        print(f"fallback not started: {exc}", file=sys.stderr, flush=True)
+        return 2
     # Bounded: the fallback takes overflow, so it must refuse fast itself rather than queue without end.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=a.workers), maximum_concurrent_rpcs=a.max_concurrent)
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcFrontEnd(service), server)
@@ -363,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: done.set())
     threading.Thread(target=httpd.serve_forever, name="http", daemon=True).start()
     print(
-        f"fallback ready: grpc {a.host}:{a.grpc_port} http {a.host}:{a.http_port} ({service.answers.n_items} items)",
+        f"fallback ready: grpc {a.host}:{a.grpc_port} http {a.host}:{a.http_port} "
+        f"({service.answers.n_items if service.answers else 0} items; degraded answers for "
+        f"{', '.join(m for m, f in service.answerers.items() if f is not None) or 'no model'})",
         flush=True,
     )
     done.wait()

@@ -28,7 +28,7 @@ from tritonclient.grpc import model_config_pb2
 
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 
-__all__ = ["CONTRACT_MODELS", "EnsembleSpec", "InputSpec", "RequestError", "load_specs", "rules", "validate"]
+__all__ = ["CONTRACT_MODELS", "EnsembleSpec", "InputSpec", "RequestError", "load_specs", "rules", "spec_of", "validate"]
 
 #: The ensembles whose contract this module serves, and the kind of answer each wants (the TensorRT twins take
 #: the same requests as the ONNX ensembles).
@@ -52,7 +52,7 @@ class RequestError(ValueError):
 
     @property
     def http_status(self) -> int:
-        return {"NOT_FOUND": 404}.get(self.code, 400)
+        return {"NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429}.get(self.code, 400)
 
 
 @dataclass(frozen=True)
@@ -65,23 +65,29 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class EnsembleSpec:
-    """What a request to one ensemble must look like, from its config.pbtxt."""
+    """What a request to one model (an ensemble, or any model a serving spec names) must look like, from its
+    config.pbtxt; ``max_batch_size`` 0: the dims are the whole shape, no batch dimension."""
 
     name: str
     max_batch_size: int
     inputs: tuple[InputSpec, ...]
     outputs: tuple[InputSpec, ...]
+    platform: str = "ensemble"
 
     def metadata(self) -> dict:
-        """KServe v2 model metadata, as Triton writes it for an ensemble."""
+        """KServe v2 model metadata, as Triton writes it."""
 
         def tensor(t: InputSpec) -> dict:
-            return {"name": t.name, "datatype": t.datatype, "shape": [-1, *t.dims]}
+            return {
+                "name": t.name,
+                "datatype": t.datatype,
+                "shape": [-1, *t.dims] if self.max_batch_size > 0 else list(t.dims),
+            }
 
         return {
             "name": self.name,
             "versions": ["1"],
-            "platform": "ensemble",
+            "platform": self.platform,
             "inputs": [tensor(t) for t in self.inputs],
             "outputs": [tensor(t) for t in self.outputs],
         }
@@ -112,6 +118,25 @@ def load_specs(repository: Path = DEFAULT_REPOSITORY) -> dict[str, EnsembleSpec]
             outputs=tuple(_tensor_spec(t) for t in cfg.output),
         )
     return specs
+
+
+#: Triton's metadata ``platform`` by the kind control/spec/repository.py reads from a config.
+_PLATFORMS = {"ensemble": "ensemble", "onnx": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "python": "python"}
+
+
+def spec_of(info) -> EnsembleSpec:
+    """The request contract of any model, from control/spec/repository.py's ``ModelInfo`` (same config.pbtxt)."""
+
+    def tensor(t) -> InputSpec:
+        return InputSpec(t.name, t.datatype, tuple(t.dims), bool(t.optional))
+
+    return EnsembleSpec(
+        name=info.name,
+        max_batch_size=int(info.max_batch_size),
+        inputs=tuple(tensor(t) for t in info.inputs),
+        outputs=tuple(tensor(t) for t in info.outputs),
+        platform=_PLATFORMS.get(info.kind, info.kind),
+    )
 
 
 @functools.cache
@@ -155,9 +180,12 @@ def validate(spec: EnsembleSpec, tensors: dict[str, Tensor], request_id: str = "
             "Please provide all required input(s).",
         )
     batch = None
+    batching = spec.max_batch_size > 0
     for name in got:
         if name not in expected:
             raise RequestError("INVALID_ARGUMENT", f"{rid}unexpected inference input '{name}' for model '{spec.name}'")
+        if not batching:  # no batch dimension: the dims are the whole shape
+            continue
         shape = tensors[name][1]
         if not shape:
             raise RequestError(
@@ -182,13 +210,13 @@ def validate(spec: EnsembleSpec, tensors: dict[str, Tensor], request_id: str = "
                 f"{rid}inference input '{name}' data-type is '{datatype}', but model '{spec.name}' "
                 f"expects '{want.datatype}'",
             )
-        dims = shape[1:]
+        dims = shape[1:] if batching else shape
         if len(dims) != len(want.dims) or any(w != -1 and w != d for w, d in zip(want.dims, dims, strict=True)):
-            exp = ",".join(str(d) for d in (-1, *want.dims))
+            exp = ",".join(str(d) for d in ((-1, *want.dims) if batching else want.dims))
             raise RequestError(
                 "INVALID_ARGUMENT",
                 f"{rid}unexpected shape for input '{name}' for model '{spec.name}'. "
-                f"Expected [{exp}], got [{','.join(str(d) for d in shape)}].{_SHAPE_NOTE}",
+                f"Expected [{exp}], got [{','.join(str(d) for d in shape)}].{_SHAPE_NOTE if batching else ''}",
             )
     return int(batch or 0)
 

@@ -43,6 +43,9 @@ class FallbackConfig:
     #: The build's data: popularity from the events, categories and titles from the catalogue.
     events_csv: Path = DATA_DIR / "events.csv"
     catalog_csv: Path = DATA_DIR / "catalog.csv"
+    #: A serving spec (``recctl up --spec``): answer its models as their ``degraded`` says, refuse the others'
+    #: shed requests (RESOURCE_EXHAUSTED); ``model_repository`` is then its repository. None: the demo's ensembles.
+    spec: Path | None = None
     workers: int = 4
     #: CPU niceness (0..19): degraded answers get the CPU that full answers leave (instances serve at nice 5).
     nice: int = 10
@@ -114,6 +117,7 @@ class FallbackServer:
             "--catalog", str(c.catalog_csv),
             "--workers", str(c.workers),
             "--max-concurrent", str(c.max_concurrent),
+            *(["--spec", str(c.spec)] if c.spec is not None else []),
         ]  # fmt: skip
 
     def start(self, wait: bool = True) -> FallbackServer:
@@ -122,7 +126,8 @@ class FallbackServer:
         if self.is_alive():
             raise FallbackError(f"{c.name}: already running (pid {self.pid})")
         for path, what in ((c.events_csv, "events_csv"), (c.catalog_csv, "catalog_csv")):
-            if not Path(path).is_file():
+            # with a spec the data is read only for a provider's answers (the program says so if it is missing)
+            if c.spec is None and not Path(path).is_file():
                 raise FallbackError(f"{c.name}: {what} {path} not found (run 'make models' to build the data)")
         for attr in ("grpc_port", "http_port"):
             port = getattr(c, attr)

@@ -42,7 +42,6 @@ DRIFT_COMPARES = ("correlation", "topk")
 DEGRADED_PROVIDERS = ("popular_items", "lexical_search")
 #: Fields this recserve checks but does not act on yet: refused by name rather than silently ignored.
 NOT_READ_YET = {
-    "degraded": "the degraded-answer server still answers only the demo's recommend/search",
     "priority": "the probe priority is not applied through a load-time config override yet",
 }
 DEFAULT_SLO_P99_MS = 50.0
@@ -306,15 +305,42 @@ def _gates(at: _At, raw: Any, info: ModelInfo, slo: float) -> Gates:
                  _number(at / "errorRateMax", raw.get("errorRateMax", 0.01), 0, 1))
 
 
-def _degraded(at: _At, base: Path, raw: Any) -> Degraded | None:
+def _degraded(at: _At, base: Path, raw: Any, info: ModelInfo) -> Degraded | None:
     if raw is None:
         return None
     raw = _mapping(at, raw, {"file", "provider"})
     if len(raw) != 1:
         raise at.fail("needs exactly one of file, provider")
     if "file" in raw:
-        return Degraded(file=_file(at / "file", base, raw["file"]))
-    return Degraded(provider=_choice(at / "provider", raw["provider"], DEGRADED_PROVIDERS))
+        path = _file(at / "file", base, raw["file"])
+        read_degraded_answer(path, info)  # refused now, naming the file and the field, not at the first shed request
+        return Degraded(file=path)
+    provider = _choice(at / "provider", raw["provider"], DEGRADED_PROVIDERS)
+    outs = {t.name: t for t in info.outputs}
+    ids, scores = outs.get("item_ids"), outs.get("scores")
+    what = (f"{provider} answers item_ids INT64 [N] and scores FP32 [N] (no other outputs); {info.name} has "
+            + ", ".join(f"{t.name} {t.datatype} {list(t.dims)}" for t in info.outputs))
+    if (set(outs) != {"item_ids", "scores"} or ids.datatype != "INT64" or scores.datatype != "FP32"
+            or len(ids.dims) != 1 or ids.dims != scores.dims or ids.dims[0] == 0):
+        raise (at / "provider").fail(what)
+    if provider == "lexical_search" and not any(t.datatype == "BYTES" for t in info.inputs):
+        raise (at / "provider").fail(f"lexical_search matches a BYTES query input; {info.name} has none")
+    return Degraded(provider=provider)
+
+
+def read_degraded_answer(path: Path, info: ModelInfo) -> dict[str, np.ndarray]:
+    """A degraded-answer file: ``{output: {"content": [...], "shape": [...]}}`` for every output of the model,
+    without the batch dimension (the whole shape for ``max_batch_size: 0``), checked against its config."""
+    at = _At(path)
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as exc:
+        raise at.fail(f"cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise at.fail(f"not JSON: {exc}") from None
+    outs = {t.name: t for t in info.outputs}
+    raw = _mapping(at, raw, set(outs), set(outs))
+    return {n: tensor_from_json(at / n, v, outs[n]) for n, v in raw.items()}
 
 
 def tensor_from_json(at: _At, entry: Any, tensor: TensorInfo) -> np.ndarray:
@@ -439,7 +465,7 @@ def _model(at: _At, base: Path, name: str, raw: Any, models: dict[str, ModelInfo
                 f"outputs {missing}: validation_data must hold exactly the outputs the spec compares "
                 f"({', '.join(outputs)})")
     return ModelSpec(name, info, slo, priority, max_batch, inputs, outputs, golden_file, golden, expected, recorded,
-                     _degraded(at / "degraded", base, raw.get("degraded")),
+                     _degraded(at / "degraded", base, raw.get("degraded"), info),
                      _gates(at / "gates", raw.get("gates"), info, slo), steps)
 
 
