@@ -31,7 +31,6 @@ from recserve.control.api.tls import TlsConfigError, is_loopback, server_tls
 from recserve.control.backup.api import BackupApi, make_scheduler, policy_path
 from recserve.control.backup.policy import BackupError
 from recserve.control.errors import ErrorCode
-from recserve.control.fallback.contract import CONTRACT_MODELS
 from recserve.control.fleet.fleet import Fleet, status_json
 from recserve.control.keys import SecretFileError, check_private, read_secret
 from recserve.control.monitoring.config import publish_models
@@ -338,15 +337,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # a name PromQL cannot select (the front door refuses it too): said, not fatal
         print(f"warning: monitoring rules keep the demo's models: {exc}", file=sys.stderr, flush=True)
 
-    degraded_ok = spec is None or set(spec.models) <= set(CONTRACT_MODELS)
-    if not degraded_ok and not args.no_fallback:  # said, not silent: shed requests of these models get 429
-        print(f"note: no degraded answers for {sorted(set(spec.models) - set(CONTRACT_MODELS))} (the degraded-answer "
-              "server knows only the demo's models): shed requests get RESOURCE_EXHAUSTED", file=sys.stderr,
-              flush=True)
+    # a spec model has a degraded answer when its `degraded` says so; HAProxy refuses the others' shed requests at
+    # once, per model (HTTP: the path; gRPC: the model name at the head of the body), so the fallback runs when any
+    # model has one
+    no_degraded = tuple(n for n, m in spec.models.items() if m.degraded is None) if spec is not None else ()
+    degraded_ok = spec is None or len(no_degraded) < len(spec.models)
+    if no_degraded and not args.no_fallback:  # said, not silent: shed requests of these models get 429
+        print(f"note: no degraded answers for {sorted(no_degraded)} (no `degraded` in the spec): their shed requests "
+              "get RESOURCE_EXHAUSTED / 429", file=sys.stderr, flush=True)
     metrics = ControlMetrics()
     fleet = Fleet(fleet_config(from_args(args, root=root), front, fallback=not args.no_fallback and degraded_ok,
                                haproxy_metrics_port=args.haproxy_metrics_port
                                or remembered_port(root / "monitoring" / "haproxy.port")), metrics)
+    if spec is not None:
+        fleet.router.set_degraded(spec.path, no_degraded)
     for w in fleet.host_warnings:  # also an event and a ``recctl status`` warning (control/runtime/hostcheck.py)
         print(f"warning: {w}", file=sys.stderr, flush=True)
     if limits is not None:  # the spec's request sizes: what the front door admits, and what it had to assume

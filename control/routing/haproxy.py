@@ -25,6 +25,7 @@ check interval; the degraded-answer server is found the same way.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -161,6 +162,9 @@ class HAProxyConfig:
     initial: InitialRouting | None = None
     #: Kubernetes: servers from DNS instead of slots bound at runtime (``ClusterMode``); None: one host.
     cluster: ClusterMode | None = None
+    #: Models whose shed requests get the refusal at once, never the degraded-answer server: a serving spec's
+    #: models without ``degraded`` (``no_degraded_lines``). Empty: every shed request may get a degraded answer.
+    no_degraded_models: tuple[str, ...] = ()
 
     def validate(self) -> None:
         for name in ("grpc_port", "http_port"):
@@ -260,6 +264,37 @@ def retry_defaults(c: HAProxyConfig) -> list[str]:
     return ["  retries 0"] if broken("no-retries") else [f"  retries {c.retries}", "  option redispatch 1"]
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def no_degraded_lines(proto: str, models: tuple[str, ...]) -> list[str]:
+    """ACL ``no_degraded``: the request names a model without a degraded answer (its shed requests get the refusal).
+
+    HTTP: the model in the path (``/v2/models/<m>[/versions/<v>][/ready|/infer|...]``). gRPC: the model is in the
+    body, which the front door has already awaited (``wait-for-body``): every per-model call of KServe v2
+    (``ModelInfer``, ``ModelMetadata``, ``ModelReady``) has the model's name as protobuf field 1, which protobuf
+    encoders (tritonclient's, grpc-gateway's, Go's, Java's) write first, so the message starts
+    ``0x0A <length varint> <name>`` after gRPC's 5-byte prefix (compression flag 0, length). A message that
+    writes its fields in another order, or compresses, does not match and may reach the degraded-answer server,
+    which refuses such a model's requests in the same words itself (``control/fallback/app.py``)."""
+    if not models:
+        return []
+    if proto == "http":
+        names = "|".join(re.sub(r"[^A-Za-z0-9_-]", lambda c: f"[{c.group()}]", m) for m in sorted(models))
+        return [f"  acl no_degraded path_reg ^/v2/models/({names})(/.*)?$"]
+    out = []
+    for m in sorted(models):
+        prefix = b"\x0a" + _varint(len(m.encode())) + m.encode()
+        out.append(f"  acl no_degraded req.body,bytes(5,{len(prefix)}),hex -m str {prefix.hex().upper()}")
+    return out
+
+
 def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[str]:
     """Refuse at once when the routed backend has no free in-flight slot (``be_conn_free``; for a ``first``
     backend, its primary's), never queue.
@@ -287,12 +322,16 @@ def admission_lines(c: HAProxyConfig, proto: str, backends: list[str]) -> list[s
         out.append(f"  http-request set-var(txn.full) bool(1) if {{ var(txn.route) -m str {be} }} "
                    f"{{ srv_is_up(chk/s{k}) }} {{ srv_conn_free({be}/s{k}) le 0 }}")
     fb = fallback_backend(proto)
+    no_fb = no_degraded_lines(proto, c.no_degraded_models)
+    unless = " !no_degraded" if no_fb else ""
     out += ["  acl pool_full var(txn.full) -m bool",
             f"  acl fallback_free be_conn_free({fb}) gt 0",
             (f"  acl fallback_up srv_is_up({fallback_backend('grpc')}/fb)" if c.cluster is None  # HTTP tracks it
              else f"  acl fallback_up nbsrv({fb}) gt 0"),
             f"  acl fallback_queue_room queue({fb}) lt {c.fallback_queue}",
-            f"  use_backend {fb} if pool_full fallback_free || pool_full fallback_up fallback_queue_room",
+            *no_fb,
+            f"  use_backend {fb} if pool_full fallback_free{unless} "
+            f"|| pool_full fallback_up fallback_queue_room{unless}",
             f"  use_backend {shed_backend(proto)} if pool_full",
             "  use_backend %[var(txn.route)]"]
     return out

@@ -156,6 +156,10 @@ class RouterConfig:
     #: Shed requests that may wait for a fallback slot, at most ``fallback_wait_ms()``; 0 = refuse at once.
     fallback_queue: int = FALLBACK_QUEUE
     fallback_repository: Path | None = None
+    #: A serving spec: the degraded-answer server answers its models as their ``degraded`` says.
+    fallback_spec: Path | None = None
+    #: Models whose shed requests get the refusal at once (a spec's models without ``degraded``).
+    no_degraded_models: tuple[str, ...] = ()
     #: Let the AIMD controller (control/routing/admission.py) move each limit; off = the fixed limit.
     adaptive: bool = False
     #: Override of the derived ``timeout server`` (0 = derived from the SLO): for hosts whose latency tail is
@@ -218,7 +222,8 @@ class RouterConfig:
                              slots=self.slots, metrics_port=self.metrics_port,
                              timeout_server_ms=self.timeout_server_ms(), maxconn=self.min_limit,
                              fallback_maxconn=self.fallback_maxconn, fallback_queue=self.fallback_queue,
-                             fallback_timeout_queue_ms=self.fallback_wait_ms(), frontdoor=self.frontdoor)
+                             fallback_timeout_queue_ms=self.fallback_wait_ms(), frontdoor=self.frontdoor,
+                             no_degraded_models=tuple(self.no_degraded_models))
 
 
 @dataclass
@@ -249,6 +254,13 @@ class Router:
         self._log_offset = 0
         self._adapt_shed = 0
         self.decisions: dict[int, str] = {}
+
+    def set_degraded(self, spec: Path | None, no_degraded_models: tuple[str, ...]) -> None:
+        """Before ``start()``: the serving spec the degraded-answer server answers from, and the models whose shed
+        requests HAProxy refuses at once (no degraded answer)."""
+        self.config.fallback_spec = spec
+        self.config.no_degraded_models = tuple(no_degraded_models)
+        self.proxy.config.no_degraded_models = tuple(no_degraded_models)
 
     # ================================================================== lifecycle
     @property
@@ -313,6 +325,7 @@ class Router:
         cfg = FallbackConfig(workdir=self.config.workdir / "fallback", max_concurrent=self.config.fallback_maxconn * 2)
         if self.config.fallback_repository is not None:
             cfg.model_repository = self.config.fallback_repository
+        cfg.spec = self.config.fallback_spec
         self.fallback = FallbackServer(cfg)
         try:
             self.fallback.start(wait=True)
