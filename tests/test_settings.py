@@ -182,8 +182,6 @@ def test_recctl_up_writes_the_settings_and_starts_the_server_with_them(tmp_path,
 # ---------------------------------------------------------------------------------------------- one default
 #: Literals of the defaults that may stay outside control/defaults.py, and why.
 ALLOWED = {
-    ("control/spec/spec.py", "50.0"): "the serving spec's default SLO (owned with control/spec; its equality with "
-                                      "SLO_P99_MS is asserted in test_defaults_are_one_and_the_same_everywhere)",
     ("control/rollout/manager.py", "50.0"): "a rollout gate's noise floor (min_p99_ms), not the SLO",
     ("control/kube/operator.py", "9108"): "the Kubernetes operator's own metrics port, another process",
 }

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from recserve.control.defaults import SLO_P99_MS
 from recserve.control.spec.repository import (
     NUMPY_OF,
     ModelInfo,
@@ -44,7 +45,7 @@ DEGRADED_PROVIDERS = ("popular_items", "lexical_search")
 NOT_READ_YET = {
     "priority": "the probe priority is not applied through a load-time config override yet",
 }
-DEFAULT_SLO_P99_MS = 50.0
+DEFAULT_SLO_P99_MS = SLO_P99_MS  # the control plane's default SLO (control/defaults.py)
 DEFAULT_MAX_BATCH = 8
 
 
