@@ -153,6 +153,10 @@ class DeploymentController:
         local = {"http": srv.config.http_port, "grpc": srv.config.grpc_port, "metrics": srv.config.metrics_port}
         for p in spec["containers"][0]["ports"]:
             p["containerPort"] = local[p["name"]]
+        for c in spec["containers"][1:]:  # the models-sync sidecar the operator asks before it loads a version
+            for p in c.get("ports") or []:
+                if p["name"] == "modelsync":
+                    p["containerPort"] = self.sidecar_port()
         self.core.create_namespaced_pod(NAMESPACE, {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": NAMESPACE, "labels": dict(self.template["metadata"]["labels"]),
@@ -171,7 +175,21 @@ class DeploymentController:
         missing = self.replicas - len(self.servers)
         return self.start_pods(missing) if missing > 0 else []
 
+    def sidecar_port(self) -> int:
+        """One real models-sync sidecar (``POST /sync``) for every pod, over a store published from the test's
+        repository and filling that same repository: what it holds is verified and left as it is."""
+        from recserve.control.backup.targets import PathStore
+        from recserve.control.kube.modelsync import ModelSync, publish, serve
+
+        if getattr(self, "_sidecar", None) is None:
+            store = PathStore(self.workdir / "models-store")
+            publish(self.repository, store)
+            self._sidecar = serve(ModelSync(store, self.repository), 0, host="127.0.0.1")
+        return self._sidecar.server_address[1]
+
     def close(self) -> None:
+        if getattr(self, "_sidecar", None) is not None:
+            self._sidecar.shutdown()
         for srv in self.servers.values():
             srv.stop()
         self.servers.clear()

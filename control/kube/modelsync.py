@@ -108,6 +108,9 @@ class ModelSync:
         self._lock = threading.Lock()
         self.last: SyncResult | None = None
         self.last_at = 0.0
+        #: (model, version) -> the manifest (or index entries) its files on disk were verified against: a later
+        #: pass compares that only, not every file's sha256 again (a pass runs before every load).
+        self._verified: dict[tuple[str, int], object] = {}
 
     # ------------------------------------------------------------------ one pass
     def sync(self) -> SyncResult:
@@ -195,7 +198,7 @@ class ModelSync:
         res.ignored += [f"{name}/{rel}" for rel in sorted(files) if rel != MANIFEST and rel not in want]
         final = self.dest / model / str(version)
         if final.exists():
-            self._compare(name, final, want, manifest_bytes, res)
+            self._compare(name, final, want, manifest_bytes, res, (model, version))
             return
         if not (stage / model / "config.pbtxt").is_file():
             res.refused.append(f"{name}: not placed: its model's config.pbtxt was refused")
@@ -222,7 +225,7 @@ class ModelSync:
         res.ignored += [f"{name}/{rel}" for rel in sorted(files) if rel not in want]
         final = self.dest / model / str(version)
         if final.exists():
-            self._compare(name, final, want, None, res)
+            self._compare(name, final, want, None, res, (model, version))
             return
         vstage = stage / model / str(version)
         if self._fetch_all(name, files, want, vstage, res, "publish index"):
@@ -247,7 +250,12 @@ class ModelSync:
         res.placed.append(name)
         log.info("placed %s (verified)", name)
 
-    def _compare(self, name: str, final: Path, want: dict, manifest_bytes: bytes | None, res: SyncResult) -> None:
+    def _compare(self, name: str, final: Path, want: dict, manifest_bytes: bytes | None, res: SyncResult,
+                 key: tuple[str, int]) -> None:
+        seen = (manifest_bytes, sorted(want.items()))
+        if self._verified.get(key) == seen:
+            res.unchanged += 1
+            return
         if manifest_bytes is not None and (final / MANIFEST).read_bytes() != manifest_bytes:
             res.refused.append(f"{name}: on disk with another {MANIFEST} than the store's: versions are "
                                "immutable, publish a new version number (the one on disk is kept)")
@@ -258,6 +266,7 @@ class ModelSync:
                 res.refused.append(f"{name}/{rel}: on disk and different from the store: versions are immutable "
                                    "(the one on disk is kept)")
                 return
+        self._verified[key] = seen
         res.unchanged += 1
 
     def _model_file(self, model: str, rel: str, key: str, index: dict, stage: Path, res: SyncResult) -> None:
