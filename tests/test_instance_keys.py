@@ -31,7 +31,7 @@ def test_instances_running_with_the_old_fleet_key_stay_reachable_for_adoption(tm
             own = root / "instances" / "t1" / "admin.key"
             assert own.read_text() == legacy and os.stat(own).st_mode & 0o777 == 0o600
             assert not (root / "instances" / "t2" / "admin.key").exists()
-            srv = fleet._server(fleet.state.instance("t1"))  # what adoption's deep check asks through
+            srv = fleet.instances.server(fleet.state.instance("t1"))  # what adoption's deep check asks through
             assert srv.admin_key == legacy and srv.loaded_versions() == {}
             story = [e["message"] for e in fleet.state.events(10, kind="security")]
             assert any("t1" in m and "fleet-wide admin key" in m for m in story), story

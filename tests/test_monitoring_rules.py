@@ -136,7 +136,7 @@ def test_fleet_collector_reports_states_golden_mismatch_and_rollbacks():
     fleet = SimpleNamespace(
         state=SimpleNamespace(instances=lambda: recs, latest_rollout=lambda m: SimpleNamespace(
             status="rolled_back", finished=123.0) if m == "ranker" else None),
-        last_probe={"t1": SimpleNamespace(ok=False, stage="golden", reason="wrong answer: recommend differs")},
+        last_probe={"t1": SimpleNamespace(ok=False, stage="golden", reason="wrong answer: recommend differs")}.get,
         versioned_models=lambda: ["ranker", "retrieval"], config=SimpleNamespace(mode="primary-standby"))
     fams = {f.name: f for f in FleetCollector(fleet).collect()}
     samples = lambda n: {tuple(sorted(s.labels.items())): s.value for s in fams[n].samples}  # noqa: E731

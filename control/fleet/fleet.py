@@ -3,9 +3,9 @@
 The fleet owns membership, roles and the exact versions each instance serves; every change is written to the
 state database first, then applied. Routing is the Router's (control/routing/router.py). Instances and HAProxy run in
 their own sessions with pid files, so a control plane that dies leaves the data path serving, and the next one
-adopts them. The jobs live in one module each: versions (control/fleet/versions.py), instance processes
-(control/fleet/instances.py), health reactions (control/fleet/supervision.py), membership and roles
-(control/fleet/membership.py).
+adopts them. The fleet holds one part per job, each in its module: the catalog of models and versions
+(control/fleet/versions.py, shared in kind with the Kubernetes pool), instance processes (control/fleet/instances.py),
+the supervisor of health reactions (control/fleet/supervision.py), membership and roles (control/fleet/membership.py).
 """
 
 from __future__ import annotations
@@ -22,22 +22,21 @@ from recserve.control import testswitch
 from recserve.control.client import RecClient
 from recserve.control.fleet.config import FAULT_DIR_ENV, ROLES, FleetConfig, FleetError
 from recserve.control.fleet.golden import Golden
-from recserve.control.fleet.health import HealthMonitor, Probe
-from recserve.control.fleet.instances import InstanceLifecycle
-from recserve.control.fleet.membership import Membership
-from recserve.control.fleet.progress import Progress
+from recserve.control.fleet.health import Probe
+from recserve.control.fleet.instances import Instances
+from recserve.control.fleet.membership import DRAIN_TIMEOUT_S, Membership
 from recserve.control.fleet.spec_golden import SpecGolden
-from recserve.control.fleet.supervision import Supervision
-from recserve.control.fleet.versions import VersionRules, model_config
+from recserve.control.fleet.supervision import Supervisor
+from recserve.control.fleet.versions import Catalog, model_config
 from recserve.control.keys import read_existing_secret, read_secret
 from recserve.control.monitoring.metrics import ControlMetrics
 from recserve.control.monitoring.targets import TargetFiles, targets_dir
 from recserve.control.routing.router import Router, RouterConfig
 from recserve.control.runtime.hostcheck import proc_exposure_warning
 from recserve.control.runtime.procs import pid_alive
-from recserve.control.runtime.triton import ADMIN_KEY_FILE, STATS_KEY_FILE, TritonServer, shm_prefix, shm_usage
+from recserve.control.runtime.triton import ADMIN_KEY_FILE, STATS_KEY_FILE, shm_prefix, shm_usage
 from recserve.control.spec.spec import load_spec
-from recserve.control.state.store import State
+from recserve.control.state.store import InstanceRecord, State
 
 #: The one admin key every instance shared before each got its own (kept only for instances still running with it).
 LEGACY_ADMIN_KEY_FILE = "admin.key"
@@ -45,7 +44,11 @@ LEGACY_ADMIN_KEY_FILE = "admin.key"
 __all__ = ["FAULT_DIR_ENV", "ROLES", "Fleet", "FleetConfig", "FleetError", "dumps", "model_config", "status_json"]
 
 
-class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
+class Fleet:
+    """The fleet holds its parts: the ``Catalog`` (models and versions), ``Instances`` (processes), the
+    ``Supervisor`` (health reactions) and ``Membership`` (roles and serving), over one state store and one Router.
+    Its methods are what the control API, the rollouts (``ServingPool``), monitoring and recctl call."""
+
     def __init__(self, config: FleetConfig, metrics: ControlMetrics | None = None):
         self.config = config
         self.root = Path(config.root)
@@ -81,17 +84,14 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
         else:
             self.golden = Golden(self.repository, metrics=self.metrics,
                                  event=lambda msg: self.state.event("golden", msg))
-        self.servers: dict[str, TritonServer] = {}
-        self.clients: dict[str, RecClient] = {}
+        self.catalog = Catalog(self.repository, self.state, config.models)  # the repository rules KubePool shares
         self.lock = threading.RLock()
-        self.busy: set[str] = set()  # instances being (re)started or reloaded: health results ignored
-        self.fails: dict[str, int] = {}
-        self.progress = Progress()  # busy or hung: executions while requests wait (supervision)
-        self.last_probe: dict[str, Probe] = {}
-        self.canary_broken: dict[str, str] = {}
-        self._restart_count: dict[str, list[float]] = {}
-        self._stopping = threading.Event()
-        self.monitor: HealthMonitor | None = None
+        self.supervisor = Supervisor(config, self.state, self.router, self.metrics, self.targets, self.lock)
+        self.instances = Instances(config, self.root, self.repository, self.stats_key, self.state, self.router,
+                                   self.metrics, self.catalog, self.golden, self.supervisor, self.lock)
+        self.membership = Membership(config, self.state, self.router, self.metrics, self.instances,
+                                     self.supervisor, self.lock)
+        self.supervisor.connect(self.instances, self.membership, self.catalog)
 
     def _adopt_legacy_admin_key(self) -> None:
         """Upgrade path: instances started by a control plane before per-instance keys run with the fleet-wide
@@ -109,6 +109,80 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
                     f.write(key)
                 self.state.event("security", f"instance {rec.id} (pid {rec.pid}) still runs with the fleet-wide "
                                  f"admin key of {legacy}; its next start gives it a key of its own", rec.id)
+
+    # ------------------------------------------------------------------ the catalog's (ServingPool, callers)
+    def top_models(self) -> list[str]:
+        return self.catalog.top_models()
+
+    def model_closure(self) -> list[str]:
+        return self.catalog.model_closure()
+
+    def versioned_models(self) -> list[str]:
+        return self.catalog.versioned_models()
+
+    def initial_desired(self) -> dict[str, list[int]]:
+        return self.catalog.initial_desired()
+
+    def desired(self) -> dict[str, list[int]]:
+        return self.catalog.desired()
+
+    def check_version(self, model: str, version: int) -> None:
+        self.catalog.check_version(model, version)
+
+    # ------------------------------------------------------------------ instances (ServingPool)
+    def client(self, iid: str) -> RecClient:
+        return self.instances.client(iid)
+
+    def metrics_url(self, iid: str) -> str:
+        return self.instances.metrics_url(iid)
+
+    def reload(self, iid: str, versions: dict[str, list[int]], only: list[str] | None = None) -> None:
+        self.instances.reload(iid, versions, only=only)
+
+    # ------------------------------------------------------------------ supervision (ServingPool, monitoring)
+    @property
+    def canary_broken(self) -> dict[str, str]:
+        return self.supervisor.broken_canaries()
+
+    def schedule_restart(self, iid: str, reason: str) -> None:
+        self.supervisor.schedule_restart(iid, reason)
+
+    def last_probe(self, iid: str) -> Probe | None:
+        return self.supervisor.last_probe(iid)
+
+    # ------------------------------------------------------------------ membership (ServingPool, the control API)
+    def ensure_primary(self) -> None:
+        self.membership.ensure_primary()
+
+    def route_first(self, slot: int) -> None:
+        self.membership.route_first(slot)
+
+    def route_serving(self, slot: int) -> None:
+        self.membership.route_serving(slot)
+
+    def ensure_canary_out(self, slot: int) -> None:
+        self.membership.ensure_canary_out(slot)
+
+    def shedding(self) -> bool:
+        return self.membership.shedding()
+
+    def active_target(self) -> int:
+        return self.membership.active_target()
+
+    def promote(self, iid: str, reason: str = "operator") -> InstanceRecord:
+        return self.membership.promote(iid, reason)
+
+    def drain(self, iid: str) -> InstanceRecord:
+        return self.membership.drain(iid)
+
+    def add_instance(self, role: str) -> InstanceRecord:
+        return self.membership.add_instance(role)
+
+    def remove_instance(self, iid: str) -> InstanceRecord:
+        return self.membership.remove_instance(iid)
+
+    def scale(self, active: int, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> list[InstanceRecord]:
+        return self.membership.scale(active, drain_timeout_s)
 
     @property
     def traffic(self) -> Router:
@@ -131,48 +205,33 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
             actives = self.config.active if self.config.mode == "active-active" else 1
             self.state.put("active_target", str(actives))
             for i in range(self.config.instances):
-                self.new_instance("primary" if i == 0 else ("active" if i < actives else "standby"))
+                self.instances.new("primary" if i == 0 else ("active" if i < actives else "standby"))
             recs = self.state.instances()
         to_start = []
         for rec in recs:
-            if self._adopt(rec, fresh_proxy):
+            if self.instances.adopt(rec, fresh_proxy):
                 continue
             to_start.append(rec.id)
         with ThreadPoolExecutor(max_workers=max(1, len(to_start))) as pool:
-            futures = {iid: pool.submit(self._start_with_retry, iid, 2) for iid in to_start}
+            futures = {iid: pool.submit(self.instances.start_with_retry, iid, 2) for iid in to_start}
         errors = {iid: f.exception() for iid, f in futures.items() if f.exception()}
         for iid, exc in errors.items():
             self.state.event("start-failed", str(exc), iid)
         if len(errors) == len(recs):  # no restarts scheduled: the caller stops what was started (stop_processes)
             raise FleetError(f"no instance could start: {errors}", "UNAVAILABLE")
-        self.ensure_primary()
+        self.membership.ensure_primary()
         for iid, exc in errors.items():
-            self.schedule_restart(iid, f"start failed: {exc}")
+            self.supervisor.schedule_restart(iid, f"start failed: {exc}")
         exp = self.golden.expected(self.desired())
         self.state.event("golden", f"expected answers for the desired versions come from "
                          f"{exp.source if exp else 'nowhere yet'}")
-        self.monitor = HealthMonitor(self.monitored_ids, self.check, self.on_probe,
-                                     self.config.health_interval_s).start()
+        self.supervisor.start_monitor()
 
     def status(self) -> dict:
         recs = self.state.instances()
-        loaded: dict[str, dict[str, list[int]]] = {}
-        for r in recs:
-            srv = self.servers.get(r.id)
-            if srv is not None and r.state in ("healthy", "drained", "broken"):
-                from recserve.control.fleet.health import ready_versions
-
-                loaded[r.id] = ready_versions(srv, timeout=0.5) or {}
-        route = self.state.get("route", "") or ""
+        loaded = {r.id: v for r in recs if (v := self.instances.loaded(r)) is not None}
         pool = self.router.pool_slots()
-        weights = {}
-        for r in recs:
-            if route == "split":
-                weights[r.id] = int(self.state.get(f"weight:{r.id}", "0") or 0)
-            elif route == "pool":  # leastconn over the pool members: an equal share each
-                weights[r.id] = round(100 / len(pool)) if r.slot in pool else 0
-            else:  # balance first: the instance in the routed slot takes everything
-                weights[r.id] = 100 if route == f"first:{r.slot}" else 0
+        weights = self.router.shares(recs)
         try:
             load = self.router.load()
             shedding = self.router.shedding()
@@ -194,7 +253,7 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
         warnings += self.host_warnings  # the host's hardening: said at every status, but not the fleet's health
         shm = {r.id: shm_usage(shm_prefix(Path(r.workdir), r.id)) for r in recs}
         return {"instances": recs, "loaded": loaded, "weights": weights, "desired": self.desired(),
-                "warnings": warnings, "health": health, "route": self.state.get("route", ""), "shm": shm,
+                "warnings": warnings, "health": health, "route": self.router.current_route(), "shm": shm,
                 "load": {r.id: load.get(r.slot) for r in recs}, "pool": pool, "mode": self.config.mode,
                 "active_target": self.active_target(), "shedding": shedding,
                 "knee_rps": self.router.config.knee(), "knee_source": self.router.config.knee_source,
@@ -202,15 +261,13 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
                 "decisions": {r.id: self.router.decisions.get(r.slot, "") for r in recs}}
 
     def stop_monitor(self) -> None:
-        self._stopping.set()
-        if self.monitor:
-            self.monitor.stop()
+        self.supervisor.stop()
 
     def down(self) -> None:
         """Stop every instance and HAProxy this fleet started (by pid), and forget the membership."""
         self.stop_monitor()
         for rec in self.state.instances():
-            self._kill(rec)
+            self.instances.kill(rec)
             self.state.delete_instance(rec.id)
         self.router.stop()
         self.state.event("down", "fleet stopped")
@@ -222,14 +279,14 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
         Returns what was stopped, one ``"<what> (pid N)"`` each."""
         self.stop_monitor()  # no health reaction and no restart from here on
         deadline = time.monotonic() + busy_wait_s
-        while self.busy and time.monotonic() < deadline:  # a restart in progress finishes first, then is stopped
+        # a restart in progress finishes first, then is stopped
+        while self.supervisor.any_busy() and time.monotonic() < deadline:
             time.sleep(0.1)
         stopped = []
         for rec in self.state.instances():
-            srv = self.servers.get(rec.id)
-            if self.alive(rec):
-                stopped.append(f"instance {rec.id} (pid {srv.pid if srv is not None and srv.pid else rec.pid})")
-            self._kill(rec)
+            if self.instances.alive(rec):
+                stopped.append(f"instance {rec.id} (pid {self.instances.pid(rec)})")
+            self.instances.kill(rec)
             self.state.update_instance(rec.id, pid=0, state="broken", detail="stopped: the fleet did not come up")
             self.metrics.instance_healthy.labels(rec.id).set(0)
         stopped += self.router.stop_processes()
@@ -239,11 +296,7 @@ class Fleet(VersionRules, InstanceLifecycle, Supervision, Membership):
     def detach(self) -> None:
         """Leave the data path running (control plane exit/restart)."""
         self.stop_monitor()
-        for c in self.clients.values():
-            try:
-                c.close()
-            except Exception:
-                pass
+        self.instances.close_clients()
 
 
 def status_json(fleet: Fleet, endpoints: dict[str, str]) -> dict:

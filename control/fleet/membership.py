@@ -7,10 +7,18 @@ out of rotation), ``canary`` (owned by a running rollout). Every routing consequ
 
 from __future__ import annotations
 
+import threading
 import time
+from typing import TYPE_CHECKING
 
-from recserve.control.fleet.config import FleetError
-from recserve.control.state.store import InstanceRecord
+from recserve.control.fleet.config import FleetConfig, FleetError
+from recserve.control.monitoring.metrics import ControlMetrics
+from recserve.control.routing.router import Router
+from recserve.control.state.store import InstanceRecord, State
+
+if TYPE_CHECKING:
+    from recserve.control.fleet.instances import Instances
+    from recserve.control.fleet.supervision import Supervisor
 
 #: Roles that take client traffic.
 SERVING = ("primary", "active")
@@ -19,22 +27,36 @@ DRAIN_TIMEOUT_S = 30.0
 
 
 class Membership:
-    """Mixin of ``Fleet``: needs ``config``, ``state``, ``router``, ``metrics``, ``lock``, ``last_probe``..."""
+    """Who serves: roles, the primary or the active-active pool, adding, removing, draining and scaling.
+
+    New instances come from ``Instances``; a start that fails is the ``Supervisor``'s to restart, and its last
+    probe decides whether an instance may become the primary.
+    """
+
+    def __init__(self, config: FleetConfig, state: State, router: Router, metrics: ControlMetrics,
+                 instances: Instances, supervisor: Supervisor, lock: threading.RLock):
+        self._config = config
+        self._state = state
+        self._router = router
+        self._metrics = metrics
+        self._instances = instances
+        self._supervisor = supervisor
+        self._lock = lock
 
     def active_target(self) -> int:
         """How many instances serve: ``recctl scale --active N`` in active-active, 1 in primary-standby."""
-        if self.config.mode != "active-active":
+        if self._config.mode != "active-active":
             return 1
-        return int(self.state.get("active_target", "") or self.config.active)
+        return int(self._state.get("active_target", "") or self._config.active)
 
     def ensure_primary(self) -> None:
         """Serving as the mode says: one healthy primary (primary-standby), or ``active_target`` healthy actives
         with one of them the primary (active-active); failed actives leave the pool, standbys fill it."""
-        with self.lock:
-            recs = self.state.instances()
-            if any(r.role == "canary" for r in recs) or self.state.get("route") == "split":
+        with self._lock:
+            recs = self._state.instances()
+            if any(r.role == "canary" for r in recs) or self._router.splitting():
                 return  # a rollout owns routing
-            if self.config.mode == "active-active":
+            if self._config.mode == "active-active":
                 self._ensure_pool(recs)
                 return
             prim = [r for r in recs if r.role == "primary"]
@@ -46,161 +68,161 @@ class Membership:
                     self.promote(choice.id, reason="primary unavailable")
                     return
             if cur is not None:
-                self.router.serve(cur.slot)
-            self.metrics.fleet_degraded.set(0 if self.standbys_healthy() else 1)
+                self._router.serve(cur.slot)
+            self._metrics.fleet_degraded.set(0 if self.standbys_healthy() else 1)
 
     def _ensure_pool(self, recs: list[InstanceRecord]) -> None:
         serving = [r for r in recs if r.role in SERVING and r.state == "healthy"]
         for r in recs:  # a failed active is out of rotation already (maint); it comes back as a standby
             if r.role in SERVING and r.state != "healthy":
-                self.state.update_instance(r.id, role="standby")
-                self.metrics.set_role(r.id, "standby")
+                self._state.update_instance(r.id, role="standby")
+                self._metrics.set_role(r.id, "standby")
         standbys = [r for r in recs if r.role == "standby" and r.state == "healthy"]
         target = self.active_target()
         while len(serving) < target and standbys:
             s = standbys.pop(0)
-            self.state.update_instance(s.id, role="active")
+            self._state.update_instance(s.id, role="active")
             s.role = "active"
-            self.metrics.set_role(s.id, "active")
-            self.metrics.failovers.inc()
-            self.state.event("failover", f"{s.id} joins the pool (pool below {target} actives)", s.id)
+            self._metrics.set_role(s.id, "active")
+            self._metrics.failovers.inc()
+            self._state.event("failover", f"{s.id} joins the pool (pool below {target} actives)", s.id)
             serving.append(s)
         if serving and not any(r.role == "primary" for r in serving):
             first = next(r for r in serving)
-            self.state.update_instance(first.id, role="primary")
-            self.metrics.set_role(first.id, "primary")
+            self._state.update_instance(first.id, role="primary")
+            self._metrics.set_role(first.id, "primary")
             first.role = "primary"
-        self.router.set_pool({r.slot for r in serving})
-        self.router.serve(None)
-        self.metrics.fleet_degraded.set(0 if len(serving) + len(standbys) >= 2 else 1)
+        self._router.set_pool({r.slot for r in serving})
+        self._router.serve(None)
+        self._metrics.fleet_degraded.set(0 if len(serving) + len(standbys) >= 2 else 1)
 
     def route_first(self, slot: int) -> None:
         """All traffic on ``slot`` (a blue-green switch)."""
-        self.router.route("first", slot)
+        self._router.route("first", slot)
 
     def route_serving(self, slot: int) -> None:
         """Back to normal serving after a rollout, with the instance in ``slot`` as the primary."""
-        self.router.serve(slot)
+        self._router.serve(slot)
 
     def ensure_canary_out(self, slot: int) -> None:
         """A rollout took the instance in ``slot`` as its canary: it leaves the active-active pool (drains)."""
-        if self.config.mode == "active-active" and slot in self.router.pool_slots():
-            self.router.set_pool(self.router.pool_slots() - {slot})
-            iid = next((r.id for r in self.state.instances() if r.slot == slot), "")
-            self.state.event("rollover", f"canary {iid} out of rotation while it loads the new version", iid)
+        if self._config.mode == "active-active" and slot in self._router.pool_slots():
+            self._router.set_pool(self._router.pool_slots() - {slot})
+            iid = next((r.id for r in self._state.instances() if r.slot == slot), "")
+            self._state.event("rollover", f"canary {iid} out of rotation while it loads the new version", iid)
 
     def shedding(self) -> bool:
         """The pool is refusing or degrading requests now (or was within the Router's window)."""
-        return self.router.shedding()
+        return self._router.shedding()
 
     def standbys_healthy(self) -> int:
-        return sum(1 for r in self.state.instances() if r.role == "standby" and r.state == "healthy")
+        return sum(1 for r in self._state.instances() if r.role == "standby" and r.state == "healthy")
 
     def promote(self, iid: str, reason: str = "operator") -> InstanceRecord:
-        with self.lock:
-            rec = self.state.instance(iid)
+        with self._lock:
+            rec = self._state.instance(iid)
             if rec is None:
                 raise FleetError(f"unknown instance {iid!r}", "NOT_FOUND")
-            if reason == "operator" and self.state.running_rollouts():
+            if reason == "operator" and self._state.running_rollouts():
                 raise FleetError("a rollout is running: promote after it ends (or roll back)", "FAILED_PRECONDITION")
-            probe = self.last_probe.get(iid)
+            probe = self._supervisor.last_probe(iid)
             failing = probe is not None and not probe.ok and rec.state != "drained"
             if rec.state not in ("healthy", "drained") or failing:
                 raise FleetError(f"instance {iid} is {rec.state}: only a healthy instance can become primary",
                                  "FAILED_PRECONDITION")
-            old = [r for r in self.state.instances() if r.role == "primary" and r.id != iid]
-            self.router.set_state(rec.slot, "ready")
-            demoted = "active" if self.config.mode == "active-active" else "standby"
-            with self.state.transaction():
+            old = [r for r in self._state.instances() if r.role == "primary" and r.id != iid]
+            self._router.set_state(rec.slot, "ready")
+            demoted = "active" if self._config.mode == "active-active" else "standby"
+            with self._state.transaction():
                 for o in old:
-                    self.state.update_instance(o.id, role=demoted)
-                self.state.update_instance(iid, role="primary", state="healthy")
-            if self.config.mode == "active-active":
-                serving = [r for r in self.state.instances() if r.role in SERVING and r.state == "healthy"]
+                    self._state.update_instance(o.id, role=demoted)
+                self._state.update_instance(iid, role="primary", state="healthy")
+            if self._config.mode == "active-active":
+                serving = [r for r in self._state.instances() if r.role in SERVING and r.state == "healthy"]
                 extra = [r for r in serving if r.id != iid][: max(0, len(serving) - self.active_target())]
                 for r in extra:  # the promoted one took a pool place: keep the pool at its size
-                    self.state.update_instance(r.id, role="standby")
-                    self.metrics.set_role(r.id, "standby")
-                self._ensure_pool(self.state.instances())
+                    self._state.update_instance(r.id, role="standby")
+                    self._metrics.set_role(r.id, "standby")
+                self._ensure_pool(self._state.instances())
             else:
-                self.router.serve(rec.slot)
+                self._router.serve(rec.slot)
             for o in old:
-                self.metrics.set_role(o.id, demoted)
-            self.metrics.set_role(iid, "primary")
+                self._metrics.set_role(o.id, demoted)
+            self._metrics.set_role(iid, "primary")
             if reason != "operator":
-                self.metrics.failovers.inc()
-            self.state.event("failover" if reason != "operator" else "promote",
+                self._metrics.failovers.inc()
+            self._state.event("failover" if reason != "operator" else "promote",
                              f"{iid} is primary ({reason}); was {[o.id for o in old]}", iid)
-            return self.state.instance(iid)
+            return self._state.instance(iid)
 
     def drain(self, iid: str) -> InstanceRecord:
-        with self.lock:
-            rec = self.state.instance(iid)
+        with self._lock:
+            rec = self._state.instance(iid)
             if rec is None:
                 raise FleetError(f"unknown instance {iid!r}", "NOT_FOUND")
-            if self.config.mode == "active-active":
-                others = [r for r in self.state.instances() if r.id != iid and r.state == "healthy"
+            if self._config.mode == "active-active":
+                others = [r for r in self._state.instances() if r.id != iid and r.state == "healthy"
                           and r.role in (*SERVING, "standby")]
                 if rec.role in SERVING and not others:
                     raise FleetError(f"{iid} is the only serving instance: draining it would stop serving",
                                      "FAILED_PRECONDITION")
-                self.router.set_pool(self.router.pool_slots() - {rec.slot})
+                self._router.set_pool(self._router.pool_slots() - {rec.slot})
             elif rec.role == "primary":
-                other = next((r for r in self.state.instances() if r.id != iid and r.state == "healthy"
+                other = next((r for r in self._state.instances() if r.id != iid and r.state == "healthy"
                               and r.role == "standby"), None)
                 if other is None:
                     raise FleetError(f"{iid} is the primary and no healthy standby can take its traffic",
                                      "FAILED_PRECONDITION")
                 self.promote(other.id, reason="operator")
-            self.router.set_state(rec.slot, "drain")
-            self.state.update_instance(iid, state="drained", role="standby")
-            self.state.event("drain", f"{iid} drained (no new requests)", iid)
+            self._router.set_state(rec.slot, "drain")
+            self._state.update_instance(iid, state="drained", role="standby")
+            self._state.event("drain", f"{iid} drained (no new requests)", iid)
             self.ensure_primary()
-            return self.state.instance(iid)
+            return self._state.instance(iid)
 
     def add_instance(self, role: str) -> InstanceRecord:
         if role not in ("standby", "primary", "active"):
             raise FleetError(f"role must be 'standby', 'primary' or 'active', got {role!r}", "INVALID_ARGUMENT")
-        if role == "active" and self.config.mode != "active-active":
+        if role == "active" and self._config.mode != "active-active":
             raise FleetError("role 'active' needs mode active-active (use 'recctl scale --active N')",
                              "INVALID_ARGUMENT")
-        with self.lock:
-            rec = self.new_instance("standby")
+        with self._lock:
+            rec = self._instances.new("standby")
         try:
-            self.start_instance(rec.id)  # loaded, warmed up and golden-checked before it takes traffic
+            self._instances.start(rec.id)  # loaded, warmed up and golden-checked before it takes traffic
         except Exception as exc:
-            self.state.event("start-failed", str(exc), rec.id)
-            self.schedule_restart(rec.id, f"start failed: {exc}")
+            self._state.event("start-failed", str(exc), rec.id)
+            self._supervisor.schedule_restart(rec.id, f"start failed: {exc}")
             raise FleetError(f"instance {rec.id} did not start: {exc}", "UNAVAILABLE") from exc
         if role == "primary":
             return self.promote(rec.id)
         if role == "active":
-            with self.lock:
-                self.state.put("active_target", str(self.active_target() + 1))
+            with self._lock:
+                self._state.put("active_target", str(self.active_target() + 1))
                 self.ensure_primary()
-        return self.state.instance(rec.id)
+        return self._state.instance(rec.id)
 
     def remove_instance(self, iid: str) -> InstanceRecord:
-        with self.lock:
-            rec = self.state.instance(iid)
+        with self._lock:
+            rec = self._state.instance(iid)
             if rec is None:
                 raise FleetError(f"unknown instance {iid!r}", "NOT_FOUND")
             if rec.role == "canary":
                 raise FleetError(f"{iid} is the canary of a running rollout", "FAILED_PRECONDITION")
-            others = [r for r in self.state.instances() if r.id != iid and r.state == "healthy"]
+            others = [r for r in self._state.instances() if r.id != iid and r.state == "healthy"]
             if not others:
                 raise FleetError(f"removing {iid} would leave no healthy instance serving", "FAILED_PRECONDITION")
-            if rec.role == "primary" and self.config.mode != "active-active":
+            if rec.role == "primary" and self._config.mode != "active-active":
                 self.promote(next((r for r in others if r.role == "standby"), others[0]).id)
-            self.busy.add(iid)
-            if self.config.mode == "active-active":
-                self.router.set_pool(self.router.pool_slots() - {rec.slot})
-            self.router.set_state(rec.slot, "maint")
-            self.state.delete_instance(iid)
+            self._supervisor.hold(iid)
+            if self._config.mode == "active-active":
+                self._router.set_pool(self._router.pool_slots() - {rec.slot})
+            self._router.set_state(rec.slot, "maint")
+            self._state.delete_instance(iid)
             self.ensure_primary()
-        self._kill(rec)
-        self.busy.discard(iid)
-        self.state.event("membership", f"instance {iid} removed", iid)
+        self._instances.kill(rec)
+        self._supervisor.release(iid)
+        self._state.event("membership", f"instance {iid} removed", iid)
         rec.state = "removed"
         return rec
 
@@ -208,50 +230,50 @@ class Membership:
         """Set the number of actives. Scale-out starts new instances (loaded, warmed, golden-checked) and only
         then adds them to the pool; scale-in drains actives (no new requests, in-flight ones finish), then
         stops them. Standbys are kept either way."""
-        if self.config.mode != "active-active":
+        if self._config.mode != "active-active":
             raise FleetError("scale needs mode active-active (this fleet runs primary-standby)", "FAILED_PRECONDITION")
-        if not isinstance(active, int) or not 1 <= active <= self.config.slots:
-            raise FleetError(f"active must be an integer within 1..{self.config.slots} (slots), got {active!r}",
+        if not isinstance(active, int) or not 1 <= active <= self._config.slots:
+            raise FleetError(f"active must be an integer within 1..{self._config.slots} (slots), got {active!r}",
                              "INVALID_ARGUMENT")
-        if self.state.running_rollouts():
+        if self._state.running_rollouts():
             raise FleetError("a rollout is running: scale after it ends", "FAILED_PRECONDITION")
-        with self.lock:
-            serving = [r for r in self.state.instances() if r.role in SERVING and r.state == "healthy"]
-            free = self.config.slots - len(self.state.instances())
+        with self._lock:
+            serving = [r for r in self._state.instances() if r.role in SERVING and r.state == "healthy"]
+            free = self._config.slots - len(self._state.instances())
             if active - len(serving) > free:
                 raise FleetError(f"scaling to {active} actives needs {active - len(serving)} new instances, only "
-                                 f"{free} of {self.config.slots} slots are free", "RESOURCE_EXHAUSTED")
-        self.state.event("scale", f"scaling from {len(serving)} to {active} actives")
+                                 f"{free} of {self._config.slots} slots are free", "RESOURCE_EXHAUSTED")
+        self._state.event("scale", f"scaling from {len(serving)} to {active} actives")
         if active > len(serving):
             for _ in range(active - len(serving)):
                 self.add_instance("standby")
-            with self.lock:
-                self.state.put("active_target", str(active))
+            with self._lock:
+                self._state.put("active_target", str(active))
                 self.ensure_primary()
         elif active < len(serving):
-            with self.lock:
-                self.state.put("active_target", str(active))
+            with self._lock:
+                self._state.put("active_target", str(active))
                 victims = sorted((r for r in serving if r.role != "primary"), key=lambda r: r.id,
                                  reverse=True)[: len(serving) - active]
-                self.router.set_pool(self.router.pool_slots() - {r.slot for r in victims})
+                self._router.set_pool(self._router.pool_slots() - {r.slot for r in victims})
                 for v in victims:
-                    self.busy.add(v.id)
-                    self.router.set_state(v.slot, "drain")
-                    self.state.update_instance(v.id, state="drained", role="standby")
+                    self._supervisor.hold(v.id)
+                    self._router.set_state(v.slot, "drain")
+                    self._state.update_instance(v.id, state="drained", role="standby")
             for v in victims:
                 self._wait_drained(v, drain_timeout_s)
                 self.remove_instance(v.id)
-                self.busy.discard(v.id)
-        return self.state.instances()
+                self._supervisor.release(v.id)
+        return self._state.instances()
 
     def _wait_drained(self, rec: InstanceRecord, timeout_s: float) -> None:
         """Until HAProxy counts no request in flight on the slot (or ``timeout_s``, recorded as an event)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            ld = self.router.load().get(rec.slot)
+            ld = self._router.load().get(rec.slot)
             if ld is None or ld.in_flight == 0 and ld.queued == 0:
-                self.state.event("drain", f"{rec.id} has no request in flight", rec.id)
+                self._state.event("drain", f"{rec.id} has no request in flight", rec.id)
                 return
             time.sleep(0.05)
-        self.state.event("drain", f"{rec.id} still had requests in flight after {timeout_s:.0f}s: stopping it",
+        self._state.event("drain", f"{rec.id} still had requests in flight after {timeout_s:.0f}s: stopping it",
                          rec.id)

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from recserve.control.fleet.health import Probe
-from recserve.control.fleet.progress import sample
+from recserve.control.fleet.config import FleetConfig
+from recserve.control.fleet.health import HealthMonitor, Probe
+from recserve.control.fleet.progress import Progress, sample
 from recserve.control.monitoring import promtext
+from recserve.control.monitoring.metrics import ControlMetrics
+from recserve.control.monitoring.targets import TargetFiles
 from recserve.control.routing.haproxy import HAProxyError
-from recserve.control.state.store import InstanceRecord
+from recserve.control.routing.router import Router
+from recserve.control.state.store import InstanceRecord, State
 from recserve.control.testswitch import broken
+
+if TYPE_CHECKING:
+    from recserve.control.fleet.instances import Instances
+    from recserve.control.fleet.membership import Membership
+    from recserve.control.fleet.versions import Catalog
 
 #: Failed-probe reasons that mean "too much work", not "wrong": a deadline passed or Triton's queue was full.
 BUSY_SIGNS = ("deadline", "timed out", "timeout", "exceeds maximum queue size", "resource_exhausted")
@@ -36,29 +46,100 @@ def classify(probe: Probe, at_limit: bool) -> str:
     return "busy" if shed_probe(probe) and at_limit and not probe.fatal else "failing"
 
 
-class Supervision:
-    """Mixin of ``Fleet``: needs ``state``, ``router``, ``metrics``, ``busy``, ``fails``, ``last_probe``..."""
+class Supervisor:
+    """Health reactions over the fleet's instances, and what they go by: which instances are busy (being
+    (re)started or reloaded: health results ignored), consecutive failures, the last probe of each, restart
+    backoff, progress samples and the canaries found broken (the rollout owns those).
+
+    It reacts through the fleet's other parts, given once they exist (``connect``): ``Instances`` (checks,
+    restarts), ``Membership`` (who serves after a failure) and the ``Catalog`` (what a restart loads).
+    """
+
+    def __init__(self, config: FleetConfig, state: State, router: Router, metrics: ControlMetrics,
+                 targets: TargetFiles, lock: threading.RLock):
+        self._config = config
+        self._state = state
+        self._router = router
+        self._metrics = metrics
+        self._targets = targets
+        self._lock = lock
+        self._busy: set[str] = set()
+        self._fails: dict[str, int] = {}
+        self._last_probe: dict[str, Probe] = {}
+        self._restart_times: dict[str, list[float]] = {}  # backoff: the restarts of the last two minutes
+        self._progress = Progress()  # busy or hung: executions while requests wait
+        self._canary_broken: dict[str, str] = {}
+        self._stopping = threading.Event()
+        self._last_adapt = 0.0
+        self._monitor: HealthMonitor | None = None
+        self._instances: Instances | None = None
+        self._membership: Membership | None = None
+        self._catalog: Catalog | None = None
+
+    def connect(self, instances: Instances, membership: Membership, catalog: Catalog) -> None:
+        self._instances, self._membership, self._catalog = instances, membership, catalog
+
+    # ------------------------------------------------------------------ what the reactions go by
+    def hold(self, iid: str) -> None:
+        """``iid`` is busy (being started, reloaded or removed): its health results are ignored until ``release``."""
+        self._busy.add(iid)
+
+    def release(self, iid: str) -> None:
+        self._busy.discard(iid)
+
+    def is_busy(self, iid: str) -> bool:
+        return iid in self._busy
+
+    def any_busy(self) -> bool:
+        return bool(self._busy)
+
+    def passed(self, iid: str, probe: Probe) -> None:
+        """``iid`` passed ``probe`` after a start or a reload: no failures on record, and it is the last probe
+        (promote() goes by it)."""
+        self._fails[iid] = 0
+        self._last_probe[iid] = probe
+
+    def last_probe(self, iid: str) -> Probe | None:
+        return self._last_probe.get(iid)
+
+    def broken_canaries(self) -> dict[str, str]:
+        """Canaries deep health found broken, with why: the running rollout reads and clears its own."""
+        return self._canary_broken
+
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # ------------------------------------------------------------------ the monitor
+    def start_monitor(self) -> None:
+        self._monitor = HealthMonitor(self.monitored_ids, self._instances.check, self.on_probe,
+                                      self._config.health_interval_s).start()
+
+    def stop(self) -> None:
+        """No health reaction and no restart from here on."""
+        self._stopping.set()
+        if self._monitor:
+            self._monitor.stop()
 
     def monitored_ids(self) -> list[str]:
-        self.targets.sync_instances(self.state.instances())  # instances came, went or changed ports
+        self._targets.sync_instances(self._state.instances())  # instances came, went or changed ports
         self.ensure_haproxy()
         self.watch_haproxy()
-        return [r.id for r in self.state.instances() if r.id not in self.busy and r.state not in ("restarting",)]
+        return [r.id for r in self._state.instances() if r.id not in self._busy and r.state not in ("restarting",)]
 
     def watch_haproxy(self) -> None:
         """Fast path for hangs: when HAProxy's own check (every 200 ms) takes a healthy instance down, a 0.3 s
         liveness call decides at once instead of waiting for a deep check stuck on a hung inference."""
         try:
-            rows = self.router.proxy.servers()
+            rows = self._router.proxy.servers()
         except HAProxyError:
             return
-        for rec in self.state.instances():
-            if rec.state != "healthy" or rec.id in self.busy or rec.role == "canary":
+        for rec in self._state.instances():
+            if rec.state != "healthy" or rec.id in self._busy or rec.role == "canary":
                 continue
             row = rows.get(f"chk/s{rec.slot}")
             if row is None or row.get("srv_op_state") != "0":
                 continue
-            srv = self.servers.get(rec.id) or self._server(rec)
+            srv = self._instances.server(rec)
             t0 = time.time()
             if srv.live(timeout=0.3):
                 continue
@@ -70,20 +151,20 @@ class Supervision:
         if self._stopping.is_set():
             return
         try:
-            self.router.ensure_running()
+            self._router.ensure_running()
         except Exception:
-            self.metrics.reconcile_errors.inc()
+            self._metrics.reconcile_errors.inc()
         try:
-            self.router.shedding()  # keeps the shedding window current for status and rollouts
-            self.router.rotate_access_log()
-            for slot, ld in self.router.load().items():
-                self.metrics.server_limit.labels(str(slot)).set(ld.limit)
-                self.metrics.server_inflight.labels(str(slot)).set(ld.in_flight)
-            self.metrics.shed_requests.set(self.router.shed_seen)
+            self._router.shedding()  # keeps the shedding window current for status and rollouts
+            self._router.rotate_access_log()
+            for slot, ld in self._router.load().items():
+                self._metrics.server_limit.labels(str(slot)).set(ld.limit)
+                self._metrics.server_inflight.labels(str(slot)).set(ld.in_flight)
+            self._metrics.shed_requests.set(self._router.shed_seen)
             now = time.monotonic()
-            if self.config.adaptive_limits and now - getattr(self, "_last_adapt", 0.0) >= 1.0:
+            if self._config.adaptive_limits and now - self._last_adapt >= 1.0:
                 self._last_adapt = now
-                self.router.adapt()
+                self._router.adapt()
         except Exception:  # HAProxy restarting: the next tick reads again
             pass
 
@@ -92,52 +173,52 @@ class Supervision:
         metrics cannot be read: then busy stands, as before)."""
         if broken("no-progress"):  # test switch: busy stands, as it did before the progress signal
             return None
-        text = promtext.fetch(self.metrics_url(rec.id), 0.3) if rec.metrics_port else None
-        return None if text is None else self.progress.observe(rec.id, sample(text, time.time()))
+        text = promtext.fetch(self._instances.metrics_url(rec.id), 0.3) if rec.metrics_port else None
+        return None if text is None else self._progress.observe(rec.id, sample(text, time.time()))
 
     def _at_limit(self, slot: int) -> bool:
         try:
-            ld = self.router.load().get(slot)
+            ld = self._router.load().get(slot)
         except HAProxyError:
             return False
         return ld is not None and (ld.queued > 0 or (ld.limit > 0 and ld.in_flight >= ld.limit))
 
     def on_probe(self, iid: str, probe: Probe) -> None:
-        if iid in self.busy or self._stopping.is_set():
+        if iid in self._busy or self._stopping.is_set():
             return
-        rec = self.state.instance(iid)
+        rec = self._state.instance(iid)
         if rec is None:
             return
-        self.last_probe[iid] = probe
-        self.metrics.set_role(iid, rec.role)
+        self._last_probe[iid] = probe
+        self._metrics.set_role(iid, rec.role)
         if probe.ok:
-            self.fails[iid] = 0
-            self.progress.reset(iid)
-            self.metrics.instance_healthy.labels(iid).set(1)
+            self._fails[iid] = 0
+            self._progress.reset(iid)
+            self._metrics.instance_healthy.labels(iid).set(1)
             if rec.state != "healthy" and rec.state not in ("drained", "restarting", "starting", "loading"):
-                self.state.update_instance(iid, state="healthy", detail="")
-            self.state.update_instance(iid, last_healthy=probe.ts)
+                self._state.update_instance(iid, state="healthy", detail="")
+            self._state.update_instance(iid, last_healthy=probe.ts)
             return
         if rec.state in ("broken", "restarting", "starting", "loading"):
             return
         if shed_probe(probe):
-            self.metrics.probes_shed.labels(iid).inc()
+            self._metrics.probes_shed.labels(iid).inc()
         at_limit = self._at_limit(rec.slot)
         if classify(probe, at_limit) == "busy":
             stalled = self._stalled(rec)
             if stalled is None:
-                self.fails[iid] = 0  # saturated but correct: never marked broken, never restarted
-                self.metrics.busy_probes.labels(iid).inc()
+                self._fails[iid] = 0  # saturated but correct: never marked broken, never restarted
+                self._metrics.busy_probes.labels(iid).inc()
                 return
             # live and at its limit, but executing nothing while requests wait: hung, not busy (second witness)
             probe.reason += f"; hung, not busy: {stalled}"
             self.mark_broken(rec, probe)
             return
-        self.fails[iid] = self.fails.get(iid, 0) + 1
-        if not probe.fatal and self.fails[iid] < self.config.fail_threshold:
+        self._fails[iid] = self._fails.get(iid, 0) + 1
+        if not probe.fatal and self._fails[iid] < self._config.fail_threshold:
             # A second, independent witness: HAProxy's own checks already took the slot out (hang, crash).
             try:
-                confirmed = not self.router.proxy.slot_up(rec.slot)
+                confirmed = not self._router.proxy.slot_up(rec.slot)
             except HAProxyError:
                 confirmed = False
             if not confirmed:
@@ -146,69 +227,69 @@ class Supervision:
         self.mark_broken(rec, probe)
 
     def mark_broken(self, rec: InstanceRecord, probe: Probe) -> None:
-        with self.lock:
+        with self._lock:
             iid = rec.id
-            cur = self.state.instance(iid)
-            if cur is None or cur.state in ("broken", "restarting", "starting", "loading") or iid in self.busy:
+            cur = self._state.instance(iid)
+            if cur is None or cur.state in ("broken", "restarting", "starting", "loading") or iid in self._busy:
                 return  # already handled (the monitor and the HAProxy watch can both see one failure)
             reason = f"{probe.stage}: {probe.reason}"
             try:
-                self.router.set_state(rec.slot, "maint")
+                self._router.set_state(rec.slot, "maint")
             except HAProxyError as exc:
-                self.state.event("haproxy-error", str(exc), iid)
-            self.state.update_instance(iid, state="broken", detail=reason[:500])
-            self.metrics.instance_healthy.labels(iid).set(0)
-            self.metrics.detections.labels(iid, probe.stage).inc()
-            self.state.event("detected", f"{rec.role} {iid} broken at check started {probe.ts:.3f}: {reason}", iid)
+                self._state.event("haproxy-error", str(exc), iid)
+            self._state.update_instance(iid, state="broken", detail=reason[:500])
+            self._metrics.instance_healthy.labels(iid).set(0)
+            self._metrics.detections.labels(iid, probe.stage).inc()
+            self._state.event("detected", f"{rec.role} {iid} broken at check started {probe.ts:.3f}: {reason}", iid)
             if rec.role == "canary":
-                self.canary_broken[iid] = reason  # the rollout rolls back; it owns this instance
+                self._canary_broken[iid] = reason  # the rollout rolls back; it owns this instance
                 return
             if rec.role in ("primary", "active"):
-                self.ensure_primary()
-            self.metrics.fleet_degraded.set(0 if self.standbys_healthy() else 1)
+                self._membership.ensure_primary()
+            self._metrics.fleet_degraded.set(0 if self._membership.standbys_healthy() else 1)
         self.schedule_restart(iid, reason)
 
     def schedule_restart(self, iid: str, reason: str) -> None:
-        rec = self.state.instance(iid)
+        rec = self._state.instance(iid)
         if rec is None or self._stopping.is_set():
             return
-        self.state.update_instance(iid, state="restarting", detail=reason[:500])
+        self._state.update_instance(iid, state="restarting", detail=reason[:500])
         threading.Thread(target=self._restart_loop, args=(iid, reason), name=f"restart-{iid}", daemon=True).start()
 
     def _restart_loop(self, iid: str, reason: str) -> None:
         """Restart with backoff until healthy; the instance returns as a standby with the desired versions."""
         while not self._stopping.is_set():
             now = time.time()
-            recent = [t for t in self._restart_count.get(iid, []) if now - t < 120]
-            delay = self.config.restart_backoff_s[min(len(recent), len(self.config.restart_backoff_s) - 1)]
-            self._restart_count[iid] = recent + [now]
+            recent = [t for t in self._restart_times.get(iid, []) if now - t < 120]
+            delay = self._config.restart_backoff_s[min(len(recent), len(self._config.restart_backoff_s) - 1)]
+            self._restart_times[iid] = recent + [now]
             if self._stopping.wait(delay):
                 return
-            rec = self.state.instance(iid)
+            rec = self._state.instance(iid)
             if rec is None or rec.role == "canary":
                 return
-            with self.lock:
+            with self._lock:
                 role = "standby" if rec.role in ("primary", "active") else rec.role
-                self.state.update_instance(iid, role=role, state="restarting", restarts=rec.restarts + 1,
+                self._state.update_instance(iid, role=role, state="restarting", restarts=rec.restarts + 1,
                                            versions=self._target_versions(rec))
-            self.metrics.restarts.labels(iid).inc()
-            self.metrics.set_role(iid, role)
-            self.state.event("restart", f"restarting {iid} ({reason})", iid)
+            self._metrics.restarts.labels(iid).inc()
+            self._metrics.set_role(iid, role)
+            self._state.event("restart", f"restarting {iid} ({reason})", iid)
             try:
-                self.start_instance(iid)
+                self._instances.start(iid)
             except Exception as exc:
-                self.metrics.reconcile_errors.inc()
-                self.state.update_instance(iid, state="restarting", detail=f"restart failed: {exc}"[:500])
-                self.state.event("restart-failed", str(exc)[:500], iid)
+                self._metrics.reconcile_errors.inc()
+                self._state.update_instance(iid, state="restarting", detail=f"restart failed: {exc}"[:500])
+                self._state.event("restart-failed", str(exc)[:500], iid)
                 continue
-            self.state.event("recovered", f"{iid} back as {role}", iid)
+            self._state.event("recovered", f"{iid} back as {role}", iid)
             try:  # a failure to re-route is not a failed restart: the process is healthy and stays up
-                self.ensure_primary()
+                self._membership.ensure_primary()
             except Exception as exc:
-                self.metrics.reconcile_errors.inc()
-                self.state.event("route-failed", f"after {iid} recovered: {exc}"[:500], iid)
+                self._metrics.reconcile_errors.inc()
+                self._state.event("route-failed", f"after {iid} recovered: {exc}"[:500], iid)
             return
 
     def _target_versions(self, rec: InstanceRecord) -> dict[str, list[int]]:
         """What a restarted non-canary instance serves: the desired versions."""
-        return self.desired()
+        return self._catalog.desired()

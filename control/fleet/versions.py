@@ -1,7 +1,7 @@
 """Which models and versions a fleet serves: the closure of the ensembles, verified versions, and loading them.
 
-One implementation of the repository rules, shared by the local fleet and the Kubernetes pool (``KubePool``
-borrows these methods), so both drivers serve exactly the same closure and refuse the same versions.
+One implementation of the repository rules, the ``Catalog``: the local fleet and the Kubernetes pool (``KubePool``)
+each hold one, so both drivers serve exactly the same closure and refuse the same versions.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from tritonclient.grpc import model_config_pb2
 from recserve.control.fleet.config import FleetError
 from recserve.control.runtime.triton import TritonServer, ensemble_steps, servable_models
 from recserve.control.state.snapshots import RepositoryError, has_manifests, verify_version, versions_on_disk
+from recserve.control.state.store import State
 
 
 def model_config(repository: Path, model: str, versions: list[int]) -> dict:
@@ -28,24 +29,37 @@ def model_config(repository: Path, model: str, versions: list[int]) -> dict:
     return cfg
 
 
-class VersionRules:
-    """Mixin of ``Fleet``: needs ``config``, ``repository`` and ``state``."""
+class Catalog:
+    """The models and versions one fleet serves, from its repository and the state store's desired versions.
+
+    ``models``: the top models served (None: every ensemble of the repository). ``host_checks``: refuse top
+    models this host cannot load (built, TensorRT only with a GPU): the local fleet's rule; a Kubernetes pool's
+    pods run elsewhere, so it names its models and they are taken as they are.
+    """
+
+    def __init__(self, repository: Path, state: State, models: list[str] | None = None, host_checks: bool = True):
+        self._repository = Path(repository)
+        self._state = state
+        self._models = list(models) if models is not None else None
+        self._host_checks = host_checks
 
     def top_models(self) -> list[str]:
-        servable = servable_models(self.repository)
-        if self.config.models is not None:
-            missing = [m for m in self.config.models if m not in servable]
+        if not self._host_checks:
+            return list(self._models or [])
+        servable = servable_models(self._repository)
+        if self._models is not None:
+            missing = [m for m in self._models if m not in servable]
             if missing:
-                raise FleetError(f"models {missing} cannot be served from {self.repository} (not built?)",
+                raise FleetError(f"models {missing} cannot be served from {self._repository} (not built?)",
                                  "FAILED_PRECONDITION")
-            return list(self.config.models)
-        return [m for m in servable if 'platform: "ensemble"' in (self.repository / m / "config.pbtxt").read_text()]
+            return list(self._models)
+        return [m for m in servable if 'platform: "ensemble"' in (self._repository / m / "config.pbtxt").read_text()]
 
     def model_closure(self) -> list[str]:
         """Every model the fleet serves, leaves before the ensembles that compose them."""
         out: list[str] = []
         for top in self.top_models():
-            for step in ensemble_steps(self.repository / top):
+            for step in ensemble_steps(self._repository / top):
                 if step not in out:
                     out.append(step)
         for top in self.top_models():
@@ -55,14 +69,14 @@ class VersionRules:
 
     def versioned_models(self) -> list[str]:
         """Models built with manifests: the ones rollouts move between versions."""
-        return [m for m in self.model_closure() if has_manifests(self.repository, m)]
+        return [m for m in self.model_closure() if has_manifests(self._repository, m)]
 
     def initial_desired(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
         for m in self.model_closure():
-            versions = versions_on_disk(self.repository, m)
-            if has_manifests(self.repository, m):
-                good = [v for v in versions if verify_version(self.repository, m, v).verified]
+            versions = versions_on_disk(self._repository, m)
+            if has_manifests(self._repository, m):
+                good = [v for v in versions if verify_version(self._repository, m, v).verified]
                 if not good:
                     raise FleetError(f"model {m!r}: no version passes its manifest sha256 check", "FAILED_PRECONDITION")
                 out[m] = [good[-1]]
@@ -71,22 +85,22 @@ class VersionRules:
         return out
 
     def desired(self) -> dict[str, list[int]]:
-        d = self.state.desired()
+        d = self._state.desired()
         return {m: d[m] for m in self.model_closure() if m in d}
 
     def check_version(self, model: str, version: int) -> None:
         """Refuse a version that is unknown or fails its sha256 (RepositoryError names which and why)."""
-        info = verify_version(self.repository, model, version)
-        if has_manifests(self.repository, model) and not info.verified:
+        info = verify_version(self._repository, model, version)
+        if has_manifests(self._repository, model) and not info.verified:
             raise RepositoryError(f"model {model!r} version {version} fails verification: {info.problem}")
 
-    def load_versions(self, server: TritonServer, versions: dict[str, list[int]], only: list[str] | None = None
-                      ) -> None:
+    def load_versions(self, server: TritonServer, versions: dict[str, list[int]], timeout: float,
+                      only: list[str] | None = None) -> None:
         """Load exactly ``versions`` (leaves first, then ensembles); Triton loads before it unloads."""
         for m in self.model_closure():
             if only is not None and m not in only:
                 continue
             for v in versions[m]:
                 self.check_version(m, v)
-            server.load_model(m, config=model_config(self.repository, m, versions[m]),
-                              timeout=self.config.instance_start_timeout_s)
+            server.load_model(m, config=model_config(self._repository, m, versions[m]),
+                              timeout=timeout)

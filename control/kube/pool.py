@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recserve.control.client import RecClient
-from recserve.control.fleet.fleet import Fleet, FleetError, model_config
+from recserve.control.fleet.config import FleetError
 from recserve.control.fleet.golden import Golden
 from recserve.control.fleet.health import INFER_TIMEOUT_S, Probe, deep_check, ready_versions
+from recserve.control.fleet.versions import Catalog
 from recserve.control.monitoring.metrics import ControlMetrics
 from recserve.control.runtime.triton import TritonConfig, TritonServer
 from recserve.control.state.store import InstanceRecord, State
@@ -85,6 +86,10 @@ class ServiceTraffic:
                 (self.out.add if state == "maint" else self.out.discard)(iid)
             self.on_change(iid)
 
+    def splitting(self) -> bool:
+        """The split route (a rollout's canary step) is in force."""
+        return self.state.get("route") == "split"
+
     def route(self, mode: str, slot: int | None = None) -> None:
         with self._lock:
             self.mode = "split" if mode == "split" else "first"
@@ -96,14 +101,9 @@ class ServiceTraffic:
 class KubePool:
     """Instances = pods; versions are loaded through each pod's repository API; restart = delete the pod.
 
-    The repository rules (which models a fleet serves, which versions are verified, the newest good one) are
-    Fleet's own methods, borrowed, so both drivers apply exactly the same rules.
+    The repository rules (which models a fleet serves, which versions are verified, the newest good one) are a
+    ``Catalog`` (control/fleet/versions.py), the local fleet's own kind, so both drivers apply exactly the same rules.
     """
-
-    model_closure = Fleet.model_closure
-    versioned_models = Fleet.versioned_models
-    initial_desired = Fleet.initial_desired
-    check_version = Fleet.check_version
 
     def __init__(self, repository: Path, workdir: Path, admin_key: str, models: list[str],
                  delete_pod: Callable[[str, str], None], on_traffic: Callable[[str], None],
@@ -115,6 +115,7 @@ class KubePool:
             raise FleetError(f"spec.models: {missing} not in the model repository {self.repository}", "NOT_FOUND")
         Path(workdir).mkdir(parents=True, exist_ok=True)
         self.state = State(Path(workdir) / "state.db")
+        self.catalog = Catalog(self.repository, self.state, self.models, host_checks=False)
         self.metrics = metrics or ControlMetrics()
         self.golden = Golden(self.repository)  # expected answers from the build's reference, per version set
         self.admin_key = admin_key
@@ -128,11 +129,22 @@ class KubePool:
 
     # ------------------------------------------------------------------ ServingPool
     def top_models(self) -> list[str]:
-        return list(self.models)
+        return self.catalog.top_models()
+
+    def model_closure(self) -> list[str]:
+        return self.catalog.model_closure()
+
+    def versioned_models(self) -> list[str]:
+        return self.catalog.versioned_models()
+
+    def initial_desired(self) -> dict[str, list[int]]:
+        return self.catalog.initial_desired()
+
+    def check_version(self, model: str, version: int) -> None:
+        self.catalog.check_version(model, version)
 
     def desired(self) -> dict[str, list[int]]:
-        d = self.state.desired()
-        return {m: d[m] for m in self.model_closure() if m in d}
+        return self.catalog.desired()
 
     def client(self, iid: str) -> RecClient:
         ep = self.endpoints[iid]
@@ -186,7 +198,7 @@ class KubePool:
         """One healthy pod is the rollouts' baseline reference (``primary``); it has no traffic meaning here."""
         with self.lock:
             recs = self.state.instances()
-            if any(r.role == "canary" for r in recs) or self.state.get("route") == "split":
+            if any(r.role == "canary" for r in recs) or self.traffic.splitting():
                 return
             prim = next((r for r in recs if r.role == "primary"), None)
             if prim is not None and prim.state == "healthy":
@@ -239,13 +251,7 @@ class KubePool:
 
     def load_versions(self, iid: str, versions: dict[str, list[int]], only: list[str] | None = None) -> None:
         """Load exactly ``versions`` (leaves first, then ensembles), each pinned by a config override."""
-        srv = self.server(iid)
-        for m in self.model_closure():
-            if only is not None and m not in only:
-                continue
-            for v in versions[m]:
-                self.check_version(m, v)
-            srv.load_model(m, config=model_config(self.repository, m, versions[m]), timeout=LOAD_TIMEOUT_S)
+        self.catalog.load_versions(self.server(iid), versions, LOAD_TIMEOUT_S, only=only)
 
     def loaded(self, iid: str) -> dict[str, list[int]] | None:
         return ready_versions(self.server(iid))

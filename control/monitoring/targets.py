@@ -72,7 +72,7 @@ class FleetCollector:
                                    labels=["instance"])
         for r in recs:
             state.add_metric([r.id, r.role, r.state], 1)
-            p = f.last_probe.get(r.id)
+            p = f.last_probe(r.id)
             wrong = p is not None and not p.ok and p.stage == "golden" and p.reason.startswith("wrong answer")
             golden.add_metric([r.id], 1 if wrong else 0)
         yield state
