@@ -325,3 +325,31 @@ def test_network_policies_let_clients_reach_only_the_front_door(rendered):
     assert ports == {"http", "grpc", "metrics", "modelsync"}  # port names the Triton pod's containers declare
     sync_from = [f for r in triton["ingress"] if {"port": "modelsync"} in r["ports"] for f in r["from"]]
     assert sync_from == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "recserve-operator"}}}]
+
+
+def test_the_gpu_overlay_golden_checks_and_alerts_on_the_trt_ensembles_it_serves(rendered):
+    from recserve.control.kube import gpurules
+    from recserve.control.kube.trtgolden import trt_models
+    from recserve.control.monitoring.config import DEMO_SELECTOR, model_selector
+
+    gpu, cpu = rendered["gpu"], rendered["cpu"]
+    served = find(gpu, "RecServeFleet", "recserve")["spec"]["models"]
+    loaded = [a.split("=", 1)[1] for a in find(gpu, "Deployment", "recserve-triton")["spec"]["template"]["spec"][
+        "containers"][0]["args"] if a.startswith("--load-model=")]
+    assert sorted(served) == sorted(loaded) == sorted(gpurules.GPU_MODELS)
+    assert trt_models(served) == ["recommend_trt", "search_trt"]  # the operator golden-checks them
+    assert not trt_models(find(cpu, "RecServeFleet", "recserve")["spec"]["models"])
+    assert gpurules.OUTPUT.read_text() == gpurules.render(), \
+        "regenerate: python -m recserve.control.kube.gpurules -o deploy/k8s/overlays/gpu/monitoring-rules-trt.yaml"
+
+    def exprs(objs):
+        return {(o["metadata"]["name"], g["name"], r.get("record") or r.get("alert")): r["expr"]
+                for o in objs if o["kind"] == "PrometheusRule" for g in o["spec"]["groups"] for r in g["rules"]}
+
+    base, wide = exprs(cpu), exprs(gpu)
+    assert base.keys() == wide.keys()  # the same rules, none lost by the patch
+    demo = [k for k, e in base.items() if DEMO_SELECTOR in e]
+    assert demo, "the base's rules name the demo's models"
+    for k in demo:  # SLO rules and alerts select the *_trt ensembles on GPU pods
+        assert model_selector(gpurules.GPU_MODELS) in wide[k] and DEMO_SELECTOR not in wide[k], k
+    assert all(wide[k] == e for k, e in base.items() if k not in demo)

@@ -88,6 +88,7 @@ def cluster(tmp_path_factory):
         fleet = find(objects, "RecServeFleet", "recserve")
         fleet["spec"]["desiredVersions"] = {"ranker": [v2 - 1]}
         fleet["spec"]["pool"]["checkIntervalSeconds"] = 0.5
+        fleet["metadata"]["generation"] = 1  # the API server's; kmock keeps what it is given
         emu.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "recservefleets", fleet)
         op = Operator(OperatorConfig(namespace=NAMESPACE, repository=repo, workdir=base / "operator",
                                      reconcile_interval_s=0.5), api=_api(emu))
@@ -124,6 +125,29 @@ def test_new_pods_get_the_desired_versions_before_their_gate_opens(cluster):
     assert st["desiredVersions"]["ranker"] == [1] and st["pods"] == 2
     secret = cluster.emu.core.read_namespaced_secret("recserve-triton-admin", NAMESPACE)
     assert secret.metadata.name == "recserve-triton-admin"
+
+
+def conditions(status: dict) -> dict[str, dict]:
+    return {c["type"]: c for c in status.get("conditions") or []}
+
+
+def test_fleet_status_has_the_conditions_kubectl_wait_and_argo_cd_read(cluster):
+    """`kubectl wait --for=condition=Ready recservefleet/recserve` reads status.conditions[type=Ready].status."""
+    st = wait_for(lambda: (s := cluster.fleet_status()) and conditions(s).get("Ready", {}).get("status") == "True"
+                  and conditions(s)["Progressing"]["status"] == "False" and s, 30, "Ready and not Progressing")
+    conds = conditions(st)
+    assert set(conds) == {"Ready", "Progressing", "Degraded"}
+    assert conds["Degraded"]["status"] == "False" and conds["Ready"]["reason"] == "MinReadyPods"
+    for c in conds.values():
+        assert c["observedGeneration"] == st["observedGeneration"] == 1
+        assert c["reason"] and c["message"] and c["lastTransitionTime"].endswith("Z")
+    from recserve.control.kube.manifests import render_crds, validate
+
+    fleet = cluster.emu.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "recservefleets", "recserve")
+    validate([fleet], crds=render_crds())  # the status the operator writes fits the CRD's schema
+    before = conds["Ready"]["lastTransitionTime"]
+    time.sleep(1.5)
+    assert conditions(cluster.fleet_status())["Ready"]["lastTransitionTime"] == before  # moves only on a flip
 
 
 def test_both_drivers_provide_the_pool_interface_the_rollouts_use(cluster, tmp_path):
@@ -250,3 +274,53 @@ def test_operator_rescheduled_without_its_state_keeps_the_versions_it_had_moved_
 def find_spec_pin(cluster) -> list[int]:
     fleet = cluster.emu.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "recservefleets", "recserve")
     return fleet["spec"]["desiredVersions"]["ranker"]
+
+
+def _patch_fleet_spec(cluster, generation: int, **spec) -> None:
+    cluster.emu.custom.patch_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "recservefleets", "recserve",
+                                                      {"metadata": {"generation": generation}, "spec": spec})
+
+
+def _spec_rollouts(cluster, version: int) -> list[dict]:
+    items = cluster.emu.custom.list_namespaced_custom_object(GROUP, VERSION, NAMESPACE, "modelrollouts")["items"]
+    return [cr for cr in items if (cr["metadata"].get("labels") or {}).get("recserve.io/source")
+            == "spec.desiredVersions" and cr["spec"]["version"] == version]
+
+
+def test_a_changed_spec_pin_rolls_out_through_the_gates(cluster):
+    """After the first start, editing spec.desiredVersions (GitOps) creates a ModelRollout: canary, gates, then
+    promotion; the fleet's Progressing condition says so while it runs."""
+    good = make_version(cluster.repo, "ranker", "copy", base=2)
+    _patch_fleet_spec(cluster, 2, desiredVersions={"ranker": [good]}, rollout={"steps": [100], "bakeSeconds": 1},
+                      gates={"maxP99Ratio": 10, "minP99Ms": 500})
+    (cr,) = wait_for(lambda: _spec_rollouts(cluster, good), 30, "the operator to create a ModelRollout")
+    assert cr["spec"]["steps"] == [100] and cr["spec"]["model"] == "ranker"
+    st = cluster.finished(cr["metadata"]["name"])
+    assert st["result"] == "Succeeded", st
+    assert st["gates"]["answer_overlap"] == 1.0  # the same gates as any rollout
+    for name in cluster.ctl.servers:
+        assert cluster.loaded(name)["ranker"] == [good], name
+    assert cluster.emu.events("SpecRollout")
+    fs = wait_for(lambda: (s := cluster.fleet_status()) and conditions(s)["Progressing"]["status"] == "False"
+                  and s["desiredVersions"]["ranker"] == [good] and s, 30, "the fleet to settle")
+    assert conditions(fs)["Ready"]["status"] == "True" and conditions(fs)["Degraded"]["status"] == "False"
+    assert fs["observedGeneration"] == 2 and fs["specDesiredVersions"]["ranker"] == [good]
+    time.sleep(1.5)
+    assert len(_spec_rollouts(cluster, good)) == 1  # one pin change, one rollout
+
+
+def test_a_spec_pin_whose_rollout_fails_its_gates_leaves_the_fleet_degraded(cluster):
+    serving = cluster.fleet_status()["desiredVersions"]["ranker"]
+    bad = make_version(cluster.repo, "ranker", "negate-scores", base=2)
+    _patch_fleet_spec(cluster, 3, desiredVersions={"ranker": [bad]})
+    (cr,) = wait_for(lambda: _spec_rollouts(cluster, bad), 30, "the operator to create a ModelRollout")
+    st = cluster.finished(cr["metadata"]["name"])
+    assert st["result"] == "RolledBack" and st["failedGate"] == "answer_overlap", st
+    fs = wait_for(lambda: (s := cluster.fleet_status()) and conditions(s)["Degraded"]["status"] == "True" and s, 30,
+                  "Degraded")
+    deg = conditions(fs)["Degraded"]
+    assert deg["reason"] == "SpecVersionsNotApplied" and "answer_overlap" in deg["message"], deg
+    assert conditions(fs)["Ready"]["status"] == "True"  # still serving the old version, right
+    assert fs["desiredVersions"]["ranker"] == serving
+    for name in cluster.ctl.servers:
+        assert cluster.loaded(name)["ranker"] == serving, name

@@ -211,3 +211,66 @@ def test_the_drill_probe_meets_the_namespace_pod_security_and_policy(tmp_path):
     assert "--labels=recserve.io/role=drill-probe" in run and '"allowPrivilegeEscalation":false' in run
     assert '"RuntimeDefault"' in run and '"drop":["ALL"]' in run
     assert _drill(tmp_path, ["nope"]).returncode == 2
+
+
+# ---------------------------------------------------------------------------------------- TensorRT golden checks
+def _version(repo, model: str, v: int, manifest: dict) -> None:
+    import json
+
+    d = repo / model / str(v)
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+class _Golden:
+    """Golden's surface TrtGolden uses: expectations per version set, the instance's answers."""
+
+    def __init__(self, expected, got):
+        self.requests = {"recommend": {}, "search": {}}
+        self._expected, self._got, self.asked = expected, got, []
+
+    def expected(self, versions):
+        self.asked.append(versions)
+        return self._expected
+
+    def problem(self, versions):
+        return "reference broken"
+
+    def ask(self, client, requests):
+        assert client.suffix == "_trt"
+        return self._got
+
+
+def test_trt_ensembles_are_golden_checked_against_the_onnx_version_their_engine_came_from(tmp_path):
+    from recserve.control.client import Result
+    from recserve.control.fleet.golden import Expected
+    from recserve.control.kube.trtgolden import TrtGolden, source_versions, trt_models
+
+    repo = tmp_path / "repo"
+    _version(repo, "ranker", 1, {"files": {"model.onnx": "aaa"}})
+    _version(repo, "ranker", 2, {"files": {"model.onnx": "bbb"}})
+    _version(repo, "ranker_trt", 1, {"source_onnx_sha256": "aaa", "files": {"model.plan": "x"}})
+    _version(repo, "ranker_trt", 2, {"source_onnx_sha256": "zzz", "files": {"model.plan": "y"}})
+    assert source_versions(repo, {"ranker": [2], "ranker_trt": [1]}) == {"ranker": 1}
+    with pytest.raises(ValueError, match="not in the repository"):
+        source_versions(repo, {"ranker_trt": [2]})
+    assert trt_models(["recommend", "search", "recommend_trt", "search_trt"]) == ["recommend_trt", "search_trt"]
+    assert trt_models(["recommend", "search"]) == []
+
+    ids = list(range(20))
+    ref = Expected({"recommend": Result(ids, [1.0] * 20), "search": Result(ids, [1.0] * 20)}, "build.reference")
+    models = ["recommend", "search", "recommend_trt", "search_trt"]
+    versions = {"ranker": [2], "ranker_trt": [1]}
+    drift = ids[:9] + [99] + ids[10:]  # one item of the top 10 differs, scores differ: TensorRT's FP16 drift
+    g = _Golden(ref, {"recommend": Result(drift, [0.9] * 20), "search": Result(ids, [1.1] * 20)})
+    probe = TrtGolden(repo, g).check("pod-a", "127.0.0.1:1", versions, models)
+    assert probe.ok, probe
+    assert g.asked == [{"ranker": [1]}]  # the reference ran on ranker 1, the engine's source, not the served ONNX 2
+    wrong = list(reversed(ids))[:10] + ids[10:]
+    g = _Golden(ref, {"recommend": Result(ids, [1.0] * 20), "search": Result(wrong, [1.0] * 20)})
+    probe = TrtGolden(repo, g).check("pod-a", "127.0.0.1:1", versions, models)
+    assert not probe.ok and probe.stage == "golden" and "search_trt" in probe.reason, probe
+    probe = TrtGolden(repo, _Golden(None, {})).check("pod-a", "127.0.0.1:1", versions, models)
+    assert not probe.ok and "reference broken" in probe.reason
+    probe = TrtGolden(repo, _Golden(ref, {})).check("pod-a", "127.0.0.1:1", {"ranker_trt": [2]}, models)
+    assert not probe.ok and "not in the repository" in probe.reason

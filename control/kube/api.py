@@ -2,7 +2,7 @@
 
 Every write the operator does is here, so RBAC (deploy/k8s/base/operator-rbac.yaml) can be read against it:
 pods get/list/delete, pods/status patch, events create, one Secret get/create, recserve CRs get/list and their
-status patch.
+status patch, ModelRollouts create (a change of the fleet's spec.desiredVersions becomes one).
 """
 
 from __future__ import annotations
@@ -103,6 +103,9 @@ class KubeApi:
 
     def rollouts(self) -> list[dict]:
         return self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, ROLLOUTS)["items"]
+
+    def create_rollout(self, body: dict) -> dict:
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, ROLLOUTS, body)
 
     def patch_rollout_status(self, name: str, status: dict) -> None:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, ROLLOUTS, name,

@@ -25,8 +25,9 @@ from kubernetes.client.exceptions import ApiException
 
 from recserve.control.fleet.fleet import FleetError
 from recserve.control.fleet.health import HealthMonitor, Probe
-from recserve.control.kube.api import GATE, KubeApi, api_client, now
+from recserve.control.kube.api import GATE, GROUP, VERSION, KubeApi, api_client, now
 from recserve.control.kube.pool import KubePool, pod_endpoint
+from recserve.control.kube.trtgolden import TrtGolden, trt_models
 from recserve.control.rollout.manager import RolloutManager
 from recserve.control.state.store import RolloutRecord
 
@@ -38,6 +39,11 @@ RESULTS = {"running": "Running", "succeeded": "Succeeded", "rolled_back": "Rolle
 GATE_FIELDS = {"maxErrorRate": "max_error_rate", "maxP99Ratio": "max_p99_ratio", "minP99Ms": "min_p99_ms",
                "minAnswerOverlap": "min_answer_overlap"}
 HISTORY = 30
+#: Label of the ModelRollouts the operator creates for a change of the fleet's spec.desiredVersions.
+SPEC_SOURCE_LABEL = "recserve.io/source"
+SPEC_SOURCE = "spec.desiredVersions"
+#: ModelRollout results after which a spec change is not being applied any more.
+FAILED_RESULTS = ("RolledBack", "Refused")
 
 
 @dataclass
@@ -63,12 +69,16 @@ class Operator:
         self.pool: KubePool | None = None
         self.rollouts: RolloutManager | None = None
         self.monitor: HealthMonitor | None = None
+        self.trt: TrtGolden | None = None
         self.fails: dict[str, int] = {}
         self.gates: dict[str, bool] = {}
         self._gate_reasons: dict[str, str] = {}
         self.spec: dict = {}
         self._owned: dict[str, str] = {}  # ModelRollout name -> rollout id
         self._seen_seq: dict[str, int] = {}
+        #: model -> the spec.desiredVersions pin the operator last acted on (kept in status.specDesiredVersions).
+        self._spec_seen: dict[str, list[int]] = {}
+        self._crs: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="operator", daemon=True)
 
@@ -87,6 +97,8 @@ class Operator:
 
         register(self)
         self._init_desired(fleet)
+        self._init_spec_seen(fleet)
+        self.trt = TrtGolden(self.config.repository, self.pool.golden) if trt_models(self.spec["models"]) else None
         self.rollouts = RolloutManager(self.pool)
         self.rollouts.recover_records()
         interval = self.config.check_interval_s or float(self.spec["pool"].get("checkIntervalSeconds", 2))
@@ -126,6 +138,13 @@ class Operator:
         for m, versions in target.items():
             pool.state.set_desired(m, versions, last_good=versions)
 
+    def _init_spec_seen(self, fleet: dict) -> None:
+        """The pins already acted on: the ones recorded in status, else the spec's own (the first start applied
+        them through ``_init_desired``). Only a later CHANGE of a pin rolls out."""
+        recorded = (fleet.get("status") or {}).get("specDesiredVersions")
+        source = recorded if isinstance(recorded, dict) else (self.spec.get("desiredVersions") or {})
+        self._spec_seen = {m: sorted(int(v) for v in vs) for m, vs in source.items()}
+
     def _loop(self) -> None:
         while not self._stop.wait(self.config.reconcile_interval_s):
             try:
@@ -154,6 +173,7 @@ class Operator:
             self.gates.pop(name, None)
             self._gate_reasons.pop(name, None)
         pool.ensure_primary()
+        self._reconcile_spec_versions(fleet)
         self._reconcile_rollouts()
         self._write_fleet_status(fleet)
 
@@ -172,9 +192,130 @@ class Operator:
                                      if m in pool.versioned_models()),
             "instances": [{"pod": r.id, "role": r.role, "state": r.state, "goldenOk": bool(self.gates.get(r.id)),
                            "detail": r.detail} for r in recs]}
-        old = {k: v for k, v in (fleet.get("status") or {}).items() if k != "observedAt"}
+        status["specDesiredVersions"] = dict(self._spec_seen)
+        status["observedGeneration"] = int((fleet.get("metadata") or {}).get("generation") or 0)
+        previous = fleet.get("status") or {}
+        status["conditions"] = self._conditions(previous.get("conditions") or [], status["observedGeneration"])
+        old = {k: v for k, v in previous.items() if k != "observedAt"}
         if status != old:  # write on change only: one patch a second per fleet would load the API server
             self.api.patch_fleet_status(self.config.fleet, {**status, "observedAt": now()})
+
+    # ------------------------------------------------------------------ conditions (kubectl wait, Argo CD health)
+    def _conditions(self, previous: list[dict], generation: int) -> list[dict]:
+        """Ready, Progressing and Degraded as Kubernetes conditions; lastTransitionTime moves only on a flip."""
+        pool = self.pool
+        assert pool is not None
+        recs = pool.state.instances()
+        ready, need = len(self._ready_ids()), int(self.spec["pool"]["minReady"])
+        running = pool.state.running_rollouts()
+        spec_running, spec_failed = self._spec_rollout_states()
+        starting = [r.id for r in recs if r.state == "new"]
+        failing = [r for r in recs if r.state not in ("healthy", "new", "deleting")]
+        if ready >= need:
+            cond_ready = (True, "MinReadyPods", f"{ready} pods pass the golden check (pool.minReady {need})")
+        else:
+            cond_ready = (False, "NotEnoughReadyPods", f"{ready} of pool.minReady={need} pods pass the golden check")
+        if running:
+            r = running[0]
+            cond_prog = (True, "RolloutRunning", f"rollout {r.id}: {r.model} {r.from_version} -> {r.to_version} "
+                         f"({r.phase})")
+        elif spec_running:
+            cond_prog = (True, "SpecRolloutPending", "; ".join(spec_running))
+        elif starting:
+            cond_prog = (True, "PodsStarting", f"loading the desired versions on {', '.join(sorted(starting))}")
+        else:
+            cond_prog = (False, "Stable", "no rollout running; every pod checked")
+        if spec_failed:
+            cond_deg = (True, "SpecVersionsNotApplied", "; ".join(spec_failed))
+        elif failing:
+            cond_deg = (True, "PodsFailing", "; ".join(f"{r.id}: {r.detail or r.state}" for r in failing)[:1000])
+        else:
+            cond_deg = (False, "AsExpected", "every pod answers right on the desired versions")
+        old = {c.get("type"): c for c in previous}
+        out = []
+        for ctype, (ok, reason, message) in (("Ready", cond_ready), ("Progressing", cond_prog),
+                                              ("Degraded", cond_deg)):
+            status = "True" if ok else "False"
+            before = old.get(ctype) or {}
+            since = before.get("lastTransitionTime") if before.get("status") == status else None
+            out.append({"type": ctype, "status": status, "reason": reason, "message": message[:1000],
+                        "lastTransitionTime": since or now(), "observedGeneration": generation})
+        return out
+
+    # ------------------------------------------------------------------ spec.desiredVersions changes
+    def _reconcile_spec_versions(self, fleet: dict) -> None:
+        """A changed pin in spec.desiredVersions becomes a ModelRollout (the gates of ``recctl k8s rollover``):
+        versions never move without the canary, the gates and the rollback. A pin of several versions cannot be
+        one rollout and is reported (Degraded) instead; a removed pin changes nothing."""
+        pool = self.pool
+        assert pool is not None
+        pinned = self.spec.get("desiredVersions") or {}
+        for model, raw in sorted(pinned.items()):
+            want = sorted(int(v) for v in raw)
+            if self._spec_seen.get(model) == want:
+                continue
+            if len(want) == 1 and pool.desired().get(model) != want:
+                self._create_spec_rollout(fleet, model, want[0])
+            self._spec_seen[model] = want
+
+    def _create_spec_rollout(self, fleet: dict, model: str, version: int) -> None:
+        meta = fleet.get("metadata") or {}
+        stamp = meta.get("generation") or time.strftime("%Y%m%d%H%M%S", time.gmtime())
+        name = f"{self.config.fleet}-{model.replace('_', '-')}-v{version}-spec-g{stamp}"[:253]
+        knobs = self.spec.get("rollout") or {}
+        spec = {"fleet": self.config.fleet, "model": model, "version": version,
+                "strategy": knobs.get("strategy", "canary")}
+        if knobs.get("steps"):
+            spec["steps"] = knobs["steps"]
+        if "bakeSeconds" in knobs:
+            spec["bakeSeconds"] = knobs["bakeSeconds"]
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelRollout",
+                "metadata": {"name": name, "namespace": self.config.namespace,
+                             "labels": {SPEC_SOURCE_LABEL: SPEC_SOURCE, "recserve.io/fleet": self.config.fleet}},
+                "spec": spec}
+        if meta.get("uid"):
+            body["metadata"]["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "RecServeFleet",
+                                                    "name": self.config.fleet, "uid": meta["uid"]}]
+        try:
+            self.api.create_rollout(body)
+        except ApiException as exc:
+            if exc.status != 409:  # 409: created by an earlier pass whose status write was lost
+                raise
+        self.api.event({"apiVersion": f"{GROUP}/{VERSION}", "kind": "RecServeFleet", "metadata": meta},
+                       "SpecRollout", f"spec.desiredVersions.{model} is now [{version}]: ModelRollout {name} "
+                       "moves it through the rollout gates")
+
+    def _spec_rollout_states(self) -> tuple[list[str], list[str]]:
+        """(pending or running, failed) spec pins: the newest ModelRollout the operator created for each pin the
+        fleet does not serve yet, and what it says."""
+        pool = self.pool
+        assert pool is not None
+        desired = pool.desired()
+        running, failed = [], []
+        pinned = self.spec.get("desiredVersions") or {}
+        for model, raw in sorted(pinned.items()):
+            want = sorted(int(v) for v in raw)
+            if desired.get(model) == want:
+                continue
+            if len(want) != 1:
+                failed.append(f"spec.desiredVersions.{model}={want}: a rollout moves one version; after the first "
+                              "start pin exactly one")
+                continue
+            mine = [cr for cr in self._crs if (cr["metadata"].get("labels") or {}).get(SPEC_SOURCE_LABEL) == SPEC_SOURCE
+                    and cr["spec"].get("model") == model and int(cr["spec"].get("version", 0)) == want[0]]
+            if not mine:
+                continue  # a pin older than this operator's record: ModelRollouts moved the model since
+            cr = max(mine, key=lambda c: c["metadata"].get("creationTimestamp") or "")
+            st = cr.get("status") or {}
+            result = st.get("result") or "Pending"
+            what = f"spec.desiredVersions.{model}=[{want[0]}] through ModelRollout {cr['metadata']['name']}: {result}"
+            if result in FAILED_RESULTS:
+                gate = f" (failed gate {st['failedGate']})" if st.get("failedGate") else ""
+                failed.append(f"{what}{gate}: {st.get('message', '')}"[:400] + "; to retry: recctl k8s rollover "
+                              f"{model} --version {want[0]}, or pin another version")
+            elif result != "Succeeded":
+                running.append(what)
+        return running, failed
 
     # ------------------------------------------------------------------ health and the readiness gate
     def _checked_ids(self) -> list[str]:
@@ -201,7 +342,11 @@ class Operator:
                     return Probe(False, "load", str(exc)[:300], time.time())
                 finally:
                     pool.busy.discard(iid)
-        return pool.check(iid)
+        probe = pool.check(iid)
+        if probe.ok and self.trt is not None and rec is not None and iid in pool.endpoints:
+            ep = pool.endpoints[iid]  # the gpu overlay: the *_trt ensembles answer right too
+            return self.trt.check(iid, f"{ep.ip}:{ep.grpc}", rec.versions, self.spec["models"])
+        return probe
 
     def _fmt_versions(self, v: dict[str, list[int]]) -> str:
         assert self.pool is not None
@@ -288,6 +433,7 @@ class Operator:
         mgr, pool = self.rollouts, self.pool
         assert mgr is not None and pool is not None
         crs = [cr for cr in self.api.rollouts() if cr.get("spec", {}).get("fleet") == self.config.fleet]
+        self._crs = crs
         names = {cr["metadata"]["name"] for cr in crs}
         for name, rid in list(self._owned.items()):
             rec = pool.state.rollout(rid)
