@@ -147,7 +147,7 @@ def test_broken_reference_is_a_status_warning(tmp_path):
         fleet.golden = Golden(DEFAULT_REPOSITORY, reference=_broken, golden_json=tmp_path / "absent.json",
                               event=lambda msg: fleet.state.event("golden", msg))
         assert fleet.golden.expected(LATEST) is None
-        warnings = fleet.status()["warnings"]
+        warnings = fleet.status().warnings
         assert any("golden answers" in w and "deliberately broken" in w for w in warnings), warnings
         golden_events = [e["message"] for e in fleet.state.events(10, kind="golden")]
         assert any("NO expected answers" in m for m in golden_events), golden_events

@@ -109,7 +109,7 @@ def test_the_warning_reaches_fleet_status_without_degrading_health(tmp_path, mon
             fleet.state.save_instance(InstanceRecord(id=iid, slot=slot, role=role, state="healthy", grpc_port=0,
                                                      http_port=0, metrics_port=0, workdir=str(tmp_path / iid)))
         st = fleet.status()
-        assert st["warnings"] == [w] and st["health"] == "ok", st["warnings"]
+        assert st.warnings == [w] and st.health == "ok", st.warnings
         assert [e["message"] for e in fleet.state.events(10, kind="security")] == [w]
         # the fleet holds the statistics key only; its front door matches that file
         assert fleet.config.frontdoor.admin_key_file == fleet.root / "stats.key"

@@ -31,7 +31,8 @@ from recserve.control.api.tls import TlsConfigError, is_loopback, server_tls
 from recserve.control.backup.api import BackupApi, make_scheduler, policy_path
 from recserve.control.backup.policy import BackupError
 from recserve.control.errors import ErrorCode
-from recserve.control.fleet.fleet import Fleet, status_json
+from recserve.control.fleet.fleet import Fleet
+from recserve.control.fleet.status import InstanceStatus
 from recserve.control.keys import SecretFileError, check_private, read_secret
 from recserve.control.monitoring.config import publish_models
 from recserve.control.monitoring.metrics import ControlMetrics
@@ -65,14 +66,14 @@ def _versions(d: dict[str, list[int]]) -> dict[str, pb.Versions]:
     return {k: pb.Versions(versions=v) for k, v in d.items()}
 
 
-def instance_pb(d: dict) -> pb.Instance:
-    return pb.Instance(id=d["id"], role=d["role"], state=d["state"], pid=d["pid"] or 0, grpc_port=d["grpc_port"],
-                       http_port=d["http_port"], metrics_port=d["metrics_port"], weight=d["weight"],
-                       models=_versions(d["models"]), detail=d["detail"], restarts=d["restarts"],
-                       last_healthy_unix=d["last_healthy_unix"], slot=d["slot"],
-                       shm_regions=d["shm_regions"], shm_bytes=d["shm_bytes"], in_pool=d["in_pool"],
-                       in_flight=d["in_flight"], queued=d["queued"], limit=d["limit"],
-                       limit_decision=d["limit_decision"])
+def instance_pb(i: InstanceStatus) -> pb.Instance:
+    return pb.Instance(id=i.id, role=i.role, state=i.state, pid=i.pid, grpc_port=i.grpc_port,
+                       http_port=i.http_port, metrics_port=i.metrics_port, weight=i.weight,
+                       models=_versions(i.models), detail=i.detail, restarts=i.restarts,
+                       last_healthy_unix=i.last_healthy_unix, slot=i.slot,
+                       shm_regions=i.shm_regions, shm_bytes=i.shm_bytes, in_pool=i.in_pool,
+                       in_flight=i.in_flight, queued=i.queued, limit=i.limit,
+                       limit_decision=i.limit_decision)
 
 
 def rollout_pb(r, events: list[dict]) -> pb.Rollout:
@@ -112,24 +113,21 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
         return errors.call(context, fn, *args)
 
     def _instance(self, iid: str) -> pb.Instance:
-        st = status_json(self.fleet, self.endpoints)
-        for d in st["instances"]:
-            if d["id"] == iid:
-                return instance_pb(d)
-        return pb.Instance(id=iid, state="removed")
+        i = self.fleet.status().instance(iid)
+        return instance_pb(i) if i is not None else pb.Instance(id=iid, state="removed")
 
     # ------------------------------------------------------------------ fleet
     def GetStatus(self, request, context):
-        st = status_json(self.fleet, self.endpoints)
+        st = self.fleet.status()
         running = self.fleet.state.running_rollouts()
         active = rollout_pb(running[0], []) if running else None
         events = [pb.Event(ts_unix=e["ts"], kind=e["kind"], instance=e["instance"], message=e["message"])
                   for e in self.fleet.state.events(request.events or 20)]
-        return pb.FleetStatus(endpoints=pb.Endpoints(**self.endpoints), instances=[instance_pb(d) for d in
-                              st["instances"]], desired=_versions(st["desired"]), health=st["health"],
-                              warnings=st["warnings"], active_rollout=active, events=events, route=st["route"],
-                              mode=st["mode"], active_target=st["active_target"], shedding=st["shedding"],
-                              knee_rps=st["knee_rps"], knee_source=st["knee_source"], host_limit=st["host_limit"])
+        return pb.FleetStatus(endpoints=pb.Endpoints(**self.endpoints), instances=[instance_pb(i) for i in
+                              st.instances], desired=_versions(st.desired), health=st.health,
+                              warnings=st.warnings, active_rollout=active, events=events, route=st.route,
+                              mode=st.mode, active_target=st.active_target, shedding=st.shedding,
+                              knee_rps=st.knee_rps, knee_source=st.knee_source, host_limit=st.host_limit)
 
     def AddInstance(self, request, context):
         self._auth(context)

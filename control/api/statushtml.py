@@ -3,9 +3,9 @@
 
 Why a filter and not ``recctl status -o html``: every recctl command takes the same ``-o table|json|yaml`` (one
 output layer, control/api/cli_output.py, and a test holds every command to it); a format only one command has would
-break that promise. The JSON document is the interface: this renders it (or :func:`fleet.status_json`'s, the
-control plane's own) as one self-contained page (control/htmlpage.py) with the fleet's health, warnings,
-instances (broken ones highlighted), desired versions, the active rollout and the recent events.
+break that promise. The JSON document is the interface: this renders it (the fields of the control plane's
+``FleetStatus`` message, control/api/server.py) as one self-contained page (control/htmlpage.py) with the fleet's
+health, warnings, instances (broken ones highlighted), desired versions, the active rollout and the recent events.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ their own sessions with pid files, so a control plane that dies leaves the data 
 adopts them. The fleet holds one part per job, each in its module: the catalog of models and versions
 (control/fleet/versions.py, shared in kind with the Kubernetes pool), instance processes (control/fleet/instances.py),
 the supervisor of health reactions (control/fleet/supervision.py), membership and roles (control/fleet/membership.py).
+``status()`` says it all as a ``FleetStatus`` (control/fleet/status.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from recserve.control.fleet.health import Probe
 from recserve.control.fleet.instances import Instances
 from recserve.control.fleet.membership import DRAIN_TIMEOUT_S, Membership
 from recserve.control.fleet.spec_golden import SpecGolden
+from recserve.control.fleet.status import FleetStatus, InstanceStatus
 from recserve.control.fleet.supervision import Supervisor
 from recserve.control.fleet.versions import Catalog, model_config
 from recserve.control.keys import read_existing_secret, read_secret
@@ -41,7 +43,8 @@ from recserve.control.state.store import InstanceRecord, State
 #: The one admin key every instance shared before each got its own (kept only for instances still running with it).
 LEGACY_ADMIN_KEY_FILE = "admin.key"
 
-__all__ = ["FAULT_DIR_ENV", "ROLES", "Fleet", "FleetConfig", "FleetError", "dumps", "model_config", "status_json"]
+__all__ = ["FAULT_DIR_ENV", "ROLES", "Fleet", "FleetConfig", "FleetError", "FleetStatus", "InstanceStatus", "dumps",
+           "model_config"]
 
 
 class Fleet:
@@ -227,7 +230,7 @@ class Fleet:
                          f"{exp.source if exp else 'nowhere yet'}")
         self.supervisor.start_monitor()
 
-    def status(self) -> dict:
+    def status(self) -> FleetStatus:
         recs = self.state.instances()
         loaded = {r.id: v for r in recs if (v := self.instances.loaded(r)) is not None}
         pool = self.router.pool_slots()
@@ -251,14 +254,22 @@ class Fleet:
         warnings += self.golden.problems()
         health = "ok" if not warnings else ("down" if not any(r.state == "healthy" for r in recs) else "degraded")
         warnings += self.host_warnings  # the host's hardening: said at every status, but not the fleet's health
-        shm = {r.id: shm_usage(shm_prefix(Path(r.workdir), r.id)) for r in recs}
-        return {"instances": recs, "loaded": loaded, "weights": weights, "desired": self.desired(),
-                "warnings": warnings, "health": health, "route": self.router.current_route(), "shm": shm,
-                "load": {r.id: load.get(r.slot) for r in recs}, "pool": pool, "mode": self.config.mode,
-                "active_target": self.active_target(), "shedding": shedding,
-                "knee_rps": self.router.config.knee(), "knee_source": self.router.config.knee_source,
-                "host_limit": self.router.config.host_limit(),
-                "decisions": {r.id: self.router.decisions.get(r.slot, "") for r in recs}}
+        instances = []
+        for r in recs:
+            regions, nbytes = shm_usage(shm_prefix(Path(r.workdir), r.id))
+            ld = load.get(r.slot)
+            instances.append(InstanceStatus(
+                id=r.id, role=r.role, state=r.state, pid=r.pid or 0, slot=r.slot, grpc_port=r.grpc_port,
+                http_port=r.http_port, metrics_port=r.metrics_port, detail=r.detail, restarts=r.restarts,
+                last_healthy_unix=r.last_healthy, weight=weights.get(r.id, 0), models=loaded.get(r.id, {}),
+                shm_regions=regions, shm_bytes=nbytes, in_pool=r.slot in pool,
+                in_flight=int(ld.in_flight) if ld is not None else 0, queued=int(ld.queued) if ld is not None else 0,
+                limit=int(ld.limit) if ld is not None else 0, limit_decision=self.router.decisions.get(r.slot, "")))
+        return FleetStatus(
+            health=health, warnings=warnings, route=self.router.current_route(), mode=self.config.mode,
+            active_target=self.active_target(), shedding=shedding, knee_rps=self.router.config.knee(),
+            knee_source=self.router.config.knee_source, host_limit=self.router.config.host_limit(),
+            desired=self.desired(), instances=instances)
 
     def stop_monitor(self) -> None:
         self.supervisor.stop()
@@ -297,39 +308,6 @@ class Fleet:
         """Leave the data path running (control plane exit/restart)."""
         self.stop_monitor()
         self.instances.close_clients()
-
-
-def status_json(fleet: Fleet, endpoints: dict[str, str]) -> dict:
-    """The ``recctl status --json`` document."""
-    st = fleet.status()
-    return {
-        "endpoints": endpoints,
-        "health": st["health"],
-        "warnings": st["warnings"],
-        "route": st["route"],
-        "mode": st["mode"],
-        "active_target": st["active_target"],
-        "shedding": st["shedding"],
-        "knee_rps": st["knee_rps"],
-        "knee_source": st["knee_source"],
-        "host_limit": st["host_limit"],
-        "desired": st["desired"],
-        "instances": [
-            {"id": r.id, "role": r.role, "state": r.state, "pid": r.pid, "grpc_port": r.grpc_port,
-             "http_port": r.http_port, "metrics_port": r.metrics_port, "weight": st["weights"].get(r.id, 0),
-             "models": st["loaded"].get(r.id, {}), "detail": r.detail, "restarts": r.restarts, "slot": r.slot,
-             "last_healthy_unix": r.last_healthy, "shm_regions": st["shm"][r.id][0], "shm_bytes": st["shm"][r.id][1],
-             "in_pool": r.slot in st["pool"], "in_flight": _load(st, r.id, "in_flight"),
-             "queued": _load(st, r.id, "queued"), "limit": _load(st, r.id, "limit"),
-             "limit_decision": st["decisions"].get(r.id, "")}
-            for r in st["instances"]
-        ],
-    }
-
-
-def _load(st: dict, iid: str, field: str) -> int:
-    ld = st["load"].get(iid)
-    return int(getattr(ld, field)) if ld is not None else 0
 
 
 def dumps(obj: object) -> str:
