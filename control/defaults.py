@@ -48,3 +48,14 @@ TIMEOUT_SERVER_MS = 0
 #: and 25 ms 42, 64 places and 100 ms none.
 FALLBACK_MAXCONN = 32
 FALLBACK_QUEUE = 64
+#: How the host's in-flight limit follows from the knee (control/routing/admission.py ``limit_latency_s``):
+#: ``p99`` = knee x the SLO p99 (the limit since issue 9); ``mean`` = knee x the MEAN latency at the knee (Little's
+#: law relates requests in flight to throughput x mean latency), where no mean was measured knee x SLO /
+#: ``P99_TO_MEAN``. docs/peak-traffic.md "In-flight limits" has the measurement that chose the default.
+LIMIT_RULES = ("p99", "mean")
+LIMIT_RULE = "p99"
+#: The p99-to-mean ratio the ``mean`` rule assumes where the knee's mean latency is unknown: at the drills' knee on
+#: a 2-core host the mean was ~20 ms for a p99 of ~50 ms (issue 22).
+P99_TO_MEAN = 2.5
+#: The knee's mean latency in ms (``--knee-mean-ms``); 0 = unknown (from the perf report when it has one).
+KNEE_MEAN_MS = 0.0

@@ -85,6 +85,9 @@ class Step:
     refined: bool = False
     #: The warm-up before the first rung: shown, never judged.
     warmup: bool = False
+    #: Mean latency of the rung's answered requests (ms): at the knee, what the ``mean`` limit rule multiplies
+    #: the knee by (Little's law: in flight = throughput x MEAN latency).
+    mean_ms: float | None = None
 
     def within(self, slo_ms: float) -> bool:
         """Served: nothing failed, p99 under the SLO, and the fleet kept up with the offer (>= 95%)."""
@@ -122,8 +125,10 @@ def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.
         cpu = (time.process_time() - cpu0) / max(time.monotonic() - wall0, 1e-9)
         t0 = probe.t0 or (recs[0].t_send if recs else 0.0)
         w = window_stats(recs, t0, t0 + seconds, slo_ms)
+        lat = [r.latency_ms for r in recs if r.ok and t0 <= r.t_send < t0 + seconds]
         step = Step(round(rate, 1), w["total"], w["ok"], w["failed"], round(w["ok"] / seconds, 1), w["p99_ms"],
-                    client_cpu=round(cpu, 2), repeated=again, refined=refining, warmup=warmup)
+                    client_cpu=round(cpu, 2), repeated=again, refined=refining, warmup=warmup,
+                    mean_ms=round(sum(lat) / len(lat), 2) if lat else None)
         ladder.append(step)
         return step
 
@@ -152,6 +157,20 @@ def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.
         else:
             missed = mid
     return knee, ladder
+
+
+def knee_mean_ms(knee_rps: float | None, ladder: list[dict], slo_ms: float = KNEE_SLO_MS) -> float | None:
+    """Mean latency (ms) at the knee: of the ladder's rung at the knee's rate that passed (the last such rung,
+    warm-up left out); None when the ladder has no such rung or it measured no mean (a knee from elsewhere)."""
+    if not knee_rps:
+        return None
+    for row in reversed(ladder):
+        if row.get("warmup") or row.get("mean_ms") is None or round(row.get("offered_rps", -1), 1) != round(
+                knee_rps, 1):
+            continue
+        if Step(**{k: row[k] for k in Step.__dataclass_fields__ if k in row}).within(slo_ms):
+            return float(row["mean_ms"])
+    return None
 
 
 def capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path,

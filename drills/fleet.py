@@ -141,9 +141,11 @@ class FleetAPI:
         """``recctl scale --active N``: scale-out returns once the new actives serve, scale-in once drained."""
         return _to_dict(self.call("Scale", self.pb.ScaleRequest(active=active), timeout_s=timeout_s))
 
-    def set_knee(self, knee_rps: float) -> dict:
-        """``recctl limits --knee-rps``: the fleet's in-flight limits follow this knee at once."""
-        return _to_dict(self.call("SetKnee", self.pb.SetKneeRequest(knee_rps=knee_rps)))
+    def set_knee(self, knee_rps: float, knee_mean_ms: float | None = None, limit_rule: str = "") -> dict:
+        """``recctl limits --knee-rps [--knee-mean-ms] [--limit-rule]``: the fleet's in-flight limits follow this
+        knee at once (``limit_rule`` "": the rule in force)."""
+        return _to_dict(self.call("SetKnee", self.pb.SetKneeRequest(knee_rps=knee_rps, knee_mean_ms=knee_mean_ms or 0.0,
+                                                                    limit_rule=limit_rule)))
 
     def rollover(self, model: str, version: int, strategy: str, steps: list[int], bake_s: float,
                  timeout_s: float = 300.0) -> list[dict]:

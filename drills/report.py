@@ -156,15 +156,16 @@ def knee_facts(knee: dict | None) -> list[str]:
     lim = knee.get("limits") or {}
     if lim:
         out.append(f"the fleet's in-flight limits: host limit {_fmt(lim.get('host_limit'))} (knee "
-                   f"{_fmt(lim.get('knee_rps'), ' rps')} x SLO, shared by the servers taking traffic); that knee: "
-                   f"{lim.get('source') or '?'}")
+                   f"{_fmt(lim.get('knee_rps'), ' rps')}; {lim.get('limit_rule') or 'p99: knee x SLO p99'}; shared "
+                   f"by the servers taking traffic); that knee: {lim.get('source') or '?'}; mean latency at it: "
+                   f"{_fmt(knee.get('mean_ms'), ' ms')}")
     return out
 
 
 def ladder_table(knee: dict | None) -> tuple[list[str], list[list]]:
     """The open-loop rungs around the knee."""
-    return (["offered rps", "sent", "failed", "served rps", "p99 ms", "client CPU", "rung"],
-            [[r["offered_rps"], r["sent"], r["failed"], r["achieved_rps"], _fmt(r["p99_ms"]),
+    return (["offered rps", "sent", "failed", "served rps", "mean ms", "p99 ms", "client CPU", "rung"],
+            [[r["offered_rps"], r["sent"], r["failed"], r["achieved_rps"], _fmt(r.get("mean_ms")), _fmt(r["p99_ms"]),
               f"{r.get('client_cpu', 0):.2f}", _rung(r)]
              for r in (knee or {}).get("ladder") or [] if "offered_rps" in r])
 

@@ -19,6 +19,7 @@ from recserve.drills import alerts, breakdown
 from recserve.drills import timeline as tl
 from recserve.drills.background import BackgroundLoad, start_background
 from recserve.drills.capacity import KNEE_SLO_MS, capacity_rps
+from recserve.drills.capacity import knee_mean_ms as ladder_mean_ms
 from recserve.drills.faults import FAULTS, Context, process_state
 from recserve.drills.fleet import FleetAPI, FleetError
 from recserve.drills.journal import Journal
@@ -110,9 +111,10 @@ class DrillRun:
     """One drill from steady-state check to verdict."""
 
     def __init__(self, spec: DrillSpec, session: FleetHandle, log=print,
-                 knee: tuple[float, str] | None = None):
+                 knee: tuple[float, str] | None = None, knee_mean_ms: float | None = None):
         """``knee``: (rps, where it came from) measured earlier in this session, used instead of a new ladder
-        (the negative controls run on several private fleets with one knee)."""
+        (the negative controls run on several private fleets with one knee); ``knee_mean_ms``: the mean latency
+        measured at that knee (the ``mean`` limit rule's figure), when known."""
         serving = getattr(session, "spec", None)
         self.refused: str | None = None
         if serving is not None:  # a user's repository: targets, background model and rolled model from its spec
@@ -123,6 +125,7 @@ class DrillRun:
         self.serving = serving
         self.spec, self.s, self.log = spec, session, log
         self.knee = knee
+        self.knee_mean = knee_mean_ms
         self.journal = Journal(spec.name)
         self.records: list[Record] = []
         self.access_entries: list[AccessEntry] = []  # HAProxy's log lines written during the load
@@ -242,6 +245,7 @@ class DrillRun:
             restarts = restart_counts(fleet.status(events=1))
             if self.knee is not None:
                 (self.ctx.capacity_rps, source), ladder = self.knee, []
+                mean = self.knee_mean
             else:
                 # the demo's knee is recommend's; a serving spec's is the mix of its models' golden requests
                 label = "recommend" if self.serving is None else "spec:" + "+".join(self.serving.models)
@@ -249,6 +253,7 @@ class DrillRun:
                     self.s.grpc_url, label, KNEE_SLO_MS, self.s.workdir,
                     use_report=not self.s.fixture_models and self.serving is None, headers=self.s.stats_headers,
                     cases=None if self.serving is None else self._cases(list(self.serving.models)))
+                mean = ladder_mean_ms(self.ctx.capacity_rps, ladder)
             # The ladder overloads the fleet on purpose at its top rungs: the drill starts only once the fleet
             # has settled again, and the report says what the measurement cost (restarts it caused).
             resettled = settle(fleet) if ladder else 0.0
@@ -256,7 +261,7 @@ class DrillRun:
             self.ctx.figures["knee"] = {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder,
                                         "settled_after_s": None if resettled is None else round(resettled, 2),
                                         "restarts_during": {k: after.get(k, 0) - v for k, v in restarts.items()},
-                                        "limits": self._limits_from_knee(fleet)}
+                                        "mean_ms": mean, "limits": self._limits_from_knee(fleet, mean)}
             self.journal.add("capacity", "probe", "succeeded" if self.ctx.capacity_rps else "failed",
                              {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder})
             if not self.ctx.capacity_rps:
@@ -492,13 +497,14 @@ class DrillRun:
         fig["marks"] = self._marks(t0, f_start, f_end)
         return fig
 
-    def _limits_from_knee(self, fleet) -> dict:
-        """A private fleet's in-flight limits are set from the knee just measured (``recctl limits``), so its
-        admission matches the load the drill sizes by it; a fleet the run did not start keeps its own, and the
-        report says which knee those came from."""
-        st = fleet.set_knee(self.ctx.capacity_rps) if self.ctx.capacity_rps and self.s.private else fleet.status(1)
+    def _limits_from_knee(self, fleet, mean_ms: float | None = None) -> dict:
+        """A private fleet's in-flight limits are set from the knee just measured (``recctl limits``, with the
+        mean latency at it), so its admission matches the load the drill sizes by it; a fleet the run did not
+        start keeps its own, and the report says which knee (and limit rule) those came from."""
+        st = (fleet.set_knee(self.ctx.capacity_rps, mean_ms) if self.ctx.capacity_rps and self.s.private
+              else fleet.status(1))
         return {"knee_rps": st.get("knee_rps"), "source": st.get("knee_source", ""),
-                "host_limit": st.get("host_limit")}
+                "host_limit": st.get("host_limit"), "limit_rule": st.get("limit_rule", "")}
 
     def _wait_alerts_quiet(self) -> None:
         """An expected alert already firing cannot be timed: wait (bounded) until Prometheus holds none of them.

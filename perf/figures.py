@@ -30,6 +30,9 @@ class Capacity:
     p99_ms_at_capacity: float | None
     first_violation_rps: float | None
     reason: str
+    #: Mean latency at the capacity rate (perf_analyzer's "Avg latency"): the admission's ``mean`` limit rule
+    #: multiplies the knee by it (control/routing/admission.py ``limit_latency``).
+    mean_ms_at_capacity: float | None = None
 
 
 def capacity(points: Iterable[Row], slo_ms: float = DEFAULT_SLO_MS, keep_up: float = KEEP_UP) -> Capacity:
@@ -55,13 +58,20 @@ def capacity(points: Iterable[Row], slo_ms: float = DEFAULT_SLO_MS, keep_up: flo
             if best is None:
                 return Capacity(0.0, slo_ms, None, rate, f"the lowest rate measured already failed: {why}")
             return Capacity(
-                best.request_rate or 0.0, slo_ms, best.p99_ms, rate, f"next rate {rate:.0f}/s failed: {why}"
+                best.request_rate or 0.0, slo_ms, best.p99_ms, rate, f"next rate {rate:.0f}/s failed: {why}",
+                _mean_ms(best),
             )
         best = r
     assert best is not None
     return Capacity(
-        best.request_rate or 0.0, slo_ms, best.p99_ms, None, "every measured rate passed (capacity is a lower bound)"
+        best.request_rate or 0.0, slo_ms, best.p99_ms, None, "every measured rate passed (capacity is a lower bound)",
+        _mean_ms(best),
     )
+
+
+def _mean_ms(row: Row) -> float | None:
+    """The row's mean latency in ms; None when perf_analyzer gave none."""
+    return round(row.avg_us / 1000, 3) if row.avg_us else None
 
 
 def ratio(numerator: float, denominator: float) -> float | None:

@@ -41,3 +41,22 @@ def capacity_rps(model: str, path: Path = PERF_REPORT) -> float | None:
 
     walk(data)
     return found[0] if found else None
+
+
+def knee_mean_ms(model: str, path: Path = PERF_REPORT) -> float | None:
+    """Mean latency (ms) at ``model``'s capacity in the perf report (``capacity[*].mean_ms_at_capacity`` of the
+    entry for ``model``, the direct one first); None when the report is missing or older than that figure."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    caps = data.get("capacity") if isinstance(data, dict) else None
+    if not isinstance(caps, dict):
+        return None
+    rows = [c for c in caps.values() if isinstance(c, dict) and c.get("model") == model]
+    rows.sort(key=lambda c: c.get("via") != "direct")
+    for c in rows:
+        v = c.get("mean_ms_at_capacity")
+        if isinstance(v, int | float) and v > 0:
+            return float(v)
+    return None

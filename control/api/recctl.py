@@ -53,7 +53,15 @@ from recserve.control.api.cli_output import (
 )
 from recserve.control.api.tls import control_channel
 from recserve.control.backup import cli as backup_cli
-from recserve.control.defaults import CONTROL_PORT, DEFAULT_REPOSITORY, DEFAULT_ROOT, GRPC_PORT, HTTP_PORT, REPO_ROOT
+from recserve.control.defaults import (
+    CONTROL_PORT,
+    DEFAULT_REPOSITORY,
+    DEFAULT_ROOT,
+    GRPC_PORT,
+    HTTP_PORT,
+    LIMIT_RULES,
+    REPO_ROOT,
+)
 from recserve.control.fleet.config import FleetConfig
 from recserve.control.monitoring.stack import read_endpoints
 from recserve.control.runtime.procs import pid_alive
@@ -534,6 +542,8 @@ def cmd_limits(args: argparse.Namespace) -> int:
     lo, hi = KNEE_RPS_RANGE
     if args.knee_rps is not None and not lo <= args.knee_rps <= hi:
         raise UsageError(f"--knee-rps: knee_rps must be within {lo:g}..{hi:.0f} requests/s, got {args.knee_rps:g}")
+    if args.knee_rps is None and (args.knee_mean_ms or args.limit_rule):
+        raise UsageError("--knee-mean-ms and --limit-rule go with the knee they belong to: give --knee-rps too")
     if args.dry_run and args.knee_rps is None:
         raise UsageError("--dry-run: only setting a knee (--knee-rps) changes anything")
     stub, ch = _stub(args)
@@ -541,11 +551,12 @@ def cmd_limits(args: argparse.Namespace) -> int:
         if args.knee_rps is None or args.dry_run:
             d = _status(args, stub, 1)
         else:
-            d = _status_dict(stub.SetKnee(pb.SetKneeRequest(knee_rps=args.knee_rps), metadata=_auth(args),
-                                          timeout=args.timeout))
+            req = pb.SetKneeRequest(knee_rps=args.knee_rps, knee_mean_ms=args.knee_mean_ms or 0.0,
+                                    limit_rule=args.limit_rule or "")
+            d = _status_dict(stub.SetKnee(req, metadata=_auth(args), timeout=args.timeout))
     finally:
         ch.close()
-    doc = {k: d.get(k) for k in ("knee_rps", "knee_source", "host_limit")} | {
+    doc = {k: d.get(k) for k in ("knee_rps", "knee_source", "host_limit", "limit_rule")} | {
         "limits": {i["id"]: i.get("limit", 0) for i in d["instances"]}}
     if args.dry_run:
         out.emit(dry_run_doc("limits set", knee_rps_from=d.get("knee_rps"), knee_rps_to=args.knee_rps, now=doc),
@@ -563,7 +574,7 @@ def cmd_limits(args: argparse.Namespace) -> int:
 
 def _limits_line(d: dict) -> str:
     return (f"knee {d.get('knee_rps', 0):g} rps ({d.get('knee_source', '')}): host limit {d.get('host_limit', 0)} "
-            f"in flight, shared by the servers taking traffic")
+            f"in flight ({d.get('limit_rule') or 'p99: knee x SLO p99'}), shared by the servers taking traffic")
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -845,7 +856,12 @@ def build_parser() -> argparse.ArgumentParser:
     lm = add("limits", cmd_limits, "show the knee the in-flight limits come from, or set a measured one",
              changes=True)
     lm.add_argument("--knee-rps", type=float_range(), help="requests/s the host serves within the SLO p99 (for "
-                    "example the drills' fresh ladder); limits = knee x SLO, shared by the servers taking traffic")
+                    "example the drills' fresh ladder); limits = knee x SLO (or x --knee-mean-ms with --limit-rule "
+                    "mean), shared by the servers taking traffic")
+    lm.add_argument("--knee-mean-ms", type=float_range(0, 10000, "ms"), help="mean latency measured at that knee "
+                    "(the ladder's rung), for the mean rule")
+    lm.add_argument("--limit-rule", choices=LIMIT_RULES, help="p99: knee x SLO p99; mean: knee x the mean latency "
+                    "at the knee (default: the rule in force)")
     inst = sub.add_parser("instances", help="add or remove instances", description="add or remove instances")
     isub = inst.add_subparsers(dest="action", required=True, metavar="ACTION")
     ia = isub.add_parser("add", help="start a new instance", description="start a new instance")

@@ -127,7 +127,8 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
                               st.instances], desired=_versions(st.desired), health=st.health,
                               warnings=st.warnings, active_rollout=active, events=events, route=st.route,
                               mode=st.mode, active_target=st.active_target, shedding=st.shedding,
-                              knee_rps=st.knee_rps, knee_source=st.knee_source, host_limit=st.host_limit)
+                              knee_rps=st.knee_rps, knee_source=st.knee_source, host_limit=st.host_limit,
+                              limit_rule=self.fleet.router.config.limit_basis().why)
 
     def AddInstance(self, request, context):
         self._auth(context)
@@ -150,7 +151,7 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
     def SetKnee(self, request, context):
         self._auth(context)
         self._ready(context)
-        self._call(context, self.fleet.router.set_knee, request.knee_rps)
+        self._call(context, self.fleet.router.set_knee, request.knee_rps, request.knee_mean_ms, request.limit_rule)
         return self.GetStatus(pb.GetStatusRequest(), context)
 
     def DrainInstance(self, request, context):
@@ -344,9 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no degraded answers for {sorted(no_degraded)} (no `degraded` in the spec): their shed requests "
               "get RESOURCE_EXHAUSTED / 429", file=sys.stderr, flush=True)
     metrics = ControlMetrics()
-    fleet = Fleet(fleet_config(from_args(args, root=root), front, fallback=not args.no_fallback and degraded_ok,
+    settings = from_args(args, root=root)
+    fleet = Fleet(fleet_config(settings, front, fallback=not args.no_fallback and degraded_ok,
                                haproxy_metrics_port=args.haproxy_metrics_port
                                or remembered_port(root / "monitoring" / "haproxy.port")), metrics)
+    # the limit rule reaches the Router here (FleetConfig does not carry it), before the fleet applies any limit
+    fleet.router.set_limit_rule(settings.routing.limit_rule, settings.routing.knee_mean_ms)
     if spec is not None:
         fleet.router.set_degraded(spec.path, no_degraded)
     for w in fleet.host_warnings:  # also an event and a ``recctl status`` warning (control/runtime/hostcheck.py)

@@ -30,7 +30,52 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["AdaptiveLimit", "Decision", "IntervalSample", "LimitConfig", "initial_limit"]
+__all__ = ["AdaptiveLimit", "Decision", "IntervalSample", "LimitConfig", "LimitBasis", "initial_limit",
+           "limit_latency"]
+
+#: The rules ``limit_latency`` knows (control/defaults.py ``LIMIT_RULES``; kept here too so this module imports
+#: nothing of recserve).
+LIMIT_RULES = ("p99", "mean")
+
+
+@dataclass(frozen=True)
+class LimitBasis:
+    """The latency a fixed limit multiplies the knee by, and why (for status lines and events)."""
+
+    rule: str
+    latency_s: float
+    why: str
+
+
+def limit_latency(rule: str, slo_p99_s: float, knee_mean_s: float | None = None,
+                  p99_to_mean: float = 2.5) -> LimitBasis:
+    """The latency of Little's law (L = lambda x W) for the fixed limit ``initial_limit(knee, W)``:
+
+    - ``p99``: W = the SLO p99. At the knee the p99 is the SLO but the MEAN is well below it (~20 ms for a 50 ms
+      p99 on a 2-core host), so this admits ~p99/mean times the concurrency the knee ran at: the excess waits in
+      the instances and stretches the admitted tail under overload.
+    - ``mean``: W = the mean latency measured at the knee (``knee_mean_s``, the ladder's or the perf report's),
+      capped at the SLO; when none is known, SLO / ``p99_to_mean`` (the documented ratio, said in ``why``).
+
+    ValueError names the argument and the rule."""
+    if rule not in LIMIT_RULES:
+        raise ValueError(f"limit rule must be one of {list(LIMIT_RULES)}, got {rule!r}")
+    if not (slo_p99_s > 0 and math.isfinite(slo_p99_s)):
+        raise ValueError(f"slo_p99_s must be a finite number > 0, got {slo_p99_s!r}")
+    if not (p99_to_mean >= 1 and math.isfinite(p99_to_mean)):
+        raise ValueError(f"p99_to_mean must be a finite number >= 1, got {p99_to_mean!r}")
+    if knee_mean_s is not None and not (knee_mean_s >= 0 and math.isfinite(knee_mean_s)):
+        raise ValueError(f"knee_mean_s must be a finite number >= 0 (0 or None: unknown), got {knee_mean_s!r}")
+    slo_ms = slo_p99_s * 1000
+    if rule == "p99":
+        return LimitBasis("p99", slo_p99_s, f"p99: knee x SLO p99 {slo_ms:g} ms")
+    if knee_mean_s:
+        w = min(knee_mean_s, slo_p99_s)
+        capped = " (capped at the SLO)" if knee_mean_s > slo_p99_s else ""
+        return LimitBasis("mean", w, f"mean: knee x mean latency at the knee {knee_mean_s * 1000:.1f} ms{capped}")
+    return LimitBasis("mean", slo_p99_s / p99_to_mean,
+                      f"mean: knee x SLO p99 {slo_ms:g} ms / {p99_to_mean:g} (no mean latency measured at the knee; "
+                      f"assumed p99-to-mean ratio)")
 
 
 def initial_limit(knee_rps: float, target_latency_s: float, min_limit: int = 1, max_limit: int = 1024) -> int:

@@ -41,11 +41,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from recserve.control.defaults import GRPC_PORT, HTTP_PORT, MODES, SLO_P99_MS, SLOTS
+from recserve.control.defaults import (
+    GRPC_PORT,
+    HTTP_PORT,
+    KNEE_MEAN_MS,
+    LIMIT_RULE,
+    LIMIT_RULES,
+    MODES,
+    P99_TO_MEAN,
+    SLO_P99_MS,
+    SLOTS,
+)
 from recserve.control.defaults import MODE as DEFAULT_MODE
 from recserve.control.errors import RecserveError
 from recserve.control.routing import accesslog
-from recserve.control.routing.admission import AdaptiveLimit, IntervalSample, LimitConfig, initial_limit
+from recserve.control.routing.admission import (
+    AdaptiveLimit,
+    IntervalSample,
+    LimitBasis,
+    LimitConfig,
+    initial_limit,
+    limit_latency,
+)
 from recserve.control.routing.frontdoor import FrontDoorConfig
 from recserve.control.routing.haproxy import (
     FALLBACK_MAXCONN,
@@ -71,7 +88,8 @@ KNEE_SET_BY = "set by recctl limits (a measured knee)"
 #: SQL condition on the state store's kv table matching every key the Router owns (a backup restored on a new
 #: host drops them: its HAProxy starts empty and the Router rebuilds them; a knee measured there is not this
 #: host's).
-ROUTER_KEYS_SQL = ("key IN ('route', 'pool', 'router_mode', 'knee') OR key LIKE 'weight:%' OR key LIKE 'limit:%'")
+ROUTER_KEYS_SQL = ("key IN ('route', 'pool', 'router_mode', 'knee', 'knee_mean', 'limit_rule') "
+                   "OR key LIKE 'weight:%' OR key LIKE 'limit:%'")
 #: Used when neither --knee-rps nor a perf report gives the knee: about half of the ~1,000 rps measured on a
 #: quiet 2-core host (issue 9), so a busy CI host is not overfilled either.
 DEFAULT_KNEE_RPS = 500.0
@@ -94,6 +112,14 @@ class RouterError(RecserveError, RuntimeError):
 
 def default_knee_rps(model: str = "recommend", report: Path = report_reader.PERF_REPORT) -> tuple[float, str]:
     """The knee (rps per host) and where it came from: the perf suite's latest capacity, else the default."""
+    knee, source, _ = default_knee(model, report)
+    return knee, source
+
+
+def default_knee(model: str = "recommend", report: Path = report_reader.PERF_REPORT
+                 ) -> tuple[float, str, float | None]:
+    """(knee rps, where it came from, mean latency in ms at that knee or None): the perf suite's latest
+    capacity (and its ``mean_ms_at_capacity``), else the default (mean unknown)."""
     try:
         mtime = report.stat().st_mtime_ns
     except OSError:
@@ -102,12 +128,12 @@ def default_knee_rps(model: str = "recommend", report: Path = report_reader.PERF
 
 
 @functools.lru_cache(maxsize=8)
-def _knee_from_report(model: str, report: Path, mtime: int | None) -> tuple[float, str]:
+def _knee_from_report(model: str, report: Path, mtime: int | None) -> tuple[float, str, float | None]:
     """Read once per version of the report (by mtime): every route or weight change asks for the limits."""
     cap = report_reader.capacity_rps(model, report) if mtime is not None else None
     if cap and cap > 0:
-        return cap, f"perf report {report}"
-    return DEFAULT_KNEE_RPS, "conservative default (no perf report)"
+        return cap, f"perf report {report}", report_reader.knee_mean_ms(model, report)
+    return DEFAULT_KNEE_RPS, "conservative default (no perf report)", None
 
 
 def _fallback_pid(pid_file: Path) -> int | None:
@@ -146,6 +172,12 @@ class RouterConfig:
     knee_rps: float = 0.0
     #: p99 latency target of admitted requests.
     slo_p99_ms: float = SLO_P99_MS
+    #: How the host limit follows from the knee: ``p99`` (knee x SLO) or ``mean`` (knee x the knee's mean
+    #: latency; SLO / ``p99_to_mean`` where none is known): control/routing/admission.py ``limit_latency``.
+    limit_rule: str = LIMIT_RULE
+    #: Mean latency at the knee in ms (0 = unknown: the perf report's, when the knee is the report's).
+    knee_mean_ms: float = KNEE_MEAN_MS
+    p99_to_mean: float = P99_TO_MEAN
     min_limit: int = 2
     #: At most 64 requests in flight per instance: Triton's queues (unbounded in the shipped configs, whose queue
     #: policies brought back the ~500 ms holds, perf/holds.py) hold at most this many client requests.
@@ -179,6 +211,12 @@ class RouterConfig:
                               "INVALID_ARGUMENT")
         if not 1 <= self.slo_p99_ms <= 10000:
             raise RouterError(f"slo_p99_ms must be within 1..10000, got {self.slo_p99_ms}", "INVALID_ARGUMENT")
+        if self.limit_rule not in LIMIT_RULES:
+            raise RouterError(f"limit_rule must be one of {list(LIMIT_RULES)}, got {self.limit_rule!r}",
+                              "INVALID_ARGUMENT")
+        if not 0 <= self.knee_mean_ms <= 10000:
+            raise RouterError(f"knee_mean_ms must be within 0..10000 (0 = unknown), got {self.knee_mean_ms}",
+                              "INVALID_ARGUMENT")
         if not 1 <= self.min_limit <= self.max_limit:
             raise RouterError(f"limits must satisfy 1 <= min_limit <= max_limit, got {self.min_limit}.."
                               f"{self.max_limit}", "INVALID_ARGUMENT")
@@ -198,6 +236,14 @@ class RouterConfig:
         knee, self.knee_source = default_knee_rps()
         return knee
 
+    def limit_basis(self) -> LimitBasis:
+        """The latency the knee is multiplied by for the host limit, and why (``recctl status``/``limits``): the
+        configured or measured mean at the knee, else (a knee from the perf report) the report's mean."""
+        mean_ms = self.knee_mean_ms
+        if not mean_ms and not self.knee_rps:
+            mean_ms = default_knee()[2] or 0.0
+        return limit_latency(self.limit_rule, self.slo_p99_ms / 1000, mean_ms / 1000, self.p99_to_mean)
+
     def timeout_server_ms(self) -> int:
         """4 x the p99 target, within 100..1000 ms (see the module docstring), unless overridden."""
         if self.timeout_server_ms_override:
@@ -214,8 +260,8 @@ class RouterConfig:
         return int(min(1000, max(20, 2 * self.slo_p99_ms)))
 
     def host_limit(self) -> int:
-        """In-flight requests the host can take within the SLO (Little's law on the knee)."""
-        return initial_limit(self.knee(), self.slo_p99_ms / 1000, self.min_limit, self.max_limit * self.slots)
+        """In-flight requests the host can take within the SLO (Little's law on the knee x the rule's latency)."""
+        return initial_limit(self.knee(), self.limit_basis().latency_s, self.min_limit, self.max_limit * self.slots)
 
     def haproxy_config(self) -> HAProxyConfig:
         return HAProxyConfig(workdir=self.workdir, grpc_port=self.grpc_port, http_port=self.http_port,
@@ -262,6 +308,12 @@ class Router:
         self.config.no_degraded_models = tuple(no_degraded_models)
         self.proxy.config.no_degraded_models = tuple(no_degraded_models)
 
+    def set_limit_rule(self, rule: str, knee_mean_ms: float = 0.0) -> None:
+        """Before ``start()``: the server's ``--limit-rule`` and ``--knee-mean-ms`` (settings the FleetConfig does
+        not carry; ``set_knee`` changes them at runtime)."""
+        self.config.limit_rule, self.config.knee_mean_ms = rule, float(knee_mean_ms)
+        self.config.validate()
+
     # ================================================================== lifecycle
     @property
     def mode(self) -> str:
@@ -283,8 +335,12 @@ class Router:
         stored = self.state.get("knee", "") or ""
         if stored and not self.config.knee_rps:  # set by ``recctl limits`` before a control-plane restart
             self.config.knee_rps, self.config.knee_set_by = float(stored), KNEE_SET_BY
+            # the mean and the rule set with that knee come back with it
+            self.config.knee_mean_ms = float(self.state.get("knee_mean", "") or 0.0)
+            self.config.limit_rule = self.state.get("limit_rule", "") or self.config.limit_rule
         elif self.config.knee_rps:  # the command line's knee wins over an earlier ``recctl limits``
-            self.state.put("knee", "")
+            for key in ("knee", "knee_mean", "limit_rule"):
+                self.state.put(key, "")
         self.ensure_fallback(force_bind=fresh)
         return fresh
 
@@ -502,18 +558,30 @@ class Router:
         return out
 
     # ================================================================== limits
-    def set_knee(self, knee_rps: float) -> None:
+    def set_knee(self, knee_rps: float, knee_mean_ms: float = 0.0, limit_rule: str = "") -> None:
         """A measured knee replaces the configured one: the host limit and every fixed per-server limit follow
         at once (the adaptive controller keeps its own), and it outlives a control-plane restart (state key
-        ``knee``) unless that restart names ``--knee-rps``."""
+        ``knee``) unless that restart names ``--knee-rps``. ``knee_mean_ms``: the mean latency measured at that
+        knee (0: unknown); ``limit_rule``: ``p99`` or ``mean`` ("" keeps the rule in force); both are kept
+        with the knee."""
         if not 1 <= knee_rps <= 1_000_000:
             raise RouterError(f"knee_rps must be within 1..1000000 requests/s, got {knee_rps:g}", "INVALID_ARGUMENT")
+        if not 0 <= knee_mean_ms <= 10000:
+            raise RouterError(f"knee_mean_ms must be within 0..10000 ms (0 = unknown), got {knee_mean_ms:g}",
+                              "INVALID_ARGUMENT")
+        if limit_rule and limit_rule not in LIMIT_RULES:
+            raise RouterError(f"limit_rule must be one of {list(LIMIT_RULES)}, got {limit_rule!r}",
+                              "INVALID_ARGUMENT")
         with self._lock:
             self.config.knee_rps, self.config.knee_set_by = float(knee_rps), KNEE_SET_BY
+            self.config.knee_mean_ms = float(knee_mean_ms)
+            self.config.limit_rule = limit_rule or self.config.limit_rule
             self.state.put("knee", f"{knee_rps:g}")
+            self.state.put("knee_mean", f"{knee_mean_ms:g}" if knee_mean_ms else "")
+            self.state.put("limit_rule", self.config.limit_rule)
             self.apply_limits()
-        self._event("limits", f"knee set to {knee_rps:g} rps: host limit {self.config.host_limit()} in flight, "
-                    f"{self.slot_limit()} per server")
+        self._event("limits", f"knee set to {knee_rps:g} rps: host limit {self.config.host_limit()} in flight "
+                    f"({self.config.limit_basis().why}), {self.slot_limit()} per server")
 
     def serving_slots(self) -> set[int]:
         """The slots the current route sends requests to: the pool's members, the primary of a ``first`` route,
