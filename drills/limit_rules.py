@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                    "host_busy_cores": round((b1 - b0) / max(t1 - t0, 1e-9) * (os.cpu_count() or 1), 2),
                    "wall_s": round(wall, 1)}
             row = summarize(rule, result, knee, knee_p99, cpu) | {"at_knee": ref}
+            if row["admitted_tr_p99_ms"] is not None and ref.get("tr_p99_ms"):
+                row["admitted_tr_p99_vs_at_knee_tr_p99"] = round(row["admitted_tr_p99_ms"] / ref["tr_p99_ms"], 2)
             doc["runs"].append(row)
             log(f"  {rule}: Tr p99 {row['admitted_tr_p99_ms']} ms, goodput {row['goodput_ratio']}, restarts "
                 f"{row['restarts']}, shed {row['shed_rate']}, cpu {cpu}")
