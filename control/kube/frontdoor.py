@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from recserve.control.defaults import FALLBACK_MAXCONN, FALLBACK_QUEUE, GRPC_PORT, HTTP_PORT, SLO_P99_MS
+from recserve.control.kube.manifests import write_rendered
 from recserve.control.routing.admission import initial_limit
 from recserve.control.routing.frontdoor import REFUSE_LUA, FrontDoorConfig, lua_path
 from recserve.control.routing.haproxy import (
@@ -194,11 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--replicas must be >= 1")
     gen = ClusterFrontDoor(namespace=a.namespace, cluster_domain=a.cluster_domain, slots=a.slots,
                            replicas=a.replicas, knee_rps=a.knee_rps, slo_p99_ms=a.slo_p99_ms, tls=a.tls)
-    text = gen.render()
-    if a.output:
-        a.output.write_text(text)
-    else:
-        print(text, end="")
+    write_rendered(gen.render(), a.output)
 
 
 if __name__ == "__main__":

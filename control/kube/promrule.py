@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from recserve.control.kube.manifests import write_rendered
+
 #: Rules of the single-host files that read series only the single-host control plane or HAProxy exports.
 SINGLE_HOST_ONLY = {
     "RecserveHAProxyDown": "HAProxy's exporter (the cluster's clients reach a Service)",
@@ -131,11 +133,7 @@ def main(argv: list[str] | None = None) -> None:
                    "blob/main/ (default: repository-relative docs/monitoring.md#...)")
     p.add_argument("--release", default="", help="add the label release=NAME (kube-prometheus-stack's selector)")
     a = p.parse_args(argv)
-    text = render(a.files, a.runbook_base, a.release)
-    if a.output:
-        a.output.write_text(text)
-    else:
-        print(text, end="")
+    write_rendered(render(a.files, a.runbook_base, a.release), a.output)
 
 
 if __name__ == "__main__":
