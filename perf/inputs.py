@@ -9,6 +9,7 @@ queries cut from real catalogue titles.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import sys
 from collections import Counter, defaultdict
@@ -81,11 +82,12 @@ def synthetic_corpus(workdir: Path) -> Corpus:
     return corpus
 
 
+@functools.cache
 def _tokenizer():
-    sys.path.insert(0, str(TOKENIZER_DIR))
-    import tokenizer  # the very file search_pre serves with
+    """The very file search_pre serves with, imported by its path (no sys.path or sys.modules entry is left)."""
+    from recserve.build.reference import served_module
 
-    return tokenizer
+    return served_module(TOKENIZER_DIR / "tokenizer.py")
 
 
 def _history_prefix(seq: list[int], rng: np.random.Generator) -> list[int]:
