@@ -42,6 +42,11 @@ def test_init_writes_a_spec_that_validates_and_a_bad_spec_starts_nothing(byo):
     r = fleet.recctl("init", "--repository", str(repo), "--out", str(base / "spec.yaml"), "-o", "json")
     doc = json.loads(r.stdout)
     assert doc["models"], doc
+    # the user sets rollout gates per model (init proposes only the drift gate); rollovers read them
+    spec = yaml.safe_load((base / "spec.yaml").read_text())
+    for m in spec["models"].values():
+        m.setdefault("gates", {}).update({"errorRateMax": 0.05, "p99Ms": 120})
+    (base / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     v = json.loads(fleet.recctl("spec", "validate", str(base / "spec.yaml"), "-o", "json").stdout)
     assert set(v["models"]) == set(doc["models"])
     bad = yaml.safe_load((base / "spec.yaml").read_text())
@@ -92,7 +97,11 @@ def test_a_slightly_changed_version_is_promoted_and_reversed_scores_are_rolled_b
     assert any(step in spec.models[n].steps for n in gated), (step, gated)
     ok = _rollover(fleet, step, add_version(repo, step, "perturbed"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert json.loads(ok.stdout)["status"] == "succeeded"
+    promoted = json.loads(ok.stdout)
+    assert promoted["status"] == "succeeded"
+    validate = promoted["events"][0]["message"]  # the gates the rollout met: the spec's, not recserve's defaults
+    assert "error rate <= 5.00%" in validate and "p99 over 120 ms" in validate and "the serving spec" in validate, \
+        validate
     bad = _rollover(fleet, step, add_version(repo, step, "reversed"))
     assert bad.returncode == 1, bad.stdout + bad.stderr
     doc = json.loads(bad.stdout)

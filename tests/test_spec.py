@@ -110,12 +110,38 @@ def test_an_unreadable_or_missing_file_is_refused(repo, tmp_path):
     refused(p, "not YAML")
 
 
-def test_unknown_fields_a_wrong_schema_version_and_fields_not_read_yet_are_refused(repo, tmp_path):
+def test_unknown_fields_a_wrong_schema_version_and_refused_fields_are_refused_with_the_reason(repo, tmp_path):
     refused(write(tmp_path, base(tmp_path) | {"slo": 50}),
             "models.recommend.slo", "unknown field")
     refused(write(tmp_path, base(tmp_path), top={"schemaVersion": 2}), "schemaVersion", "reads schemaVersion 1")
     refused(write(tmp_path, base(tmp_path) | {"priority": 2}), "models.recommend.priority",
-            "not read by this recserve yet")
+            "not a serving-spec field", "straight to each instance", "docs/holds.md")
+
+
+def test_rollout_gates_are_the_strictest_of_the_models_that_use_the_step(repo, tmp_path):
+    import yaml
+
+    from recserve.control.rollout.manager import Gates as RolloutGates
+
+    doc = {"schemaVersion": 1, "repository": "repo", "models": {
+        "recommend": base(tmp_path, gates={"p99Ms": 80, "errorRateMax": 0.02}),
+        "recommend_post": {"golden": "post.json", "outputs": {"item_ids": {"compare": "exact"}},
+                           "gates": {"p99Ms": 120, "errorRateMax": 0.005}}}}
+    post = {"cand_ids": {"content": list(range(100)), "shape": [100]},
+            "rank_scores": {"content": [0.5] * 100, "shape": [100]}}
+    (tmp_path / "post.json").write_text(json.dumps({"data": [post]}))
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(doc))
+    spec = load_spec(p)
+    shared = spec.rollout_gates("recommend_post")  # a step of recommend and a client-facing model itself
+    assert (shared.p99_ms, shared.error_rate_max) == (80, 0.005)
+    only = spec.rollout_gates("ranker")
+    assert (only.p99_ms, only.error_rate_max) == (80, 0.02)
+    assert spec.rollout_gates("search") is None  # no spec model uses it: recserve's defaults apply
+    # a rollover request's own values win over the spec's; its unset (zero) values keep them
+    g = RolloutGates.from_dict({"max_error_rate": 0.1, "min_p99_ms": 0},
+                               RolloutGates(max_error_rate=only.error_rate_max, min_p99_ms=only.p99_ms))
+    assert (g.max_error_rate, g.min_p99_ms, g.max_p99_ratio) == (0.1, 80, RolloutGates().max_p99_ratio)
 
 
 def test_validation_data_must_hold_exactly_the_compared_outputs(repo, tmp_path):

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from recserve.control.fleet.fleet import FleetError
 from recserve.control.fleet.pool import ServingPool
@@ -33,8 +33,9 @@ class Gates:
     min_answer_overlap: float = 0.3
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> Gates:
-        g = cls()
+    def from_dict(cls, d: dict | None, base: Gates | None = None) -> Gates:
+        """``base`` (the serving spec's gates for the model, else the defaults) with the request's set values."""
+        g = replace(base) if base is not None else cls()
         for k, v in (d or {}).items():
             if v:  # proto3 zero = not set: keep the default
                 setattr(g, k, float(v))
@@ -126,12 +127,21 @@ class RolloutManager:
             raise FleetError("the pool is shedding load: a rollout would take capacity away; retry when the "
                              "peak is over", "UNAVAILABLE")
 
+    def _spec_gates(self, model: str) -> Gates | None:
+        """The serving spec's p99 and error-rate gates for ``model`` (the strictest of the models using it)."""
+        spec = getattr(self.fleet, "spec", None)  # a Fleet started with --spec; the kube pool when it has one
+        found = spec.rollout_gates(model) if spec is not None else None
+        if found is None:
+            return None
+        return Gates(max_error_rate=found.error_rate_max, min_p99_ms=found.p99_ms)
+
     # ------------------------------------------------------------------ public API
     def start(self, model: str, version: int, strategy: str = "canary", steps: list[int] | None = None,
               bake: float = 5.0, gates: dict | None = None) -> str:
         strategy = strategy or "canary"
         steps = list(steps or ([10, 50, 100] if strategy == "canary" else [100]))
-        g = Gates.from_dict(gates)
+        spec_gates = self._spec_gates(model)
+        g = Gates.from_dict(gates, spec_gates)
         with self._lock:
             self.validate(model, version, strategy, steps, bake)
             f = self.fleet
@@ -142,7 +152,10 @@ class RolloutManager:
                                 status="running", started=time.time())
             self.state.save_rollout(rec)
             self.state.add_rollout_event(rid, "validate", f"{model} {rec.from_version} -> {version} ({strategy}); "
-                                         f"primary {prim.id}")
+                                         f"primary {prim.id}; gates: error rate <= {g.max_error_rate:.2%}, p99 over "
+                                         f"{g.min_p99_ms:g} ms and {g.max_p99_ratio:g}x the old version's, answer "
+                                         f"overlap >= {g.min_answer_overlap:g} (defaults from "
+                                         f"{'the serving spec' if spec_gates else 'recserve'})")
             self._abort[rid] = threading.Event()
             t = threading.Thread(target=self._run, args=(rid,), name=f"rollout-{rid}", daemon=True)
             self._threads[rid] = t

@@ -41,9 +41,11 @@ EXPECTED_SOURCES = ("reference", "recorded")
 DRIFT_COMPARES = ("correlation", "topk")
 #: Degraded-answer providers the fallback server has (the demo's popular items and lexical title search).
 DEGRADED_PROVIDERS = ("popular_items", "lexical_search")
-#: Fields this recserve checks but does not act on yet: refused by name rather than silently ignored.
-NOT_READ_YET = {
-    "priority": "the probe priority is not applied through a load-time config override yet",
+#: Fields recserve refuses by name, with the reason, rather than accept and ignore.
+REFUSED_FIELDS = {
+    "priority": "probes are never shed without it: they go straight to each instance, past the front door's limits, "
+                "and recserve sets no Triton priority levels (with a queue policy they held requests ~500 ms, "
+                "docs/holds.md)",
 }
 DEFAULT_SLO_P99_MS = SLO_P99_MS  # the control plane's default SLO (control/defaults.py)
 DEFAULT_MAX_BATCH = 8
@@ -88,6 +90,9 @@ class DriftGate:
 
 @dataclass(frozen=True)
 class Gates:
+    """A model's rollout gates: the drift rule, the p99 a canary may reach before its latency is compared with the
+    old version's (above it, ``max_p99_ratio`` x the old version's p99 rolls back), the largest error rate."""
+
     drift: DriftGate | None
     p99_ms: float
     error_rate_max: float
@@ -112,7 +117,6 @@ class ModelSpec:
     name: str
     info: ModelInfo
     slo_p99_ms: float
-    priority: int
     max_batch: int
     inputs: dict[str, InputRule]
     outputs: dict[str, OutputRule]
@@ -134,6 +138,14 @@ class ServingSpec:
 
     def model_names(self) -> list[str]:
         return list(self.models)
+
+    def rollout_gates(self, model: str) -> Gates | None:
+        """The gates a rollout of ``model`` (a client-facing model or one of its steps) meets: the strictest p99 and
+        error rate of the client-facing models that use it; None when no spec model does."""
+        users = [m.gates for m in self.models.values() if model in m.steps]
+        if not users:
+            return None
+        return Gates(None, min(g.p99_ms for g in users), min(g.error_rate_max for g in users))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,10 +299,6 @@ def _output_rule(at: _At, raw: Any, tensor: TensorInfo, outputs: tuple[TensorInf
 
 def _gates(at: _At, raw: Any, info: ModelInfo, slo: float) -> Gates:
     raw = _mapping(at, raw or {}, {"drift", "p99Ms", "errorRateMax"})
-    for key in ("p99Ms", "errorRateMax"):
-        if key in raw:
-            raise (at / key).fail("not read by this recserve yet (the rollout's p99 and error-rate gates come from "
-                                  "the rollover request: recctl rollover); remove it rather than trust it")
     drift = None
     if raw.get("drift") is not None:
         d = _mapping(at / "drift", raw["drift"], {"output", "compare", "min", "k"}, {"output", "compare", "min"})
@@ -431,13 +439,12 @@ def _model(at: _At, base: Path, name: str, raw: Any, models: dict[str, ModelInfo
     for s in steps:
         if models[s].unsupported:
             raise at.fail(f"recserve cannot guard {s} yet: {'; '.join(models[s].unsupported)}")
-    raw = _mapping(at, raw, {"sloP99Ms", "priority", "maxBatch", "inputs", "outputs", "golden", "expected",
+    raw = _mapping(at, raw, {"sloP99Ms", *REFUSED_FIELDS, "maxBatch", "inputs", "outputs", "golden", "expected",
                              "recordedVersions", "degraded", "gates"}, {"golden", "outputs"})
-    for key, why in NOT_READ_YET.items():
+    for key, why in REFUSED_FIELDS.items():
         if key in raw:
-            raise (at / key).fail(f"not read by this recserve yet ({why}); remove it rather than trust it")
+            raise (at / key).fail(f"not a serving-spec field: {why}; remove it")
     slo = _number(at / "sloP99Ms", raw.get("sloP99Ms", DEFAULT_SLO_P99_MS), 0.1)
-    priority = _integer(at / "priority", raw.get("priority", 1), 1)
     cap = info.max_batch_size if info.max_batch_size > 0 else 1
     max_batch = _integer(at / "maxBatch", raw.get("maxBatch", min(DEFAULT_MAX_BATCH, cap)), 1, cap)
     ins = {t.name: t for t in info.inputs}
@@ -465,7 +472,7 @@ def _model(at: _At, base: Path, name: str, raw: Any, models: dict[str, ModelInfo
             raise (_At(golden_file) / "validation_data" / str(i)).fail(
                 f"outputs {missing}: validation_data must hold exactly the outputs the spec compares "
                 f"({', '.join(outputs)})")
-    return ModelSpec(name, info, slo, priority, max_batch, inputs, outputs, golden_file, golden, expected, recorded,
+    return ModelSpec(name, info, slo, max_batch, inputs, outputs, golden_file, golden, expected, recorded,
                      _degraded(at / "degraded", base, raw.get("degraded"), info),
                      _gates(at / "gates", raw.get("gates"), info, slo), steps)
 
