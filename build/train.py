@@ -21,8 +21,8 @@ from torch import nn
 from recserve.build.data import BEHAVIOR_CODE, Dataset
 from recserve.build.models import HISTORY_LEN, BSTRanker, RetrievalGraph, SearchGraph, SearchModel, TwoTower
 from recserve.build.reference import served_module
+from recserve.control.defaults import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER_PATH = REPO_ROOT / "model_repository" / "search_pre" / "1" / "tokenizer.py"
 MIN_ITEMS = 1101  # the retrieval graph excludes up to 1000 items and must still return 100
 

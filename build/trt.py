@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from recserve.build.reference import served_module
+from recserve.control.defaults import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINE_PY = REPO_ROOT / "control" / "backends" / "tensorrt" / "engine.py"
 #: The serving shim's engine runner and GPU probe (one implementation for build and serving).
 engine_mod = served_module(ENGINE_PY)

@@ -14,14 +14,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from recserve.control.defaults import SLO_P99_MS
 from recserve.perf import report_reader
 from recserve.perf.report_reader import PERF_REPORT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 #: The knee is always taken at the fleet's admission SLO (the Router's default p99 target, perf's SLO), whatever
 #: SLO a drill judges its RTO by: the fleet sizes its in-flight limits from that knee, so "0.7x the knee" is
 #: below what admission lets through, and every drill of a session shares one ladder.
-KNEE_SLO_MS = 50.0
+KNEE_SLO_MS = SLO_P99_MS
 
 
 def from_perf_report(model: str, path: Path = PERF_REPORT) -> float | None:

@@ -18,9 +18,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from recserve.control.defaults import DEFAULT_ROOT, REPO_ROOT
+
 #: The runtime root of `make fleet-up` (recctl and the control plane honour RECSERVE_ROOT the same way).
-RUNTIME = Path(os.environ.get("RECSERVE_ROOT", REPO_ROOT / ".recserve"))
+RUNTIME = Path(os.environ.get("RECSERVE_ROOT", DEFAULT_ROOT))
 
 
 class FleetError(RuntimeError):

@@ -11,14 +11,14 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from recserve.control.defaults import REPO_ROOT
+
 DEFAULT_DATA = REPO_ROOT / "artifacts" / "data"
 HISTORY50 = 50
 EXCLUDE = 1000
@@ -73,7 +73,6 @@ def load_corpus(data_dir: Path = DEFAULT_DATA, max_events: int = 400_000) -> Cor
 
 def synthetic_corpus(workdir: Path) -> Corpus:
     """Fallback when artifacts/data does not exist yet: the project's own generator, small."""
-    sys.path.insert(0, str(REPO_ROOT))
     from recserve.build.data import GenConfig, generate
 
     generate(workdir, GenConfig(n_users=300, n_items=3000, days=3))

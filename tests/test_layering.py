@@ -33,6 +33,7 @@ CONTROL_MAY_USE = {
 #: What recserve.drills and recserve.perf may import from recserve.control, and why. A module is allowed
 #: with its submodules (``x.proto`` covers ``x.proto.control_pb2``).
 CLIENT_SURFACE = {
+    "recserve.control.defaults": "every default once (REPO_ROOT, DEFAULT_ROOT, the SLO); imports nothing",
     "recserve.control.client": "the inference client (RecClient, degraded-answer check, channel options)",
     "recserve.control.api.proto": "the control plane's gRPC API (generated stubs and messages)",
     "recserve.control.api.tls": "the TLS channel to that API (control_channel)",
