@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
+from recserve.control.defaults import SLO_P99_MS
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(func=_run)
     t = sub.add_parser("tune", help="search instance count / queue delay / preferred batch sizes for one model")
     t.add_argument("model")
-    t.add_argument("--slo-ms", type=float, default=50.0)
+    t.add_argument("--slo-ms", type=float, default=SLO_P99_MS)
     t.add_argument("--quick", action="store_true", help="a small grid (tests, CI)")
     t.add_argument(
         "--try-without-queue-policy", action="store_true", help="also try candidates without default_queue_policy"

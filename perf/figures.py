@@ -9,9 +9,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import median
 
+from recserve.control.defaults import SLO_P99_MS
 from recserve.perf.analyzer import Row
 
-DEFAULT_SLO_MS = 50.0
+DEFAULT_SLO_MS = SLO_P99_MS
 #: A rate point only counts as served when the achieved throughput reaches this share of the offered rate.
 KEEP_UP = 0.9
 

@@ -40,6 +40,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from recserve.control.defaults import SLO_P99_MS
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 from recserve.control.stats import percentile
 
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recserve.perf.holds", description=__doc__.split("\n\n")[0])
     p.add_argument("--rps", type=float, default=150.0, help="open-loop rate to one instance (default %(default)s)")
     p.add_argument("--seconds", type=float, default=90.0, help="measured seconds per variant (default %(default)s)")
-    p.add_argument("--slo-ms", type=float, default=50.0, help="SLO p99 for the over-4x count (default %(default)s)")
+    p.add_argument("--slo-ms", type=float, default=SLO_P99_MS,
+                   help="SLO p99 for the over-4x count (default %(default)s)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, run in this order")
     p.add_argument("--via", choices=("direct", "haproxy"), default="direct", help="one instance's port, or the "
                    "front door (default %(default)s)")

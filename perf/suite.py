@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from recserve.control.defaults import SLO_P99_MS
+
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 VIAS = ("direct", "haproxy", "fleet")
 #: In a suite for a serving spec (``for_spec: true``), the model of a template target: every model of the spec.
@@ -50,7 +52,7 @@ class Suite:
     name: str
     path: Path
     description: str = ""
-    slo_ms: float = 50.0
+    slo_ms: float = SLO_P99_MS
     seconds_per_point: float = 2.0
     payload_rows: int = 256
     targets: tuple[Target, ...] = ()
@@ -193,7 +195,7 @@ def parse(raw: object, path: Path) -> Suite:
         name=str(raw.get("name") or path.stem),
         path=path,
         description=str(raw.get("description", "")),
-        slo_ms=float(_num(path, "slo_ms", raw.get("slo_ms", 50.0), float, 0.1)),
+        slo_ms=float(_num(path, "slo_ms", raw.get("slo_ms", SLO_P99_MS), float, 0.1)),
         seconds_per_point=float(_num(path, "seconds_per_point", raw.get("seconds_per_point", 2.0), float, 0.2)),
         payload_rows=int(_num(path, "payload_rows", raw.get("payload_rows", 256), int, 1)),
         inprocess_seconds=float(_num(path, "inprocess_seconds", raw.get("inprocess_seconds", 3.0), float, 0.2)),
