@@ -25,8 +25,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from recserve.drills.figures import DrillFigures
 from recserve.drills.fleet import FleetAPI, FleetError
 from recserve.drills.journal import Journal
 from recserve.drills.lost_host import LostHost
@@ -36,10 +37,13 @@ FAULT_DIR_ENV = "RECSERVE_FAULT_DIR"
 #: Longest wait for a shedding pool before a rollover drill gives up (the control plane refuses to start then).
 SHED_WAIT_S = 10.0
 
+T = TypeVar("T")
+
 
 @dataclass
 class Context:
-    """What a fault may touch: the fleet (through its API), its repository, a scratch dir, the journal."""
+    """What a fault may touch: the fleet (through its API), its repository, a scratch dir, the journal; where it
+    writes what it measured (``figures``, drills/figures.py) and keeps its own scratch (``state``)."""
 
     fleet: FleetAPI
     spec: DrillSpec
@@ -48,10 +52,29 @@ class Context:
     workdir: Path
     control: Any = None  # drills.session.ControlPlaneProcess when the drill owns the control plane
     capacity_rps: float | None = None
-    figures: dict[str, Any] = field(default_factory=dict)
+    #: what the drill measured: faults write their figures here, the runner adds its own
+    figures: DrillFigures = field(default_factory=DrillFigures)
     created_versions: list[tuple[str, int]] = field(default_factory=list)
     #: the serving spec (control/spec) when the drills guard a user's repository; None for the demo
     serving: Any = None
+    #: the versions desired before the drill (set by the runner, else by the first rollover-type fault),
+    #: restored afterwards (``restore_desired``)
+    desired_before: dict[str, list[int]] | None = None
+    #: the instance a process fault was injected into: the runner times its detection from the control plane's
+    #: events for it
+    target: str | None = None
+    #: wall-clock start of a fault that prepares first (lost-host): the fault window starts there, not at the
+    #: method action's start
+    fault_started_at: float | None = None
+    #: overload: instance id -> pid when the overload began (the runner's ``instances_alive`` compares after)
+    pids_before: dict[str, int] | None = None
+    #: each fault's private scratch, by its state class (``state``)
+    scratch: dict[type, Any] = field(default_factory=dict)
+
+    def state(self, kind: type[T]) -> T:
+        """A fault's private scratch for this drill (the pid it signalled, the files it wrote, its namespace):
+        one ``kind()`` per drill, made on first use; never a figure and never in the journal."""
+        return self.scratch.setdefault(kind, kind())
 
 
 class Fault:
@@ -125,6 +148,14 @@ def fault_dir_of(pid: int) -> Path | None:
 
 
 # ---------------------------------------------------------------------- process faults
+@dataclass
+class CrashState:
+    """gpu-xid-crash: the killed server (its pid is its process group's id) and the fleet's shm regions before."""
+
+    killed_pid: int | None = None
+    shm_regions_before: int | None = None
+
+
 class Crash(Fault):
     name = "gpu-xid-crash"
     rollback_label = "restart-killed"
@@ -132,33 +163,42 @@ class Crash(Fault):
 
     def inject(self, ctx: Context, action: Action) -> dict:
         inst = ctx.fleet.instance(action.params["target"])
-        ctx.figures["target"], ctx.figures["killed_pid"] = inst.id, inst.pid
-        ctx.figures["shm_regions_before"] = sum(i.shm_regions for i in ctx.fleet.instances())
+        st = ctx.state(CrashState)
+        ctx.target, st.killed_pid = inst.id, inst.pid
+        st.shm_regions_before = sum(i.shm_regions for i in ctx.fleet.instances())
         _signal(inst.pid, signal.SIGKILL)
         return {"instance": inst.id, "pid": inst.pid, "signal": "SIGKILL"}
 
     def rollback(self, ctx: Context) -> dict:
         """The control plane restarts what was killed; the drill waits for it, it never restarts behind its back."""
-        iid = ctx.figures.get("target")
+        iid, st = ctx.target, ctx.state(CrashState)
         if not iid:
             return {}
         waited = ctx.fleet.wait("instance back", lambda: any(
             i.id == iid and i.state == "healthy" for i in ctx.fleet.instances()), timeout_s=120)
-        ctx.figures["instance_back_s"] = waited
+        ctx.figures.instance_back_s = waited
         # The control plane reaps the killed server's process group (its Python backend stubs) when it restarts
         # the instance. A stub still alive now is an orphan it missed: counted for the crash drill's
         # orphaned_stubs_max expectation, then removed so the drill leaves nothing behind.
-        pgid = ctx.figures.get("killed_pid")
+        pgid = st.killed_pid
         orphans = group_members(pgid) if pgid else []
         for pid in orphans:
             _signal(pid, signal.SIGKILL)
-        ctx.figures["orphaned_stubs"] = len(orphans)
+        ctx.figures.orphaned_stubs = len(orphans)
         # A SIGKILLed server leaves its stubs' /dev/shm regions; the control plane removes exactly that
         # instance's when it replaces it, so the fleet holds as many regions after recovery as before.
         after = sum(i.shm_regions for i in ctx.fleet.instances())
-        ctx.figures["shm_growth"] = after - ctx.figures.get("shm_regions_before", after)
+        before = st.shm_regions_before
+        ctx.figures.shm_growth = after - (after if before is None else before)
         return {"instance": iid, "back_healthy_after_s": waited, "orphaned_stubs_killed": orphans,
-                "shm_regions": {"before": ctx.figures.get("shm_regions_before"), "after": after}}
+                "shm_regions": {"before": before, "after": after}}
+
+
+@dataclass
+class HangState:
+    """gpu-hang: the stopped server's pid."""
+
+    stopped_pid: int | None = None
 
 
 class Hang(Fault):
@@ -168,22 +208,29 @@ class Hang(Fault):
 
     def inject(self, ctx: Context, action: Action) -> dict:
         inst = ctx.fleet.instance(action.params["target"])
-        ctx.figures["target"], ctx.figures["stopped_pid"] = inst.id, inst.pid
+        ctx.target, ctx.state(HangState).stopped_pid = inst.id, inst.pid
         _signal(inst.pid, signal.SIGSTOP)
         return {"instance": inst.id, "pid": inst.pid, "signal": "SIGSTOP", "state": process_state(inst.pid)}
 
     def end(self, ctx: Context, action: Action) -> dict:
-        pid = ctx.figures.get("stopped_pid")
+        pid = ctx.state(HangState).stopped_pid
         sig = signal.SIGKILL if action.params["then"] == "kill" else signal.SIGCONT
         delivered = bool(pid) and _signal(pid, sig)
         return {"pid": pid, "signal": sig.name, "delivered": delivered}
 
     def rollback(self, ctx: Context) -> dict:
-        pid = ctx.figures.get("stopped_pid")
+        pid = ctx.state(HangState).stopped_pid
         if pid and process_state(pid) == "T":
             _signal(pid, signal.SIGCONT)
             return {"pid": pid, "signal": "SIGCONT", "was_stopped": True}
         return {"pid": pid, "was_stopped": False}
+
+
+@dataclass
+class GpuLostState:
+    """gpu-lost: the fault-switch files written (removed by ``end`` and ``rollback``)."""
+
+    fault_files: list[str] = field(default_factory=list)
 
 
 class GpuLost(Fault):
@@ -212,7 +259,7 @@ class GpuLost(Fault):
         for model in action.params["models"]:
             (d / model).write_text(action.params["mode"])
             written.append(str(d / model))
-        ctx.figures["target"], ctx.figures["fault_files"] = inst.id, written
+        ctx.target, ctx.state(GpuLostState).fault_files = inst.id, written
         return {"instance": inst.id, "pid": inst.pid, "files": written, "mode": action.params["mode"]}
 
     def end(self, ctx: Context, action: Action) -> dict:
@@ -220,7 +267,7 @@ class GpuLost(Fault):
 
     def rollback(self, ctx: Context) -> dict:
         removed = []
-        for f in ctx.figures.get("fault_files", []):
+        for f in ctx.state(GpuLostState).fault_files:
             if Path(f).exists():
                 Path(f).unlink()
                 removed.append(f)
@@ -233,7 +280,7 @@ class Overload(Fault):
     simulation = "the probe's open-loop request rate ramps to factor x capacity_rps (error-tolerant client)"
 
     def inject(self, ctx: Context, action: Action) -> dict:
-        ctx.figures["pids_before"] = {i.id: i.pid for i in ctx.fleet.instances()}
+        ctx.pids_before = {i.id: i.pid for i in ctx.fleet.instances()}
         peak = action.params["factor"] * (ctx.capacity_rps or 0)
         return {"peak_rps": peak, "capacity_rps": ctx.capacity_rps, "factor": action.params["factor"]}
 
@@ -300,9 +347,15 @@ def remove_created(ctx: Context) -> list[str]:
     return removed
 
 
+def _remember_desired(ctx: Context) -> None:
+    """The versions desired before this fault, unless the runner already recorded the drill's."""
+    if ctx.desired_before is None:
+        ctx.desired_before = ctx.fleet.desired()
+
+
 def restore_desired(ctx: Context, model: str) -> dict:
     """Return ``model`` to the version desired before the drill (the control plane's Rollback)."""
-    before = ctx.figures.get("desired_before", {}).get(model)
+    before = (ctx.desired_before or {}).get(model)
     now = ctx.fleet.desired().get(model)
     out: dict[str, Any] = {"model": model, "before": before, "now": now}
     if before and now != before:
@@ -320,7 +373,7 @@ class Rollover(Fault):
 
     def inject(self, ctx: Context, action: Action) -> dict:
         p = action.params
-        ctx.figures.setdefault("desired_before", ctx.fleet.desired())
+        _remember_desired(ctx)
         version = release_copy(ctx, p["model"]) if p["version"] == "latest" else int(p["version"])
         t = attempt = time.monotonic()
         while True:  # the control plane refuses to start a rollout while the pool sheds: wait for the peak to pass
@@ -333,8 +386,8 @@ class Rollover(Fault):
                 time.sleep(0.5)
                 attempt = time.monotonic()
         final = events[-1] if events else {}
-        ctx.figures["rollout_status"] = final.get("status")
-        ctx.figures["rollout_succeeded"] = final.get("status") == "succeeded"  # rolled back by a gate: not a pass
+        ctx.figures.rollout_status = final.get("status")
+        ctx.figures.rollout_succeeded = final.get("status") == "succeeded"  # rolled back by a gate: not a pass
         return {"model": p["model"], "version": version, "status": final.get("status"),
                 "waited_for_the_pool_to_stop_shedding_s": round(attempt - t, 2),
                 "events": [{k: e.get(k) for k in ("phase", "weight", "status", "ts_unix", "message")} for e in events]}
@@ -357,7 +410,7 @@ class BadRollover(Fault):
         the record for this version says ``rolled_back`` with the gate that fired; the canary answered wrongly
         when asked directly (``bad_version_live``) is the proof that there was something to roll back."""
         p = action.params
-        ctx.figures.setdefault("desired_before", ctx.fleet.desired())
+        _remember_desired(ctx)
         made = {}
         if ctx.serving is not None:
             version, made = spec_bad_copy(ctx, p["model"])
@@ -381,10 +434,10 @@ class BadRollover(Fault):
         rollout = ctx.fleet.rollout(p["model"])
         this = int(rollout.get("to_version") or 0) == version
         gate = rollout.get("failed_gate")
-        ctx.figures["rolled_back"] = this and rollout.get("status") == "rolled_back" and bool(gate)
-        ctx.figures["failed_gate"] = rollout.get("failed_gate") if this else None
-        ctx.figures["canary_direct"] = canary
-        ctx.figures["bad_version_live"] = canary["differs"] > 0
+        ctx.figures.rolled_back = this and rollout.get("status") == "rolled_back" and bool(gate)
+        ctx.figures.failed_gate = rollout.get("failed_gate") if this else None
+        ctx.figures.canary_direct = canary
+        ctx.figures.bad_version_live = canary["differs"] > 0
         return {"model": p["model"], "version": version, "canary_direct": canary, **made,
                 "rollout": {k: rollout.get(k) for k in ("id", "to_version", "status", "failed_gate", "failed_value",
                                                          "threshold", "canary")},
@@ -470,7 +523,7 @@ class ArtifactCorruption(Fault):
 
     def inject(self, ctx: Context, action: Action) -> dict:
         p = action.params
-        ctx.figures.setdefault("desired_before", ctx.fleet.desired())
+        _remember_desired(ctx)
         version = release_copy(ctx, p["model"])
         snap = ctx.fleet.snapshot(f"drill {ctx.spec.name}")
         target = ctx.repository / p["model"] / str(version) / "model.onnx"
@@ -489,7 +542,7 @@ class ArtifactCorruption(Fault):
         restore = ctx.fleet.restore(snap["id"])
         verified = [v for v in ctx.fleet.list_versions(p["model"]) if int(v["version"]) == version]
         ok_now = bool(verified) and bool(verified[0].get("verified"))
-        ctx.figures["repaired"] = refused and ok_now and any(str(target.name) in r for r in restore.get("repaired", []))
+        ctx.figures.repaired = refused and ok_now and any(str(target.name) in r for r in restore.get("repaired", []))
         return {"model": p["model"], "version": version, "snapshot": snap.get("id"), "refused": refused,
                 "refusal": why[:300], "restore": restore, "verified_after_restore": ok_now}
 
@@ -511,7 +564,7 @@ class ControlPlaneCrash(Fault):
 
     def inject(self, ctx: Context, action: Action) -> dict:
         p = action.params
-        ctx.figures.setdefault("desired_before", ctx.fleet.desired())
+        _remember_desired(ctx)
         version = release_copy(ctx, p["model"])
         box: dict[str, Any] = {}
 
@@ -543,6 +596,14 @@ class ControlPlaneCrash(Fault):
         return out
 
 
+@dataclass
+class PartitionState:
+    """network-partition: the drill's own data path (drills/partition.py ``PartitionedPath``) and when it was cut."""
+
+    path: Any = None
+    cut_at: float | None = None
+
+
 class NetworkPartition(Fault):
     name = "network-partition"
     rollback_label = "restore-links"
@@ -563,42 +624,52 @@ class NetworkPartition(Fault):
         from recserve.drills.partition import PartitionedPath
 
         path = PartitionedPath(ctx.repository, ctx.workdir / "partition")
-        ctx.figures["_partition"] = path
+        ctx.state(PartitionState).path = path
         path.start()
         return path.url
 
     def inject(self, ctx: Context, action: Action) -> dict:
-        path = ctx.figures["_partition"]
+        st = ctx.state(PartitionState)
+        path = st.path
         t = time.time()
         path.watch("inside", "DOWN", t, action.duration_s + 10)
         path.cut()
-        ctx.figures["_cut_at"] = t
+        st.cut_at = t
         return {"netns": path.netns, "link": path.ns_if, "state": "down",
                 "haproxy_status": path.server_status("inside")}
 
     def end(self, ctx: Context, action: Action) -> dict:
-        path = ctx.figures["_partition"]
+        st = ctx.state(PartitionState)
+        path = st.path
         t = time.time()
         watcher = path.watch("inside", "UP", t, 15)
         restored = path.restore()
         watcher.join(15)
         up = path.seen.get("UP")
         down = path.seen.get("DOWN")
-        cut = ctx.figures.get("_cut_at")
+        cut = st.cut_at
         if down and cut:
-            ctx.figures["detection_ms"] = round((down - cut) * 1000.0, 1)
-        ctx.figures["rejoined_after_s"] = round(up - t, 3) if up else None
-        return {"link": "up" if restored else "still down", "rejoined_after_s": ctx.figures["rejoined_after_s"],
-                "detection_ms": ctx.figures.get("detection_ms")}
+            ctx.figures.detection_ms = round((down - cut) * 1000.0, 1)
+        ctx.figures.rejoined_after_s = round(up - t, 3) if up else None
+        return {"link": "up" if restored else "still down", "rejoined_after_s": ctx.figures.rejoined_after_s,
+                "detection_ms": ctx.figures.detection_ms}
 
     def rollback(self, ctx: Context) -> dict:
-        path = ctx.figures.get("_partition")
+        path = ctx.state(PartitionState).path
         return {"link_restored": path.restore()} if path is not None else {}
 
     def teardown(self, ctx: Context) -> None:
-        path = ctx.figures.pop("_partition", None)
+        st = ctx.state(PartitionState)
+        path, st.path = st.path, None
         if path is not None:
             path.close()
+
+
+@dataclass
+class ProxyState:
+    """proxy-crash: the killed HAProxy's pid (the rollback waits for another one)."""
+
+    pid: int | None = None
 
 
 class ProxyCrash(Fault):
@@ -625,7 +696,7 @@ class ProxyCrash(Fault):
         if pid is None:
             raise FleetError("no HAProxy pid file under the fleet's runtime root")
         port = int(ctx.fleet.status(events=1)["endpoints"]["grpc"].rsplit(":", 1)[1])
-        ctx.figures["proxy_pid"] = pid
+        ctx.state(ProxyState).pid = pid
         t_kill = time.time()
         try:
             os.killpg(pid, signal.SIGKILL)
@@ -638,14 +709,14 @@ class ProxyCrash(Fault):
         while time.time() < deadline:
             new = self._pid(ctx)
             if new and new != pid and pid_alive(new) and port_listening(port):
-                ctx.figures["proxy_restart_gap_s"] = round(time.time() - t_kill, 3)
+                ctx.figures.proxy_restart_gap_s = round(time.time() - t_kill, 3)
                 break
             time.sleep(0.02)
-        return {"killed_pid": pid, "new_pid": self._pid(ctx), "restart_gap_s": ctx.figures.get("proxy_restart_gap_s")}
+        return {"killed_pid": pid, "new_pid": self._pid(ctx), "restart_gap_s": ctx.figures.proxy_restart_gap_s}
 
     def rollback(self, ctx: Context) -> dict:
         """The supervisor restarts HAProxy; the drill waits for it and never starts one behind its back."""
-        pid = ctx.figures.get("proxy_pid")
+        pid = ctx.state(ProxyState).pid
         if pid is None:
             return {}
         from recserve.control.runtime.procs import pid_alive
@@ -653,6 +724,13 @@ class ProxyCrash(Fault):
         waited = ctx.fleet.wait("HAProxy back", lambda: (self._pid(ctx) or pid) != pid and
                                 pid_alive(self._pid(ctx) or 0), timeout_s=60)
         return {"back_after_s": waited}
+
+
+@dataclass
+class ScaleState:
+    """scale: the pool size the drill found (the rollback returns to it)."""
+
+    active_before: int | None = None
 
 
 class Scale(Fault):
@@ -663,8 +741,9 @@ class Scale(Fault):
                   "drains one (no new requests, in-flight ones finish) before stopping it")
 
     def inject(self, ctx: Context, action: Action) -> dict:
-        ctx.figures.setdefault("active_before", sum(1 for i in ctx.fleet.instances()
-                                                    if i.role in ("active", "primary")))
+        st = ctx.state(ScaleState)
+        if st.active_before is None:
+            st.active_before = sum(1 for i in ctx.fleet.instances() if i.role in ("active", "primary"))
         t = time.monotonic()
         st = ctx.fleet.scale(action.params["active"])
         insts = st.get("instances", [])
@@ -673,7 +752,7 @@ class Scale(Fault):
 
     def rollback(self, ctx: Context) -> dict:
         """Back to the pool size the drill found (a no-op when the spec already scaled back)."""
-        before = ctx.figures.get("active_before")
+        before = ctx.state(ScaleState).active_before
         if not before:
             return {}
         now = sum(1 for i in ctx.fleet.instances() if i.role in ("active", "primary"))
@@ -697,9 +776,9 @@ class SecurityAttacks(Fault):
         target = Target(ep["grpc"].split("://")[-1], ep["http"].split("://")[-1], ctx.fleet.control)
         outcomes = run_catalogue(target, action.params["attacks"] or None)
         now = {i.id: i.pid for i in ctx.fleet.instances()}
-        ctx.figures["instances_alive"] = before == now and all(process_state(p) for p in now.values())
-        ctx.figures["attacks_refused"] = all(o.refused for o in outcomes)
-        ctx.figures["attacks"] = {o.attack: {"refused": o.refused, "status": o.status, "ms": round(o.seconds * 1000, 1)}
+        ctx.figures.instances_alive = before == now and all(process_state(p) for p in now.values())
+        ctx.figures.attacks_refused = all(o.refused for o in outcomes)
+        ctx.figures.attacks = {o.attack: {"refused": o.refused, "status": o.status, "ms": round(o.seconds * 1000, 1)}
                                   for o in outcomes}
         return {"attacks": len(outcomes), "refused": sum(o.refused for o in outcomes),
                 "not_refused": [o.line() for o in outcomes if not o.refused]}

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recserve.drills.figures import DrillFigures
+
 STATUSES = ("running", "completed", "aborted", "failed", "skipped")
 
 
@@ -81,6 +83,10 @@ class Journal:
 
     def first(self, name: str, kind: str | None = None) -> ActionEntry | None:
         return next((a for a in self.actions if a.name == name and (kind is None or a.kind == kind)), None)
+
+    def figures(self) -> DrillFigures:
+        """The drill's figures, typed, read from ``result`` (an older journal's unknown keys are kept)."""
+        return DrillFigures.from_journal(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,7 +11,7 @@ the control plane, every tritonserver and HAProxy, the runtime root and the buil
 rebuild exactly as an operator does it on a new machine: ``recctl restore --from TARGET --root NEW --repository
 NEW`` (no control plane), ``recctl up`` there (same client ports, fresh directories), and a golden check.
 
-Figures: RTO is the runner's client-measured one from the stop (``fault_started_at``); RPO is measured: the age
+Figures: RTO is the runner's client-measured one from the stop (``Context.fault_started_at``); RPO is measured: the age
 of the newest verified backup at the loss (``rpo_s``) and what was lost (desired versions before the loss vs
 after the rebuild, control-plane events recorded after the backup that the rebuilt state does not have).
 """
@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,15 @@ def instance_answers(fleet: FleetAPI) -> list[dict[str, tuple[int, ...]]]:
     return [golden_answers(f"127.0.0.1:{i.grpc_port}") for i in fleet.instances()]
 
 
+@dataclass
+class HostState:
+    """lost-host's scratch: the private fleet, the rebuilt host's directories, the golden answers before the loss."""
+
+    host: HostFleet | None = None
+    new: tuple[Path, Path] | None = None
+    answers_before_loss: dict[str, tuple[int, ...]] | None = None
+
+
 class LostHost:
     name = "lost-host"
     rollback_label = "nothing-to-undo"  # the drills' own fleet is never touched; the private fleets stop in teardown
@@ -128,12 +138,15 @@ class LostHost:
         base = ctx.workdir / "lost-host"
         shutil.rmtree(base, ignore_errors=True)
         host = HostFleet(base, ctx.repository, ctx.fleet.desired())
-        ctx.figures["_host"] = host
+        ctx.state(HostState).host = host
         host.up(host.root, host.repository)
         return host.grpc_url
 
     def inject(self, ctx: Any, action: Any) -> dict:
-        host: HostFleet = ctx.figures["_host"]
+        st = ctx.state(HostState)
+        host = st.host
+        if host is None:
+            raise FleetError("lost-host: its private fleet was not prepared")
         model = action.params["model"]
         old = host.api(host.root)
         try:
@@ -143,14 +156,14 @@ class LostHost:
             new_v = self._rerelease(host.repository, model, old.desired()[model])
             rolled = self._rollover(old, model, new_v)
             desired_at_loss = old.desired()
-            ctx.figures["answers_before_loss"] = golden_answers(host.grpc_url)
+            st.answers_before_loss = golden_answers(host.grpc_url)
             events_at_loss = old.status(events=500).get("events", [])
             rollout_at_loss = old.rollout(model).get("id")
         finally:
             old.close()
         # ------------------------------------------------------------------ the loss
         t_stop = time.time()
-        ctx.figures["fault_started_at"] = t_stop
+        ctx.fault_started_at = t_stop
         killed = host.kill_all()
         deleted = [str(host.root)]
         shutil.rmtree(host.root)
@@ -169,8 +182,8 @@ class LostHost:
         t_restored = time.time()
         host.up(new_root, new_repo)
         t_up = time.time()
-        ctx.figures["_new"] = (new_root, new_repo)
-        first_good = self._first_good(host.grpc_url, ctx.figures.get("answers_before_loss"), deadline_s=120)
+        st.new = (new_root, new_repo)
+        first_good = self._first_good(host.grpc_url, st.answers_before_loss, deadline_s=120)
         rebuilt = host.api(new_root)
         try:
             desired_after = rebuilt.desired()
@@ -183,29 +196,30 @@ class LostHost:
                 rollout_after = None
         finally:
             rebuilt.close()
-        before = ctx.figures.get("answers_before_loss") or {}
-        ctx.figures["answers_same"] = bool(before) and all(a == before for a in answers_after)
-        ctx.figures["restored_exact"] = consistent and desired_after == restored["desired"] == {
+        fig = ctx.figures
+        before = st.answers_before_loss or {}
+        fig.answers_same = bool(before) and all(a == before for a in answers_after)
+        fig.restored_exact = consistent and desired_after == restored["desired"] == {
             m: list(v) for m, v in backup_desired(backup).items()}
         known = {(round(float(e["ts_unix"]), 3), e["kind"], e["message"]) for e in events_after}
         lost_events = [e for e in events_at_loss if float(e["ts_unix"]) > backup.created_unix
                        and (round(float(e["ts_unix"]), 3), e["kind"], e["message"]) not in known]
         lost = {m: {"at_loss": v, "rebuilt": desired_after.get(m)} for m, v in desired_at_loss.items()
                 if desired_after.get(m) != v}
-        ctx.figures["rpo_s"] = round(t_stop - backup.created_unix, 3)
-        ctx.figures["rpo_lost"] = {"desired_versions": lost,
-                                   "rollouts": [rollout_at_loss] if rollout_at_loss != rollout_after else [],
-                                   "events": len(lost_events),
-                                   "event_kinds": sorted({e["kind"] for e in lost_events})}
-        ctx.figures["rebuild"] = {"restore_s": round(t_restored - t0, 3), "fleet_up_s": round(t_up - t_restored, 3),
-                                  "first_good_answer_s": None if first_good is None else round(first_good - t_stop, 3)}
+        fig.rpo_s = round(t_stop - backup.created_unix, 3)
+        fig.rpo_lost = {"desired_versions": lost,
+                        "rollouts": [rollout_at_loss] if rollout_at_loss != rollout_after else [],
+                        "events": len(lost_events),
+                        "event_kinds": sorted({e["kind"] for e in lost_events})}
+        fig.rebuild = {"restore_s": round(t_restored - t0, 3), "fleet_up_s": round(t_up - t_restored, 3),
+                       "first_good_answer_s": None if first_good is None else round(first_good - t_stop, 3)}
         return {"backup": {"id": backup.id, "created_unix": backup.created_unix, "bytes": backup.bytes,
                            "verified": backup.verified},
                 "after_backup": {"model": model, "rollover": rolled},
                 "killed_pids": sorted(set(killed)), "deleted": deleted, "restored": restored,
                 "rebuilt": {"desired": desired_after, "versions_consistent": consistent, "detail": detail,
-                            "answers_same": ctx.figures["answers_same"]},
-                "rpo_s": ctx.figures["rpo_s"], "rpo_lost": ctx.figures["rpo_lost"], "rebuild": ctx.figures["rebuild"]}
+                            "answers_same": fig.answers_same},
+                "rpo_s": fig.rpo_s, "rpo_lost": fig.rpo_lost, "rebuild": fig.rebuild}
 
     def end(self, ctx: Any, action: Any) -> dict:
         return {}
@@ -215,10 +229,11 @@ class LostHost:
         return {"drills_fleet_touched": False}
 
     def teardown(self, ctx: Any) -> None:
-        host: HostFleet | None = ctx.figures.pop("_host", None)
+        st = ctx.state(HostState)
+        host, st.host = st.host, None
         if host is None:
             return
-        for root in (host.root, *(ctx.figures.get("_new") or ())[:1]):
+        for root in (host.root, *(st.new or ())[:1]):
             if (root / "state.db").exists():
                 _recctl(root, "down", timeout_s=120)
         host.kill_all()

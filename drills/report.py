@@ -18,6 +18,7 @@ from pathlib import Path
 from recserve.control import htmlpage, reportdir
 from recserve.control.htmlpage import Markup, bullets, esc, tag
 from recserve.control.reportdir import link_latest
+from recserve.drills.figures import DrillFigures
 from recserve.drills.journal import Journal
 from recserve.drills.probe import Record
 
@@ -33,6 +34,11 @@ def new_run_dir(root: Path = REPORTS_ROOT) -> Path:
     """A fresh ``<root>/<UTC timestamp>/`` for one run's report."""
     return reportdir.new_run_dir(root)
 
+
+
+def _figures(d: dict) -> DrillFigures:
+    """A drill entry's figures, typed (what the drill was and its verdict stay in ``d``)."""
+    return DrillFigures.from_dict(d)
 
 
 def _fmt(v, unit: str = "") -> str:
@@ -52,12 +58,12 @@ def summary_rows(drills: Sequence[dict]) -> list[list[str]]:
     """Rows of the summary table: drill, verdict, RTO, failed/total, p99 before/during/after."""
     rows = []
     for d in drills:
-        verdict = _verdict(d)
-        p99 = d.get("p99_ms") or {}
-        tail = d.get("tail") or {}
-        rows.append([d["name"], verdict, _fmt(d.get("rto_ms"), " ms"),
-                     f"{d.get('failed_requests', 0)}/{d.get('total_requests', 0)}"
-                     + (f" ({d['wrong_answers']} wrong)" if d.get("wrong_answers") else ""),
+        verdict, f = _verdict(d), _figures(d)
+        p99 = f.p99_ms or {}
+        tail = f.tail or {}
+        rows.append([d["name"], verdict, _fmt(f.rto_ms, " ms"),
+                     f"{f.failed_requests or 0}/{f.total_requests or 0}"
+                     + (f" ({f.wrong_answers} wrong)" if f.wrong_answers else ""),
                      " / ".join(_fmt(p99.get(k)) for k in ("before", "during", "after")),
                      f"{_fmt(tail.get('p999_ms'))} / {tail.get('over_4x_slo', '-')}"])
     return rows
@@ -77,17 +83,17 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
 def breakdown_facts(d: dict) -> list[str]:
     """Served / degraded / shed / failed apart (a degraded answer never counts as good), the control plane's
     reactions and the client's own lag: one line each."""
-    out = []
-    if d.get("served_requests") is not None:
-        out.append(f"requests: {d.get('served_requests')} served, {d.get('degraded_answers')} degraded, "
-                   f"{d.get('shed_requests')} shed, {d.get('failed_unshed')} failed otherwise "
-                   f"(of {d.get('total_requests')})")
-    if d.get("restarts") is not None:
-        out.append(f"control plane: {d['restarts']} restarts, {d.get('probes_shed')} health probes shed "
+    out, f = [], _figures(d)
+    if f.served_requests is not None:
+        out.append(f"requests: {f.served_requests} served, {f.degraded_answers} degraded, "
+                   f"{f.shed_requests} shed, {f.failed_unshed} failed otherwise "
+                   f"(of {f.total_requests})")
+    if f.restarts is not None:
+        out.append(f"control plane: {f.restarts} restarts, {f.probes_shed} health probes shed "
                    "(timed out or met a full queue) during the drill")
-    if d.get("proxy_restart_gap_s") is not None:
-        out.append(f"HAProxy restart gap (kill to accepting connections): {d['proxy_restart_gap_s']} s")
-    lag = d.get("client_lag") or {}
+    if f.proxy_restart_gap_s is not None:
+        out.append(f"HAProxy restart gap (kill to accepting connections): {f.proxy_restart_gap_s} s")
+    lag = f.client_lag or {}
     if lag.get("p99_ms") is not None:
         out.append(f"load generator lag behind its schedule: p50 {lag['p50_ms']} ms, p99 {lag['p99_ms']} ms, "
                    f"max {lag['max_ms']} ms")
@@ -98,14 +104,14 @@ def failures_table(d: dict) -> tuple[list[str], list[list]]:
     """The failed requests by status and message, with the time each kind was first seen."""
     return (["failed requests: status", "message", "count", "first at s (after the fault)", "its latency ms"],
             [[f["status"], f["detail"] or "-", f["count"], f"{f['first_at_s']} ({f['first_after_fault_s']})",
-              f["first_latency_ms"]] for f in d.get("failures") or []])
+              f["first_latency_ms"]] for f in _figures(d).failures or []])
 
 
 def steps_table(d: dict) -> tuple[list[str], list[list]]:
     """Triton's queue and compute per ensemble step over the drill."""
     return (["Triton step", "requests", "failures", "queue ms/req", "compute ms/req", "mean batch"],
             [[m, v["requests"], v["failures"], _fmt(v["queue_ms"]), _fmt(v["compute_ms"]), _fmt(v["mean_batch"])]
-             for m, v in (d.get("triton_steps") or {}).items()])
+             for m, v in (_figures(d).triton_steps or {}).items()])
 
 
 TIMERS_NOTE = ("HAProxy's own timers during the fault (overload: its hold phase), from its access log: where a "
@@ -122,7 +128,7 @@ def timers_table(d: dict) -> tuple[list[str], list[list]]:
             [[k, v["requests"], _fmt(v["tw_p99_ms"]), f"{_fmt(v['tr_p50_ms'])} / {_fmt(v['tr_p99_ms'])}",
               f"{_fmt(v['ta_p50_ms'])} / {_fmt(v['ta_p99_ms'])}", f"{v['retried']} ({v['redispatched']})",
               ", ".join(f"{s}: {n}" for s, n in v["statuses"].items()) or "-"]
-             for k, v in (d.get("haproxy_timers") or {}).items()])
+             for k, v in (_figures(d).haproxy_timers or {}).items()])
 
 
 def breakdown_lines(d: dict) -> list[str]:
@@ -182,34 +188,35 @@ def knee_lines(knee: dict | None) -> list[str]:
 
 def drill_facts(d: dict) -> list[str]:
     """The lines after a drill's verdict: detection, RTO, answers, how the fault was made, RPO, background load."""
-    out = [f"detection: {_fmt(d.get('detection_ms'), ' ms')}, RTO: {_fmt(d.get('rto_ms'), ' ms')}"
-           + (" (back to the before-phase's level)" if d.get("rto_basis") == "before" else "") + ", "
-           f"wrong answers: {d.get('wrong_answers')}, versions consistent: {d.get('versions_consistent')}"]
+    f = _figures(d)
+    out = [f"detection: {_fmt(f.detection_ms, ' ms')}, RTO: {_fmt(f.rto_ms, ' ms')}"
+           + (" (back to the before-phase's level)" if f.rto_basis == "before" else "") + ", "
+           f"wrong answers: {f.wrong_answers}, versions consistent: {f.versions_consistent}"]
     if d.get("simulation"):
         out.append(f"how the fault was made: {d['simulation']}")
-    if d.get("rpo_s") is not None:
-        out.append(f"RPO: {d['rpo_s']} s since the last verified backup; lost: {d.get('rpo_lost')}; "
-                   f"rebuild: {d.get('rebuild')}")
-    if d.get("background"):
-        out.append(f"background load (perf_analyzer): {d['background'].get('summary', d['background'])}")
+    if f.rpo_s is not None:
+        out.append(f"RPO: {f.rpo_s} s since the last verified backup; lost: {f.rpo_lost}; "
+                   f"rebuild: {f.rebuild}")
+    if f.background:
+        out.append(f"background load (perf_analyzer): {f.background.get('summary', f.background)}")
     return out
 
 
 def alert_facts(d: dict) -> list[str]:
     """Expected alerts (quiet before the fault, time-to-alert and -resolve) and what monitoring cost."""
-    out = []
-    if d.get("alerts") and "alerts_quiet_after_s" in d:
-        q = d["alerts_quiet_after_s"]
+    out, f = [], _figures(d)
+    if f.alerts and f.measured("alerts_quiet_after_s"):
+        q = f.alerts_quiet_after_s
         out.append("expected alerts quiet before the fault: " + (
             f"after {q} s" if q is not None else "NO, still active (time-to-alert cannot be measured)"))
-    for a in d.get("alerts") or []:
+    for a in f.alerts or []:
         out.append(f"alert `{a['alert']}`: time-to-alert {_fmt(a.get('time_to_alert_s'), ' s')} "
                    f"(target {a['within_s']} s), time-to-resolve {_fmt(a.get('time_to_resolve_s'), ' s')}"
                    + (f" (target {a['resolve_within_s']} s)" if a.get("resolve_within_s") else "")
                    + (f", receiver {a['receiver']}" if a.get("receiver") else "")
                    + (f"; {a['note']}" if a.get("note") else ""))
-    if d.get("monitoring_cost"):
-        m = d["monitoring_cost"]
+    if f.monitoring_cost:
+        m = f.monitoring_cost
         out.append(f"monitoring cost ({m['intervals']}): CPU seconds {m['cpu_s']} over {m['wall_s']} s; "
                    f"Prometheus used {m['prometheus_core_share'] or 0:.1%} of one core")
     return out
@@ -249,7 +256,7 @@ def markdown(drills: Sequence[dict], meta: dict) -> str:
         lines += [f"### {d['name']}", "", d.get("purpose", "").strip(), "",
                   f"- verdict: **{_verdict(d)}** ({d.get('status', '')}): {d.get('reason', '')}"]
         lines += [f"- {f}" for f in drill_facts(d)]
-        lines += knee_lines(d.get("knee"))
+        lines += knee_lines(_figures(d).knee)
         lines += breakdown_lines(d)
         lines += [f"- {f}" for f in alert_facts(d)]
         missed = [c for c in d.get("checks", []) if not c["ok"]]
@@ -272,7 +279,7 @@ def _badge(d: dict) -> Markup:
 
 
 def tail_fact(d: dict) -> str:
-    tail = d.get("tail") or {}
+    tail = _figures(d).tail or {}
     if not tail:
         return "tail beyond p99: not measured"
     return (f"tail beyond p99: p99.9 {_fmt(tail.get('p999_ms'), ' ms')}, {tail.get('over_4x_slo', '-')} requests "
@@ -286,7 +293,8 @@ def _html_table(title: str, tab: tuple[list[str], list[list]], note: str = "") -
 def _html_drill(d: dict, run_dir: Path, i: int) -> Markup:
     """One drill's section: verdict and reason, its figures, the checks (missed ones highlighted), the failed
     requests and the other tables of report.md, its plot."""
-    p99 = d.get("p99_ms") or {}
+    f = _figures(d)
+    p99 = f.p99_ms or {}
     checks = d.get("checks") or []
     parts: list[object] = [
         Markup(f"<h2>{esc(d['name'])} {_badge(d)}</h2>"),
@@ -295,7 +303,7 @@ def _html_drill(d: dict, run_dir: Path, i: int) -> Markup:
                f"<span class=\"reason\">{esc(d.get('reason', ''))}</span></p>"),
         bullets(["p99 ms before / during / after: "
                  + " / ".join(_fmt(p99.get(k)) for k in ("before", "during", "after")), tail_fact(d),
-                 *drill_facts(d), *knee_facts(d.get("knee")), *breakdown_facts(d), *alert_facts(d)]),
+                 *drill_facts(d), *knee_facts(f.knee), *breakdown_facts(d), *alert_facts(d)]),
     ]
     if checks:
         parts += [tag("h3", "expectations"), htmlpage.table(
@@ -304,7 +312,7 @@ def _html_drill(d: dict, run_dir: Path, i: int) -> Markup:
               "deterministic" if c.get("deterministic") else "timing"] for c in checks],
             ["bad" if not c["ok"] else None for c in checks], cls="checks")]
     parts += _html_table("failed requests", failures_table(d))
-    parts += _html_table("the load's knee", ladder_table(d.get("knee")))
+    parts += _html_table("the load's knee", ladder_table(f.knee))
     parts += _html_table("Triton per ensemble step", steps_table(d))
     parts += _html_table("HAProxy's timers", timers_table(d), TIMERS_NOTE)
     if d.get("plot"):
@@ -403,9 +411,10 @@ def render(run_dir: Path) -> dict[str, Path]:
             raise ValueError(f"{run_dir}/{j.drill}.journal.json holds no result: it cannot be rendered")
         d = dict(j.result)
         _require_fields(d)
-        if d.get("seconds"):
-            png = plot(run_dir / f"{d['name']}.png", d["name"], d["seconds"], d["fault_at_s"], d["fault_end_s"],
-                       d.get("marks", []), d.get("slo_p99_ms"))
+        f = j.figures()  # typed; an older journal's unknown keys stay in d, as they were
+        if f.seconds:
+            png = plot(run_dir / f"{d['name']}.png", d["name"], f.seconds, f.fault_at_s, f.fault_end_s,
+                       f.marks or [], d.get("slo_p99_ms"))
             d["plot"] = png.name
         drills.append(d)
     meta = journals[0].meta or {"run": Path(run_dir).name}

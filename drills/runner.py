@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from typing import Any
 
 from recserve.control.routing import accesslog
 from recserve.control.routing.accesslog import AccessEntry
@@ -21,6 +20,7 @@ from recserve.drills.background import BackgroundLoad, start_background
 from recserve.drills.capacity import KNEE_SLO_MS, capacity_rps
 from recserve.drills.capacity import knee_mean_ms as ladder_mean_ms
 from recserve.drills.faults import FAULTS, Context, process_state
+from recserve.drills.figures import DrillFigures
 from recserve.drills.fleet import FleetAPI, FleetError
 from recserve.drills.journal import Journal
 from recserve.drills.probe import Case, OpenLoopProbe, Record, golden_cases, rematch, schedule
@@ -134,6 +134,9 @@ class DrillRun:
                            control=session.control, serving=serving)
         self.injected: list[int] = []
         self.abort_reason: str | None = None
+        #: instance restarts and shed deep checks counted just before the load (the drill's are the differences)
+        self.restarts_before: dict[str, int] | None = None
+        self.probes_shed_before: float | None = None
 
     # ------------------------------------------------------------------ phases
     def _skip_reason(self) -> str | None:
@@ -229,18 +232,18 @@ class DrillRun:
         skip = self._skip_reason()
         if skip:
             self.journal.finish("skipped", skip)
-            return self._result({}, status="skipped", reason=skip)
+            return self._result(DrillFigures(), status="skipped", reason=skip)
         settled = settle(fleet)
         if settled is None:
             self.journal.finish("failed", "fleet not healthy before the drill")
-            return self._result({}, status="failed", reason="fleet not in steady state before the drill "
+            return self._result(DrillFigures(), status="failed", reason="fleet not in steady state before the drill "
                                 f"(status: {fleet.status(events=5)})")
         cpu_before = self.s.monitor.cpu_seconds() if self.s.monitor else {}
         wall_before = time.time()
         cases = self._cases()
         desired_before = fleet.desired()
         notes = self._answer_notes(cases)  # the instances' own answers: only to report disagreements
-        self.ctx.figures["desired_before"] = desired_before
+        self.ctx.desired_before = desired_before
         if spec.sized_by_knee:
             restarts = restart_counts(fleet.status(events=1))
             if self.knee is not None:
@@ -258,16 +261,16 @@ class DrillRun:
             # has settled again, and the report says what the measurement cost (restarts it caused).
             resettled = settle(fleet) if ladder else 0.0
             after = restart_counts(fleet.status(events=1))
-            self.ctx.figures["knee"] = {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder,
-                                        "settled_after_s": None if resettled is None else round(resettled, 2),
-                                        "restarts_during": {k: after.get(k, 0) - v for k, v in restarts.items()},
-                                        "mean_ms": mean, "limits": self._limits_from_knee(fleet, mean)}
+            self.ctx.figures.knee = {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder,
+                                     "settled_after_s": None if resettled is None else round(resettled, 2),
+                                     "restarts_during": {k: after.get(k, 0) - v for k, v in restarts.items()},
+                                     "mean_ms": mean, "limits": self._limits_from_knee(fleet, mean)}
             self.journal.add("capacity", "probe", "succeeded" if self.ctx.capacity_rps else "failed",
                              {"capacity_rps": self.ctx.capacity_rps, "source": source, "ladder": ladder})
             if not self.ctx.capacity_rps:
                 reason = f"capacity_rps unknown, the load cannot be sized: {source}"
                 self.journal.finish("failed", reason)
-                return self._result({}, status="failed", reason=reason)
+                return self._result(DrillFigures(), status="failed", reason=reason)
         self._wait_alerts_quiet()
         bg: BackgroundLoad | None = None
         probe: OpenLoopProbe | None = None
@@ -279,8 +282,8 @@ class DrillRun:
                 with self.journal.action(f"prepare {f.name}", "setup") as entry:
                     url = f.prepare(self.ctx) or url
                     entry.detail["endpoint"] = url
-            self.ctx.figures["restarts_before"] = restart_counts(fleet.status(events=1))
-            self.ctx.figures["probes_shed_before"] = self._probes_shed()
+            self.restarts_before = restart_counts(fleet.status(events=1))
+            self.probes_shed_before = self._probes_shed()
             metrics_before = breakdown.scrape(self._metrics_urls())
             probe = OpenLoopProbe(url, cases, self._rate_fn(), spec.load.duration_s, timeout_s=2.0,
                                   max_requests=int(spec.load.duration_s * 4000), retry_policy=spec.load.client_retry)
@@ -298,7 +301,7 @@ class DrillRun:
                 if self.s.access_log:
                     self.access_entries, _ = accesslog.read_from(self.s.access_log, log_offset)
                 if metrics_before is not None:
-                    self.ctx.figures["triton_steps"] = breakdown.triton_steps(
+                    self.ctx.figures.triton_steps = breakdown.triton_steps(
                         metrics_before, breakdown.scrape(self._metrics_urls()))
             self._rollbacks()
             bg_result = bg.finish() if bg else None
@@ -323,19 +326,19 @@ class DrillRun:
             problem = problem or problem_after
         self.records = rematch(self.records, acceptable)
         figures = self._figures(probe.t0 or self.journal.started_at, bg_result, settle_s)
-        figures["answers_notes"] = notes + more
+        figures.answers_notes = notes + more
         if problem:  # nothing to judge answers against: unmeasured, which fails wrong_answers_max (never passes)
-            figures["wrong_answers"] = None
-            figures["answers_notes"].append(f"wrong answers not judged: {problem}")
-        figures["answers_source"] = "golden reference (control.fleet.golden)" if not problem else None
+            figures.wrong_answers = None
+            figures.answers_notes.append(f"wrong answers not judged: {problem}")
+        figures.answers_source = "golden reference (control.fleet.golden)" if not problem else None
         return self._complete(figures, cpu_before, wall_before, probe)
 
-    def _complete(self, figures: dict, cpu_before: dict, wall_before: float, probe) -> dict:
+    def _complete(self, figures: DrillFigures, cpu_before: dict, wall_before: float, probe) -> dict:
         if self.spec.alerts:
-            figures.update(self._alert_figures(probe.t0 or self.journal.started_at, figures))
+            figures.alerts = self._alert_figures(probe.t0 or self.journal.started_at, figures)
         if self.s.monitor is not None:
-            figures["monitoring_cost"] = monitoring_cost(cpu_before, self.s.monitor.cpu_seconds(),
-                                                         time.time() - wall_before)
+            figures.monitoring_cost = monitoring_cost(cpu_before, self.s.monitor.cpu_seconds(),
+                                                      time.time() - wall_before)
         status = "aborted" if self.abort_reason else "completed"
         result = self._result(figures, status=status)
         self.journal.finish(status, result["reason"])
@@ -375,14 +378,14 @@ class DrillRun:
         if not problem:
             self.records = judge.rematch(self.records, sets)
         figures = self._figures(probe.t0 or self.journal.started_at, bg_result, settle_s)
-        figures["answers_notes"] = notes
+        figures.answers_notes = notes
         if problem:  # nothing to judge answers against: unmeasured, which fails wrong_answers_max (never passes)
-            figures["wrong_answers"] = None
-            figures["answers_notes"].append(f"wrong answers not judged: {problem}")
-        figures["answers_source"] = (f"reference outside Triton by the serving spec's rules ({self.serving.path})"
-                                     if not problem else None)
-        figures["serving_spec"] = {"spec": str(self.serving.path), "targets": models,
-                                   "roll_model": self.s.roll_model, "roll_model_why": self.s.roll_why}
+            figures.wrong_answers = None
+            figures.answers_notes.append(f"wrong answers not judged: {problem}")
+        figures.answers_source = (f"reference outside Triton by the serving spec's rules ({self.serving.path})"
+                                  if not problem else None)
+        figures.serving_spec = {"spec": str(self.serving.path), "targets": models,
+                                "roll_model": self.s.roll_model, "roll_model_why": self.s.roll_why}
         return self._complete(figures, cpu_before, wall_before, probe)
 
     def _metrics_urls(self) -> dict[str, str]:
@@ -393,7 +396,7 @@ class DrillRun:
         or a full Triton queue, judged busy or not, from the control plane's ``recserve_probes_shed``): a
         saturated but correct fleet must show neither (issue 9); after a fault, restarts of the faulted instance
         are expected."""
-        before = self.ctx.figures.get("restarts_before")
+        before = self.restarts_before
         if before is None:
             return {}
         try:
@@ -401,7 +404,7 @@ class DrillRun:
         except Exception as exc:  # the fleet's API is the measurement here; say so instead of guessing
             return {"restarts": None, "probes_shed": None, "reactions_error": str(exc)[:200]}
         now = restart_counts(st)
-        shed_before, shed_now = self.ctx.figures.get("probes_shed_before"), self._probes_shed()
+        shed_before, shed_now = self.probes_shed_before, self._probes_shed()
         # a control plane restarted during the drill starts its counter again: then the count is unmeasured
         shed = None if shed_before is None or shed_now is None or shed_now < shed_before else shed_now - shed_before
         return {"restarts": sum(max(0, now.get(k, 0) - v) for k, v in before.items()),
@@ -418,11 +421,15 @@ class DrillRun:
         text = promtext.fetch(url, 2.0) if url else None
         return None if text is None else promtext.total(text, "recserve_probes_shed")
 
-    def _figures(self, t0: float, bg: dict | None, settle_s: float | None) -> dict:
+    def _figures(self, t0: float, bg: dict | None, settle_s: float | None) -> DrillFigures:
+        """The drill's figures from its requests and the fleet after it, added to what its faults measured
+        (``ctx.figures``: one record, so a fault's figure and the runner's cannot drift apart by key)."""
         spec, ss, recs = self.spec, self.spec.steady_state, self.records
+        fig = self.ctx.figures
         t_end = t0 + spec.load.duration_s
         f_start, f_end = _fault_window(spec, self.journal, t0)
-        f_start = self.ctx.figures.get("fault_started_at", f_start)  # a fault that prepares first (lost-host)
+        if self.ctx.fault_started_at is not None:  # a fault that prepares first (lost-host)
+            f_start = self.ctx.fault_started_at
         ph = tl.phases(recs, t0, f_start, f_end, t_end, ss.slo_p99_ms)
         for name, stats in ph.items():
             self.journal.steady_state(name, stats, tl.steady_state_ok(stats, ss.slo_p99_ms, ss.error_rate_max))
@@ -430,35 +437,35 @@ class DrillRun:
         wrong = sum(r.ok and r.matched is False for r in recs)
         degraded = sum(r.ok and r.degraded for r in recs)
         shed = sum(tl.is_shed(r) for r in recs)
-        fig: dict[str, Any] = {
-            "fault_at_s": round(f_start - t0, 3), "fault_end_s": round(f_end - t0, 3),
-            "rto_ms": self._rto_ms(recs, f_start, t_end, ph["before"]),
-            "rto_basis": ss.rto,
-            "failed_requests": failed, "total_requests": len(recs), "wrong_answers": wrong,
+        fig.update(
+            fault_at_s=round(f_start - t0, 3), fault_end_s=round(f_end - t0, 3),
+            rto_ms=self._rto_ms(recs, f_start, t_end, ph["before"]),
+            rto_basis=ss.rto,
+            failed_requests=failed, total_requests=len(recs), wrong_answers=wrong,
             # served (real models) / degraded (fallback answers) / shed (refused fast) / failed beyond shedding
-            "served_requests": len(recs) - failed - degraded, "degraded_answers": degraded, "shed_requests": shed,
-            "failed_unshed": failed - shed,
-            "error_budget_used": tl.error_budget_used(failed, len(recs), ss.error_rate_max),
-            "p50_ms": {k: v["p50_ms"] for k, v in ph.items()},
-            "p99_ms": {k: v["p99_ms"] for k, v in ph.items()},
-            "tail": _tail(tl.window_stats(recs, t0, t_end, ss.slo_p99_ms), ss.slo_p99_ms),
-            "throughput_rps": {k: v["throughput_rps"] for k, v in ph.items()},
-            "phases": ph, "settled_after_s": None if settle_s is None else round(settle_s, 2),
-            "statuses": dict(Counter(r.status for r in recs)),
-            "failures": tl.failure_samples(recs, t0, f_start),
-        }
-        fig.update(self._control_plane_reactions())
-        fig["client_lag"] = breakdown.client_lag([r.lag_ms for r in recs])
+            served_requests=len(recs) - failed - degraded, degraded_answers=degraded, shed_requests=shed,
+            failed_unshed=failed - shed,
+            error_budget_used=tl.error_budget_used(failed, len(recs), ss.error_rate_max),
+            p50_ms={k: v["p50_ms"] for k, v in ph.items()},
+            p99_ms={k: v["p99_ms"] for k, v in ph.items()},
+            tail=_tail(tl.window_stats(recs, t0, t_end, ss.slo_p99_ms), ss.slo_p99_ms),
+            throughput_rps={k: v["throughput_rps"] for k, v in ph.items()},
+            phases=ph, settled_after_s=None if settle_s is None else round(settle_s, 2),
+            statuses=dict(Counter(r.status for r in recs)),
+            failures=tl.failure_samples(recs, t0, f_start),
+        )
+        fig.update(**self._control_plane_reactions())
+        fig.client_lag = breakdown.client_lag([r.lag_ms for r in recs])
         hold_from = f_start + next((a.params["ramp_s"] for a in spec.method if a.fault == "overload"), 0.0)
-        fig["haproxy_timers"] = breakdown.haproxy_timers(self.access_entries, hold_from, f_end)
+        fig.haproxy_timers = breakdown.haproxy_timers(self.access_entries, hold_from, f_end)
         b, d = ph["before"]["p99_ms"], ph["during"]["p99_ms"]
-        fig["p99_during_ratio"] = round(d / b, 3) if b and d else None
-        fig["p99_during_ms"] = d
-        target = self.ctx.figures.get("target")
-        fig["detection_ms"] = self.ctx.figures.get("detection_ms") or (
-            self._detection_ms(f_start, target) if target else None)
-        if fig["detection_ms"] is not None:
-            fig["bad_after_detection"] = tl.failed_or_wrong_after(recs, f_start + fig["detection_ms"] / 1000.0)
+        fig.p99_during_ratio = round(d / b, 3) if b and d else None
+        fig.p99_during_ms = d
+        target = self.ctx.target
+        # a fault that saw its own detection (network-partition: HAProxy's DOWN) keeps it
+        fig.detection_ms = fig.detection_ms or (self._detection_ms(f_start, target) if target else None)
+        if fig.detection_ms is not None:
+            fig.bad_after_detection = tl.failed_or_wrong_after(recs, f_start + fig.detection_ms / 1000.0)
         if any(a.fault == "overload" for a in spec.method):
             a = next(a for a in spec.method if a.fault == "overload")
             hold = tl.window_stats(recs, f_start + a.params["ramp_s"], f_end, ss.slo_p99_ms)
@@ -470,31 +477,25 @@ class DrillRun:
                        offered_ratio=round(hold["total"] / max(hold["seconds"], 1e-9) / cap, 3) if cap else None,
                        goodput_ratio=round(hold["goodput_rps"] / cap, 3) if cap else None)
             rec_ms = tl.rto_ms(recs, f_end, ss.slo_p99_ms, t_end)
-            fig["recovered_after_s"] = None if rec_ms is None else rec_ms / 1000.0
-            before = self.ctx.figures.get("pids_before", {})
-            now = {i.id: i.pid for i in self.s.fleet.instances()}
-            fig["instances_alive"] = bool(before) and before == now and all(process_state(p) for p in now.values())
+            fig.recovered_after_s = None if rec_ms is None else rec_ms / 1000.0
+            if not fig.measured("instances_alive"):  # a fault's own (security-attacks) stands
+                before = self.ctx.pids_before or {}
+                now = {i.id: i.pid for i in self.s.fleet.instances()}
+                fig.instances_alive = bool(before) and before == now and all(process_state(p) for p in now.values())
         during_total = ph["during"]["total"]
-        fig["bad_share"] = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
+        fig.bad_share = round((ph["during"]["wrong"] + ph["during"]["failed"]) / during_total, 4) \
             if during_total else None
-        for key in ("rolled_back", "repaired", "failed_gate", "instance_back_s", "canary_direct", "rejoined_after_s",
-                    "orphaned_stubs", "shm_growth", "proxy_restart_gap_s", "triton_steps", "restored_exact",
-                    "answers_same", "rpo_s", "rpo_lost", "rebuild", "knee", "attacks_refused", "attacks",
-                    "instances_alive", "alerts_quiet_after_s", "bad_version_live", "rollout_status",
-                    "rollout_succeeded"):
-            if key in self.ctx.figures:
-                fig[key] = self.ctx.figures[key]
         ok, why = self.s.fleet.versions_consistent(self.s.repository)
         if settle_s is None:
             why = f"fleet not settled {SETTLE_TIMEOUT_S:.0f}s after the drill: {why}"
-        fig["versions_consistent"], fig["versions_detail"] = ok, why
+        fig.versions_consistent, fig.versions_detail = ok, why
         if bg is not None:
             # its exit code speaks for the fault only when it sent requests from before the fault to after its end
             bg["covered_fault"] = bg["started_at"] <= f_start and bg["ended_at"] >= f_end
-            fig["background"] = bg
-            fig["background_clean"] = bg["no_failed_request"] and bg["covered_fault"]
-        fig["seconds"] = tl.per_second(recs, t0, t_end)
-        fig["marks"] = self._marks(t0, f_start, f_end)
+            fig.background = bg
+            fig.background_clean = bg["no_failed_request"] and bg["covered_fault"]
+        fig.seconds = tl.per_second(recs, t0, t_end)
+        fig.marks = self._marks(t0, f_start, f_end)
         return fig
 
     def _limits_from_knee(self, fleet, mean_ms: float | None = None) -> dict:
@@ -526,7 +527,7 @@ class DrillRun:
                 break
             time.sleep(1.0)
         waited = round(time.time() - start, 1)
-        self.ctx.figures["alerts_quiet_after_s"] = None if still else waited
+        self.ctx.figures.alerts_quiet_after_s = None if still else waited
         self.journal.add("alerts quiet", "setup", "failed" if still else "succeeded",
                          {"waited_s": waited, "still_active": still})
         if still:
@@ -541,26 +542,26 @@ class DrillRun:
             return tl.rto_ms(recs, f_start, ss.slo_p99_ms, t_end)
         return tl.rto_vs_before_ms(recs, f_start, ss.slo_p99_ms, before["goodput_rps"], t_end)
 
-    def _alert_figures(self, t0: float, fig: dict) -> dict:
-        """Wait (bounded by the spec) for every expected alert to reach the webhook receiver, and resolve."""
-        fault_t = t0 + fig["fault_at_s"]
+    def _alert_figures(self, t0: float, fig: DrillFigures) -> list[dict]:
+        """Wait (bounded by the spec) for every expected alert to reach the webhook receiver, and resolve; the
+        alerts' rows (their arrivals are added to ``fig.marks``)."""
+        fault_t = t0 + (fig.fault_at_s or 0.0)
         mon = self.s.monitor
         if mon is None:
-            rows = [alerts.match(a, [], fault_t) | {"note": "no monitoring stack: prometheus/alertmanager missing"}
+            return [alerts.match(a, [], fault_t) | {"note": "no monitoring stack: prometheus/alertmanager missing"}
                     for a in self.spec.alerts]
-            return {"alerts": rows}
         deadline = fault_t + max(alerts.wait_s(alerts.match(a, [], fault_t)) for a in self.spec.alerts) + 2.0
         while True:
             rows = [alerts.match(a, mon.notifications(), fault_t) for a in self.spec.alerts]
             if alerts.done(rows) or time.time() > deadline:
                 break
             time.sleep(0.5)
-        fig["marks"] = fig.get("marks", []) + alerts.marks(rows, t0)
+        fig.marks = (fig.marks or []) + alerts.marks(rows, t0)
         seen = [{k: n[k] for k in ("received", "receiver", "status", "alertname", "startsAt")}
                 for n in mon.notifications() if n["received"] >= fault_t]  # everything that paged, as evidence
         self.journal.add("alerts", "probe", "succeeded" if alerts.done(rows) else "failed",
                          {"alerts": rows, "received_since_fault": seen})
-        return {"alerts": rows}
+        return rows
 
     def _detection_ms(self, fault_t: float, instance: str) -> float | None:
         try:
@@ -579,18 +580,20 @@ class DrillRun:
             pass
         return [(round(x, 2), text) for x, text in marks if x >= 0][:12]
 
-    def _result(self, figures: dict, status: str, reason: str = "") -> dict:
+    def _result(self, figures: DrillFigures, status: str, reason: str = "") -> dict:
+        """The drill's result document (what the journal, report.json and the callers get): what the drill was,
+        its figures as JSON (``DrillFigures.to_dict``: the one place they become a dict), its verdict."""
         spec = self.spec
         base = {"name": spec.name, "purpose": spec.purpose, "status": status, "fault": spec.method[0].fault,
                 "simulation": "; ".join(dict.fromkeys(f.simulation for f in self.faults)),
                 "slo_p99_ms": spec.steady_state.slo_p99_ms, "rto_ms": None, "detection_ms": None,
                 "failed_requests": 0, "total_requests": 0, "wrong_answers": 0,
                 "p99_ms": {"before": None, "during": None, "after": None}, "versions_consistent": None}
-        base.update(figures)
+        base.update(figures.to_dict())
         if status in ("skipped", "failed"):
             base.update(passed=None if status == "skipped" else False, reason=reason, checks=[])
             return base
-        passed, checks, why = evaluate(spec.expect, base)
+        passed, checks, why = evaluate(spec.expect, figures)
         not_injected = [a for a in self.journal.actions if a.kind == "method" and a.status == "failed"]
         if not_injected:  # a drill whose fault never happened proves nothing, whatever its figures say
             errors = "; ".join(f"{a.name}: {a.detail.get('error', '?')}" for a in not_injected)
@@ -598,7 +601,7 @@ class DrillRun:
                        "measured": False, "deterministic": True, "ok": False, "missed_by": errors[:300]}, *checks]
             passed, why = False, f"fault not injected ({errors[:300]}); {why}"
         if spec.alerts:
-            rows = alerts.checks(base.get("alerts") or [alerts.match(a, [], 0.0) for a in spec.alerts],
+            rows = alerts.checks(figures.alerts or [alerts.match(a, [], 0.0) for a in spec.alerts],
                                  monitored=self.s.monitor is not None)
             missed = [r for r in rows if not r["ok"]]
             checks, passed = checks + rows, passed and not missed

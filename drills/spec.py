@@ -11,11 +11,13 @@ the end: drills/faults.py), ``abort`` when to stop early, ``expect`` what decide
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from recserve.drills.figures import check_names
 
 SPECS_DIR = Path(__file__).resolve().parent / "specs"
 
@@ -166,6 +168,63 @@ class Expect:
     #: deep checks failed by a full Triton queue during the drill (health probes are never shed)
     probes_shed_max: int | None = None
     attacks_refused: bool | None = None
+
+
+#: Expectation -> (the figure it reads, drills/figures.py ``DrillFigures``; comparison): what drills/verdict.py
+#: judges. Checked when this module loads: every expectation has an entry, and every figure a field.
+EXPECT_FIGURES: dict[str, tuple[str, str]] = {
+    "failed_requests_max": ("failed_requests", "<="),
+    "wrong_answers_max": ("wrong_answers", "<="),
+    "bad_after_detection_max": ("bad_after_detection", "<="),
+    "rto_ms_max": ("rto_ms", "<="),
+    "detection_ms_max": ("detection_ms", "<="),
+    "p99_during_ratio_max": ("p99_during_ratio", "<="),
+    "p99_during_ms_max": ("p99_during_ms", "<="),
+    "goodput_ratio_min": ("goodput_ratio", ">="),
+    "rejected_p99_ms_max": ("rejected_p99_ms", "<="),
+    "accepted_p99_ms_max": ("accepted_p99_ms", "<="),
+    "recover_within_s": ("recovered_after_s", "<="),
+    "rejoin_within_s": ("rejoined_after_s", "<="),
+    "bad_share_max": ("bad_share", "<="),
+    "versions_consistent": ("versions_consistent", "=="),
+    "background_clean": ("background_clean", "=="),
+    "instances_alive": ("instances_alive", "=="),
+    "rolled_back": ("rolled_back", "=="),
+    "bad_version_live": ("bad_version_live", "=="),
+    "rollout_succeeded": ("rollout_succeeded", "=="),
+    "degraded_answers_max": ("degraded_answers", "<="),
+    "repaired": ("repaired", "=="),
+    "restored_exact": ("restored_exact", "=="),
+    "answers_same": ("answers_same", "=="),
+    "rpo_s_max": ("rpo_s", "<="),
+    "orphaned_stubs_max": ("orphaned_stubs", "<="),
+    "shm_growth_max": ("shm_growth", "<="),
+    "failed_unshed_max": ("failed_unshed", "<="),
+    "restarts_max": ("restarts", "<="),
+    "probes_shed_max": ("probes_shed", "<="),
+    "attacks_refused": ("attacks_refused", "=="),
+}
+COMPARISONS = ("<=", ">=", "==")
+
+
+def check_expect_figures(table: dict[str, tuple[str, str]], source: str = __file__) -> None:
+    """Every ``Expect`` field reads a figure through ``table``, each figure is a ``DrillFigures`` field and each
+    comparison one of ``COMPARISONS``; else a SpecError naming ``source``, the entry and what is known."""
+    expectations = [f.name for f in fields(Expect)]
+    for name in expectations:
+        if name not in table:
+            raise SpecError(source, f"EXPECT_FIGURES[{name!r}]", "missing: expectation Expect."
+                            f"{name} reads no figure (entries: {', '.join(sorted(table))})")
+    for name, (_figure, op) in table.items():
+        if name not in expectations:
+            raise SpecError(source, f"EXPECT_FIGURES[{name!r}]", f"not an expectation of Expect (known: "
+                            f"{', '.join(expectations)})")
+        if op not in COMPARISONS:
+            raise SpecError(source, f"EXPECT_FIGURES[{name!r}]", f"comparison {op!r} is not one of {COMPARISONS}")
+    check_names(((f"EXPECT_FIGURES[{name!r}]", figure) for name, (figure, _) in table.items()), source)
+
+
+check_expect_figures(EXPECT_FIGURES)
 
 
 @dataclass(frozen=True)

@@ -9,41 +9,12 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
-from recserve.drills.spec import Expect
+from recserve.drills.figures import DrillFigures
+from recserve.drills.spec import EXPECT_FIGURES, Expect
 
-#: expectation -> (figure key in the drill result, comparison)
-CHECKS: dict[str, tuple[str, str]] = {
-    "failed_requests_max": ("failed_requests", "<="),
-    "wrong_answers_max": ("wrong_answers", "<="),
-    "bad_after_detection_max": ("bad_after_detection", "<="),
-    "rto_ms_max": ("rto_ms", "<="),
-    "detection_ms_max": ("detection_ms", "<="),
-    "p99_during_ratio_max": ("p99_during_ratio", "<="),
-    "p99_during_ms_max": ("p99_during_ms", "<="),
-    "goodput_ratio_min": ("goodput_ratio", ">="),
-    "rejected_p99_ms_max": ("rejected_p99_ms", "<="),
-    "accepted_p99_ms_max": ("accepted_p99_ms", "<="),
-    "recover_within_s": ("recovered_after_s", "<="),
-    "rejoin_within_s": ("rejoined_after_s", "<="),
-    "bad_share_max": ("bad_share", "<="),
-    "versions_consistent": ("versions_consistent", "=="),
-    "background_clean": ("background_clean", "=="),
-    "instances_alive": ("instances_alive", "=="),
-    "rolled_back": ("rolled_back", "=="),
-    "bad_version_live": ("bad_version_live", "=="),
-    "rollout_succeeded": ("rollout_succeeded", "=="),
-    "degraded_answers_max": ("degraded_answers", "<="),
-    "repaired": ("repaired", "=="),
-    "restored_exact": ("restored_exact", "=="),
-    "answers_same": ("answers_same", "=="),
-    "rpo_s_max": ("rpo_s", "<="),
-    "orphaned_stubs_max": ("orphaned_stubs", "<="),
-    "shm_growth_max": ("shm_growth", "<="),
-    "failed_unshed_max": ("failed_unshed", "<="),
-    "restarts_max": ("restarts", "<="),
-    "probes_shed_max": ("probes_shed", "<="),
-    "attacks_refused": ("attacks_refused", "=="),
-}
+#: expectation -> (figure of drills/figures.py DrillFigures, comparison); defined beside Expect (drills/spec.py),
+#: where it is checked against the record's fields when the specs load
+CHECKS: dict[str, tuple[str, str]] = EXPECT_FIGURES
 
 #: Expectations whose outcome does not depend on how fast a shared host is: a lost request, a wrong answer,
 #: inconsistent versions, a missing rollback or a leaked process is a defect on any machine. CI fails on these
@@ -78,19 +49,19 @@ def _by(diff: float, target: float) -> str:
     return f"{round(diff, 3)}{rel}"
 
 
-def evaluate(expect: Expect, figures: dict) -> tuple[bool, list[dict], str]:
-    """All expectations that the spec sets; returns (passed, checks, reason)."""
+def evaluate(expect: Expect, figures: DrillFigures) -> tuple[bool, list[dict], str]:
+    """All expectations that the spec sets, each against its figure; returns (passed, checks, reason)."""
     rows = []
     for f in fields(expect):
         target = getattr(expect, f.name)
         if target is None:
             continue
-        if f.name == "rejected_p99_ms_max" and figures.get("rejected_requests") == 0:
-            rows.append({"expectation": f.name, "figure": "rejected_p99_ms", "target": f"<= {target}",
+        if f.name == "rejected_p99_ms_max" and figures.rejected_requests == 0:  # no rejection, no p99 of them
+            rows.append({"expectation": f.name, "figure": CHECKS[f.name][0], "target": f"<= {target}",
                          "measured": "no request was rejected", "ok": True, "missed_by": None,
                          "deterministic": False})
             continue
-        rows.append(check(f.name, target, figures.get(CHECKS[f.name][0])))
+        rows.append(check(f.name, target, getattr(figures, CHECKS[f.name][0])))
     missed = [r for r in rows if not r["ok"]]
     if missed:
         reason = "; ".join(f"{r['figure']} {r['measured']} vs {r['target']} (missed by {r['missed_by']})"

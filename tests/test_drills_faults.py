@@ -17,6 +17,7 @@ import pytest
 
 from recserve.control.runtime.triton import DEFAULT_REPOSITORY
 from recserve.drills.faults import FAULTS, NetworkPartition, _negate_outputs, fault_dir_of, process_state
+from recserve.drills.figures import DrillFigures
 from recserve.drills.fixture_models import make_repository
 from recserve.drills.spec import FAULT_PARAMS
 
@@ -245,10 +246,10 @@ def test_rollover_fault_waits_for_a_shedding_pool_and_gives_up_on_any_other_refu
     action = Action(fault="rollover-under-load", at_s=1.0, params={"model": "ranker", "version": 2,
                     "strategy": "canary", "steps": [100], "bake_s": 0})
     shedding = Fleet(["UNAVAILABLE", "UNAVAILABLE"])
-    got = faults.Rollover().inject(SimpleNamespace(fleet=shedding, figures={}), action)
+    got = faults.Rollover().inject(SimpleNamespace(fleet=shedding, figures=DrillFigures(), desired_before=None), action)
     assert got["status"] == "succeeded" and shedding.calls == 3
     assert got["waited_for_the_pool_to_stop_shedding_s"] == 1.0  # two refusals, 0.5 s apart
     other = Fleet(["FAILED_PRECONDITION"])
     with pytest.raises(FleetError) as exc:
-        faults.Rollover().inject(SimpleNamespace(fleet=other, figures={}), action)
+        faults.Rollover().inject(SimpleNamespace(fleet=other, figures=DrillFigures(), desired_before=None), action)
     assert exc.value.code == "FAILED_PRECONDITION" and other.calls == 1

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from recserve.drills.figures import DrillFigures
 from recserve.drills.journal import Journal
 from recserve.drills.probe import Record
 from recserve.drills.report import REQUIRED, console_table, markdown, new_run_dir, plot, summary_rows, write
@@ -24,11 +25,11 @@ def result(name: str = "crash", passed: bool = True, **kw) -> dict:
 
 def test_verdict_passes_and_fails_with_the_miss_spelled_out():
     expect = Expect(failed_requests_max=0, rto_ms_max=1000, goodput_ratio_min=0.9, versions_consistent=True)
-    ok, rows, reason = evaluate(expect, {"failed_requests": 0, "rto_ms": 400, "goodput_ratio": 0.95,
-                                         "versions_consistent": True})
+    ok, rows, reason = evaluate(expect, DrillFigures(failed_requests=0, rto_ms=400, goodput_ratio=0.95,
+                                                     versions_consistent=True))
     assert ok and len(rows) == 4 and reason == "all 4 expectations met"
-    ok, rows, reason = evaluate(expect, {"failed_requests": 3, "rto_ms": 1500, "goodput_ratio": 0.8,
-                                         "versions_consistent": False})
+    ok, rows, reason = evaluate(expect, DrillFigures(failed_requests=3, rto_ms=1500, goodput_ratio=0.8,
+                                                     versions_consistent=False))
     assert not ok
     by = {r["figure"]: r["missed_by"] for r in rows}
     assert by["failed_requests"] == "3" and by["rto_ms"] == "500 (+50% of target)"
@@ -39,14 +40,14 @@ def test_verdict_passes_and_fails_with_the_miss_spelled_out():
 def test_deterministic_expectations_are_marked_apart_from_timing_ones():
     """CI fails on the deterministic rows only (a leaked stub, a lost request), never on a slow host's RTO."""
     expect = Expect(failed_requests_max=0, rto_ms_max=1000, orphaned_stubs_max=0)
-    ok, rows, reason = evaluate(expect, {"failed_requests": 0, "rto_ms": 1500, "orphaned_stubs": 2})
+    ok, rows, reason = evaluate(expect, DrillFigures(failed_requests=0, rto_ms=1500, orphaned_stubs=2))
     det = {r["expectation"]: r["deterministic"] for r in rows}
     assert det == {"failed_requests_max": True, "rto_ms_max": False, "orphaned_stubs_max": True}
     assert not ok and [r["figure"] for r in rows if r["deterministic"] and not r["ok"]] == ["orphaned_stubs"]
 
 
 def test_unmeasured_figure_fails_the_expectation():
-    ok, rows, _ = evaluate(Expect(detection_ms_max=2000), {"detection_ms": None})
+    ok, rows, _ = evaluate(Expect(detection_ms_max=2000), DrillFigures(detection_ms=None))
     assert not ok and rows[0]["missed_by"] == "not measured"
 
 
@@ -146,7 +147,7 @@ def test_skipped_drill_counts_as_skipped_not_passed():
 
 def test_no_rejection_meets_the_rejection_latency_target_but_accepted_p99_is_checked():
     expect = Expect(rejected_p99_ms_max=10, accepted_p99_ms_max=250)
-    ok, rows, reason = evaluate(expect, {"rejected_requests": 0, "rejected_p99_ms": None, "accepted_p99_ms": 546.0})
+    ok, rows, reason = evaluate(expect, DrillFigures(rejected_requests=0, rejected_p99_ms=None, accepted_p99_ms=546.0))
     assert not ok and rows[0]["ok"] and rows[0]["measured"] == "no request was rejected"
     assert "accepted_p99_ms 546.0 vs <= 250" in reason
 
@@ -164,10 +165,10 @@ def test_a_drill_whose_fault_was_not_injected_fails_whatever_its_figures(tmp_pat
                    log=lambda *_: None)
     clean = {"failed_requests": 0, "total_requests": 900, "wrong_answers": 0, "p99_during_ratio": 1.0,
              "background_clean": True, "versions_consistent": True, "rollout_succeeded": True}
-    assert run._result(dict(clean), status="completed")["passed"] is True
+    assert run._result(DrillFigures(**clean), status="completed")["passed"] is True
     with pytest.raises(RuntimeError), run.journal.action("rollover-under-load", "method"):
         raise RuntimeError("control plane Rollover: UNAVAILABLE: the pool is shedding load")
-    got = run._result(dict(clean), status="completed")
+    got = run._result(DrillFigures(**clean), status="completed")
     assert got["passed"] is False and "fault not injected" in got["reason"]
     row = got["checks"][0]
     assert row["figure"] == "fault_injected" and row["deterministic"] and not row["ok"]
