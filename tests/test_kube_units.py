@@ -70,6 +70,7 @@ for name in json.loads(sys.argv[1]):  # packages the image does not install: imp
     sys.modules[name] = None
 before = {m.split(".")[0] for m in sys.modules}
 import recserve.control.kube.operator, recserve.control.fleet.golden, recserve.build.reference
+import recserve.control.spec.reference  # the serving spec's golden reference (--spec, ConfigMap recserve-spec)
 import recserve.control.kube.modelsync, boto3  # models-fill / models-sync run the same image; S3 via boto3
 print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} - before)))
 """

@@ -2,7 +2,8 @@
 
 Every write the operator does is here, so RBAC (deploy/k8s/base/operator-rbac.yaml) can be read against it:
 pods get/list/delete, pods/status patch, events create, one Secret get/create, recserve CRs get/list and their
-status patch, ModelRollouts create (a change of the fleet's spec.desiredVersions becomes one).
+status patch, ModelRollouts create (a change of the fleet's spec.desiredVersions becomes one), one ConfigMap get
+(the front door's, by name: the serving spec it was rendered from).
 """
 
 from __future__ import annotations
@@ -92,6 +93,17 @@ class KubeApi:
                          "labels": {"app.kubernetes.io/part-of": "recserve"}},
             "data": {ADMIN_SECRET_KEY: base64.b64encode(key.encode()).decode()}})
         return key
+
+    # ------------------------------------------------------------------ configmaps
+    def configmap_annotations(self, name: str) -> dict[str, str] | None:
+        """One ConfigMap's annotations; None when it does not exist."""
+        try:
+            cm = self.core.read_namespaced_config_map(name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(cm.metadata.annotations or {})
 
     # ------------------------------------------------------------------ custom resources
     def fleet(self, name: str) -> dict:

@@ -20,6 +20,15 @@ The knee (requests/s one Triton pod serves within the SLO) is ``--knee-rps``; th
 conservative default (``DEFAULT_KNEE_RPS``, about half of what a quiet 2-core host measured), since no perf report of
 a cluster pod exists here: measure one pod (the perf suite's capacity ladder against a pod's port) and regenerate.
 
+The serving spec (``--spec``; the committed render reads ``deploy/k8s/base/spec/spec.yaml``, the files Kustomize puts
+in the ConfigMap ``recserve-spec`` that the operator mounts) sets what it sets on one host with ``recctl up --spec``:
+the body limits (``spec_body_limits``: each model's largest request at its ``maxBatch``), the models whose shed
+requests get the refusal at once (no ``degraded``), and the SLO the pod limit is computed from (the strictest
+``sloP99Ms``). The allow-list of paths and methods is the one-host front door's (it names no model on one host
+either). HAProxy cannot read a spec: the config is rendered from it, and carries the spec's digest
+(``recserve.io/spec-sha256``, over the ConfigMap's files) which the operator compares with the spec it mounted
+(a front door rendered from another spec makes the fleet Degraded, reason ``FrontDoorSpecStale``).
+
     python -m recserve.control.kube.frontdoor -o deploy/k8s/base/frontdoor-config.yaml
 """
 
@@ -33,9 +42,9 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from recserve.control.defaults import FALLBACK_MAXCONN, FALLBACK_QUEUE, GRPC_PORT, HTTP_PORT, SLO_P99_MS
-from recserve.control.kube.manifests import write_rendered
+from recserve.control.kube.manifests import K8S_DIR, write_rendered
 from recserve.control.routing.admission import initial_limit
-from recserve.control.routing.frontdoor import REFUSE_LUA, FrontDoorConfig, lua_path
+from recserve.control.routing.frontdoor import REFUSE_LUA, FrontDoorConfig, SpecLimits, lua_path, spec_body_limits
 from recserve.control.routing.haproxy import (
     PROTOS,
     ClusterMode,
@@ -45,6 +54,8 @@ from recserve.control.routing.haproxy import (
     render_config,
 )
 from recserve.control.routing.router import DEFAULT_KNEE_RPS, RouterConfig
+from recserve.control.runtime.triton import REPO_ROOT
+from recserve.control.spec.spec import ServingSpec, load_spec
 
 #: Where the ConfigMap is mounted in the front-door pod (the official haproxy image reads haproxy.cfg there).
 CONFIG_DIR = PurePosixPath("/usr/local/etc/haproxy")
@@ -60,6 +71,36 @@ HASH_ANNOTATION = "recserve.io/config-sha256"
 OUTPUT = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "frontdoor-config.yaml"
 #: The Prometheus exporter and the kubelet's probes (/healthz).
 METRICS_PORT = 8404
+#: The serving spec on the cluster: these files become the ConfigMap ``recserve-spec`` (Kustomize's
+#: configMapGenerator in deploy/k8s/base), mounted by the operator at ``SPEC_MOUNT``. ``repository`` in spec.yaml is
+#: the checkout's model_repository (for this generator); the operator passes its own (``--repository /models``).
+SPEC_DIR = K8S_DIR / "base" / "spec"
+SPEC_CONFIGMAP = "recserve-spec"
+SPEC_MOUNT = PurePosixPath("/etc/recserve/spec")
+SPEC_FILE = "spec.yaml"
+#: The digest of the spec files this config was rendered from (``spec_digest``); "" when rendered without a spec.
+SPEC_ANNOTATION = "recserve.io/spec-sha256"
+#: The model repository the committed render reads the spec's models from (configs only).
+REPOSITORY = REPO_ROOT / "model_repository"
+
+
+def data_digest(data: dict[str, str]) -> str:
+    """sha256 over a ConfigMap's data (name and text of every key, sorted): the front door's config hash and the
+    spec digest are both this."""
+    return hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in sorted(data.items())).encode()).hexdigest()
+
+
+def spec_files(directory: Path) -> dict[str, str]:
+    """The files of a spec directory as ConfigMap data: every regular file, by name. In a pod the ConfigMap's
+    mount has Kubernetes' ``..data`` links and ``..<timestamp>`` directory besides the keys: those are skipped."""
+    return {f.name: f.read_text() for f in sorted(Path(directory).iterdir())
+            if not f.name.startswith(".") and f.is_file()}
+
+
+def spec_digest(directory: Path) -> str:
+    """The digest of a spec directory (``data_digest`` of ``spec_files``): the same in the checkout, in the rendered
+    ConfigMap and in the pod that mounts it."""
+    return data_digest(spec_files(directory))
 
 
 @dataclass
@@ -84,6 +125,11 @@ class ClusterFrontDoor:
     #: Seconds a soft stop may take before HAProxy exits (hard-stop-after); the Deployment's grace period covers it.
     hard_stop_after_s: int = 30
     check_inter_ms: int = 1000
+    #: The serving spec the rules come from (body limits, models without degraded answers, the SLO); None: the
+    #: demo's contract limits and ``slo_p99_ms``.
+    spec: ServingSpec | None = None
+    #: ``spec_digest`` of the directory ``spec`` was read from (annotated; the operator compares it with its own).
+    spec_sha256: str = ""
 
     def fqdn(self, service: str) -> str:
         return f"{service}.{self.namespace}.svc.{self.cluster_domain}"
@@ -93,14 +139,31 @@ class ClusterFrontDoor:
             return self.knee_rps, "--knee-rps (a measured pod)"
         return DEFAULT_KNEE_RPS, "the Router's conservative default: no perf report of a cluster pod, measure one"
 
+    def slo_ms(self) -> float:
+        """The SLO one pod is held to: the strictest ``sloP99Ms`` of the spec's models (a pod serves them all), else
+        ``slo_p99_ms``."""
+        if self.spec is not None:
+            return min(m.slo_p99_ms for m in self.spec.models.values())
+        return self.slo_p99_ms
+
+    def body_limits(self) -> SpecLimits | None:
+        """The spec's body limits (``spec_body_limits``); None without a spec (the contract's limits apply)."""
+        return spec_body_limits(self.spec) if self.spec is not None else None
+
+    def no_degraded_models(self) -> tuple[str, ...]:
+        """The spec's models without ``degraded``: their shed requests get the refusal at once."""
+        if self.spec is None:
+            return ()
+        return tuple(sorted(n for n, m in self.spec.models.items() if m.degraded is None))
+
     def router(self) -> RouterConfig:
         """The one-host Router's settings for one pod: its SLO-derived timeouts and limit bounds apply unchanged."""
-        return RouterConfig(workdir=Path(CONFIG_DIR), knee_rps=self.knee()[0], slo_p99_ms=self.slo_p99_ms)
+        return RouterConfig(workdir=Path(CONFIG_DIR), knee_rps=self.knee()[0], slo_p99_ms=self.slo_ms())
 
     def pod_limit(self) -> int:
         """In-flight requests one Triton pod takes within the SLO: knee x SLO (Little's law), the Router's bounds."""
         r = self.router()
-        return initial_limit(self.knee()[0], self.slo_p99_ms / 1000, r.min_limit, r.max_limit)
+        return initial_limit(self.knee()[0], self.slo_ms() / 1000, r.min_limit, r.max_limit)
 
     def replica_limit(self) -> int:
         """This replica's share of a pod's limit (``maxconn`` of each pod slot): the replicas never exceed it."""
@@ -116,6 +179,9 @@ class ClusterFrontDoor:
         against a fake DNS server): the rules (limits, timeouts, admission, allow-list) stay the committed ones."""
         r = self.router()
         fd = FrontDoorConfig(bind=bind, allow_plaintext=True, tls_crt_path=str(TLS_CRT) if self.tls else None)
+        limits = self.body_limits()
+        if limits is not None:
+            fd.max_grpc_body, fd.max_http_body = limits.grpc, limits.http
         cluster = ClusterMode(
             pods_fqdn=pods_fqdn or self.fqdn(self.pods_service), pod_grpc_port=pod_ports[0],
             pod_http_port=pod_ports[1],
@@ -129,7 +195,8 @@ class ClusterFrontDoor:
             metrics_port=metrics_port, timeout_server_ms=r.timeout_server_ms(), maxconn=self.replica_limit(),
             fallback_maxconn=max(1, FALLBACK_MAXCONN // self.replicas),
             fallback_queue=max(0, FALLBACK_QUEUE // self.replicas),
-            fallback_timeout_queue_ms=r.fallback_wait_ms(), frontdoor=fd, cluster=cluster)
+            fallback_timeout_queue_ms=r.fallback_wait_ms(), frontdoor=fd, cluster=cluster,
+            no_degraded_models=self.no_degraded_models())
 
     def files(self, config: HAProxyConfig | None = None) -> dict[str, str]:
         """Every file HAProxy reads, by name in the config directory: haproxy.cfg, the refusal service, the refusal
@@ -142,26 +209,50 @@ class ClusterFrontDoor:
 
     def describe(self) -> str:
         knee, source = self.knee()
-        return (f"knee {knee:g} rps per Triton pod ({source}) x SLO p99 {self.slo_p99_ms:g} ms = {self.pod_limit()} "
+        slo = f"SLO p99 {self.slo_ms():g} ms" + (" (the spec's strictest sloP99Ms)" if self.spec is not None else "")
+        return (f"knee {knee:g} rps per Triton pod ({source}) x {slo} = {self.pod_limit()} "
                 f"in flight per pod; / {self.replicas} front-door replicas = {self.replica_limit()} per pod per "
                 f"replica; {self.slots} pod slots (the Triton HPA's maxReplicas)")
 
+    def describe_spec(self) -> str:
+        limits = self.body_limits()
+        if limits is None:
+            return "no serving spec: the demo contract's body limits, every shed request may get a degraded answer"
+        none = ", ".join(self.no_degraded_models()) or "none"
+        return (f"body limits from the serving spec: {limits.describe()}; models refused at once when shed (no "
+                f"degraded): {none}")
+
     def configmap(self) -> dict:
         data = self.files()
-        digest = hashlib.sha256("".join(f"{k}\0{v}\0" for k, v in sorted(data.items())).encode()).hexdigest()
+        ann = {HASH_ANNOTATION: data_digest(data), "recserve.io/admission": self.describe(),
+               "recserve.io/replicas": str(self.replicas), "recserve.io/slots": str(self.slots),
+               SPEC_ANNOTATION: self.spec_sha256, "recserve.io/spec": self.describe_spec()}
         return {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": CONFIGMAP, "labels": {"app.kubernetes.io/name": "recserve-frontdoor",
                                                            "app.kubernetes.io/component": "frontdoor"},
-                             "annotations": {HASH_ANNOTATION: digest, "recserve.io/admission": self.describe(),
-                                             "recserve.io/replicas": str(self.replicas),
-                                             "recserve.io/slots": str(self.slots)}},
+                             "annotations": ann},
                 "data": data}
 
     def render(self) -> str:
         head = ("# Generated by python -m recserve.control.kube.frontdoor (control/kube/frontdoor.py); do not edit:\n"
                 "# regenerate, tests/test_kube_frontdoor.py checks that this file is current.\n"
-                f"# Admission: {self.describe()}.\n")
+                f"# Admission: {self.describe()}.\n# Serving spec: {self.describe_spec()}.\n")
+        limits = self.body_limits()
+        for w in limits.warnings if limits is not None else ():
+            head += f"# Warning: {_relative(w)}\n"
         return head + yaml.dump(self.configmap(), Dumper=_Dumper, sort_keys=False, width=120)
+
+
+def _relative(text: str) -> str:
+    """Warnings name files by absolute path; the committed render names them from the checkout's root."""
+    return text.replace(f"{REPO_ROOT}/", "")
+
+
+def with_spec(directory: Path = SPEC_DIR, repository: Path = REPOSITORY, **kw) -> ClusterFrontDoor:
+    """The generator with the serving spec of ``directory`` (``spec.yaml`` and the files it names), read against
+    ``repository``: what the committed render is (``with_spec()``)."""
+    spec = load_spec(Path(directory) / SPEC_FILE, repository)
+    return ClusterFrontDoor(spec=spec, spec_sha256=spec_digest(directory), **kw)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -190,11 +281,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--namespace", default=d.namespace)
     p.add_argument("--cluster-domain", default=d.cluster_domain)
     p.add_argument("--tls", action="store_true", help=f"terminate client TLS with {TLS_CRT} (a mounted Secret)")
+    p.add_argument("--spec-dir", type=Path, default=SPEC_DIR,
+                   help=f"the serving spec's directory ({SPEC_FILE} and its golden files: the ConfigMap "
+                        f"{SPEC_CONFIGMAP}); default: {SPEC_DIR}")
+    p.add_argument("--repository", type=Path, default=REPOSITORY,
+                   help="the model repository the spec's models are read from (their config.pbtxt)")
+    p.add_argument("--no-spec", action="store_true",
+                   help="render without a serving spec: the demo contract's limits and --slo-p99-ms")
     a = p.parse_args(argv)
     if a.replicas < 1:
         p.error("--replicas must be >= 1")
-    gen = ClusterFrontDoor(namespace=a.namespace, cluster_domain=a.cluster_domain, slots=a.slots,
-                           replicas=a.replicas, knee_rps=a.knee_rps, slo_p99_ms=a.slo_p99_ms, tls=a.tls)
+    kw = dict(namespace=a.namespace, cluster_domain=a.cluster_domain, slots=a.slots, replicas=a.replicas,
+              knee_rps=a.knee_rps, slo_p99_ms=a.slo_p99_ms, tls=a.tls)
+    gen = ClusterFrontDoor(**kw) if a.no_spec else with_spec(a.spec_dir, a.repository, **kw)
     write_rendered(gen.render(), a.output)
 
 

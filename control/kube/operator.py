@@ -1,7 +1,8 @@
 """The recserve operator: the control plane with a Kubernetes driver (``python -m recserve.control.kube.operator``).
 
 It reads one ``RecServeFleet``, discovers its Triton pods by label, loads the exact desired versions on a new pod
-through its repository API, deep-checks every pod (live, versions, golden inference) and opens the pod's
+through its repository API, deep-checks every pod (live, versions, golden inference: the serving spec's golden
+requests and comparison rules with ``--spec``, the ConfigMap ``recserve-spec``; else the demo's) and opens the pod's
 ``recserve.io/golden-ok`` readiness gate only while the pod answers right; a pod that keeps failing is deleted so
 its Deployment replaces it. ``ModelRollout`` objects run through ``control.rollout.manager.RolloutManager``, the same
 canary, gates and rollback as the local fleet, over ``KubePool``; progress and the decision with its numbers go
@@ -24,11 +25,16 @@ from pathlib import Path
 from kubernetes.client.exceptions import ApiException
 
 from recserve.control.fleet.fleet import FleetError
+from recserve.control.fleet.golden import Golden
 from recserve.control.fleet.health import HealthMonitor, Probe
+from recserve.control.fleet.spec_golden import SpecGolden
 from recserve.control.kube.api import GATE, GROUP, VERSION, KubeApi, api_client, now
+from recserve.control.kube.frontdoor import CONFIGMAP as FRONTDOOR_CONFIGMAP
+from recserve.control.kube.frontdoor import SPEC_ANNOTATION, spec_digest
 from recserve.control.kube.pool import KubePool, pod_endpoint
 from recserve.control.kube.trtgolden import TrtGolden, trt_models
 from recserve.control.rollout.manager import RolloutManager
+from recserve.control.spec.spec import ServingSpec, load_spec
 from recserve.control.state.store import RolloutRecord
 
 log = logging.getLogger("recserve.operator")
@@ -44,6 +50,8 @@ SPEC_SOURCE_LABEL = "recserve.io/source"
 SPEC_SOURCE = "spec.desiredVersions"
 #: ModelRollout results after which a spec change is not being applied any more.
 FAILED_RESULTS = ("RolledBack", "Refused")
+#: How often the front door's ConfigMap is read to compare the spec it was rendered from with the operator's.
+FRONTDOOR_CHECK_S = 30.0
 
 
 @dataclass
@@ -58,6 +66,27 @@ class OperatorConfig:
     check_interval_s: float | None = None
     kubeconfig: str | None = None
     context: str | None = None
+    #: The serving spec (``spec.yaml`` of the mounted ConfigMap recserve-spec): golden requests and comparison
+    #: rules; None: the demo's golden checks (control/fleet/golden.py).
+    spec: Path | None = None
+
+
+def serving_spec(path: Path, repository: Path, fleet_models: list[str]) -> ServingSpec:
+    """The serving spec, read against the pod's repository, and checked against the RecServeFleet's ``spec.models``:
+    the fleet serves exactly the spec's models, plus the gpu overlay's ``*_trt`` ensembles (checked against the
+    demo's reference by ``TrtGolden``). Raises FleetError naming both when they disagree."""
+    spec = load_spec(path, repository)
+    named, served = set(spec.model_names()), set(fleet_models)
+    extra = sorted(served - named - set(trt_models(fleet_models)))
+    missing = sorted(named - served)
+    if extra or missing:
+        raise FleetError(f"RecServeFleet spec.models {sorted(served)} and the serving spec {path} "
+                         f"({sorted(named)}) disagree: " + "; ".join(
+                             [f"not in the serving spec: {extra}"] * bool(extra)
+                             + [f"not in spec.models: {missing}"] * bool(missing))
+                         + " (every model the fleet serves is golden-checked by the spec's rules)",
+                         "FAILED_PRECONDITION")
+    return spec
 
 
 class Operator:
@@ -79,6 +108,11 @@ class Operator:
         #: model -> the spec.desiredVersions pin the operator last acted on (kept in status.specDesiredVersions).
         self._spec_seen: dict[str, list[int]] = {}
         self._crs: list[dict] = []
+        self.serving_spec: ServingSpec | None = None
+        self.spec_sha256 = ""
+        #: Why the front door's rules do not come from the spec this operator checks by ("" when they do).
+        self.frontdoor_stale = ""
+        self._frontdoor_checked = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="operator", daemon=True)
 
@@ -87,8 +121,16 @@ class Operator:
         fleet = self.api.fleet(self.config.fleet)
         self.spec = fleet["spec"]
         key = self.api.admin_key()
+        if self.config.spec is not None:  # refused before any pod is touched: a spec that cannot work
+            self.serving_spec = serving_spec(self.config.spec, self.config.repository, self.spec["models"])
+            self.spec_sha256 = spec_digest(Path(self.config.spec).parent)
         self.pool = KubePool(self.config.repository, self.config.workdir, key, self.spec["models"],
                              delete_pod=self._delete_pod, on_traffic=self._apply_gate)
+        demo_golden = self.pool.golden
+        if self.serving_spec is not None:
+            pool = self.pool
+            self.pool.golden = SpecGolden(self.serving_spec, metrics=pool.metrics,
+                                          event=lambda msg: pool.state.event("golden", msg))
         # a pod's models-sync sidecar brings a version (verified) before Triton is asked to load it
         from recserve.control.kube.modelsync import sync_pod_first
 
@@ -98,7 +140,9 @@ class Operator:
         register(self)
         self._init_desired(fleet)
         self._init_spec_seen(fleet)
-        self.trt = TrtGolden(self.config.repository, self.pool.golden) if trt_models(self.spec["models"]) else None
+        # the *_trt ensembles: the demo's requests against the reference of the ONNX versions their engines came from
+        self.trt = TrtGolden(self.config.repository, demo_golden if isinstance(demo_golden, Golden) else
+                             Golden(self.config.repository)) if trt_models(self.spec["models"]) else None
         self.rollouts = RolloutManager(self.pool)
         self.rollouts.recover_records()
         interval = self.config.check_interval_s or float(self.spec["pool"].get("checkIntervalSeconds", 2))
@@ -173,9 +217,30 @@ class Operator:
             self.gates.pop(name, None)
             self._gate_reasons.pop(name, None)
         pool.ensure_primary()
+        self._check_frontdoor()
         self._reconcile_spec_versions(fleet)
         self._reconcile_rollouts()
         self._write_fleet_status(fleet)
+
+    def _check_frontdoor(self) -> None:
+        """The front door's rules (body limits, models without degraded answers, the SLO) are rendered from a spec
+        (control/kube/frontdoor.py); its ConfigMap says which (``recserve.io/spec-sha256``). One that is not this
+        operator's spec makes the fleet Degraded (``FrontDoorSpecStale``); no front-door ConfigMap: nothing to
+        compare (a cluster without the front door)."""
+        if self.serving_spec is None or time.monotonic() - self._frontdoor_checked < FRONTDOOR_CHECK_S:
+            return
+        ann = self.api.configmap_annotations(FRONTDOOR_CONFIGMAP)
+        self._frontdoor_checked = time.monotonic()
+        theirs = None if ann is None else ann.get(SPEC_ANNOTATION, "")
+        if theirs is None or theirs == self.spec_sha256:
+            self.frontdoor_stale = ""
+        else:
+            self.frontdoor_stale = (
+                f"ConfigMap {FRONTDOOR_CONFIGMAP} was rendered "
+                + (f"from another serving spec (sha256 {theirs[:12]})" if theirs else "without a serving spec")
+                + f", not from {self.config.spec} (sha256 {self.spec_sha256[:12]}): its body limits and refusals are "
+                "not this spec's; regenerate it (python -m recserve.control.kube.frontdoor -o "
+                "deploy/k8s/base/frontdoor-config.yaml) and apply")
 
     def _ready_ids(self) -> list[str]:
         assert self.pool is not None
@@ -229,6 +294,8 @@ class Operator:
             cond_deg = (True, "SpecVersionsNotApplied", "; ".join(spec_failed))
         elif failing:
             cond_deg = (True, "PodsFailing", "; ".join(f"{r.id}: {r.detail or r.state}" for r in failing)[:1000])
+        elif self.frontdoor_stale:
+            cond_deg = (True, "FrontDoorSpecStale", self.frontdoor_stale)
         else:
             cond_deg = (False, "AsExpected", "every pod answers right on the desired versions")
         old = {c.get("type"): c for c in previous}
@@ -345,7 +412,13 @@ class Operator:
         probe = pool.check(iid)
         if probe.ok and self.trt is not None and rec is not None and iid in pool.endpoints:
             ep = pool.endpoints[iid]  # the gpu overlay: the *_trt ensembles answer right too
-            return self.trt.check(iid, f"{ep.ip}:{ep.grpc}", rec.versions, self.spec["models"])
+            probe = self.trt.check(iid, f"{ep.ip}:{ep.grpc}", rec.versions, self.spec["models"])
+        if probe.ok and rec is not None and rec.state == "new":  # warm before the gate first opens
+            pool.busy.add(iid)
+            try:
+                pool.warm_up(iid)
+            finally:
+                pool.busy.discard(iid)
         return probe
 
     def _fmt_versions(self, v: dict[str, list[int]]) -> str:
@@ -523,10 +596,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kubeconfig", help="outside a cluster: kubeconfig file (default: in-cluster, then ~/.kube)")
     p.add_argument("--context", help="kubeconfig context")
     p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus metrics of the operator (0: off)")
+    p.add_argument("--spec", type=Path, help="the serving spec (spec.yaml of the mounted ConfigMap recserve-spec): "
+                   "golden requests and rules; without it, the demo's golden checks")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     op = Operator(OperatorConfig(namespace=a.namespace, fleet=a.fleet, repository=a.repository, workdir=a.workdir,
-                                 kubeconfig=a.kubeconfig, context=a.context)).start()
+                                 kubeconfig=a.kubeconfig, context=a.context, spec=a.spec)).start()
     if a.metrics_port:
         assert op.pool is not None
         op.pool.metrics.serve(a.metrics_port, host="0.0.0.0")
