@@ -64,7 +64,7 @@ def test_every_alert_has_a_firing_and_a_silent_test_and_a_runbook():
         for g in yaml.safe_load(f.read_text())["groups"]:
             for rule in g["rules"]:
                 if "alert" in rule:
-                    assert rule["labels"]["severity"] in ("page", "ticket", "info"), rule["alert"]
+                    assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
                     assert "recctl" in rule["annotations"]["runbook"] or "make" in rule["annotations"]["runbook"]
 
 
@@ -83,7 +83,7 @@ def test_amtool_checks_the_committed_and_rendered_config(tmp_path, fast):
 
 @needs_amtool
 @pytest.mark.parametrize("labels,receiver", [
-    ("severity=page", "recserve-page"), ("severity=ticket", "recserve-ticket"),
+    ("severity=critical", "recserve-page"), ("severity=warning", "recserve-ticket"),
     ("severity=info", "recserve-info"), ("severity=other", "recserve-default")])
 def test_routing_by_severity(labels, receiver):
     r = run(AMTOOL, "config", "routes", "test", f"--config.file={DEPLOY_DIR / 'alertmanager.yml'}",

@@ -89,6 +89,7 @@ class Report:
 
 #: Kinds of other projects' CRDs (not shipped here): only their required fields are checked.
 FOREIGN = {("monitoring.coreos.com/v1", "ServiceMonitor"): ("spec.selector", "spec.endpoints"),
+           ("monitoring.coreos.com/v1", "PodMonitor"): ("spec.selector", "spec.podMetricsEndpoints"),
            ("monitoring.coreos.com/v1", "PrometheusRule"): ("spec.groups",)}
 
 

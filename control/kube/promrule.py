@@ -1,17 +1,21 @@
 """Wrap Prometheus rule files (``deploy/monitoring/rules/*.yml``) as PrometheusRules, one per file (the Prometheus
 Operator renders each into one rule file, where group names must be unique), adapted to the cluster: a cluster
 evaluates the rules the one-machine stack tests with promtool, less the ones that read series only the single-host
-control plane or HAProxy exports, with kube-prometheus severities and runbooks that say what to do on a cluster.
+control plane exports, with kube-prometheus severities and runbooks that say what to do on a cluster. HAProxy's
+series are the front door's on a cluster (the PodMonitor ``recserve-frontdoor`` in deploy/k8s/base/monitoring.yaml
+scrapes every replica as ``job="haproxy"``; the proxies have the one-host names ``fe_grpc``, ``be_*_fallback``,
+``be_*_shed``), so the HAProxy rules stay, summed over the replicas by ``fleet``.
 
     python -m recserve.control.kube.promrule deploy/monitoring/rules/*.yml -o deploy/k8s/base/monitoring-rules.yaml
 
 What changes for the cluster (``cluster_groups``), and why:
 
-- dropped: alerts and recording rules that read series no cluster exports (``SINGLE_HOST_ONLY``: HAProxy, the
-  serving mode and standbys, the primary, failovers, backups); a group left empty is dropped;
-- rewritten: the shed rule without its HAProxy terms (``CLUSTER_EXPR``);
-- severities: ``page`` -> ``critical``, ``ticket`` -> ``warning``, ``info`` stays (what kube-prometheus-stack's
-  Alertmanager routes on);
+- dropped: alerts and recording rules that read series no cluster exports (``SINGLE_HOST_ONLY``: the serving mode
+  and standbys, the primary, failovers, backups); a group left empty is dropped;
+- rewritten (``CLUSTER_EXPR``): an instance still loading is not down; HAProxy is down when no front-door replica
+  answers (one replica down is the Deployment's to replace, clients use the others);
+- severities: ``critical``/``warning``/``info`` as on one host (what kube-prometheus-stack's Alertmanager routes
+  on; the older ``page``/``ticket`` map to the first two);
 - annotations: ``runbook`` says what to run on a cluster (``CLUSTER_RUNBOOKS``; never ``make fleet-up``) and
   ``runbook_url`` points at the alert's section of docs/monitoring.md (``--runbook-base`` makes it absolute);
 - ``--release NAME``: the ``release`` label kube-prometheus-stack's default ruleSelector matches.
@@ -26,16 +30,13 @@ import yaml
 
 from recserve.control.kube.manifests import write_rendered
 
-#: Rules of the single-host files that read series only the single-host control plane or HAProxy exports.
+#: Rules of the single-host files that read series only the single-host control plane exports.
 SINGLE_HOST_ONLY = {
-    "RecserveHAProxyDown": "HAProxy's exporter (the cluster's clients reach a Service)",
     "RecserveNoHealthyStandby": "recserve_fleet_healthy_standbys / recserve_fleet_mode (no standby role on a cluster)",
     "RecservePrimaryUnhealthy": "the primary's state (a Service balances over every ready pod: no primary)",
     "RecserveFailover": "recserve_failovers_total (no failover on a cluster: a failing pod leaves the Service)",
     "RecserveBackupStale": "the backup series (the operator runs no backups)",
     "RecserveBackupFailing": "the backup series (the operator runs no backups)",
-    "recserve:haproxy_requests:rate1m": "HAProxy's exporter",
-    "recserve:haproxy_5xx_ratio:rate5m": "HAProxy's exporter",
 }
 #: Rules whose cluster form reads other series.
 CLUSTER_EXPR = {
@@ -44,11 +45,17 @@ CLUSTER_EXPR = {
     "RecserveInstanceDown": ("max by (fleet, instance) (up{job=\"triton\"} == 0)\n"
                              "or max by (fleet, instance)"
                              " (recserve_instance_state{state!~\"healthy|drained|new|deleting\"} == 1)\n"),
-    # Triton's queue-full failures and REJECTED requests; the HAProxy terms of the single-host form have no series.
-    "recserve:shed:rate1m": ("sum by (fleet) (recserve:queue_full_failures:rate1m)\n"
-                             "+ sum by (fleet) (rate(nv_inference_request_failure{reason=\"REJECTED\"}[1m]))\n"),
+    # Every front-door replica down (or none scraped): clients reach nothing. One replica down is not an outage.
+    "RecserveHAProxyDown": ("sum by (fleet) (up{job=\"haproxy\"}) == 0\n"
+                            "or absent(up{job=\"haproxy\"})\n"),
 }
-SEVERITY = {"page": "critical", "ticket": "warning", "info": "info"}
+#: Descriptions that say what happens on a cluster, where the single-host text names its control plane's reaction.
+CLUSTER_DESCRIPTIONS = {
+    "RecserveHAProxyDown": "No front-door replica answers (or none is scraped): clients reach no Triton pod. The "
+                           "kubelet restarts a replica whose /healthz fails; the front door's HPA keeps minReplicas.",
+}
+#: The single-host files use kube-prometheus' names already; page/ticket (their earlier names) still map.
+SEVERITY = {"critical": "critical", "warning": "warning", "info": "info", "page": "critical", "ticket": "warning"}
 #: What to run on a cluster, per alert the cluster keeps (the single-host texts name recctl and make targets).
 CLUSTER_RUNBOOKS = {
     "RecserveInstanceDown": "kubectl -n recserve get pods; "
@@ -66,6 +73,9 @@ CLUSTER_RUNBOOKS = {
     "RecserveErrorBudgetBurnSlow": "recctl k8s status; kubectl -n recserve get events --sort-by=.lastTimestamp",
     "RecserveP99OverSLO": "kubectl -n recserve describe hpa recserve-triton (at its maximum?); raise maxReplicas",
     "RecserveLoadShedding": "kubectl -n recserve describe hpa recserve-triton (at its maximum?); raise maxReplicas",
+    "RecserveHAProxyDown": "kubectl -n recserve get pods -l app.kubernetes.io/name=recserve-frontdoor; "
+                           "kubectl -n recserve describe deployment recserve-frontdoor; "
+                           "kubectl -n recserve logs deploy/recserve-frontdoor",
 }
 RUNBOOK_DOC = "docs/monitoring.md"
 
@@ -94,7 +104,9 @@ def cluster_groups(groups: list[dict], runbook_base: str = "") -> list[dict]:
                 if name not in CLUSTER_RUNBOOKS:
                     raise ValueError(f"alert {name}: no cluster runbook (promrule.CLUSTER_RUNBOOKS) and not "
                                      "single-host only (promrule.SINGLE_HOST_ONLY): say which")
-                annotations["runbook"] = CLUSTER_RUNBOOKS[name]
+                annotations["runbook"] = CLUSTER_RUNBOOKS[name]  # runbook_url: the same anchor, --runbook-base
+                if name in CLUSTER_DESCRIPTIONS:
+                    annotations["description"] = CLUSTER_DESCRIPTIONS[name]
                 annotations["runbook_url"] = runbook_url(name, runbook_base)
                 rule["labels"], rule["annotations"] = labels, annotations
             rules.append(rule)
