@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -112,6 +113,9 @@ def test_process_faults_write_figures_and_keep_their_scratch_apart(tmp_path):
         ctx = Context(_Fleet(hung.pid), None, None, tmp_path, tmp_path)
         faults.Hang().inject(ctx, action)
         assert ctx.target == "i1" and ctx.state(HangState).stopped_pid == hung.pid
+        deadline = time.monotonic() + 5  # the stop is delivered asynchronously
+        while process_state(hung.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert process_state(hung.pid) == "T"
         assert faults.Hang().rollback(ctx)["was_stopped"] is True
         assert ctx.figures.to_dict() == {}  # a hang measures nothing itself: no scratch in the record
@@ -125,3 +129,50 @@ def test_process_faults_write_figures_and_keep_their_scratch_apart(tmp_path):
     assert ctx.state(CrashState).killed_pid == killed.pid and ctx.state(CrashState).shm_regions_before == 2
     faults.Crash().rollback(ctx)
     assert ctx.figures.to_dict() == {"instance_back_s": 0.25, "orphaned_stubs": 0, "shm_growth": 0}
+
+
+class _DrillFleet:
+    """What the runner asks of the fleet after a drill: versions, events (a detection 0.4 s after the fault)."""
+
+    def __init__(self, fault_t: float):
+        self.fault_t = fault_t
+
+    def versions_consistent(self, repository):
+        return True, "every instance serves the desired versions"
+
+    def events_since(self, t: float, instance: str | None = None):
+        return [{"kind": "detected", "ts_unix": self.fault_t + 0.4, "instance": "i1"}]
+
+
+def test_a_crash_drills_result_has_the_keys_its_figures_dict_had(tmp_path):
+    """The runner's figures of a crash drill, from hand-made requests: the result document (journal, report.json)
+    has exactly the keys the dict of string keys gave it, and the verdict reads the typed figures."""
+    from recserve.drills.probe import Record
+    from recserve.drills.runner import DrillRun
+    from recserve.drills.spec import SPECS_DIR, load_file
+
+    spec = load_file(SPECS_DIR / "crash.yaml")
+    t0 = 1_000.0
+    fault_t = t0 + spec.method[0].at_s
+    session = SimpleNamespace(fleet=_DrillFleet(fault_t), repository=tmp_path, workdir=tmp_path, control=None,
+                              access_log=None, monitor=None)
+    run = DrillRun(spec, session, log=lambda *_: None)
+    run.journal.add("gpu-xid-crash", "method", "succeeded", started_at=fault_t, ended_at=fault_t + 0.01)
+    run.records = [Record(i, "recommend", t0 + i * 0.05, 10.0, "OK", True) for i in range(int(spec.load.duration_s
+                                                                                               * 20))]
+    run.ctx.target = "i1"
+    run.ctx.figures.update(instance_back_s=2.5, orphaned_stubs=0, shm_growth=0)
+    fig = run._figures(t0, None, 1.0)
+    fig.answers_notes, fig.answers_source = [], "golden reference (control.fleet.golden)"
+    got = run._result(fig, status="completed")
+    assert set(got) == {
+        "name", "purpose", "status", "fault", "simulation", "slo_p99_ms", "rto_ms", "detection_ms",
+        "failed_requests", "total_requests", "wrong_answers", "p99_ms", "versions_consistent",
+        "fault_at_s", "fault_end_s", "rto_basis", "served_requests", "degraded_answers", "shed_requests",
+        "failed_unshed", "error_budget_used", "p50_ms", "tail", "throughput_rps", "phases", "settled_after_s",
+        "statuses", "failures", "client_lag", "haproxy_timers", "p99_during_ratio", "p99_during_ms",
+        "bad_after_detection", "bad_share", "instance_back_s", "orphaned_stubs", "shm_growth", "versions_detail",
+        "seconds", "marks", "answers_notes", "answers_source", "passed", "checks", "reason", "deviated"}
+    assert got["detection_ms"] == 400.0 and got["failed_requests"] == 0 and got["orphaned_stubs"] == 0
+    assert {c["figure"]: c["ok"] for c in got["checks"]}["orphaned_stubs"] is True
+    assert json.loads(json.dumps(got, default=str))["instance_back_s"] == 2.5
