@@ -59,3 +59,14 @@ LIMIT_RULE = "p99"
 P99_TO_MEAN = 2.5
 #: The knee's mean latency in ms (``--knee-mean-ms``); 0 = unknown (from the perf report when it has one).
 KNEE_MEAN_MS = 0.0
+
+# ---------------------------------------------------------------------------------------------- warm-up
+#: Warm-up of an instance after it loads a version and passes its golden check, before it takes traffic
+#: (control/fleet/warmup.py, docs/warm-up.md): at most this many rounds of the golden / probe requests at every batch
+#: size the batcher forms (0: no warm-up) ...
+WARMUP_ROUNDS = 8
+#: ... until each composing model's compute_infer per execution is within this factor of an instance that serves
+#: now (same model, same batch size) ...
+WARMUP_RATIO = 1.5
+#: ... or this many seconds passed (the instance is then admitted, reported not warm with the figures).
+WARMUP_DEADLINE_S = 20.0

@@ -77,6 +77,16 @@ class FleetSettings:
                        type=int, cli_type=int_range(1))
     health_interval_s: float = flag(d.HEALTH_INTERVAL_S, "--health-interval", "seconds between the health checks "
                                     "of each instance", type=float, cli_type=float_range(0.05, 60, "seconds"))
+    warmup_rounds: int = flag(d.WARMUP_ROUNDS, "--warmup-rounds", "warm-up of an instance that loaded a version, "
+                              "before it takes traffic: at most this many rounds of the golden requests at every batch "
+                              "size the batcher forms (0: none; docs/warm-up.md)", type=int,
+                              cli_type=int_range(0, 1000))
+    warmup_ratio: float = flag(d.WARMUP_RATIO, "--warmup-ratio", "warm: each composing model's compute_infer per "
+                               "execution (Triton's statistics) within this factor of a serving instance's",
+                               type=float, cli_type=float_range(1, 100, "x"))
+    warmup_deadline_s: float = flag(d.WARMUP_DEADLINE_S, "--warmup-deadline", "seconds a warm-up may take; then the "
+                                    "instance is admitted, reported not warm", type=float,
+                                    cli_type=float_range(0.1, 600, "seconds"))
 
 
 @dataclass
@@ -332,6 +342,8 @@ def fleet_config(s: Settings, frontdoor: Any, *, fallback: bool | None = None,
     return FleetConfig(root=s.root, repository=s.repository or d.DEFAULT_REPOSITORY, spec=s.spec,
                        grpc_port=s.ports.grpc, http_port=s.ports.http, instances=f.instances,
                        health_interval_s=f.health_interval_s, mode=f.mode, active=min(f.active, f.instances),
+                       warmup_rounds=f.warmup_rounds, warmup_ratio=f.warmup_ratio,
+                       warmup_deadline_s=f.warmup_deadline_s,
                        knee_rps=r.knee_rps, slo_p99_ms=r.slo_p99_ms,
                        fallback=r.fallback if fallback is None else fallback, adaptive_limits=r.adaptive_limits,
                        fallback_maxconn=r.fallback_maxconn, fallback_queue=r.fallback_queue,

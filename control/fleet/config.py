@@ -41,6 +41,11 @@ class FleetConfig:
     #: (out of rotation) run at 19; the degraded-answer server at ``FallbackConfig.nice``, below them.
     instance_nice: int = 5
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Warm-up after a load, before traffic (control/fleet/warmup.py): rounds (0: none), the compute ratio to a
+    #: serving instance that counts as warm, and its deadline in seconds.
+    warmup_rounds: int = d.WARMUP_ROUNDS
+    warmup_ratio: float = d.WARMUP_RATIO
+    warmup_deadline_s: float = d.WARMUP_DEADLINE_S
     #: HAProxy's Prometheus exporter port (0 = none).
     haproxy_metrics_port: int = d.HAPROXY_METRICS_PORT
     #: ``active-active`` (actives behind ``balance leastconn``, the rest hot standbys) or ``primary-standby``.
@@ -71,6 +76,9 @@ class FleetConfig:
                              "INVALID_ARGUMENT")
         if not 0 <= self.instance_nice <= 19:
             raise FleetError(f"instance_nice must be 0..19, got {self.instance_nice}", "INVALID_ARGUMENT")
+        if self.warmup_rounds < 0 or self.warmup_ratio < 1 or self.warmup_deadline_s <= 0:
+            raise FleetError(f"warm-up: rounds must be >= 0, ratio >= 1 and deadline > 0, got {self.warmup_rounds}, "
+                             f"{self.warmup_ratio}, {self.warmup_deadline_s}", "INVALID_ARGUMENT")
         if not 1 <= self.instances <= self.slots:
             raise FleetError(f"instances must be within 1..slots ({self.slots}), got {self.instances}",
                              "INVALID_ARGUMENT")

@@ -18,6 +18,7 @@ from recserve.control.fleet.golden import Golden
 from recserve.control.fleet.health import Probe, deep_check, ready_versions
 from recserve.control.fleet.spec_golden import SpecGolden
 from recserve.control.fleet.versions import Catalog
+from recserve.control.fleet.warmup import REQUEST_TIMEOUT_S, Endpoint, WarmupConfig, WarmupResult, warm_up_instance
 from recserve.control.monitoring.metrics import ControlMetrics
 from recserve.control.routing.haproxy import HAProxyError
 from recserve.control.routing.router import Router, RouterError
@@ -173,7 +174,8 @@ class Instances:
             probe = self.settle(iid)
             if not probe.ok:
                 raise FleetError(f"{iid} failed its deep check after start: {probe.stage}: {probe.reason}")
-            self.renice(rec, serving_nice)  # before it can take traffic
+            self.renice(rec, serving_nice)  # before it can take traffic (and before its warm-up is judged)
+            self.warm_up(iid)
             self._router.bind(rec.slot, rec.grpc_port, rec.http_port)
             # The monitor ignores probes while an instance is busy, so without this the last probe on record is
             # the failure that caused the restart, and promote() would refuse the instance it just started.
@@ -184,6 +186,39 @@ class Instances:
                 self._router.set_state(rec.slot, "ready")
         finally:
             self._supervisor.release(iid)
+
+    def warm_up(self, iid: str, only: list[str] | None = None) -> WarmupResult | None:
+        """Warm ``iid`` up after a load that passed its golden check, before it takes traffic
+        (control/fleet/warmup.py): the models in ``only`` (None: all), judged against a serving instance. The
+        one path of starts, restarts, scale-out, rollovers and rollbacks; never fails them (events say how it
+        went)."""
+        rec = self._state.instance(iid)
+        cfg = WarmupConfig(self._config.warmup_rounds, self._config.warmup_ratio, self._config.warmup_deadline_s)
+        if rec is None or cfg.rounds <= 0:
+            return None
+        try:
+            client = RecClient(f"127.0.0.1:{rec.grpc_port}", timeout_s=REQUEST_TIMEOUT_S, retry_policy=None)
+            try:
+                result = warm_up_instance(
+                    self.server(rec), client, self._stats_key, rec.versions, self._reference(iid), self._golden,
+                    cfg, only, progress=lambda msg: self._state.event("warmup", f"{iid}: {msg}", iid))
+            finally:
+                client.close()
+        except Exception as exc:  # noqa: BLE001 - a warm-up that breaks must not fail the load it follows
+            self._state.event("warmup", f"{iid}: warm-up failed: {type(exc).__name__}: {str(exc)[:300]}", iid)
+            return None
+        self._state.event("warmup", f"{iid}: {result.text()}", iid)
+        return result
+
+    def _reference(self, iid: str) -> Endpoint | None:
+        """What a warm-up is judged against: a healthy instance the route sends clients to (the primary first)."""
+        serving = self._router.serving_slots()
+        recs = [r for r in self._state.instances()
+                if r.id != iid and r.state == "healthy" and r.slot in serving and r.http_port]
+        if not recs:
+            return None
+        ref = min(recs, key=lambda r: r.role != "primary")
+        return Endpoint(self.server(ref).http_url, self._stats_key, {m: max(v) for m, v in ref.versions.items() if v})
 
     def settle(self, iid: str, timeout_s: float = 30.0) -> Probe:
         """Deep-check until green or ``timeout_s``: after a load, dependent ensembles reload in the background
@@ -290,6 +325,9 @@ class Instances:
             if not probe.ok:
                 raise FleetError(f"{iid} failed its deep check after loading {versions}: {probe.stage}: "
                                  f"{probe.reason}", "ABORTED")
+            if not taking:
+                self.renice(rec, serving_nice)  # its warm-up is judged against a serving instance's compute
+            self.warm_up(iid, only)
             self._supervisor.passed(iid, probe)
         finally:
             if not taking:

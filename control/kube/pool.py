@@ -20,6 +20,7 @@ from recserve.control.fleet.config import FleetError
 from recserve.control.fleet.golden import Golden
 from recserve.control.fleet.health import INFER_TIMEOUT_S, Probe, deep_check, ready_versions
 from recserve.control.fleet.versions import Catalog
+from recserve.control.fleet.warmup import REQUEST_TIMEOUT_S, Endpoint, WarmupConfig, WarmupResult, warm_up_instance
 from recserve.control.monitoring.metrics import ControlMetrics
 from recserve.control.runtime.triton import TritonConfig, TritonServer
 from recserve.control.state.store import InstanceRecord, State
@@ -126,6 +127,8 @@ class KubePool:
         self.traffic = ServiceTraffic(self.state, on_traffic)
         self._delete_pod = delete_pod
         self._clients: dict[str, tuple[PodEndpoint, RecClient]] = {}
+        #: The warm-up before a pod's gate first opens and after each reload (control/fleet/warmup.py).
+        self.warmup = WarmupConfig()
 
     # ------------------------------------------------------------------ ServingPool
     def top_models(self) -> list[str]:
@@ -169,8 +172,35 @@ class KubePool:
             if not probe.ok:
                 raise FleetError(f"{iid} failed its deep check after loading {versions}: {probe.stage}: "
                                  f"{probe.reason}", "ABORTED")
+            self.warm_up(iid, only)
         finally:
             self.busy.discard(iid)
+
+    def warm_up(self, iid: str, only: list[str] | None = None) -> WarmupResult | None:
+        """The local fleet's warm-up (``Instances.warm_up``) on a pod that loaded ``only`` (None: everything) and
+        passed its golden check, judged against a pod the Service sends clients to; never raises (events say how
+        it went). Pods serve statistics without a key (deploy/k8s restricts only the admin APIs)."""
+        rec = self.state.instance(iid)
+        if rec is None or iid not in self.endpoints or self.warmup.rounds <= 0:
+            return None
+        ref = next((r for r in self.state.instances() if r.id != iid and r.state == "healthy"
+                    and r.id in self.endpoints and self.traffic.admitted(r.id)), None)
+        reference = None if ref is None else Endpoint(
+            self.server(ref.id).http_url, None, {m: max(v) for m, v in ref.versions.items() if v})
+        ep = self.endpoints[iid]
+        try:
+            client = RecClient(f"{ep.ip}:{ep.grpc}", timeout_s=REQUEST_TIMEOUT_S, retry_policy=None)
+            try:
+                result = warm_up_instance(self.server(iid), client, None, rec.versions, reference, self.golden,
+                                          self.warmup, only,
+                                          progress=lambda msg: self.state.event("warmup", f"{iid}: {msg}", iid))
+            finally:
+                client.close()
+        except Exception as exc:  # noqa: BLE001 - the warm-up never fails the load it follows
+            self.state.event("warmup", f"{iid}: warm-up failed: {type(exc).__name__}: {str(exc)[:300]}", iid)
+            return None
+        self.state.event("warmup", f"{iid}: {result.text()}", iid)
+        return result
 
     def route_first(self, slot: int) -> None:
         self.traffic.route("first", slot)
