@@ -22,7 +22,7 @@ def _subparsers(p: argparse.ArgumentParser) -> argparse._SubParsersAction | None
 
 
 #: Flags whose value is a file or directory (besides those typed as one).
-PATH_DESTS = {"root", "restore_root", "repository", "source", "check", "backup_policy", "ca", "kubeconfig"}
+PATH_DESTS = {"root", "restore_root", "repository", "source", "check", "backup_policy", "ca", "kubeconfig", "html"}
 
 
 def _is_path(a: argparse.Action) -> bool:

@@ -350,7 +350,17 @@ def cmd_status(args: argparse.Namespace) -> int:
                 ts = time.strftime("%H:%M:%S", time.localtime(e["ts_unix"])) + f".{int(e['ts_unix'] % 1 * 1000):03d}"
                 c.print(f"  {ts} {e['kind']:<12} {e.get('instance', ''):<4} {escape(e['message'])}")
 
-    out.emit({**d, "monitoring": mon}, human)
+    doc = {**d, "monitoring": mon}
+    if args.html:  # the same document as one static page (control/htmlpage.py); the -o output is unchanged
+        from recserve.control.api.statushtml import render
+
+        page = render(doc, time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()))
+        try:
+            args.html.write_text(page, encoding="utf-8")
+        except OSError as exc:
+            raise OperationFailed(f"--html: cannot write {args.html}: {exc.strerror}") from None
+        out.progress(f"status page written to {escape(str(args.html))} (open it in a browser)")
+    out.emit(doc, human)
     return OK
 
 
@@ -835,6 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="model repository of the fleet")
     st = add("status", cmd_status, "fleet, instances, versions, warnings")
     st.add_argument("--events", type=int_range(0, 1000), default=10, help="recent events to show")
+    st.add_argument("--html", type=_page_file, metavar="FILE", help="also write the status as one static HTML page "
+                    "(health, warnings, instances, versions, rollout, events; nothing loaded from elsewhere) to FILE")
     ro = add("rollover", cmd_rollover, "roll a model to a new version with metric gates (progress on stderr; "
              "exit 1 unless it succeeds)", changes=True)
     ro.add_argument("model", type=model_name)
@@ -903,6 +915,19 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("shell", choices=("bash", "zsh"))
     comp.set_defaults(fn=cmd_completion)
     return p
+
+
+def _page_file(text: str) -> Path:
+    """A file to write: its folder exists and it is not a folder itself (told at parse time, naming the flag)."""
+    p = Path(text).expanduser()
+    if not text.strip() or p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file to write")
+    if not p.resolve().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: no such directory {str(p.parent)!r}")
+    return p
+
+
+_page_file.__name__ = "a file to write"
 
 
 def _target_options(p: argparse.ArgumentParser) -> None:

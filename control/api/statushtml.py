@@ -1,11 +1,12 @@
-"""``recctl status`` as a static HTML page:
-``recctl status -o json | python -m recserve.control.api.statushtml > s.html``.
+"""``recctl status`` as a static HTML page: ``recctl status --html status.html`` (or, from a saved document,
+``recctl status -o json | python -m recserve.control.api.statushtml > status.html``).
 
-Why a filter and not ``recctl status -o html``: every recctl command takes the same ``-o table|json|yaml`` (one
-output layer, control/api/cli_output.py, and a test holds every command to it); a format only one command has would
-break that promise. The JSON document is the interface: this renders it (the fields of the control plane's
-``FleetStatus`` message, control/api/server.py) as one self-contained page (control/htmlpage.py) with the fleet's
-health, warnings, instances (broken ones highlighted), desired versions, the active rollout and the recent events.
+Why ``--html FILE`` and not ``-o html``: every recctl command takes the same ``-o table|json|yaml`` (one output layer,
+control/api/cli_output.py, and a test holds every command to it); a format only one command had would break that
+promise, so the page is written to a file next to the usual output. The JSON document is the interface: this renders
+it (the fields of the control plane's ``FleetStatus`` message, control/api/server.py, plus ``monitoring``) as one
+self-contained page (control/htmlpage.py: inline style, no script, nothing fetched) with the fleet's health,
+warnings, instances (broken ones highlighted), desired versions, the active rollout and the recent events.
 """
 
 from __future__ import annotations
