@@ -4,11 +4,17 @@ Convention, on the line just before a fenced block (blank lines between are allo
 
 - ``<!-- test -->`` on a ``bash`` or ``python`` block: it runs here, from the repository root, with ``.venv/bin``
   first on PATH, and must exit 0. Only examples that need no fleet, cluster or GPU (they start nothing lasting).
+- ``<!-- test: fleet -->`` on a ``bash`` or ``python`` block: it talks to a running fleet (``recctl status``, a
+  client on ``localhost:8001``). tests/test_recctl_fleet.py runs it against one real fleet, in page order, with
+  ``RECSERVE_ROOT`` naming that fleet and the documented client addresses (``localhost:8001``/``8000``) replaced by
+  its ports; here it is also checked as ``not run`` examples are.
 - ``<!-- test: drill spec -->`` / ``<!-- test: backup policy -->`` / ``<!-- test: serving spec -->`` on a ``yaml``
   block: it is validated by the loader
   that reads such files (``recserve.drills.spec.load_file`` / ``recserve.control.backup.policy.load_policy``);
   ``<!-- test: retry service config -->`` on a ``json`` block: it equals ``RETRY_SERVICE_CONFIG``.
-- ``<!-- not run: why -->``: an example that needs a fleet, a cluster, a GPU or minutes. It is still checked: Python
+- ``<!-- not run: why -->``: an example that starts a fleet or servers of its own, needs a cluster, a GPU, Docker,
+  a bucket, or minutes. It may not be an example that only needs a running fleet (those are ``test: fleet``:
+  ``test_fleet_examples_are_run``). It is still checked: Python
   compiles and its ``recserve`` imports resolve; shell passes ``bash -n``, every ``recctl`` command parses with
   recctl's own parser (file arguments need not exist), every ``make`` target exists, every
   ``python -m recserve...`` module exists and knows the flags given to it, and repository paths exist.
@@ -62,8 +68,9 @@ class Example:
     page: Path
     line: int  # of the opening fence, 1-based
     lang: str
-    marker: str | None  # "test", "test: drill spec", "not run", or None
+    marker: str | None  # "test", "test: drill spec", "test: fleet", "not run", or None
     code: str
+    reason: str = ""  # a ``not run`` example's why
 
     @property
     def where(self) -> str:
@@ -92,14 +99,16 @@ def examples(page: Path) -> list[Example]:
         marker = None
         if mk:
             marker = "not run" if mk.group(3) else ("test: " + mk.group(2).strip() if mk.group(2) else "test")
-        out.append(Example(page, start + 1, lang, marker, "\n".join(body) + "\n"))
+        out.append(Example(page, start + 1, lang, marker, "\n".join(body) + "\n", mk.group(3) or "" if mk else ""))
     return out
 
 
 ALL = [e for p in PAGES for e in examples(p)]
 RUN = [e for e in ALL if e.marker == "test" and e.lang in CODE_LANGS]
-CHECKED = [e for e in ALL if e.marker == "not run" and e.lang in CODE_LANGS]
-VALIDATED = [e for e in ALL if e.marker and e.marker.startswith("test: ")]
+#: run against one real fleet by tests/test_recctl_fleet.py; checked here as the ``not run`` ones are
+FLEET = [e for e in ALL if e.marker == "test: fleet" and e.lang in CODE_LANGS]
+CHECKED = [e for e in ALL if e.marker in ("not run", "test: fleet") and e.lang in CODE_LANGS]
+VALIDATED = [e for e in ALL if e.marker and e.marker.startswith("test: ") and e.marker != "test: fleet"]
 
 
 def _env() -> dict[str, str]:
@@ -397,3 +406,70 @@ def test_the_checks_catch_what_they_should():
     assert not _shell_problems("python -m recserve.drills run crash --private")
     assert _shell_problems("kubectl apply -k deploy/k8s/overlays/no-such-overlay")
     assert _shell_problems("python -c 'from control.client import RecClient'")
+
+
+# ------------------------------------------------------------------------ examples a running fleet can run
+#: recctl commands that only talk to a running fleet (nothing started or stopped, no cluster, no target).
+FLEET_COMMANDS = {"status", "versions", "rollover", "rollback", "rollout", "limits", "snapshot", "snapshots", "restore",
+                  "backup"}
+#: Commands that may sit next to them in such an example without starting anything.
+BYSTANDERS = {"curl", "jq", "echo", "cat", "head", "tail", "grep", "python", "python3", "open", "xdg-open"}
+#: A client dialling the fleet's documented front door.
+CLIENT = re.compile(r"localhost:800[01]")
+
+
+def _fleet_only_recctl(args: list[str]) -> bool:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            ns = _recctl_parser().parse_args(args)
+    except SystemExit:
+        return False
+    return (ns.command in FLEET_COMMANDS and not getattr(ns, "source", None) and not getattr(ns, "check", None))
+
+
+def needs_only_a_fleet(ex: Example) -> bool:
+    """An example a running fleet can run as it is: a client on the front door (not through a cluster's
+    port-forward), or recctl commands against the fleet with nothing that starts, stops or rewrites anything."""
+    if ex.lang in ("python", "py"):
+        return bool(CLIENT.search(ex.code)) and "cluster" not in ex.reason
+    fleet = False
+    for words in _commands(ex.code):
+        while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
+            words = words[1:]
+        if not words:
+            continue
+        name = Path(words[0]).name
+        if name == "recctl" and _fleet_only_recctl(words[1:]):
+            fleet = True
+        elif name == "curl" and any(CLIENT.search(w) for w in words):
+            fleet = True
+        elif name not in BYSTANDERS or (re.fullmatch(r"python3?", name) and words[1:2] == ["-m"]
+                                        and words[2:3] != ["recserve.control.api.statushtml"]):
+            return False
+    return fleet and "cluster" not in ex.reason
+
+
+def test_fleet_examples_are_run():
+    """What a running fleet can run is run (``test: fleet``): ``not run`` is for examples that start their own
+    fleet or servers, need a cluster, a GPU, Docker, a bucket, or minutes, and says which."""
+    left = [f"{e.where} (not run: {e.reason})" for e in ALL if e.marker == "not run" and e.lang in CODE_LANGS
+            and needs_only_a_fleet(e)]
+    assert not left, f"mark these <!-- test: fleet --> (tests/test_recctl_fleet.py runs them against a fleet): {left}"
+    assert FLEET, "no example is run against a fleet"
+
+
+def test_the_fleet_rule_tells_what_a_fleet_can_run():
+    def ex(code: str, lang: str = "bash", reason: str = "needs a fleet") -> Example:
+        return Example(DOCS / "x.md", 1, lang, "not run", code, reason)
+
+    assert needs_only_a_fleet(ex("recctl status\nrecctl rollover ranker --version 2 --bake 5"))
+    assert needs_only_a_fleet(ex("recctl status -o json | jq .health"))
+    assert needs_only_a_fleet(ex("curl -s localhost:8000/v2/models/recommend/infer -d '{}'"))
+    assert needs_only_a_fleet(ex('from x import y\nRecClient("localhost:8001")', "python"))
+    assert not needs_only_a_fleet(ex("make fleet-up\nrecctl status"))
+    assert not needs_only_a_fleet(ex("recctl up --dry-run\nrecctl status"))
+    assert not needs_only_a_fleet(ex("recctl backup list --from /var/backups/recserve"))
+    assert not needs_only_a_fleet(ex("recctl k8s status"))
+    assert not needs_only_a_fleet(ex("python -m recserve.drills run crash\nrecctl status"))
+    assert not needs_only_a_fleet(ex('RecClient("localhost:8001")', "python", "needs a cluster (port-forward)"))

@@ -1,9 +1,10 @@
 """recctl as a command line: output formats, exit codes, parse-time validation, --dry-run, --wait, --version and
 shell completion (issue 23, item 1).
 
-Everything here but the last test runs without a fleet: the parser is walked, and the commands talk to a fake
-control plane (``recctl._stub``) and a fake Kubernetes API (``ctl._api``), the only ways recctl reaches either.
-The last test starts one real fleet and checks that every --dry-run against it changes nothing.
+Nothing here starts a fleet: the parser is walked, and the commands talk to a fake control plane (``recctl._stub``)
+and a fake Kubernetes API (``ctl._api``, and kmock's in-memory API in the last test), the only ways recctl reaches
+either. recctl against one real fleet (every --dry-run changes nothing, the docs' fleet examples, the status page in
+Chromium) is tests/test_recctl_fleet.py.
 """
 
 from __future__ import annotations
@@ -236,7 +237,7 @@ def cli(env, capsys):
 SAMPLES: dict[str, list[list[str]]] = {
     "up": [["--root", "{uproot}", "up"], ["--root", "{tmp}/fresh", "up", "--repository", "{repo}", "--dry-run"]],
     "down": [["down"], ["down", "--dry-run"]],
-    "status": [["status"]],
+    "status": [["status"], ["status", "--html", "{tmp}/status.html"]],
     "rollover": [["rollover", "ranker", "--version", "3", "--steps", "10,100", "--bake", "0"],
                  ["rollover", "ranker", "--version", "3", "--dry-run"]],
     "rollback": [["rollback", "ranker"], ["rollback", "ranker", "--dry-run"]],
@@ -343,6 +344,20 @@ def test_warnings_and_progress_go_to_stderr(cli):
     assert "shift" in err and "canary at 10%" in err and "p99_ratio=1.2" in err
 
 
+def test_status_html_writes_the_page_and_leaves_the_output_as_it_was(cli):
+    """--html FILE is a page next to the -o output, not another format: stdout is the same document with or without
+    it; the page (control/htmlpage.py, checked in Chromium with a real fleet in tests/test_recctl_fleet.py) holds the
+    instances and the warning."""
+    page = cli.tmp / "status.html"
+    rc, plain, _ = cli.run(["status", "-o", "json"])
+    rc2, out, err = cli.run(["status", "--html", str(page), "-o", "json"])
+    assert rc == rc2 == 0 and json.loads(out) == json.loads(plain)
+    assert f"status page written to {page}" in " ".join(err.split())
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("<!DOCTYPE html>") and "the host is not hardened [test]" in text
+    assert ">t1<" in text and ">t2<" in text and "<script" not in text
+
+
 def test_a_rolled_back_rollover_exits_1_with_its_verdict(cli):
     cli.plane.verdict = "rolled_back"
     rc, out, err = cli.run(["rollover", "ranker", "--version", "3"])
@@ -418,6 +433,8 @@ def test_refusals_map_to_their_exit_codes(cli, monkeypatch):
     (["--timeout", "0", "status"], "recctl: --timeout: '0' is not a number >= 0.001 seconds"),
     (["status", "--events", "-1"], "recctl status: --events: '-1' is not an integer within 0..1000"),
     (["status", "-o", "xml"], "recctl status: --output: invalid choice: 'xml'"),
+    (["status", "--html", "/no/such/dir/s.html"], "recctl status: --html: '/no/such/dir/s.html': no such directory"),
+    (["status", "--html", "/tmp"], "recctl status: --html: '/tmp' is a directory, not a file to write"),
     (["up", "--grpc-port", "70000"], "recctl up: --grpc-port: '70000' is not an integer within 1..65535"),
     (["up", "--instances", "0"], "recctl up: --instances: '0' is not an integer >= 1"),
     (["up", "--timeout-server-ms", "10"], "recctl up: --timeout-server-ms: '10' is not an integer within 50..60000"),
@@ -577,35 +594,6 @@ def test_zsh_completion_completes_commands_flags_and_choices(capsys, tmp_path):
     assert lines[0] == "compdef _recctl recctl"
     for (words, want), got in zip(COMPLETION_CASES, lines[1:], strict=True):
         assert want <= set(got.split()), (words, got)
-
-
-# ---------------------------------------------------------------------------------------------- one real fleet
-def test_dry_runs_against_a_real_fleet_change_nothing(tmp_path_factory):
-    """The one test here with a real fleet: -o json/yaml of status agree, and every --dry-run leaves the
-    instances, pids, desired versions, knee and snapshots as they were."""
-    from tests.fleet_fixtures import running_fleet
-
-    with running_fleet(tmp_path_factory.mktemp("recctl-cli")) as f:
-        def state() -> tuple:
-            st = f.status()
-            return (sorted((i["id"], i["role"], i["pid"]) for i in st["instances"]), st["desired"], st["knee_rps"],
-                    f.recctl("snapshots", "-o", "json").stdout)
-
-        before = state()
-        as_yaml = yaml.safe_load(f.recctl("status", "-o", "yaml").stdout)
-        assert as_yaml["desired"] == before[1] and as_yaml["endpoints"]["grpc"] == f.grpc_url
-        last = json.loads(f.recctl("status", "--json").stdout)["instances"][-1]["id"]
-        current = before[1]["ranker"][0]
-        refused = f.recctl("rollover", "ranker", "--version", str(current), "--dry-run", "-o", "json", check=False)
-        assert refused.returncode == 1 and "already at version" in json.loads(refused.stdout)["refused"][0]
-        for argv in (["scale", "--active", "1"], ["instances", "remove", last], ["instances", "add"],
-                     ["promote", last], ["drain", last], ["limits", "--knee-rps", "123"], ["snapshot"],
-                     ["down"], ["up", "--repository", str(f.repository)]):
-            r = f.recctl(*argv, "--dry-run", "-o", "json")
-            assert json.loads(r.stdout)["dry_run"] is True, argv
-        up = json.loads(f.recctl("up", "--repository", str(f.repository), "-o", "json").stdout)
-        assert up["already_up"] is True and up["pid"] == f.control_pid()
-        assert state() == before
 
 
 # ---------------------------------------------------------------------------------------------- a real Kubernetes API
