@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recserve.control import htmlpage, reportdir
+from recserve.control.defaults import REPO_ROOT
 from recserve.control.htmlpage import Markup, bullets, esc, tag
 from recserve.control.reportdir import link_latest
 from recserve.drills.figures import DrillFigures
 from recserve.drills.journal import Journal
 from recserve.drills.probe import Record
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 REPORTS_ROOT = REPO_ROOT / "reports" / "drills"
 
 #: Fields every drill entry of report.json has (the issue's list first).
