@@ -81,9 +81,9 @@ def test_the_fleet_serves_the_spec_models_golden_checked_and_answers_through_the
         client.close()
 
 
-def _rollover(fleet: FleetProcess, model: str, version: int):
-    return fleet.recctl("rollover", model, "--version", str(version), "--steps", "50,100", "--bake", "2", "-o",
-                        "json", check=False, timeout=600)
+def _rollover(fleet: FleetProcess, model: str, version: int, *gates: str):
+    return fleet.recctl("rollover", model, "--version", str(version), "--steps", "50,100", "--bake", "2", *gates,
+                        "-o", "json", check=False, timeout=600)
 
 
 def test_a_slightly_changed_version_is_promoted_and_reversed_scores_are_rolled_back_by_the_drift_gate(byo):
@@ -102,10 +102,12 @@ def test_a_slightly_changed_version_is_promoted_and_reversed_scores_are_rolled_b
     validate = promoted["events"][0]["message"]  # the gates the rollout met: the spec's, not recserve's defaults
     assert "error rate <= 5.00%" in validate and "p99 over 120 ms" in validate and "the serving spec" in validate, \
         validate
-    bad = _rollover(fleet, step, add_version(repo, step, "reversed"))
+    bad = _rollover(fleet, step, add_version(repo, step, "reversed"), "--max-error-rate", "0.2")
     assert bad.returncode == 1, bad.stdout + bad.stderr
     doc = json.loads(bad.stdout)
     assert doc["status"] == "rolled_back" and doc["failed_gate"] == "answer_overlap", doc
+    validate = doc["events"][0]["message"]  # the request's gate wins; the spec's p99 gate stays
+    assert "error rate <= 20.00%" in validate and "p99 over 120 ms" in validate, validate
 
 
 def test_down_leaves_nothing_running(byo):

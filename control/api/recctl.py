@@ -376,6 +376,20 @@ def _check_steps(strategy: str, steps: list[int] | None) -> None:
         raise UsageError(f"--steps: {','.join(map(str, steps))} must be increasing percentages ending at 100")
 
 
+#: recctl rollover's gate flags (RolloverRequest.gates); unset: the serving spec's gates for the model, else
+#: the control plane's defaults (the rollout's first event names which).
+GATE_FLAGS = {
+    "max_error_rate": (float_range(0.0001, 1), "largest share of failed or wrong probes (spec gates.errorRateMax; "
+                                              "default 0.01)"),
+    "min_p99_ms": (float_range(0.1, None, "ms"), "canary p99 under which latency never rolls back (spec "
+                                                 "gates.p99Ms; default the SLO p99)"),
+    "max_p99_ratio": (float_range(1, None), "above --min-p99-ms, the largest canary p99 / the old version's "
+                                            "(default 3)"),
+    "min_answer_overlap": (float_range(-1, 1), "least top-k overlap with the serving version's answers before any "
+                                               "traffic moves (-1 disables, 0 keeps the default 0.3)"),
+}
+
+
 def cmd_rollover(args: argparse.Namespace) -> int:
     from recserve.control.api.proto import control_pb2 as pb
 
@@ -384,6 +398,9 @@ def cmd_rollover(args: argparse.Namespace) -> int:
     req = pb.RolloverRequest(model=args.model, version=args.version, strategy=args.strategy, steps=args.steps or [])
     if args.bake is not None:
         req.bake_seconds = args.bake
+    for name in GATE_FLAGS:
+        if getattr(args, name) is not None:
+            setattr(req.gates, name, getattr(args, name))
     stub, ch = _stub(args)
     try:
         if args.dry_run:
@@ -855,6 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--steps", type=percent_list, default=None,
                     help="canary traffic percentages, increasing and ending at 100, e.g. 10,50,100")
     ro.add_argument("--bake", type=float_range(0, 3600, "seconds"), default=None, help="seconds per step (default 5)")
+    for name, (kind, helptext) in GATE_FLAGS.items():
+        ro.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=helptext)
     rb = add("rollback", cmd_rollback, "abort a running rollout or return to the previous version", changes=True)
     rb.add_argument("model", type=model_name)
     rs = add("rollout", cmd_rollout, "show the latest rollout (of MODEL) or one by --id")
