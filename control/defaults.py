@@ -62,7 +62,7 @@ KNEE_MEAN_MS = 0.0
 
 # ---------------------------------------------------------------------------------------------- warm-up
 #: Warm-up of an instance after it loads a version and passes its golden check, before it takes traffic
-#: (control/fleet/warmup.py, docs/warm-up.md): at most this many rounds of the golden / probe requests at every batch
+#: (control/fleet/warmup.py, docs/holds.md): at most this many rounds of the golden / probe requests at every batch
 #: size the batcher forms (0: no warm-up) ...
 WARMUP_ROUNDS = 8
 #: ... until each composing model's compute_infer per execution is within this factor of an instance that serves

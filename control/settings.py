@@ -79,7 +79,7 @@ class FleetSettings:
                                     "of each instance", type=float, cli_type=float_range(0.05, 60, "seconds"))
     warmup_rounds: int = flag(d.WARMUP_ROUNDS, "--warmup-rounds", "warm-up of an instance that loaded a version, "
                               "before it takes traffic: at most this many rounds of the golden requests at every batch "
-                              "size the batcher forms (0: none; docs/warm-up.md)", type=int,
+                              "size the batcher forms (0: none; docs/holds.md)", type=int,
                               cli_type=int_range(0, 1000))
     warmup_ratio: float = flag(d.WARMUP_RATIO, "--warmup-ratio", "warm: each composing model's compute_infer per "
                                "execution (Triton's statistics) within this factor of a serving instance's",

@@ -2,7 +2,7 @@
 judged warm on Triton's own compute time against an instance already serving.
 
 Triton's ``model_warmup`` (zero data, one batch size) runs at load, and the golden check sends one batch-1 request
-per client-facing model. A version's first client requests still met slower executions (docs/warm-up.md has the
+per client-facing model. A version's first client requests still met slower executions (docs/holds.md has the
 per-second figures): the other model instances and batch sizes had not run real data yet. So, after the golden
 check and before the instance is admitted, ``warm_up`` sends, for ``rounds`` rounds at most and within
 ``deadline_s``:
