@@ -123,7 +123,7 @@ def test_the_manifests_agree_with_the_rendered_config(rendered):
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert str(kfd.CONFIG_DIR) in mounts and str(kfd.RUN_DIR) in mounts
     assert c["command"][-1] == f"{kfd.CONFIG_DIR}/haproxy.cfg"
-    assert {p["containerPort"] for p in c["ports"]} == {8001, 8000, kfd.METRICS_PORT}
+    assert {p["containerPort"] for p in c["ports"]} == {8001, 8000, kfd.METRICS_PORT, kfd.RUNTIME_PORT}
 
 
 # ---------------------------------------------------------------------------------------------- real HAProxy + Triton

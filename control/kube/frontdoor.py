@@ -14,7 +14,10 @@ Admission: a Triton pod takes ``initial_limit(knee, SLO)`` requests in flight (L
 host, control/routing/admission.py); each front-door replica admits ``pod limit // replicas`` per pod (at least 1), so
 the replicas together never put more than the pod limit on a pod while the HPA holds them at ``replicas`` (its
 ``minReplicas``). Above it (the front door's HPA scales on its own CPU) a pod may get up to ``limit x replicas_now /
-replicas``: nothing re-divides the limits at runtime yet (the operator does not program the replicas' runtime API).
+replicas``, until the operator re-divides: it reads the pod limit from this ConfigMap (``recserve.io/pod-limit``) and
+programs every replica through HAProxy's runtime API, opened on TCP port ``RUNTIME_PORT`` for the operator only
+(control/kube/frontdoor_runtime.py): ``pod limit // the replicas running now`` on every pod slot, and per pod its
+drain (gate closed) and canary weight.
 
 The knee (requests/s one Triton pod serves within the SLO) is ``--knee-rps``; the committed render uses the Router's
 conservative default (``DEFAULT_KNEE_RPS``, about half of what a quiet 2-core host measured), since no perf report of
@@ -42,6 +45,12 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from recserve.control.defaults import FALLBACK_MAXCONN, FALLBACK_QUEUE, GRPC_PORT, HTTP_PORT, SLO_P99_MS
+from recserve.control.kube.frontdoor_runtime import (
+    FALLBACK_LIMIT_ANNOTATION,
+    POD_LIMIT_ANNOTATION,
+    RUNTIME_PORT,
+    RUNTIME_PORT_ANNOTATION,
+)
 from recserve.control.kube.manifests import K8S_DIR, write_rendered
 from recserve.control.routing.admission import initial_limit
 from recserve.control.routing.frontdoor import REFUSE_LUA, FrontDoorConfig, SpecLimits, lua_path, spec_body_limits
@@ -130,6 +139,9 @@ class ClusterFrontDoor:
     spec: ServingSpec | None = None
     #: ``spec_digest`` of the directory ``spec`` was read from (annotated; the operator compares it with its own).
     spec_sha256: str = ""
+    #: HAProxy's runtime API on TCP (level admin) for the operator, which re-divides the limits and sets per-pod
+    #: drain and weights (control/kube/frontdoor_runtime.py); the NetworkPolicy admits only the operator. 0: none.
+    runtime_api_port: int = RUNTIME_PORT
 
     def fqdn(self, service: str) -> str:
         return f"{service}.{self.namespace}.svc.{self.cluster_domain}"
@@ -198,11 +210,25 @@ class ClusterFrontDoor:
             fallback_timeout_queue_ms=r.fallback_wait_ms(), frontdoor=fd, cluster=cluster,
             no_degraded_models=self.no_degraded_models())
 
+    def config_text(self, config: HAProxyConfig) -> str:
+        """haproxy.cfg: ``render_config`` plus the runtime API on TCP (``runtime_api_port``, on the frontends' bind
+        address) beside the stats socket, for the operator."""
+        text = render_config(config)
+        if not self.runtime_api_port:
+            return text
+        line = f"  stats socket {config.socket_path} mode 600 level admin\n"
+        assert line in text, "render_config's stats socket line moved"
+        return text.replace(line, line + f"  stats socket ipv4@{config.host}:{self.runtime_api_port} level admin\n", 1)
+
+    def fallback_limit(self) -> int:
+        """In-flight limit of each degraded-answer server over all replicas (each replica's share is this divided)."""
+        return FALLBACK_MAXCONN
+
     def files(self, config: HAProxyConfig | None = None) -> dict[str, str]:
         """Every file HAProxy reads, by name in the config directory: haproxy.cfg, the refusal service, the refusal
         errorfiles."""
         c = config or self.haproxy_config()
-        out = {"haproxy.cfg": render_config(c), lua_path(c.workdir).name: REFUSE_LUA}
+        out = {"haproxy.cfg": self.config_text(c), lua_path(c.workdir).name: REFUSE_LUA}
         for proto in PROTOS:
             out[errorfile_path(c, proto).name] = overloaded_reply(proto).decode()
         return out
@@ -210,9 +236,11 @@ class ClusterFrontDoor:
     def describe(self) -> str:
         knee, source = self.knee()
         slo = f"SLO p99 {self.slo_ms():g} ms" + (" (the spec's strictest sloP99Ms)" if self.spec is not None else "")
+        runtime = (f"; the operator re-divides it by the replicas running (runtime API port {self.runtime_api_port})"
+                   if self.runtime_api_port else "; fixed (no runtime API)")
         return (f"knee {knee:g} rps per Triton pod ({source}) x {slo} = {self.pod_limit()} "
                 f"in flight per pod; / {self.replicas} front-door replicas = {self.replica_limit()} per pod per "
-                f"replica; {self.slots} pod slots (the Triton HPA's maxReplicas)")
+                f"replica at start{runtime}; {self.slots} pod slots (the Triton HPA's maxReplicas)")
 
     def describe_spec(self) -> str:
         limits = self.body_limits()
@@ -226,7 +254,9 @@ class ClusterFrontDoor:
         data = self.files()
         ann = {HASH_ANNOTATION: data_digest(data), "recserve.io/admission": self.describe(),
                "recserve.io/replicas": str(self.replicas), "recserve.io/slots": str(self.slots),
-               SPEC_ANNOTATION: self.spec_sha256, "recserve.io/spec": self.describe_spec()}
+               SPEC_ANNOTATION: self.spec_sha256, "recserve.io/spec": self.describe_spec(),
+               POD_LIMIT_ANNOTATION: str(self.pod_limit()), FALLBACK_LIMIT_ANNOTATION: str(self.fallback_limit()),
+               RUNTIME_PORT_ANNOTATION: str(self.runtime_api_port)}
         return {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": CONFIGMAP, "labels": {"app.kubernetes.io/name": "recserve-frontdoor",
                                                            "app.kubernetes.io/component": "frontdoor"},
@@ -280,6 +310,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slots", type=int, default=d.slots, help="pod slots (the Triton HPA's maxReplicas)")
     p.add_argument("--namespace", default=d.namespace)
     p.add_argument("--cluster-domain", default=d.cluster_domain)
+    p.add_argument("--runtime-api-port", type=int, default=d.runtime_api_port,
+                   help="HAProxy's runtime API on TCP for the operator (0: none; the limits then stay as rendered)")
     p.add_argument("--tls", action="store_true", help=f"terminate client TLS with {TLS_CRT} (a mounted Secret)")
     p.add_argument("--spec-dir", type=Path, default=SPEC_DIR,
                    help=f"the serving spec's directory ({SPEC_FILE} and its golden files: the ConfigMap "
@@ -292,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.replicas < 1:
         p.error("--replicas must be >= 1")
     kw = dict(namespace=a.namespace, cluster_domain=a.cluster_domain, slots=a.slots, replicas=a.replicas,
-              knee_rps=a.knee_rps, slo_p99_ms=a.slo_p99_ms, tls=a.tls)
+              knee_rps=a.knee_rps, slo_p99_ms=a.slo_p99_ms, tls=a.tls, runtime_api_port=a.runtime_api_port)
     gen = ClusterFrontDoor(**kw) if a.no_spec else with_spec(a.spec_dir, a.repository, **kw)
     write_rendered(gen.render(), a.output)
 

@@ -31,6 +31,19 @@ from recserve.control.fleet.spec_golden import SpecGolden
 from recserve.control.kube.api import GATE, GROUP, VERSION, KubeApi, api_client, now
 from recserve.control.kube.frontdoor import CONFIGMAP as FRONTDOOR_CONFIGMAP
 from recserve.control.kube.frontdoor import SPEC_ANNOTATION, spec_digest
+from recserve.control.kube.frontdoor_runtime import (
+    DEFAULT_WEIGHT,
+    FALLBACK_LIMIT_ANNOTATION,
+    FRONTDOOR_LABELS,
+    POD_LIMIT_ANNOTATION,
+    RUNTIME_PORT,
+    RUNTIME_PORT_ANNOTATION,
+    Plan,
+    PodTraffic,
+    ReplicaResult,
+    frontdoor_replicas,
+    program_all,
+)
 from recserve.control.kube.pool import KubePool, pod_endpoint
 from recserve.control.kube.trtgolden import TrtGolden, trt_models
 from recserve.control.rollout.manager import RolloutManager
@@ -52,6 +65,9 @@ SPEC_SOURCE = "spec.desiredVersions"
 FAILED_RESULTS = ("RolledBack", "Refused")
 #: How often the front door's ConfigMap is read to compare the spec it was rendered from with the operator's.
 FRONTDOOR_CHECK_S = 30.0
+#: Consecutive passes a front-door replica may fail to be programmed (a replica starting) before it is reported
+#: (Event on its pod, Degraded/FrontDoorNotProgrammed).
+FRONTDOOR_FAIL_PASSES = 2
 
 
 @dataclass
@@ -113,6 +129,15 @@ class Operator:
         #: Why the front door's rules do not come from the spec this operator checks by ("" when they do).
         self.frontdoor_stale = ""
         self._frontdoor_checked = 0.0
+        #: The front-door replicas programmed through the runtime API (control/kube/frontdoor_runtime.py): the
+        #: ConfigMap's annotations (cached FRONTDOOR_CHECK_S), consecutive failures per replica, status.frontDoor.
+        self._fd_ann: dict[str, str] | None = None
+        self._fd_ann_at = 0.0
+        self._fd_fails: dict[str, int] = {}
+        self._fd_share: tuple[int, int] | None = None
+        self.frontdoor_status: dict = {}
+        #: Why some front-door replica is not programmed ("" when every one is).
+        self.frontdoor_unprogrammed = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="operator", daemon=True)
 
@@ -218,6 +243,7 @@ class Operator:
             self._gate_reasons.pop(name, None)
         pool.ensure_primary()
         self._check_frontdoor()
+        self._program_frontdoor()
         self._reconcile_spec_versions(fleet)
         self._reconcile_rollouts()
         self._write_fleet_status(fleet)
@@ -242,6 +268,108 @@ class Operator:
                 "not this spec's; regenerate it (python -m recserve.control.kube.frontdoor -o "
                 "deploy/k8s/base/frontdoor-config.yaml) and apply")
 
+    # ------------------------------------------------------------------ the front-door replicas' runtime API
+    def _frontdoor_annotations(self) -> dict[str, str] | None:
+        if self._fd_ann is None or time.monotonic() - self._fd_ann_at >= FRONTDOOR_CHECK_S:
+            self._fd_ann = self.api.configmap_annotations(FRONTDOOR_CONFIGMAP)
+            self._fd_ann_at = time.monotonic()
+        return self._fd_ann
+
+    def _frontdoor_plan_pods(self) -> dict[str, PodTraffic]:
+        """Every Triton pod with an IP: served with its weight while its gate is open (1; during a canary step the
+        rollout's percentages), drained otherwise (gate closed, being deleted)."""
+        pool = self.pool
+        assert pool is not None
+        split = pool.traffic.mode == "split"
+        out: dict[str, PodTraffic] = {}
+        for name, pod in getattr(self, "_pods", {}).items():
+            ip = (pod.get("status") or {}).get("podIP")
+            if not ip:
+                continue
+            serving = bool(self.gates.get(name)) and not (pod.get("metadata") or {}).get("deletionTimestamp")
+            weight = int(pool.traffic.weights.get(name, 0)) if split else DEFAULT_WEIGHT
+            out[ip] = PodTraffic(serving, weight if serving and weight > 0 else DEFAULT_WEIGHT)
+        return out
+
+    def _program_frontdoor(self) -> None:
+        """Every front-door replica gets ``pod limit // replicas now`` per Triton pod and each pod's drain and weight
+        (control/kube/frontdoor_runtime.py). No front-door pod: nothing to do (a cluster without the front door)."""
+        replicas = frontdoor_replicas(self.api.pods(FRONTDOOR_LABELS))
+        if not replicas:
+            self.frontdoor_status, self.frontdoor_unprogrammed, self._fd_fails = {}, "", {}
+            return
+        ann = self._frontdoor_annotations() or {}
+        live = [r for r in replicas if not r.terminating]
+        try:
+            pod_limit = int(ann[POD_LIMIT_ANNOTATION])
+            fallback_limit = int(ann.get(FALLBACK_LIMIT_ANNOTATION) or 0) or pod_limit
+            port = int(ann.get(RUNTIME_PORT_ANNOTATION) or RUNTIME_PORT)
+        except (KeyError, ValueError):
+            why = (f"ConfigMap {FRONTDOOR_CONFIGMAP} " + ("not found" if self._fd_ann is None else
+                   f"has no {POD_LIMIT_ANNOTATION} annotation (rendered before the operator programmed the "
+                   "replicas: regenerate it, python -m recserve.control.kube.frontdoor)"))
+            results = [ReplicaResult(r, error=why) for r in live]
+            plan = None
+        else:
+            if port == 0:
+                why = f"ConfigMap {FRONTDOOR_CONFIGMAP} was rendered without the runtime API (--runtime-api-port 0)"
+                results, plan = [ReplicaResult(r, error=why) for r in live], None
+            else:
+                plan = Plan(pod_limit, fallback_limit, self._frontdoor_plan_pods(), replicas=len(replicas))
+                results = program_all(replicas, plan, port)
+        self._report_frontdoor(replicas, results, plan)
+
+    def _report_frontdoor(self, replicas: list, results: list[ReplicaResult], plan: Plan | None) -> None:
+        fleet_obj = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RecServeFleet",
+                     "metadata": {"name": self.config.fleet}}
+        if plan is not None and self._fd_share != (plan.replicas, plan.share()):
+            self._fd_share = (plan.replicas, plan.share())
+            try:
+                self.api.event(fleet_obj, "FrontDoorLimits", f"{plan.replicas} front-door replicas: each admits "
+                               f"{plan.share()} in flight per Triton pod (pod limit {plan.pod_limit}), the degraded-"
+                               f"answer server {plan.fallback_share()} (of {plan.fallback_limit})")
+            except ApiException as exc:
+                log.warning("event FrontDoorLimits not written: %s", exc.reason)
+        by_name = {r.name for r in replicas}
+        ip_to_pod = {(p.get("status") or {}).get("podIP"): n for n, p in getattr(self, "_pods", {}).items()}
+        failed = []
+        for res in results:
+            name = res.replica.name
+            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}}
+            if res.ok:
+                if self._fd_fails.pop(name, 0) >= FRONTDOOR_FAIL_PASSES:
+                    self._fd_event(pod, "FrontDoorProgrammed", "the runtime API answers again; programmed", False)
+                if res.sent:
+                    log.info("front door %s: %s", name, "; ".join(res.sent))
+                    self._fd_event(pod, "FrontDoorProgrammed", f"{len(res.sent)} runtime API commands: "
+                                   + "; ".join(res.sent[:6]) + (" ..." if len(res.sent) > 6 else ""), False)
+                continue
+            n = self._fd_fails[name] = self._fd_fails.get(name, 0) + 1
+            if n >= FRONTDOOR_FAIL_PASSES:
+                failed.append(res)
+            if n == FRONTDOOR_FAIL_PASSES:
+                self._fd_event(pod, "FrontDoorNotProgrammed", f"front-door replica {name} ({res.replica.ip}) is not "
+                               f"programmed: {res.error}", True)
+        for name in [n for n in self._fd_fails if n not in by_name]:
+            self._fd_fails.pop(name)
+        self.frontdoor_unprogrammed = "; ".join(
+            f"front-door replica {r.replica.name} ({r.replica.ip}): {r.error}" for r in failed)[:1000]
+        self.frontdoor_status = {
+            "replicas": len(replicas),
+            "programmed": sorted(r.replica.name for r in results if r.ok),
+            "notProgrammed": [{"replica": r.replica.name, "ip": r.replica.ip, "error": r.error} for r in failed],
+            "slots": {r.replica.name: {ip_to_pod.get(ip, ip): srv for ip, srv in sorted(r.slots.items())}
+                      for r in results if r.ok}}
+        if plan is not None:
+            self.frontdoor_status |= {"podLimit": plan.pod_limit, "perReplicaLimit": plan.share(),
+                                      "fallbackPerReplicaLimit": plan.fallback_share()}
+
+    def _fd_event(self, pod: dict, reason: str, message: str, warning: bool) -> None:
+        try:
+            self.api.event(pod, reason, message, warning)
+        except ApiException as exc:
+            log.warning("event %s for %s not written: %s", reason, pod["metadata"]["name"], exc.reason)
+
     def _ready_ids(self) -> list[str]:
         assert self.pool is not None
         return [r.id for r in self.pool.state.instances() if r.state == "healthy" and self.gates.get(r.id)]
@@ -258,6 +386,8 @@ class Operator:
             "instances": [{"pod": r.id, "role": r.role, "state": r.state, "goldenOk": bool(self.gates.get(r.id)),
                            "detail": r.detail} for r in recs]}
         status["specDesiredVersions"] = dict(self._spec_seen)
+        if self.frontdoor_status:
+            status["frontDoor"] = self.frontdoor_status
         status["observedGeneration"] = int((fleet.get("metadata") or {}).get("generation") or 0)
         previous = fleet.get("status") or {}
         status["conditions"] = self._conditions(previous.get("conditions") or [], status["observedGeneration"])
@@ -294,6 +424,8 @@ class Operator:
             cond_deg = (True, "SpecVersionsNotApplied", "; ".join(spec_failed))
         elif failing:
             cond_deg = (True, "PodsFailing", "; ".join(f"{r.id}: {r.detail or r.state}" for r in failing)[:1000])
+        elif self.frontdoor_unprogrammed:
+            cond_deg = (True, "FrontDoorNotProgrammed", self.frontdoor_unprogrammed)
         elif self.frontdoor_stale:
             cond_deg = (True, "FrontDoorSpecStale", self.frontdoor_stale)
         else:
