@@ -6,7 +6,9 @@ requests and comparison rules with ``--spec``, the ConfigMap ``recserve-spec``; 
 ``recserve.io/golden-ok`` readiness gate only while the pod answers right; a pod that keeps failing is deleted so
 its Deployment replaces it. ``ModelRollout`` objects run through ``control.rollout.manager.RolloutManager``, the same
 canary, gates and rollback as the local fleet, over ``KubePool``; progress and the decision with its numbers go
-to the CR's status and to Kubernetes Events.
+to the CR's status and to Kubernetes Events. Every reconcile also programs the front-door replicas through HAProxy's
+runtime API (control/kube/frontdoor_runtime.py): the per-pod limit divided by the replicas there are, each pod's
+drain and canary weight; ``status.frontDoor`` and the Degraded reason ``FrontDoorNotProgrammed`` say how it went.
 
 The official ``kubernetes`` client (not kopf): the control plane is synchronous, threaded code (health monitor,
 rollout threads), and a poll loop over list calls is all it needs; kopf would add an asyncio framework, its own
