@@ -115,6 +115,25 @@ def test_a_spec_that_no_longer_loads_or_names_a_file_outside_its_directory_fails
     assert list_backups(open_store(policy.target)) == []
 
 
+def test_an_ensembles_empty_version_directory_survives_backup_and_restore(env, tmp_path):
+    """Triton needs ``rank_page/1/`` although an ensemble's version holds no file: a backup of files alone lost it
+    and a restored fleet could not load the ensemble. A record without the directory fails verification by name."""
+    repo, spec, root, policy = env
+    assert (repo / "rank_page" / "1").is_dir() and not any((repo / "rank_page" / "1").iterdir())
+    rec = BackupManager(policy, repo, root / "state.db", ControlMetrics(), spec=spec).run("manual")
+    assert rec.verified, rec.problem
+    assert "rank_page/1" in rec.empty_dirs
+    new_repo = tmp_path / "new" / "repo"
+    restore(policy.target, None, tmp_path / "new" / "runtime", new_repo)
+    assert (new_repo / "rank_page" / "1").is_dir()
+    from dataclasses import replace
+
+    from recserve.control.backup.manager import verify
+
+    lost = verify(open_store(policy.target), replace(rec, empty_dirs=[], verified=None), tmp_path)
+    assert not lost.verified and "rank_page/1" in lost.problem, lost.problem
+
+
 def test_restore_refuses_a_spec_directory_that_holds_files_and_a_demo_backup_restores_no_spec(env, tmp_path):
     repo, spec, root, policy = env
     BackupManager(policy, repo, root / "state.db", ControlMetrics(), spec=spec).run("manual")

@@ -64,7 +64,10 @@ def test_init_writes_a_spec_that_validates_and_a_bad_spec_starts_nothing(byo):
 
 def test_the_fleet_serves_the_spec_models_golden_checked_and_answers_through_the_front_door(byo):
     base, repo, fleet = byo
-    fleet.up_args = ("--spec", str(base / "spec.yaml"))
+    policy = base / "backup-policy.yaml"  # backups to a folder, so a backup can be restored on a clean root
+    policy.write_text(yaml.safe_dump({"schedule": {"every_hours": 24, "after_rollover": False},
+                                      "target": {"path": str(base / "backups")}}))
+    fleet.up_args = ("--spec", str(base / "spec.yaml"), "--backup-policy", str(policy))
     fleet.up()
     spec = load_spec(base / "spec.yaml")
     st = fleet.wait(lambda s: sum(i["state"] == "healthy" for i in s["instances"]) == 2, what="2 healthy")
@@ -110,8 +113,25 @@ def test_a_slightly_changed_version_is_promoted_and_reversed_scores_are_rolled_b
     assert "error rate <= 20.00%" in validate and "p99 over 120 ms" in validate, validate
 
 
+def _golden_answers(fleet: FleetProcess, spec) -> dict:
+    """Every spec model's answer to its first golden request, through the front door."""
+    client = RecClient(fleet.grpc_url, retry_policy=None)
+    try:
+        out = {}
+        for name, m in spec.models.items():
+            types = {t.name: t.datatype for t in m.info.inputs}
+            out[name] = unbatched(m, client.infer(name, batched(m, m.golden[0].inputs), types, list(m.outputs)))
+        return out
+    finally:
+        client.close()
+
+
 def test_down_leaves_nothing_running(byo):
     base, repo, fleet = byo
+    # before down: a backup of what it serves now (the promoted version), for the clean-root restore below
+    fleet.served = json.loads(fleet.recctl("status", "-o", "json").stdout)["desired"]
+    fleet.answers = _golden_answers(fleet, load_spec(base / "spec.yaml"))
+    fleet.recctl("backup", "now", "--note", "before down")
     pids = fleet.all_pids()
     prefixes = [p.name for p in (fleet.root / "instances").iterdir()]
     fleet.recctl("down")
@@ -121,3 +141,30 @@ def test_down_leaves_nothing_running(byo):
     from recserve.control.runtime.triton import shm_prefix
 
     assert not [r for name in prefixes for r in shm_regions(shm_prefix(fleet.root / "instances" / name, name))]
+
+
+def test_a_backup_restored_on_a_clean_root_serves_the_same_versions_golden_checked(byo):
+    """Backup and restore on a clean root: rebuild the runtime root and repository from the backup target (no
+    control plane), then ``recctl up --spec`` with the restored spec; it serves what the old fleet served."""
+    base, repo, old = byo
+    root, new_repo = base / "restored-root", base / "restored-repo"
+    r = old.recctl("restore", "--from", str(base / "backups"), "--root", str(root), "--repository", str(new_repo),
+                   "-o", "json")
+    restored_spec = Path(json.loads(r.stdout)["spec"])
+    assert restored_spec.is_file() and restored_spec.is_relative_to(root)
+    fleet = FleetProcess(root, new_repo, instances=2, up_args=("--spec", str(restored_spec)))
+    try:
+        fleet.up()
+        st = fleet.wait(lambda s: sum(i["state"] == "healthy" for i in s["instances"]) == 2, what="2 healthy")
+        assert st["desired"] == old.served, (st["desired"], old.served)
+        got = _golden_answers(fleet, load_spec(restored_spec, new_repo))
+        assert got.keys() == old.answers.keys()
+        for name, outs in got.items():  # the same versions answer bit for bit
+            for out, arr in outs.items():
+                was = old.answers[name][out]
+                same = arr.tolist() == was.tolist() if arr.dtype == object else arr.tobytes() == was.tobytes()
+                assert arr.dtype == was.dtype and arr.shape == was.shape and same, (name, out)
+        fleet.recctl("down")
+        assert not _pids_naming(str(root))
+    finally:
+        fleet.close()

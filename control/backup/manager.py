@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from recserve.control.backup.policy import BackupError, BackupPolicy
@@ -69,6 +69,9 @@ class BackupRecord:
     #: (path -> sha256; the spec file is one of them). Empty for the demo.
     spec: str = ""
     spec_files: dict[str, str] | None = None
+    #: Version directories that hold no file (an ensemble's ``1/``): Triton needs them to exist, and a backup of
+    #: files alone would lose them (relative to the repository).
+    empty_dirs: list[str] = field(default_factory=list)
 
     def models(self) -> dict[str, list[int]]:
         return models_of(self.files)
@@ -142,6 +145,19 @@ def versions_in_window(db_path: Path, now: float, window_s: float) -> dict[str, 
                 out[model].add(int(b))
     finally:
         db.close()
+    return out
+
+
+def empty_version_dirs(repository: Path, keep: dict[str, set[int]]) -> list[str]:
+    """Numeric version directories without any file in them (an ensemble's), of the versions a backup keeps."""
+    out = []
+    for mdir in sorted(p for p in repository.iterdir() if p.is_dir()):
+        built = (mdir / "config.pbtxt").exists() and has_manifests(repository, mdir.name)
+        for vdir in sorted(p for p in mdir.iterdir() if p.is_dir() and p.name.isdigit()):
+            if built and int(vdir.name) not in keep.get(mdir.name, set()):
+                continue
+            if not any(p.is_file() for p in vdir.rglob("*")):
+                out.append(str(vdir.relative_to(repository)))
     return out
 
 
@@ -254,6 +270,11 @@ def materialize(store: Store, rec: BackupRecord, repository: Path, state_dest: P
             _fetch(store, digest, repository / rel)
         except (BackupError, TargetError) as exc:
             raise BackupError(f"backup {rec.id}: {rel}: {exc}") from exc
+    for rel in rec.empty_dirs:
+        dest = (repository / rel).resolve()
+        if not dest.is_relative_to(repository.resolve()):
+            raise BackupError(f"backup {rec.id}: empty directory {rel!r} is outside the repository")
+        dest.mkdir(parents=True, exist_ok=True)
     spec_path = None
     if rec.spec:
         if spec_dir is None:
@@ -290,7 +311,7 @@ def materialize(store: Store, rec: BackupRecord, repository: Path, state_dest: P
     if desired != rec.desired:
         raise BackupError(f"backup {rec.id}: {STATE_FILE} desires {desired}, the record says {rec.desired}")
     missing = [f"{m}/{v}" for m, vs in desired.items() for v in vs
-               if has_manifests(repository, m) and v not in versions_on_disk(repository, m)]
+               if (repository / m / "config.pbtxt").exists() and v not in versions_on_disk(repository, m)]
     if missing:
         raise BackupError(f"backup {rec.id}: desired versions {missing} are not in the backup")
     return spec_path
@@ -440,6 +461,7 @@ class BackupManager:
                     uploaded += size
                 files[rel] = digest
                 total += size
+            empty = empty_version_dirs(self.repository, keep)
             for model, versions in desired.items():
                 for v in versions:
                     if has_manifests(self.repository, model) and not any(
@@ -461,12 +483,12 @@ class BackupManager:
                 self.store.put_file(_object_key(state_digest), state_copy)
                 uploaded += state_copy.stat().st_size
             total += state_copy.stat().st_size
-        held = [files, state_digest] + ([spec_digests] if spec_digests else [])
+        held = [files, state_digest] + ([spec_digests] if spec_digests else []) + ([empty] if empty else [])
         digest = hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()[:8]
         bid = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + f"-{digest}"
         rec = BackupRecord(id=bid, created=now, trigger=trigger, files=files, state_sha256=state_digest,
                            desired=desired, bytes=total, uploaded_bytes=uploaded, host=socket.gethostname(),
-                           spec=spec_name, spec_files=spec_digests)
+                           spec=spec_name, spec_files=spec_digests, empty_dirs=empty)
         write_record(self.store, rec)
         return rec
 
