@@ -151,6 +151,23 @@ def test_initial_fill_through_the_cli_then_a_new_version_by_watch_and_by_post_sy
     no_partial(models)
 
 
+def test_an_ensembles_empty_version_directory_reaches_the_pod(tmp_path, bucket):
+    """A store has no key for an empty directory, yet Triton needs an ensemble's ``1/``: the publish index names
+    it, and the sync makes it (without it the ensemble would be unservable on every pod)."""
+    url, store = bucket
+    src = make_repo(tmp_path / "src")
+    (src / "page" / "1").mkdir(parents=True)  # a user's ensemble, as Triton's docs lay it out: nothing in 1/
+    (src / "page" / "config.pbtxt").write_text('name: "page"\nplatform: "ensemble"\n')
+    publish(src, store)
+    assert json.loads(store.get_bytes(modelsync._index_key("page")))[
+        "empty_versions"] == [1]
+    models = tmp_path / "models"
+    res = ModelSync(store, models).sync()
+    assert res.refused == [] and "page" not in res.unservable and "page/1" in res.placed, res
+    assert (models / "page" / "1").is_dir() and (models / "page" / "config.pbtxt").is_file()
+    assert ModelSync(store, models).sync().placed == []  # the next pass finds it in place
+
+
 def test_a_corrupted_object_is_refused_and_named_and_nothing_partial_is_left(tmp_path, bucket, capfd):
     url, store = bucket
     src = make_repo(tmp_path / "src")

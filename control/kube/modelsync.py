@@ -139,19 +139,26 @@ class ModelSync:
             if not any(meta.iterdir()):
                 meta.rmdir()  # an empty repository entry Triton's index would list
 
-    def _index(self, model: str, res: SyncResult) -> dict[str, str]:
+    def _index(self, model: str, res: SyncResult) -> tuple[dict[str, str], list[int]]:
+        """The publish index: sha256 per file no manifest covers, and the versions that hold no file at all."""
         key = _index_key(model)
         if not self.store.exists(key):
-            return {}
+            return {}, []
         try:
-            return {str(k): str(v) for k, v in json.loads(self.store.get_bytes(key))["files"].items()}
+            doc = json.loads(self.store.get_bytes(key))
+            return ({str(k): str(v) for k, v in doc["files"].items()},
+                    sorted(int(v) for v in doc.get("empty_versions", [])))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             res.refused.append(f"{model}: publish index {key} is unreadable ({exc}): its files are not placed")
-            return {}
+            return {}, []
 
     def _model(self, model: str, layout: dict, stage: Path, res: SyncResult) -> None:
-        index = self._index(model, res)
+        index, empty_versions = self._index(model, res)
         mdir = self.dest / model
+        for version in empty_versions:  # an ensemble's version: a directory Triton needs, with nothing in it
+            if version not in layout["versions"] and not (mdir / str(version)).is_dir():
+                (mdir / str(version)).mkdir(parents=True)
+                res.placed.append(f"{model}/{version}")
         # The config first into the staging copy (verify_version needs <model>/config.pbtxt), into place last:
         # a model directory without its config is no model to Triton, so a new model appears when it is whole.
         config_ok = self._stage_config(model, layout, index, stage, res)
@@ -164,7 +171,7 @@ class ModelSync:
             if rel == "config.pbtxt" and not config_ok:
                 continue
             self._model_file(model, rel, key, index, stage, res)
-        verified = [v for v in sorted(layout["versions"]) if (mdir / str(v)).is_dir()]
+        verified = [v for v in sorted(set(layout["versions"]) | set(empty_versions)) if (mdir / str(v)).is_dir()]
         if not (mdir / "config.pbtxt").is_file() or not verified:
             res.unservable.append(model)
 
@@ -334,7 +341,10 @@ def publish(src: Path, store) -> list[str]:
             if not (top.isdigit() and top in manifested):
                 index[rel] = sha256_file(p)
             store.put_file(f"{mdir.name}/{rel}", p)
-        store.put_bytes(_index_key(mdir.name), json.dumps({"model": mdir.name, "files": index}, indent=1,
+        empty = [int(v.name) for v in sorted(mdir.iterdir()) if v.is_dir() and v.name.isdigit()
+                 and not any(p.is_file() for p in v.rglob("*"))]  # no key in a store can stand for them
+        store.put_bytes(_index_key(mdir.name), json.dumps({"model": mdir.name, "files": index,
+                                                           "empty_versions": empty}, indent=1,
                                                           sort_keys=True).encode())
         done.append(mdir.name)
     return done
