@@ -135,6 +135,7 @@ class Operator:
         #: ConfigMap's annotations (cached FRONTDOOR_CHECK_S), consecutive failures per replica, status.frontDoor.
         self._fd_ann: dict[str, str] | None = None
         self._fd_ann_at = 0.0
+        self._fd_ann_error = ""
         self._fd_fails: dict[str, int] = {}
         self._fd_share: tuple[int, int] | None = None
         self.frontdoor_status: dict = {}
@@ -273,7 +274,14 @@ class Operator:
     # ------------------------------------------------------------------ the front-door replicas' runtime API
     def _frontdoor_annotations(self) -> dict[str, str] | None:
         if self._fd_ann is None or time.monotonic() - self._fd_ann_at >= FRONTDOOR_CHECK_S:
-            self._fd_ann = self.api.configmap_annotations(FRONTDOOR_CONFIGMAP)
+            try:
+                self._fd_ann = self.api.configmap_annotations(FRONTDOOR_CONFIGMAP)
+            except ApiException as exc:  # RBAC, the API server: reported on the replicas, the reconcile goes on
+                log.warning("ConfigMap %s not read: %s", FRONTDOOR_CONFIGMAP, exc.reason)
+                self._fd_ann = None
+                self._fd_ann_error = f"ConfigMap {FRONTDOOR_CONFIGMAP} not read: {exc.status} {exc.reason}"
+            else:
+                self._fd_ann_error = ""
             self._fd_ann_at = time.monotonic()
         return self._fd_ann
 
@@ -307,7 +315,7 @@ class Operator:
             fallback_limit = int(ann.get(FALLBACK_LIMIT_ANNOTATION) or 0) or pod_limit
             port = int(ann.get(RUNTIME_PORT_ANNOTATION) or RUNTIME_PORT)
         except (KeyError, ValueError):
-            why = (f"ConfigMap {FRONTDOOR_CONFIGMAP} " + ("not found" if self._fd_ann is None else
+            why = self._fd_ann_error or (f"ConfigMap {FRONTDOOR_CONFIGMAP} " + ("not found" if self._fd_ann is None else
                    f"has no {POD_LIMIT_ANNOTATION} annotation (rendered before the operator programmed the "
                    "replicas: regenerate it, python -m recserve.control.kube.frontdoor)"))
             results = [ReplicaResult(r, error=why) for r in live]
