@@ -402,3 +402,34 @@ def test_the_knee_from_the_perf_report_is_read_once_per_version_of_the_report(tm
         st = report.stat()
         os.utime(report, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a new run, even within one tick
         assert default_knee_rps("recommend", report)[0] == 700 and read.call_count == 2
+
+
+def test_the_rollover_stream_ends_with_the_terminal_event_even_when_the_record_is_saved_first(tmp_path):
+    """The manager saves a finished record before it writes the terminal event; a stream that ended on the record
+    alone lost that event (a CI run saw a succeeded blue-green rollover end its stream at status 'running')."""
+    from types import SimpleNamespace
+
+    from recserve.control.api.proto import control_pb2 as pb
+    from recserve.control.api.server import ControlPlane
+
+    state = State(tmp_path / "state.db")
+    rec = RolloutRecord("r1", "ranker", 1, 2, "canary", [100], 1.0, {}, "bake", "running", 0.0)
+    state.save_rollout(rec)
+    state.add_rollout_event("r1", "bake", "green")
+    polls = []
+
+    class Context:
+        def is_active(self) -> bool:
+            polls.append(1)
+            if len(polls) == 1:  # between the record's save and the terminal event
+                rec.status = "succeeded"
+                state.save_rollout(rec)
+            elif len(polls) == 3:
+                state.add_rollout_event("r1", "done", "on every instance", status="succeeded")
+            return True
+
+    plane = SimpleNamespace(_auth=lambda c: None, _ready=lambda c: None, fleet=SimpleNamespace(state=state),
+                            _call=lambda c, f, *a: "r1", rollouts=SimpleNamespace(start=None))
+    events = list(ControlPlane.Rollover(plane, pb.RolloverRequest(model="ranker", version=2), Context()))
+    assert [e.status for e in events] == ["running", "succeeded"] and events[-1].done
+    state.close()

@@ -187,14 +187,20 @@ class ControlPlane(BackupApi, pbg.ControlPlaneServicer):
         bake = request.bake_seconds if request.HasField("bake_seconds") else 5.0
         rid = self._call(context, self.rollouts.start, request.model, int(request.version),
                          request.strategy or "canary", list(request.steps), bake, gates)
-        seq = 0
+        # The stream ends with the rollout's terminal event. The manager saves the record before it writes that
+        # event, so a finished record alone does not end the stream (that ended it one event early); only when
+        # no terminal event follows a finished record for a few seconds does the stream end without one.
+        seq, finished_since = 0, None
         while True:
             for e in self.fleet.state.rollout_events(rid, seq):
                 seq = e["seq"]
                 yield event_pb(rid, e)
-            r = self.fleet.state.rollout(rid)
-            if r.status != "running" and not self.fleet.state.rollout_events(rid, seq):
-                return
+                if e["status"] != "running":
+                    return
+            if self.fleet.state.rollout(rid).status != "running":
+                finished_since = finished_since or time.monotonic()
+                if time.monotonic() - finished_since > 5.0:
+                    return
             if not context.is_active():
                 return  # the client went away; the rollout carries on
             time.sleep(0.2)
