@@ -8,18 +8,25 @@ files as mounted load as a spec; the operator refuses a fleet whose models the s
 takes the body limits, the SLO and the no-degraded refusals from a spec, and REAL HAProxy enforces a spec's limit
 (not the demo contract's). Then the operator against the in-memory API (kmock) with one REAL tritonserver pod:
 golden checks by the spec's rules open the pod's gate, a spec whose recorded answers are wrong closes it naming the
-spec's output, and a front door rendered from another spec makes the fleet Degraded (``FrontDoorSpecStale``).
+spec's output, and a front door rendered from another spec makes the fleet Degraded (``FrontDoorSpecStale``). The
+degraded-answer Deployment mounts the same ConfigMap and runs with ``--spec``: its rendered command, run as a real
+process on loopback against the ConfigMap's files as a pod mounts them, answers each model as the spec's
+``degraded`` says and refuses a model without one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -73,17 +80,23 @@ def test_the_spec_configmap_is_what_the_operator_mounts_and_the_front_door_was_r
     mount = next(m for m in op["volumeMounts"] if m["name"] == vol["name"])
     assert mount["mountPath"] == str(kfd.SPEC_MOUNT) and mount["readOnly"]
     assert f"--spec={kfd.SPEC_MOUNT}/{kfd.SPEC_FILE}" in op["args"]
-    # the files as the pod sees them: Kubernetes' ..data link and timestamped directory beside the keys
-    stamp = tmp_path / "..2026_01_01_00_00_00.1"
-    stamp.mkdir()
-    for name, text in cm["data"].items():
-        (stamp / name).write_text(text)
-        (tmp_path / name).symlink_to(Path("..data") / name)
-    (tmp_path / "..data").symlink_to(stamp.name)
+    _as_mounted(cm["data"], tmp_path)
     assert kfd.spec_digest(tmp_path) == fd[kfd.SPEC_ANNOTATION]
     fleet_models = find(objs, "RecServeFleet", "recserve")["spec"]["models"]
     spec = serving_spec(tmp_path / kfd.SPEC_FILE, kfd.REPOSITORY, fleet_models)  # gpu: the *_trt ensembles besides
     assert spec.model_names() == ["recommend", "search"]
+
+
+def _as_mounted(data: dict[str, str], into: Path) -> Path:
+    """A ConfigMap's files as a pod sees them: Kubernetes' ..data link and timestamped directory beside the keys."""
+    into.mkdir(parents=True, exist_ok=True)
+    stamp = into / "..2026_01_01_00_00_00.1"
+    stamp.mkdir()
+    for name, text in data.items():
+        (stamp / name).write_text(text)
+        (into / name).symlink_to(Path("..data") / name)
+    (into / "..data").symlink_to(stamp.name)
+    return into
 
 
 def test_the_operator_refuses_a_fleet_whose_models_the_spec_does_not_cover():
@@ -169,6 +182,155 @@ def test_real_haproxy_enforces_the_spec_limit_not_the_contract_one(tmp_path):
         proxy.stop()
 
 
+# ------------------------------------------------------------------- the degraded-answer server reads the spec too
+def _spec_configmap(objs: list[dict]) -> dict:
+    (cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith(kfd.SPEC_CONFIGMAP)]
+    return cm
+
+
+def _fallback_container(objs: list[dict]) -> tuple[dict, dict]:
+    pod = find(objs, "Deployment", "recserve-fallback")["spec"]["template"]["spec"]
+    (c,) = [c for c in pod["containers"] if c["name"] == "fallback"]
+    return pod, c
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_degraded_answer_server_mounts_the_spec_and_is_told_to_answer_by_it(rendered, overlay):
+    objs = rendered[overlay]
+    cm = _spec_configmap(objs)
+    pod, c = _fallback_container(objs)
+    vol = next(v for v in pod["volumes"] if (v.get("configMap") or {}).get("name") == cm["metadata"]["name"])
+    assert not vol["configMap"].get("optional")  # no spec, no start: never the demo's answers for a spec's models
+    mount = next(m for m in c["volumeMounts"] if m["name"] == vol["name"])
+    assert mount["mountPath"] == str(kfd.SPEC_MOUNT) and mount["readOnly"]
+    assert f"--spec={kfd.SPEC_MOUNT}/{kfd.SPEC_FILE}" in c["args"]
+    repo = next(a.split("=", 1)[1] for a in c["args"] if a.startswith("--repository="))
+    assert any(m["mountPath"] == repo for m in c["volumeMounts"])  # the spec's models' configs, the pod's own
+
+
+def _fallback_command(objs: list[dict], local: dict[str, Path], grpc_port: int, http_port: int) -> list[str]:
+    """The degraded-answer container's command and args as rendered, run here: each volume's mount path replaced
+    by the local directory standing for that volume (``local``, by volume name), the pod's address by loopback."""
+    _, c = _fallback_container(objs)
+    paths = {m["mountPath"]: local[m["name"]] for m in c["volumeMounts"]}
+    args = []
+    for arg in c["args"]:
+        key, _, value = arg.partition("=")
+        value = {"--host": "127.0.0.1", "--grpc-port": str(grpc_port), "--http-port": str(http_port)}.get(key, value)
+        for mount, here in paths.items():
+            if value == mount or value.startswith(mount + "/"):
+                value = str(here) + value[len(mount):]
+        args.append(f"{key}={value}")
+    assert c["command"][:1] == ["python"], c["command"]
+    return [sys.executable, *c["command"][1:], *args]
+
+
+class _Fallback:
+    """The degraded-answer program as its container runs it (real process, loopback); stopped by ``close``."""
+
+    def __init__(self, objs: list[dict], spec_dir: Path, work: Path):
+        from recserve.control.runtime.fallback import DATA_DIR
+        from recserve.control.runtime.procs import free_port
+
+        work.mkdir(parents=True, exist_ok=True)
+        self.grpc_port, self.http_port = free_port(), free_port()
+        local = {"models": kfd.REPOSITORY, "data": DATA_DIR, "spec": spec_dir, "tmp": work}
+        self.cmd = _fallback_command(objs, local, self.grpc_port, self.http_port)
+        self.log = work / "fallback.log"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get(
+            "PYTHONPATH", "")) if p)}
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(self.cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"fallback exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise AssertionError(f"fallback not ready: {self.log.read_text()[-2000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _recommend_inputs(mod, row: dict):
+    uid = mod.InferInput("user_id", [1, 1], "INT64")
+    uid.set_data_from_numpy(np.array([row["user_id"]["content"]], dtype=np.int64))
+    hist = mod.InferInput("history", [1, len(row["history"]["content"])], "INT64")
+    hist.set_data_from_numpy(np.array([row["history"]["content"]], dtype=np.int64))
+    return [uid, hist]
+
+
+def _search_inputs(mod, text: bytes = b"red running shoes"):
+    q = mod.InferInput("query", [1, 1], "BYTES")
+    q.set_data_from_numpy(np.array([[text]], dtype=object))
+    return [q]
+
+
+BUSY = {"item_ids": {"content": list(range(101, 121)), "shape": [20]},
+        "scores": {"content": [0.5] * 20, "shape": [20]}}
+
+
+def test_the_degraded_answer_server_run_as_deployed_answers_by_the_mounted_spec(rendered, tmp_path):
+    """The rendered container's command and args, run here against the ConfigMap's files as a pod mounts them: the
+    cluster spec's providers answer both models (degraded flag); a spec whose recommend answers from a file in the
+    ConfigMap and whose search has no ``degraded`` gets that file's answer and search refused in HAProxy's words."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from recserve.control.client import is_degraded
+    from recserve.control.runtime.fallback import DATA_DIR
+
+    if not (DATA_DIR / "events.csv").is_file():
+        pytest.skip("the build's data (artifacts/data) is not built: make models")
+    objs = rendered["cpu"]
+    data = _spec_configmap(objs)["data"]
+    row = json.loads(data["recommend.json"])["data"][0]
+
+    fb = _Fallback(objs, _as_mounted(data, tmp_path / "cluster-spec"), tmp_path / "fb1")
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{fb.http_port}")
+        r = client.infer("recommend", _recommend_inputs(httpclient, row))
+        ids = r.as_numpy("item_ids")
+        assert is_degraded(r) and ids.shape == (1, 20) and len(set(ids[0].tolist())) == 20  # popular_items
+        r = client.infer("search", _search_inputs(httpclient))
+        assert is_degraded(r) and r.as_numpy("item_ids").shape == (1, 20)  # lexical_search
+        client.close()
+    finally:
+        fb.close()
+
+    doc = yaml.safe_load(data[kfd.SPEC_FILE])
+    doc["models"]["recommend"]["degraded"] = {"file": "recommend-busy.json"}
+    del doc["models"]["search"]["degraded"]
+    edited = {**data, kfd.SPEC_FILE: yaml.safe_dump(doc), "recommend-busy.json": json.dumps(BUSY)}
+    fb = _Fallback(objs, _as_mounted(edited, tmp_path / "edited-spec"), tmp_path / "fb2")
+    try:
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{fb.http_port}")
+        r = client.infer("recommend", _recommend_inputs(httpclient, row))
+        assert is_degraded(r)
+        assert r.as_numpy("item_ids").tolist() == [BUSY["item_ids"]["content"]]
+        np.testing.assert_allclose(r.as_numpy("scores"), [BUSY["scores"]["content"]])
+        with pytest.raises(InferenceServerException) as exc:
+            client.infer("search", _search_inputs(httpclient))
+        assert "overloaded" in str(exc.value), exc.value  # no degraded: refused, as the front door refuses it
+        assert "429" in str(exc.value.status()), exc.value.status()
+        client.close()
+    finally:
+        fb.close()
+
+
 # ---------------------------------------------------------------------------------- the operator, kmock, a real pod
 def _recorded_wrong(tmp_path: Path, repo: Path) -> Path:
     """A spec of recommend alone whose recorded answers are wrong (every item 0) for the versions the pod serves."""
@@ -223,7 +385,15 @@ def test_the_operator_golden_checks_by_the_mounted_spec_and_flags_a_front_door_o
         (name,) = ctl.start_pods(1)
 
         def gate() -> tuple[str | None, str]:
-            pod = emu.api.sanitize_for_serialization(emu.core.read_namespaced_pod(name, NAMESPACE))
+            try:
+                pod = emu.api.sanitize_for_serialization(emu.core.read_namespaced_pod(name, NAMESPACE))
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+                # a pod that kept failing is deleted (its Deployment replaces it), on a busy machine possibly
+                # between two polls: its gate's last word is the GoldenFailed Event the operator wrote on it
+                failed = [e for e in emu.events("GoldenFailed") if e.involved_object.name == name]
+                return ("False", failed[-1].message) if failed else ("Deleted", "")
             c = next((c for c in pod.get("status", {}).get("conditions") or [] if c["type"] == GATE), {})
             return c.get("status"), c.get("message", "")
 
