@@ -546,6 +546,35 @@ def _render_cluster(c: HAProxyConfig, out: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+#: Words in a runtime API answer that mean HAProxy refused the command.
+RUNTIME_ERROR_WORDS = ("unknown command", "no such", "require", "invalid", "not found", "error", "permission denied")
+
+
+def runtime_exchange(address: Path | str | tuple[str, int], cmd: str, timeout_s: float = 2.0,
+                     check: bool = True) -> str:
+    """One runtime API command, one connection (HAProxy answers and closes): ``address`` is the stats socket's
+    path or a (host, port) of a TCP listener. HAProxyError names the address and quotes HAProxy's refusal
+    (``check``: off for tables, whose column names contain words such as "errors")."""
+    where = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else str(address)
+    try:
+        tcp = isinstance(address, tuple)
+        conn = socket.create_connection(address, timeout=timeout_s) if tcp else socket.socket(socket.AF_UNIX)
+        with conn:
+            conn.settimeout(timeout_s)
+            if not tcp:
+                conn.connect(str(address))
+            conn.sendall(cmd.encode() + b"\n")
+            chunks = []
+            while data := conn.recv(65536):
+                chunks.append(data)
+    except OSError as exc:
+        raise HAProxyError(f"haproxy runtime API {where} '{cmd}': {exc}") from exc
+    text = b"".join(chunks).decode(errors="replace")
+    if check and any(w in text.lower() for w in RUNTIME_ERROR_WORDS):
+        raise HAProxyError(f"haproxy {where} refused '{cmd}': {text.strip()}")
+    return text
+
+
 class HAProxy:
     """Owns one haproxy process (or adopts a running one through its pid file) and its stats socket."""
 
@@ -647,24 +676,7 @@ class HAProxy:
     def command(self, cmd: str, timeout_s: float = 2.0, check: bool = True) -> str:
         """Send one runtime API command over the stats socket; raise on HAProxy's error answers (``check``:
         off for tables, whose column names contain words such as "errors")."""
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout_s)
-                s.connect(str(self.config.socket_path))
-                s.sendall(cmd.encode() + b"\n")
-                chunks = []
-                while True:
-                    data = s.recv(65536)
-                    if not data:
-                        break
-                    chunks.append(data)
-        except OSError as exc:
-            raise HAProxyError(f"haproxy runtime API '{cmd}': {exc}") from exc
-        text = b"".join(chunks).decode(errors="replace")
-        low = text.lower()
-        if check and any(w in low for w in ("unknown command", "no such", "require", "invalid", "not found", "error")):
-            raise HAProxyError(f"haproxy refused '{cmd}': {text.strip()}")
-        return text
+        return runtime_exchange(self.config.socket_path, cmd, timeout_s, check)
 
     def _all_backends(self) -> list[str]:
         firsts = [first_backend(p, k) for p in PROTOS for k in range(self.config.slots)]
