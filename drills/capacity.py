@@ -220,3 +220,69 @@ def _capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path, use_r
         return None, f"no concurrency kept p99 <= {slo_ms:.0f} ms: {points}", points
     return cap, (f"measured by the drill: perf_analyzer concurrency sweep through HAProxy, highest "
                  f"throughput with p99 <= {slo_ms:.0f} ms (the drill's SLO)"), points
+
+
+# ----------------------------------------------------------------------------- one pod's knee, for the cluster's Job
+def one_address(target: str) -> tuple[str, int, str]:
+    """(address, port, how it was picked) of ONE server behind ``HOST:PORT``: the lowest IPv4 address HOST resolves
+    to (a headless Service answers with every pod; the knee is per pod)."""
+    import socket
+
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--target must be HOST:PORT, got {target!r}")
+    addrs = sorted({i[4][0] for i in socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)},
+                   key=lambda a: tuple(int(x) for x in a.split(".")))
+    if not addrs:
+        raise OSError(f"{host} resolves to no IPv4 address")
+    return addrs[0], int(port), f"{addrs[0]} (1 of {len(addrs)} addresses of {host})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m recserve.drills.capacity``: the knee ladder against one pod, as JSON (the measuring container of
+    the cluster's knee Job, deploy/k8s/components/knee-job; control/kube/knee.py writes it where the operator reads
+    it). With ``--spec`` it sends the spec's golden requests at its strictest ``sloP99Ms``."""
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m recserve.drills.capacity", description=main.__doc__.split(":")[0])
+    p.add_argument("--target", required=True, help="HOST:PORT (gRPC); the ladder runs against one of its addresses")
+    p.add_argument("--spec", type=Path, help="serving spec: its golden requests and strictest sloP99Ms")
+    p.add_argument("--repository", type=Path, help="the model repository of the spec's models")
+    p.add_argument("--output", type=Path, required=True, help="the result as JSON")
+    p.add_argument("--start-rps", type=float, default=50.0)
+    p.add_argument("--step-s", type=float, default=3.0)
+    p.add_argument("--warm-s", type=float, default=15.0)
+    p.add_argument("--max-steps", type=int, default=14)
+    p.add_argument("--max-rps", type=float, default=5000.0)
+    p.add_argument("--refine", type=int, default=2)
+    a = p.parse_args(argv)
+    try:
+        ip, port, picked = one_address(a.target)
+    except (OSError, ValueError) as exc:
+        print(f"knee not measured: {exc}", file=sys.stderr, flush=True)
+        return 2
+    slo, cases, model = KNEE_SLO_MS, None, "recommend"
+    if a.spec is not None:
+        from recserve.control.spec.spec import load_spec
+        from recserve.drills.serving import cases as spec_cases
+
+        spec = load_spec(a.spec, a.repository)
+        slo, cases, model = min(m.slo_p99_ms for m in spec.models.values()), spec_cases(spec), next(iter(spec.models))
+    print(f"knee ladder against {picked} at p99 <= {slo:g} ms", flush=True)
+    knee, ladder = knee_ladder(f"{ip}:{port}", model, slo, start_rps=a.start_rps, factor=1.3, step_s=a.step_s,
+                               max_steps=a.max_steps, max_rps=a.max_rps, refine=a.refine, warm_s=a.warm_s,
+                               cases=cases)
+    rows = [asdict(s) for s in ladder]
+    out = {"knee_rps": round(knee, 1) if knee else None, "mean_ms": knee_mean_ms(knee, rows, slo), "slo_ms": slo,
+           "pod": ip, "picked": picked, "ladder": rows}
+    a.output.write_text(json.dumps(out, indent=1))
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    print(f"knee {out['knee_rps']} rps (mean {out['mean_ms']} ms) on {picked}", flush=True)
+    return 0 if knee else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

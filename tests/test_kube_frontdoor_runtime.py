@@ -361,3 +361,33 @@ def test_an_unreachable_replica_is_reported_and_counted(cluster):
         emu.core.delete_namespaced_pod(dead, NAMESPACE)
     wait_for(lambda: degraded(cluster).get("reason") != "FrontDoorNotProgrammed", 15, "Degraded to clear")
     wait_for(limits_are(FRONTDOOR_IPS, 8, 10), 15, "back to 24 / 3 = 8")
+
+
+def test_a_measured_knee_sets_the_pod_limit_the_replicas_divide(cluster, monkeypatch):
+    """The knee Job's ConfigMap (recserve-knee, written by python -m recserve.control.kube.knee): the operator
+    computes the pod limit from it (knee x SLO, the Router's rule) instead of the rendered one and re-divides it on
+    every replica; the ConfigMap gone, the rendered limit is back."""
+    from kubernetes import client
+
+    from recserve.control.kube import operator as kop
+    from recserve.control.kube.knee import KNEE_CONFIGMAP, Knee, pod_limit
+
+    monkeypatch.setattr(kop, "FRONTDOOR_CHECK_S", 0.5)
+    emu = cluster["emu"]
+    knee = Knee(800.0, 50.0, 21.5, "10.0.0.7", "2026-01-01T00:00:00Z")
+    limit, _ = pod_limit(knee.rps, 50.0, knee.mean_ms)  # the fixture's operator runs without a spec: SLO 50 ms
+    assert limit == 40 and limit != GEN.pod_limit()
+    emu.core.create_namespaced_config_map(NAMESPACE, client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name=KNEE_CONFIGMAP, namespace=NAMESPACE, annotations=knee.annotations())))
+    try:
+        wait_for(limits_are(FRONTDOOR_IPS, limit // 3, 10), 20, f"the measured limit {limit} / 3 on all three")
+        st = wait_for(lambda: (s := fleet_status(cluster)["frontDoor"]).get("podLimit") == limit and s, 10,
+                      "status.frontDoor.podLimit from the knee")
+        assert st["perReplicaLimit"] == limit // 3 and "measured knee 800 rps" in st["podLimitSource"]
+        assert st["knee"] == {"rps": 800.0, "sloMs": 50.0, "meanMs": 21.5, "pod": "10.0.0.7",
+                              "measuredAt": "2026-01-01T00:00:00Z"}
+    finally:
+        emu.core.delete_namespaced_config_map(KNEE_CONFIGMAP, NAMESPACE)
+    wait_for(limits_are(FRONTDOOR_IPS, 8, 10), 20, "the rendered 24 / 3 = 8 again")
+    assert "rendered" in wait_for(lambda: (s := fleet_status(cluster)["frontDoor"]).get("podLimit") == 24 and s,
+                                  10, "status back to the rendered limit")["podLimitSource"]

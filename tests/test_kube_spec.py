@@ -220,6 +220,7 @@ def _fallback_command(objs: list[dict], local: dict[str, Path], grpc_port: int, 
         for mount, here in paths.items():
             if value == mount or value.startswith(mount + "/"):
                 value = str(here) + value[len(mount):]
+                break
         args.append(f"{key}={value}")
     assert c["command"][:1] == ["python"], c["command"]
     return [sys.executable, *c["command"][1:], *args]

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kubernetes.client.exceptions import ApiException
 
+from recserve.control.defaults import LIMIT_RULE, SLO_P99_MS
 from recserve.control.fleet.fleet import FleetError
 from recserve.control.fleet.golden import Golden
 from recserve.control.fleet.health import HealthMonitor, Probe
@@ -46,6 +47,8 @@ from recserve.control.kube.frontdoor_runtime import (
     frontdoor_replicas,
     program_all,
 )
+from recserve.control.kube.knee import KNEE_CONFIGMAP, Knee
+from recserve.control.kube.knee import pod_limit as knee_pod_limit
 from recserve.control.kube.pool import KubePool, pod_endpoint
 from recserve.control.kube.trtgolden import TrtGolden, trt_models
 from recserve.control.rollout.manager import RolloutManager
@@ -87,6 +90,9 @@ class OperatorConfig:
     #: The serving spec (``spec.yaml`` of the mounted ConfigMap recserve-spec): golden requests and comparison
     #: rules; None: the demo's golden checks (control/fleet/golden.py).
     spec: Path | None = None
+    #: How the pod limit follows from a measured knee (ConfigMap recserve-knee): ``p99`` (knee x SLO, the Router's
+    #: default) or ``mean`` (knee x the mean latency measured at it): control/routing/admission.py limit_latency.
+    limit_rule: str = LIMIT_RULE
 
 
 def serving_spec(path: Path, repository: Path, fleet_models: list[str]) -> ServingSpec:
@@ -138,6 +144,10 @@ class Operator:
         self._fd_ann_error = ""
         self._fd_fails: dict[str, int] = {}
         self._fd_share: tuple[int, int] | None = None
+        #: The knee the measurement Job wrote (ConfigMap recserve-knee, control/kube/knee.py; cached
+        #: FRONTDOOR_CHECK_S): when there is one, the pod limit the replicas divide is computed from it.
+        self._knee: Knee | None = None
+        self._knee_at: float | None = None
         self.frontdoor_status: dict = {}
         #: Why some front-door replica is not programmed ("" when every one is).
         self.frontdoor_unprogrammed = ""
@@ -285,6 +295,31 @@ class Operator:
             self._fd_ann_at = time.monotonic()
         return self._fd_ann
 
+    def _measured_knee(self) -> Knee | None:
+        if self._knee_at is None or time.monotonic() - self._knee_at >= FRONTDOOR_CHECK_S:
+            try:
+                self._knee = Knee.from_annotations(self.api.configmap_annotations(KNEE_CONFIGMAP))
+            except ApiException as exc:  # RBAC, the API server: the last knee read (or the rendered limit) holds
+                log.warning("ConfigMap %s not read: %s", KNEE_CONFIGMAP, exc.reason)
+            self._knee_at = time.monotonic()
+        return self._knee
+
+    def _pod_limit(self, rendered: int) -> tuple[int, str, dict]:
+        """(the pod limit the replicas divide, where it comes from, status.frontDoor.knee): from the measured knee
+        when the Job wrote one (at the spec's strictest SLO, the operator's limit rule), else the rendered one."""
+        knee = self._measured_knee()
+        if knee is None:
+            return rendered, (f"rendered ({POD_LIMIT_ANNOTATION} of ConfigMap {FRONTDOOR_CONFIGMAP}; no measured "
+                              f"knee in ConfigMap {KNEE_CONFIGMAP})"), {}
+        slo = (min(m.slo_p99_ms for m in self.serving_spec.models.values()) if self.serving_spec is not None
+               else SLO_P99_MS)
+        limit, why = knee_pod_limit(knee.rps, slo, knee.mean_ms, self.config.limit_rule)
+        info = {"rps": knee.rps, "sloMs": knee.slo_ms, "pod": knee.pod, "measuredAt": knee.measured_at}
+        if knee.mean_ms is not None:
+            info["meanMs"] = knee.mean_ms
+        return limit, (f"measured knee {knee.rps:g} rps (ConfigMap {KNEE_CONFIGMAP}, pod {knee.pod or '?'}, "
+                       f"{knee.measured_at or '?'}) x SLO {slo:g} ms: {why}"), info
+
     def _frontdoor_plan_pods(self) -> dict[str, PodTraffic]:
         """Every Triton pod with an IP: served with its weight while its gate is open (1; during a canary step the
         rollout's percentages), drained otherwise (gate closed, being deleted)."""
@@ -311,8 +346,8 @@ class Operator:
         ann = self._frontdoor_annotations() or {}
         live = [r for r in replicas if not r.terminating]
         try:
-            pod_limit = int(ann[POD_LIMIT_ANNOTATION])
-            fallback_limit = int(ann.get(FALLBACK_LIMIT_ANNOTATION) or 0) or pod_limit
+            rendered_limit = int(ann[POD_LIMIT_ANNOTATION])
+            fallback_limit = int(ann.get(FALLBACK_LIMIT_ANNOTATION) or 0) or rendered_limit
             port = int(ann.get(RUNTIME_PORT_ANNOTATION) or RUNTIME_PORT)
         except (KeyError, ValueError):
             why = self._fd_ann_error or (f"ConfigMap {FRONTDOOR_CONFIGMAP} " + ("not found" if self._fd_ann is None else
@@ -325,6 +360,7 @@ class Operator:
                 why = f"ConfigMap {FRONTDOOR_CONFIGMAP} was rendered without the runtime API (--runtime-api-port 0)"
                 results, plan = [ReplicaResult(r, error=why) for r in live], None
             else:
+                pod_limit, self._limit_source, self._knee_info = self._pod_limit(rendered_limit)
                 plan = Plan(pod_limit, fallback_limit, self._frontdoor_plan_pods(), replicas=len(replicas))
                 results = program_all(replicas, plan, port)
         self._report_frontdoor(replicas, results, plan)
@@ -372,7 +408,10 @@ class Operator:
                       for r in results if r.ok}}
         if plan is not None:
             self.frontdoor_status |= {"podLimit": plan.pod_limit, "perReplicaLimit": plan.share(),
-                                      "fallbackPerReplicaLimit": plan.fallback_share()}
+                                      "fallbackPerReplicaLimit": plan.fallback_share(),
+                                      "podLimitSource": getattr(self, "_limit_source", "")}
+            if getattr(self, "_knee_info", None):
+                self.frontdoor_status["knee"] = self._knee_info
 
     def _fd_event(self, pod: dict, reason: str, message: str, warning: bool) -> None:
         try:
@@ -738,12 +777,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kubeconfig", help="outside a cluster: kubeconfig file (default: in-cluster, then ~/.kube)")
     p.add_argument("--context", help="kubeconfig context")
     p.add_argument("--metrics-port", type=int, default=9108, help="Prometheus metrics of the operator (0: off)")
+    p.add_argument("--limit-rule", choices=("p99", "mean"), default=LIMIT_RULE,
+                   help="pod limit from a measured knee (ConfigMap recserve-knee): knee x SLO (p99) or knee x the "
+                   "mean latency at it (mean)")
     p.add_argument("--spec", type=Path, help="the serving spec (spec.yaml of the mounted ConfigMap recserve-spec): "
                    "golden requests and rules; without it, the demo's golden checks")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     op = Operator(OperatorConfig(namespace=a.namespace, fleet=a.fleet, repository=a.repository, workdir=a.workdir,
-                                 kubeconfig=a.kubeconfig, context=a.context, spec=a.spec)).start()
+                                 kubeconfig=a.kubeconfig, context=a.context, spec=a.spec,
+                                 limit_rule=a.limit_rule)).start()
     if a.metrics_port:
         assert op.pool is not None
         op.pool.metrics.serve(a.metrics_port, host="0.0.0.0")
