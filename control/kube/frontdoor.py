@@ -21,7 +21,9 @@ drain (gate closed) and canary weight.
 
 The knee (requests/s one Triton pod serves within the SLO) is ``--knee-rps``; the committed render uses the Router's
 conservative default (``DEFAULT_KNEE_RPS``, about half of what a quiet 2-core host measured), since no perf report of
-a cluster pod exists here: measure one pod (the perf suite's capacity ladder against a pod's port) and regenerate.
+a cluster pod exists here. In the cluster, the optional knee Job (deploy/k8s/components/knee-job,
+control/kube/knee.py) measures one pod and writes the ConfigMap ``recserve-knee``; the operator then programs the
+replicas with the pod limit from that knee instead of ``recserve.io/pod-limit``.
 
 The serving spec (``--spec``; the committed render reads ``deploy/k8s/base/spec/spec.yaml``, the files Kustomize puts
 in the ConfigMap ``recserve-spec`` that the operator mounts) sets what it sets on one host with ``recctl up --spec``:

@@ -6,8 +6,9 @@ the operator lists the front-door pods (label ``app.kubernetes.io/name=recserve-
 pod with an IP) and, on each one:
 
 * **admission**: ``set maxconn server`` on every pod slot of both pool backends to the pod limit (the ConfigMap's
-  ``recserve.io/pod-limit``) divided by the number of replicas there are NOW (terminating ones still count: they
-  hold requests while they drain), and the degraded-answer server's ``recserve.io/fallback-limit`` likewise; a
+  ``recserve.io/pod-limit``, or the one from a knee measured in the cluster: control/kube/knee.py) divided by the
+  number of replicas there are NOW (terminating ones still count: they hold requests while they drain), and the
+  degraded-answer server's ``recserve.io/fallback-limit`` likewise; a
   replica the HPA adds starts with the rendered share (divided by ``minReplicas``) and is re-divided within one
   reconcile interval, as are the others;
 * **per pod**: the slots are written-out servers ``pod1..podN`` sharing one DNS name, and which slot holds which
