@@ -40,15 +40,16 @@ def test_warm_up_sends_real_requests_at_the_batcher_sizes_and_judges_on_tritons_
         result = w.warm_up_instance(server, client, server.stats_key, versions, ref, golden,
                                     w.WarmupConfig(rounds=3, ratio=1.5, deadline_s=60), progress=lines.append)
     after = {m: _raw_stats(server, m, latest[m]) for m in before}
-    n_pairs = len(golden.request_set)
+    per = max(w.instance_count(configs[s]) for s in ("ranker", "retrieval", "search_model"))  # 2: one per instance
+    assert per == 2
     assert 1 <= result.rounds <= 3 and len(lines) == result.rounds, (result.text(), lines)
-    assert result.requests == result.rounds * 2 * n_pairs * len(sizes)  # recommend and search, every size
+    assert result.requests == result.rounds * 2 * per * len(sizes)  # recommend and search, every size
     # Triton counted exactly those requests, with their batch sizes, on the ensemble ...
     rec = {k: after["recommend"]["inference_stats"]["success"]["count"]
            - before["recommend"]["inference_stats"]["success"]["count"] for k in ("requests",)}
-    assert rec["requests"] == result.rounds * n_pairs * len(sizes)
+    assert rec["requests"] == result.rounds * per * len(sizes)
     assert after["recommend"]["inference_count"] - before["recommend"]["inference_count"] == \
-        result.rounds * n_pairs * sum(sizes)
+        result.rounds * per * sum(sizes)
     # ... and on its composing models, at batch sizes above 1 (only the warm-up sends batch 16)
     def execs(doc: dict, b: int) -> int:
         return sum(s["compute_infer"]["count"] for s in doc.get("batch_stats", []) if s["batch_size"] >= b)

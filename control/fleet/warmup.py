@@ -11,7 +11,8 @@ check and before the instance is admitted, ``warm_up`` sends, for ``rounds`` rou
   instance's own gRPC port, never through the front door;
 - at every batch size the batcher forms: 1 and the composing models' ``preferred_batch_size`` (capped by
   ``max_batch_size``), each batch made of one real request repeated;
-- from as many threads as the busiest composing model has instances, so each model instance executes.
+- per round, as many requests per model and batch size as the busiest composing model has instances (the next
+  golden requests each round), sent from that many threads, so each model instance executes each size.
 
 After each round it reads Triton's statistics (``/v2/models/<m>/versions/<v>/stats``) of every composing model it
 warms, on the new instance and on the reference (an instance that serves now), and ``judge`` compares the
@@ -389,7 +390,14 @@ def warm_up(client, new: Endpoint, reference: Endpoint | None, configs: Mapping[
     if not targets:
         return WarmupResult(True, 0, 0, 0.0, None, "no client-facing model uses the models loaded")
     threads = min(MAX_THREADS, max(instance_count(configs.get(s, {})) for s in judged))
-    calls = [c for t in targets for b in t.batches for c in t.requests(b)]
+    per_size = {(t.model, b): t.requests(b) for t in targets for b in t.batches}
+
+    def round_calls(rnd: int) -> list[Callable]:
+        """``threads`` requests per model and batch size (one per model instance), the next golden requests each
+        round: every instance and size runs real data while the burst stays small beside the serving instances
+        (on a 2-core host a round of every golden request at every size cost the one instance serving alone)."""
+        return [reqs[(rnd * threads + i) % len(reqs)] for reqs in per_size.values() if reqs for i in range(threads)]
+
     deadline = t0 + config.deadline_s
     before = new.read(sorted(judged))
     ref_start = reference.read(sorted(judged)) if reference is not None else {}
@@ -402,6 +410,7 @@ def warm_up(client, new: Endpoint, reference: Endpoint | None, configs: Mapping[
             if time.monotonic() > deadline:
                 reason = f"deadline {config.deadline_s:g}s"
                 return WarmupResult(False, rnd - 1, sent, time.monotonic() - t0, last, reason)
+            calls = round_calls(rnd - 1)
             errors = [f.exception() for f in [pool.submit(c, client) for c in calls]]
             sent += len(calls)
             failed = [e for e in errors if e is not None]
