@@ -32,11 +32,10 @@ at a time every server is at zero and HAProxy takes them in turn whatever their 
 
 from __future__ import annotations
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from recserve.control.routing.haproxy import PROTOS, HAProxyError, fallback_backend, pool_backend
+from recserve.control.routing.haproxy import PROTOS, HAProxyError, fallback_backend, pool_backend, runtime_exchange
 
 #: HAProxy's runtime API on each front-door replica (TCP; the NetworkPolicy admits only the operator).
 RUNTIME_PORT = 9999
@@ -54,26 +53,9 @@ DEFAULT_WEIGHT = 1
 
 
 def runtime_command(host: str, port: int, cmd: str, timeout_s: float = 2.0, check: bool = True) -> str:
-    """One runtime API command over TCP (one connection per command, as over the stats socket); raises
-    HAProxyError quoting HAProxy on its error answers, or naming the address when it cannot be reached."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s) as s:
-            s.settimeout(timeout_s)
-            s.sendall(cmd.encode() + b"\n")
-            chunks = []
-            while True:
-                data = s.recv(65536)
-                if not data:
-                    break
-                chunks.append(data)
-    except OSError as exc:
-        raise HAProxyError(f"runtime API {host}:{port} '{cmd}': {exc}") from exc
-    text = b"".join(chunks).decode(errors="replace")
-    low = text.lower()
-    if check and any(w in low for w in ("unknown command", "no such", "require", "invalid", "not found", "error",
-                                        "permission denied")):
-        raise HAProxyError(f"runtime API {host}:{port} refused '{cmd}': {text.strip()}")
-    return text
+    """One runtime API command to a replica's TCP listener (routing.haproxy.runtime_exchange: HAProxyError quotes
+    HAProxy's refusal or names the address it cannot reach)."""
+    return runtime_exchange((host, port), cmd, timeout_s, check)
 
 
 @dataclass(frozen=True)
