@@ -6,7 +6,7 @@ control/kube/frontdoor.py), and the committed render can only use the Router's c
 report of a cluster pod exists where it is rendered). The Job measures a pod where it runs, in two steps:
 
 1. its initContainer ``knee`` runs recserve's own knee ladder against ONE Triton pod: ``python -m
-   recserve.drills.capacity --target recserve-triton-ready:8001 --spec ... --output /work/knee.json``
+   recserve.drills.capacity --target recserve-triton-ready:<grpc port> --spec ... --output /work/knee.json``
    (``knee_ladder``: open-loop rates rising until one misses the SLO twice, then bisected; the knee is the highest
    rate with nothing failed, p99 within the SLO and >= 95 % of the offer served; the spec's golden requests at its
    strictest ``sloP99Ms``). The headless Service's DNS answer is the pods whose golden gate is open; the ladder runs
