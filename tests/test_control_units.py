@@ -358,7 +358,10 @@ def test_reload_of_an_instance_the_route_sends_nothing_to_loads_at_nice_19():
                                      set_pool=lambda slots: None)
             supervisor = SimpleNamespace(hold=lambda iid: None, release=lambda iid: None,
                                          passed=lambda iid, probe: None)
-            super().__init__(SimpleNamespace(mode="active-active", instance_nice=5), Path("root"), Path("repo"), "",
+            # warm-up off: this unit is about the nice a load runs at (tests/test_warmup*.py cover the warm-up)
+            config = SimpleNamespace(mode="active-active", instance_nice=5, warmup_rounds=0, warmup_ratio=1.5,
+                                     warmup_deadline_s=20.0)
+            super().__init__(config, Path("root"), Path("repo"), "",
                              state, router, None, None, None, supervisor, threading.Lock())
             self.nices: list[int] = []
 
