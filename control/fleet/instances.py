@@ -305,7 +305,8 @@ class Instances:
             self._state.update_instance(iid, versions=versions)
         rec = self._state.instance(iid)
         self._supervisor.hold(iid)
-        out = taking = False
+        out = at_serving_nice = False
+        serving_nice = self._config.instance_nice
         try:
             if self._config.mode == "active-active" and rec.slot in self._router.pool_slots():
                 others = [r for r in self._state.instances() if r.id != iid and r.state == "healthy"
@@ -317,7 +318,6 @@ class Instances:
             # Taking traffic on the route in force: during a canary rollout's promote phase the old primary is
             # still a pool member but has weight 0, while the canary alone serves every request.
             taking = rec.slot in self._router.serving_slots()
-            serving_nice = self._config.instance_nice
             # never slow down one that clients wait on
             self.renice(rec, serving_nice if taking or not can_raise_priority() else 19)
             self.load_versions(self.server(rec), versions, only=only)
@@ -327,10 +327,11 @@ class Instances:
                                  f"{probe.reason}", "ABORTED")
             if not taking:
                 self.renice(rec, serving_nice)  # its warm-up is judged against a serving instance's compute
+            at_serving_nice = True
             self.warm_up(iid, only)
             self._supervisor.passed(iid, probe)
         finally:
-            if not taking:
+            if not at_serving_nice:  # a failed load still leaves it at the serving nice
                 self.renice(rec, serving_nice)
             if out:
                 cur = self._state.instance(iid)
