@@ -56,7 +56,7 @@ def test_haproxy_config_admits_fast_and_retries_once(tmp_path):
     servers = [ln for ln in lines if ln.startswith("server s") and "track chk/" in ln]
     assert servers and all("maxconn 7" in ln for ln in servers)
     assert "balance leastconn" in text and f"backend {pool_backend('grpc')}" in text
-    assert "retries 1" in lines and "option redispatch 1" in lines and "timeout queue 50ms" in lines
+    assert "retries 1" in lines and "option redispatch 1" in lines and "timeout queue 200ms" in lines
     assert not [ln for ln in lines if ln.startswith("retry-on") and "503" in ln]
     assert "be_conn_free(be_grpc_pool) le 0" in text and "be_conn_free(be_grpc_fallback) gt 0" in text
     # the refusal comes from a server-less backend whose session count is the refusals alone (the frontend's
