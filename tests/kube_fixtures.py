@@ -130,16 +130,20 @@ class DeploymentController:
     def fault_dir(self, name: str) -> Path:
         return self.workdir / name / "faults"
 
+    def pod_config(self, name: str, models: list[str]) -> TritonConfig:
+        """The tritonserver of pod ``name`` (its fault switch folder made)."""
+        self.fault_dir(name).mkdir(parents=True, exist_ok=True)
+        return TritonConfig(model_repository=self.repository, workdir=self.workdir / name, models=models,
+                            admin_key=self.admin_key, name=name,
+                            extra_env={"RECSERVE_FAULT_DIR": str(self.fault_dir(name))})
+
     def start_pods(self, n: int) -> list[str]:
         models, flags = self.container_args()
         started = []
         for _ in range(n):
             self._n += 1
             name = f"recserve-triton-{self._n}"
-            self.fault_dir(name).mkdir(parents=True, exist_ok=True)
-            srv = PodServer(TritonConfig(model_repository=self.repository, workdir=self.workdir / name,
-                                         models=models, admin_key=self.admin_key, name=name,
-                                         extra_env={"RECSERVE_FAULT_DIR": str(self.fault_dir(name))}), flags)
+            srv = PodServer(self.pod_config(name, models), flags)
             self.servers[name] = srv
             srv.start(wait=False)
             started.append(name)

@@ -40,7 +40,7 @@ from recserve.control.kube.manifests import find, render
 from recserve.control.kube.operator import Operator, OperatorConfig
 from recserve.control.runtime.triton import TritonConfig
 from tests.fleet_fixtures import fleet_repository
-from tests.kube_fixtures import NAMESPACE, DeploymentController, KubeEmulator, PodServer
+from tests.kube_fixtures import NAMESPACE, DeploymentController, KubeEmulator
 from tests.test_kube_frontdoor import FakeClusterDNS, _common_free_port
 
 pytestmark = pytest.mark.timeout(600)
@@ -75,25 +75,14 @@ class PinnedPods(DeploymentController):
         self.ports = ports
         self.ips: dict[str, str] = {}
 
-    def start_pods(self, n: int) -> list[str]:
-        models, flags = self.container_args()
-        started = []
-        for _ in range(n):
-            self._n += 1
-            name = f"recserve-triton-{self._n}"
-            ip = next(i for i in TRITON_IPS if i not in self.ips.values())
-            self.ips[name] = ip
-            http, grpc, metrics = self.ports
-            srv = PodServer(TritonConfig(model_repository=self.repository, workdir=self.workdir / name, host=ip,
-                                         http_port=http, grpc_port=grpc, metrics_port=metrics, models=models,
-                                         admin_key=self.admin_key, name=name), flags)
-            self.servers[name] = srv
-            srv.start(wait=False)
-            started.append(name)
-        for name in started:
-            self.servers[name].wait_ready()
-            self._create_pod(name, self.servers[name])
-        return started
+    def pod_config(self, name: str, models: list[str]) -> TritonConfig:
+        """Pod ``name`` on the next free address, with the ports every pod has."""
+        ip = next(i for i in TRITON_IPS if i not in self.ips.values())
+        self.ips[name] = ip
+        http, grpc, metrics = self.ports
+        return TritonConfig(model_repository=self.repository, workdir=self.workdir / name, host=ip,
+                            http_port=http, grpc_port=grpc, metrics_port=metrics, models=models,
+                            admin_key=self.admin_key, name=name)
 
     def _create_pod(self, name: str, srv) -> None:
         spec = copy.deepcopy(self.template["spec"])
