@@ -193,6 +193,15 @@ def capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path,
 _MEASURED: dict[tuple, tuple[float | None, str, list[dict]]] = {}
 
 
+def forget(grpc_url: str) -> int:
+    """Drop the knees measured at ``grpc_url`` (the next drill measures afresh); how many were dropped. For a knee
+    an overload proved wrong: its multiple was served whole within the SLO (``DrillRun.overload_not_felt``)."""
+    stale = [k for k in _MEASURED if k[0] == grpc_url]
+    for k in stale:
+        del _MEASURED[k]
+    return len(stale)
+
+
 def _capacity_rps(grpc_url: str, model: str, slo_ms: float, workdir: Path, use_report: bool,
                   fresh: bool, headers: dict[str, str] | None, cases: list | None = None
                   ) -> tuple[float | None, str, list[dict]]:

@@ -194,6 +194,10 @@ def drill_facts(d: dict) -> list[str]:
            f"wrong answers: {f.wrong_answers}, versions consistent: {f.versions_consistent}"]
     if d.get("simulation"):
         out.append(f"how the fault was made: {d['simulation']}")
+    if d.get("first_attempt"):
+        out.append(f"run twice: the first attempt's overload was not felt (knee "
+                   f"{d['first_attempt'].get('capacity_rps')} rps), so the knee was measured again: "
+                   f"{d['first_attempt']['reason']}")
     if f.rpo_s is not None:
         out.append(f"RPO: {f.rpo_s} s since the last verified backup; lost: {f.rpo_lost}; "
                    f"rebuild: {f.rebuild}")
@@ -237,7 +241,8 @@ DEFINITIONS = [
     "scrape and evaluation intervals and no notification batching; the rules' `for` durations are the "
     "production ones).",
     "p50/p99: nearest-rank over successful probe requests; before/during/after are the spec's windows.",
-    "rejected: answered UNAVAILABLE/RESOURCE_EXHAUSTED (shed by a full queue).",
+    "rejected (shed): refused by the front door's admission, RESOURCE_EXHAUSTED \"overloaded, retry later\" "
+    "(gRPC) or 429 (HTTP); any other failure, UNAVAILABLE included, is a failure beyond shedding.",
     "anchors to beat (detection of a dead or hung backend elsewhere): Kubernetes readiness probes take "
     "about 30 s to mark a pod unready, Envoy outlier detection sweeps every 10 s, Ray Serve's health "
     "check waits 30 s.",

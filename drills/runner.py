@@ -600,6 +600,11 @@ class DrillRun:
             checks = [{"expectation": "fault_injected", "figure": "fault_injected", "target": "== True",
                        "measured": False, "deterministic": True, "ok": False, "missed_by": errors[:300]}, *checks]
             passed, why = False, f"fault not injected ({errors[:300]}); {why}"
+        unfelt = overload_not_felt(spec, figures) if status == "completed" else None
+        if unfelt:  # an overload the fleet served whole proves nothing about shedding, whatever else passed
+            checks = [{"expectation": "fault_effective", "figure": "hold_window", "target": "overloaded",
+                       "measured": False, "deterministic": True, "ok": False, "missed_by": unfelt}, *checks]
+            passed, why = False, f"fault not effective ({unfelt}); {why}"
         if spec.alerts:
             rows = alerts.checks(figures.alerts or [alerts.match(a, [], 0.0) for a in spec.alerts],
                                  monitored=self.s.monitor is not None)
@@ -614,6 +619,24 @@ class DrillRun:
             passed, why = False, f"aborted: {self.abort_reason}; {why}"
         base.update(passed=passed, checks=checks, reason=why, deviated=self.journal.deviated)
         return base
+
+
+def overload_not_felt(spec: DrillSpec, figures: DrillFigures) -> str | None:
+    """Why an overload fault did not overload the fleet, or None when it did (or the drill has none). Overloaded:
+    in the hold window some request was shed, answered degraded or failed, or the answers' p99 passed the SLO.
+    None of that at ``factor`` x the knee means the fleet served the whole offer within the SLO: the knee was
+    measured too low (a noisy ladder), or the load generator did not offer the load (its lag says which)."""
+    factor = max((a.params["factor"] for a in spec.method if a.fault == "overload"), default=0.0)
+    hold = figures.hold_window
+    if factor <= 1.0 or not hold or not hold.get("total"):
+        return None
+    slo = spec.steady_state.slo_p99_ms
+    if hold["rejected"] or hold["degraded"] or hold["failed"] or (hold["p99_ms"] or 0.0) > slo:
+        return None
+    lag = (figures.client_lag or {}).get("p99_ms")
+    return (f"{factor:g}x a knee of {figures.capacity_rps} rps ({figures.offered_rps} rps offered in the hold, "
+            f"load generator lag p99 {lag} ms) was served whole: {hold['total']} requests, none shed, degraded "
+            f"or failed, p99 {hold['p99_ms']} ms <= {slo:g} ms; the knee was measured below what the fleet serves")
 
 
 def _tail(whole: dict, slo_ms: float) -> dict:

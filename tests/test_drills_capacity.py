@@ -98,3 +98,16 @@ def test_the_knee_is_measured_once_per_session(fake, monkeypatch, tmp_path):
     n = len(fake.calls)
     assert capacity.capacity_rps("127.0.0.1:1", "recommend", 50, tmp_path, use_report=False) == first
     assert len(fake.calls) == n and first[0] and first[2][0]["offered_rps"] == 50.0
+
+
+def test_forget_drops_only_that_fleets_knees(fake, monkeypatch, tmp_path):
+    """A knee an overload proved wrong is forgotten, and the next drill at that fleet runs the ladder again."""
+    monkeypatch.setattr(capacity, "_MEASURED", {})
+    capacity.capacity_rps("127.0.0.1:1", "recommend", 50, tmp_path, use_report=False)
+    capacity.capacity_rps("127.0.0.1:2", "recommend", 50, tmp_path, use_report=False)
+    n = len(fake.calls)
+    assert capacity.forget("127.0.0.1:1") == 1 and capacity.forget("127.0.0.1:1") == 0
+    capacity.capacity_rps("127.0.0.1:2", "recommend", 50, tmp_path, use_report=False)
+    assert len(fake.calls) == n  # the other fleet's knee stands
+    capacity.capacity_rps("127.0.0.1:1", "recommend", 50, tmp_path, use_report=False)
+    assert len(fake.calls) > n
