@@ -265,3 +265,32 @@ def test_a_restarted_haproxy_serves_its_first_request_from_the_routing_in_its_co
             finally:
                 h.stop()
     assert outcomes == {False: "RESOURCE_EXHAUSTED", True: "served"}, outcomes
+
+
+def test_a_retry_away_from_a_dead_server_waits_for_a_live_one(tmp_path):
+    """Slot 0's gRPC port refuses connections while its health check still passes (a server that just died,
+    not yet marked down); slot 1 is alive with its one slot held. Admission counts slot 0's free slot and admits
+    a second request; least-connections sends it to slot 0, the connection is refused, and the retry is
+    redispatched. Slot 1 is full: without room in its queue HAProxy's balancer falls back to the server it was
+    told to avoid, the dead one, and the client gets 503 (UNAVAILABLE; crash-at-peak saw 8 "503 SC"). With
+    ``server_maxqueue`` the retry waits for slot 1 and is served."""
+    with _stand_in() as (g_port, http_port):
+        dead = free_port()  # nothing listens here
+        h = HAProxy(HAProxyConfig(workdir=tmp_path, grpc_port=free_port(), http_port=free_port(), slots=2,
+                                  maxconn=1, timeout_server_ms=3000, timeout_queue_ms=3000))
+        try:
+            h.start()
+            h.bind_slot(0, dead, http_port)
+            h.bind_slot(1, g_port, http_port)
+            for slot in (0, 1):
+                h.set_state(slot, "ready")
+            h.route("pool", 0)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(h.slot_up(s) for s in (0, 1)):
+                time.sleep(0.1)
+            error, _ = _grpc_second_while_first_held(h)
+            assert error is None, error  # both served by slot 1, the second after the first freed its slot
+            pool = {r["svname"]: r for r in h.stat() if r["pxname"] == "be_grpc_pool"}
+            assert int(pool["s1"]["stot"]) == 2 and int(pool["BACKEND"]["wredis"]) >= 1, pool
+        finally:
+            h.stop()
