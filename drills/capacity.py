@@ -96,13 +96,15 @@ class Step:
 
 
 def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.0, factor: float = 1.3,
-                step_s: float = 3.0, max_steps: int = 14, max_rps: float = 5000.0,
+                step_s: float = 3.0, max_steps: int = 14, max_rps: float = 5000.0, min_rps: float = 10.0,
                 refine: int = 2, warm_s: float = 15.0, cases: list | None = None) -> tuple[float, list[Step]]:
     """(knee, ladder): offered rates rise by ``factor`` from ``start_rps`` until a rung misses the SLO twice in
     a row (a shared 2-core host has hiccups: a miss counts only when the same rate misses again); then ``refine``
     rungs bisect (geometrically) between the last rate that passed and the one that missed, because every goal
     of the overload drills is a multiple of the knee and one rung of ``factor`` is 30% of it. The knee is the
-    highest rate that passed. Bounded: at most ``max_steps`` + ``refine`` rungs of ``step_s`` s, loopback only.
+    highest rate that passed. When ``start_rps`` itself misses, rates fall by ``factor`` (not below ``min_rps``)
+    until one passes, and the bisection runs between it and the last miss. Bounded: at most 2 x ``max_steps`` +
+    ``refine`` rungs of ``step_s`` s (each repeated at most once), loopback only.
 
     First ``warm_s`` seconds at ``start_rps``, shown but not judged: a fleet that just started answers some
     requests ~0.5 s late in its first seconds (Triton 2.51; measured at 50 rps on a fresh fleet: 6 such
@@ -150,6 +152,16 @@ def knee_ladder(grpc_url: str, model: str, slo_ms: float, start_rps: float = 50.
         if rate >= max_rps:
             break
         rate = min(rate * factor, max_rps)
+    # the first rate already missed (a start taken from a perf report's capacity, which perf_analyzer measured
+    # direct to one instance, can lie past the front door's knee): step down by ``factor`` until a rate passes
+    for _ in range(max_steps):
+        if knee or missed is None or missed / factor < min_rps:
+            break
+        rate = missed / factor
+        if rung(rate, False):
+            knee = rate
+        else:
+            missed = rate
     for _ in range(refine if knee and missed else 0):
         mid = (knee * missed) ** 0.5
         if rung(mid, True):

@@ -83,7 +83,7 @@ def test_a_slow_warm_up_is_shown_but_never_judged(fake):
     at the start rate (reported, not judged), so those cannot read as a missed SLO at the first rung."""
     fake.hiccup_at, fake.hiccups = 100.0, 2  # the first two tries at 100 rps miss (the CI run: 50 rps, twice)
     no_warm, _ = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, refine=0, warm_s=0)
-    assert no_warm == 0.0  # without the warm-up: the first rung and its repeat miss, no knee at all
+    assert no_warm < 100  # without the warm-up: the first rung and its repeat miss, the knee lands below it
     fake.calls = []
     knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, factor=1.3,
                                         refine=0)
@@ -111,3 +111,17 @@ def test_forget_drops_only_that_fleets_knees(fake, monkeypatch, tmp_path):
     assert len(fake.calls) == n  # the other fleet's knee stands
     capacity.capacity_rps("127.0.0.1:1", "recommend", 50, tmp_path, use_report=False)
     assert len(fake.calls) > n
+
+
+def test_a_start_past_the_knee_steps_down_until_a_rate_passes(fake):
+    """A start taken from a perf report (perf_analyzer direct to one instance) can lie past the front door's knee:
+    a reference run started at 549 rps, missed, and measured no knee at all, so 13 drills could not size their
+    load. The ladder now steps down by ``factor`` and bisects between the rate that passed and the last miss."""
+    knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=500, factor=1.3)
+    judged = [s for s in ladder if not s.warmup and not s.repeated]
+    assert [s.offered_rps for s in judged][:3] == [500.0, 384.6, 295.9]  # 500 and 384.6 miss, 295.9 passes
+    assert knee == pytest.approx(500 / 1.3 ** 2) and knee <= fake.knee
+    assert [s.offered_rps for s in judged if s.refined] == [337.3, 315.9]  # both past 300: they miss
+    fake.knee, fake.calls = 5.0, []
+    none, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=50, factor=1.3)
+    assert none == 0.0 and min(s.offered_rps for s in ladder) >= 10.0  # bounded below by min_rps
