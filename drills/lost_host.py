@@ -83,7 +83,10 @@ class HostFleet:
         return FleetAPI(f"127.0.0.1:{self.ports['control']}", read_token(root), timeout_s=10.0)
 
     def kill_all(self) -> list[int]:
-        """The host dies: SIGKILL every process of this fleet (any root under ``base``), no clean shutdown."""
+        """The host dies: SIGKILL every process of this fleet (any root under ``base``), no clean shutdown. Its
+        /dev/shm (a tmpfs) dies with it: the killed servers' stub regions are removed here, while their instance
+        directories still name them (the drill deletes the root next, and nothing could find them after)."""
+        from recserve.control.runtime.triton import remove_shm_regions, shm_prefix
         from recserve.drills.session import kill_owned, processes_mentioning
 
         killed = kill_owned(self.base, self.base)
@@ -93,6 +96,9 @@ class HostFleet:
                 killed.append(pid)
             except ProcessLookupError:
                 pass
+        for inst in self.base.glob("**/instances/*"):
+            if inst.is_dir():
+                remove_shm_regions(shm_prefix(inst, inst.name))
         return killed
 
 
