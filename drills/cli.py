@@ -119,12 +119,13 @@ def cmd_run(specs: list[DrillSpec], args: argparse.Namespace) -> int:
                 type(session.control).__name__ == "ControlPlaneProcess" else f"running ({session.grpc_url})"
             for spec in specs:
                 run, result = run_drill(spec, session)
-                if _unfelt(result) and run.knee is None:
+                unfelt = _unfelt(result)
+                if unfelt:
                     # the overload proved the session's knee too low: measure it again and run the drill once more;
                     # the report keeps why (first_attempt), and a second miss stands as the verdict
                     from recserve.drills import capacity
 
-                    console.print(f"  overload not felt: {_unfelt(result)}; measuring the knee again")
+                    console.print(f"  overload not felt: {unfelt}; measuring the knee again")
                     capacity.forget(session.grpc_url)
                     first = {"reason": result["reason"], "capacity_rps": result.get("capacity_rps")}
                     run, result = run_drill(spec, session)

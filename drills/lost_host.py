@@ -86,8 +86,7 @@ class HostFleet:
         """The host dies: SIGKILL every process of this fleet (any root under ``base``), no clean shutdown. Its
         /dev/shm (a tmpfs) dies with it: the killed servers' stub regions are removed here, while their instance
         directories still name them (the drill deletes the root next, and nothing could find them after)."""
-        from recserve.control.runtime.triton import remove_shm_regions, shm_prefix
-        from recserve.drills.session import kill_owned, processes_mentioning
+        from recserve.drills.session import kill_owned, processes_mentioning, remove_stub_regions
 
         killed = kill_owned(self.base, self.base)
         for pid in processes_mentioning(self.base):
@@ -96,9 +95,7 @@ class HostFleet:
                 killed.append(pid)
             except ProcessLookupError:
                 pass
-        for inst in self.base.glob("**/instances/*"):
-            if inst.is_dir():
-                remove_shm_regions(shm_prefix(inst, inst.name))
+        remove_stub_regions(self.base.glob("**/instances/*"))
         return killed
 
 

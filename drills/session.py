@@ -14,13 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from recserve.control.runtime.process import ManagedProcess, ProcessError
 from recserve.control.runtime.procs import cmdline
-from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port
+from recserve.control.runtime.triton import DEFAULT_REPOSITORY, REPO_ROOT, free_port, remove_shm_regions, shm_prefix
 from recserve.drills.fleet import RUNTIME, FleetAPI, FleetError, read_stats_key, read_token, recctl_status
 
 START_TIMEOUT_S = 300.0
@@ -136,11 +137,7 @@ class ControlPlaneProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        from recserve.control.runtime.triton import remove_shm_regions, shm_prefix
-
-        for inst in (self.root / "instances").glob("*"):  # the killed servers' stub IPC regions in /dev/shm
-            if inst.is_dir():
-                remove_shm_regions(shm_prefix(inst, inst.name))
+        remove_stub_regions((self.root / "instances").glob("*"))  # the killed servers' stub IPC regions
 
     def log_tail(self, n: int = 15) -> str:
         p = self.root / "control-plane.log"
@@ -185,6 +182,14 @@ class AdoptedControlPlane:
         done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
             raise FleetError(f"recctl up failed ({done.returncode}): {(done.stdout + done.stderr)[-500:]}")
+
+
+def remove_stub_regions(instance_dirs: Iterable[Path]) -> None:
+    """Remove the /dev/shm regions of the servers these instance directories belong to: a killed server's Python
+    backend stubs leave theirs behind, and only the directory (its path and name) says what they are called."""
+    for inst in instance_dirs:
+        if inst.is_dir():
+            remove_shm_regions(shm_prefix(inst, inst.name))
 
 
 def processes_mentioning(marker: Path) -> list[int]:
