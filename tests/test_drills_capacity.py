@@ -76,6 +76,21 @@ def test_the_ladder_is_bounded(fake):
     fake.knee = 1e9
     knee, ladder = capacity.knee_ladder("127.0.0.1:1", "recommend", slo_ms=50, start_rps=100, max_steps=5)
     assert ladder[0].warmup and len(ladder) == 1 + 5 and knee == pytest.approx(100 * 1.3 ** 4)
+    assert capacity.never_missed(ladder, 50)
+
+
+def test_a_ladder_that_never_missed_reports_a_lower_bound_not_a_knee(fake, monkeypatch, tmp_path):
+    """A user's small models outran the ladder's 14 rungs (1514 rps, p99 8 ms): calling that "the knee" let an
+    overload drill claim 2x a capacity nobody had measured. The figure keeps its value and says what it is."""
+    monkeypatch.setattr(capacity, "_MEASURED", {})
+    fake.knee = 1e9
+    knee, source, rows = capacity.capacity_rps("127.0.0.1:1", "recommend", 50, tmp_path, use_report=False)
+    assert knee and source.startswith("a lower bound, not the knee") and f"{knee:.0f} rps" in source
+    fake.knee, fake.calls = 300.0, []
+    monkeypatch.setattr(capacity, "_MEASURED", {})
+    knee, source, rows = capacity.capacity_rps("127.0.0.1:1", "recommend", 50, tmp_path, use_report=False)
+    assert knee <= 300 and source.startswith("knee measured fresh")
+    assert not capacity.never_missed([capacity.Step(**r) for r in rows], 50)
 
 
 def test_a_slow_warm_up_is_shown_but_never_judged(fake):
