@@ -317,13 +317,10 @@ def test_canary_rollover_under_load_costs_nothing_and_reaches_every_instance(fle
     try:
         time.sleep(1.0)
         mark = load.mark()
-        # About zero failed requests and every instance reached, not the p99 gate (unit-tested with a slow
-        # client in test_control_units; the bad-version tests here cover the error and answer gates): a freshly
-        # loaded canary's first answers at 20% can be slow on a 2-core host (a clean-clone CI run rolled back on
-        # p99 55.2 ms vs 13.4 ms), so the p99 gate is set wide, as in the blue-green test.
+        # The default gates, p99 included (issue 22): a clean-clone CI run had rolled this back on p99 55.2 ms vs
+        # 13.4 ms while Triton held requests ~0.5 s (docs/holds.md); with the holds gone the gate is not widened.
         stream = fleet.stub.Rollover(pb.RolloverRequest(model="retrieval", version=new, steps=[20, 100],
-                                                        bake_seconds=2, gates=pb.Gates(max_p99_ratio=100.0)),
-                                     metadata=fleet.auth, timeout=300)
+                                                        bake_seconds=2), metadata=fleet.auth, timeout=300)
         first = next(stream)
         with pytest.raises(grpc.RpcError) as exc:  # a second rollout while one runs
             next(iter(fleet.stub.Rollover(pb.RolloverRequest(model="ranker", version=1), metadata=fleet.auth)))
@@ -358,11 +355,9 @@ def test_blue_green_rollover_switches_in_one_step_without_failures(fleet):
     try:
         time.sleep(1.0)
         mark = load.mark()
-        # This test is about the one-step switch and zero failed requests, not the p99 gate (the bad-version
-        # tests cover gates): right after the switch the new instance's first answers are slow on a 2-core
-        # host (a clean-clone CI run rolled back on p99 313 ms vs 21 ms), so the p99 gate is set wide here.
-        events = _rollover(fleet, "retrieval", new, strategy="blue-green", bake_seconds=2,
-                           gates=pb.Gates(max_p99_ratio=100.0))
+        # The default gates, p99 included (issue 22): a clean-clone CI run had rolled this back on p99 313 ms vs
+        # 21 ms while Triton held requests ~0.5 s (docs/holds.md); with the holds gone the gate is not widened.
+        events = _rollover(fleet, "retrieval", new, strategy="blue-green", bake_seconds=2)
         records = load.since(mark)
     finally:
         load.stop()

@@ -179,10 +179,8 @@ def test_a_bad_rollout_request_is_refused_with_the_field_named(cluster):
 
 
 def test_canary_modelrollout_loads_gates_and_promotes_for_real(cluster):
-    # p99 on a shared 2-core host is noise (load average 12 seen here): the flow is under test, so the p99 gate is
-    # loose; answer overlap and error rate keep their defaults.
-    cluster.rollout("ranker-v2", model="ranker", version=2, strategy="canary", steps=[50, 100], bakeSeconds=2,
-                    gates={"maxP99Ratio": 10, "minP99Ms": 500})
+    # The default gates, p99 included (issue 22): they were loose (10x, 500 ms) while Triton held requests ~0.5 s.
+    cluster.rollout("ranker-v2", model="ranker", version=2, strategy="canary", steps=[50, 100], bakeSeconds=2)
     st = cluster.finished("ranker-v2")
     assert st["result"] == "Succeeded", (st["failedGate"], st["failedValue"], st["threshold"], st["history"][-4:])
     assert st["fromVersion"] == 1 and st["canary"] in cluster.ctl.servers
@@ -291,8 +289,7 @@ def test_a_changed_spec_pin_rolls_out_through_the_gates(cluster):
     """After the first start, editing spec.desiredVersions (GitOps) creates a ModelRollout: canary, gates, then
     promotion; the fleet's Progressing condition says so while it runs."""
     good = make_version(cluster.repo, "ranker", "copy", base=2)
-    _patch_fleet_spec(cluster, 2, desiredVersions={"ranker": [good]}, rollout={"steps": [100], "bakeSeconds": 1},
-                      gates={"maxP99Ratio": 10, "minP99Ms": 500})
+    _patch_fleet_spec(cluster, 2, desiredVersions={"ranker": [good]}, rollout={"steps": [100], "bakeSeconds": 1})
     (cr,) = wait_for(lambda: _spec_rollouts(cluster, good), 30, "the operator to create a ModelRollout")
     assert cr["spec"]["steps"] == [100] and cr["spec"]["model"] == "ranker"
     st = cluster.finished(cr["metadata"]["name"])
