@@ -1,0 +1,31 @@
+"""perf/tail.py's verdict and refusals (the measuring run itself needs a fleet: docs/holds.md has its figures)."""
+
+from __future__ import annotations
+
+import pytest
+
+from recserve.perf import tail
+
+
+def _leg(round_: int, via: str, over: int, p999: float) -> dict:
+    return {"round": round_, "via": via, "over_4x_slo": over, "p999_ms": p999}
+
+
+def test_the_front_door_is_judged_against_direct_in_the_same_round():
+    legs = [_leg(1, "front door", 0, 30.0), _leg(1, "direct to t1", 0, 35.0),
+            _leg(2, "front door", 2, 250.0), _leg(2, "direct to t1", 0, 40.0)]
+    v = tail.verdict(legs + [_leg(2, "direct to each instance", 3, 300.0)])
+    assert v["round 1 vs direct to t1"]["over_4x_no_worse"] and v["round 1 vs direct to t1"]["p999_no_worse"]
+    two = v["round 2 vs direct to t1"]
+    assert not two["over_4x_no_worse"] and not two["p999_no_worse"]
+    every = v["round 2 vs direct to each instance"]  # the same host load: there the front door was no worse
+    assert every["over_4x_no_worse"] and every["p999_no_worse"] and set(v) == {
+        "round 1 vs direct to t1", "round 2 vs direct to t1", "round 2 vs direct to each instance"}
+
+
+@pytest.mark.parametrize("argv, field", [(["--x-knee", "0"], "--x-knee"), (["--x-knee", "1.5"], "--x-knee"),
+                                         (["--seconds", "5"], "--seconds"), (["--rounds", "0"], "--rounds")])
+def test_bad_arguments_are_refused_before_any_fleet_starts(argv, field, capsys):
+    with pytest.raises(SystemExit) as exc:
+        tail.main(argv)
+    assert exc.value.code == 2 and field in capsys.readouterr().err
