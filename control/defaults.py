@@ -52,8 +52,13 @@ FALLBACK_QUEUE = 64
 #: ``p99`` = knee x the SLO p99 (the limit since issue 9); ``mean`` = knee x the MEAN latency at the knee (Little's
 #: law relates requests in flight to throughput x mean latency), where no mean was measured knee x SLO /
 #: ``P99_TO_MEAN``. docs/peak-traffic.md "In-flight limits" has the measurement that chose the default.
-LIMIT_RULES = ("p99", "mean")
+#: ``sqrt`` = the mean rule's concurrency L = knee x mean plus ``SQRT_BETA`` x sqrt(L) (square-root staffing: room
+#: for the fluctuation of a Poisson-like arrival count around its mean, which a cap at L alone turns away).
+LIMIT_RULES = ("p99", "mean", "sqrt")
 LIMIT_RULE = "p99"
+#: The ``sqrt`` rule's safety factor (Halfin-Whitt's beta): 2 keeps the servers busy through ~2 standard deviations
+#: of the in-flight count.
+SQRT_BETA = 2.0
 #: The p99-to-mean ratio the ``mean`` rule assumes where the knee's mean latency is unknown: at the drills' knee on
 #: a 2-core host the mean was ~20 ms for a p99 of ~50 ms (issue 22).
 P99_TO_MEAN = 2.5

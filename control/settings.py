@@ -98,9 +98,10 @@ class RoutingSettings:
                              cli_type=float_range(1, 10000, "ms"))
     limit_rule: str = flag(d.LIMIT_RULE, "--limit-rule", "how the host's in-flight limit follows from the knee: p99 "
                            "= knee x SLO p99; mean = knee x the mean latency at the knee (--knee-mean-ms, else the "
-                           f"perf report's, else SLO / {d.P99_TO_MEAN:g})", type=str, choices=d.LIMIT_RULES)
+                           f"perf report's, else SLO / {d.P99_TO_MEAN:g}); sqrt = that mean concurrency L plus "
+                           f"{d.SQRT_BETA:g} x sqrt(L)", type=str, choices=d.LIMIT_RULES)
     knee_mean_ms: float = flag(d.KNEE_MEAN_MS, "--knee-mean-ms", "mean latency at the knee in ms, for --limit-rule "
-                               "mean (0: unknown)", type=float, cli_type=float_range(0, 10000, "ms"))
+                               "mean or sqrt (0: unknown)", type=float, cli_type=float_range(0, 10000, "ms"))
     fallback: bool = flag(True, "--no-fallback", "no degraded answers: shed = 429/RESOURCE_EXHAUSTED", switch=True,
                           invert=True)
     fallback_maxconn: int = flag(d.FALLBACK_MAXCONN, "--fallback-maxconn", "in-flight limit of the degraded-answer "

@@ -4,7 +4,7 @@ Why: the fixed limit was knee x SLO p99, but Little's law relates requests in fl
 at the knee (mean ~20 ms, p99 ~50 ms on a 2-core host) that admits ~2.5x the concurrency the knee ran at, and
 under 2x overload the excess waits inside the instances (issue 22 item 3). This runs one private fleet, measures
 its knee once with the drills' open-loop ladder (the rung at the knee gives the knee's p99 and mean), then runs
-the overload drill once per rule, alternating (``p99, mean, p99, mean`` for ``--rounds 2``), each after
+the overload drill once per rule, in turn (``p99, mean, sqrt, p99, mean, sqrt`` for ``--rounds 2``), each after
 ``recctl limits --knee-rps K --knee-mean-ms M --limit-rule R`` with the same knee and mean. Reported per run from
 HAProxy's own timers (access log: ``Tr`` server response and ``Ta`` active time of requests sent to instances,
 ``Tw`` queue; the load generator excluded), the client's accepted p99, goodput / knee, restarts, shed share, the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from recserve.drills.capacity import KNEE_SLO_MS, Step, capacity_rps, knee_mean_ms
 
-RULES = ("p99", "mean")
+RULES = ("p99", "mean", "sqrt")
 
 
 def _cpu_busy() -> tuple[float, float]:
@@ -121,10 +121,15 @@ def table(rows: list[dict], knee: float, knee_p99_ms: float | None, knee_mean: f
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recserve.drills.limit_rules", description=__doc__.split("\n")[0])
-    p.add_argument("--rounds", type=int, default=2, help="rounds of p99, mean (alternating)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of every rule (p99, mean, sqrt, in turn)")
+    p.add_argument("--rules", default=",".join(RULES), help="the rules to compare, comma-separated (default "
+                   "%(default)s)")
     p.add_argument("--drill", default="overload", help="the drill spec to run (drills/specs/<name>.yaml)")
     p.add_argument("--out", type=Path, help="write the JSON here")
     args = p.parse_args(argv)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    if not rules or any(r not in RULES for r in rules):
+        p.error(f"--rules: each must be one of {', '.join(RULES)}, got {args.rules!r}")
 
     from recserve.drills.runner import DrillRun
     from recserve.drills.session import FleetOwner
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         doc["knee"] = {"capacity_rps": knee, "source": source, "mean_ms": mean, "p99_ms": knee_p99,
                        "client_cpu": rung.get("client_cpu"), "ladder": ladder}
         log(f"knee {knee:g} rps, p99 {knee_p99} ms, mean {mean} ms")
-        for rule in [r for _ in range(args.rounds) for r in RULES]:
+        for rule in [r for _ in range(args.rounds) for r in rules]:
             st = session.fleet.set_knee(knee, mean, rule)
             log(f"rule {rule}: host limit {st.get('host_limit')} ({st.get('limit_rule')}); "
                 f"load {Path('/proc/loadavg').read_text().split()[:3]}")

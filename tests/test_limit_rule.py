@@ -44,8 +44,27 @@ def test_mean_above_the_slo_is_capped_at_the_slo():
     assert "capped" in b.why
 
 
+def test_sqrt_rule_adds_beta_standard_deviations_to_the_mean_concurrency():
+    """The quiet-host knee of docs/peak-traffic.md: 786 rps at a mean of 11.25 ms is L = 8.8 in flight; the mean
+    rule caps there (9), the sqrt rule at L + 2 x sqrt(L) = 14.8 (15), the p99 rule at 40."""
+    b = limit_latency("sqrt", 0.050, knee_mean_s=0.01125, knee_rps=786, beta=2.0)
+    assert b.rule == "sqrt" and "8.8 in flight" in b.why and "11.2 ms" in b.why
+    assert initial_limit(786, b.latency_s) == 15
+    assert initial_limit(786, limit_latency("mean", 0.050, knee_mean_s=0.01125).latency_s) == 9
+    assert initial_limit(786, limit_latency("sqrt", 0.050, knee_mean_s=0.01125, knee_rps=786, beta=0).latency_s) == 9
+    unknown = limit_latency("sqrt", 0.050, knee_rps=390)  # no mean: SLO / 2.5 = 20 ms, L = 7.8
+    assert initial_limit(390, unknown.latency_s) == 14 and "no mean latency measured" in unknown.why  # 7.8 + 5.6
+
+
+def test_router_sqrt_rule_uses_the_knee_and_sqrt_beta(tmp_path):
+    cfg = RouterConfig(workdir=tmp_path, knee_rps=786, slo_p99_ms=50, slots=4, limit_rule="sqrt", knee_mean_ms=11.25)
+    assert d.SQRT_BETA == 2.0 and (cfg.host_limit(), cfg.limit_basis().rule) == (15, "sqrt")
+
+
 @pytest.mark.parametrize("kw, word", [({"rule": "median"}, "limit rule"), ({"slo_p99_s": 0}, "slo_p99_s"),
-                                      ({"knee_mean_s": -1}, "knee_mean_s"), ({"p99_to_mean": 0.5}, "p99_to_mean")])
+                                      ({"knee_mean_s": -1}, "knee_mean_s"), ({"p99_to_mean": 0.5}, "p99_to_mean"),
+                                      ({"rule": "sqrt"}, "knee_rps"),
+                                      ({"rule": "sqrt", "knee_rps": 100, "beta": -1}, "beta")])
 def test_refusals_name_the_argument(kw, word):
     args = {"rule": "mean", "slo_p99_s": 0.05} | kw
     with pytest.raises(ValueError, match=word):

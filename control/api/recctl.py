@@ -890,9 +890,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "example the drills' fresh ladder); limits = knee x SLO (or x --knee-mean-ms with --limit-rule "
                     "mean), shared by the servers taking traffic")
     lm.add_argument("--knee-mean-ms", type=float_range(0, 10000, "ms"), help="mean latency measured at that knee "
-                    "(the ladder's rung), for the mean rule")
+                    "(the ladder's rung), for the mean and sqrt rules")
     lm.add_argument("--limit-rule", choices=LIMIT_RULES, help="p99: knee x SLO p99; mean: knee x the mean latency "
-                    "at the knee (default: the rule in force)")
+                    "at the knee (L); sqrt: L + 2 x sqrt(L) (default: the rule in force)")
     inst = sub.add_parser("instances", help="add or remove instances", description="add or remove instances")
     isub = inst.add_subparsers(dest="action", required=True, metavar="ACTION")
     ia = isub.add_parser("add", help="start a new instance", description="start a new instance")

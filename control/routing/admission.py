@@ -35,7 +35,7 @@ __all__ = ["AdaptiveLimit", "Decision", "IntervalSample", "LimitConfig", "LimitB
 
 #: The rules ``limit_latency`` knows (control/defaults.py ``LIMIT_RULES``; kept here too so this module imports
 #: nothing of recserve).
-LIMIT_RULES = ("p99", "mean")
+LIMIT_RULES = ("p99", "mean", "sqrt")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class LimitBasis:
 
 
 def limit_latency(rule: str, slo_p99_s: float, knee_mean_s: float | None = None,
-                  p99_to_mean: float = 2.5) -> LimitBasis:
+                  p99_to_mean: float = 2.5, knee_rps: float | None = None, beta: float = 2.0) -> LimitBasis:
     """The latency of Little's law (L = lambda x W) for the fixed limit ``initial_limit(knee, W)``:
 
     - ``p99``: W = the SLO p99. At the knee the p99 is the SLO but the MEAN is well below it (~20 ms for a 50 ms
@@ -56,6 +56,10 @@ def limit_latency(rule: str, slo_p99_s: float, knee_mean_s: float | None = None,
       the instances and stretches the admitted tail under overload.
     - ``mean``: W = the mean latency measured at the knee (``knee_mean_s``, the ladder's or the perf report's),
       capped at the SLO; when none is known, SLO / ``p99_to_mean`` (the documented ratio, said in ``why``).
+    - ``sqrt``: the ``mean`` rule's concurrency L = knee x W plus ``beta`` x sqrt(L) (square-root staffing): a cap
+      at the mean concurrency turns away the arrivals of every moment above the mean and leaves the servers idle
+      in the moments below it; beta standard deviations of a Poisson-like count keep them busy. Needs
+      ``knee_rps``; the latency returned is (L + beta x sqrt(L)) / knee, so ``initial_limit`` gives that limit.
 
     ValueError names the argument and the rule."""
     if rule not in LIMIT_RULES:
@@ -72,10 +76,21 @@ def limit_latency(rule: str, slo_p99_s: float, knee_mean_s: float | None = None,
     if knee_mean_s:
         w = min(knee_mean_s, slo_p99_s)
         capped = " (capped at the SLO)" if knee_mean_s > slo_p99_s else ""
-        return LimitBasis("mean", w, f"mean: knee x mean latency at the knee {knee_mean_s * 1000:.1f} ms{capped}")
-    return LimitBasis("mean", slo_p99_s / p99_to_mean,
-                      f"mean: knee x SLO p99 {slo_ms:g} ms / {p99_to_mean:g} (no mean latency measured at the knee; "
-                      f"assumed p99-to-mean ratio)")
+        mean = LimitBasis("mean", w, f"mean: knee x mean latency at the knee {knee_mean_s * 1000:.1f} ms{capped}")
+    else:
+        mean = LimitBasis("mean", slo_p99_s / p99_to_mean,
+                          f"mean: knee x SLO p99 {slo_ms:g} ms / {p99_to_mean:g} (no mean latency measured at the "
+                          f"knee; assumed p99-to-mean ratio)")
+    if rule == "mean":
+        return mean
+    if not (knee_rps is not None and knee_rps > 0 and math.isfinite(knee_rps)):
+        raise ValueError(f"knee_rps must be a finite number > 0 for the sqrt rule, got {knee_rps!r}")
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    in_flight = knee_rps * mean.latency_s
+    w = (in_flight + beta * math.sqrt(in_flight)) / knee_rps
+    return LimitBasis("sqrt", w, f"sqrt: L + {beta:g} x sqrt(L), L = {mean.why.removeprefix('mean: ')} "
+                                 f"= {in_flight:.1f} in flight")
 
 
 def initial_limit(knee_rps: float, target_latency_s: float, min_limit: int = 1, max_limit: int = 1024) -> int:

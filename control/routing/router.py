@@ -51,6 +51,7 @@ from recserve.control.defaults import (
     P99_TO_MEAN,
     SLO_P99_MS,
     SLOTS,
+    SQRT_BETA,
 )
 from recserve.control.defaults import MODE as DEFAULT_MODE
 from recserve.control.errors import RecserveError
@@ -242,7 +243,8 @@ class RouterConfig:
         mean_ms = self.knee_mean_ms
         if not mean_ms and not self.knee_rps:
             mean_ms = default_knee()[2] or 0.0
-        return limit_latency(self.limit_rule, self.slo_p99_ms / 1000, mean_ms / 1000, self.p99_to_mean)
+        return limit_latency(self.limit_rule, self.slo_p99_ms / 1000, mean_ms / 1000, self.p99_to_mean,
+                             knee_rps=self.knee(), beta=SQRT_BETA)
 
     def timeout_server_ms(self) -> int:
         """4 x the p99 target, within 100..1000 ms (see the module docstring), unless overridden."""
