@@ -84,6 +84,7 @@ def measure(variant: str, rps: float, seconds: float, slo_ms: float, via: str = 
     from recserve.control.routing import accesslog
     from recserve.drills.probe import OpenLoopProbe, constant, golden_cases
     from recserve.drills.session import FleetOwner
+    from recserve.drills.timeline import TAIL_SLO_FACTOR
 
     tmp = Path(tempfile.mkdtemp(prefix="recserve-holds-"))
     try:
@@ -107,7 +108,7 @@ def measure(variant: str, rps: float, seconds: float, slo_ms: float, via: str = 
                     "started": t, "requests": len(records), "failed": sum(not r.ok for r in records),
                     "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99), "p999_ms": percentile(lat, 99.9),
                     "holds": len(holds), "hold_ms": HOLD_MS[via],
-                    "over_4x_slo": sum(r.latency_ms > 4 * slo_ms for r in records),
+                    "over_4x_slo": sum(r.latency_ms > TAIL_SLO_FACTOR * slo_ms for r in records),
                     "haproxy_cut_or_retried": len(cut) if via == "haproxy" else None,
                     "holds_ms": [round(h, 1) for h in holds[:20]]}
     finally:

@@ -27,9 +27,7 @@ from pathlib import Path
 
 from recserve.control.defaults import SLO_P99_MS
 from recserve.control.stats import percentile
-
-#: Requests slower than this multiple of the SLO count as the tail (issue 22: "over 4x the SLO").
-TAIL_FACTOR = 4.0
+from recserve.drills.timeline import TAIL_SLO_FACTOR, window_stats
 
 
 def _send(urls: list[str], cases: list, rps: float, seconds: float) -> list:
@@ -50,16 +48,16 @@ def leg(urls: list[str], cases: list, rps: float, seconds: float, slo_ms: float,
     offset = accesslog.size(access_log) if access_log else 0
     started = time.time()
     records = _send(urls, cases, rps, seconds)
+    w = window_stats(records, started, float("inf"), slo_ms)  # every request of the leg (all sent after ``started``)
     lat = [r.latency_ms for r in records if r.ok]
-    row = {"rps": round(rps, 1), "seconds": seconds, "started": started, "requests": len(records),
-           "failed": sum(not r.ok for r in records), "p50_ms": percentile(lat, 50), "p99_ms": percentile(lat, 99),
-           "p999_ms": percentile(lat, 99.9), "max_ms": max(lat) if lat else None,
-           "over_4x_slo": sum(r.latency_ms > TAIL_FACTOR * slo_ms for r in records)}
+    row = {"rps": round(rps, 1), "seconds": seconds, "started": started, "requests": w["total"],
+           "failed": w["failed"], "p50_ms": w["p50_ms"], "p99_ms": w["p99_ms"], "p999_ms": w["p999_ms"],
+           "max_ms": max(lat) if lat else None, "over_4x_slo": w["over_4x_slo"]}
     if access_log:
         entries = [e for e in accesslog.read_from(access_log, offset)[0] if e.slot is not None]  # instances
         tr = [e.tr for e in entries if e.tr >= 0]
         row["haproxy"] = {"requests": len(entries), "tr_p99_ms": percentile(tr, 99), "tr_p999_ms": percentile(tr, 99.9),
-                          "tr_over_4x_slo": sum(t > TAIL_FACTOR * slo_ms for t in tr),
+                          "tr_over_4x_slo": sum(t > TAIL_SLO_FACTOR * slo_ms for t in tr),
                           "retried": sum(e.retries > 0 for e in entries)}
     return row
 
@@ -92,7 +90,7 @@ def run(x_knee: float, seconds: float, rounds: int, slo_ms: float, log=print) ->
                 row.update(round=r + 1, via=via)
                 legs.append(row)
                 log(f"  {row['requests']} requests, {row['failed']} failed, p99 {row['p99_ms']:.1f} ms, "
-                    f"p99.9 {row['p999_ms']:.1f} ms, over {TAIL_FACTOR * slo_ms:.0f} ms: {row['over_4x_slo']}")
+                    f"p99.9 {row['p999_ms']:.1f} ms, over {TAIL_SLO_FACTOR * slo_ms:.0f} ms: {row['over_4x_slo']}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"command": "python -m recserve.perf.tail " + " ".join(sys.argv[1:]), "host": platform.node(),
             "cpus": os.cpu_count(), "commit": commit, "loadavg_before": round(load_before, 2), "slo_ms": slo_ms,

@@ -29,3 +29,19 @@ def test_bad_arguments_are_refused_before_any_fleet_starts(argv, field, capsys):
     with pytest.raises(SystemExit) as exc:
         tail.main(argv)
     assert exc.value.code == 2 and field in capsys.readouterr().err
+
+
+def test_a_leg_counts_every_request_and_the_tail_by_the_drills_rule(monkeypatch):
+    """A leg's figures are the drills' window_stats over all its requests (a failed one counts in the tail too)."""
+    import time
+
+    from recserve.drills.probe import Record
+    from recserve.drills.timeline import TAIL_SLO_FACTOR
+
+    now = time.time()
+    recs = [Record(i, "recommend", now + 1 + i * 0.01, 5.0 if i < 95 else 250.0, "OK") for i in range(100)]
+    recs.append(Record(100, "recommend", now + 2, 3000.0, "UNAVAILABLE"))
+    monkeypatch.setattr(tail, "_send", lambda urls, cases, rps, seconds: recs if seconds > 10 else [])
+    row = tail.leg(["127.0.0.1:1"], [], 10.0, 20.0, 50.0, None)
+    assert TAIL_SLO_FACTOR == 4.0 and (row["requests"], row["failed"], row["over_4x_slo"]) == (101, 1, 6)
+    assert row["p99_ms"] == 250.0 and row["max_ms"] == 250.0 and "haproxy" not in row
