@@ -11,7 +11,10 @@ by 10 s at its rate, not counted. For the front door, HAProxy's own timers (its 
 answer, and the requests it retried) are reported beside the client's: the client's figures include the load
 generator.
 
-    python -m recserve.perf.tail [--x-knee 0.5] [--seconds 120] [--rounds 1] [--out FILE]
+Each leg also records the cores each group of processes used (HAProxy, the tritonservers, the Python stubs, the
+load generator): on a small host the front door's own CPU competes with the instances.
+
+    python -m recserve.perf.tail [--x-knee 0.5] [--seconds 120] [--rounds 1] [--knee RPS] [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,19 +43,56 @@ def _send(urls: list[str], cases: list, rps: float, seconds: float) -> list:
     return [r for p in probes for r in p.join(seconds + 30)]
 
 
-def leg(urls: list[str], cases: list, rps: float, seconds: float, slo_ms: float, access_log: Path | None) -> dict:
-    """One measured leg at ``rps`` in all over ``urls`` (10 s at the same rates first, not counted)."""
+def cpu_seconds(root_pid: int | None) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process (the load generator) and, by name, by the fleet's
+    processes under ``root_pid`` (the control plane: HAProxy, the tritonservers, their Python stubs)."""
+    import psutil
+
+    def used(p: psutil.Process) -> float:
+        t = p.cpu_times()
+        return t.user + t.system
+
+    out = {"load generator": used(psutil.Process())}
+    if root_pid is None:
+        return out
+    try:
+        procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for p in procs:
+        try:
+            name = {"haproxy": "haproxy", "tritonserver": "tritonserver"}.get(p.name(), "other fleet processes")
+            if "python_backend_stub" in p.name():
+                name = "python stubs"
+            out[name] = out.get(name, 0.0) + used(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores used over ``seconds`` by each group (a process gone in between counts from what is left)."""
+    return {k: round(max(0.0, after[k] - before.get(k, 0.0)) / seconds, 3) for k in sorted(after)}
+
+
+def leg(urls: list[str], cases: list, rps: float, seconds: float, slo_ms: float, access_log: Path | None,
+        root_pid: int | None = None) -> dict:
+    """One measured leg at ``rps`` in all over ``urls`` (10 s at the same rates first, not counted), with the cores
+    each group of processes used during it (the host has ``os.cpu_count()``)."""
     from recserve.control.routing import accesslog
 
     _send(urls, cases, rps, 10.0)
     offset = accesslog.size(access_log) if access_log else 0
     started = time.time()
+    cpu_before = cpu_seconds(root_pid)
     records = _send(urls, cases, rps, seconds)
+    cores = cpu_share(cpu_before, cpu_seconds(root_pid), time.time() - started)
     w = window_stats(records, started, float("inf"), slo_ms)  # every request of the leg (all sent after ``started``)
     lat = [r.latency_ms for r in records if r.ok]
     row = {"rps": round(rps, 1), "seconds": seconds, "started": started, "requests": w["total"],
            "failed": w["failed"], "p50_ms": w["p50_ms"], "p99_ms": w["p99_ms"], "p999_ms": w["p999_ms"],
-           "max_ms": max(lat) if lat else None, "over_4x_slo": w["over_4x_slo"]}
+           "max_ms": max(lat) if lat else None, "over_4x_slo": w["over_4x_slo"],
+           "cores_used": cores}
     if access_log:
         entries = [e for e in accesslog.read_from(access_log, offset)[0] if e.slot is not None]  # instances
         tr = [e.tr for e in entries if e.tr >= 0]
@@ -62,8 +102,9 @@ def leg(urls: list[str], cases: list, rps: float, seconds: float, slo_ms: float,
     return row
 
 
-def run(x_knee: float, seconds: float, rounds: int, slo_ms: float, log=print) -> dict:
-    """The knee, then ``rounds`` x (front door at ``x_knee`` x knee, direct at the same per-instance rate)."""
+def run(x_knee: float, seconds: float, rounds: int, slo_ms: float, knee_rps: float | None = None, log=print) -> dict:
+    """The knee (measured, unless ``knee_rps`` is given), then ``rounds`` x (front door at ``x_knee`` x knee, direct at
+    the same per-instance rate, direct to every instance at the front door's rate)."""
     from recserve.drills.capacity import knee_ladder, never_missed
     from recserve.drills.probe import golden_cases
     from recserve.drills.session import FleetOwner
@@ -71,8 +112,12 @@ def run(x_knee: float, seconds: float, rounds: int, slo_ms: float, log=print) ->
     load_before = os.getloadavg()[0]
     with FleetOwner(private=True, log=log) as session:
         cases = golden_cases()
-        log("measuring the knee through the front door (open-loop ladder) ...")
-        knee, ladder = knee_ladder(session.grpc_url, "recommend", slo_ms, cases=cases)
+        if knee_rps:
+            knee, ladder = knee_rps, []
+            log(f"knee: {knee:.1f} rps as given (--knee), not measured")
+        else:
+            log("measuring the knee through the front door (open-loop ladder) ...")
+            knee, ladder = knee_ladder(session.grpc_url, "recommend", slo_ms, cases=cases)
         if not knee:
             raise SystemExit("no knee: no rung of the ladder kept every request under the SLO")
         serving = [i for i in session.fleet.instances() if i.role in ("primary", "active") and i.state == "healthy"]
@@ -86,7 +131,8 @@ def run(x_knee: float, seconds: float, rounds: int, slo_ms: float, log=print) ->
                                    (f"direct to {one.id}", [f"127.0.0.1:{one.grpc_port}"], direct_rps),
                                    ("direct to each instance", every, front_rps)):
                 log(f"round {r + 1}: {via} at {rps:.1f} rps in all for {seconds:.0f} s ...")
-                row = leg(urls, cases, rps, seconds, slo_ms, session.access_log if via == "front door" else None)
+                row = leg(urls, cases, rps, seconds, slo_ms, session.access_log if via == "front door" else None,
+                          root_pid=session.control.process.pid if session.control.process else None)
                 row.update(round=r + 1, via=via)
                 legs.append(row)
                 log(f"  {row['requests']} requests, {row['failed']} failed, p99 {row['p99_ms']:.1f} ms, "
@@ -94,7 +140,8 @@ def run(x_knee: float, seconds: float, rounds: int, slo_ms: float, log=print) ->
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"command": "python -m recserve.perf.tail " + " ".join(sys.argv[1:]), "host": platform.node(),
             "cpus": os.cpu_count(), "commit": commit, "loadavg_before": round(load_before, 2), "slo_ms": slo_ms,
-            "knee_rps": round(knee, 1), "knee_lower_bound": never_missed(ladder, slo_ms), "x_knee": x_knee,
+            "knee_rps": round(knee, 1), "knee_source": "--knee" if knee_rps else "measured (open-loop ladder)",
+            "knee_lower_bound": bool(ladder) and never_missed(ladder, slo_ms), "x_knee": x_knee,
             "instances_serving": len(serving), "front_door_rps": round(front_rps, 1),
             "direct_rps": round(direct_rps, 1), "legs": legs, "verdict": verdict(legs)}
 
@@ -121,13 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=120.0, help="measured seconds per leg (default %(default)s)")
     p.add_argument("--rounds", type=int, default=1, help="rounds of (front door, direct) (default %(default)s)")
     p.add_argument("--slo-ms", type=float, default=SLO_P99_MS, help="SLO p99 (default %(default)s)")
+    p.add_argument("--knee", type=float, help="the knee in rps, not measured (runs compared at one rate); default: "
+                   "measured through the front door first")
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     a = p.parse_args(argv)
     if not 0 < a.x_knee <= 1:
         p.error(f"--x-knee must be within (0, 1], got {a.x_knee}")
+    if a.knee is not None and a.knee <= 0:
+        p.error(f"--knee must be > 0 rps, got {a.knee}")
     if a.seconds < 10 or a.rounds < 1:
         p.error("--seconds must be >= 10 and --rounds >= 1")
-    result = run(a.x_knee, a.seconds, a.rounds, a.slo_ms, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run(a.x_knee, a.seconds, a.rounds, a.slo_ms, a.knee, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(json.dumps(result["verdict"], indent=1))
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))

@@ -45,3 +45,16 @@ def test_a_leg_counts_every_request_and_the_tail_by_the_drills_rule(monkeypatch)
     row = tail.leg(["127.0.0.1:1"], [], 10.0, 20.0, 50.0, None)
     assert TAIL_SLO_FACTOR == 4.0 and (row["requests"], row["failed"], row["over_4x_slo"]) == (101, 1, 6)
     assert row["p99_ms"] == 250.0 and row["max_ms"] == 250.0 and "haproxy" not in row
+
+
+def test_cores_used_are_cpu_seconds_over_the_leg_per_group_of_processes():
+    """The cores each group used: CPU seconds spent during the leg over its length; this process is the load
+    generator, and a fleet root that is gone leaves only it."""
+    import os
+
+    before = {"load generator": 1.0, "haproxy": 2.0}
+    after = {"load generator": 3.0, "haproxy": 2.5, "tritonserver": 4.0}
+    assert tail.cpu_share(before, after, 10.0) == {"haproxy": 0.05, "load generator": 0.2, "tritonserver": 0.4}
+    mine = tail.cpu_seconds(None)
+    assert set(mine) == {"load generator"} and mine["load generator"] > 0
+    assert set(tail.cpu_seconds(os.getpid())) >= {"load generator", "other fleet processes"}
