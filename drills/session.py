@@ -222,17 +222,19 @@ class FleetOwner:
 
     def __init__(self, control: str | None = None, repository: Path | None = None, private: bool = False,
                  fixture_models: bool = False, log=print, monitor: bool = False, env: dict[str, str] | None = None,
-                 mode: str | None = None, spec: Path | None = None, roll_model: str | None = None):
+                 mode: str | None = None, spec: Path | None = None, roll_model: str | None = None,
+                 server_args: list[str] | None = None):
         """``env``: added to a private fleet's control-plane environment (the negative controls' test switches;
         a running fleet is never changed); ``mode``: a private fleet's --mode (default: the server's);
         ``spec``: a serving spec: a private fleet serves a copy of its repository with ``--spec`` (a running
         fleet must already serve its models); ``roll_model``: the model rolling faults roll (default: the spec's
-        first ONNX step)."""
+        first ONNX step); ``server_args``: more ``recserve.control.server`` flags for a private fleet (a
+        measurement comparing settings side by side; refused for a running fleet, which is never changed)."""
         if spec is not None and fixture_models:
             raise FleetError("--spec and --fixture-models: the fixture models are the demo's; give one of them")
         self.spec_path, self.roll_model = (Path(spec).resolve() if spec else None), roll_model
         self.control, self.repository, self.private, self.log = control, repository, private, log
-        self.env, self.mode = env, mode
+        self.env, self.mode, self.server_args = env, mode, list(server_args or [])
         self.fixture_models = fixture_models
         self.monitor = monitor  # start a 1 s Prometheus/Alertmanager/receiver for the alert expectations
         self.stack = None
@@ -244,6 +246,9 @@ class FleetOwner:
         if self.control or not (self.private or self.fixture_models):
             st = None if self.control else recctl_status()
             control = self.control or (st or {}).get("endpoints", {}).get("control")
+            if control and self.server_args:
+                raise FleetError(f"server flags {self.server_args} set up a private fleet; the running fleet at "
+                                 f"{control} is never changed (start a private one)")
             if control:
                 fleet = FleetAPI(control, read_token())
                 endpoints = fleet.status(events=1)["endpoints"]
@@ -290,6 +295,7 @@ class FleetOwner:
             shutil.copytree(self.repository or DEFAULT_REPOSITORY, repo, symlinks=True)
         args = ["--mode", self.mode] if self.mode else []
         args += ["--spec", str(self.spec_path)] if serving is not None else []
+        args += self.server_args
         self.started = ControlPlaneProcess(self.tmp / "runtime", repo, free_port(), free_port(), free_port(),
                                            free_port(), env=self.env, args=args or None)
         self.log(f"starting a private fleet under {self.tmp} (control {self.started.address}) ...")
