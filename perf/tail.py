@@ -75,6 +75,25 @@ def cpu_share(before: dict[str, float], after: dict[str, float], seconds: float)
     return {k: round(max(0.0, after[k] - before.get(k, 0.0)) / seconds, 3) for k in sorted(after)}
 
 
+def server_connections(stats_socket: Path) -> dict[str, int]:
+    """HAProxy's connections to the instances so far, over every gRPC backend's servers: ``new`` (opened) and
+    ``reused`` (a request sent on one already open). A request on a new connection pays its set-up."""
+    from recserve.control.routing.haproxy import runtime_exchange
+
+    return count_connections(runtime_exchange(stats_socket, "show stat", check=False))
+
+
+def count_connections(show_stat: str) -> dict[str, int]:
+    """``server_connections`` from the text of HAProxy's ``show stat``."""
+    lines = [ln for ln in show_stat.splitlines() if ln.strip()]
+    if not lines or not lines[0].startswith("# "):
+        return {"new": 0, "reused": 0}
+    rows = [dict(zip(lines[0][2:].split(","), ln.split(","), strict=False)) for ln in lines[1:]]
+    rows = [r for r in rows if r.get("pxname", "").startswith("be_grpc_") and r.get("svname", "").startswith("s")]
+    return {"new": sum(int(r.get("connect") or 0) for r in rows),
+            "reused": sum(int(r.get("reuse") or 0) for r in rows)}
+
+
 def leg(urls: list[str], cases: list, rps: float, seconds: float, slo_ms: float, access_log: Path | None,
         root_pid: int | None = None) -> dict:
     """One measured leg at ``rps`` in all over ``urls`` (10 s at the same rates first, not counted), with the cores
@@ -85,8 +104,11 @@ def leg(urls: list[str], cases: list, rps: float, seconds: float, slo_ms: float,
     offset = accesslog.size(access_log) if access_log else 0
     started = time.time()
     cpu_before = cpu_seconds(root_pid)
+    sock = access_log.parent / "haproxy.sock" if access_log else None
+    conns_before = server_connections(sock) if sock else None
     records = _send(urls, cases, rps, seconds)
     cores = cpu_share(cpu_before, cpu_seconds(root_pid), time.time() - started)
+    conns = server_connections(sock) if sock else None
     w = window_stats(records, started, float("inf"), slo_ms)  # every request of the leg (all sent after ``started``)
     lat = [r.latency_ms for r in records if r.ok]
     row = {"rps": round(rps, 1), "seconds": seconds, "started": started, "requests": w["total"],
@@ -98,7 +120,9 @@ def leg(urls: list[str], cases: list, rps: float, seconds: float, slo_ms: float,
         tr = [e.tr for e in entries if e.tr >= 0]
         row["haproxy"] = {"requests": len(entries), "tr_p99_ms": percentile(tr, 99), "tr_p999_ms": percentile(tr, 99.9),
                           "tr_over_4x_slo": sum(t > TAIL_SLO_FACTOR * slo_ms for t in tr),
-                          "retried": sum(e.retries > 0 for e in entries)}
+                          "retried": sum(e.retries > 0 for e in entries),
+                          "server_connections_opened": conns["new"] - conns_before["new"],
+                          "requests_on_open_connections": conns["reused"] - conns_before["reused"]}
     return row
 
 

@@ -58,3 +58,11 @@ def test_cores_used_are_cpu_seconds_over_the_leg_per_group_of_processes():
     mine = tail.cpu_seconds(None)
     assert set(mine) == {"load generator"} and mine["load generator"] > 0
     assert set(tail.cpu_seconds(os.getpid())) >= {"load generator", "other fleet processes"}
+
+
+def test_connections_to_the_instances_are_counted_over_the_grpc_servers_only():
+    text = ("# pxname,svname,stot,connect,reuse,\n"
+            "be_grpc_pool,s0,100,3,97,\nbe_grpc_pool,s1,50,2,48,\nbe_grpc_pool,BACKEND,150,5,145,\n"
+            "be_http_pool,s0,9,9,0,\nbe_grpc_fallback,fb,7,7,0,\nchk,s0,0,0,0,\n")
+    assert tail.count_connections(text) == {"new": 5, "reused": 145}
+    assert tail.count_connections("") == {"new": 0, "reused": 0}
