@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from drill_row import drill_row  # beside this file
+
 from recserve.drills.capacity import KNEE_SLO_MS, capacity_rps, knee_mean_ms
 from recserve.drills.runner import DrillRun
 from recserve.drills.session import FleetOwner
@@ -68,13 +70,7 @@ def main() -> int:
                 roles = {i.id: i.role for i in session.fleet.instances()}
                 drill = DrillRun(spec, session, log=log, knee=(knee, source), knee_mean_ms=mean)
                 res = drill.run()
-                row = {"round": r + 1, "standby": want, "roles_before": roles, "passed": res.get("passed"),
-                       "p99_during_ratio": res.get("p99_during_ratio"), "p99_ms": res.get("p99_ms"),
-                       "failed": res.get("failed_requests"), "total": res.get("total_requests"),
-                       "served": res.get("served_requests"), "degraded": res.get("degraded_answers"),
-                       "shed": res.get("shed_requests"), "restarts": res.get("restarts"),
-                       "haproxy_instances": (res.get("haproxy_timers") or {}).get("instances"),
-                       "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+                row = {"round": r + 1, "standby": want, "roles_before": roles, **drill_row(res)}
                 doc["runs"].append(row)
                 log(f"round {r + 1} standby={want}: ratio {row['p99_during_ratio']}, p99 {row['p99_ms']}, "
                     f"failed {row['failed']}/{row['total']}, roles before {roles}")

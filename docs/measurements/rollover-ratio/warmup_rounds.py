@@ -22,6 +22,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from drill_row import drill_row  # beside this file
+
 from recserve.drills.capacity import KNEE_SLO_MS, capacity_rps, knee_mean_ms
 from recserve.drills.runner import DrillRun
 from recserve.drills.session import FleetOwner
@@ -60,12 +62,7 @@ def main() -> int:
                 t0 = time.time()
                 res = DrillRun(spec, session, log=log, knee=(knee, source), knee_mean_ms=mean).run()
                 warm = [e.get("message", "") for e in session.fleet.events_since(t0) if e.get("kind") == "warmup"]
-                row = {"round": r + 1, "setting": name, "passed": res.get("passed"),
-                       "p99_during_ratio": res.get("p99_during_ratio"), "p99_ms": res.get("p99_ms"),
-                       "failed": res.get("failed_requests"), "total": res.get("total_requests"),
-                       "shed": res.get("shed_requests"), "restarts": res.get("restarts"),
-                       "haproxy_instances": (res.get("haproxy_timers") or {}).get("instances"),
-                       "warmup_events": warm, "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
+                row = {"round": r + 1, "setting": name, **drill_row(res), "warmup_events": warm}
                 doc["runs"].append(row)
                 log(f"round {r + 1} {name}: ratio {row['p99_during_ratio']}, p99 {row['p99_ms']}, "
                     f"failed {row['failed']}/{row['total']}, warm-up events {len(warm)}")
