@@ -85,11 +85,10 @@ def server_connections(stats_socket: Path) -> dict[str, int]:
 
 def count_connections(show_stat: str) -> dict[str, int]:
     """``server_connections`` from the text of HAProxy's ``show stat``."""
-    lines = [ln for ln in show_stat.splitlines() if ln.strip()]
-    if not lines or not lines[0].startswith("# "):
-        return {"new": 0, "reused": 0}
-    rows = [dict(zip(lines[0][2:].split(","), ln.split(","), strict=False)) for ln in lines[1:]]
-    rows = [r for r in rows if r.get("pxname", "").startswith("be_grpc_") and r.get("svname", "").startswith("s")]
+    from recserve.control.routing.haproxy import parse_stat
+
+    rows = [r for r in parse_stat(show_stat)
+            if r.get("pxname", "").startswith("be_grpc_") and r.get("svname", "").startswith("s")]
     return {"new": sum(int(r.get("connect") or 0) for r in rows),
             "reused": sum(int(r.get("reuse") or 0) for r in rows)}
 
@@ -150,13 +149,14 @@ def run(x_knee: float, seconds: float, rounds: int, slo_ms: float, knee_rps: flo
         one = serving[0]
         legs = []
         every = [f"127.0.0.1:{i.grpc_port}" for i in serving]
+        root_pid = session.control.process.pid if session.control.process else None
         for r in range(rounds):
             for via, urls, rps in (("front door", [session.grpc_url], front_rps),
                                    (f"direct to {one.id}", [f"127.0.0.1:{one.grpc_port}"], direct_rps),
                                    ("direct to each instance", every, front_rps)):
                 log(f"round {r + 1}: {via} at {rps:.1f} rps in all for {seconds:.0f} s ...")
                 row = leg(urls, cases, rps, seconds, slo_ms, session.access_log if via == "front door" else None,
-                          root_pid=session.control.process.pid if session.control.process else None)
+                          root_pid=root_pid)
                 row.update(round=r + 1, via=via)
                 legs.append(row)
                 log(f"  {row['requests']} requests, {row['failed']} failed, p99 {row['p99_ms']:.1f} ms, "

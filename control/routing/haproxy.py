@@ -586,6 +586,15 @@ def runtime_exchange(address: Path | str | tuple[str, int], cmd: str, timeout_s:
     return text
 
 
+def parse_stat(text: str) -> list[dict[str, str]]:
+    """Rows of ``show stat``'s CSV, keyed by its ``# pxname,svname,...`` header; [] without that header."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines or not lines[0].startswith("# "):
+        return []
+    header = lines[0][2:].split(",")
+    return [dict(zip(header, ln.split(","), strict=False)) for ln in lines[1:]]
+
+
 class HAProxy:
     """Owns one haproxy process (or adopts a running one through its pid file) and its stats socket."""
 
@@ -733,12 +742,7 @@ class HAProxy:
 
     def stat(self) -> list[dict[str, str]]:
         """``show stat`` rows (pxname, svname, scur, qcur, slim, stot, status, ...), one per proxy/server."""
-        text = self.command("show stat", check=False)
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        if not lines or not lines[0].startswith("# "):
-            return []
-        header = lines[0][2:].split(",")
-        return [dict(zip(header, ln.split(","), strict=False)) for ln in lines[1:]]
+        return parse_stat(self.command("show stat", check=False))
 
     def set_weight(self, slot: int, weight: int) -> None:
         """Weight of ``slot`` in the split (canary) backends, 0..256."""
