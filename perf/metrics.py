@@ -114,12 +114,40 @@ def tree_cpu_s(pids: list[int]) -> dict[int, tuple[str, float]]:
     return out
 
 
-def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
-    """CPU seconds spent between two ``tree_cpu_s`` readings, per kind (new processes count from 0)."""
-    out = {"server": 0.0, "stubs": 0.0}
+def fleet_group(proc: psutil.Process) -> str:
+    """Which part of a fleet a process is: ``haproxy``, ``tritonserver``, ``python stubs`` or ``other fleet
+    processes`` (the control plane, the degraded-answer server, monitoring)."""
+    if _is_stub(proc):
+        return "python stubs"
+    name = proc.name()
+    return name if name in ("haproxy", "tritonserver") else "other fleet processes"
+
+
+def fleet_cpu_s(root_pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds per process of the tree under ``root_pid`` (a control plane): pid -> (``fleet_group``, s),
+    read per pid for the reason ``tree_cpu_s`` gives; {} when the root is gone."""
+    try:
+        procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return {}
+    out: dict[int, tuple[str, float]] = {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = (fleet_group(p), t.user + t.system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return out
+
+
+def cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+              kinds: tuple[str, ...] = ("server", "stubs")) -> dict[str, float]:
+    """CPU seconds spent between two per-pid readings (``tree_cpu_s``, ``fleet_cpu_s``), per kind: each of
+    ``kinds`` (0 when none ran) and any other kind seen; new processes count from 0."""
+    out = dict.fromkeys(kinds, 0.0)
     for pid, (kind, now) in after.items():
         then = before.get(pid, (kind, 0.0))[1]
-        out[kind] += max(0.0, now - then)
+        out[kind] = out.get(kind, 0.0) + max(0.0, now - then)
     return out
 
 

@@ -43,36 +43,24 @@ def _send(urls: list[str], cases: list, rps: float, seconds: float) -> list:
     return [r for p in probes for r in p.join(seconds + 30)]
 
 
-def cpu_seconds(root_pid: int | None) -> dict[str, float]:
-    """CPU seconds (user + system) used so far by this process (the load generator) and, by name, by the fleet's
-    processes under ``root_pid`` (the control plane: HAProxy, the tritonservers, their Python stubs)."""
+def cpu_reading(root_pid: int | None) -> dict[int, tuple[str, float]]:
+    """CPU seconds used so far per process: this one (the load generator) and the fleet's under ``root_pid`` (the
+    control plane), each with its group (``perf.metrics.fleet_group``)."""
     import psutil
 
-    def used(p: psutil.Process) -> float:
-        t = p.cpu_times()
-        return t.user + t.system
+    from recserve.perf.metrics import fleet_cpu_s
 
-    out = {"load generator": used(psutil.Process())}
-    if root_pid is None:
-        return out
-    try:
-        procs = [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for p in procs:
-        try:
-            name = {"haproxy": "haproxy", "tritonserver": "tritonserver"}.get(p.name(), "other fleet processes")
-            if "python_backend_stub" in p.name():
-                name = "python stubs"
-            out[name] = out.get(name, 0.0) + used(p)
-        except psutil.NoSuchProcess:
-            continue
-    return out
+    t = psutil.Process().cpu_times()
+    return {os.getpid(): ("load generator", t.user + t.system), **(fleet_cpu_s(root_pid) if root_pid else {})}
 
 
-def cpu_share(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
-    """Cores used over ``seconds`` by each group (a process gone in between counts from what is left)."""
-    return {k: round(max(0.0, after[k] - before.get(k, 0.0)) / seconds, 3) for k in sorted(after)}
+def cores_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+               seconds: float) -> dict[str, float]:
+    """Cores each group used between two ``cpu_reading``s ``seconds`` apart (per pid: a process started in
+    between counts from 0, one gone in between counts nothing)."""
+    from recserve.perf.metrics import cpu_delta
+
+    return {k: round(v / seconds, 3) for k, v in sorted(cpu_delta(before, after, kinds=()).items())}
 
 
 def server_connections(stats_socket: Path) -> dict[str, int]:
@@ -102,11 +90,11 @@ def leg(urls: list[str], cases: list, rps: float, seconds: float, slo_ms: float,
     _send(urls, cases, rps, 10.0)
     offset = accesslog.size(access_log) if access_log else 0
     started = time.time()
-    cpu_before = cpu_seconds(root_pid)
+    cpu_before = cpu_reading(root_pid)
     sock = access_log.parent / "haproxy.sock" if access_log else None
     conns_before = server_connections(sock) if sock else None
     records = _send(urls, cases, rps, seconds)
-    cores = cpu_share(cpu_before, cpu_seconds(root_pid), time.time() - started)
+    cores = cores_used(cpu_before, cpu_reading(root_pid), time.time() - started)
     conns = server_connections(sock) if sock else None
     w = window_stats(records, started, float("inf"), slo_ms)  # every request of the leg (all sent after ``started``)
     lat = [r.latency_ms for r in records if r.ok]

@@ -62,6 +62,20 @@ def test_cpu_delta_survives_replaced_stub_processes():
     before = {1: ("server", 10.0), 2: ("stubs", 5.0)}
     after = {1: ("server", 10.5), 3: ("stubs", 0.25)}  # stub 2 was replaced by 3 during a reload
     assert metrics.cpu_delta(before, after) == {"server": 0.5, "stubs": 0.25}
+    assert metrics.cpu_delta({}, {}) == {"server": 0.0, "stubs": 0.0}  # the named kinds are there when idle
+
+
+def test_fleet_groups_name_each_process_of_a_tree():
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        got = metrics.fleet_cpu_s(os.getpid())
+        assert got[os.getpid()][0] == "other fleet processes" and got[child.pid][0] == "other fleet processes"
+        assert metrics.fleet_cpu_s(child.pid + 10_000_000) == {}  # no such root
+    finally:
+        child.kill()
+        child.wait(5)
 
 
 def test_tree_cpu_reads_this_process():

@@ -52,12 +52,22 @@ def test_cores_used_are_cpu_seconds_over_the_leg_per_group_of_processes():
     generator, and a fleet root that is gone leaves only it."""
     import os
 
-    before = {"load generator": 1.0, "haproxy": 2.0}
-    after = {"load generator": 3.0, "haproxy": 2.5, "tritonserver": 4.0}
-    assert tail.cpu_share(before, after, 10.0) == {"haproxy": 0.05, "load generator": 0.2, "tritonserver": 0.4}
-    mine = tail.cpu_seconds(None)
-    assert set(mine) == {"load generator"} and mine["load generator"] > 0
-    assert set(tail.cpu_seconds(os.getpid())) >= {"load generator", "other fleet processes"}
+    before = {1: ("load generator", 1.0), 2: ("haproxy", 2.0), 3: ("python stubs", 1.0)}
+    after = {1: ("load generator", 3.0), 2: ("haproxy", 2.5), 4: ("tritonserver", 4.0), 5: ("python stubs", 0.5)}
+    # stub 3 was replaced by stub 5 during the leg: 0.5 s, not 0.5 - 1.0
+    assert tail.cores_used(before, after, 10.0) == {"haproxy": 0.05, "load generator": 0.2, "python stubs": 0.05,
+                                                    "tritonserver": 0.4}
+    mine = tail.cpu_reading(None)
+    assert list(mine) == [os.getpid()] and mine[os.getpid()][0] == "load generator" and mine[os.getpid()][1] > 0
+    import subprocess
+
+    fleet = subprocess.Popen(["sleep", "30"])  # a stand-in root: any process tree reads the same way
+    try:
+        groups = {g for g, _ in tail.cpu_reading(fleet.pid).values()}
+        assert groups == {"load generator", "other fleet processes"}
+    finally:
+        fleet.kill()
+        fleet.wait(5)
 
 
 def test_connections_to_the_instances_are_counted_over_the_grpc_servers_only():
