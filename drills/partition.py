@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+from recserve.control.routing.haproxy import HAProxyError, parse_stat, runtime_exchange
 from recserve.control.runtime.triton import TritonConfig, TritonServer, free_port
 
 
@@ -133,24 +133,11 @@ class PartitionedPath:
     def server_status(self, server: str) -> str:
         """HAProxy's status of ``server`` (UP, DOWN, 'DOWN 1/2', ...), '' when the socket does not answer."""
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(1.0)
-                s.connect(str(self.socket))
-                s.sendall(b"show stat\n")
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
-        except OSError:
+            rows = parse_stat(runtime_exchange(self.socket, "show stat", timeout_s=1.0, check=False))
+        except HAProxyError:
             return ""
-        lines = data.decode(errors="replace").splitlines()
-        if not lines:
-            return ""
-        header = lines[0].lstrip("# ").split(",")
-        for ln in lines[1:]:
-            row = dict(zip(header, ln.split(","), strict=False))
-            if row.get("pxname") == "tritons" and row.get("svname") == server:
-                return row.get("status", "")
-        return ""
+        return next((r.get("status", "") for r in rows if r.get("pxname") == "tritons" and r.get("svname") == server),
+                    "")
 
     def watch(self, server: str, want: str, since: float, timeout_s: float) -> threading.Thread:
         """Record in ``self.seen[want]`` the wall time HAProxy first reports ``server`` as ``want``."""
