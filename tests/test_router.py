@@ -164,6 +164,51 @@ def test_a_measured_knee_sets_the_limits_at_once_shared_by_the_servers_the_route
         router.stop()
 
 
+def test_the_pools_room_never_dips_when_a_member_leaves_or_joins(tmp_path):
+    """A shrinking pool raises the limits of the members left before one leaves (a dead active's load lands on
+    them at once), a growing one lowers them only after the new member takes traffic; each step is one runtime
+    API exchange, and a command that could split one is refused (real HAProxy)."""
+    from recserve.control.routing.haproxy import HAProxyError
+    from recserve.control.routing.router import Router
+    from recserve.control.runtime.procs import free_port
+    from recserve.control.state.store import InstanceRecord, State
+
+    cfg = RouterConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=2,
+                       fallback=False, knee_rps=400, slo_p99_ms=50)
+    state = State(tmp_path / "state.db")
+    for iid, slot in (("t1", 0), ("t2", 1)):
+        state.save_instance(InstanceRecord(id=iid, slot=slot, role="active", state="healthy", grpc_port=1111 + slot,
+                                           http_port=2222 + slot, metrics_port=0, workdir="w"))
+    router = Router(cfg, state)
+    router.start()
+    try:
+        for slot in (0, 1):
+            router.bind(slot, 1111 + slot, 2222 + slot)
+            router.set_state(slot, "ready")
+        router.set_pool({0, 1})
+        router.route("pool")
+        sent: list[str] = []
+        real = router.proxy.command
+        router.proxy.command = lambda cmd, *a, **k: (sent.append(cmd), real(cmd, *a, **k))[1]
+
+        def first(prefix: str) -> int:
+            return next(i for i, c in enumerate(sent) if prefix in c)
+
+        router.set_pool({0})
+        assert {s: ld.limit for s, ld in router.load().items()}[0] == 20  # the whole host limit
+        assert first("set maxconn server be_grpc_pool/s0 20") < first("set server be_grpc_pool/s1 state drain")
+        sent.clear()
+        router.set_pool({0, 1})
+        assert first("set server be_grpc_pool/s1 state ready") < first("set maxconn server be_grpc_pool/s0 10")
+        assert {s: ld.limit for s, ld in router.load().items()} == {0: 10, 1: 10}
+        backends = 2 * (cfg.slots + 2)  # per protocol: a first backend per slot, the split and the pool
+        assert all(c.count("set maxconn") in (0, backends) for c in sent)  # one exchange per slot
+        with pytest.raises(HAProxyError, match="must not contain"):
+            router.proxy.commands(["show info; shutdown frontend fe_grpc"])
+    finally:
+        router.stop()
+
+
 def test_a_rollout_pauses_its_traffic_steps_while_the_pool_sheds_and_gives_up_after_the_bound(tmp_path):
     """Issue 9: rollouts pause while the pool is shedding (before shifting more traffic), resume when it
     stops, and roll back when it sheds past the bound (a unit on the real state store and metrics; the

@@ -698,6 +698,13 @@ class HAProxy:
         off for tables, whose column names contain words such as "errors")."""
         return runtime_exchange(self.config.socket_path, cmd, timeout_s, check)
 
+    def commands(self, cmds: list[str], timeout_s: float = 2.0) -> str:
+        """Several runtime API commands on one connection (``;``-separated, HAProxy runs them in order): one round
+        trip instead of one per command, so a routing change lands in one step; raises as ``command`` does."""
+        if any(";" in c or "\\" in c for c in cmds):
+            raise HAProxyError(f"runtime API commands must not contain ';' or a backslash: {cmds!r}")
+        return self.command("; ".join(cmds), timeout_s) if cmds else ""
+
     def _all_backends(self) -> list[str]:
         firsts = [first_backend(p, k) for p in PROTOS for k in range(self.config.slots)]
         return firsts + [split_backend(p) for p in PROTOS] + [pool_backend(p) for p in PROTOS]
@@ -718,19 +725,17 @@ class HAProxy:
         for st in (state, pool_state or state):
             if st not in ("ready", "drain", "maint"):
                 raise HAProxyError(f"server state must be ready, drain or maint, got {st!r}")
-        self.command(f"set server chk/s{slot} state {state}")
         # Trackers inherit maint/drain from chk only partly; set them explicitly so every backend agrees.
-        for be in self._all_backends():
-            st = (pool_state or state) if be.endswith("_pool") else state
-            self.command(f"set server {be}/s{slot} state {st}")
+        self.commands([f"set server chk/s{slot} state {state}"]
+                      + [f"set server {be}/s{slot} state {(pool_state or state) if be.endswith('_pool') else state}"
+                         for be in self._all_backends()])
 
     def set_maxconn(self, slot: int, limit: int) -> None:
         """The in-flight limit of ``slot`` in every traffic backend (h2: concurrent streams)."""
         self._check_slot(slot)
         if not 1 <= limit <= 100000:
             raise HAProxyError(f"maxconn must be 1..100000, got {limit}")
-        for be in self._all_backends():
-            self.command(f"set maxconn server {be}/s{slot} {limit}")
+        self.commands([f"set maxconn server {be}/s{slot} {limit}" for be in self._all_backends()])
 
     def bind_fallback(self, grpc_port: int, http_port: int) -> None:
         """Point the degraded-answer backends at the fallback server and enable its health check."""

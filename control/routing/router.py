@@ -504,18 +504,27 @@ class Router:
         return {int(s) for s in text.split(",") if s.strip()}
 
     def set_pool(self, slots: set[int]) -> None:
-        """The active-active members; a slot leaving the pool drains there (in-flight requests finish)."""
+        """The active-active members; a slot leaving the pool drains there (in-flight requests finish).
+
+        The pool's in-flight room never dips on the way: a shrinking pool raises the limits of the members left
+        before one leaves (its load lands on them at once), a growing one lowers them after the new member
+        takes traffic."""
         with self._lock:
             old = self.pool_slots()
             self.state.put("pool", ",".join(str(s) for s in sorted(slots)))
-            for s in old | slots:
+            shrinking = len(slots) < len(old)
+            if shrinking:
+                self.apply_limits()
+            cmds = []
+            for s in sorted(old | slots):
                 st = self._slot_state.get(s) or self._admin_state(s)
                 if st is None:
                     continue
                 pool_st = st if s in slots else ("drain" if s in old else "maint")
-                for p in PROTOS:
-                    self.proxy.command(f"set server {pool_backend(p)}/s{s} state {pool_st}")
-            self.apply_limits()
+                cmds += [f"set server {pool_backend(p)}/s{s} state {pool_st}" for p in PROTOS]
+            self.proxy.commands(cmds)
+            if not shrinking:
+                self.apply_limits()
 
     def _admin_state(self, slot: int) -> str | None:
         """The slot's state as HAProxy holds it (after a control-plane restart adopted a running HAProxy, this
