@@ -19,6 +19,7 @@ SWITCHES: dict[str, str] = {
     "no-gates": "rollout gates judge nothing: answer overlap, error rate and p99 never fail a canary",
     "no-admission": "admission refuses nothing: no fast RESOURCE_EXHAUSTED, every request goes to an instance",
     "no-progress": "a golden check that timed out at the in-flight limit reads busy without asking for progress",
+    "no-exit-watch": "an instance's exit is found by the next deep check, not at once by its pidfd",
 }
 
 

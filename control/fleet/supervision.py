@@ -8,6 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from recserve.control.fleet.config import FleetConfig
+from recserve.control.fleet.exits import ExitWatch
 from recserve.control.fleet.health import HealthMonitor, Probe
 from recserve.control.fleet.progress import Progress, sample
 from recserve.control.monitoring import promtext
@@ -72,6 +73,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._last_adapt = 0.0
         self._monitor: HealthMonitor | None = None
+        self._exits: ExitWatch | None = None
         self._instances: Instances | None = None
         self._membership: Membership | None = None
         self._catalog: Catalog | None = None
@@ -113,12 +115,34 @@ class Supervisor:
     def start_monitor(self) -> None:
         self._monitor = HealthMonitor(self.monitored_ids, self._instances.check, self.on_probe,
                                       self._config.health_interval_s).start()
+        if broken("no-exit-watch"):  # test switch: exits wait for the next deep check, as before the watch
+            return
+        self._exits = ExitWatch(self.watched_pids, self.on_exit).start()
+        if not self._exits.available:
+            self._state.event("exit-watch", f"instance exits are found by the deep checks only (every "
+                              f"{self._config.health_interval_s:g} s): {self._exits.why}")
 
     def stop(self) -> None:
         """No health reaction and no restart from here on."""
         self._stopping.set()
         if self._monitor:
             self._monitor.stop()
+        if self._exits:
+            self._exits.stop()
+
+    def watched_pids(self) -> dict[str, int]:
+        """The processes whose exit is a failure: healthy instances that nothing is starting, reloading or
+        removing (a planned stop holds its instance first)."""
+        return {r.id: self._instances.pid(r) for r in self._state.instances()
+                if r.state == "healthy" and r.id not in self._busy}
+
+    def on_exit(self, iid: str, pid: int) -> None:
+        """``iid``'s process ``pid`` exited: the same reaction as a deep check that found it gone, without
+        waiting for the next check."""
+        rec = self._state.instance(iid)
+        if rec is None or iid in self._busy or self._instances.pid(rec) != pid:
+            return  # removed, being restarted, or already replaced
+        self.on_probe(iid, Probe(False, "process", f"process {pid} exited (seen at once)", time.time(), fatal=True))
 
     def monitored_ids(self) -> list[str]:
         self._targets.sync_instances(self._state.instances())  # instances came, went or changed ports
@@ -233,19 +257,23 @@ class Supervisor:
             if cur is None or cur.state in ("broken", "restarting", "starting", "loading") or iid in self._busy:
                 return  # already handled (the monitor and the HAProxy watch can both see one failure)
             reason = f"{probe.stage}: {probe.reason}"
-            try:
-                self._router.set_state(rec.slot, "maint")
-            except HAProxyError as exc:
-                self._state.event("haproxy-error", str(exc), iid)
             self._state.update_instance(iid, state="broken", detail=reason[:500])
             self._metrics.instance_healthy.labels(iid).set(0)
             self._metrics.detections.labels(iid, probe.stage).inc()
             self._state.event("detected", f"{rec.role} {iid} broken at check started {probe.ts:.3f}: {reason}", iid)
+            try:
+                if rec.role in ("primary", "active"):
+                    # the instances left take its share before it leaves rotation: a shrinking pool raises their
+                    # in-flight limits first (Router.set_pool), a primary-standby route moves to the standby
+                    self._membership.ensure_primary()
+            finally:
+                try:
+                    self._router.set_state(rec.slot, "maint")
+                except HAProxyError as exc:
+                    self._state.event("haproxy-error", str(exc), iid)
             if rec.role == "canary":
                 self._canary_broken[iid] = reason  # the rollout rolls back; it owns this instance
                 return
-            if rec.role in ("primary", "active"):
-                self._membership.ensure_primary()
             self._metrics.fleet_degraded.set(0 if self._membership.standbys_healthy() else 1)
         self.schedule_restart(iid, reason)
 
