@@ -407,3 +407,29 @@ def running_fleet(base: Path, ready: Callable[[dict], bool] = all_healthy_exact,
     finally:
         f.close()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pool_router(tmp_path: Path, slots: int = 2, knee_rps: float = 400) -> Iterator:
+    """A real HAProxy under a Router with two healthy actives (t1, t2 in slots 0 and 1, bound to ports nothing
+    listens on) in the pool, the route on it, SLO p99 50 ms: yields (router, its config, the state store)."""
+    from recserve.control.routing.router import Router, RouterConfig
+    from recserve.control.runtime.procs import free_port
+    from recserve.control.state.store import InstanceRecord, State
+
+    cfg = RouterConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=slots,
+                       fallback=False, knee_rps=knee_rps, slo_p99_ms=50)
+    state = State(tmp_path / "state.db")
+    for iid, slot in (("t1", 0), ("t2", 1)):
+        state.save_instance(InstanceRecord(id=iid, slot=slot, role="active", state="healthy", grpc_port=1111 + slot,
+                                           http_port=2222 + slot, metrics_port=0, workdir="w"))
+    router = Router(cfg, state)
+    router.start()
+    try:
+        for slot in (0, 1):
+            router.bind(slot, 1111 + slot, 2222 + slot)
+        router.set_pool({0, 1})
+        router.route("pool")
+        yield router, cfg, state
+    finally:
+        router.stop()

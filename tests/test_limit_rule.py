@@ -147,23 +147,9 @@ def test_set_knee_switches_the_rule_at_runtime_and_keeps_it_with_the_knee(tmp_pa
     follow at once; the mean and the rule come back with the knee after a control-plane restart, and a restart
     that names its own --knee-rps drops all three. Real HAProxy, no traffic."""
     from recserve.control.routing.router import Router
-    from recserve.control.runtime.procs import free_port
-    from recserve.control.state.store import InstanceRecord, State
+    from tests.fleet_fixtures import pool_router
 
-    cfg = RouterConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=2,
-                       fallback=False, knee_rps=400, slo_p99_ms=50)
-    state = State(tmp_path / "state.db")
-    for iid, slot in (("t1", 0), ("t2", 1)):
-        state.save_instance(InstanceRecord(id=iid, slot=slot, role="active", state="healthy", grpc_port=1111 + slot,
-                                           http_port=2222 + slot, metrics_port=0, workdir="w"))
-    router = Router(cfg, state)
-    router.start()
-    try:
-        for slot in (0, 1):
-            router.bind(slot, 1111 + slot, 2222 + slot)
-        router.set_pool({0, 1})
-        router.route("pool")
-
+    with pool_router(tmp_path) as (router, cfg, state):
         def limits() -> dict[int, int]:
             return {s: ld.limit for s, ld in router.load().items()}
 
@@ -186,5 +172,4 @@ def test_set_knee_switches_the_rule_at_runtime_and_keeps_it_with_the_knee(tmp_pa
         named.start()
         assert named.config.limit_rule == d.LIMIT_RULE and named.config.host_limit() == 15
         assert not state.get("limit_rule", "") and not state.get("knee_mean", "")
-    finally:
-        router.stop()
+

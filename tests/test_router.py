@@ -115,25 +115,12 @@ def test_a_measured_knee_sets_the_limits_at_once_shared_by_the_servers_the_route
     at once, shared by the servers taking traffic (pool members; one primary; canary weights > 0); a bad knee is
     refused by name; the knee outlives a control-plane restart unless that restart names ``--knee-rps``."""
     from recserve.control.routing.router import KNEE_SET_BY, Router
-    from recserve.control.runtime.procs import free_port
-    from recserve.control.state.store import InstanceRecord, State
+    from tests.fleet_fixtures import pool_router
 
     def limits(router: Router) -> dict[int, int]:
         return {s: ld.limit for s, ld in router.load().items() if s in (0, 1)}  # slot 2: never bound
 
-    cfg = RouterConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=3,
-                       fallback=False, knee_rps=400, slo_p99_ms=50)
-    state = State(tmp_path / "state.db")
-    for iid, slot in (("t1", 0), ("t2", 1)):
-        state.save_instance(InstanceRecord(id=iid, slot=slot, role="active", state="healthy", grpc_port=1111 + slot,
-                                           http_port=2222 + slot, metrics_port=0, workdir="w"))
-    router = Router(cfg, state)
-    router.start()
-    try:
-        for slot in (0, 1):
-            router.bind(slot, 1111 + slot, 2222 + slot)
-        router.set_pool({0, 1})
-        router.route("pool")
+    with pool_router(tmp_path, slots=3) as (router, cfg, state):
         assert limits(router) == {0: 10, 1: 10}  # 400 rps x 50 ms = 20 in flight, two members
         router.set_knee(800)
         assert cfg.host_limit() == 40 and limits(router) == {0: 20, 1: 20}
@@ -160,8 +147,7 @@ def test_a_measured_knee_sets_the_limits_at_once_shared_by_the_servers_the_route
                                     slots=3, fallback=False, knee_rps=300), state)
         named.start()  # --knee-rps on the command line wins, and forgets the stored one
         assert named.config.knee() == 300 and state.get("knee", "") == ""
-    finally:
-        router.stop()
+
 
 
 def test_the_pools_room_never_dips_when_a_member_leaves_or_joins(tmp_path):
@@ -169,24 +155,12 @@ def test_the_pools_room_never_dips_when_a_member_leaves_or_joins(tmp_path):
     them at once), a growing one lowers them only after the new member takes traffic; each step is one runtime
     API exchange, and a command that could split one is refused (real HAProxy)."""
     from recserve.control.routing.haproxy import HAProxyError
-    from recserve.control.routing.router import Router
-    from recserve.control.runtime.procs import free_port
-    from recserve.control.state.store import InstanceRecord, State
+    from tests.fleet_fixtures import pool_router
 
-    cfg = RouterConfig(workdir=tmp_path / "haproxy", grpc_port=free_port(), http_port=free_port(), slots=2,
-                       fallback=False, knee_rps=400, slo_p99_ms=50)
-    state = State(tmp_path / "state.db")
-    for iid, slot in (("t1", 0), ("t2", 1)):
-        state.save_instance(InstanceRecord(id=iid, slot=slot, role="active", state="healthy", grpc_port=1111 + slot,
-                                           http_port=2222 + slot, metrics_port=0, workdir="w"))
-    router = Router(cfg, state)
-    router.start()
-    try:
+    with pool_router(tmp_path) as (router, cfg, _):
         for slot in (0, 1):
-            router.bind(slot, 1111 + slot, 2222 + slot)
             router.set_state(slot, "ready")
         router.set_pool({0, 1})
-        router.route("pool")
         sent: list[str] = []
         real = router.proxy.command
         router.proxy.command = lambda cmd, *a, **k: (sent.append(cmd), real(cmd, *a, **k))[1]
@@ -205,8 +179,7 @@ def test_the_pools_room_never_dips_when_a_member_leaves_or_joins(tmp_path):
         assert all(c.count("set maxconn") in (0, backends) for c in sent)  # one exchange per slot
         with pytest.raises(HAProxyError, match="must not contain"):
             router.proxy.commands(["show info; shutdown frontend fe_grpc"])
-    finally:
-        router.stop()
+
 
 
 def test_a_rollout_pauses_its_traffic_steps_while_the_pool_sheds_and_gives_up_after_the_bound(tmp_path):

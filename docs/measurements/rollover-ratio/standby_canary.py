@@ -12,24 +12,16 @@ and records each run's p99 during / before, failed requests and the HAProxy time
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from drill_row import drill_row  # beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from experiment import drill_row, fleet_knee, header, log, write  # noqa: E402  (docs/measurements/experiment.py)
 
-from recserve.drills.capacity import KNEE_SLO_MS, capacity_rps, knee_mean_ms
-from recserve.drills.runner import DrillRun
-from recserve.drills.session import FleetOwner
-from recserve.drills.spec import load_all
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from recserve.drills.runner import DrillRun  # noqa: E402
+from recserve.drills.session import FleetOwner  # noqa: E402
+from recserve.drills.spec import load_all  # noqa: E402
 
 
 def standbys(session) -> list[str]:
@@ -52,17 +44,11 @@ def set_standby(session, want: bool) -> None:
 def main() -> int:
     rounds, out = int(sys.argv[1]), Path(sys.argv[2])
     spec = load_all()["rollover-under-load"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    doc: dict = {"command": " ".join(["docs/measurements/rollover-ratio/standby_canary.py", *sys.argv[1:]]),
-                 "host": platform.node(), "cpus": os.cpu_count(), "commit": commit,
-                 "loadavg_before": Path("/proc/loadavg").read_text().split()[:3], "runs": []}
+    doc: dict = {**header("docs/measurements/rollover-ratio/standby_canary.py", sys.argv[1:]), "runs": []}
     with FleetOwner(private=True, log=log) as session:
-        knee, source, ladder = capacity_rps(session.grpc_url, "recommend", KNEE_SLO_MS, session.workdir,
-                                            headers=session.stats_headers)
-        if not knee:
-            log(f"no knee: {source}")
+        if (measured := fleet_knee(session)) is None:
             return 1
-        mean = knee_mean_ms(knee, ladder)
+        knee, source, mean = measured
         doc["knee_rps"], doc["knee_mean_ms"] = knee, mean
         for r in range(rounds):
             for want in (True, False):
@@ -74,7 +60,7 @@ def main() -> int:
                 doc["runs"].append(row)
                 log(f"round {r + 1} standby={want}: ratio {row['p99_during_ratio']}, p99 {row['p99_ms']}, "
                     f"failed {row['failed']}/{row['total']}, roles before {roles}")
-    out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    write(out, doc)
     return 0
 
 

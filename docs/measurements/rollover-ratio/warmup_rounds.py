@@ -13,60 +13,37 @@ the idle one's background work falls on every run alike.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import subprocess
 import sys
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from drill_row import drill_row  # beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from experiment import alternating, drill_row, fleet_knee, header, log, write  # noqa: E402  (docs/measurements/experiment.py)
 
-from recserve.drills.capacity import KNEE_SLO_MS, capacity_rps, knee_mean_ms
-from recserve.drills.runner import DrillRun
-from recserve.drills.session import FleetOwner
-from recserve.drills.spec import load_all
+from recserve.drills.session import FleetOwner  # noqa: E402
+from recserve.drills.spec import load_all  # noqa: E402
 
 SETTINGS = {"default warm-up": [], "no warm-up": ["--warmup-rounds", "0"]}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def main() -> int:
     rounds, out = int(sys.argv[1]), Path(sys.argv[2])
     spec = load_all()["rollover-under-load"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    doc: dict = {"command": " ".join(["docs/measurements/rollover-ratio/warmup_rounds.py", *sys.argv[1:]]),
-                 "host": platform.node(), "cpus": os.cpu_count(), "commit": commit,
-                 "loadavg_before": Path("/proc/loadavg").read_text().split()[:3],
+    doc: dict = {**header("docs/measurements/rollover-ratio/warmup_rounds.py", sys.argv[1:]),
                  "settings": {k: v or "(defaults)" for k, v in SETTINGS.items()}, "runs": []}
     with ExitStack() as stack:
         fleets = {name: stack.enter_context(FleetOwner(private=True, log=log, server_args=args))
                   for name, args in SETTINGS.items()}
-        first = fleets["default warm-up"]
-        knee, source, ladder = capacity_rps(first.grpc_url, "recommend", KNEE_SLO_MS, first.workdir,
-                                            headers=first.stats_headers)
-        if not knee:
-            log(f"no knee: {source}")
+        if (measured := fleet_knee(fleets["default warm-up"])) is None:
             return 1
-        mean = knee_mean_ms(knee, ladder)
+        knee, source, mean = measured
         doc["knee_rps"], doc["knee_source"], doc["knee_mean_ms"] = knee, f"default warm-up fleet: {source}", mean
-        for r in range(rounds):
-            order = list(SETTINGS) if r % 2 == 0 else list(reversed(SETTINGS))
-            for name in order:
-                session = fleets[name]
-                t0 = time.time()
-                res = DrillRun(spec, session, log=log, knee=(knee, source), knee_mean_ms=mean).run()
-                warm = [e.get("message", "") for e in session.fleet.events_since(t0) if e.get("kind") == "warmup"]
-                row = {"round": r + 1, "setting": name, **drill_row(res), "warmup_events": warm}
-                doc["runs"].append(row)
-                log(f"round {r + 1} {name}: ratio {row['p99_during_ratio']}, p99 {row['p99_ms']}, "
-                    f"failed {row['failed']}/{row['total']}, warm-up events {len(warm)}")
-    out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        for r, name, res, warm in alternating(spec, fleets, rounds, measured, "warmup"):
+            row = {"round": r, "setting": name, **drill_row(res), "warmup_events": warm}
+            doc["runs"].append(row)
+            log(f"round {r} {name}: ratio {row['p99_during_ratio']}, p99 {row['p99_ms']}, "
+                f"failed {row['failed']}/{row['total']}, warm-up events {len(warm)}")
+    write(out, doc)
     return 0
 
 
