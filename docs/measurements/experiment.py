@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -24,10 +25,16 @@ def log(msg: str) -> None:
 
 
 def header(script: str, args: list[str]) -> dict:
-    """The command as run, the host, its cores, the commit and the load average before: every JSON starts so."""
+    """The command as run, the host, its cores, the commit and the load average before: every JSON starts so.
+    From here on SIGTERM exits through the script's ``with`` blocks, so a stopped experiment stops its fleets."""
+    signal.signal(signal.SIGTERM, _exit_on_term)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return {"command": " ".join([script, *args]), "host": platform.node(), "cpus": os.cpu_count(), "commit": commit,
             "loadavg_before": Path("/proc/loadavg").read_text().split()[:3]}
+
+
+def _exit_on_term(signum: int, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def fleet_knee(session) -> tuple[float, str, float] | None:
