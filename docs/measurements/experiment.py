@@ -49,10 +49,11 @@ def fleet_knee(session) -> tuple[float, str, float] | None:
 
 
 def alternating(spec, fleets: dict, rounds: int, knee: tuple[float, str, float | None],
-                event_kind: str) -> Iterator[tuple[int, str, dict, list[str]]]:
+                event_kind: str) -> Iterator[tuple[int, str, dict, list[str], list[float]]]:
     """Run drill ``spec`` on every fleet of ``fleets`` (name -> session) each round at one ``knee`` (rps, how,
     mean), the order reversed every other round so that going first falls on each alike; yields (round, fleet
-    name, the drill's result, the messages of that fleet's ``event_kind`` events during the run)."""
+    name, the drill's result, the messages of that fleet's ``event_kind`` events during the run, the seconds after
+    the fault at which each degraded answer was sent)."""
     from recserve.drills.runner import DrillRun
 
     rps, source, mean = knee
@@ -60,9 +61,12 @@ def alternating(spec, fleets: dict, rounds: int, knee: tuple[float, str, float |
         for name in list(fleets) if r % 2 == 0 else list(reversed(fleets)):
             session = fleets[name]
             t0 = time.time()
-            res = DrillRun(spec, session, log=log, knee=(rps, source), knee_mean_ms=mean).run()
+            drill = DrillRun(spec, session, log=log, knee=(rps, source), knee_mean_ms=mean)
+            res = drill.run()
+            sent = min((x.t_send for x in drill.records), default=0.0)
+            degraded = [round(x.t_send - sent - (res.get("fault_at_s") or 0.0), 3) for x in drill.records if x.degraded]
             yield r + 1, name, res, [e.get("message", "") for e in session.fleet.events_since(t0)
-                                     if e.get("kind") == event_kind]
+                                     if e.get("kind") == event_kind], degraded
 
 
 def drill_row(res: dict) -> dict:

@@ -63,9 +63,9 @@ def main() -> int:
         else:
             return 1
         doc["knee_rps"], doc["knee_source"], doc["knee_mean_ms"] = knee, f"exit-watch fleet: {source}", mean
-        for r, name, res, detected in alternating(spec, fleets, rounds, (knee, source, mean), "detected"):
+        for r, name, res, detected, degraded_at in alternating(spec, fleets, rounds, (knee, source, mean), "detected"):
             row = {"round": r, "setting": name, **drill_row(res), "detection_ms": res.get("detection_ms"),
-                   "rto_ms": res.get("rto_ms"), "detected": detected}
+                   "rto_ms": res.get("rto_ms"), "detected": detected, "degraded_after_fault_s": degraded_at}
             doc["runs"].append(row)
             log(f"round {r} {name}: detection {row['detection_ms']} ms, rto {row['rto_ms']} ms, "
                 f"degraded {row['degraded']}, failed {row['failed']}/{row['total']}")

@@ -38,7 +38,7 @@ def main() -> int:
             return 1
         knee, source, mean = measured
         doc["knee_rps"], doc["knee_source"], doc["knee_mean_ms"] = knee, f"default warm-up fleet: {source}", mean
-        for r, name, res, warm in alternating(spec, fleets, rounds, measured, "warmup"):
+        for r, name, res, warm, _ in alternating(spec, fleets, rounds, measured, "warmup"):
             row = {"round": r, "setting": name, **drill_row(res), "warmup_events": warm}
             doc["runs"].append(row)
             log(f"round {r} {name}: ratio {row['p99_during_ratio']}, p99 {row['p99_ms']}, "
