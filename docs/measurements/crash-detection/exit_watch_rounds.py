@@ -9,10 +9,12 @@ recording detection, RTO, degraded answers and failures. Both fleets stay up thr
 background work falls on every run alike.
 
     .venv/bin/python docs/measurements/crash-detection/exit_watch_rounds.py ROUNDS OUT.json [KNEE_RPS] [--hog N]
+        [--hog-nice K]
 
 KNEE_RPS: size the load and the limits by this knee instead of measuring one (a lower knee than the host's gives
 smaller in-flight limits at a lower rate: the shape of a run on a slower or busier host). ``--hog N``: N busy
-processes at nice 0 run from before the knee is measured to the end (a noisy neighbour, as on a shared CI host).
+processes at nice 0 (``--hog-nice K``: at K; 5 is the instances' own) run from before the knee is measured to the
+end (a noisy neighbour, as on a shared CI host).
 """
 
 from __future__ import annotations
@@ -32,18 +34,20 @@ from recserve.drills.spec import load_all  # noqa: E402
 SETTINGS = {"exit watch": {}, "deep checks only": {ENV: "no-exit-watch"}}
 
 
-def hogs(n: int) -> list[subprocess.Popen]:
-    """``n`` processes that burn a core each until killed."""
-    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+def hogs(n: int, nice: int) -> list[subprocess.Popen]:
+    """``n`` processes that burn a core each until killed, at niceness ``nice``."""
+    return [subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
 
 def main() -> int:
     argv = sys.argv[1:]
-    hog = 0
-    if "--hog" in argv:
-        i = argv.index("--hog")
-        hog = int(argv[i + 1])
-        del argv[i:i + 2]
+    opts = {"--hog": 0, "--hog-nice": 0}
+    for flag in opts:
+        if flag in argv:
+            i = argv.index(flag)
+            opts[flag] = int(argv[i + 1])
+            del argv[i:i + 2]
+    hog, hog_nice = opts["--hog"], opts["--hog-nice"]
     rounds, out = int(argv[0]), Path(argv[1])
     spec = load_all()["crash"]
     doc: dict = {**header("docs/measurements/crash-detection/exit_watch_rounds.py", sys.argv[1:]),
@@ -52,10 +56,10 @@ def main() -> int:
         fleets = {name: stack.enter_context(FleetOwner(private=True, log=log, env=env))
                   for name, env in SETTINGS.items()}
         first = fleets["exit watch"]
-        for p in hogs(hog):
+        for p in hogs(hog, hog_nice):
             stack.callback(p.wait)
             stack.callback(p.kill)
-        doc["hog_processes"] = hog
+        doc["hog_processes"], doc["hog_nice"] = hog, hog_nice
         if len(argv) > 2:
             knee, source, mean = float(argv[2]), "fixed by the command line", None
         elif (measured := fleet_knee(first)) is not None:
