@@ -92,6 +92,12 @@ def _is_stub(proc: psutil.Process) -> bool:
     return "stub" in argv0 or proc.name().startswith("triton_python")
 
 
+def process_cpu_s(proc: psutil.Process) -> float:
+    """CPU seconds (user + system) ``proc`` has used so far."""
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
 def tree_cpu_s(pids: list[int]) -> dict[int, tuple[str, float]]:
     """CPU seconds (user + system) per process of the servers' trees: pid -> ("server" | "stubs", s).
 
@@ -103,12 +109,10 @@ def tree_cpu_s(pids: list[int]) -> dict[int, tuple[str, float]]:
     for pid in pids:
         try:
             root = psutil.Process(pid)
-            t = root.cpu_times()
-            out[pid] = ("server", t.user + t.system)
+            out[pid] = ("server", process_cpu_s(root))
             for c in root.children(recursive=True):
                 if _is_stub(c):
-                    ct = c.cpu_times()
-                    out[c.pid] = ("stubs", ct.user + ct.system)
+                    out[c.pid] = ("stubs", process_cpu_s(c))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return out
@@ -133,8 +137,7 @@ def fleet_cpu_s(root_pid: int) -> dict[int, tuple[str, float]]:
     out: dict[int, tuple[str, float]] = {}
     for p in procs:
         try:
-            t = p.cpu_times()
-            out[p.pid] = (fleet_group(p), t.user + t.system)
+            out[p.pid] = (fleet_group(p), process_cpu_s(p))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return out
@@ -158,8 +161,7 @@ def cpu_s(pids: list[int]) -> float:
         try:
             root = psutil.Process(pid)
             for p in [root, *root.children(recursive=True)]:
-                t = p.cpu_times()
-                total += t.user + t.system
+                total += process_cpu_s(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return total

@@ -48,10 +48,10 @@ def cpu_reading(root_pid: int | None) -> dict[int, tuple[str, float]]:
     control plane), each with its group (``perf.metrics.fleet_group``)."""
     import psutil
 
-    from recserve.perf.metrics import fleet_cpu_s
+    from recserve.perf.metrics import fleet_cpu_s, process_cpu_s
 
-    t = psutil.Process().cpu_times()
-    return {os.getpid(): ("load generator", t.user + t.system), **(fleet_cpu_s(root_pid) if root_pid else {})}
+    return {os.getpid(): ("load generator", process_cpu_s(psutil.Process())),
+            **(fleet_cpu_s(root_pid) if root_pid else {})}
 
 
 def cores_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
